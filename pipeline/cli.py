@@ -1,0 +1,43 @@
+"""What every command shares: --params/--profile, config loading, and one-line errors (exit 2)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+from pipeline.cache import CacheError
+from pipeline.config import Config, ConfigError, load
+from pipeline.data.errors import DataFormatError
+
+# Errors that mean "bad input": reported in one line, exit code 2, no traceback.
+USER_ERRORS = (ConfigError, DataFormatError, CacheError, FileNotFoundError, NotImplementedError)
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--params", default="params.yaml", type=Path, help="parameter file (default: params.yaml)")
+    p.add_argument("--profile", choices=("smoke", "toy", "paper"), help="override the file's `profile`")
+    return p
+
+
+def run(doc: str, body: Callable[[argparse.Namespace, Config, Path], None],
+        argv: list[str] | None = None, extend: Callable[[argparse.ArgumentParser], None] | None = None) -> int:
+    """Parse arguments, load the config, run `body(args, config, root)`; map bad input to exit 2.
+
+    `root` is the folder holding the params file: every relative path is under it.
+    """
+    p = parser(doc)
+    if extend:
+        extend(p)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("LOGLEVEL", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load(args.params, {"profile": args.profile} if args.profile else None)
+        body(args, cfg, args.params.resolve().parent)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,343 @@
+"""Typed configuration: `params.yaml` -> one validated `Config`.
+
+`params.yaml` holds the toy world's values as its top-level sections and a `profiles`
+mapping of presets (`smoke`, `paper`) whose keys are deep-merged over those sections when
+`profile` names them; `profile: toy` uses the sections as they are. Every key is checked
+once, here: an unknown key, a wrong type or an out-of-range value raises `ConfigError`
+with one line naming the key, the value and what is allowed.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+PROFILES = ("smoke", "toy", "paper")
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message is one line naming the key."""
+
+
+def _check(ge=None, gt=None, le=None, lt=None, doc: str = "") -> dict:
+    return {"ge": ge, "gt": gt, "le": le, "lt": lt, "doc": doc}
+
+
+def positive(doc: str = "") -> dict:
+    return _check(gt=0, doc=doc)
+
+
+def nonneg(doc: str = "") -> dict:
+    return _check(ge=0, doc=doc)
+
+
+@dataclass
+class DataConfig:
+    """Where the datasets come from and, for the toy world, how many of each to generate."""
+
+    source: Literal["toy", "paper"] = "toy"
+    root: str = field(default="data", metadata=_check(doc="folder the data stage writes"))
+    seed: int = 0
+    image_size: int = field(default=32, metadata=_check(ge=16, le=1024))
+    n_train: int = field(default=4000, metadata=positive())
+    n_winoground: int = field(default=200, metadata=positive())
+    n_aro: int = field(default=300, metadata=positive(doc="cases per ARO-style set"))
+    n_zeroshot_per_class: int = field(default=20, metadata=positive())
+
+
+@dataclass
+class TeacherConfig:
+    """The text-to-image latent diffusion teacher (diffusers components).
+
+    `source: toy` trains a small one on the toy world; `pretrained` loads a diffusers
+    repo id or local folder (Stable Diffusion for the paper).
+    """
+
+    source: Literal["toy", "pretrained"] = "toy"
+    name: str = "toy-ldm"
+    pretrained: str = ""
+    latent_channels: int = field(default=4, metadata=positive())
+    vae_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
+    unet_channels: list[int] = field(default_factory=lambda: [64, 128])
+    text_width: int = field(default=64, metadata=positive())
+    text_layers: int = field(default=2, metadata=positive())
+    text_heads: int = field(default=4, metadata=positive())
+    max_length: int = field(default=16, metadata=_check(ge=8, le=77, doc="text tokens"))
+    vae_steps: int = field(default=600, metadata=nonneg())
+    unet_steps: int = field(default=1500, metadata=nonneg())
+    batch_size: int = field(default=64, metadata=positive())
+    lr: float = field(default=1e-3, metadata=positive())
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    seed: int = 0
+
+
+@dataclass
+class StudentConfig:
+    """One CLIP student: an open_clip model name (+ pretrained tag) or a small toy config."""
+
+    source: Literal["toy", "pretrained"] = "toy"
+    model: str = field(default="toy-vit", metadata=_check(doc="open_clip model name"))
+    pretrained: str = ""
+    embed_dim: int = field(default=64, metadata=positive())
+    vision_width: int = field(default=128, metadata=positive())
+    vision_layers: int = field(default=3, metadata=positive())
+    vision_heads: int = field(default=4, metadata=positive())
+    patch_size: int = field(default=4, metadata=positive())
+    text_width: int = field(default=64, metadata=positive())
+    text_layers: int = field(default=2, metadata=positive())
+    text_heads: int = field(default=4, metadata=positive())
+    context_length: int = field(default=16, metadata=_check(ge=8, le=77))
+    pretrain_steps: int = field(default=800, metadata=nonneg())
+    batch_size: int = field(default=128, metadata=positive())
+    lr: float = field(default=1e-3, metadata=positive())
+    seed: int = 0
+
+
+@dataclass
+class CacheConfig:
+    """The latent/text-conditioning cache written once and read by every trial."""
+
+    root: str = "cache"
+    shard_size: int = field(default=1024, metadata=positive(doc="records per shard"))
+    batch_size: int = field(default=128, metadata=positive())
+
+
+@dataclass
+class ObjectiveConfig:
+    """L_total = L_CLIP + lambda_sds * L_SDS, and the choices the paper leaves open.
+
+    noising: "noise" feeds the UNet h_w(f(x)) noised to step t and regresses the noise
+    (as DreamFusion's SDS does); "none" feeds h_w(f(x)) itself as the noisy latent.
+    gradient: "backprop" differentiates the literal loss through the frozen UNet;
+    "sds" uses DreamFusion's score-distillation gradient w(t) (eps_hat - eps) with the
+    UNet under no-grad (no UNet backward at all).
+    """
+
+    lambda_sds: float = field(default=1e-3, metadata=nonneg())
+    noising: Literal["noise", "none"] = "noise"
+    gradient: Literal["backprop", "sds"] = "backprop"
+    t_min: int = field(default=20, metadata=nonneg(doc="smallest DDPM step sampled"))
+    t_max: int = field(default=980, metadata=positive(doc="largest DDPM step sampled"))
+    latent_scale: float = field(default=1.0, metadata=positive(doc="factor on h_w's output"))
+
+
+@dataclass
+class TrainConfig:
+    """One fine-tuning trial."""
+
+    student: str = "toy-vit"
+    scope: Literal["layernorm", "full", "unet_feature"] = "layernorm"
+    lr: float = field(default=5e-5, metadata=positive())
+    weight_decay: float = field(default=0.0, metadata=nonneg())
+    warmup_steps: int = field(default=0, metadata=nonneg())
+    batch_size: int = field(default=32, metadata=positive())
+    steps: int = field(default=300, metadata=positive())
+    seed: int = 0
+    log_every: int = field(default=10, metadata=positive())
+    checkpoint_every: int = field(default=100, metadata=positive())
+    threads: int = field(default=0, metadata=nonneg(doc="torch threads, 0 = all cores"))
+
+
+@dataclass
+class EvalConfig:
+    """Scoring of the benchmarks."""
+
+    diffusion_samples: int = field(default=16, metadata=positive(doc="(t, eps) pairs per caption"))
+    diffusion_t_min: int = field(default=50, metadata=nonneg())
+    diffusion_t_max: int = field(default=950, metadata=positive())
+    subtract_unconditional: bool = False
+    batch_size: int = field(default=128, metadata=positive())
+    bootstrap: int = field(default=1000, metadata=nonneg())
+    seed: int = 0
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow: a local SQLite store by default (relative paths are under the repo root)."""
+
+    uri: str = "sqlite:///mlruns/mlflow.db"
+    experiment: str = "sds-clip"
+
+
+@dataclass
+class Config:
+    profile: Literal["smoke", "toy", "paper"] = "toy"
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    students: dict[str, StudentConfig] = field(default_factory=lambda: {"toy-vit": StudentConfig()})
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        if self.train.student not in self.students:
+            raise ConfigError(
+                f"train.student: {self.train.student!r} is not a student; allowed: {sorted(self.students)}"
+            )
+        if self.objective.t_min >= self.objective.t_max:
+            raise ConfigError(
+                f"objective.t_min: {self.objective.t_min} must be below objective.t_max ({self.objective.t_max})"
+            )
+        if self.eval.diffusion_t_min >= self.eval.diffusion_t_max:
+            raise ConfigError(
+                f"eval.diffusion_t_min: {self.eval.diffusion_t_min} must be below eval.diffusion_t_max"
+            )
+
+    @property
+    def student(self) -> StudentConfig:
+        """The student the train stage fine-tunes."""
+        return self.students[self.train.student]
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (list, tuple):
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"{key}: {value!r} is not allowed; expected {_type_name(tp)}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise bad
+        return _build(tp, value, key)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise bad
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise bad
+        (item,) = typing.get_args(tp)
+        return [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict) or not value:
+            raise ConfigError(f"{key}: {value!r} is not allowed; expected a non-empty mapping")
+        _, item = typing.get_args(tp)
+        return {str(k): _convert(v, item, f"{key}.{k}") for k, v in value.items()}
+    if origin in (types.UnionType, typing.Union):
+        raise TypeError("union types are not used in the config")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    raise TypeError(f"unsupported config type {tp}")
+
+
+def _check_range(value: Any, meta: dict, key: str) -> None:
+    bounds = [("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
+              ("le", lambda v, b: v <= b, "<="), ("lt", lambda v, b: v < b, "<")]
+    for name, ok, sign in bounds:
+        bound = meta.get(name)
+        if bound is not None and not ok(value, bound):
+            raise ConfigError(f"{key}: {value!r} is out of range; allowed: {sign} {bound}")
+
+
+def _build(cls: type, data: dict, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        where = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ConfigError(f"{where}: unknown key; allowed keys: {', '.join(sorted(names))}")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        converted = _convert(value, hints[name], key)
+        _check_range(converted, names[name].metadata, key)
+        kwargs[name] = converted
+    return cls(**kwargs)
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """`override` over `base`, recursing into mappings; lists and scalars are replaced."""
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def resolve(params: dict, overrides: dict | None = None) -> dict:
+    """The config mapping of params.yaml: its sections, then the profile's preset, then overrides."""
+    if not isinstance(params, dict):
+        raise ConfigError("params.yaml: the top level must be a mapping")
+    overrides = overrides or {}
+    presets = params.get("profiles") or {}
+    if not isinstance(presets, dict):
+        raise ConfigError(f"profiles: {presets!r} is not allowed; expected a mapping of profile name to preset")
+    for name in presets:
+        if name not in PROFILES:
+            raise ConfigError(f"profiles.{name}: unknown profile; allowed: {', '.join(PROFILES)}")
+    profile = overrides.get("profile", params.get("profile", "toy"))
+    if profile not in PROFILES:
+        raise ConfigError(f"profile: {profile!r} is not allowed; expected one of {', '.join(PROFILES)}")
+    base = {key: value for key, value in params.items() if key != "profiles"}
+    return deep_merge(deep_merge(base, presets.get(profile) or {}), overrides)
+
+
+def from_dict(data: dict) -> Config:
+    """Validate a resolved mapping into a Config."""
+    return _build(Config, data, "")
+
+
+def load(path: str | Path = "params.yaml", overrides: dict | None = None) -> Config:
+    """Read, resolve and validate a params file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    try:
+        params = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} is not valid YAML") from None
+    return from_dict(resolve(params, overrides))
+
+
+def to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def flatten(mapping: dict, prefix: str = "") -> dict[str, Any]:
+    """Dotted names for MLflow params: {"train": {"lr": 1}} -> {"train.lr": 1}."""
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict):
+            flat.update(flatten(value, name))
+        else:
+            flat[name] = value
+    return flat

@@ -1,0 +1,1 @@
+"""Datasets: the toy world generator and readers/writers of the published formats."""

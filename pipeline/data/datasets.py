@@ -1,0 +1,60 @@
+"""The data index: which file in which published format holds each dataset.
+
+The data stage writes `index.json`; every later stage finds its data through it, so the
+toy world and the paper's datasets are read by the same readers.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.data import aro, coco, winoground, zeroshot
+from pipeline.data.records import ChoiceCase, ImageCaption, WinogroundTask, ZeroShotSet
+
+INDEX_NAME = "index.json"
+ARO_SETS = ("vg_relation", "vg_attribution", "coco_order", "flickr_order")
+
+
+@dataclass
+class Benchmarks:
+    winoground: list[WinogroundTask]
+    aro: dict[str, list[ChoiceCase]] = field(default_factory=dict)
+    zeroshot: list[ZeroShotSet] = field(default_factory=list)
+
+
+def read_index(root: Path) -> dict:
+    path = Path(root) / INDEX_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found; run the data stage first")
+    return json.loads(path.read_text())
+
+
+def _path(root: Path, value: str) -> Path:
+    return (Path(root) / value).resolve()
+
+
+def train_pairs(root: Path, index: dict) -> list[ImageCaption]:
+    spec = index["train"]
+    return coco.read_coco_captions(_path(root, spec["annotations"]), _path(root, spec["images"]),
+                                   caption_choice=spec.get("caption_choice", "first"), seed=spec.get("seed", 0))
+
+
+def benchmarks(root: Path, index: dict) -> Benchmarks:
+    tasks = winoground.read_winoground(_path(root, index["winoground"]["root"]))
+    sets: dict[str, list[ChoiceCase]] = {}
+    for name, spec in index.get("aro", {}).items():
+        annotations, images = _path(root, spec["annotations"]), _path(root, spec["images"])
+        if name == "vg_relation":
+            sets[name] = aro.read_vg_relation(annotations, images)
+        elif name == "vg_attribution":
+            sets[name] = aro.read_vg_attribution(annotations, images)
+        elif name in ("coco_order", "flickr_order"):
+            tagger = aro.lexicon_tagger(spec["lexicon"]) if "lexicon" in spec else None
+            if tagger is None:
+                raise ValueError(f"{INDEX_NAME}: aro.{name}: a part-of-speech lexicon is required")
+            sets[name] = aro.read_order_set(annotations, images, tagger, seed=spec.get("seed", 0))
+        else:
+            raise ValueError(f"{INDEX_NAME}: aro.{name}: unknown set; allowed: {', '.join(ARO_SETS)}")
+    shots = [zeroshot.read_image_folder_set(_path(root, spec["root"])) for spec in index.get("zeroshot", [])]
+    return Benchmarks(tasks, sets, shots)

@@ -1,0 +1,245 @@
+"""The toy world: coloured shapes in spatial relations, with captions from a small grammar.
+
+Everything is a pure function of a seed. A scene holds two objects (colour, shape, size)
+in one of four spatial relations; a caption names them in one of two forms:
+  1 main predicate:  "a red circle left of a blue square"
+  2 main predicates: "a big red circle left of a small blue square" (size is a second
+                      predicate on each object, so a swap can move it independently).
+Benchmarks mirror the real ones' constructions:
+  Winoground-style: two scenes and two captions with the same words in another order;
+    Object = the shape nouns swap, Relation = the colour (or size) adjectives swap,
+    Both = whole noun phrases (adjectives and noun) swap, which flips who is where.
+  ARO-style: VG-Relation (subject/object swapped around the relation), VG-Attribution
+    (colours swapped between the two objects), Order (the ARO word-order shuffles).
+  Zero-shot: single objects classified by shape and by colour.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, replace
+
+from PIL import Image, ImageDraw
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 230),
+    "yellow": (235, 200, 30),
+}
+SHAPES = ("circle", "square", "triangle")
+SIZES = ("big", "small")
+RELATIONS = ("left of", "right of", "above", "below")
+INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+BACKGROUND = (245, 245, 240)
+SUPERSAMPLE = 4
+
+# Part of speech of every word the grammar emits (universal tags, as a tagger would give).
+LEXICON: dict[str, str] = {
+    **{c: "ADJ" for c in COLOURS},
+    **{s: "ADJ" for s in SIZES},
+    **{s: "NOUN" for s in SHAPES},
+    "a": "DET", "the": "DET", "left": "NOUN", "right": "NOUN", "of": "ADP",
+    "above": "ADP", "below": "ADP", "is": "AUX", "and": "CCONJ",
+}
+SHAPE_TEMPLATES = ("a {}", "a picture of a {}", "one {}")
+COLOUR_TEMPLATES = ("a {} shape", "something {}", "a {} object")
+
+
+@dataclass(frozen=True)
+class Thing:
+    colour: str
+    shape: str
+    size: str = "big"
+
+    def phrase(self, with_size: bool) -> str:
+        words = ([self.size] if with_size else []) + [self.colour, self.shape]
+        return " ".join(words)
+
+
+@dataclass(frozen=True)
+class Scene:
+    """`first` stands in `relation` to `second`; `layout` jitters positions reproducibly."""
+
+    first: Thing
+    second: Thing
+    relation: str
+    layout: int
+
+
+def caption(scene: Scene, with_size: bool = False, article: str = "a") -> str:
+    return (f"{article} {scene.first.phrase(with_size)} {scene.relation} "
+            f"{article} {scene.second.phrase(with_size)}")
+
+
+def _radius(size: str, image_size: int) -> float:
+    return image_size * (0.17 if size == "big" else 0.11)
+
+
+def _centres(scene: Scene, image_size: int) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Centres of the two objects: apart along the relation's axis, jittered across it."""
+    rng = random.Random(scene.layout)
+    s = image_size
+    near, far = rng.uniform(0.22, 0.34) * s, rng.uniform(0.66, 0.78) * s
+    across_a, across_b = rng.uniform(0.25, 0.75) * s, rng.uniform(0.25, 0.75) * s
+    if scene.relation in ("left of", "right of"):
+        a, b = (near, across_a), (far, across_b)
+    else:
+        a, b = (across_a, near), (across_b, far)
+    return (a, b) if scene.relation in ("left of", "above") else (b, a)
+
+
+def _draw(draw: ImageDraw.ImageDraw, thing: Thing, centre: tuple[float, float], r: float) -> None:
+    x, y = centre
+    fill = COLOURS[thing.colour]
+    if thing.shape == "circle":
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=fill)
+    elif thing.shape == "square":
+        k = r * 0.88
+        draw.rectangle((x - k, y - k, x + k, y + k), fill=fill)
+    else:
+        draw.polygon([(x, y - r * 1.1), (x - r * 1.1, y + r * 0.9), (x + r * 1.1, y + r * 0.9)], fill=fill)
+
+
+def render(things: list[tuple[Thing, tuple[float, float]]], image_size: int) -> Image.Image:
+    """Anti-aliased RGB image of objects at (fractional) pixel centres."""
+    big = image_size * SUPERSAMPLE
+    canvas = Image.new("RGB", (big, big), BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    for thing, (x, y) in things:
+        _draw(draw, thing, (x * SUPERSAMPLE, y * SUPERSAMPLE), _radius(thing.size, image_size) * SUPERSAMPLE)
+    return canvas.resize((image_size, image_size), Image.Resampling.BOX)
+
+
+def render_scene(scene: Scene, image_size: int) -> Image.Image:
+    a, b = _centres(scene, image_size)
+    return render([(scene.first, a), (scene.second, b)], image_size)
+
+
+def random_scene(rng: random.Random) -> Scene:
+    """Two objects differing in colour and in shape, so every swap changes the scene."""
+    c1, c2 = rng.sample(list(COLOURS), 2)
+    s1, s2 = rng.sample(SHAPES, 2)
+    z1, z2 = rng.choice(SIZES), rng.choice(SIZES)
+    return Scene(Thing(c1, s1, z1), Thing(c2, s2, z2), rng.choice(RELATIONS), rng.getrandbits(32))
+
+
+def training_pairs(n: int, seed: int) -> list[tuple[Scene, str]]:
+    """Scenes with one caption each, phrased from either object and in either form."""
+    rng = random.Random(f"train-{seed}")
+    pairs = []
+    for _ in range(n):
+        scene = random_scene(rng)
+        described = scene
+        if rng.random() < 0.5:  # the same scene said the other way round
+            described = Scene(scene.second, scene.first, INVERSE[scene.relation], scene.layout)
+        pairs.append((scene, caption(described, with_size=rng.random() < 0.5)))
+    return pairs
+
+
+@dataclass(frozen=True)
+class WinogroundToyTask:
+    scene_0: Scene
+    scene_1: Scene
+    caption_0: str
+    caption_1: str
+    tag: str
+    collapsed_tag: str
+    num_main_preds: int
+
+
+def _swap(scene: Scene, kind: str) -> Scene:
+    a, b = scene.first, scene.second
+    if kind == "shape":
+        a, b = replace(a, shape=b.shape), replace(b, shape=a.shape)
+    elif kind == "colour":
+        a, b = replace(a, colour=b.colour), replace(b, colour=a.colour)
+    elif kind == "size":
+        a, b = replace(a, size=b.size), replace(b, size=a.size)
+    else:  # whole noun phrases
+        a, b = b, a
+    return replace(scene, first=a, second=b)
+
+
+# (swapped part, Winoground tag, collapsed tag)
+SWAPS = (
+    ("shape", "Noun", "Object"),
+    ("colour", "Adjective-Color", "Relation"),
+    ("size", "Adjective-Size", "Relation"),
+    ("phrase", "Noun Phrase", "Both"),
+)
+
+
+def winoground_tasks(n: int, seed: int) -> list[WinogroundToyTask]:
+    """Tasks cycling through the swap kinds; size swaps need the 2-predicate form."""
+    rng = random.Random(f"winoground-{seed}")
+    tasks = []
+    while len(tasks) < n:
+        kind, tag, collapsed = SWAPS[len(tasks) % len(SWAPS)]
+        with_size = kind == "size" or rng.random() < 0.5
+        scene_0 = random_scene(rng)
+        if kind == "size" and scene_0.first.size == scene_0.second.size:
+            other = "small" if scene_0.first.size == "big" else "big"
+            scene_0 = replace(scene_0, second=replace(scene_0.second, size=other))
+        elif with_size and kind != "size":
+            # Equal sizes keep a 2-predicate swap about the swapped words alone.
+            scene_0 = replace(scene_0, second=replace(scene_0.second, size=scene_0.first.size))
+        scene_1 = replace(_swap(scene_0, kind), layout=rng.getrandbits(32))
+        tasks.append(WinogroundToyTask(
+            scene_0, scene_1, caption(scene_0, with_size), caption(scene_1, with_size),
+            tag, collapsed, 2 if with_size else 1,
+        ))
+    return tasks
+
+
+def vg_relation_cases(n: int, seed: int) -> list[tuple[Scene, str, str]]:
+    """(scene, true caption, false caption): subject and object swapped around the relation."""
+    rng = random.Random(f"vg-relation-{seed}")
+    cases = []
+    for _ in range(n):
+        scene = random_scene(rng)
+        true = f"the {scene.first.phrase(False)} is {scene.relation} the {scene.second.phrase(False)}"
+        false = f"the {scene.second.phrase(False)} is {scene.relation} the {scene.first.phrase(False)}"
+        cases.append((scene, true, false))
+    return cases
+
+
+def vg_attribution_cases(n: int, seed: int) -> list[tuple[Scene, str, str, tuple[str, str]]]:
+    """(scene, true, false, (colour_a, colour_b)): the two colours swapped between objects."""
+    rng = random.Random(f"vg-attribution-{seed}")
+    cases = []
+    for _ in range(n):
+        scene = random_scene(rng)
+        a, b = scene.first, scene.second
+        true = f"the {a.colour} {a.shape} and the {b.colour} {b.shape}"
+        false = f"the {b.colour} {a.shape} and the {a.colour} {b.shape}"
+        cases.append((scene, true, false, (a.colour, b.colour)))
+    return cases
+
+
+def order_cases(n: int, seed: int) -> list[tuple[Scene, list[str]]]:
+    """(scene, captions) for the word-order set; each scene described both ways round."""
+    rng = random.Random(f"order-{seed}")
+    cases = []
+    for _ in range(n):
+        scene = random_scene(rng)
+        flipped = Scene(scene.second, scene.first, INVERSE[scene.relation], scene.layout)
+        with_size = rng.random() < 0.5
+        cases.append((scene, [caption(scene, with_size), caption(flipped, with_size)]))
+    return cases
+
+
+def zeroshot_images(attribute: str, per_class: int, image_size: int, seed: int) -> tuple[tuple[str, ...], list[tuple[int, Image.Image]]]:
+    """Single-object images labelled by `attribute` ("shape" or "colour")."""
+    rng = random.Random(f"zeroshot-{attribute}-{seed}")
+    classes = SHAPES if attribute == "shape" else tuple(COLOURS)
+    images = []
+    for label, name in enumerate(classes):
+        for _ in range(per_class):
+            thing = Thing(
+                name if attribute == "colour" else rng.choice(list(COLOURS)),
+                name if attribute == "shape" else rng.choice(SHAPES),
+                rng.choice(SIZES),
+            )
+            centre = (rng.uniform(0.3, 0.7) * image_size, rng.uniform(0.3, 0.7) * image_size)
+            images.append((label, render([(thing, centre)], image_size)))
+    return classes, images

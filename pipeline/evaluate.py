@@ -1,0 +1,182 @@
+"""Scorers x benchmarks -> metric dicts named as MLflow shows them.
+
+Two scorers: the CLIP student's cosine similarity, and the teacher's diffusion score
+(eq. 1-2: minus the mean prediction error over a fixed bank of (t, eps) pairs shared by
+every image and caption). Both produce the same score arrays, which the pure functions
+of `pipeline.metrics` turn into numbers.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from pipeline import metrics
+from pipeline.cache import Table
+from pipeline.config import EvalConfig
+from pipeline.data.aro import excluded_vg_relations
+from pipeline.data.datasets import Benchmarks
+from pipeline.data.records import ChoiceCase, WinogroundTask, load_image
+from pipeline.models.student import Student
+from pipeline.models.teacher import Teacher
+from pipeline.objectives import diffusion_errors
+
+# A score function maps (image keys, captions) pairs to one score per pair.
+PairScorer = Callable[[list[str], list[str]], np.ndarray]
+
+
+def image_key(path, bbox=None) -> str:
+    """The cache key of an image (and crop): one latent per distinct crop."""
+    return f"{path}" if bbox is None else f"{path}#bbox={','.join(f'{v:g}' for v in bbox)}"
+
+
+def parse_image_key(key: str):
+    path, _, box = key.partition("#bbox=")
+    return path, (tuple(float(v) for v in box.split(",")) if box else None)
+
+
+def winoground_pairs(tasks: list[WinogroundTask]) -> tuple[list[str], list[str]]:
+    """Image keys and captions for scores[i, c, k], flattened in (i, c, k) order."""
+    images, captions = [], []
+    for task in tasks:
+        for caption in (task.caption_0, task.caption_1):
+            for image in (task.image_0, task.image_1):
+                images.append(image_key(image))
+                captions.append(caption)
+    return images, captions
+
+
+def choice_pairs(cases: list[ChoiceCase]) -> tuple[list[str], list[str]]:
+    images, captions = [], []
+    for case in cases:
+        for option in case.options:
+            images.append(image_key(case.image, case.bbox))
+            captions.append(option)
+    return images, captions
+
+
+def score_benchmarks(score: PairScorer, bench: Benchmarks) -> dict[str, float]:
+    """Winoground text/image/group with breakdowns, and the ARO sets, under one scorer."""
+    out: dict[str, float] = {}
+    images, captions = winoground_pairs(bench.winoground)
+    wino = score(images, captions).reshape(len(bench.winoground), 2, 2)
+    result = metrics.winoground(wino, [t.collapsed_tag for t in bench.winoground],
+                                [t.num_main_preds for t in bench.winoground])
+    out.update({f"winoground/{k}": v for k, v in result.items()})
+    for name, cases in bench.aro.items():
+        images, captions = choice_pairs(cases)
+        k = len(cases[0].options)
+        scores = score(images, captions).reshape(len(cases), k)
+        answers = [c.answer for c in cases]
+        if name == "vg_relation":
+            value = metrics.aro_vg_relation(scores, answers, [c.group for c in cases], excluded_vg_relations())
+        elif name == "vg_attribution":
+            min_count = 25 if len(cases) >= 1000 else 1
+            value = metrics.aro_vg_attribution(scores, answers, [c.group for c in cases], min_count=min_count)
+        else:
+            value = metrics.aro_order(scores, ties="first")
+        out[f"aro/{name}"] = value
+    if "aro/vg_relation" in out and "aro/vg_attribution" in out:
+        out["aro/overall"] = (out["aro/vg_relation"] + out["aro/vg_attribution"]) / 2
+    return out
+
+
+class ClipScorer:
+    """Cosine similarity of the student's normalised image and text embeddings."""
+
+    def __init__(self, student: Student, batch_size: int, device: str = "cpu"):
+        self.student, self.batch_size, self.device = student, batch_size, device
+        self._images: dict[str, torch.Tensor] = {}
+        self._texts: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def _embed_images(self, keys: list[str]) -> None:
+        todo = [k for k in dict.fromkeys(keys) if k not in self._images]
+        model = self.student.model.eval()
+        for i in range(0, len(todo), self.batch_size):
+            chunk = todo[i : i + self.batch_size]
+            pixels = torch.stack([self.student.preprocess(load_image(*parse_image_key(k))) for k in chunk])
+            feats = F.normalize(model.encode_image(pixels.to(self.device)).float(), dim=-1).cpu()
+            self._images.update(zip(chunk, feats))
+
+    @torch.no_grad()
+    def _embed_texts(self, texts: list[str]) -> None:
+        todo = [t for t in dict.fromkeys(texts) if t not in self._texts]
+        model = self.student.model.eval()
+        for i in range(0, len(todo), self.batch_size):
+            chunk = todo[i : i + self.batch_size]
+            feats = F.normalize(model.encode_text(self.student.tokenizer(chunk).to(self.device)).float(), dim=-1).cpu()
+            self._texts.update(zip(chunk, feats))
+
+    def __call__(self, images: list[str], captions: list[str]) -> np.ndarray:
+        self._embed_images(images)
+        self._embed_texts(captions)
+        img = torch.stack([self._images[k] for k in images])
+        txt = torch.stack([self._texts[c] for c in captions])
+        return (img * txt).sum(-1).numpy()
+
+    def zeroshot(self, shot) -> float:
+        """Top-1 accuracy with one classifier row per class: the mean of its templates' embeddings."""
+        prompts = [template.format(name) for name in shot.classnames for template in shot.templates]
+        self._embed_texts(prompts)
+        rows = torch.stack([self._texts[p] for p in prompts]).view(len(shot.classnames), len(shot.templates), -1)
+        classifier = F.normalize(rows.mean(1), dim=-1)
+        keys = [image_key(p) for p in shot.images]
+        self._embed_images(keys)
+        logits = torch.stack([self._images[k] for k in keys]) @ classifier.T
+        return metrics.zeroshot_accuracy(logits.numpy(), np.asarray(shot.labels))
+
+
+class DiffusionScorer:
+    """Minus the teacher's mean epsilon (or v) error over a fixed bank of (t, eps) pairs.
+
+    The same timesteps and noises serve every image and caption (so caption choices for
+    one image differ only by the caption), on a deterministic grid of timesteps.
+    """
+
+    def __init__(self, teacher: Teacher, latents: Table, conditioning: Table, cfg: EvalConfig, device: str = "cpu"):
+        self.teacher, self.latents, self.conditioning, self.cfg, self.device = teacher, latents, conditioning, cfg, device
+        generator = torch.Generator().manual_seed(cfg.seed)
+        n = cfg.diffusion_samples
+        self.timesteps = torch.linspace(cfg.diffusion_t_min, cfg.diffusion_t_max, n).round().long()
+        self.noise = torch.randn((n, *teacher.latent_shape), generator=generator)
+
+    def errors(self, images: list[str], captions: list[str]) -> np.ndarray:
+        n = len(self.timesteps)
+        per_call = max(1, self.cfg.batch_size // n)
+        out = np.zeros(len(images))
+        for i in tqdm(range(0, len(images), per_call), desc="diffusion score", leave=False):
+            lat = self.latents.get(images[i : i + per_call])
+            cond = self.conditioning.get(captions[i : i + per_call])
+            b = len(lat)
+            err = diffusion_errors(
+                self.teacher.unet, self.teacher.scheduler,
+                lat.repeat_interleave(n, 0).to(self.device), cond.repeat_interleave(n, 0).to(self.device),
+                self.timesteps.repeat(b).to(self.device), self.noise.repeat(b, 1, 1, 1).to(self.device),
+            )
+            out[i : i + b] = err.view(b, n).mean(1).cpu().numpy()
+        return out
+
+    def __call__(self, images: list[str], captions: list[str]) -> np.ndarray:
+        errors = self.errors(images, captions)
+        if self.cfg.subtract_unconditional:
+            errors = errors - self.errors(images, [""] * len(images))
+        return -errors
+
+
+def evaluate_student(student: Student, bench: Benchmarks, cfg: EvalConfig) -> dict[str, float]:
+    scorer = ClipScorer(student, cfg.batch_size)
+    out = score_benchmarks(scorer, bench)
+    for shot in bench.zeroshot:
+        out[f"zeroshot/{shot.name}"] = scorer.zeroshot(shot)
+    if bench.zeroshot:
+        out["zeroshot/mean"] = float(np.mean([out[f"zeroshot/{s.name}"] for s in bench.zeroshot]))
+    return out
+
+
+def evaluate_teacher(teacher: Teacher, latents: Table, conditioning: Table, bench: Benchmarks,
+                     cfg: EvalConfig) -> dict[str, float]:
+    return score_benchmarks(DiffusionScorer(teacher, latents, conditioning, cfg), bench)

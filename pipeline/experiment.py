@@ -1,0 +1,86 @@
+"""Runs that end up in MLflow: the baselines, and one fine-tuning trial + its evaluation.
+
+These are what the DVC stages and the sweep call; each returns the metrics it logged and
+writes a small JSON result (run id + metrics) for DVC to track.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+from pipeline import train as trainer
+from pipeline.cache import open_table
+from pipeline.config import Config, to_dict
+from pipeline.data.datasets import benchmarks, read_index, train_pairs
+from pipeline.evaluate import evaluate_student, evaluate_teacher
+from pipeline.models.build import student_dir, teacher_dir
+from pipeline.models.student import load_student
+from pipeline.models.teacher import load_teacher
+from pipeline.tracking import Tracker
+
+
+def fingerprint(folder: Path) -> str:
+    """sha256 over a folder's weight files (names and bytes), to key caches to a model."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(folder).rglob("*.safetensors")):
+        digest.update(str(path.relative_to(folder)).encode())
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def run_baselines(cfg: Config, root: Path, data_root: Path, models: Path, cache: Path, tracker: Tracker) -> dict:
+    """Every pretrained student and the teacher's diffusion score on every benchmark."""
+    bench = benchmarks(data_root, read_index(data_root))
+    tags = {"profile": cfg.profile, "stage": "baselines"}
+    results = {}
+    for name in cfg.students:
+        run = tracker.start(f"pretrained {name}", params=to_dict(cfg), tags={**tags, "row": "pretrained", "student": name})
+        metrics = evaluate_student(load_student(student_dir(models, name)), bench, cfg.eval)
+        run.log_metrics(metrics)
+        run.finish()
+        results[f"pretrained/{name}"] = {"run_id": run.run_id, "metrics": metrics}
+    teacher = load_teacher(teacher_dir(models))
+    run = tracker.start(f"diffusion score {cfg.teacher.name}", params=to_dict(cfg), tags={**tags, "row": "diffusion_score"})
+    start = time.perf_counter()
+    metrics = evaluate_teacher(teacher, open_table(cache, "bench_images"), open_table(cache, "bench_text"), bench, cfg.eval)
+    metrics["time/eval_seconds"] = time.perf_counter() - start
+    run.log_metrics(metrics)
+    run.finish()
+    results["diffusion_score"] = {"run_id": run.run_id, "metrics": metrics}
+    return results
+
+
+def run_finetune(cfg: Config, data_root: Path, models: Path, cache: Path, folder: Path, tracker: Tracker,
+                 run_name: str, lambda_sds: float, tags: dict | None = None, parent: str | None = None) -> dict:
+    """Fine-tune `cfg.train.student` with the given lambda, evaluate it, log it all to one run."""
+    student = load_student(student_dir(models, cfg.train.student))
+    pairs = train_pairs(data_root, read_index(data_root))
+    needs_teacher = lambda_sds > 0 or cfg.train.scope == "unet_feature"
+    teacher = load_teacher(teacher_dir(models)) if needs_teacher else None
+    conditioning = open_table(cache, "train_text") if needs_teacher else None
+    latents = open_table(cache, "train_images") if cfg.train.scope == "unet_feature" else None
+    params = {**to_dict(cfg), "train": {**to_dict(cfg)["train"], "lambda_sds": lambda_sds}}
+    run = tracker.start(run_name, params=params, parent=parent,
+                        tags={"profile": cfg.profile, "stage": "train", "student": cfg.train.student, **(tags or {})})
+    try:
+        trial = trainer.setup(cfg.train, cfg.objective, student, pairs, lambda_sds, teacher, conditioning, latents)
+        run.log_metrics({"trainable_parameters": trial.trainable_count})
+        start = time.perf_counter()
+        trainer.fit(trial, folder, on_log=lambda step, values: run.log_metrics(
+            {f"loss/{k}" if k != "lr" else "lr": v for k, v in values.items()}, step))
+        train_seconds = time.perf_counter() - start
+        checkpoint = trainer.save_trained(trial, folder)
+        run.log_artifact(checkpoint)
+        bench = benchmarks(data_root, read_index(data_root))
+        metrics = evaluate_student(student, bench, cfg.eval)
+        metrics.update({"trainable_parameters": trial.trainable_count, "time/train_seconds": train_seconds})
+        run.log_metrics(metrics)
+    except BaseException as err:
+        run.set_tags({"failure": f"{type(err).__name__}: {err}"[:500]})
+        run.finish("FAILED")
+        raise
+    run.finish()
+    return {"run_id": run.run_id, "metrics": metrics, "trainable_parameters": trial.trainable_count}

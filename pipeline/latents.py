@@ -1,0 +1,61 @@
+"""The cache stage: teacher latents of every image and teacher conditioning of every text.
+
+Tables (see `pipeline.cache`): `train_images` / `bench_images` hold scaled VAE latent
+means keyed by `image_key`, `train_text` / `bench_text` hold the text encoder's last
+hidden states keyed by the caption itself ("" included, for the unconditional term).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torchvision.transforms as T
+
+from pipeline.cache import write_table
+from pipeline.config import Config
+from pipeline.data.datasets import benchmarks, read_index, train_pairs
+from pipeline.data.records import load_image
+from pipeline.evaluate import choice_pairs, image_key, parse_image_key, winoground_pairs
+from pipeline.models.teacher import Teacher, encode_images, encode_text
+
+
+def vae_transform(size: int) -> T.Compose:
+    """SD's input: shorter side resized to the VAE's size, centre crop, scaled to [-1, 1]."""
+    return T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size),
+                      T.ToTensor(), T.Normalize([0.5], [0.5])])
+
+
+def image_latents(teacher: Teacher, size: int):
+    transform = vae_transform(size)
+
+    def compute(keys: list[str]) -> torch.Tensor:
+        pixels = torch.stack([transform(load_image(*parse_image_key(k))) for k in keys])
+        return encode_images(teacher, pixels)
+    return compute
+
+
+def text_conditioning(teacher: Teacher):
+    return lambda texts: encode_text(teacher, texts)
+
+
+def build_cache(cfg: Config, teacher: Teacher, teacher_id: str, data_root: Path, out: Path) -> None:
+    """`teacher_id` (a fingerprint of the weights) is stored so a table of another teacher is rebuilt."""
+    index = read_index(data_root)
+    pairs = train_pairs(data_root, index)
+    bench = benchmarks(data_root, index)
+    bench_images, bench_texts = winoground_pairs(bench.winoground)
+    for cases in bench.aro.values():
+        images, texts = choice_pairs(cases)
+        bench_images += images
+        bench_texts += texts
+    size = teacher.vae.config.sample_size
+    c = cfg.cache
+    tables = {
+        "train_images": (list(dict.fromkeys(image_key(p.image) for p in pairs)), image_latents(teacher, size)),
+        "bench_images": (list(dict.fromkeys(bench_images)), image_latents(teacher, size)),
+        "train_text": (list(dict.fromkeys(p.caption for p in pairs)), text_conditioning(teacher)),
+        "bench_text": (list(dict.fromkeys(["", *bench_texts])), text_conditioning(teacher)),
+    }
+    for name, (keys, compute) in tables.items():
+        write_table(out, name, keys, compute, shard_size=c.shard_size, batch_size=c.batch_size, description=name,
+                    meta={"teacher": teacher_id})

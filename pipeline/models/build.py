@@ -1,0 +1,72 @@
+"""The models stage: put the teacher and every student into `models/`.
+
+Toy: train the teacher (VAE, then UNet + text encoder) and contrastively pre-train each
+student from random init with the trial loop itself (scope "full", lambda 0). Later
+stages load only from `models/`, through the loaders real weights use.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+import torchvision.transforms.functional as TF
+
+from pipeline.config import Config, ObjectiveConfig, TrainConfig
+from pipeline.data.datasets import read_index, train_pairs
+from pipeline.data.records import load_image
+from pipeline.io import write_json
+from pipeline.models.student import build_toy_student, save_student
+from pipeline.models.teacher import build_toy_teacher, save_teacher
+from pipeline.teacher_training import train_unet, train_vae
+from pipeline import train as trainer
+
+
+def teacher_dir(models: Path) -> Path:
+    return Path(models) / "teacher"
+
+
+def student_dir(models: Path, name: str) -> Path:
+    return Path(models) / "students" / name
+
+
+def build_teacher(cfg: Config, data_root: Path, models: Path) -> dict:
+    tcfg = cfg.teacher
+    if tcfg.source != "toy":
+        raise NotImplementedError("teacher.source 'pretrained' is not available yet: see the README's 'Running the paper profile'")
+    pairs = train_pairs(data_root, read_index(data_root))
+    pixels = torch.stack([TF.to_tensor(load_image(p.image)) for p in pairs]) * 2 - 1
+    teacher = build_toy_teacher(tcfg, cfg.data.image_size)
+    generator = torch.Generator().manual_seed(tcfg.seed)
+    train_vae(teacher, pixels, tcfg, generator)
+    losses = train_unet(teacher, pixels, [p.caption for p in pairs], tcfg, generator)
+    save_teacher(teacher, teacher_dir(models))
+    tail = losses[-50:] or [float("nan")]
+    return {"unet_final_loss": sum(tail) / len(tail), "scaling_factor": teacher.scaling_factor}
+
+
+def build_student(cfg: Config, name: str, data_root: Path, models: Path) -> dict:
+    scfg = cfg.students[name]
+    if scfg.source != "toy":
+        raise NotImplementedError("student.source 'pretrained' is not available yet: see the README's 'Running the paper profile'")
+    student = build_toy_student(scfg, cfg.data.image_size)
+    pairs = train_pairs(data_root, read_index(data_root))
+    pretrain = TrainConfig(student=name, scope="full", lr=scfg.lr, weight_decay=0.1, warmup_steps=min(50, scfg.pretrain_steps // 10),
+                           batch_size=scfg.batch_size, steps=max(scfg.pretrain_steps, 1), seed=scfg.seed,
+                           checkpoint_every=10**9)
+    if scfg.pretrain_steps:
+        trial = trainer.setup(pretrain, ObjectiveConfig(lambda_sds=0.0), student, pairs, lambda_sds=0.0)
+        scratch = student_dir(models, name).with_name(f".{name}.pretrain")
+        trainer.fit(trial, scratch)
+        loss = trial.history[-1]["clip"] if trial.history else float("nan")
+    else:
+        loss = float("nan")
+    save_student(student, student_dir(models, name))
+    return {"pretrain_final_loss": loss}
+
+
+def build_models(cfg: Config, data_root: Path, models: Path) -> None:
+    summary = {"teacher": build_teacher(cfg, data_root, models)}
+    for name in cfg.students:
+        summary[name] = build_student(cfg, name, data_root, models)
+    write_json(Path(models) / "summary.json", summary)

@@ -1,0 +1,89 @@
+"""CLIP students through open_clip: a small config for the toy world, any open_clip tag for the paper.
+
+A student is saved in open_clip's own hub layout (`open_clip_config.json` +
+`open_clip_model.safetensors`) and loaded back with the `local-dir:` schema, so a trained
+toy student and a downloaded OpenAI/LAION one go through the same loading code.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import open_clip
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from pipeline.config import StudentConfig
+from pipeline.io import atomic_dir, write_json
+
+CONFIG_NAME = "open_clip_config.json"
+WEIGHTS_NAME = "open_clip_model.safetensors"
+
+
+@dataclass
+class Student:
+    model: nn.Module
+    tokenizer: Callable[[list[str]], torch.Tensor]
+    preprocess: Callable  # PIL image -> normalised tensor (open_clip's eval transform)
+    model_cfg: dict
+
+
+def toy_model_cfg(cfg: StudentConfig, image_size: int) -> dict:
+    """open_clip model config of a small ViT student sized for the toy world."""
+    return {
+        "embed_dim": cfg.embed_dim,
+        "vision_cfg": {"image_size": image_size, "layers": cfg.vision_layers, "width": cfg.vision_width,
+                       "head_width": cfg.vision_width // cfg.vision_heads, "patch_size": cfg.patch_size},
+        "text_cfg": {"context_length": cfg.context_length, "vocab_size": 49408, "width": cfg.text_width,
+                     "heads": cfg.text_heads, "layers": cfg.text_layers},
+    }
+
+
+def build_toy_student(cfg: StudentConfig, image_size: int) -> Student:
+    """A randomly initialised student from `toy_model_cfg` (seeded by cfg.seed)."""
+    model_cfg = toy_model_cfg(cfg, image_size)
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.seed)
+        model = open_clip.CLIP(**model_cfg)
+    preprocess = open_clip.image_transform(image_size, is_train=False)
+    tokenizer = open_clip.SimpleTokenizer(context_length=cfg.context_length)
+    return Student(model, tokenizer, preprocess, model_cfg)
+
+
+def save_student(student: Student, folder: Path) -> None:
+    """Write the open_clip hub layout atomically (the folder appears only when complete)."""
+    with atomic_dir(folder) as tmp:
+        state = {k: v.contiguous() for k, v in student.model.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS_NAME))
+        preprocess_cfg = {"mean": list(open_clip.OPENAI_DATASET_MEAN), "std": list(open_clip.OPENAI_DATASET_STD)}
+        write_json(tmp / CONFIG_NAME, {"model_cfg": student.model_cfg, "preprocess_cfg": preprocess_cfg})
+
+
+def load_student(folder: Path) -> Student:
+    """A student saved by `save_student` (or any open_clip hub folder)."""
+    folder = Path(folder)
+    if not (folder / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"{folder}: no {CONFIG_NAME}; run the models stage first")
+    name = f"local-dir:{folder.resolve()}"
+    model, _, preprocess = open_clip.create_model_and_transforms(name)
+    model_cfg = json.loads((folder / CONFIG_NAME).read_text())["model_cfg"]
+    return Student(model, open_clip.get_tokenizer(name), preprocess, model_cfg)
+
+
+def load_pretrained_student(model_name: str, pretrained: str) -> Student:
+    """An open_clip model by name and pretrained tag (or checkpoint file)."""
+    model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained or None)
+    model_cfg = open_clip.get_model_config(model_name)
+    return Student(model, open_clip.get_tokenizer(model_name), preprocess, model_cfg)
+
+
+def layernorm_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Every LayerNorm weight and bias of both towers (the paper's fine-tuned set)."""
+    return [p for m in model.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters(recurse=False)]
+
+
+def embed_dim(student: Student) -> int:
+    return int(student.model_cfg["embed_dim"])

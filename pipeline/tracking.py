@@ -1,0 +1,125 @@
+"""The only module that talks to MLflow.
+
+Runs are driven through `MlflowClient` with explicit run ids (no global active run), so
+a trial in a worker process, a resumed trial and the report stage all address runs the
+same way. mlflow is imported lazily: it costs seconds and most commands never need it.
+"""
+from __future__ import annotations
+
+import math
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from pipeline.config import TrackingConfig, flatten
+
+MAX_PARAM_LENGTH = 500
+
+
+def resolve_uri(uri: str, root: Path) -> str:
+    """Make a relative SQLite path absolute under `root` (MLflow needs absolute paths)."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        path = (Path(root) / uri[len(prefix):]).resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return prefix + str(path)
+    return uri
+
+
+def git_commit(root: Path) -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _client(uri: str):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(uri)
+    return MlflowClient(uri)
+
+
+@dataclass
+class Run:
+    """A handle on one MLflow run."""
+
+    client: Any
+    run_id: str
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+        import time
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v is not None and math.isfinite(float(v))]
+        if batch:
+            self.client.log_batch(self.run_id, metrics=batch)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in flatten(params).items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, str(value))
+
+    def log_artifact(self, path: Path, folder: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), folder)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status)
+
+
+class Tracker:
+    def __init__(self, cfg: TrackingConfig, root: Path):
+        self.uri = resolve_uri(cfg.uri, root)
+        self.experiment = cfg.experiment
+        self.root = Path(root)
+        self._client = None
+
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = _client(self.uri)
+        return self._client
+
+    def experiment_id(self, name: str | None = None) -> str:
+        name = name or self.experiment
+        found = self.client.get_experiment_by_name(name)
+        return found.experiment_id if found else self.client.create_experiment(name)
+
+    def start(self, name: str, params: dict | None = None, tags: dict | None = None,
+              parent: str | None = None, experiment: str | None = None) -> Run:
+        all_tags = {"git_commit": git_commit(self.root), "mlflow.runName": name, **(tags or {})}
+        if parent:
+            all_tags["mlflow.parentRunId"] = parent
+        created = self.client.create_run(self.experiment_id(experiment), run_name=name,
+                                         tags={k: str(v) for k, v in all_tags.items()})
+        run = Run(self.client, created.info.run_id)
+        if params:
+            run.log_params(params)
+        return run
+
+    def resume(self, run_id: str) -> Run:
+        self.client.update_run(run_id, status="RUNNING")
+        return Run(self.client, run_id)
+
+    def runs(self, run_ids: Iterable[str]) -> list[dict]:
+        """Params, metrics and tags of the given runs, as plain dicts."""
+        out = []
+        for run_id in run_ids:
+            run = self.client.get_run(run_id)
+            out.append({"run_id": run_id, "name": run.info.run_name, "status": run.info.status,
+                        "params": dict(run.data.params), "metrics": dict(run.data.metrics),
+                        "tags": dict(run.data.tags)})
+        return out
+
+    def metric_history(self, run_id: str, key: str) -> list[tuple[int, float]]:
+        return [(m.step, m.value) for m in self.client.get_metric_history(run_id, key)]

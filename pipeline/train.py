@@ -1,0 +1,283 @@
+"""One trial: fine-tune a student with L_CLIP + lambda * L_SDS (or the UNet-feature loss), then evaluate.
+
+Recipe shape: `setup` builds everything from the config, `fit` runs the steps (resuming
+from the trial folder's checkpoint when one exists), `save` writes only what was trained.
+The contrastive pre-training of the toy student is the same loop with scope "full" and
+lambda 0, so there is one training loop in the project.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
+
+from pipeline.cache import Table
+from pipeline.config import ObjectiveConfig, TrainConfig
+from pipeline.data.records import ImageCaption, load_image
+from pipeline.evaluate import image_key
+from pipeline.io import write_bytes
+from pipeline.models.student import Student, embed_dim, layernorm_parameters
+from pipeline.models.teacher import Teacher
+from pipeline import objectives
+
+log = logging.getLogger(__name__)
+CHECKPOINT = "checkpoint.pt"
+TRAINED = "trained.safetensors"
+
+
+class NonFiniteLoss(FloatingPointError):
+    """The loss became NaN or infinite: the trial is stopped, not silently continued."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class PairDataset(Dataset):
+    """(preprocessed image, caption tokens, caption row in the cache, image row in the cache)."""
+
+    def __init__(self, pairs: list[ImageCaption], student: Student, text_rows: list[int], image_rows: list[int]):
+        self.pairs, self.student, self.text_rows, self.image_rows = pairs, student, text_rows, image_rows
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int):
+        pair = self.pairs[i]
+        return (self.student.preprocess(load_image(pair.image)), self.student.tokenizer([pair.caption])[0],
+                self.text_rows[i], self.image_rows[i])
+
+
+@dataclass
+class Trial:
+    """Everything a trial's steps need, built once by `setup`."""
+
+    student: Student
+    projection: nn.Module | None
+    params: dict[str, nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    loader: DataLoader
+    teacher: Teacher | None
+    conditioning: Table | None
+    latents: Table | None
+    cfg: TrainConfig
+    objective: ObjectiveConfig
+    lambda_sds: float
+    generator: torch.Generator
+    step: int = 0
+    history: list[dict] = field(default_factory=list)
+
+    @property
+    def trainable_count(self) -> int:
+        return sum(p.numel() for p in self.params.values())
+
+
+def trainable_parameters(student: Student, projection: nn.Module | None, scope: str) -> dict[str, nn.Parameter]:
+    """Named parameters a scope trains; everything else is frozen.
+
+    layernorm / unet_feature: every LayerNorm of both towers plus h_w (the paper's setting).
+    full: every student parameter (the temperature included) plus h_w.
+    """
+    model = student.model
+    if scope == "full":
+        chosen = dict(model.named_parameters())
+    elif scope in ("layernorm", "unet_feature"):
+        ids = {id(p) for p in layernorm_parameters(model)}
+        chosen = {n: p for n, p in model.named_parameters() if id(p) in ids}
+    else:
+        raise ValueError(f"train.scope {scope!r} is not one of 'layernorm', 'full', 'unet_feature'")
+    if projection is not None:
+        chosen.update({f"h_w.{n}": p for n, p in projection.named_parameters()})
+    return chosen
+
+
+def _lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def _feature_shape(teacher: Teacher) -> tuple[int, ...]:
+    channels = teacher.unet.config.block_out_channels[-1]
+    size = teacher.unet.config.sample_size // 2 ** (len(teacher.unet.config.block_out_channels) - 1)
+    return (channels, size, size)
+
+
+def setup(cfg: TrainConfig, objective: ObjectiveConfig, student: Student, pairs: list[ImageCaption],
+          lambda_sds: float, teacher: Teacher | None = None, conditioning: Table | None = None,
+          latents: Table | None = None) -> Trial:
+    """Freeze, choose the trainable scope, build h_w, the optimiser and the data order."""
+    seed_everything(cfg.seed)
+    needs_teacher = lambda_sds > 0 or cfg.scope == "unet_feature"
+    if needs_teacher and (teacher is None or conditioning is None):
+        raise ValueError("this trial needs the teacher and the cached text conditioning")
+    if cfg.scope == "unet_feature" and latents is None:
+        raise ValueError("scope 'unet_feature' needs the cached VAE latents of the training images")
+    projection = None
+    if needs_teacher:
+        shape = _feature_shape(teacher) if cfg.scope == "unet_feature" else teacher.latent_shape
+        projection = objectives.LatentProjection(embed_dim(student), shape)
+    student.model.requires_grad_(False)
+    params = trainable_parameters(student, projection, cfg.scope)
+    for p in params.values():
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup_steps, cfg.steps))
+    text_rows = [conditioning.index(p.caption) for p in pairs] if conditioning is not None else [0] * len(pairs)
+    image_rows = [latents.index(image_key(p.image)) for p in pairs] if latents is not None else [0] * len(pairs)
+    dataset = PairDataset(pairs, student, text_rows, image_rows)
+    loader = DataLoader(dataset, batch_sampler=StepSampler(len(pairs), cfg.batch_size, cfg.seed))
+    if teacher is not None:
+        teacher.unet.requires_grad_(False).eval()
+    return Trial(student, projection, params, optimizer, scheduler, loader, teacher, conditioning, latents,
+                 cfg, objective, lambda_sds, torch.Generator().manual_seed(cfg.seed + 1))
+
+
+def loss_step(trial: Trial, images, tokens, text_rows, image_rows) -> dict[str, torch.Tensor]:
+    """The losses of one batch; `total` is what is backpropagated."""
+    model = trial.student.model.train()
+    image_features, text_features, logit_scale = model(images, tokens)[:3]
+    losses = {"clip": objectives.clip_loss(image_features, text_features, logit_scale)}
+    total = losses["clip"]
+    if trial.projection is not None:
+        obj, teacher = trial.objective, trial.teacher
+        cond = trial.conditioning.rows(text_rows)
+        t = objectives.sample_timesteps(len(images), obj.t_min, obj.t_max, trial.generator)
+        predicted = trial.projection(image_features) * obj.latent_scale
+        if trial.cfg.scope == "unet_feature":
+            x0 = trial.latents.rows(image_rows)
+            noise = torch.randn(x0.shape, generator=trial.generator)
+            target = objectives.unet_features(teacher.unet, teacher.scheduler.add_noise(x0, noise, t), t, cond)
+            losses["unet_feature"] = objectives.unet_feature_loss(predicted, target)
+            total = total + trial.lambda_sds * losses["unet_feature"]
+        else:
+            noise = torch.randn(predicted.shape, generator=trial.generator)
+            sds = objectives.sds_loss(predicted, cond, teacher.unet, teacher.scheduler, t, noise,
+                                      obj.noising, obj.gradient)
+            losses["sds"] = sds.mse
+            total = total + trial.lambda_sds * sds.loss
+    losses["total"] = total
+    return losses
+
+
+class StepSampler(Sampler):
+    """Batch indices as a pure function of (seed, step): epoch e is randperm(seed + e).
+
+    A resumed trial sets `start` to its step and sees exactly the batches an uninterrupted
+    run would have seen, with no sampler state to checkpoint.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        self.n, self.batch_size, self.seed, self.start = n, min(batch_size, n), seed, 0
+        self.per_epoch = n // self.batch_size
+
+    def __iter__(self):
+        step = self.start
+        while True:
+            epoch, k = divmod(step, self.per_epoch)
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
+            yield order[k * self.batch_size : (k + 1) * self.batch_size].tolist()
+            step += 1
+
+
+def fit(trial: Trial, folder: Path, on_log: Callable[[int, dict[str, float]], None] | None = None,
+        progress: bool = True) -> Trial:
+    """Run the remaining steps, checkpointing to `folder` so an interrupted trial resumes."""
+    folder = Path(folder)
+    load_checkpoint(trial, folder)
+    cfg = trial.cfg
+    trial.loader.batch_sampler.start = trial.step
+    batches = iter(trial.loader)
+    bar = tqdm(total=cfg.steps, initial=trial.step, desc="train", disable=not progress, leave=False)
+    while trial.step < cfg.steps:
+        images, tokens, text_rows, image_rows = next(batches)
+        losses = loss_step(trial, images, tokens, text_rows, image_rows)
+        values = {k: float(v.detach()) for k, v in losses.items()}
+        if not all(math.isfinite(v) for v in values.values()):
+            raise NonFiniteLoss(f"step {trial.step}: non-finite loss {values}")
+        trial.optimizer.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        trial.optimizer.step()
+        trial.scheduler.step()
+        trial.step += 1
+        bar.update(1)
+        if trial.step % cfg.log_every == 0 or trial.step == cfg.steps:
+            values["lr"] = trial.scheduler.get_last_lr()[0]
+            trial.history.append({"step": trial.step, **values})
+            bar.set_postfix(loss=f"{values['total']:.4f}")
+            if on_log:
+                on_log(trial.step, values)
+        if trial.step % cfg.checkpoint_every == 0 and trial.step < cfg.steps:
+            save_checkpoint(trial, folder)
+    bar.close()
+    return trial
+
+
+def trained_state(trial: Trial) -> dict[str, torch.Tensor]:
+    return {name: p.detach().contiguous().clone() for name, p in trial.params.items()}
+
+
+def save_checkpoint(trial: Trial, folder: Path) -> None:
+    """Trained parameters, optimiser, scheduler, step and RNG states, written atomically."""
+    state = {
+        "step": trial.step, "params": trained_state(trial), "optimizer": trial.optimizer.state_dict(),
+        "scheduler": trial.scheduler.state_dict(), "history": trial.history,
+        "rng": {"torch": torch.get_rng_state(), "trial": trial.generator.get_state()},
+    }
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_bytes(Path(folder) / CHECKPOINT, buffer.getvalue())
+
+
+def load_checkpoint(trial: Trial, folder: Path) -> bool:
+    path = Path(folder) / CHECKPOINT
+    if not path.is_file():
+        return False
+    state = torch.load(path, weights_only=False)
+    with torch.no_grad():
+        for name, value in state["params"].items():
+            trial.params[name].copy_(value)
+    trial.optimizer.load_state_dict(state["optimizer"])
+    trial.scheduler.load_state_dict(state["scheduler"])
+    trial.step, trial.history = state["step"], state["history"]
+    torch.set_rng_state(state["rng"]["torch"])
+    trial.generator.set_state(state["rng"]["trial"])
+    log.info("resumed %s at step %d", folder, trial.step)
+    return True
+
+
+def save_trained(trial: Trial, folder: Path) -> Path:
+    """Only what the scope trained (safetensors), with the trainable count in the metadata."""
+    path = Path(folder) / TRAINED
+    path.parent.mkdir(parents=True, exist_ok=True)
+    blob = save(trained_state(trial), metadata={"scope": trial.cfg.scope, "trainable": str(trial.trainable_count)})
+    write_bytes(path, blob)
+    (Path(folder) / CHECKPOINT).unlink(missing_ok=True)
+    return path
+
+
+def load_trained(student: Student, path: Path) -> None:
+    """Apply a trial's trained parameters onto a freshly loaded student (h_w entries are skipped)."""
+    state = load_file(str(path))
+    params = dict(student.model.named_parameters())
+    with torch.no_grad():
+        for name, value in state.items():
+            if not name.startswith("h_w."):
+                params[name].copy_(value)

@@ -1,0 +1,21 @@
+"""DVC stage `cache`: VAE latents and text conditioning of the teacher, in checksummed shards."""
+import sys
+
+from pipeline import cli
+from pipeline.experiment import fingerprint
+from pipeline.latents import build_cache
+from pipeline.models.build import teacher_dir
+from pipeline.models.teacher import load_teacher
+
+
+def body(args, cfg, root):
+    folder = teacher_dir(root / "models")
+    build_cache(cfg, load_teacher(folder), fingerprint(folder), root / cfg.data.root, root / cfg.cache.root)
+
+
+def main(argv=None) -> int:
+    return cli.run(__doc__, body, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

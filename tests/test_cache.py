@@ -1,0 +1,328 @@
+"""Tensor cache tests: round trip, idempotence, resume, rebuilds and corruption detection."""
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.cache import CacheError, open_table, write_table
+
+ROW_SHAPE = (4, 2, 3)
+KEYS = [f"img-{i:03d}.png|crop=0,0,64,64" for i in range(11)]  # 11 rows: shards 4+4+3
+
+
+def row_for(key: str, shape: tuple[int, ...] = ROW_SHAPE) -> torch.Tensor:
+    """A deterministic, key-specific row, so a row stored under the wrong key is caught."""
+    seed = int(key.split("-")[1][:3])
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 100
+
+
+class Compute:
+    """A `compute` that records every batch it is given and can crash after some batches."""
+
+    def __init__(self, fail_after: int | None = None, shape: tuple[int, ...] = ROW_SHAPE) -> None:
+        self.batches: list[list[str]] = []
+        self.fail_after = fail_after
+        self.shape = shape
+
+    def __call__(self, batch: list[str]) -> torch.Tensor:
+        if self.fail_after is not None and len(self.batches) == self.fail_after:
+            raise RuntimeError("simulated crash")
+        self.batches.append(list(batch))
+        return torch.stack([row_for(k, self.shape) for k in batch])
+
+    @property
+    def keys(self) -> list[str]:
+        return [k for batch in self.batches for k in batch]
+
+
+def build(root: Path, keys=KEYS, compute=None, **kwargs) -> Path:
+    args = {"shard_size": 4, "batch_size": 3, "progress": False} | kwargs
+    return write_table(root, "latents", keys, compute or Compute(), **args)
+
+
+def expected(keys=KEYS, dtype=torch.float32) -> torch.Tensor:
+    return torch.stack([row_for(k) for k in keys]).to(dtype)
+
+
+def shard(root: Path, index: int) -> Path:
+    return root / "latents" / f"shard-{index:05d}.safetensors"
+
+
+# --------------------------------------------------------------------------- round trip
+
+
+def test_round_trip_across_shards_and_random_gathers(tmp_path):
+    compute = Compute()
+    folder = build(tmp_path, compute=compute, meta={"vae": "sd-vae", "size": (64, 64)}, description="toy")
+    assert [len(b) for b in compute.batches] == [3, 3, 3, 2]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "manifest.json", "shard-00000.safetensors", "shard-00001.safetensors", "shard-00002.safetensors"]
+
+    table = open_table(tmp_path, "latents")
+    assert (len(table), table.keys, table.row_shape, table.dtype) == (11, KEYS, ROW_SHAPE, torch.float32)
+    assert table.meta == {"size": [64, 64], "vae": "sd-vae"}
+    assert table.description == "toy"
+    assert torch.equal(table.all(), expected())
+
+    order = torch.randperm(11, generator=torch.Generator().manual_seed(0))
+    for indices in (order, order[:5].tolist(), [10, 0, 5, 5, 3], [9, 8], [7], []):
+        idx = torch.as_tensor(indices, dtype=torch.int64)
+        assert torch.equal(table.rows(indices), expected()[idx])
+    assert torch.equal(table.rows(torch.tensor([3, 4], dtype=torch.int32)), expected()[3:5])
+    keys = [KEYS[9], KEYS[2], KEYS[4]]
+    assert torch.equal(table.get(keys), expected(keys))
+    assert table.index(KEYS[6]) == 6
+
+
+def test_float16_storage(tmp_path):
+    build(tmp_path, dtype=torch.float16)
+    table = open_table(tmp_path, "latents")
+    assert table.dtype == torch.float16
+    rows = table.rows([0, 10, 4])
+    assert rows.dtype == torch.float16
+    assert torch.equal(rows, expected(dtype=torch.float16)[[0, 10, 4]])
+    assert json.loads((tmp_path / "latents" / "manifest.json").read_text())["dtype"] == "float16"
+
+
+def test_gathered_rows_do_not_alias_the_files(tmp_path):
+    build(tmp_path)
+    table = open_table(tmp_path, "latents")
+    table.rows([1, 2]).zero_()
+    table.rows([1, 6]).zero_()  # cross-shard path
+    assert torch.equal(table.rows([1, 2, 6]), expected()[[1, 2, 6]])
+
+
+def test_pickled_table_reads_the_same_rows(tmp_path):
+    build(tmp_path)
+    table = open_table(tmp_path, "latents")
+    table.rows([0, 5, 9])  # map every shard first
+    clone = pickle.loads(pickle.dumps(table))
+    assert clone._views == {}
+    assert torch.equal(clone.rows([9, 0, 5]), expected()[[9, 0, 5]])
+
+
+# --------------------------------------------------------------------------- idempotence and rebuilds
+
+
+def test_second_write_is_a_no_op(tmp_path):
+    build(tmp_path)
+    manifest = tmp_path / "latents" / "manifest.json"
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "latents").iterdir()}
+    again = Compute()
+    build(tmp_path, compute=again)
+    assert again.batches == []
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "latents").iterdir()} == before
+    assert manifest.exists()
+
+
+@pytest.mark.parametrize("change", [
+    {"keys": KEYS[:7] + ["img-099.png|crop=0,0,64,64"]},
+    {"keys": list(reversed(KEYS))},
+    {"dtype": torch.float16},
+    {"shard_size": 5},
+    {"meta": {"vae": "other"}},
+])
+def test_changed_keys_or_settings_rebuild(tmp_path, change):
+    build(tmp_path)
+    compute = Compute()
+    build(tmp_path, compute=compute, **change)
+    keys = change.get("keys", KEYS)
+    assert compute.keys == keys
+    table = open_table(tmp_path, "latents")
+    assert table.keys == keys
+    assert torch.equal(table.all(), expected(keys, change.get("dtype", torch.float32)))
+
+
+def test_crash_during_a_rebuild_leaves_no_finished_table(tmp_path):
+    build(tmp_path)
+    crash(tmp_path, fail_after=3, meta={"vae": "other"})
+    with pytest.raises(CacheError, match="not found or not finished"):
+        open_table(tmp_path, "latents")
+
+
+def test_shrunk_rebuild_removes_stale_shards(tmp_path):
+    build(tmp_path)
+    folder = build(tmp_path, keys=KEYS[:3])
+    assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", "shard-00000.safetensors"]
+    assert torch.equal(open_table(tmp_path, "latents").all(), expected(KEYS[:3]))
+
+
+def test_corrupt_shard_is_rebuilt_by_the_next_write(tmp_path):
+    build(tmp_path)
+    data = bytearray(shard(tmp_path, 1).read_bytes())
+    data[-1] ^= 0xFF
+    shard(tmp_path, 1).write_bytes(bytes(data))
+    compute = Compute()
+    build(tmp_path, compute=compute)
+    assert compute.keys == KEYS
+    assert torch.equal(open_table(tmp_path, "latents").all(), expected())
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def crash(root: Path, fail_after: int | None, **kwargs) -> None:
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        build(root, compute=Compute(fail_after=fail_after), **kwargs)
+
+
+def test_resume_computes_only_the_rest_and_equals_a_clean_build(tmp_path):
+    # Batches of 3 rows, shards of 4: after 3 batches (9 rows) shards 0-1 (rows 0-7) are on disk.
+    crash(tmp_path / "a", fail_after=3)
+    folder = tmp_path / "a" / "latents"
+    assert not (folder / "manifest.json").exists()
+    with pytest.raises(CacheError, match="not found or not finished"):
+        open_table(tmp_path / "a", "latents")
+    partial = json.loads((folder / "partial.json").read_text())
+    assert [s["file"] for s in partial["shards"]] == ["shard-00000.safetensors", "shard-00001.safetensors"]
+
+    (folder / ".shard-00002.safetensors.k1ll3d.tmp").write_bytes(b"half a shard")  # as a SIGKILL leaves it
+
+    resumed = Compute()
+    build(tmp_path / "a", compute=resumed)
+    assert resumed.keys == KEYS[8:]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "manifest.json", "shard-00000.safetensors", "shard-00001.safetensors", "shard-00002.safetensors"]
+
+    build(tmp_path / "b")
+    clean = tmp_path / "b" / "latents"
+    assert (folder / "manifest.json").read_bytes() == (clean / "manifest.json").read_bytes()
+    assert torch.equal(open_table(tmp_path / "a", "latents").all(), open_table(tmp_path / "b", "latents").all())
+
+
+def test_crash_before_the_manifest_resumes_without_computing(tmp_path, monkeypatch):
+    def no_manifest(*args, **kwargs):
+        raise RuntimeError("simulated crash")
+
+    with monkeypatch.context() as patch:
+        patch.setattr("pipeline.cache._write_manifest", no_manifest)
+        crash(tmp_path, fail_after=None)
+    compute = Compute()
+    folder = build(tmp_path, compute=compute)
+    assert compute.batches == []
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "manifest.json", "shard-00000.safetensors", "shard-00001.safetensors", "shard-00002.safetensors"]
+    assert torch.equal(open_table(tmp_path, "latents").all(), expected())
+
+
+def test_resume_with_changed_keys_discards_the_shards(tmp_path, caplog):
+    crash(tmp_path, fail_after=3)
+    keys = KEYS[:6] + ["img-050.png|crop=0,0,64,64"] + KEYS[7:]
+    compute = Compute()
+    with caplog.at_level("INFO", logger="pipeline.cache"):
+        build(tmp_path, keys=keys, compute=compute)
+    assert compute.keys == keys
+    assert "discarding 2 shards" in caplog.text
+    assert torch.equal(open_table(tmp_path, "latents").all(), expected(keys))
+
+
+def test_resume_with_changed_row_shape_discards_the_shards(tmp_path):
+    crash(tmp_path, fail_after=3)
+    compute = Compute(shape=(2, 5))
+    build(tmp_path, compute=compute)
+    assert compute.keys == KEYS[8:11] + KEYS  # one batch probed the new shape, then all again
+    table = open_table(tmp_path, "latents")
+    assert table.row_shape == (2, 5)
+    assert torch.equal(table.all(), torch.stack([row_for(k, (2, 5)) for k in KEYS]))
+
+
+def test_resume_recomputes_from_a_corrupt_kept_shard(tmp_path):
+    crash(tmp_path, fail_after=3)
+    data = bytearray(shard(tmp_path, 1).read_bytes())
+    data[-2] ^= 0x01
+    shard(tmp_path, 1).write_bytes(bytes(data))
+    compute = Compute()
+    build(tmp_path, compute=compute)
+    assert compute.keys == KEYS[4:]
+    assert torch.equal(open_table(tmp_path, "latents").all(), expected())
+
+
+# --------------------------------------------------------------------------- detection on open
+
+
+def test_flipped_byte_names_the_shard(tmp_path):
+    build(tmp_path)
+    data = bytearray(shard(tmp_path, 2).read_bytes())
+    data[len(data) // 2] ^= 0x10
+    shard(tmp_path, 2).write_bytes(bytes(data))
+    with pytest.raises(CacheError) as info:
+        open_table(tmp_path, "latents")
+    message = str(info.value)
+    assert "\n" not in message
+    assert "'latents'" in message and "shard-00002.safetensors" in message
+    assert "corrupt or truncated" in message and "re-run the cache stage" in message
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_truncated_shard_is_detected(tmp_path, verify):
+    build(tmp_path)
+    data = shard(tmp_path, 0).read_bytes()
+    shard(tmp_path, 0).write_bytes(data[:-7])
+    with pytest.raises(CacheError, match=r"shard-00000\.safetensors.*corrupt or truncated"):
+        open_table(tmp_path, "latents", verify=verify)
+
+
+def test_missing_shard_is_detected(tmp_path):
+    build(tmp_path)
+    shard(tmp_path, 1).unlink()
+    with pytest.raises(CacheError, match=r"shard-00001\.safetensors: shard file is missing"):
+        open_table(tmp_path, "latents")
+
+
+def test_missing_manifest(tmp_path):
+    build(tmp_path)
+    (tmp_path / "latents" / "manifest.json").unlink()
+    with pytest.raises(CacheError, match=r"'latents'.*manifest\.json: not found or not finished: run the cache stage"):
+        open_table(tmp_path, "latents")
+
+
+def test_edited_manifest_keys_are_detected(tmp_path):
+    build(tmp_path)
+    path = tmp_path / "latents" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["keys"][0], manifest["keys"][1] = manifest["keys"][1], manifest["keys"][0]
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(CacheError, match="'keys_sha256' does not match 'keys'"):
+        open_table(tmp_path, "latents")
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_duplicate_keys(tmp_path):
+    compute = Compute()
+    with pytest.raises(ValueError, match=r"duplicate key 'img-002\.png"):
+        build(tmp_path, keys=KEYS[:3] + [KEYS[2]], compute=compute)
+    assert compute.batches == []
+
+
+def test_non_finite_rows_are_rejected_after_the_cast(tmp_path):
+    def compute(batch):
+        rows = torch.zeros(len(batch), 2)
+        if KEYS[4] in batch:
+            rows[batch.index(KEYS[4]), 1] = 1e6  # fine in float32, inf in float16
+        return rows
+
+    build(tmp_path, compute=compute)
+    with pytest.raises(ValueError, match=r"non-finite.*img-004"):
+        build(tmp_path / "half", compute=compute, dtype=torch.float16)
+
+
+def test_wrong_row_count_from_compute(tmp_path):
+    with pytest.raises(ValueError, match=r"compute returned shape \[2, 3\] for a batch of 3 keys"):
+        build(tmp_path, compute=lambda batch: torch.zeros(2, 3))
+
+
+def test_unknown_key_and_bad_index(tmp_path):
+    build(tmp_path)
+    table = open_table(tmp_path, "latents")
+    with pytest.raises(KeyError, match=r"cache table 'latents' has no key 'nope'"):
+        table.get(["nope"])
+    with pytest.raises(IndexError, match="row index 11 out of range for 11 rows"):
+        table.rows([0, 11])
+    with pytest.raises(IndexError, match="row index -1 out of range"):
+        table.rows([-1])
