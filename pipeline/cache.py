@@ -49,7 +49,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 from tqdm import tqdm
 
-from pipeline.data.errors import atomic_write_bytes, atomic_write_json
+from pipeline.io import write_bytes, write_json
 
 __all__ = ["CacheError", "Table", "open_table", "write_table"]
 
@@ -308,7 +308,7 @@ class _ShardWriter:
         self._pending_rows = len(rest)
         self.shards.append(_write_shard(self.folder, len(self.shards), self.rows_written, rows))
         self.rows_written += count
-        atomic_write_json(self.folder / PARTIAL, {
+        write_json(self.folder / PARTIAL, {
             "format": FORMAT, "name": self.name, "settings": self.settings,
             "row_shape": list(self.row_shape or ()), "shards": self.shards,
         })
@@ -318,7 +318,7 @@ def _write_shard(folder: Path, index: int, first_key_index: int, rows: torch.Ten
     """Write one shard atomically; its manifest entry (checksum of the exact bytes written)."""
     data = save({TENSOR: rows})
     file = _shard_file(index)
-    atomic_write_bytes(folder / file, data)
+    write_bytes(folder / file, data)
     return {"file": file, "rows": len(rows), "sha256": hashlib.sha256(data).hexdigest(),
             "bytes": len(data), "first_key_index": first_key_index}
 
@@ -326,7 +326,7 @@ def _write_shard(folder: Path, index: int, first_key_index: int, rows: torch.Ten
 def _write_manifest(folder: Path, name: str, keys: list[str], settings: dict, shards: list[dict],
                     row_shape: tuple[int, ...] | None) -> None:
     """The manifest, written last: its presence is what marks the table finished."""
-    atomic_write_json(folder / MANIFEST, {
+    write_json(folder / MANIFEST, {
         "format": FORMAT,
         "name": name,
         "description": settings["description"],

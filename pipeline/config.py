@@ -296,13 +296,21 @@ def resolve(params: dict, overrides: dict | None = None) -> dict:
     presets = params.get("profiles") or {}
     if not isinstance(presets, dict):
         raise ConfigError(f"profiles: {presets!r} is not allowed; expected a mapping of profile name to preset")
-    for name in presets:
+    base = {key: value for key, value in params.items() if key != "profiles"}
+    from_dict({**base, "profile": "toy"})  # the sections alone, so their errors carry their own names
+    for name, preset in presets.items():
         if name not in PROFILES:
             raise ConfigError(f"profiles.{name}: unknown profile; allowed: {', '.join(PROFILES)}")
+        if not isinstance(preset, dict):
+            raise ConfigError(f"profiles.{name}: {preset!r} is not allowed; expected a mapping of sections")
+        # Every preset is checked, not only the selected one: a typo waits for nobody.
+        try:
+            from_dict(deep_merge(base, {**preset, "profile": name}))
+        except ConfigError as err:
+            raise ConfigError(f"profiles.{name}.{err}") from None
     profile = overrides.get("profile", params.get("profile", "toy"))
     if profile not in PROFILES:
         raise ConfigError(f"profile: {profile!r} is not allowed; expected one of {', '.join(PROFILES)}")
-    base = {key: value for key, value in params.items() if key != "profiles"}
     return deep_merge(deep_merge(base, presets.get(profile) or {}), overrides)
 
 

@@ -58,14 +58,23 @@ def choice_pairs(cases: list[ChoiceCase]) -> tuple[list[str], list[str]]:
     return images, captions
 
 
-def score_benchmarks(score: PairScorer, bench: Benchmarks) -> dict[str, float]:
-    """Winoground text/image/group with breakdowns, and the ARO sets, under one scorer."""
+def score_benchmarks(score: PairScorer, bench: Benchmarks, bootstrap: int = 0, seed: int = 0) -> dict[str, float]:
+    """Winoground text/image/group with breakdowns, and the ARO sets, under one scorer.
+
+    With `bootstrap` > 0, Winoground's scores also get 95% percentile-bootstrap intervals
+    over tasks (`winoground/text/ci_low`, `.../ci_high`): with 400 tasks one task is 0.25
+    points, so differences of a point or two are noise.
+    """
     out: dict[str, float] = {}
     images, captions = winoground_pairs(bench.winoground)
     wino = score(images, captions).reshape(len(bench.winoground), 2, 2)
     result = metrics.winoground(wino, [t.collapsed_tag for t in bench.winoground],
                                 [t.num_main_preds for t in bench.winoground])
     out.update({f"winoground/{k}": v for k, v in result.items()})
+    if bootstrap:
+        for name, correct in metrics.winoground_correct(wino).items():
+            low, high = metrics.bootstrap_interval(correct, n_resamples=bootstrap, seed=seed)
+            out[f"winoground/{name}/ci_low"], out[f"winoground/{name}/ci_high"] = low, high
     for name, cases in bench.aro.items():
         images, captions = choice_pairs(cases)
         k = len(cases[0].options)
@@ -169,7 +178,7 @@ class DiffusionScorer:
 
 def evaluate_student(student: Student, bench: Benchmarks, cfg: EvalConfig) -> dict[str, float]:
     scorer = ClipScorer(student, cfg.batch_size)
-    out = score_benchmarks(scorer, bench)
+    out = score_benchmarks(scorer, bench, cfg.bootstrap, cfg.seed)
     for shot in bench.zeroshot:
         out[f"zeroshot/{shot.name}"] = scorer.zeroshot(shot)
     if bench.zeroshot:
@@ -179,4 +188,4 @@ def evaluate_student(student: Student, bench: Benchmarks, cfg: EvalConfig) -> di
 
 def evaluate_teacher(teacher: Teacher, latents: Table, conditioning: Table, bench: Benchmarks,
                      cfg: EvalConfig) -> dict[str, float]:
-    return score_benchmarks(DiffusionScorer(teacher, latents, conditioning, cfg), bench)
+    return score_benchmarks(DiffusionScorer(teacher, latents, conditioning, cfg), bench, cfg.bootstrap, cfg.seed)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import time
 from pathlib import Path
+from typing import Callable
 
 from pipeline import train as trainer
 from pipeline.cache import open_table
@@ -54,8 +55,15 @@ def run_baselines(cfg: Config, root: Path, data_root: Path, models: Path, cache:
 
 
 def run_finetune(cfg: Config, data_root: Path, models: Path, cache: Path, folder: Path, tracker: Tracker,
-                 run_name: str, lambda_sds: float, tags: dict | None = None, parent: str | None = None) -> dict:
-    """Fine-tune `cfg.train.student` with the given lambda, evaluate it, log it all to one run."""
+                 run_name: str, lambda_sds: float, tags: dict | None = None, parent: str | None = None,
+                 run_id: str | None = None, on_log: Callable[[int, dict], None] | None = None,
+                 on_checkpoint: Callable[[int, Path], None] | None = None, progress: bool = True) -> dict:
+    """Fine-tune `cfg.train.student` with the given lambda, evaluate it, log it all to one run.
+
+    `run_id` continues an existing run (a resumed sweep trial) instead of starting one;
+    `on_log` / `on_checkpoint` are passed on to `train.fit` (after the losses are logged).
+    A `train.TrialStopped` raised by them ends the run as KILLED rather than FAILED.
+    """
     student = load_student(student_dir(models, cfg.train.student))
     pairs = train_pairs(data_root, read_index(data_root))
     needs_teacher = lambda_sds > 0 or cfg.train.scope == "unet_feature"
@@ -63,14 +71,24 @@ def run_finetune(cfg: Config, data_root: Path, models: Path, cache: Path, folder
     conditioning = open_table(cache, "train_text") if needs_teacher else None
     latents = open_table(cache, "train_images") if cfg.train.scope == "unet_feature" else None
     params = {**to_dict(cfg), "train": {**to_dict(cfg)["train"], "lambda_sds": lambda_sds}}
-    run = tracker.start(run_name, params=params, parent=parent,
-                        tags={"profile": cfg.profile, "stage": "train", "student": cfg.train.student, **(tags or {})})
+    run_tags = {"profile": cfg.profile, "stage": "train", "student": cfg.train.student, **(tags or {})}
+    if run_id:
+        run = tracker.resume(run_id)
+        run.log_params(params)
+        run.set_tags(run_tags)
+    else:
+        run = tracker.start(run_name, params=params, parent=parent, tags=run_tags)
+
+    def log(step: int, values: dict) -> None:
+        run.log_metrics({f"loss/{k}" if k != "lr" else "lr": v for k, v in values.items()}, step)
+        if on_log:
+            on_log(step, values)
+
     try:
         trial = trainer.setup(cfg.train, cfg.objective, student, pairs, lambda_sds, teacher, conditioning, latents)
         run.log_metrics({"trainable_parameters": trial.trainable_count})
         start = time.perf_counter()
-        trainer.fit(trial, folder, on_log=lambda step, values: run.log_metrics(
-            {f"loss/{k}" if k != "lr" else "lr": v for k, v in values.items()}, step))
+        trainer.fit(trial, folder, on_log=log, progress=progress, on_checkpoint=on_checkpoint)
         train_seconds = time.perf_counter() - start
         checkpoint = trainer.save_trained(trial, folder)
         run.log_artifact(checkpoint)
@@ -78,6 +96,9 @@ def run_finetune(cfg: Config, data_root: Path, models: Path, cache: Path, folder
         metrics = evaluate_student(student, bench, cfg.eval)
         metrics.update({"trainable_parameters": trial.trainable_count, "time/train_seconds": train_seconds})
         run.log_metrics(metrics)
+    except trainer.TrialStopped:
+        run.finish("KILLED")
+        raise
     except BaseException as err:
         run.set_tags({"failure": f"{type(err).__name__}: {err}"[:500]})
         run.finish("FAILED")

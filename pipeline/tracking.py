@@ -73,6 +73,10 @@ class Run:
     def log_artifact(self, path: Path, folder: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), folder)
 
+    def log_text(self, text: str, name: str) -> None:
+        """A small text artifact (a summary, the sweep file) under `name`."""
+        self.client.log_text(self.run_id, text, name)
+
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status)
 
@@ -111,15 +115,39 @@ class Tracker:
         self.client.update_run(run_id, status="RUNNING")
         return Run(self.client, run_id)
 
+    def run(self, run_id: str) -> Run:
+        """A handle on an existing run that leaves its status alone (tags, metrics, finish)."""
+        return Run(self.client, run_id)
+
     def runs(self, run_ids: Iterable[str]) -> list[dict]:
         """Params, metrics and tags of the given runs, as plain dicts."""
-        out = []
-        for run_id in run_ids:
-            run = self.client.get_run(run_id)
-            out.append({"run_id": run_id, "name": run.info.run_name, "status": run.info.status,
-                        "params": dict(run.data.params), "metrics": dict(run.data.metrics),
-                        "tags": dict(run.data.tags)})
-        return out
+        return [_run_dict(self.client.get_run(run_id)) for run_id in run_ids]
+
+    def find_runs(self, experiment: str | None = None, tags: dict | None = None,
+                  parent: str | None = None) -> list[dict]:
+        """Runs of an experiment whose tags have these values (and this parent run), newest first."""
+        found = self.client.get_experiment_by_name(experiment or self.experiment)
+        if found is None:
+            return []
+        wanted = dict(tags or {})
+        if parent:
+            wanted["mlflow.parentRunId"] = parent
+        quote = lambda v: str(v).replace("\\", "\\\\").replace("'", "\\'")
+        query = " and ".join(f"tags.`{k}` = '{quote(v)}'" for k, v in wanted.items())
+        out, token = [], None
+        while True:
+            page = self.client.search_runs([found.experiment_id], query, max_results=1000,
+                                           order_by=["attributes.start_time DESC"], page_token=token)
+            out += [_run_dict(run) for run in page]
+            token = page.token
+            if not token:
+                return out
 
     def metric_history(self, run_id: str, key: str) -> list[tuple[int, float]]:
         return [(m.step, m.value) for m in self.client.get_metric_history(run_id, key)]
+
+
+def _run_dict(run) -> dict:
+    return {"run_id": run.info.run_id, "name": run.info.run_name, "status": run.info.status,
+            "start_time": run.info.start_time, "end_time": run.info.end_time,
+            "params": dict(run.data.params), "metrics": dict(run.data.metrics), "tags": dict(run.data.tags)}

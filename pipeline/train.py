@@ -7,6 +7,7 @@ lambda 0, so there is one training loop in the project.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import math
@@ -38,6 +39,10 @@ TRAINED = "trained.safetensors"
 
 class NonFiniteLoss(FloatingPointError):
     """The loss became NaN or infinite: the trial is stopped, not silently continued."""
+
+
+class TrialStopped(Exception):
+    """The trial was stopped from outside (e.g. a sweep scheduler's early stop): not a failure."""
 
 
 def seed_everything(seed: int) -> None:
@@ -125,6 +130,8 @@ def setup(cfg: TrainConfig, objective: ObjectiveConfig, student: Student, pairs:
           latents: Table | None = None) -> Trial:
     """Freeze, choose the trainable scope, build h_w, the optimiser and the data order."""
     seed_everything(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     needs_teacher = lambda_sds > 0 or cfg.scope == "unet_feature"
     if needs_teacher and (teacher is None or conditioning is None):
         raise ValueError("this trial needs the teacher and the cached text conditioning")
@@ -198,8 +205,12 @@ class StepSampler(Sampler):
 
 
 def fit(trial: Trial, folder: Path, on_log: Callable[[int, dict[str, float]], None] | None = None,
-        progress: bool = True) -> Trial:
-    """Run the remaining steps, checkpointing to `folder` so an interrupted trial resumes."""
+        progress: bool = True, on_checkpoint: Callable[[int, Path], None] | None = None) -> Trial:
+    """Run the remaining steps, checkpointing to `folder` so an interrupted trial resumes.
+
+    `on_log(step, values)` runs at every log step; `on_checkpoint(step, folder)` right after
+    each checkpoint is written (a sweep trial hands the file to Ray Tune there).
+    """
     folder = Path(folder)
     load_checkpoint(trial, folder)
     cfg = trial.cfg
@@ -226,6 +237,8 @@ def fit(trial: Trial, folder: Path, on_log: Callable[[int, dict[str, float]], No
                 on_log(trial.step, values)
         if trial.step % cfg.checkpoint_every == 0 and trial.step < cfg.steps:
             save_checkpoint(trial, folder)
+            if on_checkpoint:
+                on_checkpoint(trial.step, folder)
     bar.close()
     return trial
 
@@ -234,10 +247,16 @@ def trained_state(trial: Trial) -> dict[str, torch.Tensor]:
     return {name: p.detach().contiguous().clone() for name, p in trial.params.items()}
 
 
+def settings(trial: Trial) -> dict:
+    """What a checkpoint must have been trained under to be resumed by this trial."""
+    return {"train": dataclasses.asdict(trial.cfg), "objective": dataclasses.asdict(trial.objective),
+            "lambda_sds": trial.lambda_sds, "trainable": sorted(trial.params)}
+
+
 def save_checkpoint(trial: Trial, folder: Path) -> None:
     """Trained parameters, optimiser, scheduler, step and RNG states, written atomically."""
     state = {
-        "step": trial.step, "params": trained_state(trial), "optimizer": trial.optimizer.state_dict(),
+        "settings": settings(trial), "step": trial.step, "params": trained_state(trial), "optimizer": trial.optimizer.state_dict(),
         "scheduler": trial.scheduler.state_dict(), "history": trial.history,
         "rng": {"torch": torch.get_rng_state(), "trial": trial.generator.get_state()},
     }
@@ -251,6 +270,11 @@ def load_checkpoint(trial: Trial, folder: Path) -> bool:
     if not path.is_file():
         return False
     state = torch.load(path, weights_only=False)
+    if state.get("settings") != settings(trial):
+        # Another configuration's optimiser state would silently mix two trials.
+        log.warning("%s was written under other settings; starting this trial from step 0", path)
+        path.unlink()
+        return False
     with torch.no_grad():
         for name, value in state["params"].items():
             trial.params[name].copy_(value)

@@ -22,9 +22,9 @@ from functools import cache
 from pathlib import Path
 from typing import Callable
 
+from pipeline.io import write_json
 from .errors import (
     DataFormatError,
-    atomic_write_json,
     existing_image,
     field_value,
     load_json,
@@ -127,7 +127,7 @@ def _write_vg(
         group_of(require_record(record, path, where), path, where)
         _check_vg_common(record, path, where)
     fields = ("image_id",) + own + _VG_COMMON[1:]
-    atomic_write_json(path, [{field: record[field] for field in fields} for record in records])
+    write_json(path, [{field: record[field] for field in fields} for record in records])
 
 
 # ---------------------------------------------------------------- COCO-Order / Flickr30k-Order
@@ -165,7 +165,7 @@ def write_order_set(path: Path, records: list[dict]) -> None:
     for index, record in enumerate(records):
         where = f"record {index}"
         _check_order_record(require_record(record, path, where), path, where)
-    atomic_write_json(path, [{"image": r["image"], "caption": list(r["caption"])} for r in records])
+    write_json(path, [{"image": r["image"], "caption": list(r["caption"])} for r in records])
 
 
 def _check_order_record(record: dict, path: Path, where: str) -> tuple[str, list[str]]:

@@ -13,9 +13,9 @@ import random
 from collections import defaultdict
 from pathlib import Path
 
+from pipeline.io import write_json
 from .errors import (
     DataFormatError,
-    atomic_write_json,
     existing_image,
     int_field,
     load_json,
@@ -74,7 +74,7 @@ def write_coco_captions(path: Path, images: list[tuple[int, str, list[str]]]) ->
         "annotations": annotation_entries,
     }
     _check_document(document, path)
-    atomic_write_json(path, document)
+    write_json(path, document)
 
 
 def _check_document(document: dict, path: Path) -> None:

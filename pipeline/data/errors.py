@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -153,32 +151,6 @@ def existing_image(image_dir: Path, relative: str, path: Path, where: str, field
     if not image.is_file():
         raise DataFormatError(path, where, field, f"names an image that does not exist: {image}")
     return image
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temp file in the same folder + os.replace, so readers see old or new, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, value: Any) -> None:
-    """JSON in insertion order, no timestamps, so rewriting equal data gives equal bytes (cache keys stay valid)."""
-    atomic_write_bytes(path, (json.dumps(value, ensure_ascii=False, indent=1) + "\n").encode("utf-8"))
-
-
-def atomic_write_jsonl(path: Path, rows: list[dict]) -> None:
-    """One compact JSON object per line, like the published .jsonl files."""
-    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def _type_name(value: Any) -> str:

@@ -23,11 +23,10 @@ from pathlib import Path
 
 from PIL import Image
 
+from pipeline.io import write_bytes, write_jsonl
 from .errors import (
     DataFormatError,
     MissingDataError,
-    atomic_write_bytes,
-    atomic_write_jsonl,
     enum_field,
     field_value,
     int_field,
@@ -76,12 +75,12 @@ def write_winoground(root: Path, tasks: list[dict], extracted: bool = False) -> 
     pngs = _encoded_images(tasks, examples)
     if extracted:
         for name, data in pngs.items():
-            atomic_write_bytes(root / IMAGES_DIR / f"{name}{IMAGE_EXTENSION}", data)
+            write_bytes(root / IMAGES_DIR / f"{name}{IMAGE_EXTENSION}", data)
     else:
         if (root / IMAGES_DIR).exists():
             raise ValueError(f"{root / IMAGES_DIR} exists and would shadow {root / IMAGES_ZIP}; remove it first")
-        atomic_write_bytes(root / IMAGES_ZIP, _zip_bytes(pngs))
-    atomic_write_jsonl(examples, rows)
+        write_bytes(root / IMAGES_ZIP, _zip_bytes(pngs))
+    write_jsonl(examples, rows)
 
 
 def _task(row: dict, path: Path, where: str, images: tuple[Path, Path]) -> WinogroundTask:

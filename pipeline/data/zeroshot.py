@@ -18,9 +18,9 @@ from pathlib import Path
 
 from PIL import Image
 
+from pipeline.io import write_json
 from .errors import (
     DataFormatError,
-    atomic_write_json,
     field_value,
     load_json,
     require_dir,
@@ -92,7 +92,7 @@ def write_image_folder_set(
             (staging / folder).mkdir()
         for index, (label, image) in enumerate(images):
             image.save(staging / folders[label] / f"{index:0{image_width}d}.png", format="PNG")
-        atomic_write_json(
+        write_json(
             staging / META_FILE,
             {"name": name, "classnames": dict(zip(folders, classnames)), "templates": list(templates)},
         )

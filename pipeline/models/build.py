@@ -6,7 +6,6 @@ stages load only from `models/`, through the loaders real weights use.
 """
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import torch

@@ -1,0 +1,662 @@
+"""Sweep files (`sweeps/*.yaml`): typed, validated before anything starts, expanded into trials.
+
+A sweep file names a search over the parameters of `params.yaml`:
+
+```yaml
+name: lambda                      # MLflow experiment "<tracking.experiment>/<name>"
+base:                             # what every trial starts from
+  profile: toy                    # smoke | toy | paper (omitted: params.yaml's `profile`)
+  params:                         # overrides of params.yaml: dotted keys or nested mappings
+    train.steps: 200
+space:                            # one entry per swept parameter (objective.*, train.*, eval.*)
+  objective.lambda_sds: [0, 1e-4, 1e-3]         # a grid list
+  train.scope: {all: true}                      # grid over every allowed value (literals, true/false, train.student)
+  train.lr: {loguniform: [1e-5, 1e-2]}          # random / optuna only: choice, uniform, loguniform,
+  train.batch_size: {randint: [8, 32]}          #   randint (both bounds inclusive)
+  objective.noising: {choice: [noise, none]}
+search: {type: grid}              # grid | random | optuna (+ num_samples, sampler: tpe|random, seed)
+scheduler: {type: fifo}           # fifo | asha (+ metric, mode, grace_period, reduction_factor)
+seeds: [0, 1]                     # every config runs once per seed (sets train.seed)
+resources: {cpu: 1, gpu: 0}       # per trial; fractions allowed (quantities above 1 whole)
+max_concurrent: 0                 # 0: as many trials at once as the resources allow
+metric: winoground/text           # what the sweep optimises and its summary ranks by
+mode: max
+storage_path: ""                  # Ray Tune's storage: "" = <project>/ray_results; a path or URI
+```
+
+Semantics: `grid` runs the cross product of the lists (x seeds); `random` draws
+`num_samples` values of the sampled parameters (seeded by `search.seed`) and crosses
+each draw with the lists (x seeds), so both are a fixed trial list known before the
+sweep starts (`--dry-run` prints it); `optuna` lets Optuna's sampler draw `num_samples`
+configs as the sweep runs (only sampled parameters; every config is repeated per seed).
+`asha` stops trials early on a per-step metric (a `loss/...`), so it is refused for a grid,
+whose every cell must fill a table.
+
+Every problem is a `pipeline.config.ConfigError` whose one line names the key, the value
+and what is allowed; the checks reuse `pipeline.config`'s own machinery (`_build`,
+`_convert`, `_check_range`, `resolve`, `deep_merge`) so a parameter is valid in a sweep
+exactly when it is valid in params.yaml.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import itertools
+import json
+import math
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from pipeline.config import (PROFILES, Config, ConfigError, _build, _check, _check_range, _convert, deep_merge,
+                             from_dict, nonneg, positive, resolve)
+
+SWEEPABLE_SECTIONS = ("objective", "train", "eval")
+DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint")
+SPEC_KINDS = ("all", "grid") + DISTRIBUTIONS
+SEARCHES = ("grid", "random", "optuna")
+TOP_KEYS = ("name", "base", "space", "search", "scheduler", "seeds", "resources", "max_concurrent", "metric",
+            "mode", "storage_path")
+STEP_METRICS = ("loss/clip", "loss/total", "loss/sds", "loss/unet_feature")
+_METRIC_PATTERNS = (
+    r"winoground/(text|image|group)(/(object|relation|both|preds_\d+))?(/ci_(low|high))?",
+    r"aro/(overall|vg_relation|vg_attribution|coco_order|flickr_order)",
+    r"zeroshot/[A-Za-z0-9_.-]+",
+    r"loss/(clip|total|sds|unet_feature)",
+    r"time/train_seconds", r"trainable_parameters",
+)
+METRICS_ALLOWED = ("winoground/{text,image,group}[/{object,relation,both,preds_1,preds_2}], "
+                   "aro/{overall,vg_relation,vg_attribution,coco_order}, zeroshot/{mean,<set>}, "
+                   "loss/{clip,total,sds,unet_feature}")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+# --------------------------------------------------------------------------- the typed file
+
+
+@dataclass
+class BaseSpec:
+    """What every trial starts from: a profile of params.yaml plus overrides."""
+
+    profile: Literal["", "smoke", "toy", "paper"] = ""
+    params: dict = field(default_factory=dict)
+
+
+@dataclass
+class SearchSpec:
+    """How configs are chosen. num_samples: random draws (random) or Optuna trials (optuna)."""
+
+    type: Literal["grid", "random", "optuna"] = "grid"
+    num_samples: int = field(default=1, metadata=positive())
+    sampler: Literal["tpe", "random"] = "tpe"
+    seed: int = 0
+
+
+@dataclass
+class SchedulerSpec:
+    """fifo runs every trial to the end; asha stops the weaker ones at rungs of `step`s."""
+
+    type: Literal["fifo", "asha"] = "fifo"
+    metric: str = "loss/clip"
+    mode: Literal["min", "max"] = "min"
+    grace_period: int = field(default=1, metadata=positive(doc="training steps before a trial can be stopped"))
+    reduction_factor: int = field(default=2, metadata=_check(ge=2))
+
+
+@dataclass
+class ResourcesSpec:
+    """Ray resources of one trial; torch uses floor(cpu) threads (at least 1)."""
+
+    cpu: float = field(default=1.0, metadata=positive())
+    gpu: float = field(default=0.0, metadata=nonneg())
+
+
+@dataclass
+class _Options:
+    """The plain top-level keys, validated by pipeline.config's `_build`."""
+
+    name: str = ""
+    search: SearchSpec = field(default_factory=SearchSpec)
+    scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
+    seeds: list[int] = field(default_factory=list)
+    resources: ResourcesSpec = field(default_factory=ResourcesSpec)
+    max_concurrent: int = field(default=0, metadata=nonneg(doc="0: as many as the resources allow"))
+    metric: str = "winoground/text"
+    mode: Literal["min", "max"] = "max"
+    storage_path: str = ""
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """One swept parameter: a grid (`values`), a choice (`values`) or a range (`values` = (low, high))."""
+
+    key: str
+    kind: str
+    values: tuple
+
+    @property
+    def sampled(self) -> bool:
+        return self.kind in DISTRIBUTIONS
+
+    def describe(self) -> str:
+        if self.kind == "grid":
+            return "[" + ", ".join(_fmt(v) for v in self.values) + "]"
+        if self.kind == "choice":
+            return "choice(" + ", ".join(_fmt(v) for v in self.values) + ")"
+        return f"{self.kind}({_fmt(self.values[0])}, {_fmt(self.values[1])})"
+
+
+@dataclass
+class Sweep:
+    """A validated sweep file, with the params it resolves against."""
+
+    name: str
+    base: BaseSpec
+    space: dict[str, Dimension]
+    search: SearchSpec
+    scheduler: SchedulerSpec
+    seeds: list[int]
+    resources: ResourcesSpec
+    max_concurrent: int
+    metric: str
+    mode: str
+    storage_path: str
+    source: str = ""
+    params: dict = field(default_factory=dict, repr=False)      # params.yaml as read
+    overrides: dict = field(default_factory=dict, repr=False)   # nested overrides of every trial (profile included)
+    base_config: Config | None = field(default=None, repr=False)
+
+    @property
+    def profile(self) -> str:
+        return self.overrides["profile"]
+
+    @property
+    def grid(self) -> list[Dimension]:
+        return [d for d in self.space.values() if not d.sampled]
+
+    @property
+    def sampled(self) -> list[Dimension]:
+        return [d for d in self.space.values() if d.sampled]
+
+    @property
+    def repeats(self) -> list[int | None]:
+        """The seeds every config runs with ([None]: the base config's train.seed, once)."""
+        return list(self.seeds) or [None]
+
+    @property
+    def num_trials(self) -> int:
+        per_config = len(self.repeats)
+        grid = math.prod(len(d.values) for d in self.grid)
+        if self.search.type == "optuna":
+            return self.search.num_samples * per_config
+        if self.search.type == "random":
+            return self.search.num_samples * grid * per_config
+        return grid * per_config
+
+    @property
+    def max_steps(self) -> int:
+        dim = self.space.get("train.steps")
+        steps = [self.base_config.train.steps] if dim is None else list(dim.values)
+        return int(max(steps))
+
+    def config(self, values: dict[str, Any]) -> Config:
+        """The validated Config of a trial with these dotted-key values."""
+        return from_dict(resolve(self.params, deep_merge(self.overrides, unflatten(values))))
+
+    def spec_hash(self) -> str:
+        """Identifies the sweep definition and params a launch ran with (checked on --resume)."""
+        payload = {"sweep": to_dict(self), "params": self.params}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """One trial of a grid or random sweep: its index, label and dotted-key values (seed included)."""
+
+    index: int
+    values: dict
+
+    @property
+    def label(self) -> str:
+        return f"t{self.index:03d}"
+
+
+# --------------------------------------------------------------------------- YAML
+
+
+class _Loader(yaml.SafeLoader):
+    """Safe YAML that refuses duplicate keys and reads 1e-4 as a number (YAML 1.2), not a string."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                  |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                  |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                  |[-+]?\.(?:inf|Inf|INF)
+                  |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def _no_duplicates(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise ConfigError(f"line {key_node.start_mark.line + 1}: duplicate key {key!r}; each key may appear once")
+        seen.add(key)
+    return loader.construct_mapping(node, deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicates)
+
+
+def read_yaml(path: Path) -> Any:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot be read ({type(err).__name__})") from None
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} is not valid YAML") from None
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def unflatten(values: dict[str, Any]) -> dict:
+    """{"train.lr": 1, "objective": {"lambda_sds": 0}} -> nested mapping (nested values are merged)."""
+    out: dict = {}
+    for key, value in values.items():
+        *parents, leaf = str(key).split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{key}: conflicts with another entry that sets {part!r} to a value")
+        if isinstance(value, dict) and isinstance(node.get(leaf), dict):
+            node[leaf] = deep_merge(node[leaf], value)
+        else:
+            node[leaf] = copy.deepcopy(value)
+    return out
+
+
+def _field_types() -> dict[str, tuple[Any, dict]]:
+    """Sweepable dotted key -> (type, field metadata)."""
+    out = {}
+    sections = typing.get_type_hints(Config)
+    for section in SWEEPABLE_SECTIONS:
+        cls = sections[section]
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            out[f"{section}.{f.name}"] = (hints[f.name], dict(f.metadata))
+    return out
+
+
+FIELDS = _field_types()
+
+
+def _mapping(value: Any, key: str) -> dict:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: {value!r} is not allowed; expected a mapping")
+    return value
+
+
+def _section(cls: type, raw: Any, key: str, shorthand: str | None = None) -> Any:
+    if raw is None:
+        raw = {}
+    if shorthand and isinstance(raw, str):
+        raw = {shorthand: raw}
+    return _build(cls, _mapping(raw, key), key)
+
+
+def _prefix(err: ConfigError, old: str, new: str) -> ConfigError:
+    """Re-key a message from pipeline.config ("train.lr: ...") as it sits in the sweep file."""
+    message = str(err)
+    if message.startswith(old):
+        return ConfigError(new + message[len(old):])
+    return ConfigError(f"{new}: {message}")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load(path: str | Path, params: dict, profile: str | None = None) -> Sweep:
+    """Read and validate a sweep file against `params` (params.yaml as read); `profile` overrides base.profile."""
+    raw = read_yaml(Path(path))
+    return parse(raw, params, profile, source=str(path))
+
+
+def parse(raw: Any, params: dict, profile: str | None = None, source: str = "") -> Sweep:
+    if raw is None:
+        raise ConfigError("the sweep file is empty; it needs at least `name` and `space`")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"the top level must be a mapping of {', '.join(TOP_KEYS)}; got {type(raw).__name__}")
+    unknown = sorted(str(k) for k in raw if k not in TOP_KEYS)
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown key; allowed keys: {', '.join(TOP_KEYS)}")
+    options = dict(raw)
+    base_raw, space_raw = options.pop("base", None), options.pop("space", None)
+    for key in ("search", "scheduler"):
+        if isinstance(options.get(key), str):
+            options[key] = {"type": options[key]}
+    for key in ("search", "scheduler", "resources"):
+        if key in options and options[key] is None:
+            options[key] = {}
+    opts: _Options = _build(_Options, options, "")
+
+    if "name" not in raw:
+        raise ConfigError("name: missing; a sweep needs a name (it names the MLflow experiment and Ray's folder)")
+    if not _NAME.fullmatch(opts.name):
+        raise ConfigError(f"name: {opts.name!r} is not allowed; expected 1-64 letters, digits, '_', '-' or '.', "
+                          "starting with a letter or digit")
+    base = _base(base_raw, profile)
+    overrides, base_config = _base_config(base, params)
+
+    search_raw = raw.get("search") if isinstance(raw.get("search"), dict) else {}
+    sched_raw = raw.get("scheduler") if isinstance(raw.get("scheduler"), dict) else {}
+    _check_search(opts.search, search_raw)
+    _check_scheduler(opts, sched_raw)
+    _check_resources(opts.resources)
+    _check_metric(opts.metric, "metric")
+    if len(set(opts.seeds)) != len(opts.seeds):
+        dup = next(s for s in opts.seeds if opts.seeds.count(s) > 1)
+        raise ConfigError(f"seeds: {opts.seeds!r} repeats {dup}; allowed: distinct integers")
+    if "seeds" in raw and not opts.seeds:
+        raise ConfigError("seeds: [] is not allowed; expected a non-empty list of integers (or leave seeds out)")
+
+    space = _space(space_raw, opts.search.type, base_config)
+    if opts.seeds and "train.seed" in space:
+        raise ConfigError("space.train.seed: cannot be swept together with `seeds`; use one or the other")
+    sweep = Sweep(name=opts.name, base=base, space=space, search=opts.search, scheduler=opts.scheduler,
+                  seeds=list(opts.seeds), resources=opts.resources, max_concurrent=opts.max_concurrent,
+                  metric=opts.metric, mode=opts.mode, storage_path=opts.storage_path, source=source,
+                  params=params, overrides=overrides, base_config=base_config)
+    _check_combination(sweep, search_raw)
+    return sweep
+
+
+def _base(raw: Any, profile: str | None) -> BaseSpec:
+    raw = {} if raw is None else _mapping(raw, "base")
+    unknown = sorted(str(k) for k in raw if k not in ("profile", "params"))
+    if unknown:
+        raise ConfigError(f"base.{unknown[0]}: unknown key; allowed keys: params, profile")
+    value = raw.get("profile", "")
+    value = "" if value is None else value
+    if value not in ("",) + PROFILES:
+        raise ConfigError(f"base.profile: {value!r} is not allowed; expected one of {', '.join(PROFILES)}")
+    params = raw.get("params") or {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"base.params: {params!r} is not allowed; expected a mapping of params.yaml keys "
+                          "(dotted like train.steps, or nested)")
+    if "profile" in params or "profiles" in params:
+        key = "profile" if "profile" in params else "profiles"
+        raise ConfigError(f"base.params.{key}: not allowed here; set the profile with base.profile")
+    return BaseSpec(profile=profile or value, params=params)
+
+
+def _base_config(base: BaseSpec, params: dict) -> tuple[dict, Config]:
+    if not isinstance(params, dict):
+        raise ConfigError("params.yaml: the top level must be a mapping")
+    profile = base.profile or params.get("profile", "toy")
+    from_dict(resolve(params, {"profile": profile}))            # params.yaml's own errors, as the stages say them
+    try:
+        nested = unflatten(base.params)
+    except ConfigError as err:
+        raise ConfigError(f"base.params.{err}") from None
+    overrides = deep_merge(nested, {"profile": profile})
+    try:
+        config = from_dict(resolve(params, overrides))
+    except ConfigError as err:
+        raise ConfigError(f"base.params.{err}") from None
+    return overrides, config
+
+
+def _check_search(search: SearchSpec, raw: dict) -> None:
+    if search.type == "grid":
+        for key in ("num_samples", "sampler", "seed"):
+            if key in raw:
+                hint = "; use seeds to repeat configs" if key == "num_samples" else ""
+                raise ConfigError(f"search.{key}: {raw[key]!r} is not allowed with search.type 'grid' "
+                                  f"(a grid runs each cell once{hint}); allowed with: random, optuna")
+    if search.type == "random" and "sampler" in raw:
+        raise ConfigError(f"search.sampler: {raw['sampler']!r} is not allowed with search.type 'random'; "
+                          "allowed with: optuna")
+
+
+def _check_scheduler(opts: _Options, raw: dict) -> None:
+    sched = opts.scheduler
+    if sched.type == "fifo":
+        extra = sorted(k for k in raw if k != "type")
+        if extra:
+            raise ConfigError(f"scheduler.{extra[0]}: {raw[extra[0]]!r} is not allowed with scheduler.type 'fifo'; "
+                              "allowed with: asha")
+        return
+    if opts.search.type == "grid":
+        raise ConfigError("scheduler.type: 'asha' is not allowed with search.type 'grid' (early stopping leaves "
+                          "cells of the grid empty); allowed: fifo, or search.type random/optuna")
+    if sched.metric not in STEP_METRICS:
+        raise ConfigError(f"scheduler.metric: {sched.metric!r} is not allowed; ASHA compares trials during training, "
+                          f"so it needs a metric reported at every log step; allowed: {', '.join(STEP_METRICS)}")
+
+
+def _check_resources(res: ResourcesSpec) -> None:
+    for name in ("cpu", "gpu"):
+        value = getattr(res, name)
+        if value > 1 and value != int(value):
+            raise ConfigError(f"resources.{name}: {value!r} is not allowed; fractions are allowed up to 1, "
+                              "larger quantities must be whole numbers")
+
+
+def _check_metric(metric: str, key: str) -> None:
+    if not any(re.fullmatch(p, metric) for p in _METRIC_PATTERNS):
+        raise ConfigError(f"{key}: {metric!r} is not a metric the trials log; allowed: {METRICS_ALLOWED}")
+
+
+# --------------------------------------------------------------------------- the space
+
+
+def _space(raw: Any, search: str, base: Config) -> dict[str, Dimension]:
+    if raw is None:
+        raise ConfigError("space: missing; a sweep needs at least one parameter to sweep, e.g. "
+                          "space: {objective.lambda_sds: [0, 1e-3]}")
+    if not isinstance(raw, dict) or not raw:
+        raise ConfigError(f"space: {raw!r} is not allowed; expected a non-empty mapping of parameter to values")
+    space = {}
+    for key, spec in raw.items():
+        space[str(key)] = _dimension(str(key), spec, search, base)
+    return space
+
+
+def _sweepable(key: str) -> tuple[Any, dict]:
+    if key in FIELDS:
+        return FIELDS[key]
+    section = key.split(".")[0]
+    if key == "profile":
+        reason = "not sweepable; set base.profile (or --profile)"
+    elif section in ("data", "teacher", "students", "cache", "tracking"):
+        reason = f"not sweepable: {section} belongs to the stages that run before a sweep; set it in base.params"
+    else:
+        reason = "unknown parameter"
+    allowed = ", ".join(sorted(FIELDS))
+    raise ConfigError(f"space.{key}: {reason}; allowed: {allowed}")
+
+
+def _finite_domain(key: str, tp: Any, base: Config) -> list | None:
+    if key == "train.student":
+        return list(base.students)
+    if typing.get_origin(tp) is Literal:
+        return list(typing.get_args(tp))
+    if tp is bool:
+        return [False, True]
+    return None
+
+
+def _value(key: str, tp: Any, meta: dict, value: Any, where: str, base: Config) -> Any:
+    converted = _convert(value, tp, where)
+    _check_range(converted, meta, where)
+    if key == "train.student" and converted not in base.students:
+        raise ConfigError(f"{where}: {converted!r} is not a student; allowed: {', '.join(base.students)}")
+    return converted
+
+
+def _dimension(key: str, spec: Any, search: str, base: Config) -> Dimension:
+    tp, meta = _sweepable(key)
+    where = f"space.{key}"
+    forms = "a list of values, {all: true}, {choice: [...]}, {uniform: [low, high]}, " \
+            "{loguniform: [low, high]} or {randint: [low, high]}"
+    if isinstance(spec, list):
+        kind, body = "grid", spec
+    elif isinstance(spec, dict):
+        kinds = [k for k in spec if k in SPEC_KINDS]
+        unknown = [str(k) for k in spec if k not in SPEC_KINDS]
+        if unknown:
+            raise ConfigError(f"{where}.{unknown[0]}: unknown kind of values; allowed: {', '.join(SPEC_KINDS)}")
+        if len(kinds) != 1:
+            raise ConfigError(f"{where}: {spec!r} is not allowed; expected exactly one of {', '.join(SPEC_KINDS)}")
+        kind, body = kinds[0], spec[kinds[0]]
+        where = f"{where}.{kind}"
+    else:
+        raise ConfigError(f"{where}: {spec!r} is not allowed; expected {forms} "
+                          "(a single fixed value belongs in base.params)")
+
+    if kind == "all":
+        if body is not True:
+            raise ConfigError(f"{where}: {body!r} is not allowed; expected true")
+        domain = _finite_domain(key, tp, base)
+        if domain is None:
+            raise ConfigError(f"{where}: {key} has no finite set of values; {{all: true}} is allowed for "
+                              "train.student, true/false keys and keys with named choices (e.g. train.scope)")
+        kind, body = "grid", domain
+
+    if kind in ("grid", "choice"):
+        if not isinstance(body, list) or not body:
+            raise ConfigError(f"{where}: {body!r} is not allowed; expected a non-empty list of values")
+        values = [_value(key, tp, meta, v, f"{where}[{i}]", base) for i, v in enumerate(body)]
+        for i, v in enumerate(values):
+            if any(v == w and type(v) is type(w) for w in values[:i]):
+                raise ConfigError(f"{where}[{i}]: {v!r} is a duplicate; each value may appear once")
+        dim = Dimension(key, kind, tuple(values))
+    else:
+        if not (isinstance(body, list) and len(body) == 2
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in body)):
+            raise ConfigError(f"{where}: {body!r} is not allowed; expected [low, high] (two numbers)")
+        if kind in ("uniform", "loguniform") and tp is not float:
+            raise ConfigError(f"{where}: {kind} draws real numbers but {key} expects {_kind_name(tp)}; "
+                              f"allowed for {key}: " + ("randint, choice" if tp is int else "choice or a list"))
+        if kind == "randint" and tp is not int:
+            raise ConfigError(f"{where}: randint draws integers but {key} expects {_kind_name(tp)}; "
+                              f"allowed for {key}: " + ("uniform, loguniform, choice" if tp is float else "choice or a list"))
+        low, high = body
+        if kind == "randint" and not all(isinstance(v, int) for v in body):
+            raise ConfigError(f"{where}: {body!r} is not allowed; randint bounds must be integers")
+        if not low < high:
+            raise ConfigError(f"{where}: {body!r} is not allowed; expected low < high")
+        if kind == "loguniform" and low <= 0:
+            raise ConfigError(f"{where}: {body!r} is not allowed; loguniform needs low > 0")
+        values = [_value(key, tp, meta, v, f"{where}[{i}]", base) for i, v in enumerate(body)]
+        dim = Dimension(key, kind, tuple(values))
+
+    if search == "grid" and dim.sampled:
+        raise ConfigError(f"space.{key}: {kind} is not allowed with search.type 'grid'; allowed: a list of values "
+                          "or {all: true} (use search.type random or optuna to draw values)")
+    if search == "optuna" and not dim.sampled:
+        raise ConfigError(f"space.{key}: a grid list is not allowed with search.type 'optuna' (Optuna draws every "
+                          "value); allowed: choice, uniform, loguniform, randint")
+    return dim
+
+
+def _kind_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+
+
+def _check_combination(sweep: Sweep, search_raw: dict) -> None:
+    if sweep.search.type == "random" and not sweep.sampled:
+        raise ConfigError("search.type: 'random' needs at least one choice/uniform/loguniform/randint entry in "
+                          "space; allowed for lists only: grid")
+    if sweep.scheduler.type == "asha":
+        steps = sweep.max_steps
+        if sweep.scheduler.grace_period >= steps:
+            raise ConfigError(f"scheduler.grace_period: {sweep.scheduler.grace_period} is not allowed; ASHA could "
+                              f"never stop a trial of {steps} steps (train.steps); allowed: < {steps}")
+
+
+# --------------------------------------------------------------------------- trials
+
+
+def trials(sweep: Sweep) -> list[TrialSpec]:
+    """The fixed trial list of a grid or random sweep, each config validated (empty for optuna)."""
+    if sweep.search.type == "optuna":
+        return []
+    import numpy as np
+
+    rng = np.random.default_rng(sweep.search.seed)
+    draws: list[dict] = [{}]
+    if sweep.search.type == "random":
+        draws = [{d.key: sample(d, rng) for d in sweep.sampled} for _ in range(sweep.search.num_samples)]
+    grid = [[(d.key, v) for v in d.values] for d in sweep.grid]
+    out = []
+    for draw in draws:
+        for cell in itertools.product(*grid):
+            for seed in sweep.repeats:
+                values = {**draw, **dict(cell)}
+                values = {key: values[key] for key in sweep.space}
+                if seed is not None:
+                    values["train.seed"] = seed
+                spec = TrialSpec(len(out), values)
+                try:
+                    sweep.config(values)
+                except ConfigError as err:
+                    raise ConfigError(f"space: trial {spec.label} ({describe(values)}): {err}") from None
+                out.append(spec)
+    return out
+
+
+def sample(dim: Dimension, rng) -> Any:
+    """One draw of a sampled dimension (randint: both bounds inclusive)."""
+    if dim.kind == "choice":
+        return dim.values[int(rng.integers(len(dim.values)))]
+    low, high = dim.values
+    if dim.kind == "uniform":
+        return float(rng.uniform(low, high))
+    if dim.kind == "loguniform":
+        return float(math.exp(rng.uniform(math.log(low), math.log(high))))
+    if dim.kind == "randint":
+        return int(rng.integers(low, high + 1))
+    raise ValueError(dim.kind)
+
+
+def describe(values: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={_fmt(v)}" for k, v in values.items())
+
+
+def to_dict(sweep: Sweep) -> dict:
+    """The sweep's definition as plain data (what a launch logs and its resume checks)."""
+    return {
+        "name": sweep.name, "profile": sweep.profile, "base": sweep.base.params,
+        "space": {k: {d.kind: list(d.values)} for k, d in sweep.space.items()},
+        "search": dataclasses.asdict(sweep.search), "scheduler": dataclasses.asdict(sweep.scheduler),
+        "seeds": list(sweep.seeds), "resources": dataclasses.asdict(sweep.resources),
+        "max_concurrent": sweep.max_concurrent, "metric": sweep.metric, "mode": sweep.mode,
+    }

@@ -1,0 +1,142 @@
+"""Exact trainable-parameter counts per scope, computed independently by walking the real modules.
+
+Paper: LayerNorm-only tuning of both towers plus h_w (the map from the image embedding to
+the UNet's latent), ~8M parameters for ViT-B/16, mostly h_w. "full" tunes every student
+parameter; "unet_feature" sizes h_w to the UNet's mid-block features (appendix A.2).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from pipeline.cache import open_table, write_table
+from pipeline.config import ObjectiveConfig, StudentConfig, TeacherConfig, TrainConfig
+from pipeline.data.records import ImageCaption
+from pipeline.evaluate import image_key
+from pipeline.models.student import build_toy_student
+from pipeline.models.teacher import build_toy_teacher, encode_text
+from pipeline.objectives import LatentProjection
+from pipeline.train import setup, trainable_parameters
+
+torch.set_num_threads(1)
+
+SIZE = 32
+TEACHER = TeacherConfig(vae_channels=[8, 16], unet_channels=[16, 32], text_width=32, text_layers=1, text_heads=2)
+STUDENT = StudentConfig(embed_dim=32, vision_width=32, vision_layers=1, vision_heads=2, text_width=32,
+                        text_layers=1, text_heads=2)
+CAPTIONS = ["a red circle left of a blue square", "a green square above a yellow triangle"]
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return build_toy_teacher(TEACHER, SIZE)
+
+
+@pytest.fixture(scope="module")
+def tables(teacher, tmp_path_factory):
+    root = tmp_path_factory.mktemp("cache")
+    pairs = [ImageCaption(Path(f"/toy/{i}.png"), c) for i, c in enumerate(CAPTIONS)]
+    write_table(root, "train_text", CAPTIONS, lambda texts: encode_text(teacher, texts), shard_size=4,
+                batch_size=4, progress=False)
+    write_table(root, "train_images", [image_key(p.image) for p in pairs],
+                lambda keys: torch.zeros(len(keys), *teacher.latent_shape), shard_size=4, batch_size=4, progress=False)
+    return pairs, open_table(root, "train_text"), open_table(root, "train_images")
+
+
+def layernorm_count(model: nn.Module) -> int:
+    return sum(m.weight.numel() + m.bias.numel() for m in model.modules() if isinstance(m, nn.LayerNorm))
+
+
+def mid_block_numel(teacher) -> int:
+    seen = []
+    handle = teacher.unet.mid_block.register_forward_hook(lambda _m, _i, out: seen.append(out.shape))
+    try:
+        with torch.no_grad():
+            teacher.unet(torch.zeros(1, *teacher.latent_shape), torch.tensor([10]),
+                         encoder_hidden_states=encode_text(teacher, [""]))
+    finally:
+        handle.remove()
+    return math.prod(seen[0][1:])
+
+
+def h_w_count(embed_dim: int, out_numel: int) -> int:
+    return embed_dim * out_numel + out_numel
+
+
+def test_layernorm_walk_matches_the_architecture():
+    """ViT: ln_pre, ln_post and 2 per block; text: 2 per block and ln_final (weight + bias each)."""
+    model = build_toy_student(STUDENT, SIZE).model
+    by_architecture = (2 * STUDENT.vision_width * (2 + 2 * STUDENT.vision_layers)
+                       + 2 * STUDENT.text_width * (1 + 2 * STUDENT.text_layers))
+    assert layernorm_count(model) == by_architecture == 448
+
+
+def expected_count(scope: str, lambda_sds: float, student, teacher) -> tuple[int, int]:
+    """(student parameters trained, h_w parameters)."""
+    model = student.model
+    student_part = sum(p.numel() for p in model.parameters()) if scope == "full" else layernorm_count(model)
+    if scope == "unet_feature":
+        h_w = h_w_count(STUDENT.embed_dim, mid_block_numel(teacher))
+    elif lambda_sds > 0:
+        h_w = h_w_count(STUDENT.embed_dim, math.prod(teacher.latent_shape))
+    else:
+        h_w = 0
+    return student_part, h_w
+
+
+CASES = [("layernorm", 0.1), ("layernorm", 0.0), ("full", 0.1), ("full", 0.0), ("unet_feature", 0.1),
+         ("unet_feature", 0.0)]
+
+
+@pytest.mark.parametrize("scope,lambda_sds", CASES)
+def test_trainable_count_per_scope(teacher, tables, scope, lambda_sds):
+    pairs, conditioning, latents = tables
+    student = build_toy_student(STUDENT, SIZE)
+    trial = setup(TrainConfig(scope=scope, batch_size=2, steps=2), ObjectiveConfig(), student, pairs, lambda_sds,
+                  teacher, conditioning, latents if scope == "unet_feature" else None)
+    student_part, h_w = expected_count(scope, lambda_sds, student, teacher)
+    assert trial.trainable_count == student_part + h_w
+    assert (trial.projection is None) == (h_w == 0)
+
+    names = set(trial.params)
+    assert names == set(trainable_parameters(student, trial.projection, scope))
+    assert sum(p.numel() for n, p in trial.params.items() if n.startswith("h_w.")) == h_w
+    if h_w:
+        assert names >= {"h_w.linear.weight", "h_w.linear.bias"}
+    if scope == "full":
+        assert "logit_scale" in names
+    else:
+        assert "logit_scale" not in names and "visual.ln_post.weight" in names and "ln_final.bias" in names
+    # Exactly those are trainable: in the student, in the optimiser, and nothing in the UNet.
+    requires = sum(p.numel() for p in student.model.parameters() if p.requires_grad)
+    assert requires == student_part
+    optimised = sum(p.numel() for group in trial.optimizer.param_groups for p in group["params"])
+    assert optimised == student_part + h_w
+    assert not any(p.requires_grad for p in teacher.unet.parameters())
+
+
+def test_layernorm_scope_numbers_for_the_tiny_models(teacher, tables):
+    """The same count written out: 448 LayerNorm + h_w 32 x (4*16*16) + 4*16*16."""
+    pairs, conditioning, _ = tables
+    trial = setup(TrainConfig(scope="layernorm", batch_size=2, steps=2), ObjectiveConfig(),
+                  build_toy_student(STUDENT, SIZE), pairs, 0.1, teacher, conditioning)
+    assert teacher.latent_shape == (4, 16, 16)
+    assert trial.trainable_count == 448 + 32 * 1024 + 1024
+
+
+def test_trainable_parameters_direct(teacher):
+    student = build_toy_student(STUDENT, SIZE)
+    projection = LatentProjection(STUDENT.embed_dim, teacher.latent_shape)
+    ln = trainable_parameters(student, None, "layernorm")
+    assert sum(p.numel() for p in ln.values()) == layernorm_count(student.model)
+    assert all(".ln_" in f".{n}" or n.startswith("ln_") for n in ln)
+    full = trainable_parameters(student, projection, "full")
+    assert len(full) == len(list(student.model.parameters())) + 2
+    assert sum(p.numel() for p in full.values()) == (sum(p.numel() for p in student.model.parameters())
+                                                     + h_w_count(32, 1024))
+    with pytest.raises(ValueError, match="scope"):
+        trainable_parameters(student, projection, "everything")

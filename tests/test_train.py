@@ -1,0 +1,190 @@
+"""A tiny real trial: toy data on disk, tiny toy student and teacher, cache tables, setup + fit.
+
+(a) an interrupted trial resumed from its checkpoint ends bit-identical to an uninterrupted one;
+(b) save_trained writes only the scope's parameters, with the trainable count in the metadata;
+(c) a non-finite loss stops the trial with NonFiniteLoss.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from pipeline.cache import open_table, write_table
+from pipeline.config import DataConfig, ObjectiveConfig, StudentConfig, TeacherConfig, TrainConfig
+from pipeline.data.build import build_toy
+from pipeline.data.datasets import read_index, train_pairs
+from pipeline.evaluate import image_key
+from pipeline.latents import image_latents, text_conditioning
+from pipeline.models.student import build_toy_student
+from pipeline.models.teacher import build_toy_teacher
+from pipeline.train import (CHECKPOINT, TRAINED, NonFiniteLoss, fit, load_trained, save_trained, setup,
+                            trainable_parameters, trained_state)
+
+torch.set_num_threads(1)
+
+SIZE = 32
+TEACHER = TeacherConfig(vae_channels=[8, 16], unet_channels=[16, 32], text_width=32, text_layers=1, text_heads=2)
+STUDENT = StudentConfig(embed_dim=32, vision_width=32, vision_layers=1, vision_heads=2, text_width=32,
+                        text_layers=1, text_heads=2)
+LAMBDA = 0.5
+OBJECTIVE = ObjectiveConfig(lambda_sds=LAMBDA)
+
+
+def train_cfg(**kw) -> TrainConfig:
+    # warm-up 1 of 4 steps, so the learning rate changes every step and the schedule state matters.
+    return TrainConfig(**{"steps": 4, "batch_size": 8, "checkpoint_every": 2, "log_every": 1, "lr": 1e-2,
+                          "warmup_steps": 1, "seed": 3} | kw)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trial")
+    data = root / "data"
+    build_toy(DataConfig(n_train=64, n_winoground=4, n_aro=4, n_zeroshot_per_class=1, image_size=SIZE), data)
+    pairs = train_pairs(data, read_index(data))
+    teacher = build_toy_teacher(TEACHER, SIZE)
+    cache = root / "cache"
+    write_table(cache, "train_text", list(dict.fromkeys(p.caption for p in pairs)), text_conditioning(teacher),
+                shard_size=32, batch_size=32, progress=False)
+    write_table(cache, "train_images", list(dict.fromkeys(image_key(p.image) for p in pairs)),
+                image_latents(teacher, teacher.vae.config.sample_size), shard_size=32, batch_size=32, progress=False)
+    return {"root": root, "pairs": pairs, "teacher": teacher, "conditioning": open_table(cache, "train_text"),
+            "latents": open_table(cache, "train_images")}
+
+
+def new_trial(env, cfg: TrainConfig | None = None, lambda_sds: float = LAMBDA):
+    """What a (re)started process does: a freshly loaded student and setup from the config."""
+    cfg = cfg or train_cfg()
+    return setup(cfg, OBJECTIVE, build_toy_student(STUDENT, SIZE), env["pairs"], lambda_sds, env["teacher"],
+                 env["conditioning"], env["latents"] if cfg.scope == "unet_feature" else None)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def interrupt_at(step_to_stop: int):
+    def on_log(step, _values):
+        if step == step_to_stop:
+            raise Interrupt(step)
+    return on_log
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(env):
+    folder = env["root"] / "uninterrupted"
+    trial = fit(new_trial(env), folder, progress=False)
+    return trial, folder
+
+
+# --------------------------------------------------------------------------- (a) resume
+
+
+def test_resumed_trial_is_identical_to_an_uninterrupted_one(env, uninterrupted):
+    reference, _ = uninterrupted
+    assert reference.step == 4 and [h["step"] for h in reference.history] == [1, 2, 3, 4]
+
+    folder = env["root"] / "interrupted"
+    with pytest.raises(Interrupt):  # killed during step 3, after the step-2 checkpoint
+        fit(new_trial(env), folder, on_log=interrupt_at(3), progress=False)
+    saved = torch.load(folder / CHECKPOINT, weights_only=False)
+    assert saved["step"] == 2
+
+    logged = []
+    resumed = fit(new_trial(env), folder, on_log=lambda step, _v: logged.append(step), progress=False)
+    assert logged == [3, 4], "the resumed trial must run only the remaining steps"
+    assert resumed.step == 4
+    want, got = trained_state(reference), trained_state(resumed)
+    assert want.keys() == got.keys()
+    for name in want:
+        assert torch.equal(want[name], got[name]), name
+    assert resumed.history == reference.history
+    # The trial really trained (so equality is not between two untouched initialisations).
+    initial = trained_state(new_trial(env))
+    assert not torch.equal(initial["visual.ln_post.weight"], want["visual.ln_post.weight"])
+    assert not torch.equal(initial["h_w.linear.weight"], want["h_w.linear.weight"])
+
+
+def test_same_config_same_result(env, uninterrupted):
+    """Determinism of the whole trial (the premise of the resume test)."""
+    reference, _ = uninterrupted
+    again = fit(new_trial(env, train_cfg(steps=2)), env["root"] / "two-steps", progress=False)
+    # Same seed, data order, noise and first update (the schedules differ only from step 2 on).
+    for key in ("clip", "sds", "total"):
+        assert [h[key] for h in again.history] == [h[key] for h in reference.history[:2]], key
+
+
+def test_checkpoint_from_other_settings_is_not_resumed_silently(env):
+    folder = env["root"] / "changed"
+    with pytest.raises(Interrupt):
+        fit(new_trial(env, train_cfg(lr=1e-2)), folder, on_log=interrupt_at(3), progress=False)
+    try:
+        resumed = fit(new_trial(env, train_cfg(lr=1e-3)), folder, progress=False)
+    except (ValueError, RuntimeError):
+        return  # refusing the stale checkpoint with a clear error is acceptable
+    fresh = fit(new_trial(env, train_cfg(lr=1e-3)), env["root"] / "fresh-lr", progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(trained_state(fresh).values(), trained_state(resumed).values())), \
+        f"resumed with lr {resumed.optimizer.param_groups[0]['initial_lr']} instead of 1e-3"
+
+
+# --------------------------------------------------------------------------- (b) save_trained
+
+
+@pytest.mark.parametrize("scope", ["layernorm", "full"])
+def test_save_trained_writes_only_the_trained_parameters(env, scope):
+    folder = env["root"] / f"save-{scope}"
+    trial = fit(new_trial(env, train_cfg(scope=scope, steps=1)), folder, progress=False)
+    path = save_trained(trial, folder)
+    assert path == folder / TRAINED and path.is_file()
+    assert not (folder / CHECKPOINT).exists()
+    expected = trainable_parameters(trial.student, trial.projection, scope)
+    with safe_open(str(path), framework="pt") as f:
+        names, metadata = set(f.keys()), f.metadata()
+        tensors = {n: f.get_tensor(n) for n in names}
+    assert names == set(expected)
+    assert "h_w.linear.weight" in names and "h_w.linear.bias" in names
+    if scope == "layernorm":
+        assert all("ln_" in n or n.startswith("h_w.") for n in names)
+        assert "logit_scale" not in names and "token_embedding.weight" not in names
+    else:
+        assert {n for n, _ in trial.student.model.named_parameters()} <= names
+    count = sum(t.numel() for t in tensors.values())
+    assert metadata == {"scope": scope, "trainable": str(count)}
+    assert count == trial.trainable_count
+    for name, tensor in tensors.items():
+        assert torch.equal(tensor, expected[name].detach()), name
+
+    # load_trained puts them back onto a freshly built student (h_w is skipped).
+    fresh = build_toy_student(STUDENT, SIZE)
+    load_trained(fresh, path)
+    for name, p in fresh.model.named_parameters():
+        if name in names:
+            assert torch.equal(p, tensors[name]), name
+
+
+# --------------------------------------------------------------------------- (c) non-finite loss
+
+
+def test_nan_loss_raises_non_finite_loss(env):
+    folder = env["root"] / "nan"
+    trial = new_trial(env)
+    with torch.no_grad():
+        trial.projection.linear.weight.fill_(math.nan)
+    before = trained_state(trial)
+    with pytest.raises(NonFiniteLoss, match="step 0"):
+        fit(trial, folder, progress=False)
+    assert trial.step == 0 and not (folder / CHECKPOINT).exists()
+    after = trained_state(trial)
+    assert all(torch.equal(before[n], after[n]) for n in before if not n.startswith("h_w."))
+
+
+def test_infinite_clip_loss_raises_non_finite_loss(env):
+    trial = new_trial(env, train_cfg(scope="full"), lambda_sds=0.0)
+    with torch.no_grad():
+        trial.student.model.logit_scale.fill_(math.inf)
+    with pytest.raises(NonFiniteLoss):
+        fit(trial, env["root"] / "inf", progress=False)
