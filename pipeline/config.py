@@ -2,7 +2,8 @@
 
 `params.yaml` holds the toy world's values as its top-level sections and a `profiles`
 mapping of presets (`smoke`, `paper`) whose keys are deep-merged over those sections when
-`profile` names them; `profile: toy` uses the sections as they are. Every key is checked
+`profile` names them; `profile: toy` uses the sections as they are (a null in a preset removes that key of the
+sections). Every key is checked
 once, here: an unknown key, a wrong type or an out-of-range value raises `ConfigError`
 with one line naming the key, the value and what is allowed.
 """
@@ -37,9 +38,38 @@ def nonneg(doc: str = "") -> dict:
     return _check(ge=0, doc=doc)
 
 
+ARO_SETS = ("vg_relation", "vg_attribution", "coco_order", "flickr_order")
+ZEROSHOT_SETS = ("imagenet", "cifar10", "cifar100", "mnist", "stl10", "food101", "pets", "flowers102", "dtd",
+                 "fgvc_aircraft")
+
+
 @dataclass
 class DataConfig:
-    """Where the datasets come from and, for the toy world, how many of each to generate."""
+    """Where the datasets come from and, for the toy world, how many of each to generate.
+
+    `source: paper` reads the user's local copies of the paper's datasets; relative paths
+    are under the folder holding params.yaml. README "Running the paper profile" says
+    where to get each one and which layout each key expects:
+      train_set        "coco" (MS-COCO 2017 captions) or "cc3m" (appendix H)
+      coco_annotations captions_train2017.json of the COCO 2017 release
+      coco_images      the train2017/ image folder
+      caption_choice   which of an image's ~5 captions pairs with it: "first" (lowest
+                       annotation id), "random" (one per image, drawn with `seed`), "all"
+      cc3m             a TSV file (columns `filepath`, `title`; paths relative to it) or a
+                       folder of webdataset shards (*.tar of <key>.jpg + <key>.txt)
+      winoground       a local copy of the hub repo (data/examples.jsonl + data/images.zip)
+                       or the hub id facebook/winoground (gated: `huggingface-cli login`)
+      aro_root         folder of visual_genome_relation.json, visual_genome_attribution.json
+                       and images/ (the ARO authors' release)
+      coco_order_root  folder of coco_karpathy_test.json and val2014/ (COCO-Order)
+      flickr_order_root folder of flickr30k_test.json and flickr30k-images/ (Flickr30k-Order)
+      aro_sets         which of the four ARO sets to read
+      order_tagger     part-of-speech tagger of the order shuffles: "spacy:<model>" (as ARO:
+                       spaCy, e.g. spacy:en_core_web_sm) or a JSON lexicon file {word: UPOS tag}
+      zeroshot_root    torchvision root holding each zero-shot set in torchvision's own layout
+                       (ImageNet under <zeroshot_root>/imagenet)
+      zeroshot_sets    which zero-shot sets (the paper's Fig. 2 has all ten)
+    """
 
     source: Literal["toy", "paper"] = "toy"
     root: str = field(default="data", metadata=_check(doc="folder the data stage writes"))
@@ -49,6 +79,33 @@ class DataConfig:
     n_winoground: int = field(default=200, metadata=positive())
     n_aro: int = field(default=300, metadata=positive(doc="cases per ARO-style set"))
     n_zeroshot_per_class: int = field(default=20, metadata=positive())
+    # --- source: paper (see the docstring and the README section "Running the paper profile")
+    train_set: Literal["coco", "cc3m"] = "coco"
+    coco_annotations: str = ""
+    coco_images: str = ""
+    caption_choice: Literal["first", "random", "all"] = "first"
+    cc3m: str = ""
+    winoground: str = "facebook/winoground"
+    aro_root: str = ""
+    coco_order_root: str = ""
+    flickr_order_root: str = ""
+    aro_sets: list[Literal[ARO_SETS]] = field(default_factory=lambda: list(ARO_SETS))
+    order_tagger: str = "spacy:en_core_web_sm"
+    zeroshot_root: str = ""
+    zeroshot_sets: list[Literal[ZEROSHOT_SETS]] = field(default_factory=lambda: list(ZEROSHOT_SETS))
+
+    def __post_init__(self) -> None:
+        for key in ("aro_sets", "zeroshot_sets"):
+            values = getattr(self, key)
+            repeated = sorted({v for v in values if values.count(v) > 1})
+            if repeated:
+                raise ConfigError(f"data.{key}: {repeated[0]!r} is listed twice")
+        tagger = self.order_tagger
+        if not (tagger.startswith("spacy:") and len(tagger) > 6) and not tagger.endswith(".json"):
+            raise ConfigError(f"data.order_tagger: {tagger!r} is not allowed; expected 'spacy:<model>' "
+                              "(e.g. spacy:en_core_web_sm) or a .json lexicon file")
+        if not self.winoground:
+            raise ConfigError("data.winoground: empty; expected a local folder or a hub id (facebook/winoground)")
 
 
 @dataclass
@@ -75,11 +132,20 @@ class TeacherConfig:
     lr: float = field(default=1e-3, metadata=positive())
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
     seed: int = 0
+    # Pretrained teachers: the precision the models stage stores the weights in (the
+    # prediction type then comes from the repo's scheduler config, not `prediction_type`).
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
 
 
 @dataclass
 class StudentConfig:
-    """One CLIP student: an open_clip model name (+ pretrained tag) or a small toy config."""
+    """One CLIP student: an open_clip model name (+ pretrained tag) or a small toy config.
+
+    `source: pretrained`: `model` is an open_clip model name and `pretrained` an open_clip
+    pretrained tag (e.g. "openai", "laion2b_s34b_b88k"), a checkpoint file, or a folder in
+    open_clip's hub layout (open_clip_config.json + weights). OpenAI weights need the
+    QuickGELU model names (`ViT-B-16-quickgelu`); the other keys are the toy's.
+    """
 
     source: Literal["toy", "pretrained"] = "toy"
     model: str = field(default="toy-vit", metadata=_check(doc="open_clip model name"))
@@ -190,11 +256,30 @@ class Config:
             raise ConfigError(
                 f"eval.diffusion_t_min: {self.eval.diffusion_t_min} must be below eval.diffusion_t_max"
             )
+        for name, student in self.students.items():
+            _check_pretrained_student(name, student)
+        if self.teacher.source == "pretrained" and not self.teacher.pretrained:
+            raise ConfigError("teacher.pretrained: empty; expected a diffusers repo id "
+                              "(e.g. CompVis/stable-diffusion-v1-4) or a local folder")
 
     @property
     def student(self) -> StudentConfig:
         """The student the train stage fine-tunes."""
         return self.students[self.train.student]
+
+
+def _check_pretrained_student(name: str, student: StudentConfig) -> None:
+    if student.source != "pretrained":
+        return
+    key = f"students.{name}"
+    if not student.model:
+        raise ConfigError(f"{key}.model: empty; expected an open_clip model name (e.g. ViT-B-16-quickgelu)")
+    if not student.pretrained:
+        raise ConfigError(f"{key}.pretrained: empty; expected an open_clip pretrained tag (e.g. openai), "
+                          "a checkpoint file or an open_clip hub folder")
+    if student.pretrained == "openai" and not student.model.endswith("-quickgelu"):
+        raise ConfigError(f"{key}.model: {student.model!r} with pretrained 'openai' must be the QuickGELU "
+                          f"config {student.model + '-quickgelu'!r} (open_clip only warns, and the numbers drift)")
 
 
 def _type_name(tp: Any) -> str:
@@ -277,12 +362,18 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
     return cls(**kwargs)
 
 
-def deep_merge(base: dict, override: dict) -> dict:
-    """`override` over `base`, recursing into mappings; lists and scalars are replaced."""
+def deep_merge(base: dict, override: dict, drop_null: bool = False) -> dict:
+    """`override` over `base`, recursing into mappings; lists and scalars are replaced.
+
+    With `drop_null`, a null in `override` removes the key (how a preset drops an entry of
+    the base sections, e.g. the toy student under the paper profile).
+    """
     merged = copy.deepcopy(base)
     for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = deep_merge(merged[key], value)
+        if value is None and drop_null:
+            merged.pop(key, None)
+        elif isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value, drop_null)
         else:
             merged[key] = copy.deepcopy(value)
     return merged
@@ -305,13 +396,13 @@ def resolve(params: dict, overrides: dict | None = None) -> dict:
             raise ConfigError(f"profiles.{name}: {preset!r} is not allowed; expected a mapping of sections")
         # Every preset is checked, not only the selected one: a typo waits for nobody.
         try:
-            from_dict(deep_merge(base, {**preset, "profile": name}))
+            from_dict(deep_merge(base, {**preset, "profile": name}, drop_null=True))
         except ConfigError as err:
             raise ConfigError(f"profiles.{name}.{err}") from None
     profile = overrides.get("profile", params.get("profile", "toy"))
     if profile not in PROFILES:
         raise ConfigError(f"profile: {profile!r} is not allowed; expected one of {', '.join(PROFILES)}")
-    return deep_merge(deep_merge(base, presets.get(profile) or {}), overrides)
+    return deep_merge(deep_merge(base, presets.get(profile) or {}, drop_null=True), overrides)
 
 
 def from_dict(data: dict) -> Config:

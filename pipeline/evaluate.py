@@ -102,23 +102,21 @@ class ClipScorer:
         self._texts: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()
-    def _embed_images(self, keys: list[str]) -> None:
-        todo = [k for k in dict.fromkeys(keys) if k not in self._images]
-        model = self.student.model.eval()
+    def _embed(self, store: dict[str, torch.Tensor], keys: list[str], encode: Callable) -> None:
+        """Embed the keys not yet in `store`, in batches, L2-normalised, on the CPU."""
+        todo = [k for k in dict.fromkeys(keys) if k not in store]
+        self.student.model.eval()
         for i in range(0, len(todo), self.batch_size):
             chunk = todo[i : i + self.batch_size]
-            pixels = torch.stack([self.student.preprocess(load_image(*parse_image_key(k))) for k in chunk])
-            feats = F.normalize(model.encode_image(pixels.to(self.device)).float(), dim=-1).cpu()
-            self._images.update(zip(chunk, feats))
+            store.update(zip(chunk, F.normalize(encode(chunk).float(), dim=-1).cpu()))
 
-    @torch.no_grad()
+    def _embed_images(self, keys: list[str]) -> None:
+        pixels = lambda chunk: torch.stack([self.student.preprocess(load_image(*parse_image_key(k))) for k in chunk])
+        self._embed(self._images, keys, lambda chunk: self.student.model.encode_image(pixels(chunk).to(self.device)))
+
     def _embed_texts(self, texts: list[str]) -> None:
-        todo = [t for t in dict.fromkeys(texts) if t not in self._texts]
-        model = self.student.model.eval()
-        for i in range(0, len(todo), self.batch_size):
-            chunk = todo[i : i + self.batch_size]
-            feats = F.normalize(model.encode_text(self.student.tokenizer(chunk).to(self.device)).float(), dim=-1).cpu()
-            self._texts.update(zip(chunk, feats))
+        self._embed(self._texts, texts,
+                    lambda chunk: self.student.model.encode_text(self.student.tokenizer(chunk).to(self.device)))
 
     def __call__(self, images: list[str], captions: list[str]) -> np.ndarray:
         self._embed_images(images)

@@ -30,6 +30,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -240,7 +241,13 @@ def trial_dirname(trial) -> str:
 
 
 def run_trial(config: dict, context: dict) -> None:
-    """One trial: find or create its MLflow child run, fine-tune (resuming from Ray's checkpoint), evaluate."""
+    """One trial: find or create its MLflow child run, fine-tune (resuming from Ray's checkpoint), evaluate.
+
+    Timings it logs: time/trial_seconds (entry to the final report, imports included),
+    time/import_seconds (the imports: only a fresh worker pays them) and time/report_seconds
+    (blocked in tune.report: Ray's share, checkpoint uploads included).
+    """
+    entered = time.perf_counter()
     os.environ.setdefault("TQDM_DISABLE", "1")                  # progress bars of libraries a trial imports
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     for name in ("ray.train", "ray.tune"):
@@ -252,7 +259,8 @@ def run_trial(config: dict, context: dict) -> None:
     from pipeline.experiment import run_finetune
     from pipeline.tracking import Tracker
 
-    started = time.perf_counter()
+    imported = time.perf_counter()
+    waited = [0.0]
     ray_context = tune.get_context()
     trial_id = ray_context.get_trial_id()
     values, label = trial_values(config, context)
@@ -306,10 +314,13 @@ def run_trial(config: dict, context: dict) -> None:
         steps, every = cfg.train.steps, cfg.train.checkpoint_every
 
         def report(metrics: dict, checkpoint=None) -> None:
+            start = time.perf_counter()
             try:
                 tune.report(metrics, checkpoint=checkpoint)
             except SystemExit:
                 raise trainer.TrialStopped(f"stopped by Ray Tune at step {metrics.get('step')}") from None
+            finally:
+                waited[0] += time.perf_counter() - start
 
         def on_log(step: int, values_: dict) -> None:
             latest.clear()
@@ -344,12 +355,13 @@ def run_trial(config: dict, context: dict) -> None:
         handle.finish("FAILED")
         shutil.rmtree(folder, ignore_errors=True)
         raise
-    seconds = time.perf_counter() - started
-    handle.log_metrics({"time/trial_seconds": seconds})
+    timing = {"time/trial_seconds": time.perf_counter() - entered, "time/import_seconds": imported - entered,
+              "time/report_seconds": waited[0]}
+    handle.log_metrics(timing)
     handle.set_tags({"status": "finished"})
     shutil.rmtree(folder, ignore_errors=True)
     tune.report({**latest, **result["metrics"], "step": steps, "final": 1, "run_id": run_id,
-                 "time/trial_seconds": seconds})
+                 **timing})
 
 
 def failure_text(err: BaseException) -> str:
@@ -389,6 +401,7 @@ class Driver:
         commit = git_commit(CODE_ROOT)
         self.commit = commit if commit != "unknown" else git_commit(root)
         self.started_ray = False
+        self.timing: dict[str, float] = {}
 
     # ----------------------------------------------------------------- launch / resume
 
@@ -437,19 +450,40 @@ class Driver:
         return run, ray_path
 
     def init_ray(self) -> None:
+        address = self.args.address or os.environ.get("RAY_ADDRESS")
+        cluster = bool(address) and address != "local"
+        if cluster and "RAY_AUTH_MODE" not in os.environ and "ray" not in sys.modules:
+            # `ray start` turns token auth on, but a driver joining a cluster defaults to RAY_AUTH_MODE
+            # 'disabled' (read when ray is imported) and is refused: present the token when there is one
+            # (a cluster without auth accepts it too).
+            if (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+                    or (Path.home() / ".ray" / "auth_token").is_file()):
+                os.environ["RAY_AUTH_MODE"] = "token"
         import ray
 
         if ray.is_initialized():
             return
-        address = self.args.address or os.environ.get("RAY_ADDRESS")
         kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
-        if address and address != "local":
+        if cluster:
             pythonpath = os.pathsep.join(p for p in (str(CODE_ROOT), os.environ.get("PYTHONPATH", "")) if p)
             ray.init(address=address, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **kwargs)
         else:
             ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False,
                      _temp_dir=str(self.args.ray_temp_dir.resolve()) if self.args.ray_temp_dir else None, **kwargs)
         self.started_ray = True
+
+    def warm_up(self) -> None:
+        """Load what the driver needs once Ray is up while Ray starts (MLflow, Ray Tune: seconds of imports)."""
+        try:
+            self.tracker.client
+            from ray import tune  # noqa: F401
+
+            if self.sweep.search.type == "optuna":
+                from ray.tune.search.optuna import OptunaSearch  # noqa: F401
+            if self.sweep.scheduler.type == "asha":
+                from ray.tune.schedulers import ASHAScheduler  # noqa: F401
+        except Exception:                   # whatever failed fails again, visibly, where it is used
+            log.debug("warm-up failed", exc_info=True)
 
     def stop_ray(self) -> None:
         if self.started_ray:
@@ -498,11 +532,10 @@ class Driver:
             from ray.tune.search import Repeater
             from ray.tune.search.optuna import OptunaSearch
 
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
             sampler_cls = optuna.samplers.TPESampler if sweep.search.sampler == "tpe" else optuna.samplers.RandomSampler
             searcher = OptunaSearch(metric=sweep.metric, mode=sweep.mode, sampler=sampler_cls(seed=sweep.search.seed))
-            # Repeater runs every config once per seed; it also keeps intermediate results (which lack
-            # the final metric) away from Optuna and tells it the mean over seeds at the end.
-            search_alg = Repeater(searcher, repeat=len(sweep.repeats), set_index=True)
+            search_alg = repeater_class(Repeater)(searcher, repeat=len(sweep.repeats), set_index=True)
             param_space = {d.key: domain(d) for d in sweep.space.values()}
             num_samples = sweep.search.num_samples * len(sweep.repeats)
         else:
@@ -535,19 +568,28 @@ class Driver:
         os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
         t0 = time.perf_counter()
         resumed = self.launch_to_resume()
+        warm = threading.Thread(target=self.warm_up, name="sweep-warm-up", daemon=True)
+        warm.start()
         try:
             self.init_ray()
+            warm.join()
             self.check_cluster()
         except BaseException:
             self.stop_ray()
             raise
+        self.timing["ray_start_seconds"] = time.perf_counter() - t0
         parent, ray_path = self.open_parent(resumed)
         try:
             tuner = self.tuner(self.trainable(parent.run_id), ray_path)
             print(f"sweep {self.sweep.name}: {self.sweep.num_trials} trials; MLflow experiment {self.experiment!r} "
                   f"run {parent.run_id}; Ray {ray_path}", flush=True)
+            t1 = time.perf_counter()
+            self.timing["setup_seconds"] = t1 - t0 - self.timing["ray_start_seconds"]
             grid = tuner.fit()
+            t2 = time.perf_counter()
+            self.timing["tune_seconds"] = t2 - t1
             rows = self.reconcile(grid, parent.run_id)
+            self.timing["reconcile_seconds"] = time.perf_counter() - t2
         except KeyboardInterrupt:
             parent.set_tags({"status": "interrupted"})
             parent.finish("KILLED")
@@ -636,8 +678,8 @@ class Driver:
                 if run["status"] == "RUNNING":
                     self.tracker.run(run["run_id"]).set_tags({"status": "orphaned"})
                     self.tracker.run(run["run_id"]).finish("KILLED")
-        order = {t.index: i for i, t in enumerate(self.specs)}
-        rows.sort(key=lambda r: (order.get(int(r.label[1:]) if r.label[1:].isdigit() else -1, 0), r.label))
+        if self.specs:                            # a fixed trial list: its order; optuna: creation order
+            rows.sort(key=lambda r: r.label)
         return rows
 
     def finish(self, parent, rows: list[Row], wall: float) -> int:
@@ -656,10 +698,11 @@ class Driver:
         payload = {
             "sweep": sweep.name, "experiment": self.experiment, "tracking_uri": self.uri,
             "parent_run_id": parent.run_id, "metric": sweep.metric, "mode": sweep.mode,
-            "best": best.run_id if best else None, "counts": counts, "wall_seconds": wall,
+            "best": best.run_id if best else None, "counts": counts, "wall_seconds": wall, "timing": self.timing,
             "trials": [{"trial": r.label, "trial_id": r.trial_id, "run_id": r.run_id, "config": r.values,
                         "status": r.status, "failure": r.failure, "metric": r.metric,
-                        "trial_seconds": r.seconds} for r in rows],
+                        "trial_seconds": r.seconds, "import_seconds": r.metrics.get("time/import_seconds"),
+                        "report_seconds": r.metrics.get("time/report_seconds")} for r in rows],
         }
         parent.log_text(json.dumps(payload, indent=2) + "\n", "summary.json")
         if self.args.results:
@@ -675,6 +718,32 @@ class Driver:
         parent.set_tags({"status": "failed" if failed else "finished"})
         parent.finish("FAILED" if failed else "FINISHED")
         return EXIT_FAILED if failed else 0
+
+
+def repeater_class(base: type) -> type:
+    """Ray's Repeater (every config once per seed), telling Optuna only final results.
+
+    Repeater keeps intermediate results (per-step losses, without the final metric) away from
+    the searcher and reports the mean over a config's seeds when all have ended; here a config
+    none of whose seeds reached the final metric (stopped early by ASHA) is told as pruned
+    rather than as NaN.
+    """
+
+    class FinalResults(base):
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, **kwargs):
+            group = self._trial_id_to_group.get(trial_id)
+            if group is None:
+                return
+            metric = self.searcher.metric
+            value = (result or {}).get(metric)
+            ok = isinstance(value, (int, float)) and math.isfinite(value)
+            group.report(trial_id, float(value) if ok else float("nan"))
+            if group.finished_reporting():
+                scores = [v for v in group.scores() if isinstance(v, float) and math.isfinite(v)]
+                final = {metric: sum(scores) / len(scores)} if scores else None
+                self.searcher.on_trial_complete(group.primary_trial_id, result=final, **kwargs)
+
+    return FinalResults
 
 
 def domain(dim: sweep_config.Dimension):

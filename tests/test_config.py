@@ -1,9 +1,7 @@
 """params.yaml -> Config: profiles, deep merge, and one-line ConfigErrors naming key, value and what is allowed."""
 from __future__ import annotations
 
-import copy
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest

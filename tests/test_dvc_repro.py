@@ -1,4 +1,5 @@
 """`dvc repro` of the smoke profile in a temporary clone of the working tree (real DVC, MLflow)."""
+import json
 import os
 import shutil
 import subprocess
@@ -7,6 +8,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from pipeline.config import load
+from pipeline.tracking import Tracker
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -54,6 +58,8 @@ def test_repro_writes_table_then_is_up_to_date_then_reruns_only_lambda_dependent
     for suffix in ("tex", "csv"):
         assert (dest / "reports" / f"table1.{suffix}").is_file()
 
+    _check_mlflow(dest)
+
     assert _ran(_run(dvc + ["repro"], dest, env)) == set()
 
     params = yaml.safe_load((dest / "params.yaml").read_text())
@@ -62,3 +68,24 @@ def test_repro_writes_table_then_is_up_to_date_then_reruns_only_lambda_dependent
     (dest / "params.yaml").write_text(text)
     assert _ran(_run(dvc + ["repro"], dest, env)) == {"train_sds", "report"}
     assert "0.05 L_SDS" in (dest / "reports" / "table1.md").read_text()
+
+
+def _check_mlflow(dest: Path) -> None:
+    """The runs the report read: params as dotted names, per-step losses, slash-named metrics."""
+    cfg = load(dest / "params.yaml")
+    tracker = Tracker(cfg.tracking, dest)
+    assert tracker.uri == f"sqlite:///{dest / 'mlruns' / 'mlflow.db'}"
+    sds = json.loads((dest / "results" / "train-sds.json").read_text())
+    (run,) = tracker.runs([sds["run_id"]])
+    assert run["status"] == "FINISHED"
+    assert float(run["params"]["train.lambda_sds"]) == cfg.objective.lambda_sds
+    assert run["params"]["train.scope"] == "layernorm"
+    for key in ("winoground/text", "winoground/text/object", "winoground/image", "aro/vg_relation",
+                "aro/coco_order", "zeroshot/shape", "trainable_parameters"):
+        assert key in run["metrics"], key
+    assert run["metrics"]["trainable_parameters"] == sds["trainable_parameters"]
+    steps = [step for step, _ in tracker.metric_history(sds["run_id"], "loss/sds")]
+    assert steps == list(range(1, cfg.train.steps + 1))
+    baselines = json.loads((dest / "results" / "baselines.json").read_text())
+    (diffusion,) = tracker.runs([baselines["diffusion_score"]["run_id"]])
+    assert "winoground/text" in diffusion["metrics"] and "zeroshot/shape" not in diffusion["metrics"]

@@ -2,7 +2,7 @@
 
 Toy: generated from the seed into the published formats (COCO captions, Winoground's
 release files, ARO's JSON files, ImageFolder zero-shot sets). Paper: the index points at
-the user's local copies, read by the same readers.
+the user's local copies, read by the same readers (see `pipeline.data.paper`).
 """
 from __future__ import annotations
 
@@ -84,8 +84,15 @@ def build_toy(cfg: DataConfig, out: Path) -> None:
         })
 
 
-def build_data(cfg: DataConfig, out: Path) -> None:
+def build_data(cfg: DataConfig, out: Path, base: Path | None = None) -> None:
+    """Toy: generate; paper: check, index and materialise the user's copies (`pipeline.data.paper`).
+
+    `base` is the folder relative dataset paths are under (the params file's folder; by
+    default `out`'s parent).
+    """
     if cfg.source == "toy":
         build_toy(cfg, out)
     else:
-        raise NotImplementedError("data.source 'paper' is not available yet: see the README's 'Running the paper profile'")
+        from pipeline.data.paper import build_paper
+
+        build_paper(cfg, Path(out), Path(out).parent if base is None else Path(base))

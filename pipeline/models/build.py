@@ -1,8 +1,10 @@
 """The models stage: put the teacher and every student into `models/`.
 
 Toy: train the teacher (VAE, then UNet + text encoder) and contrastively pre-train each
-student from random init with the trial loop itself (scope "full", lambda 0). Later
-stages load only from `models/`, through the loaders real weights use.
+student from random init with the trial loop itself (scope "full", lambda 0). Paper
+(`source: pretrained`): resolve the diffusers repo / open_clip tag or local copy and save
+it (`pipeline.models.paper`). Later stages load only from `models/`, through the loaders
+real weights use.
 """
 from __future__ import annotations
 
@@ -31,8 +33,10 @@ def student_dir(models: Path, name: str) -> Path:
 
 def build_teacher(cfg: Config, data_root: Path, models: Path) -> dict:
     tcfg = cfg.teacher
-    if tcfg.source != "toy":
-        raise NotImplementedError("teacher.source 'pretrained' is not available yet: see the README's 'Running the paper profile'")
+    if tcfg.source == "pretrained":
+        from pipeline.models.paper import import_teacher
+
+        return import_teacher(tcfg, teacher_dir(models), base=Path(models).parent)
     pairs = train_pairs(data_root, read_index(data_root))
     pixels = torch.stack([TF.to_tensor(load_image(p.image)) for p in pairs]) * 2 - 1
     teacher = build_toy_teacher(tcfg, cfg.data.image_size)
@@ -44,10 +48,13 @@ def build_teacher(cfg: Config, data_root: Path, models: Path) -> dict:
     return {"unet_final_loss": sum(tail) / len(tail), "scaling_factor": teacher.scaling_factor}
 
 
-def build_student(cfg: Config, name: str, data_root: Path, models: Path) -> dict:
+def build_student(cfg: Config, name: str, data_root: Path, models: Path,
+                  latent_shape: tuple[int, ...] | None = None) -> dict:
     scfg = cfg.students[name]
-    if scfg.source != "toy":
-        raise NotImplementedError("student.source 'pretrained' is not available yet: see the README's 'Running the paper profile'")
+    if scfg.source == "pretrained":
+        from pipeline.models.paper import import_student
+
+        return import_student(name, scfg, student_dir(models, name), Path(models).parent, latent_shape)
     student = build_toy_student(scfg, cfg.data.image_size)
     pairs = train_pairs(data_root, read_index(data_root))
     pretrain = TrainConfig(student=name, scope="full", lr=scfg.lr, weight_decay=0.1, warmup_steps=min(50, scfg.pretrain_steps // 10),
@@ -66,6 +73,7 @@ def build_student(cfg: Config, name: str, data_root: Path, models: Path) -> dict
 
 def build_models(cfg: Config, data_root: Path, models: Path) -> None:
     summary = {"teacher": build_teacher(cfg, data_root, models)}
+    latent_shape = summary["teacher"].get("latent_shape")  # pretrained teachers report it
     for name in cfg.students:
-        summary[name] = build_student(cfg, name, data_root, models)
+        summary[name] = build_student(cfg, name, data_root, models, latent_shape)
     write_json(Path(models) / "summary.json", summary)

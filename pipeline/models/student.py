@@ -53,12 +53,17 @@ def build_toy_student(cfg: StudentConfig, image_size: int) -> Student:
     return Student(model, tokenizer, preprocess, model_cfg)
 
 
-def save_student(student: Student, folder: Path) -> None:
-    """Write the open_clip hub layout atomically (the folder appears only when complete)."""
+def save_student(student: Student, folder: Path, preprocess_cfg: dict | None = None) -> None:
+    """Write the open_clip hub layout atomically (the folder appears only when complete).
+
+    `preprocess_cfg` (open_clip's keys: size, mean, std, interpolation, resize_mode, ...)
+    defaults to OpenAI's mean and std; pretrained students pass their weights' own.
+    """
     with atomic_dir(folder) as tmp:
         state = {k: v.contiguous() for k, v in student.model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_NAME))
-        preprocess_cfg = {"mean": list(open_clip.OPENAI_DATASET_MEAN), "std": list(open_clip.OPENAI_DATASET_STD)}
+        if preprocess_cfg is None:
+            preprocess_cfg = {"mean": list(open_clip.OPENAI_DATASET_MEAN), "std": list(open_clip.OPENAI_DATASET_STD)}
         write_json(tmp / CONFIG_NAME, {"model_cfg": student.model_cfg, "preprocess_cfg": preprocess_cfg})
 
 

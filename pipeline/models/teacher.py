@@ -44,6 +44,12 @@ class Teacher:
     def modules(self) -> list[nn.Module]:
         return [self.unet, self.vae, self.text_encoder]
 
+    def to(self, device: torch.device | str) -> "Teacher":
+        """Move the networks (not the scheduler's tables, which follow their inputs) to `device`."""
+        for module in self.modules():
+            module.to(device)
+        return self
+
 
 def clip_bpe_tokenizer(max_length: int) -> CLIPTokenizer:
     """CLIP's BPE tokenizer built from the vocabulary file open_clip ships (no download).
@@ -147,5 +153,10 @@ def encode_text_trainable(teacher: Teacher, captions: list[str]) -> torch.Tensor
 
 @torch.no_grad()
 def encode_images(teacher: Teacher, pixels: torch.Tensor) -> torch.Tensor:
-    """Scaled latent means of images in [-1, 1] (what SD's training and scoring use)."""
-    return teacher.vae.encode(pixels).latent_dist.mean * teacher.scaling_factor
+    """Scaled latent means of images in [-1, 1] (what SD's training and scoring use).
+
+    The pixels are moved to the VAE's device and dtype (a GPU or float16 teacher takes CPU
+    float32 batches); the latents come back in float32 on that device.
+    """
+    pixels = pixels.to(device=teacher.vae.device, dtype=teacher.vae.dtype)
+    return teacher.vae.encode(pixels).latent_dist.mean.float() * teacher.scaling_factor

@@ -1,0 +1,346 @@
+"""The paper profile's data: check the user's local copies first, then index or materialise them.
+
+`check_paper_data` looks only at paths (no torch, torchvision, open_clip or diffusers
+import), so `profile: paper` with nothing downloaded stops in well under a second with
+one line: the first missing thing (config key, path, what it should hold), how many more
+are missing, and "see README: Running the paper profile".
+
+`build_paper` then writes `data/index.json` the later stages read through
+`pipeline.data.datasets`, by the same readers the toy world goes through:
+- COCO 2017 captions: the index points at the user's files (nothing copied).
+- CC-3M: converted to the COCO captions layout (`pipeline.data.cc3m`).
+- Winoground: a local copy in the hub repo's layout is linked into data/winoground
+  (so the images.zip extraction cache lands in data/, not in the user's folder); a hub
+  id is fetched with huggingface_hub (data/examples.jsonl + data/images.zip only).
+- ARO: the index points at the user's JSON files and image folders; the order sets get a
+  part-of-speech lexicon built here (`order_lexicon`).
+- Zero-shot: each torchvision set is materialised as an ImageFolder tree + zeroshot.json
+  (`pipeline.data.torchvision_sets`).
+Every dataset is read back before the index is published, so a malformed record stops
+the data stage, not a training run hours later.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import re
+import sys
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from pipeline.config import ConfigError, DataConfig, load
+from pipeline.data.errors import DataFormatError, load_json, require_list, require_record, str_list_field
+
+README_HINT = "see README: Running the paper profile"
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+WINOGROUND_FILES = ("data/examples.jsonl", "data/images.zip")
+
+# The files each ARO set is read from (the authors' release, and BLIP's Karpathy splits).
+ARO_FILES = {
+    "vg_relation": ("aro_root", "visual_genome_relation.json", "images"),
+    "vg_attribution": ("aro_root", "visual_genome_attribution.json", "images"),
+    "coco_order": ("coco_order_root", "coco_karpathy_test.json", "val2014"),
+    "flickr_order": ("flickr_order_root", "flickr30k_test.json", "flickr30k-images"),
+}
+ARO_WHAT = {
+    "vg_relation": "ARO VG-Relation",
+    "vg_attribution": "ARO VG-Attribution",
+    "coco_order": "COCO-Order (COCO 2014 val images + BLIP's Karpathy test split)",
+    "flickr_order": "Flickr30k-Order (Flickr30k images + BLIP's Karpathy test split)",
+}
+
+# What torchvision reads for each zero-shot set's test split, relative to data.zeroshot_root.
+# Alternatives are separated by "|" (ImageNet: the parsed folder or the archives).
+ZEROSHOT_FILES = {
+    "imagenet": ("imagenet/meta.bin|imagenet/ILSVRC2012_devkit_t12.tar.gz",
+                 "imagenet/val|imagenet/ILSVRC2012_img_val.tar"),
+    "cifar10": ("cifar-10-batches-py/test_batch", "cifar-10-batches-py/batches.meta"),
+    "cifar100": ("cifar-100-python/test", "cifar-100-python/meta"),
+    "mnist": ("MNIST/raw/t10k-images-idx3-ubyte", "MNIST/raw/t10k-labels-idx1-ubyte"),
+    "stl10": ("stl10_binary/test_X.bin", "stl10_binary/test_y.bin"),
+    "food101": ("food-101/meta/test.json", "food-101/images"),
+    "pets": ("oxford-iiit-pet/annotations/test.txt", "oxford-iiit-pet/images"),
+    "flowers102": ("flowers-102/setid.mat", "flowers-102/imagelabels.mat", "flowers-102/jpg"),
+    "dtd": ("dtd/dtd/labels/test1.txt", "dtd/dtd/images"),
+    "fgvc_aircraft": ("fgvc-aircraft-2013b/data/images_variant_test.txt", "fgvc-aircraft-2013b/data/images"),
+}
+
+
+class PaperDataMissing(FileNotFoundError):
+    """Something the paper profile needs is absent; the message is one line ending in the README hint."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    key: str      # the config key to fix, e.g. "data.coco_images"
+    message: str  # "<path> not found (what it should be)"
+
+    def line(self) -> str:
+        return f"{self.key}: {self.message}"
+
+
+def resolve_path(value: str, base: Path) -> Path:
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else Path(base) / path
+
+
+def is_hub_id(value: str, base: Path) -> bool:
+    """owner/name that is not a local path (write ./owner/name for a relative local folder)."""
+    return bool(HUB_ID.match(value)) and not value.startswith(".") and not resolve_path(value, base).exists()
+
+
+def problems(cfg: DataConfig, base: Path) -> list[Problem]:
+    """Every missing input of the paper profile, in the order the data stage needs them (paths only)."""
+    found: list[Problem] = []
+
+    def need(key: str, value: str, relative: str, what: str, kind: str = "any") -> None:
+        if not value:
+            found.append(Problem(key, f"not set ({what})"))
+            return
+        root = resolve_path(value, base)
+        options = [root / r if r else root for r in relative.split("|")]
+        checks = {"file": Path.is_file, "dir": Path.is_dir, "any": Path.exists}
+        if not any(checks[kind](p) for p in options):
+            names = " or ".join(str(p) for p in options)
+            found.append(Problem(key, f"{names} not found ({what})"))
+
+    if cfg.train_set == "coco":
+        need("data.coco_annotations", cfg.coco_annotations, "", "COCO 2017 annotations/captions_train2017.json", "file")
+        need("data.coco_images", cfg.coco_images, "", "COCO 2017 train2017/ image folder", "dir")
+    else:
+        need("data.cc3m", cfg.cc3m, "", "CC-3M: a TSV with filepath and title columns, or a folder of webdataset shards")
+
+    if is_hub_id(cfg.winoground, base):
+        if importlib.util.find_spec("huggingface_hub") is None:
+            found.append(Problem("data.winoground", f"{cfg.winoground!r} is a hub id and the huggingface_hub package "
+                                 "is not installed (pip install huggingface_hub, or give a local copy)"))
+    else:
+        need("data.winoground", cfg.winoground, "data/examples.jsonl", "Winoground: the hub repo's data/examples.jsonl", "file")
+        need("data.winoground", cfg.winoground, "data/images.zip|data/images", "Winoground: data/images.zip")
+
+    for name in cfg.aro_sets:
+        key, annotations, images = ARO_FILES[name]
+        value = getattr(cfg, key)
+        need(f"data.{key}", value, annotations, f"{ARO_WHAT[name]}: {annotations}", "file")
+        need(f"data.{key}", value, images, f"{ARO_WHAT[name]}: the {images}/ image folder", "dir")
+    if {"coco_order", "flickr_order"} & set(cfg.aro_sets):
+        tagger = cfg.order_tagger
+        if tagger.startswith("spacy:"):
+            model = tagger.split(":", 1)[1]
+            if importlib.util.find_spec("spacy") is None:
+                found.append(Problem("data.order_tagger", f"{tagger!r} needs the spacy package (pip install spacy; "
+                                     f"python -m spacy download {model}), or give a JSON lexicon file"))
+            elif importlib.util.find_spec(model) is None:
+                found.append(Problem("data.order_tagger", f"spaCy model {model!r} is not installed "
+                                     f"(python -m spacy download {model})"))
+        else:
+            need("data.order_tagger", tagger, "", "part-of-speech lexicon JSON {word: UPOS tag}", "file")
+
+    if cfg.zeroshot_sets:
+        if not cfg.zeroshot_root or not resolve_path(cfg.zeroshot_root, base).is_dir():
+            need("data.zeroshot_root", cfg.zeroshot_root, "", "torchvision dataset root", "dir")
+        else:
+            for name in cfg.zeroshot_sets:
+                for relative in ZEROSHOT_FILES[name]:
+                    need("data.zeroshot_root", cfg.zeroshot_root, relative, f"{name} test split in torchvision's layout")
+    return found
+
+
+def check_paper_data(cfg: DataConfig, base: Path) -> None:
+    """Raise PaperDataMissing (one line) unless every input of the paper profile is present."""
+    found = problems(cfg, base)
+    if found:
+        more = f" [+{len(found) - 1} more missing]" if len(found) > 1 else ""
+        raise PaperDataMissing(f"{found[0].line()}{more}; {README_HINT}")
+
+
+def preflight(argv: list[str] | None = None) -> int | None:
+    """The data stage's fast path: 2 (after one line on stderr) when the paper data is missing.
+
+    None means "go on": the toy profile, every paper input present, or an argument or
+    config error, which the full command line (`pipeline.cli.run`) then reports as usual.
+    """
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--params", default="params.yaml", type=Path)
+    parser.add_argument("--profile")
+    try:
+        args, _ = parser.parse_known_args(argv)
+        cfg = load(args.params, {"profile": args.profile} if args.profile else None)
+    except (SystemExit, ConfigError):
+        return None
+    if cfg.data.source != "paper":
+        return None
+    try:
+        check_paper_data(cfg.data, args.params.resolve().parent)
+    except PaperDataMissing as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return None
+
+
+# ---------------------------------------------------------------- building the index
+
+
+def build_paper(cfg: DataConfig, out: Path, base: Path) -> dict:
+    """Check, index and materialise the paper's datasets into `out` (replaced atomically); returns the index."""
+    from pipeline.data.datasets import INDEX_NAME, benchmarks, train_pairs
+    from pipeline.io import atomic_dir, write_json
+
+    check_paper_data(cfg, base)
+    with atomic_dir(out) as root:
+        index = {
+            "source": "paper",
+            "train": _train(cfg, base, root),
+            "winoground": {"root": _winoground(cfg, base, root)},
+            "aro": _aro(cfg, base),
+            "zeroshot": _zeroshot(cfg, base, root),
+        }
+        pairs = train_pairs(root, index)
+        bench = benchmarks(root, index)
+        index["counts"] = {
+            "train_pairs": len(pairs),
+            "winoground": len(bench.winoground),
+            **{f"aro/{name}": len(cases) for name, cases in bench.aro.items()},
+            **{f"zeroshot/{shot.name}": len(shot.images) for shot in bench.zeroshot},
+        }
+        write_json(root / INDEX_NAME, index)
+    return index
+
+
+def _train(cfg: DataConfig, base: Path, root: Path) -> dict:
+    if cfg.train_set == "coco":
+        return {"annotations": str(resolve_path(cfg.coco_annotations, base).resolve()),
+                "images": str(resolve_path(cfg.coco_images, base).resolve()),
+                "caption_choice": cfg.caption_choice, "seed": cfg.seed}
+    from pipeline.data import cc3m
+
+    annotations, images = cc3m.index_cc3m(resolve_path(cfg.cc3m, base).resolve(), root / "cc3m")
+    return {"annotations": str(annotations.relative_to(root)),
+            "images": str(images.relative_to(root)) if images.is_relative_to(root) else str(images),
+            "caption_choice": cfg.caption_choice, "seed": cfg.seed}
+
+
+def _winoground(cfg: DataConfig, base: Path, root: Path) -> str:
+    """data/winoground in the hub repo's layout: links to a local copy, or the files fetched from the hub."""
+    target = root / "winoground"
+    if is_hub_id(cfg.winoground, base):
+        fetch_winoground(cfg.winoground, target)
+        return "winoground"
+    source = resolve_path(cfg.winoground, base).resolve()
+    (target / "data").mkdir(parents=True)
+    for name in ("data/examples.jsonl", "data/images.zip", "data/images"):
+        if (source / name).exists():
+            os.symlink(source / name, target / name)
+    return "winoground"
+
+
+def fetch_winoground(repo_id: str, target: Path) -> None:
+    """The release files of a hub dataset repo (gated: needs `huggingface-cli login` or HF_TOKEN)."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise PaperDataMissing(f"data.winoground: {repo_id!r} is a hub id and the huggingface_hub package is not "
+                               f"installed; {README_HINT}") from None
+    try:
+        snapshot_download(repo_id=repo_id, repo_type="dataset", allow_patterns=list(WINOGROUND_FILES),
+                          local_dir=str(target))
+    except Exception as err:  # offline, gated without a token, unknown repo: all one line for the user
+        raise PaperDataMissing(f"data.winoground: cannot fetch {repo_id!r} from the Hugging Face hub "
+                               f"({type(err).__name__}: {_first_line(err)}); {README_HINT}") from None
+    missing = [name for name in WINOGROUND_FILES if not (target / name).is_file()]
+    if missing:
+        raise PaperDataMissing(f"data.winoground: the hub repo {repo_id!r} has no {missing[0]}; {README_HINT}")
+
+
+def _aro(cfg: DataConfig, base: Path) -> dict:
+    sets = {}
+    for name in cfg.aro_sets:
+        key, annotations, images = ARO_FILES[name]
+        root = resolve_path(getattr(cfg, key), base).resolve()
+        if name.startswith("vg_"):
+            sets[name] = {"annotations": str(root / annotations), "images": str(root / images)}
+        else:
+            path = root / annotations
+            sets[name] = {"annotations": str(path), "images": str(root),
+                          "lexicon": order_lexicon([path], cfg.order_tagger, base), "seed": cfg.seed}
+    return sets
+
+
+def _zeroshot(cfg: DataConfig, base: Path, root: Path) -> list[dict]:
+    if not cfg.zeroshot_sets:
+        return []
+    from pipeline.data import torchvision_sets
+
+    source = resolve_path(cfg.zeroshot_root, base).resolve()
+    specs = []
+    for name in cfg.zeroshot_sets:
+        torchvision_sets.materialise(name, source, root / "zeroshot" / name)
+        specs.append({"root": f"zeroshot/{name}"})
+    return specs
+
+
+# ---------------------------------------------------------------- part-of-speech lexicon of the order sets
+
+BatchTagger = Callable[[list[list[str]]], list[list[str]]]
+"""Tags for a batch of token lists, each token tagged in the context of its caption."""
+
+# ARO shuffles tokens whose Penn tag is NN, NNS, NNP, NNPS (nouns) or JJ, JJR, JJS (adjectives).
+PENN_TO_UPOS = {"NN": "NOUN", "NNS": "NOUN", "NNP": "PROPN", "NNPS": "PROPN", "JJ": "ADJ", "JJR": "ADJ", "JJS": "ADJ"}
+
+
+def order_lexicon(annotation_files: list[Path], tagger: str, base: Path,
+                  batch_tagger: BatchTagger | None = None) -> dict[str, str]:
+    """{lower-cased token: tag} for every token of the captions of the order sets.
+
+    `tagger` "spacy:<model>" tags each caption in context (as ARO does) and keeps each
+    word's most frequent tag; a .json lexicon file is used as it is. The index stores a
+    lexicon because `pipeline.data.aro.read_order_set` takes one; a word tagged differently
+    in different captions gets its majority tag (rare on COCO/Flickr captions, but not ARO's
+    exact per-caption tags).
+    """
+    if not tagger.startswith("spacy:") and batch_tagger is None:
+        path = resolve_path(tagger, base)
+        document = require_record(load_json(path, "part-of-speech lexicon"), path, "")
+        for word, tag in document.items():
+            if not isinstance(tag, str):
+                raise DataFormatError(path, "", word, f"must map to a tag string, got {tag!r}")
+        return {word.lower(): tag for word, tag in document.items()}
+    from pipeline.data.aro import tokenize
+
+    captions = []
+    for path in annotation_files:
+        records = require_list(load_json(path, "Karpathy split file"), path, "", None)
+        for index, record in enumerate(records):
+            captions += str_list_field(require_record(record, path, f"record {index}"), "caption", path,
+                                       f"record {index}")
+    tokens = [tokenize(caption) for caption in dict.fromkeys(captions)]
+    tag_batch = batch_tagger or spacy_tagger(tagger.split(":", 1)[1])
+    votes: dict[str, Counter] = defaultdict(Counter)
+    for start in range(0, len(tokens), 1024):
+        batch = tokens[start:start + 1024]
+        for words, tags in zip(batch, tag_batch(batch)):
+            for word, tag in zip(words, tags):
+                votes[word.lower()][tag] += 1
+    return {word: counts.most_common(1)[0][0] for word, counts in sorted(votes.items())}
+
+
+def spacy_tagger(model: str) -> BatchTagger:
+    """spaCy's tagger on pre-tokenised captions; Penn noun/adjective tags mapped to UPOS, others kept as Penn."""
+    import spacy
+    from spacy.tokens import Doc
+
+    nlp = spacy.load(model, exclude=["parser", "ner", "lemmatizer", "senter"])
+
+    def tag(batch: list[list[str]]) -> list[list[str]]:
+        docs = nlp.pipe(Doc(nlp.vocab, words=words) for words in batch)
+        return [[PENN_TO_UPOS.get(token.tag_, token.tag_ or "X") for token in doc] for doc in docs]
+
+    return tag
+
+
+def _first_line(err: BaseException) -> str:
+    text = " ".join(str(err).split("\n")[0].split())
+    return text[:200] + ("..." if len(text) > 200 else "")

@@ -1,0 +1,90 @@
+"""The scorers against their definitions: raw cosine similarity, and eq. 1-2's diffusion score."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.cache import open_table, write_table
+from pipeline.config import DataConfig, EvalConfig, StudentConfig, TeacherConfig
+from pipeline.data.build import build_toy
+from pipeline.data.datasets import benchmarks, read_index
+from pipeline.data.records import load_image
+from pipeline.evaluate import ClipScorer, DiffusionScorer, evaluate_student, image_key, winoground_pairs
+from pipeline.latents import image_latents, text_conditioning
+from pipeline.models.student import build_toy_student
+from pipeline.models.teacher import build_toy_teacher
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    build_toy(DataConfig(n_train=8, n_winoground=4, n_aro=4, n_zeroshot_per_class=2), root / "data")
+    bench = benchmarks(root / "data", read_index(root / "data"))
+    student = build_toy_student(StudentConfig(embed_dim=16, vision_width=32, vision_layers=1, vision_heads=2,
+                                              text_width=32, text_layers=1, text_heads=2), 32)
+    teacher = build_toy_teacher(TeacherConfig(vae_channels=[8, 16], unet_channels=[16, 32], text_width=32,
+                                              text_layers=1, text_heads=2), 32)
+    images, texts = winoground_pairs(bench.winoground)
+    write_table(root / "cache", "images", list(dict.fromkeys(images)), image_latents(teacher, 32), 16, 8, progress=False)
+    write_table(root / "cache", "text", list(dict.fromkeys(["", *texts])), text_conditioning(teacher), 16, 8,
+                progress=False)
+    return bench, student, teacher, root
+
+
+def test_clip_scores_are_raw_cosine_similarities(world):
+    bench, student, _, _ = world
+    task = bench.winoground[0]
+    scores = ClipScorer(student, batch_size=3)([image_key(task.image_1)], [task.caption_0])
+    with torch.no_grad():
+        img = student.model.encode_image(student.preprocess(load_image(task.image_1))[None])
+        txt = student.model.encode_text(student.tokenizer([task.caption_0]))
+    assert scores[0] == pytest.approx(F.cosine_similarity(img, txt).item(), abs=1e-5)
+
+
+def test_zeroshot_uses_the_mean_template_embedding(world):
+    bench, student, _, _ = world
+    shot = bench.zeroshot[0]
+    accuracy = ClipScorer(student, batch_size=4).zeroshot(shot)
+    with torch.no_grad():
+        rows = [F.normalize(student.model.encode_text(student.tokenizer([t.format(c) for t in shot.templates])), dim=-1)
+                .mean(0) for c in shot.classnames]
+        classifier = F.normalize(torch.stack(rows), dim=-1)
+        feats = F.normalize(student.model.encode_image(torch.stack([student.preprocess(load_image(p))
+                                                                   for p in shot.images])), dim=-1)
+    expected = float(((feats @ classifier.T).argmax(1).numpy() == np.asarray(shot.labels)).mean())
+    assert accuracy == pytest.approx(expected)
+
+
+def test_diffusion_score_is_minus_the_mean_error_over_a_shared_bank(world):
+    bench, _, teacher, root = world
+    cfg = EvalConfig(diffusion_samples=3, diffusion_t_min=100, diffusion_t_max=900, batch_size=4)
+    latents, text = open_table(root / "cache", "images"), open_table(root / "cache", "text")
+    scorer = DiffusionScorer(teacher, latents, text, cfg)
+    assert scorer.timesteps.tolist() == [100, 500, 900]
+    task = bench.winoground[0]
+    keys, captions = [image_key(task.image_0)] * 2, [task.caption_0, task.caption_1]
+    scores = scorer(keys, captions)
+    for score, caption in zip(scores, captions):
+        errors = []
+        for t, eps in zip(scorer.timesteps, scorer.noise):
+            x0 = latents.get([keys[0]])
+            noisy = teacher.scheduler.add_noise(x0, eps[None], t[None])
+            with torch.no_grad():
+                pred = teacher.unet(noisy, t[None], encoder_hidden_states=text.get([caption])).sample
+            errors.append(F.mse_loss(pred, eps[None]).item())
+        assert score == pytest.approx(-np.mean(errors), rel=1e-4)
+    unconditional = DiffusionScorer(teacher, latents, text, EvalConfig(**{**cfg.__dict__, "subtract_unconditional": True}))
+    assert unconditional(keys, captions) == pytest.approx(scores - scorer([keys[0]], [""])[0], rel=1e-4)
+
+
+def test_evaluate_student_names_every_metric(world):
+    bench, student, _, _ = world
+    metrics = evaluate_student(student, bench, EvalConfig(bootstrap=20))
+    for key in ("winoground/text", "winoground/image", "winoground/group", "winoground/text/ci_low",
+                "aro/vg_relation", "aro/vg_attribution", "aro/overall", "aro/coco_order",
+                "zeroshot/shape", "zeroshot/colour", "zeroshot/mean"):
+        assert key in metrics, key
+    assert metrics["aro/overall"] == pytest.approx((metrics["aro/vg_relation"] + metrics["aro/vg_attribution"]) / 2)
+    assert metrics["winoground/text/ci_low"] <= metrics["winoground/text"] <= metrics["winoground/text/ci_high"]

@@ -1,0 +1,566 @@
+"""The paper profile's data: fast failure, and every loader on a fixture in its published format.
+
+The fixtures are written by hand in each release's own layout (COCO 2017 captions,
+Winoground's hub repo, the ARO authors' JSON files and BLIP's Karpathy splits, CC-3M as
+TSV and webdataset, torchvision's on-disk layout of each zero-shot set), never with this
+project's writers. Where torchvision checks an md5 of the real release (CIFAR, STL-10,
+Flowers102), the tests replace only that checksum with an existence check.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import subprocess
+import tarfile
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from pipeline.config import ZEROSHOT_SETS, DataConfig, load
+from pipeline.data import cc3m, paper, torchvision_sets
+from pipeline.data.build import build_data
+from pipeline.data.datasets import benchmarks, read_index, train_pairs
+from pipeline.data.errors import DataFormatError, MissingDataError
+from pipeline.data.records import load_image
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = REPO / ".venv" / "bin" / "python"
+COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30), (30, 200, 200)]
+
+
+def image_bytes(colour=(255, 0, 0), size=(8, 6), fmt="JPEG") -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def put(path: Path, data: bytes | str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    (path.write_bytes if isinstance(data, bytes) else path.write_text)(data)
+    return path
+
+
+def dump(path: Path, value) -> Path:
+    return put(path, json.dumps(value))
+
+
+# ---------------------------------------------------------------- fixtures in the published layouts
+
+
+def coco_2017(root: Path) -> tuple[Path, Path]:
+    """annotations/captions_train2017.json + train2017/ as the COCO 2017 release has them."""
+    images = root / "train2017"
+    for i, image_id in enumerate((9, 25, 30)):
+        put(images / f"{image_id:012d}.jpg", image_bytes(COLOURS[i]))
+    annotations = dump(root / "annotations" / "captions_train2017.json", {
+        "info": {"description": "COCO 2017 Dataset", "year": 2017, "version": "1.0"},
+        "licenses": [{"url": "http://creativecommons.org/licenses/by-nc-sa/2.0/", "id": 1, "name": "x"}],
+        "images": [{"license": 1, "file_name": f"{i:012d}.jpg", "coco_url": "", "height": 6, "width": 8,
+                    "date_captured": "2013-11-14 17:02:52", "flickr_url": "", "id": i} for i in (9, 25, 30)],
+        "annotations": [
+            {"image_id": 25, "id": 12, "caption": "A giraffe eating food from the top of the tree.\n"},
+            {"image_id": 9, "id": 667, "caption": "A bowl of broccoli and carrots. "},
+            {"image_id": 9, "id": 661, "caption": "Closeup of bins of food that include broccoli and bread."},
+            {"image_id": 30, "id": 40, "caption": "A flower vase is sitting on a porch stand."},
+        ],
+    })
+    return annotations, images
+
+
+WINOGROUND_ROWS = [
+    {"id": 0, "image_0": "ex_0_img_0", "image_1": "ex_0_img_1", "caption_0": "an old person kisses a young person",
+     "caption_1": "a young person kisses an old person", "tag": "Adjective-Age", "secondary_tag": "",
+     "num_main_preds": 1, "collapsed_tag": "Relation"},
+    {"id": 1, "image_0": "ex_1_img_0", "image_1": "ex_1_img_1", "caption_0": "the taller person hugs the shorter person",
+     "caption_1": "the shorter person hugs the taller person", "tag": "Adjective-Size", "secondary_tag": "Symbolic",
+     "num_main_preds": 2, "collapsed_tag": "Object"},
+]
+
+
+def winoground_repo(root: Path, rows=WINOGROUND_ROWS) -> Path:
+    """The hub repo facebook/winoground: data/examples.jsonl + data/images.zip (images/<name>.png)."""
+    put(root / "data" / "examples.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for k, row in enumerate(rows):
+            for side in (0, 1):
+                archive.writestr(f"images/{row[f'image_{side}']}.png", image_bytes(COLOURS[(k + side) % 5], fmt="PNG"))
+    put(root / "data" / "images.zip", buffer.getvalue())
+    return root
+
+
+def aro_release(root: Path) -> dict[str, Path]:
+    """The ARO authors' VG files + BLIP's Karpathy test splits with their image folders."""
+    aro = root / "aro"
+    for name in ("2315375.jpg", "2335950.jpg", "2367060.jpg"):
+        put(aro / "images" / name, image_bytes(COLOURS[len(name) % 5], size=(40, 30)))
+    box = {"bbox_x": 2, "bbox_y": 3, "bbox_w": 20, "bbox_h": 15}
+    dump(aro / "visual_genome_relation.json", [
+        {"image_id": "2315375", "relation_name": "wearing", **box, "true_caption": "the man is wearing the shirt",
+         "false_caption": "the shirt is wearing the man", "image_path": "2315375.jpg"},
+        {"image_id": "2335950", "relation_name": "on", **box, "true_caption": "the cup is on the table",
+         "false_caption": "the table is on the cup", "image_path": "2335950.jpg"},
+    ])
+    dump(aro / "visual_genome_attribution.json", [
+        {"image_id": "2367060", "attributes": ["white", "black"], **box,
+         "true_caption": "the white plate and the black table", "false_caption": "the black plate and the white table",
+         "image_path": "2367060.jpg"},
+    ])
+    coco = root / "coco2014"
+    put(coco / "val2014" / "COCO_val2014_000000391895.jpg", image_bytes(COLOURS[0]))
+    dump(coco / "coco_karpathy_test.json", [
+        {"image": "val2014/COCO_val2014_000000391895.jpg", "image_id": "391895",
+         "caption": ["A man with a red helmet on a small moped on a dirt road. ", "Man riding a motor bike on a dirt road."]},
+    ])
+    flickr = root / "flickr30k"
+    put(flickr / "flickr30k-images" / "1007129816.jpg", image_bytes(COLOURS[1]))
+    dump(flickr / "flickr30k_test.json", [
+        {"image": "flickr30k-images/1007129816.jpg",
+         "caption": ["The man with pierced ears is wearing glasses and an orange hat."]},
+    ])
+    lexicon = dump(root / "lexicon.json", {"man": "NOUN", "helmet": "NOUN", "moped": "NOUN", "road": "NOUN",
+                                           "red": "ADJ", "small": "ADJ", "dirt": "NOUN", "bike": "NOUN",
+                                           "ears": "NOUN", "glasses": "NOUN", "hat": "NOUN", "orange": "ADJ",
+                                           "pierced": "ADJ", "motor": "NOUN"})
+    return {"aro": aro, "coco": coco, "flickr": flickr, "lexicon": lexicon}
+
+
+def _pickle(path: Path, value) -> None:
+    put(path, pickle.dumps(value))
+
+
+def _idx(path: Path, array: np.ndarray) -> None:
+    """MNIST's idx format: magic (0, 0, dtype 0x08 = ubyte, ndim), big-endian sizes, data."""
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    put(path, header + array.astype(np.uint8).tobytes())
+
+
+def torchvision_root(root: Path) -> Path:
+    """Every zero-shot set's test split in torchvision's layout (a few tiny images each)."""
+    rng = np.random.default_rng(0)
+    jpg = lambda k: image_bytes(COLOURS[k % 5], size=(6, 6))  # noqa: E731
+    # ImageNet, parsed as torchvision leaves it: meta.bin + val/<wnid>/*.JPEG (1000 classes, one image each).
+    wnids = [f"n{k:08d}" for k in range(1000)]
+    import torch
+    (root / "imagenet").mkdir(parents=True)
+    torch.save(({w: (f"class {k}", f"synonym {k}") for k, w in enumerate(wnids)}, wnids), root / "imagenet" / "meta.bin")
+    for k, wnid in enumerate(wnids):
+        put(root / "imagenet" / "val" / wnid / f"ILSVRC2012_val_{k + 1:08d}.JPEG", jpg(k))
+    # CIFAR-10 / CIFAR-100: python pickles of uint8 rows (3 x 32 x 32, channel-major).
+    batch = lambda n, key, labels: {"batch_label": "x", key: labels, "data": rng.integers(0, 255, (n, 3072), dtype=np.uint8),  # noqa: E731
+                                    "filenames": [f"{i}.png" for i in range(n)]}
+    c10 = root / "cifar-10-batches-py"
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        _pickle(c10 / name, batch(3, "labels", [0, 1, 1]))
+    _pickle(c10 / "batches.meta", {"label_names": ["airplane", "automobile"], "num_cases_per_batch": 3})
+    c100 = root / "cifar-100-python"
+    for name in ("train", "test"):
+        _pickle(c100 / name, {**batch(2, "fine_labels", [1, 0]), "coarse_labels": [0, 0]})
+    _pickle(c100 / "meta", {"fine_label_names": ["apple", "aquarium_fish"], "coarse_label_names": ["fruit"]})
+    # MNIST raw idx files (10 digits, one test image each).
+    raw = root / "MNIST" / "raw"
+    for prefix, n in (("train", 10), ("t10k", 10)):
+        _idx(raw / f"{prefix}-images-idx3-ubyte", rng.integers(0, 255, (n, 28, 28)))
+        _idx(raw / f"{prefix}-labels-idx1-ubyte", np.arange(n) % 10)
+    # STL-10 binaries: uint8 (N, 3, 96, 96) column-major images, 1-based uint8 labels.
+    stl = root / "stl10_binary"
+    for name, n in (("train_X.bin", 2), ("test_X.bin", 2), ("unlabeled_X.bin", 1)):
+        put(stl / name, rng.integers(0, 255, (n, 3, 96, 96), dtype=np.uint8).tobytes())
+    put(stl / "train_y.bin", bytes([1, 2]))
+    put(stl / "test_y.bin", bytes([2, 1]))
+    put(stl / "class_names.txt", "airplane\nbird\n")
+    put(stl / "fold_indices.txt", "0 1\n")
+    # Food-101: meta/test.json {class: ["class/id", ...]}, images/class/id.jpg.
+    food = root / "food-101"
+    dump(food / "meta" / "test.json", {"apple_pie": ["apple_pie/1011328"], "baby_back_ribs": ["baby_back_ribs/1005293"]})
+    dump(food / "meta" / "train.json", {"apple_pie": [], "baby_back_ribs": []})
+    put(food / "images" / "apple_pie" / "1011328.jpg", jpg(0))
+    put(food / "images" / "baby_back_ribs" / "1005293.jpg", jpg(1))
+    # Oxford-IIIT Pet: annotations/test.txt "<image> <class id> <species> <breed id>", images/<image>.jpg.
+    pets = root / "oxford-iiit-pet"
+    put(pets / "annotations" / "test.txt", "Abyssinian_201 1 1 1\namerican_bulldog_100 2 2 1\n")
+    put(pets / "annotations" / "trainval.txt", "Abyssinian_100 1 1 1\n")
+    put(pets / "images" / "Abyssinian_201.jpg", jpg(0))
+    put(pets / "images" / "american_bulldog_100.jpg", jpg(1))
+    # Flowers102: jpg/image_%05d.jpg, imagelabels.mat (1-based label per image), setid.mat (trnid/valid/tstid).
+    from scipy.io import savemat
+    flowers = root / "flowers-102"
+    for k in range(1, 104):
+        put(flowers / "jpg" / f"image_{k:05d}.jpg", jpg(k))
+    savemat(flowers / "imagelabels.mat", {"labels": np.array([list(range(1, 103)) + [5]])})
+    savemat(flowers / "setid.mat", {"trnid": np.array([[103]]), "valid": np.array([[103]]),
+                                    "tstid": np.array([list(range(1, 103))])})
+    # DTD: dtd/dtd/labels/test1.txt "<class>/<image>", dtd/dtd/images/<class>/<image>.
+    dtd = root / "dtd" / "dtd"
+    put(dtd / "labels" / "test1.txt", "banded/banded_0002.jpg\nzigzagged/zigzagged_0003.jpg\n")
+    put(dtd / "images" / "banded" / "banded_0002.jpg", jpg(0))
+    put(dtd / "images" / "zigzagged" / "zigzagged_0003.jpg", jpg(1))
+    # FGVC Aircraft: data/variants.txt, data/images_variant_test.txt "<id> <variant>", data/images/<id>.jpg.
+    air = root / "fgvc-aircraft-2013b" / "data"
+    put(air / "variants.txt", "707-320\nA300B4\n")
+    put(air / "images_variant_test.txt", "1514522 A300B4\n0056978 707-320\n")
+    put(air / "images" / "1514522.jpg", jpg(0))
+    put(air / "images" / "0056978.jpg", jpg(1))
+    return root
+
+
+@pytest.fixture
+def md5_as_existence(monkeypatch):
+    """torchvision checks the real releases' md5s for these three; the fixtures only need to exist."""
+    import torchvision.datasets.cifar
+    import torchvision.datasets.flowers102
+    import torchvision.datasets.stl10
+
+    exists = lambda path, md5=None: os.path.isfile(path)  # noqa: E731
+    for module in (torchvision.datasets.cifar, torchvision.datasets.stl10, torchvision.datasets.flowers102):
+        monkeypatch.setattr(module, "check_integrity", exists)
+
+
+def paper_data_config(tmp_path: Path, **changes) -> DataConfig:
+    """The paper profile's data section with every root pointing at the fixtures (relative to tmp_path)."""
+    coco_2017(tmp_path / "coco")
+    winoground_repo(tmp_path / "winoground")
+    aro_release(tmp_path)
+    torchvision_root(tmp_path / "torchvision")
+    values = dict(source="paper", coco_annotations="coco/annotations/captions_train2017.json",
+                  coco_images="coco/train2017", winoground="./winoground", aro_root="aro",
+                  coco_order_root="coco2014", flickr_order_root="flickr30k", order_tagger="lexicon.json",
+                  zeroshot_root="torchvision")
+    values.update(changes)
+    return DataConfig(**values)
+
+
+# ---------------------------------------------------------------- fast, one-line failure
+
+
+def paper_params(folder: Path, data: dict | None = None) -> Path:
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["profile"] = "paper"
+    params["profiles"]["paper"]["data"].update(data or {})
+    path = folder / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+def test_paper_profile_without_data_stops_in_under_a_second_with_one_line(tmp_path):
+    params = paper_params(tmp_path)
+    start = time.perf_counter()
+    proc = subprocess.run([str(PYTHON), "-m", "stages.data", "--params", str(params)], cwd=REPO,
+                          capture_output=True, text=True)
+    elapsed = time.perf_counter() - start
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1 and proc.stdout == ""
+    assert lines[0].startswith("error: data.coco_annotations: ")
+    assert "captions_train2017.json" in lines[0] and "more missing" in lines[0]
+    assert lines[0].endswith("see README: Running the paper profile")
+    assert elapsed < 1.0, f"took {elapsed:.2f} s"
+    assert not (tmp_path / "data").exists()
+
+
+def test_the_readme_section_the_message_points_at_exists():
+    readme = (REPO / "README.md").read_text()
+    assert "\n## Running the paper profile\n" in readme
+    section = readme.split("\n## Running the paper profile\n", 1)[1].split("\n## ", 1)[0]
+    for needle in ("captions_train2017.json", "facebook/winoground", "visual_genome_relation.json",
+                   "coco_karpathy_test.json", "flickr30k_test.json", "CompVis/stable-diffusion-v1-4",
+                   "stabilityai/stable-diffusion-2-1", "ViT-B-16-quickgelu", "laion2b_s34b_b88k", "coca_ViT-B-32",
+                   "en_core_web_sm", *ZEROSHOT_SETS):
+        assert needle in section, needle
+
+
+def test_problems_name_every_missing_input(tmp_path):
+    cfg = DataConfig(source="paper", coco_annotations="", coco_images="nowhere", winoground="./wino",
+                     aro_root="aro", coco_order_root="", flickr_order_root="f", order_tagger="missing.json",
+                     zeroshot_root="tv")
+    keys = [p.key for p in paper.problems(cfg, tmp_path)]
+    for key in ("data.coco_annotations", "data.coco_images", "data.winoground", "data.aro_root",
+                "data.coco_order_root", "data.flickr_order_root", "data.order_tagger", "data.zeroshot_root"):
+        assert key in keys
+    with pytest.raises(paper.PaperDataMissing) as err:
+        paper.check_paper_data(cfg, tmp_path)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("data.coco_annotations: not set")
+    assert message.endswith("; see README: Running the paper profile")
+
+
+def test_missing_zero_shot_set_and_cc3m_are_named(tmp_path):
+    (tmp_path / "tv" / "cifar-10-batches-py").mkdir(parents=True)
+    cfg = DataConfig(source="paper", train_set="cc3m", cc3m="cc3m.tsv", aro_sets=[], zeroshot_root="tv",
+                     zeroshot_sets=["cifar10"], winoground="./w")
+    lines = [p.line() for p in paper.problems(cfg, tmp_path)]
+    assert lines[0].startswith("data.cc3m: ") and "cc3m.tsv not found" in lines[0]
+    assert any("cifar-10-batches-py/test_batch" in line and "cifar10" in line for line in lines)
+
+
+def test_spacy_tagger_missing_is_named(tmp_path, monkeypatch):
+    real = paper.importlib.util.find_spec
+    monkeypatch.setattr(paper.importlib.util, "find_spec", lambda name: None if name == "spacy" else real(name))
+    cfg = DataConfig(source="paper", aro_sets=["coco_order"], order_tagger="spacy:en_core_web_sm")
+    [problem] = [p for p in paper.problems(cfg, tmp_path) if p.key == "data.order_tagger"]
+    assert "pip install spacy" in problem.message and "en_core_web_sm" in problem.message
+
+
+def test_hub_id_or_local_folder(tmp_path):
+    assert paper.is_hub_id("facebook/winoground", tmp_path)
+    assert not paper.is_hub_id("./facebook/winoground", tmp_path)
+    (tmp_path / "facebook" / "winoground").mkdir(parents=True)
+    assert not paper.is_hub_id("facebook/winoground", tmp_path)
+    assert not paper.is_hub_id("/abs/path", tmp_path) and not paper.is_hub_id("a/b/c", tmp_path)
+
+
+# ---------------------------------------------------------------- the whole data stage on fixtures
+
+
+@pytest.mark.slow
+def test_data_stage_indexes_every_paper_dataset(tmp_path, md5_as_existence):
+    cfg = paper_data_config(tmp_path, caption_choice="all")
+    build_data(cfg, tmp_path / "data", base=tmp_path)
+    root = tmp_path / "data"
+    index = read_index(root)
+    assert index["source"] == "paper"
+    pairs = train_pairs(root, index)
+    assert [p.caption for p in pairs] == [
+        "Closeup of bins of food that include broccoli and bread.", "A bowl of broccoli and carrots.",
+        "A giraffe eating food from the top of the tree.", "A flower vase is sitting on a porch stand."]
+    assert pairs[0].image == (tmp_path / "coco" / "train2017" / "000000000009.jpg").resolve()
+
+    bench = benchmarks(root, index)
+    assert [t.caption_1 for t in bench.winoground] == [r["caption_1"] for r in WINOGROUND_ROWS]
+    assert bench.winoground[1].collapsed_tag == "Object" and bench.winoground[1].num_main_preds == 2
+    assert load_image(bench.winoground[0].image_1).size == (8, 6)
+    assert str(bench.winoground[0].image_0).startswith(str(root))  # the zip is extracted under data/, not the user's copy
+    assert not (tmp_path / "winoground" / "data" / ".images.zip.cache").exists()
+
+    relation = bench.aro["vg_relation"]
+    assert [c.options for c in relation][0] == ("the shirt is wearing the man", "the man is wearing the shirt")
+    assert relation[0].answer == 1 and relation[0].group == "wearing" and relation[0].bbox == (2, 3, 20, 15)
+    assert load_image(relation[0].image, relation[0].bbox).size == (20, 15)
+    assert bench.aro["vg_attribution"][0].group == "white_black"
+    coco_order = bench.aro["coco_order"]
+    assert len(coco_order) == 2 and coco_order[0].answer == 0 and len(coco_order[0].options) == 5
+    assert coco_order[0].options[0] == "a man with a red helmet on a small moped on a dirt road"
+    assert sorted(coco_order[0].options[1].split()) == sorted(coco_order[0].options[0].split())
+    assert len(bench.aro["flickr_order"]) == 1
+
+    shots = {shot.name: shot for shot in bench.zeroshot}
+    assert list(shots) == list(ZEROSHOT_SETS)
+    assert index["counts"]["zeroshot/imagenet"] == 1000 and shots["imagenet"].classnames[0] == "tench"
+    assert len(shots["imagenet"].templates) == 80 and shots["imagenet"].templates[0] == "a bad photo of a {}."
+    assert shots["cifar10"].classnames == ("airplane", "automobile") and shots["cifar10"].labels == (0, 1, 1)
+    assert len(shots["cifar10"].templates) == 18
+    assert shots["cifar100"].labels == (0, 1)  # ImageFolder order: label 0's image first
+    assert shots["mnist"].classnames == tuple("0123456789") and shots["mnist"].templates == ('a photo of the number: "{}".',)
+    assert shots["stl10"].classnames == ("airplane", "bird") and shots["stl10"].labels == (0, 1)
+    assert shots["food101"].classnames == ("apple pie", "baby back ribs")
+    assert shots["pets"].classnames == ("Abyssinian", "American Bulldog")
+    assert shots["flowers102"].classnames[:2] == ("pink primrose", "hard-leaved pocket orchid")
+    assert len(shots["flowers102"].images) == 102
+    assert shots["dtd"].classnames == ("banded", "zigzagged")
+    assert shots["fgvc_aircraft"].classnames == ("707-320", "A300B4") and shots["fgvc_aircraft"].labels == (0, 1)
+    for shot in shots.values():
+        assert load_image(shot.images[0]).mode == "RGB"
+    assert index["counts"] == {"train_pairs": 4, "winoground": 2, "aro/vg_relation": 2, "aro/vg_attribution": 1,
+                               "aro/coco_order": 2, "aro/flickr_order": 1,
+                               **{f"zeroshot/{k}": len(v.images) for k, v in shots.items()}}
+
+
+def test_data_stage_command_reports_a_malformed_record_in_one_line(tmp_path):
+    coco_2017(tmp_path / "coco")
+    winoground_repo(tmp_path / "winoground", rows=[{**WINOGROUND_ROWS[0], "collapsed_tag": "Adjective"}])
+    params = paper_params(tmp_path, {"coco_annotations": "coco/annotations/captions_train2017.json",
+                                     "coco_images": "coco/train2017", "winoground": "./winoground",
+                                     "aro_sets": [], "zeroshot_sets": []})
+    proc = subprocess.run([str(PYTHON), "-m", "stages.data", "--params", str(params)], cwd=REPO,
+                          capture_output=True, text=True)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "examples.jsonl: line 1: field 'collapsed_tag' must be" in lines[0] and "'Adjective'" in lines[0]
+    assert not (tmp_path / "data").exists()
+
+
+def test_malformed_coco_and_aro_records_name_file_record_and_field(tmp_path):
+    cfg = paper_data_config(tmp_path, aro_sets=["vg_relation"], zeroshot_sets=[])
+    annotations = tmp_path / "coco" / "annotations" / "captions_train2017.json"
+    document = json.loads(annotations.read_text())
+    document["annotations"][1]["image_id"] = 77
+    annotations.write_text(json.dumps(document))
+    with pytest.raises(DataFormatError, match=r"captions_train2017.json: annotations\[1\]: field 'image_id' names no image"):
+        build_data(cfg, tmp_path / "data", base=tmp_path)
+    coco_2017(tmp_path / "coco")
+    relation = tmp_path / "aro" / "visual_genome_relation.json"
+    records = json.loads(relation.read_text())
+    del records[1]["false_caption"]
+    relation.write_text(json.dumps(records))
+    with pytest.raises(DataFormatError, match=r"visual_genome_relation.json: record 1: field 'false_caption' is missing"):
+        build_data(cfg, tmp_path / "data", base=tmp_path)
+    assert not (tmp_path / "data").exists()
+
+
+# ---------------------------------------------------------------- Winoground from the hub
+
+
+def test_winoground_hub_id_fetches_the_release_files(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    calls = []
+
+    def fake_snapshot_download(repo_id, repo_type, allow_patterns, local_dir):
+        calls.append((repo_id, repo_type, tuple(allow_patterns)))
+        winoground_repo(Path(local_dir))
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    coco_2017(tmp_path / "coco")
+    cfg = DataConfig(source="paper", coco_annotations="coco/annotations/captions_train2017.json",
+                     coco_images="coco/train2017", winoground="facebook/winoground", aro_sets=[], zeroshot_sets=[])
+    build_data(cfg, tmp_path / "data", base=tmp_path)
+    assert calls == [("facebook/winoground", "dataset", paper.WINOGROUND_FILES)]
+    bench = benchmarks(tmp_path / "data", read_index(tmp_path / "data"))
+    assert len(bench.winoground) == 2 and bench.aro == {} and bench.zeroshot == []
+
+
+def test_winoground_hub_failure_is_one_line(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    def offline(**_):
+        raise OSError("We couldn't connect to 'https://huggingface.co'.\nCheck your connection.")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(paper.PaperDataMissing) as err:
+        paper.fetch_winoground("facebook/winoground", tmp_path / "w")
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("data.winoground: cannot fetch 'facebook/winoground'")
+    assert "OSError: We couldn't connect" in message and message.endswith("see README: Running the paper profile")
+
+
+# ---------------------------------------------------------------- ARO order sets: the part-of-speech lexicon
+
+
+def test_order_lexicon_takes_each_words_majority_tag_in_context(tmp_path):
+    karpathy = dump(tmp_path / "k.json", [{"image": "a.jpg", "caption": ["An orange cat.", "The orange is sweet.",
+                                                                          "An orange hat."]}])
+
+    def contextual(batch):  # "orange" is an adjective before a noun, a noun after "the"
+        return [["ADJ" if w == "orange" and i + 1 < len(ws) and ws[i + 1] in ("cat", "hat") else
+                 "NOUN" if w in ("orange", "cat", "hat") else "X" for i, w in enumerate(ws)] for ws in batch]
+
+    lexicon = paper.order_lexicon([karpathy], "spacy:unused", tmp_path, batch_tagger=contextual)
+    assert lexicon["orange"] == "ADJ" and lexicon["cat"] == "NOUN" and lexicon["."] == "X"
+
+
+def test_order_lexicon_file_must_map_words_to_tags(tmp_path):
+    dump(tmp_path / "lex.json", {"man": "NOUN", "red": ["ADJ"]})
+    with pytest.raises(DataFormatError, match=r"lex.json: field 'red' must map to a tag string"):
+        paper.order_lexicon([], "lex.json", tmp_path)
+
+
+# ---------------------------------------------------------------- CC-3M
+
+
+def test_cc3m_tsv_becomes_coco_layout(tmp_path):
+    put(tmp_path / "cc3m" / "images" / "0.jpg", image_bytes())
+    put(tmp_path / "cc3m" / "images" / "1.jpg", image_bytes(COLOURS[1]))
+    put(tmp_path / "cc3m" / "train.tsv", "filepath\ttitle\turl\nimages/0.jpg\ta dog on a beach \thttp://x/0\n"
+                                         "images/1.jpg\tactor attends the premiere\thttp://x/1\n")
+    cfg = DataConfig(source="paper", train_set="cc3m", cc3m="cc3m/train.tsv", winoground="./w", aro_sets=[],
+                     zeroshot_sets=[])
+    winoground_repo(tmp_path / "w")
+    build_data(cfg, tmp_path / "data", base=tmp_path)
+    pairs = train_pairs(tmp_path / "data", read_index(tmp_path / "data"))
+    assert [(p.image.name, p.caption) for p in pairs] == [("0.jpg", "a dog on a beach"),
+                                                         ("1.jpg", "actor attends the premiere")]
+
+
+@pytest.mark.parametrize("text, match", [
+    ("path\ttitle\nimages/0.jpg\tx\n", r"line 1: field 'filepath' is missing from the header"),
+    ("filepath\ttitle\nimages/0.jpg\t\n", r"line 2: field 'title' is empty"),
+    ("filepath\ttitle\nimages/0.jpg\ta\tb\n", r"line 2: has 3 fields, the header 2"),
+    ("filepath\ttitle\nimages/9.jpg\ta cat\n", r"line 2: field 'filepath' names an image that does not exist"),
+])
+def test_cc3m_tsv_malformed_rows(tmp_path, text, match):
+    put(tmp_path / "images" / "0.jpg", image_bytes())
+    tsv = put(tmp_path / "train.tsv", text)
+    with pytest.raises(DataFormatError, match=match):
+        cc3m.read_tsv(tsv)
+
+
+def _shard(path: Path, members: dict[str, bytes]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as archive:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_cc3m_webdataset_shards_are_extracted(tmp_path):
+    _shard(tmp_path / "wds" / "00000.tar", {"000000000.jpg": image_bytes(), "000000000.txt": b"a red car",
+                                            "000000000.json": b"{}", "000000001.jpg": image_bytes(COLOURS[2]),
+                                            "000000001.txt": "caf\u00e9 at night ".encode()})
+    _shard(tmp_path / "wds" / "00001.tar", {"000010000.png": image_bytes(fmt="PNG"), "000010000.txt": b"a tree"})
+    annotations, images = cc3m.index_cc3m(tmp_path / "wds", tmp_path / "out")
+    from pipeline.data.coco import read_coco_captions
+    pairs = read_coco_captions(annotations, images)
+    assert [(p.image.relative_to(images).as_posix(), p.caption) for p in pairs] == [
+        ("00000/000000000.jpg", "a red car"), ("00000/000000001.jpg", "caf\u00e9 at night"),
+        ("00001/000010000.png", "a tree")]
+    assert load_image(pairs[2].image).size == (8, 6)
+
+
+@pytest.mark.parametrize("members, match", [
+    ({"1.jpg": b"x"}, r"sample '1': field 'txt' is missing"),
+    ({"1.txt": b"a caption"}, r"sample '1': has a caption but no image"),
+    ({"1.jpg": b"x", "1.txt": b"  "}, r"sample '1': field 'txt' is empty"),
+    ({"../1.jpg": b"x"}, r"points outside the shard"),
+])
+def test_cc3m_webdataset_malformed_samples(tmp_path, members, match):
+    _shard(tmp_path / "wds" / "00000.tar", members)
+    with pytest.raises(DataFormatError, match=match):
+        cc3m.index_cc3m(tmp_path / "wds", tmp_path / "out")
+
+
+def test_cc3m_folder_without_shards_is_missing_data(tmp_path):
+    (tmp_path / "wds").mkdir()
+    with pytest.raises(MissingDataError, match=r"\*\.tar: missing CC-3M webdataset shards"):
+        cc3m.index_cc3m(tmp_path / "wds", tmp_path / "out")
+
+
+# ---------------------------------------------------------------- zero-shot sets through torchvision
+
+
+def test_corrupted_zero_shot_set_is_one_line(tmp_path):
+    root = tmp_path / "tv"
+    put(root / "cifar-10-batches-py" / "test_batch", b"not the real file")
+    with pytest.raises(DataFormatError) as err:
+        torchvision_sets.materialise("cifar10", root, tmp_path / "out")
+    message = str(err.value)
+    assert "\n" not in message and "torchvision cannot read the cifar10 test split" in message
+    assert "Dataset not found or corrupted" in message and message.endswith("see README: Running the paper profile")
+
+
+def test_zero_shot_class_without_test_image_is_an_error(tmp_path):
+    dtd = tmp_path / "tv" / "dtd" / "dtd"
+    put(dtd / "labels" / "test1.txt", "banded/banded_0002.jpg\n")
+    put(dtd / "images" / "banded" / "banded_0002.jpg", image_bytes())
+    torchvision_sets.materialise("dtd", tmp_path / "tv", tmp_path / "out")  # one class, one image: fine
+
+    air = tmp_path / "tv" / "fgvc-aircraft-2013b" / "data"
+    put(air / "variants.txt", "707-320\nA300B4\n")
+    put(air / "images_variant_test.txt", "1514522 A300B4\n")
+    put(air / "images" / "1514522.jpg", image_bytes())
+    with pytest.raises(DataFormatError, match=r"fgvc_aircraft: class '707-320' has no test image"):
+        torchvision_sets.materialise("fgvc_aircraft", tmp_path / "tv", tmp_path / "out2")
+
+
+def test_paper_profile_in_params_yaml_is_valid():
+    cfg = load(REPO / "params.yaml", {"profile": "paper"})
+    assert cfg.data.source == "paper" and cfg.data.zeroshot_sets == list(ZEROSHOT_SETS)
+    assert cfg.data.caption_choice == "first" and cfg.data.winoground == "facebook/winoground"

@@ -1,0 +1,308 @@
+"""Every student and teacher of the paper at full size with random weights (no download).
+
+On the meta device: parameter counts, h_w's shape (the image embedding's width -> the
+teacher's latent, 4 x 64 x 64 for SD v1-4 at 512 px), the LayerNorm scope's trainable
+count, the preprocessing open_clip sets for each tag. On the CPU: one SDS loss evaluation
+per student (the full student at its full image size, h_w to a reduced 4 x 8 x 8 latent,
+a small UNet) and per teacher (the real UNet channels at sample size 8), with the gradient
+checked to reach h_w and the LayerNorms. Then the models stage's paper branch on local
+copies (a Stable Diffusion folder, an open_clip hub folder, a checkpoint file).
+"""
+from __future__ import annotations
+
+import gc
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from diffusers import DDPMScheduler, UNet2DConditionModel
+
+from pipeline.cache import open_table, write_table
+from pipeline.config import ConfigError, EvalConfig, StudentConfig, TeacherConfig, from_dict, load, resolve
+from pipeline.evaluate import DiffusionScorer
+from pipeline.models import paper
+from pipeline.models.build import build_models, student_dir, teacher_dir
+from pipeline.models.student import build_toy_student, layernorm_parameters, load_student, save_student
+from pipeline.models.teacher import SD_SCHEDULE, build_toy_teacher, load_teacher, save_teacher
+from pipeline.objectives import LatentProjection, diffusion_target, sds_loss
+
+REPO = Path(__file__).resolve().parents[1]
+torch.set_num_threads(2)
+
+# The paper profile's students (params.yaml) with what open_clip builds for them:
+# (model, tag, total parameters, LayerNorm parameters, embedding width, image size).
+STUDENTS = {
+    "vit-b-16": ("ViT-B-16-quickgelu", "openai", 149_620_737, 65_536, 512, 224),
+    "vit-b-32": ("ViT-B-32-quickgelu", "openai", 151_277_313, 65_536, 512, 224),
+    "vit-l-14": ("ViT-L-14-quickgelu", "openai", 427_616_513, 140_800, 768, 224),
+    "vit-l-14-336": ("ViT-L-14-336-quickgelu", "openai", 427_944_193, 140_800, 768, 336),
+    "rn50": ("RN50-quickgelu", "openai", 102_007_137, 25_600, 1024, 224),
+    "vit-b-16-laion400m": ("ViT-B-16", "laion400m_e32", 149_620_737, 65_536, 512, 224),
+    "vit-b-16-laion2b": ("ViT-B-16", "laion2b_s34b_b88k", 149_620_737, 65_536, 512, 224),
+    "coca-vit-b-32": ("coca_ViT-B-32", "laion2b_s13b_b90k", 253_560_065, 130_048, 512, 224),
+}
+# SD v1-4: UNet 859.5M, VAE 83.7M, CLIP ViT-L/14 text 123.1M; SD 2.1: UNet 865.9M, OpenCLIP ViT-H text (23 layers) 340.4M.
+TEACHERS = {
+    paper.SD_V1_4: (859_520_964, 83_653_863, 123_060_480, (4, 64, 64), 512, "epsilon"),
+    paper.SD_V2_1: (865_910_724, 83_653_863, 340_387_840, (4, 96, 96), 768, "v_prediction"),
+}
+SLOW_STUDENTS = {"vit-l-14", "vit-l-14-336", "vit-b-16-laion400m", "vit-b-16-laion2b"}
+
+
+def numel(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_the_paper_profile_names_these_students():
+    cfg = load(REPO / "params.yaml", {"profile": "paper"})
+    assert {name: (s.model, s.pretrained) for name, s in cfg.students.items()} == \
+        {name: spec[:2] for name, spec in STUDENTS.items()}
+    assert all(s.source == "pretrained" for s in cfg.students.values())
+    assert cfg.train.student == "vit-b-16" and cfg.teacher.pretrained == paper.SD_V1_4
+
+
+# ---------------------------------------------------------------- full size on the meta device
+
+
+@pytest.mark.parametrize("name", list(STUDENTS))
+def test_student_at_full_size(name):
+    model_name, tag, total, layernorms, width, image_size = STUDENTS[name]
+    student = paper.random_student(model_name, tag, device="meta")
+    assert numel(student.model) == total
+    assert sum(p.numel() for p in layernorm_parameters(student.model)) == layernorms
+    assert student.model_cfg["embed_dim"] == width and student.model_cfg.get("quick_gelu", False) == (tag == "openai")
+    latent = TEACHERS[paper.SD_V1_4][3]
+    h_w = paper._empty(lambda: LatentProjection(width, latent))  # parameters on the meta device
+    assert h_w(torch.empty(2, width, device="meta")).shape == (2, *latent)
+    assert h_w.linear.weight.shape == (math.prod(latent), width)
+    scope = paper.layernorm_scope_count(student.model, width, latent)
+    assert scope == layernorms + numel(h_w) == layernorms + width * 16384 + 16384
+    sizes = [t.size for t in student.preprocess.transforms if type(t).__name__ == "CenterCrop"]
+    assert sizes == [(image_size, image_size)]
+    normalise = student.preprocess.transforms[-1]
+    assert tuple(normalise.mean) == (0.48145466, 0.4578275, 0.40821073)
+
+
+@pytest.mark.parametrize("repo", list(TEACHERS))
+def test_teacher_at_full_size(repo):
+    unet, vae, text, latent, pixels, prediction = TEACHERS[repo]
+    teacher = paper.random_teacher(repo, device="meta")
+    assert (numel(teacher.unet), numel(teacher.vae), numel(teacher.text_encoder)) == (unet, vae, text)
+    assert teacher.latent_shape == latent and teacher.vae.config.sample_size == pixels
+    assert pixels // 2 ** (len(teacher.vae.config.block_out_channels) - 1) == latent[1]
+    assert teacher.scaling_factor == pytest.approx(0.18215)
+    assert teacher.unet.config.cross_attention_dim == teacher.text_encoder.config.hidden_size
+    assert teacher.scheduler.config.prediction_type == prediction
+    assert teacher.scheduler.config.beta_schedule == "scaled_linear"
+    assert all(not p.requires_grad for m in teacher.modules() for p in m.parameters())
+
+
+def test_fill_random_gives_meta_parameters_storage_and_keeps_buffers():
+    student = paper.random_student("ViT-B-32-quickgelu", "openai", device="cpu")
+    assert not any(p.is_meta for p in student.model.parameters())
+    mask = student.model.attn_mask
+    assert not mask.is_meta and torch.isinf(mask[0, 1]) and mask[1, 0] == 0  # causal mask built in __init__
+    ln = student.model.visual.ln_post
+    assert torch.all(ln.weight == 1) and torch.all(ln.bias == 0)
+    weight = student.model.visual.conv1.weight
+    assert 0.01 < float(weight.std()) < 0.03 and len(torch.unique(weight[:2])) > 1000
+
+
+# ---------------------------------------------------------------- one SDS evaluation per student
+
+
+def small_sd_unet(cross_attention_dim: int) -> UNet2DConditionModel:
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_attention_dim, attention_head_dim=8, norm_num_groups=32,
+    ).requires_grad_(False).eval()
+
+
+def sds_through(student, unet, scheduler, conditioning, latent=(4, 8, 8), seed=0):
+    """h_w(f(x)) -> L_SDS for one image at the student's full size; returns (output, h_w, pixels)."""
+    model = student.model
+    model.requires_grad_(False)
+    for p in layernorm_parameters(model):
+        p.requires_grad_(True)
+    generator = torch.Generator().manual_seed(seed)
+    size = student.preprocess.transforms[1].size[0]
+    pixels = torch.randn(1, 3, size, size, generator=generator)
+    embedding = F.normalize(model.encode_image(pixels), dim=-1)
+    h_w = LatentProjection(embedding.shape[-1], latent)
+    noise = torch.randn(1, *latent, generator=generator)
+    t = torch.tensor([500])
+    out = sds_loss(h_w(embedding), conditioning, unet, scheduler, t, noise)
+    out.loss.backward()
+    return out, h_w, (embedding, noise, t)
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_STUDENTS else n
+                                  for n in STUDENTS])
+def test_sds_loss_through_each_student(name):
+    model_name, tag, *_ = STUDENTS[name]
+    student = paper.random_student(model_name, tag, device="cpu", seed=1)
+    scheduler = DDPMScheduler(**SD_SCHEDULE)
+    out, h_w, _ = sds_through(student, small_sd_unet(768), scheduler, torch.randn(1, 77, 768))
+    assert torch.isfinite(out.loss) and out.mse > 0
+    assert h_w.linear.weight.grad is not None and h_w.linear.weight.grad.abs().sum() > 0
+    image_tower = {id(p) for p in layernorm_parameters(student.model.visual)}
+    reached = {id(p) for p in layernorm_parameters(student.model) if p.grad is not None and p.grad.abs().sum() > 0}
+    # L_SDS reaches exactly the image tower's LayerNorms. RN50's image tower has none (BatchNorm
+    # and an attention pool), so with the LayerNorm scope its SDS gradient stops at h_w.
+    assert reached == image_tower and (name == "rn50") == (not image_tower)
+    assert all(p.grad is None for p in student.model.parameters() if not p.requires_grad)
+
+
+# ---------------------------------------------------------------- one SDS evaluation per teacher (real channels)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("repo", list(TEACHERS))
+def test_sds_loss_and_diffusion_score_through_each_teacher_at_reduced_resolution(repo, tmp_path):
+    teacher = paper.random_teacher(repo, device="cpu", sample_size=8, parts=("unet",), seed=2)
+    assert numel(teacher.unet) == TEACHERS[repo][0] and teacher.latent_shape == (4, 8, 8)
+    student = paper.random_student("ViT-B-32-quickgelu", "openai", device="cpu", seed=3)
+    width = teacher.unet.config.cross_attention_dim
+    conditioning = torch.randn(1, 77, width, generator=torch.Generator().manual_seed(4))
+    seen = []
+    hook = teacher.unet.register_forward_hook(lambda _m, _i, output: seen.append(output.sample.detach()))
+    out, h_w, (embedding, noise, t) = sds_through(student, teacher.unet, teacher.scheduler, conditioning)
+    hook.remove()
+    # The loss is the MSE to the scheduler's target: the noise (v1-4) or the velocity (v2-1).
+    with torch.no_grad():
+        x0 = h_w(embedding)
+        target = diffusion_target(teacher.scheduler, x0, noise, t)
+    [pred] = seen
+    expected = noise if TEACHERS[repo][5] == "epsilon" else teacher.scheduler.get_velocity(x0, noise, t)
+    assert torch.allclose(target, expected)
+    assert float(out.mse) == pytest.approx(float(F.mse_loss(pred, target)), rel=1e-4)
+    assert h_w.linear.weight.grad.abs().sum() > 0
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in layernorm_parameters(student.model))
+    assert all(p.grad is None for p in teacher.unet.parameters())  # frozen: the gradient only flows through
+    del student, out
+    gc.collect()
+
+    # The diffusion-score baseline over cached latents / conditioning: 1 image x 2 captions x 2 (t, eps),
+    # one batched UNet call of 4 rows.
+    write_table(tmp_path, "bench_images", ["a"], lambda keys: torch.randn(len(keys), 4, 8, 8),
+                shard_size=4, batch_size=4, progress=False)
+    write_table(tmp_path, "bench_text", ["x", "y"], lambda keys: torch.randn(len(keys), 77, width),
+                shard_size=4, batch_size=4, progress=False)
+    scorer = DiffusionScorer(teacher, open_table(tmp_path, "bench_images"), open_table(tmp_path, "bench_text"),
+                             EvalConfig(diffusion_samples=2, batch_size=4))
+    scores = scorer(["a", "a"], ["x", "y"])
+    assert scores.shape == (2,) and all(math.isfinite(s) for s in scores) and scores[0] != scores[1]
+
+
+# ---------------------------------------------------------------- configuration
+
+
+def test_openai_weights_need_the_quickgelu_model_name():
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["profiles"]["paper"]["students"]["vit-b-16"]["model"] = "ViT-B-16"
+    with pytest.raises(ConfigError) as err:
+        from_dict(resolve(params, {"profile": "paper"}))
+    message = str(err.value)
+    assert "students.vit-b-16.model" in message and "'ViT-B-16-quickgelu'" in message and "\n" not in message
+
+
+def test_pretrained_sources_must_name_their_weights():
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["profiles"]["paper"]["teacher"]["pretrained"] = ""
+    with pytest.raises(ConfigError, match="teacher.pretrained: empty"):
+        from_dict(resolve(params, {"profile": "paper"}))
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["profiles"]["paper"]["students"]["rn50"]["pretrained"] = ""
+    with pytest.raises(ConfigError, match="students.rn50.pretrained: empty"):
+        from_dict(resolve(params, {"profile": "paper"}))
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["profiles"]["paper"]["teacher"]["dtype"] = "float8"
+    with pytest.raises(ConfigError, match="teacher.dtype: 'float8'"):
+        from_dict(resolve(params, {"profile": "paper"}))
+
+
+# ---------------------------------------------------------------- the models stage's paper branch
+
+
+TINY = TeacherConfig(vae_channels=[8, 16], unet_channels=[16, 32], text_width=32, text_layers=1, text_heads=2)
+TINY_STUDENT = StudentConfig(embed_dim=32, vision_width=32, vision_layers=1, vision_heads=2, text_width=32,
+                             text_layers=1, text_heads=2)
+
+
+def paper_config(teacher: str, students: dict, dtype: str = "float32"):
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["profiles"]["paper"]["teacher"].update(pretrained=teacher, dtype=dtype)
+    params["profiles"]["paper"]["students"] = {"toy-vit": None, **students}
+    params["profiles"]["paper"]["train"]["student"] = next(iter(students))
+    return from_dict(resolve(params, {"profile": "paper"}))
+
+
+def test_models_stage_saves_local_copies_into_models(tmp_path):
+    import open_clip
+
+    teacher = build_toy_teacher(TINY, 32)
+    save_teacher(teacher, tmp_path / "sd-local")  # a local folder in Stable Diffusion's diffusers layout
+    hub_folder = tmp_path / "clip-hub"
+    toy = build_toy_student(TINY_STUDENT, 32)
+    save_student(toy, hub_folder, preprocess_cfg={"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],
+                                                  "interpolation": "bilinear", "resize_mode": "squash"})
+    # A checkpoint file for a named model: register the toy architecture under a name, save its weights.
+    (tmp_path / "cfgs").mkdir()
+    (tmp_path / "cfgs" / "tiny-test-vit.json").write_text(json.dumps(toy.model_cfg))
+    open_clip.add_model_config(tmp_path / "cfgs")
+    torch.save({"state_dict": toy.model.state_dict()}, tmp_path / "tiny.pt")
+
+    cfg = paper_config("sd-local", {
+        "hub-folder": {"source": "pretrained", "model": "anything", "pretrained": "clip-hub"},
+        "checkpoint": {"source": "pretrained", "model": "tiny-test-vit", "pretrained": "tiny.pt"},
+    }, dtype="float16")
+    build_models(cfg, tmp_path / "data", tmp_path / "models")
+
+    loaded = load_teacher(teacher_dir(tmp_path / "models"))
+    assert loaded.unet.dtype == torch.float32  # later stages compute in float32 ...
+    stored = load_teacher(teacher_dir(tmp_path / "models"), torch.float16)
+    assert torch.equal(stored.unet.conv_in.weight, teacher.unet.conv_in.weight.half())  # ... of weights stored in float16
+    summary = json.loads((tmp_path / "models" / "summary.json").read_text())
+    assert summary["teacher"]["prediction_type"] == "epsilon" and summary["teacher"]["dtype"] == "float16"
+    assert summary["teacher"]["latent_shape"] == list(teacher.latent_shape)
+    for name in ("hub-folder", "checkpoint"):
+        student = load_student(student_dir(tmp_path / "models", name))
+        for key, value in toy.model.state_dict().items():
+            assert torch.equal(student.model.state_dict()[key], value), key
+        assert summary[name]["layernorm_scope"] == paper.layernorm_scope_count(toy.model, 32, teacher.latent_shape)
+    config = json.loads((student_dir(tmp_path / "models", "hub-folder") / "open_clip_config.json").read_text())
+    assert config["preprocess_cfg"]["mean"] == [0.5, 0.5, 0.5] and config["preprocess_cfg"]["resize_mode"] == "squash"
+
+
+def test_unknown_tag_or_missing_folder_is_one_line_and_never_downloads(tmp_path):
+    with pytest.raises(paper.PaperModelMissing) as err:
+        paper.import_student("b16", StudentConfig(source="pretrained", model="ViT-B-16-quickgelu",
+                                                  pretrained="openia"), tmp_path / "s", tmp_path)
+    message = str(err.value)
+    assert message.startswith("students.b16.pretrained: 'openia' is neither a pretrained tag of ViT-B-16-quickgelu")
+    assert "openai" in message and message.endswith("see README: Running the paper profile") and "\n" not in message
+    with pytest.raises(paper.PaperModelMissing, match=r"teacher.pretrained: './sd' not found"):
+        paper.import_teacher(TeacherConfig(source="pretrained", pretrained="./sd"), tmp_path / "t", tmp_path)
+    (tmp_path / "not-sd").mkdir()
+    with pytest.raises(paper.PaperModelMissing, match=r"cannot load 'not-sd' \(FileNotFoundError: .*no model_index.json"):
+        paper.import_teacher(TeacherConfig(source="pretrained", pretrained="not-sd"), tmp_path / "t", tmp_path)
+
+
+def test_hub_failure_of_the_teacher_is_one_line(tmp_path, monkeypatch):
+    def offline(source, dtype):
+        assert source == paper.SD_V1_4 and dtype == torch.bfloat16
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.\nCheck your connection")
+
+    monkeypatch.setattr(paper, "load_teacher", offline)
+    with pytest.raises(paper.PaperModelMissing) as err:
+        paper.import_teacher(TeacherConfig(source="pretrained", pretrained=paper.SD_V1_4, dtype="bfloat16"),
+                             tmp_path / "t", tmp_path)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("teacher.pretrained: cannot load 'CompVis/stable-diffusion-v1-4'")
+    assert message.endswith("see README: Running the paper profile")

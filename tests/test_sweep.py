@@ -1,0 +1,378 @@
+"""`python -m pipeline.sweep` end to end on a real local Ray and a real MLflow store (smoke profile).
+
+One smoke project (data/, models/, cache/ built by the stage mains) and one local Ray serve
+the in-process sweeps; the kill-and-resume and cluster tests run the driver as a process
+(its own Ray, or a `ray start --head` on 127.0.0.1) and stop the Ray processes they started
+by PID.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from pipeline import sweep
+from pipeline.config import TrackingConfig
+from pipeline.tracking import Tracker
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = REPO / ".venv" / "bin" / "python"
+RAY = REPO / ".venv" / "bin" / "ray"
+pytestmark = pytest.mark.slow
+
+
+# --------------------------------------------------------------------------- fixtures and helpers
+
+
+@pytest.fixture(scope="session")
+def project(tmp_path_factory) -> Path:
+    """A smoke project: params.yaml (profile smoke) and the data/, models/, cache/ the stages build."""
+    from stages import cache, data, models
+
+    root = tmp_path_factory.mktemp("sweep-project")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["profile"] = "smoke"
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for stage in (data, models, cache):
+        assert stage.main(["--params", str(root / "params.yaml")]) == 0, stage.__name__
+    return root
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    import ray
+
+    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")         # short: Ray's socket paths have a length limit
+    ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False, _temp_dir=temp,
+             logging_level="WARNING")
+    yield
+    ray.shutdown()
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+def write(root: Path, name: str, text: str) -> Path:
+    path = root / name
+    path.write_text(text)
+    return path
+
+
+def tracker(root: Path, name: str) -> Tracker:
+    return Tracker(TrackingConfig(uri="sqlite:///mlruns/mlflow.db", experiment=f"sds-clip/{name}"), root)
+
+
+def launches(tr: Tracker) -> list[dict]:
+    return tr.find_runs(tags={"sweep_role": "parent"})
+
+
+def children(tr: Tracker, parent: str) -> list[dict]:
+    return tr.find_runs(parent=parent)
+
+
+def run_main(project: Path, sweep_file: Path, *extra: str) -> int:
+    return sweep.main([str(sweep_file), "--params", str(project / "params.yaml"), *extra])
+
+
+def env() -> dict:
+    out = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    return out
+
+
+def cli(project: Path, *args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([str(PYTHON), "-m", "pipeline.sweep", *args, "--params", str(project / "params.yaml")],
+                          cwd=project, env=env(), capture_output=True, text=True, timeout=540, **kwargs)
+
+
+def processes_under(temp_dir: str, also: list[psutil.Process] = ()) -> list[psutil.Process]:
+    """Processes of a Ray started with this temp dir (by command line) and their descendants, plus `also`."""
+    found = {p.pid: p for p in also if p.is_running()}
+    me = {os.getpid()} | {p.pid for p in psutil.Process().parents()}
+    for proc in psutil.process_iter(["cmdline"]):
+        if proc.pid in me:
+            continue
+        try:
+            if any(temp_dir in part for part in proc.info["cmdline"] or []):
+                found[proc.pid] = proc
+                found.update({c.pid: c for c in proc.children(recursive=True)})
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return list(found.values())
+
+
+def stop(procs: list[psutil.Process]) -> None:
+    """SIGTERM, then SIGKILL what is left: only the processes handed in (ones this test started)."""
+    for proc in procs:
+        try:
+            proc.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=15)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=10)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------- a grid sweep
+
+
+GRID = """
+name: grid4
+base:
+  profile: smoke
+  params: {train.steps: 4, train.checkpoint_every: 2}
+space:
+  objective.lambda_sds: [0, 1e-3]
+  train.scope: [layernorm, full]
+"""
+
+
+def test_grid_sweep_logs_one_parent_and_a_child_per_trial(project, local_ray, monkeypatch, capsys):
+    monkeypatch.chdir(project)
+    results = project / "results" / "grid4.json"
+    assert run_main(project, write(project, "grid4.yaml", GRID), "--results", str(results)) == 0
+    out = capsys.readouterr().out
+
+    tr = tracker(project, "grid4")
+    (parent,) = launches(tr)
+    assert parent["status"] == "FINISHED" and parent["tags"]["status"] == "finished"
+    assert parent["metrics"]["trials/finished"] == 4 and parent["metrics"]["trials/total"] == 4
+    kids = children(tr, parent["run_id"])
+    assert len(kids) == 4 and len(tr.find_runs()) == 5                  # nothing else in the experiment
+    assert {k["status"] for k in kids} == {"FINISHED"} and {k["tags"]["status"] for k in kids} == {"finished"}
+    assert len({k["tags"]["trial_id"] for k in kids}) == 4
+    assert {(k["params"]["objective.lambda_sds"], k["params"]["train.scope"]) for k in kids} == {
+        ("0.0", "layernorm"), ("0.0", "full"), ("0.001", "layernorm"), ("0.001", "full")}
+    for kid in kids:
+        assert kid["params"]["profile"] == "smoke" and kid["params"]["train.steps"] == "4"
+        assert kid["tags"]["profile"] == "smoke" and kid["tags"]["git_commit"] and kid["tags"]["attempts"] == "1"
+        for metric in ("winoground/text", "winoground/text/object", "aro/vg_relation", "aro/overall",
+                       "zeroshot/mean", "loss/clip", "loss/total", "time/trial_seconds"):
+            assert metric in kid["metrics"], metric
+        assert [s for s, _ in tr.metric_history(kid["run_id"], "loss/clip")] == [1, 2, 3, 4]
+        if kid["params"]["objective.lambda_sds"] != "0.0":
+            assert "loss/sds" in kid["metrics"]
+
+    assert "4 trials, 4 finished" in out
+    for label in ("t000", "t001", "t002", "t003"):
+        assert label in out
+    summary = json.loads(results.read_text())
+    assert summary["parent_run_id"] == parent["run_id"]
+    assert {t["run_id"] for t in summary["trials"]} == {k["run_id"] for k in kids}
+    assert all(t["status"] == "finished" and t["metric"] is not None for t in summary["trials"])
+
+
+# --------------------------------------------------------------------------- Optuna + ASHA
+
+
+OPTUNA = """
+name: optuna-asha
+base:
+  profile: smoke
+  params: {train.steps: 6, train.checkpoint_every: 3}
+space:
+  train.lr: {loguniform: [1e-5, 1.0]}
+  objective.lambda_sds: {loguniform: [1e-4, 1e-1]}
+search: {type: optuna, sampler: tpe, seed: 0, num_samples: 5}
+scheduler: {type: asha, metric: loss/clip, mode: min, grace_period: 2, reduction_factor: 2}
+max_concurrent: 1
+"""
+
+
+def test_optuna_with_asha_stops_some_trials_early(project, local_ray, monkeypatch, capsys):
+    monkeypatch.chdir(project)
+    assert run_main(project, write(project, "optuna.yaml", OPTUNA)) == 0
+    out = capsys.readouterr().out
+
+    tr = tracker(project, "optuna-asha")
+    (parent,) = launches(tr)
+    kids = children(tr, parent["run_id"])
+    assert len(kids) == 5 and parent["status"] == "FINISHED"
+    stopped = [k for k in kids if k["tags"]["status"] == "early_stopped"]
+    finished = [k for k in kids if k["tags"]["status"] == "finished"]
+    assert stopped and finished and len(stopped) + len(finished) == 5, [k["tags"]["status"] for k in kids]
+    for kid in stopped:
+        assert kid["status"] == "KILLED" and "winoground/text" not in kid["metrics"]
+        assert max(s for s, _ in tr.metric_history(kid["run_id"], "loss/clip")) < 6
+    for kid in finished:
+        assert kid["status"] == "FINISHED" and "winoground/text" in kid["metrics"]
+    for kid in kids:
+        assert 1e-5 <= float(kid["params"]["train.lr"]) <= 1.0
+        assert 1e-4 <= float(kid["params"]["objective.lambda_sds"]) <= 1e-1
+    assert parent["metrics"]["trials/early_stopped"] == len(stopped)
+    assert f"{len(stopped)} stopped early" in out
+
+
+# --------------------------------------------------------------------------- failure isolation
+
+
+FAILING = """
+name: failing
+base:
+  profile: smoke
+  params:
+    objective.lambda_sds: 1e-3
+    students: {ghost: {embed_dim: 32}}     # valid config, but the models stage never built it
+space:
+  train.student: [toy-vit, ghost]
+  objective.latent_scale: [1.0, 1e300]     # 1e300 overflows float32: the SDS loss is NaN at step 0
+"""
+
+
+def test_raising_and_nan_trials_fail_alone_and_the_sweep_exits_nonzero(project, local_ray, monkeypatch, capsys):
+    monkeypatch.chdir(project)
+    assert run_main(project, write(project, "failing.yaml", FAILING)) == 1
+    out = capsys.readouterr().out
+
+    tr = tracker(project, "failing")
+    (parent,) = launches(tr)
+    assert parent["status"] == "FAILED" and parent["metrics"]["trials/failed"] == 3
+    kids = {(k["params"]["train.student"], k["params"]["objective.latent_scale"]): k
+            for k in children(tr, parent["run_id"])}
+    assert len(kids) == 4
+    ok = kids[("toy-vit", "1.0")]
+    assert ok["status"] == "FINISHED" and ok["tags"]["status"] == "finished" and "winoground/text" in ok["metrics"]
+    nan = kids[("toy-vit", "1e+300")]
+    assert nan["status"] == "FAILED" and nan["tags"]["status"] == "failed"
+    assert nan["tags"]["failure"].startswith("NonFiniteLoss: step 0")
+    for scale in ("1.0", "1e+300"):
+        ghost = kids[("ghost", scale)]
+        assert ghost["status"] == "FAILED" and ghost["tags"]["status"] == "failed"
+        assert ghost["tags"]["failure"].startswith("FileNotFoundError:") and "ghost" in ghost["tags"]["failure"]
+
+    table = out[out.index("sweep failing: 4 trials"):]
+    assert "1 finished" in table and "3 failed" in table
+    rows = {line.split()[0]: line for line in table.splitlines()[2:] if line.strip().startswith("t0")}
+    assert "finished" in rows["t000"] and "failed" in rows["t001"] and "NonFiniteLoss" in rows["t001"]
+    assert "FileNotFoundError" in rows["t002"] and "FileNotFoundError" in rows["t003"]
+
+
+# --------------------------------------------------------------------------- SIGKILL the driver, then --resume
+
+
+KILL = """
+name: killed
+base:
+  profile: smoke
+  params: {train.steps: 30, train.checkpoint_every: 5}
+space:
+  objective.lambda_sds: [0, 1e-3]
+  train.scope: [layernorm, full]
+max_concurrent: 2
+"""
+
+
+def test_sigkill_of_the_driver_then_resume_finishes_with_one_run_per_trial(project):
+    sweep_file = write(project, "killed.yaml", KILL)
+    tr = tracker(project, "killed")
+    temp = tempfile.mkdtemp(prefix="rk-", dir="/tmp")
+    driver = subprocess.Popen([str(PYTHON), "-m", "pipeline.sweep", str(sweep_file), "--params",
+                               str(project / "params.yaml"), "--ray-temp-dir", temp],
+                              cwd=project, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    leftovers: list[psutil.Process] = []
+    try:
+        # Kill once a trial has finished and another is mid-way, past a checkpoint.
+        deadline = time.monotonic() + 400
+        while True:
+            assert driver.poll() is None, "the sweep ended before the test could kill it"
+            assert time.monotonic() < deadline, "no trial got far enough to kill the driver mid-sweep"
+            time.sleep(0.3)
+            parents = launches(tr) if tr.client.get_experiment_by_name("sds-clip/killed") else []
+            if not parents:
+                continue
+            kids = children(tr, parents[0]["run_id"])
+            done = [k for k in kids if k["status"] == "FINISHED"]
+            midway = [k for k in kids if k["status"] == "RUNNING"
+                      and max((s for s, _ in tr.metric_history(k["run_id"], "loss/total")), default=0) >= 8]
+            if done and midway:
+                break
+        leftovers = psutil.Process(driver.pid).children(recursive=True)
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+        stop(processes_under(temp, leftovers))
+        shutil.rmtree(temp, ignore_errors=True)
+
+    (parent,) = launches(tr)
+    assert parent["status"] == "RUNNING"
+    before = {k["tags"]["trial_id"]: k for k in children(tr, parent["run_id"])}
+    finished_before = {t for t, k in before.items() if k["status"] == "FINISHED"}
+    assert finished_before and any(k["status"] == "RUNNING" for k in before.values())
+
+    temp = tempfile.mkdtemp(prefix="rk-", dir="/tmp")
+    try:
+        proc = cli(project, str(sweep_file), "--resume", "--ray-temp-dir", temp)
+    finally:
+        stop(processes_under(temp))
+        shutil.rmtree(temp, ignore_errors=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "4 trials, 4 finished" in proc.stdout
+
+    (after_parent,) = launches(tr)                       # the same launch, now finished
+    assert after_parent["run_id"] == parent["run_id"] and after_parent["status"] == "FINISHED"
+    after = children(tr, parent["run_id"])
+    assert len(after) == 4 and len({k["tags"]["trial_id"] for k in after}) == 4
+    assert len(tr.find_runs()) == 5                      # no duplicate, no orphan
+    assert {k["status"] for k in after} == {"FINISHED"} and {k["tags"]["status"] for k in after} == {"finished"}
+    by_id = {k["tags"]["trial_id"]: k for k in after}
+    for trial_id in finished_before:                     # not run again: untouched since it finished
+        again = by_id[trial_id]
+        assert again["end_time"] == before[trial_id]["end_time"] and again["tags"]["attempts"] == "1"
+    resumed = [k for t, k in by_id.items() if t in before and t not in finished_before]
+    assert resumed and all(k["tags"]["attempts"] == "2" for k in resumed)
+    assert any(int(k["tags"]["resumed_from_step"]) >= 5 for k in resumed), \
+        [k["tags"]["resumed_from_step"] for k in resumed]  # restarted from its checkpoint, not from step 0
+    for kid in after:
+        steps = [s for s, _ in tr.metric_history(kid["run_id"], "loss/clip")]
+        assert max(steps) == 30 and "winoground/text" in kid["metrics"]
+
+
+# --------------------------------------------------------------------------- a separate Ray head
+
+
+def test_sweep_runs_on_a_ray_head_given_by_address(project):
+    temp = tempfile.mkdtemp(prefix="rh-", dir="/tmp")
+    port = free_port()
+    start = subprocess.run([str(RAY), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+                            "--num-cpus=2", "--num-gpus=0", "--include-dashboard=false", f"--temp-dir={temp}",
+                            "--disable-usage-stats"],
+                           cwd=tempfile.gettempdir(), env=env(), capture_output=True, text=True, timeout=180)
+    try:
+        assert start.returncode == 0, start.stdout + start.stderr
+        sweep_file = write(project, "cluster.yaml", "name: cluster\nbase: {profile: smoke}\n"
+                                                    "space: {objective.lambda_sds: [0, 1e-3]}\n")
+        proc = cli(project, str(sweep_file), "--address", f"127.0.0.1:{port}")
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert "2 trials, 2 finished" in proc.stdout
+        logs = list(Path(temp).glob("session_*/logs/*"))
+        assert any("run_trial" in p.read_text(errors="ignore") for p in logs if p.is_file() and p.stat().st_size < 10**7)
+    finally:
+        stop(processes_under(temp))
+        shutil.rmtree(temp, ignore_errors=True)
+    tr = tracker(project, "cluster")
+    (parent,) = launches(tr)
+    kids = children(tr, parent["run_id"])
+    assert parent["status"] == "FINISHED" and len(kids) == 2 and {k["status"] for k in kids} == {"FINISHED"}

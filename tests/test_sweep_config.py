@@ -1,0 +1,319 @@
+"""Sweep files -> validated Sweep and trial lists; one-line errors for malformed files; the CLI's cheap paths."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline import sweep_config as sc
+from pipeline.config import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+PARAMS = REPO / "params.yaml"
+PYTHON = REPO / ".venv" / "bin" / "python"
+SWEEPS = sorted((REPO / "sweeps").glob("*.yaml"))
+
+
+def params() -> dict:
+    return yaml.safe_load(PARAMS.read_text())
+
+
+def parse(text: str, profile: str | None = None) -> sc.Sweep:
+    return sc.parse(yaml.load(text, Loader=sc._Loader), params(), profile)
+
+
+# --------------------------------------------------------------------------- the shipped sweep files
+
+
+def test_the_five_sweep_files_are_shipped():
+    assert {p.stem for p in SWEEPS} >= {"lambda", "lr", "scope", "table1", "optuna"}
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("profile", [None, "paper"])
+def test_shipped_sweep_validates_on_toy_and_one_override_from_paper(path, profile):
+    sweep = sc.load(path, params(), profile)
+    assert sweep.base.profile == "toy" or profile
+    assert sweep.profile == (profile or "toy")
+    specs = sc.trials(sweep)
+    if sweep.search.type == "optuna":
+        assert specs == [] and sweep.num_trials == sweep.search.num_samples
+    else:
+        assert len(specs) == sweep.num_trials > 0
+        for spec in specs:
+            cfg = sweep.config(spec.values)
+            assert cfg.profile == sweep.profile
+
+
+def test_lambda_sweep_is_the_five_lambdas():
+    sweep = sc.load(REPO / "sweeps" / "lambda.yaml", params())
+    assert [t.values["objective.lambda_sds"] for t in sc.trials(sweep)] == [0.0, 1e-4, 1e-3, 1e-2, 1e-1]
+    assert sweep.search.type == "grid" and sweep.scheduler.type == "fifo"
+
+
+def test_scope_sweep_covers_the_three_scopes():
+    sweep = sc.load(REPO / "sweeps" / "scope.yaml", params())
+    assert [t.values["train.scope"] for t in sc.trials(sweep)] == ["layernorm", "full", "unet_feature"]
+
+
+def test_table1_is_every_student_by_two_lambdas_by_seed():
+    raw = params()
+    raw["students"]["toy-vit-b"] = dict(raw["students"]["toy-vit"])
+    sweep = sc.load(REPO / "sweeps" / "table1.yaml", raw)
+    specs = sc.trials(sweep)
+    combos = {(t.values["train.student"], t.values["objective.lambda_sds"], t.values["train.seed"]) for t in specs}
+    assert combos == {(s, lam, seed) for s in ("toy-vit", "toy-vit-b") for lam in (0.0, 1e-3) for seed in sweep.seeds}
+    assert len(specs) == len(combos)
+
+
+def test_optuna_sweep_is_tpe_over_log_lambda_and_log_lr_with_asha():
+    sweep = sc.load(REPO / "sweeps" / "optuna.yaml", params())
+    assert sweep.search.type == "optuna" and sweep.search.sampler == "tpe"
+    assert {k: d.kind for k, d in sweep.space.items()} == {"objective.lambda_sds": "loguniform", "train.lr": "loguniform"}
+    assert sweep.scheduler.type == "asha" and sweep.scheduler.grace_period < sweep.max_steps
+
+
+# --------------------------------------------------------------------------- semantics
+
+
+def test_yaml_reads_exponent_numbers_without_a_dot_as_floats():
+    sweep = parse("name: x\nspace: {objective.lambda_sds: [1e-4, 2E-3, 1.5e2]}")
+    assert sweep.space["objective.lambda_sds"].values == (1e-4, 2e-3, 150.0)
+
+
+def test_grid_is_the_cross_product_in_file_order_with_seeds_innermost():
+    sweep = parse("name: x\nspace: {train.scope: [layernorm, full], objective.lambda_sds: [0, 1e-3]}\nseeds: [3, 4]")
+    got = [(t.label, t.values) for t in sc.trials(sweep)]
+    assert got[0] == ("t000", {"train.scope": "layernorm", "objective.lambda_sds": 0.0, "train.seed": 3})
+    assert got[1][1]["train.seed"] == 4 and got[2][1]["objective.lambda_sds"] == 1e-3
+    assert [label for label, _ in got] == [f"t{i:03d}" for i in range(8)]
+
+
+def test_base_overrides_and_profile_reach_every_trial():
+    sweep = parse("name: x\nbase: {profile: smoke, params: {train.steps: 7, objective: {t_min: 5}}}\n"
+                  "space: {train.lr: [0.1, 0.2]}")
+    for spec in sc.trials(sweep):
+        cfg = sweep.config(spec.values)
+        assert (cfg.profile, cfg.train.steps, cfg.objective.t_min, cfg.train.lr) == ("smoke", 7, 5, spec.values["train.lr"])
+        assert cfg.train.batch_size == params()["profiles"]["smoke"]["train"]["batch_size"]
+    assert parse("name: x\nbase: {profile: smoke}\nspace: {train.lr: [0.1]}", profile="paper").profile == "paper"
+
+
+def test_random_search_is_seeded_crosses_the_grid_and_respects_bounds():
+    text = ("name: x\nsearch: {type: random, num_samples: 20, seed: 7}\nspace:\n"
+            "  train.lr: {loguniform: [1e-5, 1e-2]}\n  train.batch_size: {randint: [2, 4]}\n"
+            "  objective.noising: {choice: [noise, none]}\n  train.scope: [layernorm, full]\n")
+    first, second = sc.trials(parse(text)), sc.trials(parse(text))
+    assert [t.values for t in first] == [t.values for t in second] and len(first) == 40
+    assert all(1e-5 <= t.values["train.lr"] <= 1e-2 for t in first)
+    assert {t.values["train.batch_size"] for t in first} == {2, 3, 4}          # randint: both ends inclusive
+    assert {t.values["objective.noising"] for t in first} == {"noise", "none"}
+    assert [t.values["train.scope"] for t in first[:2]] == ["layernorm", "full"]
+    assert first[0].values["train.lr"] == first[1].values["train.lr"]          # one draw, crossed with the grid
+    other = sc.trials(parse(text.replace("seed: 7", "seed: 8")))
+    assert [t.values for t in other] != [t.values for t in first]
+
+
+def test_all_expands_finite_domains():
+    sweep = parse("name: x\nspace: {train.scope: {all: true}, eval.subtract_unconditional: {all: true}}")
+    assert sweep.space["train.scope"].values == ("layernorm", "full", "unet_feature")
+    assert sweep.space["eval.subtract_unconditional"].values == (False, True)
+    assert sweep.num_trials == 6
+
+
+def test_spec_hash_tracks_the_definition_and_params():
+    a = parse("name: x\nspace: {train.lr: [0.1, 0.2]}")
+    assert a.spec_hash() == parse("name: x\nspace: {train.lr: [0.1, 0.2]}").spec_hash()
+    assert a.spec_hash() != parse("name: x\nspace: {train.lr: [0.1, 0.3]}").spec_hash()
+
+
+# --------------------------------------------------------------------------- malformed files: one line each
+
+# (sweep file text, fragments the one-line message must contain)
+BAD = {
+    "empty file": ("", ["empty", "name", "space"]),
+    "top level a list": ("- 1\n- 2\n", ["top level", "mapping"]),
+    "unknown top-level key": ("name: x\nspace: {train.lr: [1]}\nserach: grid\n", ["serach", "unknown key", "search"]),
+    "missing name": ("space: {train.lr: [0.1]}\n", ["name", "missing"]),
+    "bad name": ("name: 'my sweep!'\nspace: {train.lr: [0.1]}\n", ["name", "'my sweep!'", "letters"]),
+    "name not a string": ("name: 3\nspace: {train.lr: [0.1]}\n", ["name", "3", "a string"]),
+    "missing space": ("name: x\n", ["space", "missing"]),
+    "empty space": ("name: x\nspace: {}\n", ["space", "{}", "non-empty mapping"]),
+    "unknown parameter": ("name: x\nspace: {train.lrr: [0.1]}\n", ["space.train.lrr", "unknown parameter", "train.lr"]),
+    "section not a leaf": ("name: x\nspace: {train: [0.1]}\n", ["space.train", "unknown parameter", "train.lr"]),
+    "not sweepable section": ("name: x\nspace: {teacher.unet_steps: [1, 2]}\n",
+                              ["space.teacher.unet_steps", "not sweepable", "base.params"]),
+    "profile in space": ("name: x\nspace: {profile: [smoke, toy]}\n", ["space.profile", "base.profile"]),
+    "scalar instead of values": ("name: x\nspace: {train.lr: 0.1}\n", ["space.train.lr", "0.1", "a list of values",
+                                                                      "base.params"]),
+    "empty grid": ("name: x\nspace: {train.lr: []}\n", ["space.train.lr", "[]", "non-empty list"]),
+    "grid value of wrong type": ("name: x\nspace: {train.steps: [10, ten]}\n",
+                                 ["space.train.steps[1]", "'ten'", "an integer"]),
+    "grid value out of range": ("name: x\nspace: {train.lr: [0.1, -1]}\n", ["space.train.lr[1]", "-1", "> 0"]),
+    "bad literal in grid": ("name: x\nspace: {train.scope: [layernorm, everything]}\n",
+                            ["space.train.scope[1]", "'everything'", "'layernorm'", "'unet_feature'"]),
+    "unknown student": ("name: x\nspace: {train.student: [toy-vit, vit-h]}\n",
+                        ["space.train.student[1]", "'vit-h'", "toy-vit"]),
+    "duplicate grid value": ("name: x\nspace: {train.lr: [0.1, 0.1]}\n", ["space.train.lr[1]", "0.1", "duplicate"]),
+    "unknown distribution": ("name: x\nsearch: random\nspace: {train.lr: {normal: [0, 1]}}\n",
+                             ["space.train.lr.normal", "unknown kind", "loguniform"]),
+    "two distributions": ("name: x\nsearch: random\nspace: {train.lr: {uniform: [0.1, 1], choice: [0.1]}}\n",
+                          ["space.train.lr", "exactly one of"]),
+    "range not two numbers": ("name: x\nsearch: random\nspace: {train.lr: {uniform: [0.1]}}\n",
+                              ["space.train.lr.uniform", "[0.1]", "[low, high]"]),
+    "low not below high": ("name: x\nsearch: random\nspace: {train.lr: {uniform: [0.5, 0.1]}}\n",
+                           ["space.train.lr.uniform", "[0.5, 0.1]", "low < high"]),
+    "loguniform from zero": ("name: x\nsearch: random\nspace: {objective.lambda_sds: {loguniform: [0, 1]}}\n",
+                             ["space.objective.lambda_sds.loguniform", "[0, 1]", "low > 0"]),
+    "range endpoint out of range": ("name: x\nsearch: random\nspace: {objective.lambda_sds: {uniform: [-1, 1]}}\n",
+                                    ["space.objective.lambda_sds.uniform[0]", "-1", ">= 0"]),
+    "uniform on an integer": ("name: x\nsearch: random\nspace: {train.steps: {uniform: [1, 9]}}\n",
+                              ["space.train.steps.uniform", "an integer", "randint"]),
+    "randint on a float": ("name: x\nsearch: random\nspace: {train.lr: {randint: [1, 9]}}\n",
+                           ["space.train.lr.randint", "a number", "loguniform"]),
+    "randint with float bounds": ("name: x\nsearch: random\nspace: {train.steps: {randint: [1, 9.5]}}\n",
+                                  ["space.train.steps.randint", "9.5", "integers"]),
+    "all on an open range": ("name: x\nspace: {train.lr: {all: true}}\n", ["space.train.lr.all", "finite"]),
+    "distribution under grid": ("name: x\nspace: {train.lr: {loguniform: [1e-5, 1e-2]}}\n",
+                                ["space.train.lr", "loguniform", "search.type 'grid'", "random or optuna"]),
+    "grid list under optuna": ("name: x\nsearch: optuna\nspace: {train.lr: [0.1, 0.2]}\n",
+                               ["space.train.lr", "grid list", "optuna", "choice"]),
+    "unknown search type": ("name: x\nsearch: {type: bayes}\nspace: {train.lr: [0.1]}\n",
+                            ["search.type", "'bayes'", "'grid'", "'optuna'"]),
+    "unknown search key": ("name: x\nsearch: {type: random, samples: 3}\nspace: {train.lr: {choice: [1]}}\n",
+                           ["search.samples", "unknown key", "num_samples"]),
+    "num_samples with grid": ("name: x\nsearch: {type: grid, num_samples: 4}\nspace: {train.lr: [0.1]}\n",
+                              ["search.num_samples", "4", "grid", "seeds"]),
+    "zero samples": ("name: x\nsearch: {type: random, num_samples: 0}\nspace: {train.lr: {choice: [0.1]}}\n",
+                     ["search.num_samples", "0", "> 0"]),
+    "unknown optuna sampler": ("name: x\nsearch: {type: optuna, sampler: cmaes}\n"
+                               "space: {train.lr: {loguniform: [1e-5, 1e-2]}}\n",
+                               ["search.sampler", "'cmaes'", "'tpe'"]),
+    "sampler with random": ("name: x\nsearch: {type: random, sampler: tpe}\nspace: {train.lr: {choice: [1]}}\n",
+                            ["search.sampler", "random", "optuna"]),
+    "random with only lists": ("name: x\nsearch: random\nspace: {train.lr: [0.1, 0.2]}\n",
+                               ["search.type", "'random'", "choice"]),
+    "unknown scheduler": ("name: x\nscheduler: hyperband\nspace: {train.lr: [0.1]}\n",
+                          ["scheduler.type", "'hyperband'", "'asha'"]),
+    "asha with grid": ("name: x\nscheduler: asha\nspace: {train.lr: [0.1]}\n",
+                       ["scheduler.type", "'asha'", "grid", "fifo"]),
+    "asha on a final metric": ("name: x\nsearch: random\nscheduler: {type: asha, metric: winoground/text}\n"
+                               "space: {train.lr: {choice: [0.1]}}\n",
+                               ["scheduler.metric", "'winoground/text'", "loss/clip"]),
+    "grace period past the end": ("name: x\nsearch: random\nscheduler: {type: asha, grace_period: 500}\n"
+                                  "space: {train.lr: {choice: [0.1]}}\n",
+                                  ["scheduler.grace_period", "500", "200", "< 200"]),
+    "asha keys with fifo": ("name: x\nscheduler: {type: fifo, grace_period: 5}\nspace: {train.lr: [0.1]}\n",
+                            ["scheduler.grace_period", "5", "fifo", "asha"]),
+    "bad mode": ("name: x\nmode: maximise\nspace: {train.lr: [0.1]}\n", ["mode", "'maximise'", "'max'"]),
+    "unknown metric": ("name: x\nmetric: winoground/txt\nspace: {train.lr: [0.1]}\n",
+                       ["metric", "'winoground/txt'", "winoground/{text"]),
+    "seeds not a list": ("name: x\nseeds: 3\nspace: {train.lr: [0.1]}\n", ["seeds", "3", "a list"]),
+    "empty seeds": ("name: x\nseeds: []\nspace: {train.lr: [0.1]}\n", ["seeds", "[]", "non-empty"]),
+    "duplicate seeds": ("name: x\nseeds: [1, 1]\nspace: {train.lr: [0.1]}\n", ["seeds", "[1, 1]", "distinct"]),
+    "seeds and train.seed": ("name: x\nseeds: [1, 2]\nspace: {train.seed: [0, 1]}\n", ["space.train.seed", "seeds"]),
+    "negative cpu": ("name: x\nresources: {cpu: -1}\nspace: {train.lr: [0.1]}\n", ["resources.cpu", "-1", "> 0"]),
+    "fractional cpu above one": ("name: x\nresources: {cpu: 1.5}\nspace: {train.lr: [0.1]}\n",
+                                 ["resources.cpu", "1.5", "whole numbers"]),
+    "unknown resource": ("name: x\nresources: {memory: 4}\nspace: {train.lr: [0.1]}\n",
+                         ["resources.memory", "unknown key", "cpu", "gpu"]),
+    "negative max_concurrent": ("name: x\nmax_concurrent: -2\nspace: {train.lr: [0.1]}\n",
+                                ["max_concurrent", "-2", ">= 0"]),
+    "base not a mapping": ("name: x\nbase: toy\nspace: {train.lr: [0.1]}\n", ["base", "'toy'", "a mapping"]),
+    "bad base profile": ("name: x\nbase: {profile: huge}\nspace: {train.lr: [0.1]}\n",
+                         ["base.profile", "'huge'", "smoke", "paper"]),
+    "unknown base key": ("name: x\nbase: {parms: {}}\nspace: {train.lr: [0.1]}\n",
+                         ["base.parms", "unknown key", "params"]),
+    "unknown base param": ("name: x\nbase: {params: {train.lrr: 1}}\nspace: {train.lr: [0.1]}\n",
+                           ["base.params.train.lrr", "unknown key", "lr"]),
+    "bad base param value": ("name: x\nbase: {params: {train.steps: many}}\nspace: {train.lr: [0.1]}\n",
+                             ["base.params.train.steps", "'many'", "an integer"]),
+    "profile inside base params": ("name: x\nbase: {params: {profile: smoke}}\nspace: {train.lr: [0.1]}\n",
+                                   ["base.params.profile", "base.profile"]),
+    "trial breaks a cross-key rule": ("name: x\nspace: {objective.t_min: [10, 990]}\n",
+                                      ["trial t001", "objective.t_min=990", "must be below", "objective.t_max"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD), ids=list(BAD))
+def test_malformed_sweep_is_one_line_naming_key_value_and_allowed(case):
+    text, fragments = BAD[case]
+    with pytest.raises(ConfigError) as info:
+        sweep = parse(text)
+        sc.trials(sweep)
+    message = str(info.value)
+    assert "\n" not in message, message
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+
+
+def test_there_are_at_least_fifteen_kinds_of_malformed_file():
+    assert len(BAD) >= 15
+
+
+def test_file_level_problems_name_the_file(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError, match=r"nope\.yaml: file not found$"):
+        sc.load(missing, params())
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("name: x\nspace: {train.lr: [0.1\n")
+    with pytest.raises(ConfigError, match=r"broken\.yaml: line \d+ is not valid YAML$"):
+        sc.load(broken, params())
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("name: x\nspace: {train.lr: [0.1]}\nname: y\n")
+    with pytest.raises(ConfigError, match=r"dup\.yaml: line 3: duplicate key 'name'"):
+        sc.load(dup, params())
+
+
+# --------------------------------------------------------------------------- command line (no Ray, no MLflow)
+
+
+def _cli(*args, cwd=REPO):
+    return subprocess.run([str(PYTHON), "-m", "pipeline.sweep", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_help_explains_resume_address_dry_run_and_the_schema():
+    proc = _cli("--help")
+    assert proc.returncode == 0
+    for word in ("--dry-run", "--resume", "--address", "RAY_ADDRESS", "--retry-failed", "--storage", "space",
+                 "loguniform", "asha", "seeds", "resources", "max_concurrent", "storage_path", "exit status"):
+        assert word in proc.stdout, word
+
+
+def test_malformed_file_on_the_command_line_exits_2_with_one_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: x\nspace: {train.lr: [0.1, -1]}\n")
+    proc = _cli(path, "--dry-run")
+    assert proc.returncode == 2 and proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: space.train.lr[1]: -1"), proc.stderr
+
+
+def test_dry_run_prints_the_trials_without_importing_ray_or_mlflow(tmp_path):
+    probe = ("import sys, time; t = time.perf_counter(); from pipeline.sweep import main; "
+             "rc = main(['sweeps/table1.yaml', '--dry-run']); "
+             "print('RC', rc, 'RAY', 'ray' in sys.modules, 'MLFLOW', 'mlflow' in sys.modules, "
+             "'TORCH', 'torch' in sys.modules, 'SECONDS', round(time.perf_counter() - t, 2))")
+    proc = subprocess.run([str(PYTHON), "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "RC 0 RAY False MLFLOW False TORCH False" in out, out
+    assert "sweep table1" in out and "6 trials" in out and "t005" in out
+    assert "train.student" in out and "objective.lambda_sds" in out and "train.seed" in out
+
+
+def test_dry_run_of_optuna_lists_the_distributions():
+    proc = _cli("sweeps/optuna.yaml", "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert "objective.lambda_sds ~ loguniform(1e-05, 1)" in proc.stdout and "asha on loss/clip" in proc.stdout
+
+
+def test_profile_override_is_one_flag():
+    proc = _cli("sweeps/lambda.yaml", "--dry-run", "--profile", "paper")
+    assert proc.returncode == 0 and "profile paper" in proc.stdout
