@@ -6,7 +6,9 @@
 What it does:
 1. builds a smoke project in a temporary folder (or uses --root) with the stage mains;
 2. calibrates `train.steps` so that one smoke trial takes about --trial-seconds here (one
-   in-process fine-tune of 20 steps, with the torch threads a sweep trial gets);
+   in-process fine-tune of 25 steps, with the torch threads a sweep trial gets: --cpu, default 1;
+   on a machine shared with other work, 2 torch threads on 2 cores can be 10-50x slower per step
+   than 1, so 1 is also the steadier measurement);
 3. runs a 4-trial grid sweep (`objective.lambda_sds` x `train.scope`) as a subprocess, the way a
    user runs it (`python -m pipeline.sweep FILE`), on a fresh local Ray, and times it from
    process start to exit;
@@ -47,8 +49,14 @@ def build_project(root: Path) -> None:
             raise SystemExit(f"{stage.__name__} failed")
 
 
-def calibrate(root: Path, threads: int, steps: int = 20) -> tuple[float, float]:
-    """(seconds per training step, fixed seconds per trial) of a smoke trial with lambda 1e-3."""
+def calibrate(root: Path, threads: int, steps: int = 25) -> tuple[float, float]:
+    """(seconds per training step, fixed seconds per trial) of a smoke trial with lambda 1e-3.
+
+    The step time is the median gap between logged steps after the first five (warm-up);
+    the fixed part (loading, first steps, evaluation, logging) is the rest of the run.
+    """
+    import statistics
+
     import torch
 
     from pipeline.config import load
@@ -56,27 +64,31 @@ def calibrate(root: Path, threads: int, steps: int = 20) -> tuple[float, float]:
     from pipeline.tracking import Tracker
 
     torch.set_num_threads(threads)
-    cfg = load(root / "params.yaml", {"profile": "smoke", "train": {"steps": steps, "checkpoint_every": 10**6},
+    cfg = load(root / "params.yaml", {"profile": "smoke", "train": {"steps": steps, "checkpoint_every": 10**6,
+                                                                     "log_every": 1},
                                       "objective": {"lambda_sds": 1e-3},
                                       "tracking": {"uri": "sqlite:///calibration/mlflow.db"}})
+    stamps: list[float] = []
     start = time.perf_counter()
-    result = run_finetune(cfg, root / cfg.data.root, root / "models", root / cfg.cache.root, root / "calibration" / "run",
-                          Tracker(cfg.tracking, root), "calibration", 1e-3, progress=False)
+    run_finetune(cfg, root / cfg.data.root, root / "models", root / cfg.cache.root, root / "calibration" / "run",
+                 Tracker(cfg.tracking, root), "calibration", 1e-3, progress=False,
+                 on_log=lambda step, values: stamps.append(time.perf_counter()))
     total = time.perf_counter() - start
-    per_step = result["metrics"]["time/train_seconds"] / steps
-    return per_step, total - result["metrics"]["time/train_seconds"]
+    per_step = statistics.median(b - a for a, b in zip(stamps[5:], stamps[6:]))
+    return per_step, total - per_step * steps
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--root", type=Path, help="an already built smoke project (default: build one in a temp dir)")
     p.add_argument("--trial-seconds", type=float, default=30.0, help="target length of one trial (default 30)")
-    p.add_argument("--concurrent", type=int, default=1, help="trials at once (default 1; each gets 2/concurrent CPUs)")
+    p.add_argument("--concurrent", type=int, default=1, help="trials at once (default 1)")
+    p.add_argument("--cpu", type=int, default=1, help="CPUs (= torch threads) per trial (default 1)")
     p.add_argument("--keep", action="store_true", help="keep the temporary project")
     args = p.parse_args(argv)
 
     cpus = os.cpu_count() or 1
-    per_trial_cpu = max(1, cpus // args.concurrent)
+    per_trial_cpu = args.cpu
     root = args.root or Path(tempfile.mkdtemp(prefix="sweep-bench-"))
     try:
         if not (root / "cache").exists():
@@ -86,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         per_step, fixed = calibrate(root, per_trial_cpu)
         steps = max(10, round((args.trial_seconds - fixed) / per_step))
         steps = -(-steps // 10) * 10
+        load = os.getloadavg()[0]
         print(f"calibration: {per_step * 1000:.0f} ms per step, {fixed:.1f} s fixed per trial "
               f"-> train.steps {steps} for ~{args.trial_seconds:.0f} s trials")
 
@@ -122,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         ideal_no_imports = (own_total - imports) / args.concurrent
         timing = summary["timing"]
         print(f"\n{len(trials)}-trial smoke grid, {steps} steps each, {args.concurrent} at a time, "
-              f"{per_trial_cpu} CPU(s) / torch threads per trial, on {cpus} CPU cores")
+              f"{per_trial_cpu} CPU(s) / torch threads per trial, on {cpus} CPU cores "
+              f"(1-min load average before / after: {load:.1f} / {os.getloadavg()[0]:.1f})")
         print(f"  {'trial':6} {'in trial':>9} {'imports':>8} {'in report':>10} {'own':>8}")
         for label, total, imp, rep, own in rows:
             print(f"  {label:6} {total:8.1f}s {imp:7.1f}s {rep:9.2f}s {own:7.1f}s")

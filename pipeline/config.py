@@ -128,7 +128,8 @@ class TeacherConfig:
     max_length: int = field(default=16, metadata=_check(ge=8, le=77, doc="text tokens"))
     vae_steps: int = field(default=600, metadata=nonneg())
     unet_steps: int = field(default=1500, metadata=nonneg())
-    batch_size: int = field(default=64, metadata=positive())
+    batch_size: int = field(default=64, metadata=positive(doc="UNet training batch"))
+    vae_batch_size: int = field(default=32, metadata=positive())
     lr: float = field(default=1e-3, metadata=positive())
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
     seed: int = 0

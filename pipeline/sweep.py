@@ -125,10 +125,7 @@ def prepare(args: argparse.Namespace) -> tuple[sweep_config.Sweep, Path]:
     if args.max_concurrent is not None and args.max_concurrent < 0:
         raise ConfigError(f"--max-concurrent: {args.max_concurrent} is out of range; allowed: >= 0")
     params_path = args.params.resolve()
-    try:
-        params = sweep_config.read_yaml(params_path)
-    except ConfigError as err:
-        raise ConfigError(str(err).replace(" line", ": line", 1) if "YAML" in str(err) else str(err)) from None
+    params = sweep_config.read_yaml(params_path)
     sweep = sweep_config.load(args.sweep, params, args.profile)
     if args.max_concurrent is not None:
         sweep.max_concurrent = args.max_concurrent
@@ -237,7 +234,8 @@ def trial_name(trial) -> str:
 
 
 def trial_dirname(trial) -> str:
-    return f"{trial_name(trial)}-{trial.trial_id}"
+    name = trial_name(trial)
+    return trial.trial_id if name == trial.trial_id else f"{name}-{trial.trial_id}"
 
 
 def run_trial(config: dict, context: dict) -> None:
@@ -284,6 +282,8 @@ def run_trial(config: dict, context: dict) -> None:
             found = tracker.runs([state["run_id"]])[0]
         except Exception:                                 # deleted from MLflow meanwhile: look it up by tag
             found = None
+        if found is not None and found["tags"].get("trial_id") != trial_id:
+            found = None
     if found is None:
         matches = tracker.find_runs(context["experiment"], tags={"trial_id": trial_id}, parent=context["parent_run_id"])
         found = matches[-1] if matches else None              # the oldest, should there ever be two
@@ -296,7 +296,8 @@ def run_trial(config: dict, context: dict) -> None:
 
     name = f"{context['sweep']} {label}: {sweep_config.describe(values)}"
     tags = {"sweep": context["sweep"], "sweep_role": "trial", "trial_id": trial_id, "trial": label,
-            "profile": context["profile"], "stage": "sweep", "git_commit": context["git_commit"]}
+            "profile": context["profile"], "stage": "sweep", "git_commit": context["git_commit"],
+            "spec_hash": context["spec_hash"]}
     if found is None:
         run = tracker.start(name, params=values, tags={**tags, "status": "running", "attempts": 0},
                             parent=context["parent_run_id"], experiment=context["experiment"])
@@ -435,6 +436,12 @@ class Driver:
             run = self.tracker.resume(resumed["run_id"])
             run.set_tags({"status": "running", "resumes": int(resumed["tags"].get("resumes", "0")) + 1})
             return run, resumed["tags"]["ray_path"]
+        unfinished = [r for r in self.tracker.find_runs(self.experiment, tags={"sweep_role": "parent"})
+                      if r["status"] == "RUNNING"]
+        if unfinished:
+            print(f"note: launch {unfinished[0]['run_id']} of sweep {sweep.name!r} is still RUNNING in MLflow "
+                  "(another driver, or one that died: `--resume` continues it); starting a new launch",
+                  file=sys.stderr)
         stamp = time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid() % 10000:04d}"
         launch = f"{sweep.name}-{stamp}"
         ray_path = f"{storage_root(sweep, self.root, self.args.storage)}/{launch}"
@@ -449,16 +456,30 @@ class Driver:
             pass
         return run, ray_path
 
-    def init_ray(self) -> None:
+    @property
+    def address(self) -> str | None:
         address = self.args.address or os.environ.get("RAY_ADDRESS")
-        cluster = bool(address) and address != "local"
-        if cluster and "RAY_AUTH_MODE" not in os.environ and "ray" not in sys.modules:
+        return address if address and address != "local" else None
+
+    def ray_environment(self) -> None:
+        """Environment Ray reads when it is imported: call before anything imports ray."""
+        if self.address and "RAY_AUTH_MODE" not in os.environ and "ray" not in sys.modules:
             # `ray start` turns token auth on, but a driver joining a cluster defaults to RAY_AUTH_MODE
-            # 'disabled' (read when ray is imported) and is refused: present the token when there is one
-            # (a cluster without auth accepts it too).
+            # 'disabled' and is refused: present the token when there is one (a cluster without auth
+            # accepts it too).
             if (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
                     or (Path.home() / ".ray" / "auth_token").is_file()):
                 os.environ["RAY_AUTH_MODE"] = "token"
+        # Intermediate results carry the per-step losses, not the final metric the searcher optimises.
+        os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+        # Ray's own console tables: off (verbose=0 below); this driver prints one line per trial.
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+        # A checkpoint per trial kept (num_to_keep) forces an experiment snapshot: wanted, for --resume.
+        os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+
+    def init_ray(self) -> None:
+        address = self.address
+        cluster = address is not None
         import ray
 
         if ray.is_initialized():
@@ -510,7 +531,7 @@ class Driver:
         context = {
             "root": str(self.root), "params": sweep.params, "overrides": sweep.overrides,
             "experiment": self.experiment, "tracking_uri": self.uri, "parent_run_id": parent_id,
-            "sweep": sweep.name, "profile": sweep.profile, "git_commit": self.commit,
+            "sweep": sweep.name, "profile": sweep.profile, "git_commit": self.commit, "spec_hash": sweep.spec_hash(),
             "threads": max(1, int(sweep.resources.cpu)), "space": list(sweep.space), "repeats": sweep.repeats,
         }
         fn = tune.with_parameters(run_trial, context=context)
@@ -560,12 +581,7 @@ class Driver:
         )
 
     def run(self) -> int:
-        # Intermediate results carry the per-step losses, not the final metric the searcher optimises.
-        os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-        # Ray's own console tables: off (verbose=0 below); this driver prints one line per trial.
-        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-        # A checkpoint per trial kept (num_to_keep) forces an experiment snapshot: wanted, for --resume.
-        os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+        self.ray_environment()
         t0 = time.perf_counter()
         resumed = self.launch_to_resume()
         warm = threading.Thread(target=self.warm_up, name="sweep-warm-up", daemon=True)
@@ -652,13 +668,13 @@ class Driver:
                     parent=parent_id, experiment=self.experiment,
                     tags={"sweep": self.sweep.name, "sweep_role": "trial", "trial_id": trial.trial_id,
                           "trial": row.label, "profile": self.sweep.profile, "stage": "sweep",
-                          "git_commit": self.commit, "attempts": 0})
+                          "git_commit": self.commit, "spec_hash": self.sweep.spec_hash(), "attempts": 0})
                 run = {"run_id": handle.run_id, "status": "RUNNING", "tags": {}, "metrics": {}}
             if run is not None:
                 row.run_id = run["run_id"]
                 handle = self.tracker.run(run["run_id"])
                 tags = {"status": status}
-                if row.failure:
+                if row.failure or run["tags"].get("failure"):     # (a retried trial that now finished: cleared)
                     tags["failure"] = row.failure
                 if any(run["tags"].get(k) != str(v) for k, v in tags.items()):
                     handle.set_tags(tags)

@@ -74,6 +74,8 @@ METRICS_ALLOWED = ("winoground/{text,image,group}[/{object,relation,both,preds_1
                    "aro/{overall,vg_relation,vg_attribution,coco_order}, zeroshot/{mean,<set>}, "
                    "loss/{clip,total,sds,unet_feature}")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+# Keys of params.yaml that are not part of a trial's Config: the DVC `sweep` stage's list of sweep files.
+NOT_CONFIG_KEYS = ("sweeps",)
 
 
 # --------------------------------------------------------------------------- the typed file
@@ -347,6 +349,8 @@ def load(path: str | Path, params: dict, profile: str | None = None) -> Sweep:
 
 
 def parse(raw: Any, params: dict, profile: str | None = None, source: str = "") -> Sweep:
+    if isinstance(params, dict):
+        params = {k: v for k, v in params.items() if k not in NOT_CONFIG_KEYS}
     if raw is None:
         raise ConfigError("the sweep file is empty; it needs at least `name` and `space`")
     if not isinstance(raw, dict):

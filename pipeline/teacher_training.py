@@ -26,7 +26,7 @@ def train_vae(teacher: Teacher, pixels: torch.Tensor, cfg: TeacherConfig, genera
     vae = teacher.vae.train().requires_grad_(True)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr)
     for _ in tqdm(range(cfg.vae_steps), desc="teacher VAE", leave=False):
-        batch = pixels[torch.randint(len(pixels), (cfg.batch_size,), generator=generator)]
+        batch = pixels[torch.randint(len(pixels), (cfg.vae_batch_size,), generator=generator)]
         posterior = vae.encode(batch).latent_dist
         recon = vae.decode(posterior.sample(generator=generator)).sample
         loss = F.mse_loss(recon, batch) + KL_WEIGHT * posterior.kl().mean()

@@ -308,6 +308,21 @@ def test_spacy_tagger_missing_is_named(tmp_path, monkeypatch):
     assert "pip install spacy" in problem.message and "en_core_web_sm" in problem.message
 
 
+def test_a_dataset_inside_data_root_is_refused(tmp_path):
+    (tmp_path / "data" / "coco" / "train2017").mkdir(parents=True)
+    cfg = DataConfig(source="paper", coco_images="data/coco/train2017", aro_sets=[], zeroshot_sets=[])
+    [problem] = [p for p in paper.problems(cfg, tmp_path) if p.key == "data.coco_images"]
+    assert "is inside data.root" in problem.message and "replaces" in problem.message
+
+
+def test_help_is_not_taken_for_a_run(tmp_path):
+    params = paper_params(tmp_path)
+    assert paper.preflight(["--params", str(params), "--help"]) is None
+    assert paper.preflight(["--params", str(params)]) == 2
+    assert paper.preflight(["--params", str(params), "--profile", "toy"]) is None
+    assert paper.preflight(["--params", str(tmp_path / "absent.yaml")]) is None  # the full command reports it
+
+
 def test_hub_id_or_local_folder(tmp_path):
     assert paper.is_hub_id("facebook/winoground", tmp_path)
     assert not paper.is_hub_id("./facebook/winoground", tmp_path)

@@ -306,3 +306,63 @@ def test_hub_failure_of_the_teacher_is_one_line(tmp_path, monkeypatch):
     message = str(err.value)
     assert "\n" not in message and message.startswith("teacher.pretrained: cannot load 'CompVis/stable-diffusion-v1-4'")
     assert message.endswith("see README: Running the paper profile")
+
+
+# ---------------------------------------------------------------- one real SDS step at full size (GPU only)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("repo", list(TEACHERS))
+def test_one_full_size_sds_step_on_gpu(repo):
+    """ViT-B/16 at 224 px, batch 32, h_w -> the full latent, the full UNet, L_CLIP + lambda L_SDS, one AdamW
+    step over the LayerNorm scope (random weights). Prints the step time and peak memory:
+    `pytest -m gpu tests/test_paper_models.py -s`."""
+    import time
+
+    from pipeline.objectives import clip_loss, sample_timesteps
+
+    device = torch.device("cuda")
+    teacher = paper.random_teacher(repo, device="cpu", parts=("unet", "text_encoder"))  # the VAE stays on meta
+    teacher.unet.to(device)
+    teacher.text_encoder.to(device)
+    student = paper.random_student("ViT-B-16-quickgelu", "openai", device="cpu")
+    model = student.model.to(device).train()
+    model.requires_grad_(False)
+    h_w = LatentProjection(512, teacher.latent_shape).to(device)
+    params = layernorm_parameters(model) + list(h_w.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=5e-5)
+    batch = 32
+    captions = [f"a photo of thing number {i}" for i in range(batch)]
+    with torch.no_grad():
+        ids = teacher.tokenizer(captions, padding="max_length", max_length=77, truncation=True,
+                                return_tensors="pt").input_ids.to(device)
+        conditioning = teacher.text_encoder(ids)[0]
+    tokens = student.tokenizer(captions).to(device)
+
+    def step():
+        images = torch.randn(batch, 3, 224, 224, device=device)
+        image_features, text_features, logit_scale = model(images, tokens)[:3]
+        t = sample_timesteps(batch, 20, 980).to(device)
+        noise = torch.randn(batch, *teacher.latent_shape, device=device)
+        sds = sds_loss(h_w(image_features), conditioning, teacher.unet, teacher.scheduler, t, noise)
+        loss = clip_loss(image_features, text_features, logit_scale) + 1e-3 * sds.loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return float(loss)
+
+    teacher.scheduler.alphas_cumprod = teacher.scheduler.alphas_cumprod.to(device)
+    step()  # warm-up (kernels, allocator)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    losses = [step() for _ in range(3)]
+    torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / 3
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    print(f"\n{repo}: SDS step, ViT-B/16, batch {batch}, latent {teacher.latent_shape}: "
+          f"{seconds:.3f} s/step, peak {peak:.1f} GiB on {torch.cuda.get_device_name()}")
+    assert all(math.isfinite(v) for v in losses)

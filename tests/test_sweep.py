@@ -235,6 +235,8 @@ base:
 space:
   train.student: [toy-vit, ghost]
   objective.latent_scale: [1.0, 1e300]     # 1e300 overflows float32: the SDS loss is NaN at step 0
+resources: {cpu: 0.5}                      # all four at once (an errored trial's worker is not reused)
+max_concurrent: 4
 """
 
 
@@ -273,7 +275,7 @@ KILL = """
 name: killed
 base:
   profile: smoke
-  params: {train.steps: 30, train.checkpoint_every: 5}
+  params: {train.steps: 20, train.checkpoint_every: 4}
 space:
   objective.lambda_sds: [0, 1e-3]
   train.scope: [layernorm, full]
@@ -303,7 +305,7 @@ def test_sigkill_of_the_driver_then_resume_finishes_with_one_run_per_trial(proje
             kids = children(tr, parents[0]["run_id"])
             done = [k for k in kids if k["status"] == "FINISHED"]
             midway = [k for k in kids if k["status"] == "RUNNING"
-                      and max((s for s, _ in tr.metric_history(k["run_id"], "loss/total")), default=0) >= 8]
+                      and max((s for s, _ in tr.metric_history(k["run_id"], "loss/total")), default=0) >= 6]
             if done and midway:
                 break
         leftovers = psutil.Process(driver.pid).children(recursive=True)
@@ -343,11 +345,11 @@ def test_sigkill_of_the_driver_then_resume_finishes_with_one_run_per_trial(proje
         assert again["end_time"] == before[trial_id]["end_time"] and again["tags"]["attempts"] == "1"
     resumed = [k for t, k in by_id.items() if t in before and t not in finished_before]
     assert resumed and all(k["tags"]["attempts"] == "2" for k in resumed)
-    assert any(int(k["tags"]["resumed_from_step"]) >= 5 for k in resumed), \
+    assert any(int(k["tags"]["resumed_from_step"]) >= 4 for k in resumed), \
         [k["tags"]["resumed_from_step"] for k in resumed]  # restarted from its checkpoint, not from step 0
     for kid in after:
         steps = [s for s, _ in tr.metric_history(kid["run_id"], "loss/clip")]
-        assert max(steps) == 30 and "winoground/text" in kid["metrics"]
+        assert max(steps) == 20 and "winoground/text" in kid["metrics"]
 
 
 # --------------------------------------------------------------------------- a separate Ray head

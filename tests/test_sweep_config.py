@@ -317,3 +317,30 @@ def test_dry_run_of_optuna_lists_the_distributions():
 def test_profile_override_is_one_flag():
     proc = _cli("sweeps/lambda.yaml", "--dry-run", "--profile", "paper")
     assert proc.returncode == 0 and "profile paper" in proc.stdout
+
+
+def test_sweep_stage_checks_every_listed_file_before_running_any(tmp_path, capsys):
+    from stages import sweep as stage
+
+    raw = params()
+    raw["sweeps"] = ["good.yaml", "bad.yaml"]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    (tmp_path / "good.yaml").write_text("name: good\nspace: {train.lr: [0.1]}\n")
+    (tmp_path / "bad.yaml").write_text("name: bad\nspace: {train.lr: [0.1, -1]}\n")
+    assert stage.main(["--params", str(tmp_path / "params.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bad.yaml: space.train.lr[1]: -1" in err[0]
+    assert not (tmp_path / "results").exists() and not (tmp_path / "mlruns").exists()
+
+    raw.pop("sweeps")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    assert stage.main(["--params", str(tmp_path / "params.yaml")]) == 2
+    assert "sweeps: missing" in capsys.readouterr().err
+
+
+def test_the_params_files_sweep_list_is_not_part_of_a_trials_config():
+    raw = params()
+    raw["sweeps"] = ["sweeps/lambda.yaml"]
+    sweep = sc.parse({"name": "x", "space": {"train.lr": [0.1]}}, raw)
+    assert sweep.config({"train.lr": 0.1}).train.lr == 0.1
+    assert sweep.spec_hash() == sc.parse({"name": "x", "space": {"train.lr": [0.1]}}, params()).spec_hash()

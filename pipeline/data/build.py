@@ -48,7 +48,8 @@ def build_toy(cfg: DataConfig, out: Path) -> None:
                           "collapsed_tag": task.collapsed_tag,
                           "image_0_pil": tw.render_scene(task.scene_0, size),
                           "image_1_pil": tw.render_scene(task.scene_1, size)})
-        winoground.write_winoground(root / "winoground", tasks)
+        # Extracted, as the release reads once unzipped: a zip would be unpacked inside data/ later.
+        winoground.write_winoground(root / "winoground", tasks, extracted=True)
 
         vg_images = root / "aro" / "images"
         full_box = {"bbox_x": 0, "bbox_y": 0, "bbox_w": size, "bbox_h": size}

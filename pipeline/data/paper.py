@@ -93,14 +93,22 @@ def is_hub_id(value: str, base: Path) -> bool:
 
 
 def problems(cfg: DataConfig, base: Path) -> list[Problem]:
-    """Every missing input of the paper profile, in the order the data stage needs them (paths only)."""
+    """Every missing input of the paper profile, in the order the data stage needs them (paths only).
+
+    A dataset inside `data.root` counts as a problem too: the data stage replaces that folder.
+    """
     found: list[Problem] = []
+    out = resolve_path(cfg.root, base).resolve()
 
     def need(key: str, value: str, relative: str, what: str, kind: str = "any") -> None:
         if not value:
             found.append(Problem(key, f"not set ({what})"))
             return
         root = resolve_path(value, base)
+        if root.resolve().is_relative_to(out):
+            found.append(Problem(key, f"{root} is inside data.root ({out}), which the data stage replaces; "
+                                      "keep the datasets elsewhere"))
+            return
         options = [root / r if r else root for r in relative.split("|")]
         checks = {"file": Path.is_file, "dir": Path.is_dir, "any": Path.exists}
         if not any(checks[kind](p) for p in options):
@@ -163,6 +171,9 @@ def preflight(argv: list[str] | None = None) -> int | None:
     None means "go on": the toy profile, every paper input present, or an argument or
     config error, which the full command line (`pipeline.cli.run`) then reports as usual.
     """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "-h" in argv or "--help" in argv:
+        return None
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--params", default="params.yaml", type=Path)
     parser.add_argument("--profile")

@@ -126,7 +126,7 @@ def materialise(name: str, root: Path, out: Path) -> int:
     for i, (path, label) in enumerate(tqdm(items, desc=f"zero-shot {name}", leave=False)):
         stem = out / folders[label] / f"{i:0{image_width}d}"
         if path is not None:
-            if not path.suffix.lower() in IMAGE_EXTENSIONS:
+            if path.suffix.lower() not in IMAGE_EXTENSIONS:
                 raise DataFormatError(path, "", None, f"{name}: not an image file ImageFolder reads")
             os.symlink(path.resolve(), stem.with_suffix(path.suffix))
         else:

@@ -1,0 +1,84 @@
+"""DVC stage `sweep`: run every sweep file that params.yaml lists under `sweeps` through `pipeline.sweep`.
+
+    python -m stages.sweep                         # the files listed in params.yaml's `sweeps`
+    python -m stages.sweep sweeps/lambda.yaml      # or these
+
+Every file is validated before the first one runs. Each sweep writes
+`results/sweep-<name>.json` (parent run id, child run ids, statuses, metrics) and the stage
+writes `results/sweeps.json` (sweep name -> file, MLflow experiment, parent run id, exit
+status), which the report stage reads to find the sweeps' runs in MLflow. Exit status: 0,
+or the worst of the sweeps' (1: a trial failed; 2: bad input; 130: interrupted).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pipeline import sweep as driver
+from pipeline import sweep_config
+from pipeline.config import ConfigError
+from pipeline.io import write_json
+
+LIST_KEY = "sweeps"
+
+
+def sweep_files(params: dict, given: list[Path], root: Path) -> list[Path]:
+    if given:
+        return given
+    listed = params.get(LIST_KEY) if isinstance(params, dict) else None
+    if listed is None:
+        raise ConfigError(f"{LIST_KEY}: missing from the params file; list the sweep files to run, "
+                          "e.g. sweeps: [sweeps/lambda.yaml]")
+    if not isinstance(listed, list) or not all(isinstance(f, str) and f for f in listed):
+        raise ConfigError(f"{LIST_KEY}: {listed!r} is not allowed; expected a list of sweep file paths")
+    return [root / f for f in listed]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("files", nargs="*", type=Path, help="sweep files (default: params.yaml's `sweeps`)")
+    p.add_argument("--params", type=Path, default=Path("params.yaml"), help="parameter file (default: params.yaml)")
+    p.add_argument("--profile", choices=("smoke", "toy", "paper"), help="override every sweep's base.profile")
+    p.add_argument("--address", metavar="HOST:PORT", help="Ray cluster to run on (default: $RAY_ADDRESS or local)")
+    args = p.parse_args(argv)
+    params_path = args.params.resolve()
+    root = params_path.parent
+    try:
+        params = sweep_config.read_yaml(params_path)
+        files = sweep_files(params, args.files, root)
+        sweeps = []
+        for path in files:                                                    # all checked before any runs
+            try:
+                sweeps.append(sweep_config.load(path, params, args.profile))
+            except ConfigError as err:
+                text = str(err)
+                raise ConfigError(text if text.startswith(str(path)) else f"{path}: {text}") from None
+        names = [s.name for s in sweeps]
+        if len(set(names)) != len(names):
+            dup = next(n for n in names if names.count(n) > 1)
+            raise ConfigError(f"{LIST_KEY}: two sweep files are named {dup!r}; each sweep needs its own name")
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return driver.EXIT_USAGE
+
+    summary, worst = {}, 0
+    for path, sweep in zip(files, sweeps):
+        results = root / "results" / f"sweep-{sweep.name}.json"
+        extra = (["--profile", args.profile] if args.profile else []) + (["--address", args.address] if args.address else [])
+        code = driver.main([str(path), "--params", str(params_path), "--results", str(results), *extra])
+        entry = {"file": str(path.relative_to(root) if path.is_relative_to(root) else path), "exit": code}
+        if results.is_file():
+            done = json.loads(results.read_text())
+            entry.update({"experiment": done["experiment"], "parent_run_id": done["parent_run_id"],
+                          "counts": done["counts"], "best_run_id": done["best"]})
+        summary[sweep.name] = entry
+        worst = max(worst, code)
+    write_json(root / "results" / "sweeps.json", summary)
+    return worst
+
+
+if __name__ == "__main__":
+    sys.exit(main())

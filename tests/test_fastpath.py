@@ -1,0 +1,334 @@
+"""The fast path keeps the numbers: loss and gradients against the plain path, on the CPU at small size.
+
+Models: the bench's reduced UNet (Stable Diffusion v1-4's block structure: 3 cross-attention
+down blocks + 1 plain, mid block, 1 plain + 3 cross-attention up blocks, 2 layers each,
+8 heads; channels 32/64/64/64) at 8 x 8 latents with 77-token conditioning, and the
+project's toy open_clip student, put together by `pipeline.train.setup` (LayerNorm scope + h_w).
+Lambda is 1 here (the paper's 1e-3 would hide the SDS term in the LayerNorm gradients).
+
+Tolerances, and why:
+- fp32 options (SDPA vs the classic attention, channels-last, gradient checkpointing,
+  the batched diffusion score): the same arithmetic up to the order of float32 sums, so
+  relative errors of 1e-5 (losses, scores) and 1e-4 (gradients, per tensor) — measured:
+  <= 1e-7 on the losses, <= 3e-6 on any gradient tensor.
+  Gradient checkpointing recomputes the very same kernels: gradients equal to 1e-6
+  (measured: bit-identical).
+- bf16 autocast (allowed on the CPU; slow there, fast on GPUs): bf16 keeps 8 mantissa bits,
+  unit roundoff u = 2^-8 ~ 3.9e-3. The losses are reductions done in fp32 over bf16
+  activations: relative error bound 1e-2 (~2.5u; measured 1.4e-3 for L_CLIP, 2.3e-4 for
+  L_SDS). Gradients pass through every layer of the UNet's backward in bf16 and the
+  CLIP gradient is a difference of nearly equal softmax terms, so errors compound:
+  relative L2 error of all trainable gradients together and of h_w's gradient (which is
+  L_SDS's alone) at most 0.1 (~25u; measured 2.5e-2 and 3.4e-2; the worst single
+  LayerNorm tensor 4.7e-2), and cosine similarity at least 0.99 (measured 0.9997). The
+  h_w bound still catches a wrong computation: the same step with another draw of
+  (t, eps) moves h_w's gradient by ~100% (checked below).
+  With `autocast_student=False` (UNet only in bf16) L_CLIP is exact and the trainable
+  gradients together are within 1e-2 (measured 2.6e-3).
+"""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from pipeline import bench, objectives, train
+from pipeline.cache import open_table, write_table
+from pipeline.config import EvalConfig, ObjectiveConfig, StudentConfig, TrainConfig
+from pipeline.data.records import ImageCaption
+from pipeline.evaluate import DiffusionScorer, image_key
+from pipeline.fastpath import (FastDiffusionScorer, FastPath, _calls, batched_diffusion_errors, image_groups,
+                               loss_step, prepare_student, prepare_teacher_unet)
+from pipeline.models.student import build_toy_student
+from pipeline.models.teacher import SD_SCHEDULE, Teacher
+
+torch.set_num_threads(1)  # tiny models on 2 shared cores: more threads cost more than they save
+
+REPO = Path(__file__).resolve().parents[1]
+SIZE = 32
+N = 4  # batch
+STUDENT = StudentConfig(embed_dim=32, vision_width=64, vision_layers=2, vision_heads=2, text_width=32,
+                        text_layers=1, text_heads=2)
+UNET = {**bench.REDUCED_UNET, "sample_size": 8}  # 8 GroupNorm groups: see bench.REDUCED_UNET
+TOKENS, WIDTH = bench.TEXT_TOKENS, UNET["cross_attention_dim"]
+
+# The bounds of the module docstring.
+FP32_LOSS_RTOL, FP32_GRAD_RTOL = 1e-5, 1e-4
+BF16_LOSS_RTOL, BF16_GRAD_RTOL, BF16_MIN_COSINE = 1e-2, 0.1, 0.99
+
+
+def make_teacher(prediction_type: str = "epsilon") -> Teacher:
+    unet = bench.build_unet(UNET, "cpu", seed=1)
+    return Teacher(unet, None, None, None, DDPMScheduler(**SD_SCHEDULE, prediction_type=prediction_type))
+
+
+@pytest.fixture(scope="module")
+def teacher() -> Teacher:
+    return make_teacher()
+
+
+@pytest.fixture(scope="module")
+def world():
+    g = torch.Generator().manual_seed(0)
+    captions = [f"caption {i}" for i in range(N)]
+    pairs = [ImageCaption(Path(f"/bench/{i}.png"), c) for i, c in enumerate(captions)]
+    shape = (UNET["in_channels"], UNET["sample_size"], UNET["sample_size"])
+    return {
+        "captions": captions,
+        "pairs": pairs,
+        "latents": bench.MemoryTable([image_key(p.image) for p in pairs], torch.randn(N, *shape, generator=g)),
+        "conditioning": bench.MemoryTable(captions, torch.randn(N, TOKENS, WIDTH, generator=g)),
+        "images": torch.randn(N, 3, SIZE, SIZE, generator=g),
+        "rows": torch.arange(N),
+    }
+
+
+def run_step(teacher, world, opts: FastPath | None, seed: int = 0, reference: bool = False, scope: str = "layernorm",
+             **objective):
+    """One loss + backward from a fresh trial built by `train.setup`; (losses, gradients of the trainable params)."""
+    student = build_toy_student(STUDENT, SIZE)
+    trial = train.setup(TrainConfig(scope=scope, batch_size=N, steps=4), ObjectiveConfig(**objective), student,
+                        world["pairs"], 1.0, teacher, world["conditioning"],
+                        world["latents"] if scope == "unet_feature" else None)
+    trial.generator.manual_seed(seed)
+    unet_opts = opts or FastPath.default_for("cpu")
+    prepare_teacher_unet(teacher.unet, unet_opts)
+    prepare_student(student.model, unet_opts)
+    tokens = student.tokenizer(world["captions"])
+    args = (trial, world["images"], tokens, world["rows"], world["rows"])
+    losses = train.loss_step(*args) if reference else loss_step(*args, opts=opts)
+    losses["total"].backward()
+    grads = {name: p.grad.detach().clone() for name, p in trial.params.items()}
+    prepare_teacher_unet(teacher.unet, FastPath.default_for("cpu"))  # back to the CPU default for the next test
+    return {k: v.detach() for k, v in losses.items()}, grads
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def flat(grads: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([g.flatten() for _, g in sorted(grads.items())])
+
+
+@pytest.fixture(scope="module")
+def reference(teacher, world):
+    """`pipeline.train.loss_step` as the trainer runs it today (fp32, eager)."""
+    return run_step(teacher, world, None, reference=True)
+
+
+# --------------------------------------------------------------------------- options
+
+
+def test_defaults_and_overrides():
+    assert FastPath.default_for("cpu").autocast == "none" and not FastPath.default_for("cpu").compile
+    cuda = FastPath.default_for("cuda")
+    assert (cuda.autocast, cuda.sdpa, cuda.channels_last, cuda.batched_score) == ("bf16", True, True, True)
+    assert cuda.compile_mode == "default" and not cuda.gradient_checkpointing
+    assert FastPath.default_for("cpu", fast=True).autocast == "bf16"
+    plain = FastPath.plain()
+    assert (plain.autocast, plain.sdpa, plain.batched_score, plain.compile_mode) == ("none", False, False, None)
+    opts = cuda.with_overrides("compile=off:ckpt=on:autocast=fp16")
+    assert (opts.compile, opts.gradient_checkpointing, opts.autocast) == (False, True, "fp16")
+    assert cuda.with_overrides("compile=max-autotune").compile_mode == "max-autotune"
+    with pytest.raises(ValueError):
+        FastPath(autocast="fp8")
+    with pytest.raises(ValueError):
+        cuda.with_overrides("turbo=on")
+    with pytest.raises(ValueError):
+        FastPath(compile="fastest")
+
+
+# --------------------------------------------------------------------------- training step
+
+
+def test_loss_step_is_the_trainers_on_the_cpu_default(teacher, world, reference):
+    """fastpath.loss_step with the CPU default is train.loss_step: same draws, same numbers, bit for bit."""
+    losses, grads = run_step(teacher, world, FastPath.default_for("cpu"))
+    ref_losses, ref_grads = reference
+    assert set(losses) == set(ref_losses) == {"clip", "sds", "total"}
+    for key in losses:
+        assert torch.equal(losses[key], ref_losses[key]), key
+    for name in ref_grads:
+        assert torch.equal(grads[name], ref_grads[name]), name
+    assert any(name.startswith("h_w.") for name in grads) and len(grads) > 2
+
+
+@pytest.mark.parametrize("scope, objective", [
+    ("layernorm", {"gradient": "sds"}), ("layernorm", {"noising": "none", "latent_scale": 0.5}), ("unet_feature", {}),
+], ids=["sds-gradient", "no-noising", "unet-feature"])
+def test_loss_step_is_the_trainers_for_every_objective(teacher, world, scope, objective):
+    ref_losses, ref_grads = run_step(teacher, world, None, reference=True, scope=scope, **objective)
+    losses, grads = run_step(teacher, world, FastPath.default_for("cpu"), scope=scope, **objective)
+    assert set(losses) == set(ref_losses)
+    for key in losses:
+        assert torch.equal(losses[key], ref_losses[key]), key
+    for name in ref_grads:
+        assert torch.equal(grads[name], ref_grads[name]), name
+
+
+@pytest.mark.parametrize("opts", [FastPath.plain(), FastPath.default_for("cpu").replace(channels_last=True)],
+                         ids=["classic-attention", "channels-last"])
+def test_fp32_options_keep_loss_and_gradients(teacher, world, reference, opts):
+    losses, grads = run_step(teacher, world, opts)
+    ref_losses, ref_grads = reference
+    for key in ref_losses:
+        assert math.isclose(losses[key], ref_losses[key], rel_tol=FP32_LOSS_RTOL), key
+    for name in ref_grads:
+        assert rel(grads[name], ref_grads[name]) <= FP32_GRAD_RTOL, name
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(teacher, world, reference):
+    opts = FastPath.default_for("cpu").replace(gradient_checkpointing=True)
+    losses, grads = run_step(teacher, world, opts)
+    assert teacher.unet.is_gradient_checkpointing is False  # run_step restored the default
+    ref_losses, ref_grads = reference
+    for key in ref_losses:
+        assert math.isclose(losses[key], ref_losses[key], rel_tol=1e-6), key
+    for name in ref_grads:
+        assert torch.allclose(grads[name], ref_grads[name], rtol=1e-6, atol=0), name
+
+
+def test_bf16_autocast_within_tolerance(teacher, world, reference):
+    ref_losses, ref_grads = reference
+    opts = FastPath.default_for("cpu", fast=True).replace(channels_last=True)
+    assert opts.autocast == "bf16"
+    losses, grads = run_step(teacher, world, opts)
+    for key in ref_losses:
+        assert torch.isfinite(losses[key]) and losses[key].dtype == torch.float32, key
+        assert math.isclose(losses[key], ref_losses[key], rel_tol=BF16_LOSS_RTOL), (key, losses[key], ref_losses[key])
+    assert rel(flat(grads), flat(ref_grads)) <= BF16_GRAD_RTOL
+    assert rel(grads["h_w.linear.weight"], ref_grads["h_w.linear.weight"]) <= BF16_GRAD_RTOL
+    assert torch.cosine_similarity(flat(grads), flat(ref_grads), dim=0) >= BF16_MIN_COSINE
+    # The bound is tight enough to notice a different computation: another (t, eps) draw.
+    _, other = run_step(teacher, world, FastPath.default_for("cpu"), seed=1)
+    assert rel(other["h_w.linear.weight"], ref_grads["h_w.linear.weight"]) > 5 * BF16_GRAD_RTOL
+
+
+def test_bf16_unet_only_keeps_the_clip_loss_exact(teacher, world, reference):
+    ref_losses, ref_grads = reference
+    opts = FastPath.default_for("cpu", fast=True).replace(autocast_student=False)
+    losses, grads = run_step(teacher, world, opts)
+    assert torch.equal(losses["clip"], ref_losses["clip"])
+    assert math.isclose(losses["sds"], ref_losses["sds"], rel_tol=BF16_LOSS_RTOL)
+    assert rel(flat(grads), flat(ref_grads)) <= 1e-2
+    assert rel(grads["h_w.linear.weight"], ref_grads["h_w.linear.weight"]) <= BF16_GRAD_RTOL
+
+
+# --------------------------------------------------------------------------- diffusion score
+
+
+def test_calls_pack_whole_images_and_split_only_oversized_ones():
+    groups, index = image_groups(["a", "a", "b", "b", "a", "c"], ["x", "y", "x", "y", "x", "z"])
+    assert list(groups.items()) == [("a", ["x", "y"]), ("b", ["x", "y"]), ("c", ["z"])]
+    assert index == [0, 1, 2, 3, 0, 4]  # (a, x) twice: scored once
+    assert list(_calls(groups, n=4, max_rows=8)) == [[("a", ["x", "y"])], [("b", ["x", "y"])], [("c", ["z"])]]
+    assert list(_calls(groups, n=4, max_rows=20)) == [[("a", ["x", "y"]), ("b", ["x", "y"]), ("c", ["z"])]]
+    assert list(_calls(groups, n=4, max_rows=4)) == [[("a", ["x"])], [("a", ["y"])], [("b", ["x"])],
+                                                     [("b", ["y"])], [("c", ["z"])]]
+
+
+@pytest.fixture(scope="module")
+def score_tables(tmp_path_factory):
+    """Cached latents of 4 images and conditioning of 5 captions (the empty one included) as real tables."""
+    root = tmp_path_factory.mktemp("cache")
+    g = torch.Generator().manual_seed(5)
+    shape = (UNET["in_channels"], UNET["sample_size"], UNET["sample_size"])
+    images = [f"/img/{i}.png" for i in range(4)]
+    captions = ["", "a dog on a mat", "a mat on a dog", "red left of blue", "blue left of red"]
+    lat = dict(zip(images, torch.randn(len(images), *shape, generator=g)))
+    cond = dict(zip(captions, torch.randn(len(captions), TOKENS, WIDTH, generator=g)))
+    write_table(root, "latents", images, lambda keys: torch.stack([lat[k] for k in keys]), 3, 2, progress=False)
+    write_table(root, "text", captions, lambda keys: torch.stack([cond[k] for k in keys]), 3, 2, progress=False)
+    # Winoground's order (task, caption, image) for two tasks, plus a repeated pair.
+    pairs = [(images[2 * t + k], captions[1 + 2 * t + c]) for t in range(2) for c in range(2) for k in range(2)]
+    pairs.append(pairs[1])
+    return open_table(root, "latents"), open_table(root, "text"), [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def test_batched_score_equals_the_per_pair_loop(teacher, score_tables):
+    """FastDiffusionScorer (one UNet call per image, or per several) = DiffusionScorer with one call per pair."""
+    latents, text, images, captions = score_tables
+    n = 3
+    per_pair = EvalConfig(diffusion_samples=n, batch_size=n, subtract_unconditional=True, seed=2)
+    base = DiffusionScorer(teacher, latents, text, per_pair)
+    expected, empty = base.errors(images, captions), base.errors(images, [""] * len(images))
+    assert len(set(expected.round(6))) >= 8  # the pairs differ: the comparison means something
+    for rows in (n, 2 * n, 64):  # one caption per call / one image per call / every image in one call
+        cfg = EvalConfig(diffusion_samples=n, batch_size=rows, subtract_unconditional=True, seed=2)
+        fast = FastDiffusionScorer(teacher, latents, text, cfg, opts=FastPath.default_for("cpu"))
+        assert fast.errors(images, captions) == pytest.approx(expected, rel=FP32_LOSS_RTOL), rows
+        assert fast.errors(images, [""] * len(images)) == pytest.approx(empty, rel=FP32_LOSS_RTOL), rows
+    # The score itself: minus (error - empty caption's error), a difference of near-equal numbers,
+    # so its tolerance is relative to the errors' size.
+    assert fast(images, captions) == pytest.approx(empty - expected, abs=FP32_LOSS_RTOL * float(expected.max()))
+    # With batched_score off, the fast scorer is the base class's loop.
+    plain = FastDiffusionScorer(teacher, latents, text, per_pair, opts=FastPath.plain().replace(sdpa=True))
+    assert plain.errors(images, captions) == pytest.approx(expected, rel=1e-6)
+
+
+def test_batched_errors_for_a_v_prediction_teacher():
+    """`batched_diffusion_errors` = `objectives.diffusion_errors` pair by pair, with a v-prediction target too."""
+    teacher = make_teacher("v_prediction")
+    g = torch.Generator().manual_seed(7)
+    n = 3
+    lat = torch.randn(2, UNET["in_channels"], UNET["sample_size"], UNET["sample_size"], generator=g)
+    cond = torch.randn(3, TOKENS, WIDTH, generator=g)  # image 0: captions 0, 1; image 1: caption 2
+    timesteps, noise = torch.tensor([50, 500, 950]), torch.randn(n, *lat.shape[1:], generator=g)
+    got = batched_diffusion_errors(teacher.unet, teacher.scheduler, lat, cond, [2, 1], timesteps, noise,
+                                   FastPath.default_for("cpu"))
+    expected = [objectives.diffusion_errors(teacher.unet, teacher.scheduler, lat[i].expand(n, -1, -1, -1),
+                                            cond[c].expand(n, -1, -1), timesteps, noise).mean()
+                for i, c in ((0, 0), (0, 1), (1, 2))]
+    assert got == pytest.approx(torch.stack(expected), rel=FP32_LOSS_RTOL)
+
+
+# --------------------------------------------------------------------------- the benchmark
+
+
+def test_bench_help():
+    done = subprocess.run([sys.executable, "-m", "pipeline.bench", "--help"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for flag in ("--student", "--batch", "--samples", "--size", "--device", "--steps", "--warmup", "--impl",
+                 "--peak-tflops"):
+        assert flag in done.stdout
+
+
+def test_bench_architectures_are_sd_v1_4():
+    cfg = bench.SD_V1_4_UNET
+    assert cfg["block_out_channels"] == (320, 640, 1280, 1280) and cfg["cross_attention_dim"] == 768
+    assert (cfg["attention_head_dim"], cfg["sample_size"], cfg["layers_per_block"]) == (8, 64, 2)
+    reduced = bench.REDUCED_UNET
+    for key in ("down_block_types", "up_block_types", "layers_per_block", "attention_head_dim"):
+        assert reduced[key] == cfg[key], key
+    # Shapes only (meta device): the full UNet has SD v1-4's 859.5M parameters.
+    unet = bench.build_unet(cfg, "meta", seed=0)
+    assert round(bench.parameter_count(unet) / 1e6, 1) == 859.5
+
+
+@pytest.mark.slow
+def test_bench_reduced_runs_and_prints_the_ratio(tmp_path, capsys):
+    """`python -m pipeline.bench --size reduced --steps 2 --warmup 1` (run in-process: the imports are paid already)."""
+    out = tmp_path / "bench.json"
+    assert bench.main(["--size", "reduced", "--steps", "2", "--warmup", "1", "--device", "cpu", "--threads", "1",
+                       "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "training step" in text and "diffusion score" in text and "vs plain" in text
+    for workload, ratio_column in (("training step", -1), ("diffusion score", -2)):
+        lines = text.split(workload, 1)[1].splitlines()
+        rows = {line.split()[0]: line.split() for line in lines[2:4]}
+        assert set(rows) == {"plain", "fast"}, lines
+        assert rows["plain"][ratio_column] == "1.00x"
+        assert rows["fast"][ratio_column].endswith("x") and float(rows["fast"][ratio_column][:-1]) > 0
+    results = json.loads(out.read_text())
+    for workload in ("train", "score"):
+        assert [r["impl"] for r in results[workload]] == ["plain", "fast"]
+        for r in results[workload]:
+            assert r["samples_per_s"] > 0 and r["flops_per_sample"] > 0, r
