@@ -43,6 +43,7 @@ import gc
 import json
 import math
 import platform
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -387,35 +388,43 @@ class TrainingBench:
         compile_module(self.unet, self.impl.opts)
 
 
-def bench_training(args, size: Size, impl: Impl) -> Result:
+@dataclass
+class Prepared:
+    """An implementation built, FLOP-counted, compiled and warmed up: `run` is one timed unit of work."""
+
+    result: Result
+    run: Callable[[], object] | None = None  # None: nothing to time (meta device, out of memory)
+    samples: int = 0  # samples (training) or UNet rows (score) per call of `run`
+    bench: object = None
+
+
+def prepare_training(args, size: Size, impl: Impl) -> Prepared:
+    """Build at `--batch`, halving it on out-of-memory; count FLOPs eagerly; compile; warm up."""
     result = Result(impl.name, impl.opts.describe() + (",naive" if impl.naive else ""))
     batch = args.batch
     while True:
         bench = None
         try:
             bench = TrainingBench(args, size, impl, batch)
-            flops = count_flops(bench.forward_backward)
-            result.flops_per_sample = flops / batch
+            result.batch, result.extra = batch, dict(bench.counts)
+            result.flops_per_sample = count_flops(bench.forward_backward) / batch
             if args.device == "meta":
-                result.batch, result.extra = batch, bench.counts
-                return result
+                return Prepared(result)
             bench.compile()
-            seconds = _timed(bench.step, args.steps, args.warmup, args.device)
-            result.batch, result.samples_per_s, result.peak_gb = batch, batch / seconds, _peak_gb(args.device)
-            result.extra = {**bench.counts, "seconds_per_step": seconds}
+            for _ in range(args.warmup):
+                bench.step()
             if batch != args.batch:
-                result.note = f"OOM at batch {args.batch}; measured at batch {batch}"
-            return result
+                result.note = f"out of memory at batch {args.batch}; measured at batch {batch}"
+            return Prepared(result, bench.step, batch, bench)
         except RuntimeError as err:
             if not _is_oom(err):
                 raise
-            if batch == 1:
-                result.note = "out of memory even at batch 1"
-                return result
-            batch //= 2
-        finally:
             bench = None
             _free(args.device)
+            if batch == 1:
+                result.note = "out of memory even at batch 1"
+                return Prepared(result)
+            batch //= 2
 
 
 # --------------------------------------------------------------------------- diffusion score
@@ -466,8 +475,9 @@ class ScoreBench:
     def count_meta(self) -> int:
         """FLOPs of one pass counted on the meta device (the scorers read results back, which meta cannot):
         rows x one UNet row, plus one text-encoder caption per pair for the plain path."""
-        one = lambda: self.unet(torch.zeros(1, *self.latent_shape, device=self.device), torch.tensor([500], device=self.device),
-                                encoder_hidden_states=torch.zeros(1, TEXT_TOKENS, self.width, device=self.device))
+        sample = torch.zeros(1, *self.latent_shape, device=self.device)
+        cond = torch.zeros(1, TEXT_TOKENS, self.width, device=self.device)
+        one = lambda: self.unet(sample, torch.tensor([500], device=self.device), encoder_hidden_states=cond)
         with torch.no_grad():
             flops = self.rows * count_flops(one)
             if self.text_encoder is not None:
@@ -484,40 +494,80 @@ class ScoreBench:
         compile_module(self.unet, self.impl.opts)
 
 
-def bench_score(args, size: Size, impl: Impl) -> Result:
+def prepare_score(args, size: Size, impl: Impl) -> Prepared:
+    """Build with `--score-rows` rows per call, halving them on out-of-memory; count FLOPs; compile; warm up."""
     result = Result(impl.name, impl.opts.describe() + (",naive" if impl.naive else ""))
-    rows_per_call = args.score_rows
+    rows_per_call = args.samples if impl.naive else args.score_rows
     while True:
         bench = None
         try:
             bench = ScoreBench(args, size, impl, rows_per_call)
-            if impl.naive:
-                rows_per_call = args.samples
+            result.batch = rows_per_call
             flops = bench.count_meta() if args.device == "meta" else count_flops(bench.score)
             result.flops_per_sample = flops / bench.rows
-            result.batch = rows_per_call
             if args.device == "meta":
-                return result
+                return Prepared(result)
             bench.compile()
-            seconds = _timed(bench.score, args.steps, args.warmup, args.device)
-            result.samples_per_s, result.peak_gb = bench.rows / seconds, _peak_gb(args.device)
-            per_task = seconds / args.tasks
-            result.extra = {"seconds_per_task": per_task,
-                            "winoground_minutes": per_task * WINOGROUND_TASKS / 60,
-                            "rows_per_call": rows_per_call}
+            for _ in range(args.warmup):
+                bench.score()
             if rows_per_call != args.score_rows and not impl.naive:
-                result.note = f"OOM at {args.score_rows} rows per call; measured at {rows_per_call}"
-            return result
+                result.note = f"out of memory at {args.score_rows} rows per call; measured at {rows_per_call}"
+            return Prepared(result, bench.score, bench.rows, bench)
         except RuntimeError as err:
             if not _is_oom(err):
                 raise
-            if impl.naive or rows_per_call <= args.samples:
-                result.note = f"out of memory at {rows_per_call} UNet rows per call"
-                return result
-            rows_per_call //= 2
-        finally:
             bench = None
             _free(args.device)
+            if impl.naive or rows_per_call <= args.samples:
+                result.note = f"out of memory at {rows_per_call} UNet rows per call"
+                return Prepared(result)
+            rows_per_call //= 2
+
+
+def measure(args, size: Size, impls: list[Impl], prepare: Callable[..., Prepared]) -> list[Result]:
+    """Seconds per unit of work for each implementation.
+
+    One round (the default on a GPU): each implementation is built, timed and freed in turn,
+    so its peak memory is its own. Several rounds (the default on a CPU, whose timings drift
+    with the load of other jobs): all are built first, then timed in interleaved rounds of
+    `--steps` each, and each keeps its median round; peak memory is then not reported.
+    """
+    results: list[Result] = []
+    if args.rounds == 1:
+        for impl in impls:
+            prepared = prepare(args, size, impl)
+            if prepared.run is not None:
+                seconds = _timed(prepared.run, args.steps, 0, args.device)
+                _record(prepared, seconds, args)
+                prepared.result.peak_gb = _peak_gb(args.device)
+            results.append(prepared.result)
+            prepared = None
+            _free(args.device)
+        return results
+    everything = [prepare(args, size, impl) for impl in impls]
+    rounds: list[list[float]] = [[] for _ in everything]
+    for _ in range(args.rounds):
+        for k, prepared in enumerate(everything):
+            if prepared.run is not None:
+                rounds[k].append(_timed(prepared.run, args.steps, 0, args.device))
+    for prepared, times in zip(everything, rounds):
+        if times:
+            _record(prepared, statistics.median(times), args)
+            prepared.result.extra["rounds_seconds"] = times
+        results.append(prepared.result)
+    everything = None
+    _free(args.device)
+    return results
+
+
+def _record(prepared: Prepared, seconds: float, args) -> None:
+    result = prepared.result
+    result.samples_per_s = prepared.samples / seconds
+    result.extra["seconds_per_call"] = seconds
+    if isinstance(prepared.bench, ScoreBench):
+        per_task = seconds / args.tasks
+        result.extra.update({"seconds_per_task": per_task, "rows_per_call": result.batch,
+                             "winoground_minutes": per_task * WINOGROUND_TASKS / 60})
 
 
 # --------------------------------------------------------------------------- report
@@ -552,7 +602,8 @@ def table(results: list[Result], peak: float | None, unit: str, extra: Callable[
         ratio = r.samples_per_s / base if base and math.isfinite(base) else float("nan")
         row = [r.impl, r.options, str(r.batch), _fmt(r.samples_per_s, ".3g"), _fmt(r.peak_gb, ".1f"),
                _fmt(r.flops_per_sample / 1e9, ".4g"), _fmt(r.achieved_tflops, ".3g"),
-               _fmt(mfu * 100, ".1f") + ("%" if math.isfinite(mfu) else ""), _fmt(ratio, ".2f") + ("x" if math.isfinite(ratio) else "")]
+               _fmt(mfu * 100, ".1f") + ("%" if math.isfinite(mfu) else ""),
+               _fmt(ratio, ".2f") + ("x" if math.isfinite(ratio) else "")]
         if extra:
             row.append(extra(r))
         rows.append(row)
@@ -586,13 +637,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default=default_device, help=f"torch device, or meta to count FLOPs only "
                                                                   f"(default: {default_device})")
     parser.add_argument("--impl", default="plain,fast",
-                        help="comma-separated implementations, the first is the ratio's reference (default: plain,fast)")
+                        help="comma-separated implementations, the first is the ratio's reference "
+                             "(default: plain,fast)")
     parser.add_argument("--workload", default="train,score", help="train, score or both (default: train,score)")
     parser.add_argument("--latent-size", type=int, default=None,
                         help="latent side of the UNet input (default: 64 full, 8 reduced)")
     parser.add_argument("--batch", type=int, default=None, help="training batch (default: 32 full, 8 reduced)")
     parser.add_argument("--samples", type=int, default=None,
-                        help="noise samples N per image-caption pair of the diffusion score (default: 50 full, 4 reduced)")
+                        help="noise samples N per image-caption pair of the diffusion score "
+                             "(default: 50 full, 4 reduced)")
     parser.add_argument("--tasks", type=int, default=None, help="Winoground-shaped tasks per timed scoring pass "
                                                                 "(default: 2 full, 1 reduced)")
     parser.add_argument("--score-rows", type=int, default=None,
@@ -601,6 +654,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=None, help="timed steps/passes (default: 10 full, 3 reduced)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed warm-up steps/passes, compile included "
                                                                  "(default: 3 full, 1 reduced)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="interleaved timing rounds, median kept (default: 1 on CUDA, each implementation "
+                             "timed alone with its own peak memory; 3 elsewhere, against drifting CPU load)")
     parser.add_argument("--lambda-sds", type=float, default=1e-3, help="lambda of L_SDS (default: the paper's 1e-3)")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="device peak for MFU in TFLOP/s (default: dense bf16 peak of a known GPU: "
@@ -619,7 +675,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     for key in ("student", "batch", "samples", "tasks", "steps", "warmup", "score_rows"):
         if getattr(args, key) is None:
             setattr(args, key, getattr(size, key))
-    for key in ("batch", "samples", "tasks", "steps", "score_rows"):
+    if args.rounds is None:
+        args.rounds = 1 if torch.device(args.device).type == "cuda" else 3
+    for key in ("batch", "samples", "tasks", "steps", "score_rows", "rounds"):
         if getattr(args, key) < 1:
             parser.error(f"--{key.replace('_', '-')} must be at least 1")
     if args.warmup < 0:
@@ -647,26 +705,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                  "student": args.student, "peak_tflops": peak}
     if args.device == "meta":
         print("  device meta: FLOPs are counted, nothing is timed")
+    rounds = f", median of {args.rounds} interleaved rounds" if args.rounds > 1 and args.device != "meta" else ""
     if "train" in args.workloads:
-        results = []
-        for impl in impls:
-            results.append(bench_training(args, size, impl))
-            _free(args.device)
+        results = measure(args, size, impls, prepare_training)
         counts = results[0].extra if results else {}
         print(f"\ntraining step: L_CLIP + {args.lambda_sds:g} L_SDS, LayerNorm scope + h_w, batch {args.batch}, "
-              f"{args.steps} timed steps after {args.warmup} warm-up"
+              f"{args.steps} timed steps after {args.warmup} warm-up{rounds}"
               + (f"; UNet {counts.get('unet', 0) / 1e6:.1f}M, student {counts.get('student', 0) / 1e6:.1f}M, "
                  f"trainable {counts.get('trainable', 0) / 1e6:.2f}M parameters" if counts else ""))
         print(table(results, peak, "sample"))
         out["train"] = [r.__dict__ for r in results]
     if "score" in args.workloads:
-        results = []
-        for impl in impls:
-            results.append(bench_score(args, size, impl))
-            _free(args.device)
+        results = measure(args, size, impls, prepare_score)
         print(f"\ndiffusion score: Winoground-shaped, {args.tasks} tasks x 2 images x 2 captions x {args.samples} "
               f"noise samples ({args.tasks * 4 * args.samples} UNet rows per pass), {args.steps} timed passes after "
-              f"{args.warmup} warm-up; batch = UNet rows per call")
+              f"{args.warmup} warm-up{rounds}; batch = UNet rows per call")
         winoground = lambda r: (_fmt(WINOGROUND_TASKS * 4 * args.samples / r.samples_per_s / 60, ".3g")
                                 if math.isfinite(r.samples_per_s) else "n/a")
         print(table(results, peak, "row", winoground, f"min for {WINOGROUND_TASKS} tasks"))

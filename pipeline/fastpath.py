@@ -117,7 +117,8 @@ class FastPath:
             key, sep, value = item.partition("=")
             key = aliases.get(key.strip(), key.strip())
             if not sep or key not in names:
-                raise ValueError(f"fast-path override {item!r}: expected key=value with key in {sorted(names | set(aliases))}")
+                allowed = sorted(names | set(aliases))
+                raise ValueError(f"fast-path override {item!r}: expected key=value with key in {allowed}")
             value = value.strip()
             if key == "autocast":
                 changes[key] = value

@@ -317,8 +317,8 @@ def test_bench_architectures_are_sd_v1_4():
 def test_bench_reduced_runs_and_prints_the_ratio(tmp_path, capsys):
     """`python -m pipeline.bench --size reduced --steps 2 --warmup 1` (run in-process: the imports are paid already)."""
     out = tmp_path / "bench.json"
-    assert bench.main(["--size", "reduced", "--steps", "2", "--warmup", "1", "--device", "cpu", "--threads", "1",
-                       "--json", str(out)]) == 0
+    assert bench.main(["--size", "reduced", "--steps", "2", "--warmup", "1", "--rounds", "1", "--device", "cpu",
+                       "--threads", "1", "--json", str(out)]) == 0
     text = capsys.readouterr().out
     assert "training step" in text and "diffusion score" in text and "vs plain" in text
     for workload, ratio_column in (("training step", -1), ("diffusion score", -2)):
