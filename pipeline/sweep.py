@@ -817,5 +817,17 @@ def progress_callback(sweep: sweep_config.Sweep):
     return Progress()
 
 
+def _exit(code: int) -> None:
+    """Exit without the interpreter's teardown of Ray's and MLflow's modules (3-4 s here).
+
+    Everything is written by then: MLflow calls are synchronous, Ray is shut down, results
+    files are closed; only the standard streams and logging need flushing.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit(main())

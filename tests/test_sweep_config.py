@@ -1,10 +1,7 @@
 """Sweep files -> validated Sweep and trial lists; one-line errors for malformed files; the CLI's cheap paths."""
 from __future__ import annotations
 
-import json
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
