@@ -6,11 +6,11 @@ download (Stable Diffusion v1-4's UNet config, written out below, at 64 x 64 lat
 after warm-up, for each implementation:
 
 - training step: L_CLIP + lambda L_SDS, LayerNorm scope + h_w, through
-  `pipeline.fastpath.loss_step` (= `pipeline.train.loss_step` on a device, same draws),
+  `pipeline.train.loss_step` (the trainer's step, on the trial's device with its options),
   backward, AdamW step;
 - diffusion score: Winoground-shaped tasks (2 images x 2 captions x N noise samples), through
-  `pipeline.evaluate.DiffusionScorer` (plain: one UNet call per pair) or
-  `pipeline.fastpath.FastDiffusionScorer` (one call over all captions and samples of an image);
+  `pipeline.evaluate.DiffusionScorer` (plain: one UNet call per pair; fast: one call over all
+  captions and samples of an image);
 
 and prints samples/s, peak GPU memory, FLOPs per sample counted with
 `torch.utils.flop_counter.FlopCounterMode` (eagerly, before any torch.compile), achieved
@@ -359,16 +359,17 @@ class TrainingBench:
         cfg = TrainConfig(scope="layernorm", batch_size=batch)
         optimizer = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.trial = train.Trial(student, projection, params, optimizer, None, None, teacher, conditioning, None,
-                                 cfg, ObjectiveConfig(), args.lambda_sds, torch.Generator().manual_seed(args.seed))
+                                 cfg, ObjectiveConfig(), args.lambda_sds, torch.Generator().manual_seed(args.seed),
+                                 device=torch.device(device), fast=opts)
         self.scaler = torch.amp.GradScaler(torch.device(device).type, enabled=opts.autocast == "fp16")
         self.unet = unet
         self.counts = {"student": parameter_count(student.model), "unet": parameter_count(unet),
                        "trainable": sum(p.numel() for p in params.values())}
 
     def losses(self):
-        from pipeline.fastpath import loss_step
+        from pipeline.train import loss_step
 
-        return loss_step(self.trial, self.images, self.tokens, self.rows, self.rows, self.impl.opts)
+        return loss_step(self.trial, self.images, self.tokens, self.rows, self.rows)
 
     def forward_backward(self) -> None:
         self.scaler.scale(self.losses()["total"]).backward()
@@ -436,7 +437,7 @@ class ScoreBench:
     def __init__(self, args, size: Size, impl: Impl, rows_per_call: int):
         from pipeline.config import EvalConfig
         from pipeline.evaluate import DiffusionScorer
-        from pipeline.fastpath import FastDiffusionScorer, prepare_teacher_unet
+        from pipeline.fastpath import prepare_teacher_unet
         from pipeline.models.teacher import SD_SCHEDULE, Teacher
 
         from diffusers import DDPMScheduler
@@ -465,10 +466,8 @@ class ScoreBench:
         self.captions = [f"task{t} caption_{c}" for t in range(args.tasks) for c in range(2) for _k in range(2)]
         cfg = EvalConfig(diffusion_samples=args.samples, batch_size=rows_per_call, seed=args.seed)
         if impl.naive:  # one UNet call per (image, caption) pair
-            self.scorer = DiffusionScorer(teacher, latents, conditioning,
-                                          dataclasses.replace(cfg, batch_size=args.samples), device)
-        else:
-            self.scorer = FastDiffusionScorer(teacher, latents, conditioning, cfg, device, opts)
+            cfg = dataclasses.replace(cfg, batch_size=args.samples)
+        self.scorer = DiffusionScorer(teacher, latents, conditioning, cfg, device, opts)
         self.rows = len(self.images) * args.samples
         self.text_encoder, self.latent_shape, self.width = text_encoder, latent_shape, size.unet["cross_attention_dim"]
 

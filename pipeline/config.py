@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,16 +27,16 @@ class ConfigError(ValueError):
     """A bad configuration value; the message is one line naming the key."""
 
 
-def _check(ge=None, gt=None, le=None, lt=None, doc: str = "") -> dict:
+def check(ge=None, gt=None, le=None, lt=None, doc: str = "") -> dict:
     return {"ge": ge, "gt": gt, "le": le, "lt": lt, "doc": doc}
 
 
 def positive(doc: str = "") -> dict:
-    return _check(gt=0, doc=doc)
+    return check(gt=0, doc=doc)
 
 
 def nonneg(doc: str = "") -> dict:
-    return _check(ge=0, doc=doc)
+    return check(ge=0, doc=doc)
 
 
 ARO_SETS = ("vg_relation", "vg_attribution", "coco_order", "flickr_order")
@@ -72,9 +73,9 @@ class DataConfig:
     """
 
     source: Literal["toy", "paper"] = "toy"
-    root: str = field(default="data", metadata=_check(doc="folder the data stage writes"))
+    root: str = field(default="data", metadata=check(doc="folder the data stage writes"))
     seed: int = 0
-    image_size: int = field(default=32, metadata=_check(ge=16, le=1024))
+    image_size: int = field(default=32, metadata=check(ge=16, le=1024))
     n_train: int = field(default=4000, metadata=positive())
     n_winoground: int = field(default=200, metadata=positive())
     n_aro: int = field(default=300, metadata=positive(doc="cases per ARO-style set"))
@@ -125,7 +126,7 @@ class TeacherConfig:
     text_width: int = field(default=64, metadata=positive())
     text_layers: int = field(default=2, metadata=positive())
     text_heads: int = field(default=4, metadata=positive())
-    max_length: int = field(default=16, metadata=_check(ge=8, le=77, doc="text tokens"))
+    max_length: int = field(default=16, metadata=check(ge=8, le=77, doc="text tokens"))
     vae_steps: int = field(default=600, metadata=nonneg())
     unet_steps: int = field(default=1500, metadata=nonneg())
     batch_size: int = field(default=64, metadata=positive(doc="UNet training batch"))
@@ -149,7 +150,7 @@ class StudentConfig:
     """
 
     source: Literal["toy", "pretrained"] = "toy"
-    model: str = field(default="toy-vit", metadata=_check(doc="open_clip model name"))
+    model: str = field(default="toy-vit", metadata=check(doc="open_clip model name"))
     pretrained: str = ""
     embed_dim: int = field(default=64, metadata=positive())
     vision_width: int = field(default=128, metadata=positive())
@@ -159,7 +160,7 @@ class StudentConfig:
     text_width: int = field(default=64, metadata=positive())
     text_layers: int = field(default=2, metadata=positive())
     text_heads: int = field(default=4, metadata=positive())
-    context_length: int = field(default=16, metadata=_check(ge=8, le=77))
+    context_length: int = field(default=16, metadata=check(ge=8, le=77))
     pretrain_steps: int = field(default=800, metadata=nonneg())
     batch_size: int = field(default=128, metadata=positive())
     lr: float = field(default=1e-3, metadata=positive())
@@ -233,6 +234,32 @@ class TrackingConfig:
 
 
 @dataclass
+class ComputeConfig:
+    """Where the cache, the scorers and the trials run, and the fast path's options.
+
+    `auto` picks per device: on CUDA bf16 autocast (fp32 master weights), channels-last
+    and torch.compile of the frozen UNet; on a CPU fp32, eager (bf16 is slower on CPUs
+    without native bf16, and compiling does not pay back in a short trial). Every option
+    keeps the numbers within the tolerances of tests/test_fastpath.py.
+      device                 auto (cuda if available, else cpu), cpu, cuda, cuda:N
+      precision              auto | bf16 | fp16 | fp32: autocast of the student's and UNet's forward
+      compile                auto | off | a torch.compile mode: the teacher's UNet
+      channels_last          auto | true | false: the UNet's convolutions in NHWC
+      gradient_checkpointing recompute activations in the backward pass (small GPUs)
+    """
+
+    device: str = "auto"
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    compile: Literal["auto", "off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "auto"
+    channels_last: Literal["auto", True, False] = "auto"
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ConfigError(f"compute.device: {self.device!r} is not allowed; expected auto, cpu, cuda or cuda:N")
+
+
+@dataclass
 class Config:
     profile: Literal["smoke", "toy", "paper"] = "toy"
     data: DataConfig = field(default_factory=DataConfig)
@@ -243,8 +270,14 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
+    # Sweep files (paths relative to params.yaml) the `sweep` stage runs on this profile.
+    sweeps: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        for i, path in enumerate(self.sweeps):
+            if not path.endswith((".yaml", ".yml")):
+                raise ConfigError(f"sweeps[{i}]: {path!r} is not allowed; expected a sweep file path ending in .yaml")
         if self.train.student not in self.students:
             raise ConfigError(
                 f"train.student: {self.train.student!r} is not a student; allowed: {sorted(self.students)}"
@@ -296,13 +329,13 @@ def _type_name(tp: Any) -> str:
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
 
 
-def _convert(value: Any, tp: Any, key: str) -> Any:
+def convert(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     bad = ConfigError(f"{key}: {value!r} is not allowed; expected {_type_name(tp)}")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise bad
-        return _build(tp, value, key)
+        return build(tp, value, key)
     if origin is Literal:
         if value not in typing.get_args(tp):
             raise bad
@@ -311,12 +344,12 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, list):
             raise bad
         (item,) = typing.get_args(tp)
-        return [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        return [convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict) or not value:
             raise ConfigError(f"{key}: {value!r} is not allowed; expected a non-empty mapping")
         _, item = typing.get_args(tp)
-        return {str(k): _convert(v, item, f"{key}.{k}") for k, v in value.items()}
+        return {str(k): convert(v, item, f"{key}.{k}") for k, v in value.items()}
     if origin in (types.UnionType, typing.Union):
         raise TypeError("union types are not used in the config")
     if tp is bool:
@@ -338,7 +371,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     raise TypeError(f"unsupported config type {tp}")
 
 
-def _check_range(value: Any, meta: dict, key: str) -> None:
+def check_range(value: Any, meta: dict, key: str) -> None:
     bounds = [("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
               ("le", lambda v, b: v <= b, "<="), ("lt", lambda v, b: v < b, "<")]
     for name, ok, sign in bounds:
@@ -347,7 +380,7 @@ def _check_range(value: Any, meta: dict, key: str) -> None:
             raise ConfigError(f"{key}: {value!r} is out of range; allowed: {sign} {bound}")
 
 
-def _build(cls: type, data: dict, prefix: str) -> Any:
+def build(cls: type, data: dict, prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(names))
@@ -357,8 +390,8 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
     kwargs = {}
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else name
-        converted = _convert(value, hints[name], key)
-        _check_range(converted, names[name].metadata, key)
+        converted = convert(value, hints[name], key)
+        check_range(converted, names[name].metadata, key)
         kwargs[name] = converted
     return cls(**kwargs)
 
@@ -408,7 +441,7 @@ def resolve(params: dict, overrides: dict | None = None) -> dict:
 
 def from_dict(data: dict) -> Config:
     """Validate a resolved mapping into a Config."""
-    return _build(Config, data, "")
+    return build(Config, data, "")
 
 
 def load(path: str | Path = "params.yaml", overrides: dict | None = None) -> Config:

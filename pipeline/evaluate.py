@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pipeline import metrics
+from pipeline import fastpath, metrics
 from pipeline.cache import Table
 from pipeline.config import EvalConfig
 from pipeline.data.aro import excluded_vg_relations
@@ -22,6 +22,7 @@ from pipeline.data.datasets import Benchmarks
 from pipeline.data.records import ChoiceCase, WinogroundTask, load_image
 from pipeline.models.student import Student
 from pipeline.models.teacher import Teacher
+from pipeline.fastpath import FastPath
 from pipeline.objectives import diffusion_errors
 
 # A score function maps (image keys, captions) pairs to one score per pair.
@@ -141,31 +142,55 @@ class DiffusionScorer:
     """Minus the teacher's mean epsilon (or v) error over a fixed bank of (t, eps) pairs.
 
     The same timesteps and noises serve every image and caption (so caption choices for
-    one image differ only by the caption), on a deterministic grid of timesteps.
+    one image differ only by the caption), on a deterministic grid of timesteps. With
+    `opts.batched_score` (the default) each distinct (image, caption) pair is scored once
+    and all captions x samples of an image go through one UNet call, the noisy latents
+    built once per image; otherwise one call per pair. Rows per UNet call: at most
+    `max(cfg.batch_size, captions of one image x samples)`.
     """
 
-    def __init__(self, teacher: Teacher, latents: Table, conditioning: Table, cfg: EvalConfig, device: str = "cpu"):
+    def __init__(self, teacher: Teacher, latents: Table, conditioning: Table, cfg: EvalConfig,
+                 device: torch.device | str = "cpu", opts: FastPath | None = None):
         self.teacher, self.latents, self.conditioning, self.cfg, self.device = teacher, latents, conditioning, cfg, device
+        self.opts = opts or FastPath.default_for(device)
         generator = torch.Generator().manual_seed(cfg.seed)
         n = cfg.diffusion_samples
         self.timesteps = torch.linspace(cfg.diffusion_t_min, cfg.diffusion_t_max, n).round().long()
         self.noise = torch.randn((n, *teacher.latent_shape), generator=generator)
 
     def errors(self, images: list[str], captions: list[str]) -> np.ndarray:
+        if self.opts.batched_score:
+            return self._batched_errors(images, captions)
         n = len(self.timesteps)
         per_call = max(1, self.cfg.batch_size // n)
         out = np.zeros(len(images))
+        unet = fastpath.unet_caller(self.teacher.unet, self.opts, torch.device(self.device))
         for i in tqdm(range(0, len(images), per_call), desc="diffusion score", leave=False):
             lat = self.latents.get(images[i : i + per_call])
             cond = self.conditioning.get(captions[i : i + per_call])
             b = len(lat)
             err = diffusion_errors(
-                self.teacher.unet, self.teacher.scheduler,
+                unet, self.teacher.scheduler,
                 lat.repeat_interleave(n, 0).to(self.device), cond.repeat_interleave(n, 0).to(self.device),
                 self.timesteps.repeat(b).to(self.device), self.noise.repeat(b, 1, 1, 1).to(self.device),
             )
             out[i : i + b] = err.view(b, n).mean(1).cpu().numpy()
         return out
+
+    def _batched_errors(self, images: list[str], captions: list[str]) -> np.ndarray:
+        n = len(self.timesteps)
+        groups, index = fastpath.image_groups(images, captions)
+        timesteps, noise = self.timesteps.to(self.device), self.noise.to(self.device)
+        distinct: list[np.ndarray] = []
+        calls = list(fastpath.pack_calls(groups, n, max(self.cfg.batch_size, n)))
+        for call in tqdm(calls, desc="diffusion score", leave=False):
+            lat = self.latents.get([image for image, _ in call]).to(self.device)
+            cond = self.conditioning.get([c for _, caps in call for c in caps]).to(self.device)
+            err = fastpath.batched_diffusion_errors(self.teacher.unet, self.teacher.scheduler, lat, cond,
+                                                    [len(caps) for _, caps in call], timesteps, noise, self.opts)
+            distinct.append(err.cpu().numpy().astype(np.float64))
+        flat = np.concatenate(distinct) if distinct else np.zeros(0)
+        return flat[np.asarray(index, dtype=np.int64)] if index else np.zeros(0)
 
     def __call__(self, images: list[str], captions: list[str]) -> np.ndarray:
         errors = self.errors(images, captions)
@@ -174,8 +199,10 @@ class DiffusionScorer:
         return -errors
 
 
-def evaluate_student(student: Student, bench: Benchmarks, cfg: EvalConfig) -> dict[str, float]:
-    scorer = ClipScorer(student, cfg.batch_size)
+def evaluate_student(student: Student, bench: Benchmarks, cfg: EvalConfig,
+                     device: torch.device | str = "cpu") -> dict[str, float]:
+    student.model.to(device)
+    scorer = ClipScorer(student, cfg.batch_size, device)
     out = score_benchmarks(scorer, bench, cfg.bootstrap, cfg.seed)
     for shot in bench.zeroshot:
         out[f"zeroshot/{shot.name}"] = scorer.zeroshot(shot)
@@ -185,5 +212,10 @@ def evaluate_student(student: Student, bench: Benchmarks, cfg: EvalConfig) -> di
 
 
 def evaluate_teacher(teacher: Teacher, latents: Table, conditioning: Table, bench: Benchmarks,
-                     cfg: EvalConfig) -> dict[str, float]:
-    return score_benchmarks(DiffusionScorer(teacher, latents, conditioning, cfg), bench, cfg.bootstrap, cfg.seed)
+                     cfg: EvalConfig, device: torch.device | str = "cpu", opts: FastPath | None = None) -> dict[str, float]:
+    """The diffusion score on `device` with the fast-path options (default: `FastPath.default_for(device)`)."""
+    opts = opts or FastPath.default_for(device)
+    teacher.unet.to(device)
+    fastpath.prepare_teacher_unet(teacher.unet, opts)
+    scorer = DiffusionScorer(teacher, latents, conditioning, cfg, device, opts)
+    return score_benchmarks(scorer, bench, cfg.bootstrap, cfg.seed)

@@ -10,11 +10,13 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from pipeline import fastpath
 from pipeline import train as trainer
 from pipeline.cache import open_table
 from pipeline.config import Config, to_dict
 from pipeline.data.datasets import benchmarks, read_index, train_pairs
 from pipeline.evaluate import evaluate_student, evaluate_teacher
+from pipeline.fastpath import FastPath
 from pipeline.models.build import student_dir, teacher_dir
 from pipeline.models.student import load_student
 from pipeline.models.teacher import load_teacher
@@ -35,18 +37,20 @@ def fingerprint(folder: Path) -> str:
 def run_baselines(cfg: Config, root: Path, data_root: Path, models: Path, cache: Path, tracker: Tracker) -> dict:
     """Every pretrained student and the teacher's diffusion score on every benchmark."""
     bench = benchmarks(data_root, read_index(data_root))
+    device = fastpath.resolve_device(cfg.compute.device)
     tags = {"profile": cfg.profile, "stage": "baselines"}
     results = {}
     for name in cfg.students:
         run = tracker.start(f"pretrained {name}", params=to_dict(cfg), tags={**tags, "row": "pretrained", "student": name})
-        metrics = evaluate_student(load_student(student_dir(models, name)), bench, cfg.eval)
+        metrics = evaluate_student(load_student(student_dir(models, name)), bench, cfg.eval, device)
         run.log_metrics(metrics)
         run.finish()
         results[f"pretrained/{name}"] = {"run_id": run.run_id, "metrics": metrics}
     teacher = load_teacher(teacher_dir(models))
     run = tracker.start(f"diffusion score {cfg.teacher.name}", params=to_dict(cfg), tags={**tags, "row": "diffusion_score"})
     start = time.perf_counter()
-    metrics = evaluate_teacher(teacher, open_table(cache, "bench_images"), open_table(cache, "bench_text"), bench, cfg.eval)
+    metrics = evaluate_teacher(teacher, open_table(cache, "bench_images"), open_table(cache, "bench_text"), bench,
+                               cfg.eval, device, FastPath.from_config(cfg.compute, device))
     metrics["time/eval_seconds"] = time.perf_counter() - start
     run.log_metrics(metrics)
     run.finish()
@@ -85,7 +89,8 @@ def run_finetune(cfg: Config, data_root: Path, models: Path, cache: Path, folder
             on_log(step, values)
 
     try:
-        trial = trainer.setup(cfg.train, cfg.objective, student, pairs, lambda_sds, teacher, conditioning, latents)
+        trial = trainer.setup(cfg.train, cfg.objective, student, pairs, lambda_sds, teacher, conditioning, latents,
+                              cfg.compute)
         run.log_metrics({"trainable_parameters": trial.trainable_count})
         start = time.perf_counter()
         trainer.fit(trial, folder, on_log=log, progress=progress, on_checkpoint=on_checkpoint)
@@ -93,7 +98,7 @@ def run_finetune(cfg: Config, data_root: Path, models: Path, cache: Path, folder
         checkpoint = trainer.save_trained(trial, folder)
         run.log_artifact(checkpoint)
         bench = benchmarks(data_root, read_index(data_root))
-        metrics = evaluate_student(student, bench, cfg.eval)
+        metrics = evaluate_student(student, bench, cfg.eval, trial.device)
         metrics.update({"trainable_parameters": trial.trainable_count, "time/train_seconds": train_seconds})
         run.log_metrics(metrics)
     except trainer.TrialStopped:

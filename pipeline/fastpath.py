@@ -25,7 +25,10 @@ conditioning is read from the cache.
 
 `FastPath.default_for(device)`: the fast options on CUDA; on the CPU the plain numerics
 (fp32, eager, no checkpointing) unless `fast=True` is asked for. The attention kernel on
-the CPU stays diffusers' default (SDPA), as the trainer has always run.
+the CPU stays diffusers' default (SDPA). `FastPath.from_config(compute, device)`: what
+params.yaml's `compute` section asks for, its `auto` values resolved by `default_for`;
+`pipeline.train.setup` and `pipeline.evaluate.evaluate_teacher` use it, so the trainer and
+the scorer run the fast path by default on a GPU.
 
 Tolerances (tests/test_fastpath.py): fp32 options (sdpa, channels_last, checkpointing,
 batched score) agree with the plain path to float rounding; bf16 autocast agrees within
@@ -39,12 +42,11 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterator, Literal, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
 from pipeline import objectives
-from pipeline.evaluate import DiffusionScorer
+from pipeline.config import ComputeConfig, ConfigError
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -100,6 +102,19 @@ class FastPath:
             fast = torch.device(device).type == "cuda"
         return cls.fast(device) if fast else cls(autocast="none", channels_last=False, compile=False,
                                                  gradient_checkpointing=False, sdpa=True, batched_score=True)
+
+    @classmethod
+    def from_config(cls, compute: ComputeConfig, device: torch.device | str) -> "FastPath":
+        """The options `compute` names, each `auto` resolved by `default_for(device)`."""
+        base = cls.default_for(device)
+        changes: dict = {"gradient_checkpointing": compute.gradient_checkpointing}
+        if compute.precision != "auto":
+            changes["autocast"] = "none" if compute.precision == "fp32" else compute.precision
+        if compute.compile != "auto":
+            changes["compile"] = False if compute.compile == "off" else compute.compile
+        if compute.channels_last != "auto":
+            changes["channels_last"] = compute.channels_last
+        return base.replace(**changes)
 
     def replace(self, **changes) -> "FastPath":
         return dataclasses.replace(self, **changes)
@@ -158,6 +173,18 @@ class FastPath:
 
 
 # ---------------------------------------------------------------------- applying the options
+
+
+def resolve_device(spec: str) -> torch.device:
+    """`compute.device` as a torch device: auto = the first CUDA device if there is one, else the CPU."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"compute.device: {spec!r} but no CUDA device is available here; use auto or cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"compute.device: {spec!r} but this machine has {torch.cuda.device_count()} CUDA devices")
+    return device
 
 
 def _device_type(device: torch.device | str) -> str:
@@ -238,52 +265,12 @@ def module_device(module: nn.Module) -> torch.device:
 # ---------------------------------------------------------------------- the training step
 
 
-def loss_step(trial, images: torch.Tensor, tokens: torch.Tensor, text_rows, image_rows,
-              opts: FastPath | None = None) -> dict[str, torch.Tensor]:
-    """`pipeline.train.loss_step` on the student's device and under the options' autocast.
+class AutocastUNet:
+    """Calls the UNet under autocast with the noisy latent in the options' memory format.
 
-    The same computation and the same random draws: t and eps come from `trial.generator`
-    (a CPU generator) in the same order and are then moved to the device, so on the CPU
-    with fp32 options (the CPU default) this returns exactly what `train.loss_step` returns,
-    bit for bit (tests/test_fastpath.py checks it for every objective). Under autocast only
-    the student's forward (unless `autocast_student` is off) and the UNet run in bf16/fp16;
-    h_w, the noising and the losses run in fp32. Default options: `FastPath.default_for`
-    the student's device.
+    Only the UNet's call runs in bf16/fp16: the noising before it and the loss after it stay
+    fp32, so the SDS target and the MSE keep fp32 precision.
     """
-    model = trial.student.model.train()
-    device = module_device(model)
-    opts = opts or FastPath.default_for(device)
-    images, tokens = images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
-    with autocast(device, opts) if opts.autocast_student else contextlib.nullcontext():
-        image_features, text_features, logit_scale = model(images, tokens)[:3]
-    image_features, text_features = image_features.float(), text_features.float()
-    losses = {"clip": objectives.clip_loss(image_features, text_features, logit_scale.float())}
-    total = losses["clip"]
-    if trial.projection is not None:
-        obj, teacher = trial.objective, trial.teacher
-        cond = trial.conditioning.rows(text_rows).to(device, non_blocking=True)
-        t = objectives.sample_timesteps(len(images), obj.t_min, obj.t_max, trial.generator)
-        predicted = trial.projection(image_features) * obj.latent_scale
-        if trial.cfg.scope == "unet_feature":
-            x0 = trial.latents.rows(image_rows)
-            noise = torch.randn(x0.shape, generator=trial.generator)
-            x0, noise, t = x0.to(device), noise.to(device), t.to(device)
-            with autocast(device, opts):
-                target = objectives.unet_features(teacher.unet, teacher.scheduler.add_noise(x0, noise, t), t, cond)
-            losses["unet_feature"] = objectives.unet_feature_loss(predicted, target)
-            total = total + trial.lambda_sds * losses["unet_feature"]
-        else:
-            noise = torch.randn(predicted.shape, generator=trial.generator).to(device, non_blocking=True)
-            t = t.to(device)
-            sds = _sds(predicted, cond, teacher, t, noise, obj, opts, device)
-            losses["sds"] = sds.mse
-            total = total + trial.lambda_sds * sds.loss
-    losses["total"] = total
-    return losses
-
-
-class _AutocastUNet:
-    """Calls the UNet under autocast with the noisy latent in the options' memory format."""
 
     def __init__(self, unet: nn.Module, opts: FastPath, device: torch.device):
         self.unet, self.opts, self.device = unet, opts, device
@@ -295,10 +282,9 @@ class _AutocastUNet:
             return self.unet(sample, timesteps, encoder_hidden_states=encoder_hidden_states)
 
 
-def _sds(predicted, cond, teacher, t, noise, obj, opts: FastPath, device) -> objectives.SdsOutput:
-    """`objectives.sds_loss` with only the UNet call under autocast (the noising and the MSE stay fp32)."""
-    unet = teacher.unet if opts.dtype is None and not opts.channels_last else _AutocastUNet(teacher.unet, opts, device)
-    return objectives.sds_loss(predicted, cond, unet, teacher.scheduler, t, noise, obj.noising, obj.gradient)
+def unet_caller(unet: nn.Module, opts: FastPath, device: torch.device):
+    """The UNet itself for fp32 contiguous options, else wrapped in `AutocastUNet`."""
+    return unet if opts.dtype is None and not opts.channels_last else AutocastUNet(unet, opts, device)
 
 
 # ---------------------------------------------------------------------- the diffusion score
@@ -321,7 +307,7 @@ def image_groups(images: Sequence[str], captions: Sequence[str]) -> tuple["Order
     return OrderedDict((i, list(c)) for i, c in groups.items()), [position[p] for p in zip(images, captions)]
 
 
-def _calls(groups: "OrderedDict[str, list[str]]", n: int, max_rows: int) -> Iterator[list[tuple[str, list[str]]]]:
+def pack_calls(groups: "OrderedDict[str, list[str]]", n: int, max_rows: int) -> Iterator[list[tuple[str, list[str]]]]:
     """Pack whole images (all their captions x n samples) into UNet calls of at most max_rows rows.
 
     An image whose captions alone exceed max_rows is split into chunks of captions (at least one).
@@ -371,37 +357,3 @@ def batched_diffusion_errors(unet: nn.Module, scheduler, latents: torch.Tensor, 
             pred = unet(sample, t_all, encoder_hidden_states=cond).sample
         err = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
         return err.view(len(conditioning), n).mean(1)
-
-
-class FastDiffusionScorer(DiffusionScorer):
-    """`pipeline.evaluate.DiffusionScorer` with the fast path: one UNet call per image (or several).
-
-    Same bank of (t, eps), same per-pair mean error, same `__call__` (minus the error,
-    optionally minus the empty caption's): only how the rows are batched and the options'
-    autocast / channels-last differ. Each distinct (image, caption) pair is scored once
-    (Winoground's 2 x 2 pairs per task, and the empty caption once per image).
-    `opts.batched_score=False` falls back to the base class's pair-by-pair loop.
-    Rows per UNet call: at most `max(cfg.batch_size, captions of one image x samples)`.
-    """
-
-    def __init__(self, teacher, latents, conditioning, cfg, device: str = "cpu", opts: FastPath | None = None):
-        super().__init__(teacher, latents, conditioning, cfg, device)
-        self.opts = opts or FastPath.default_for(device)
-
-    def errors(self, images: list[str], captions: list[str]) -> np.ndarray:
-        if not self.opts.batched_score:
-            with autocast(self.device, self.opts):
-                return super().errors(images, captions)
-        n = len(self.timesteps)
-        groups, index = image_groups(images, captions)
-        max_rows = max(self.cfg.batch_size, n)
-        timesteps, noise = self.timesteps.to(self.device), self.noise.to(self.device)
-        distinct: list[np.ndarray] = []
-        for call in _calls(groups, n, max_rows):
-            lat = self.latents.get([image for image, _ in call]).to(self.device)
-            cond = self.conditioning.get([c for _, caps in call for c in caps]).to(self.device)
-            err = batched_diffusion_errors(self.teacher.unet, self.teacher.scheduler, lat, cond,
-                                           [len(caps) for _, caps in call], timesteps, noise, self.opts)
-            distinct.append(err.cpu().numpy().astype(np.float64))
-        flat = np.concatenate(distinct) if distinct else np.zeros(0)
-        return flat[np.asarray(index, dtype=np.int64)] if index else np.zeros(0)

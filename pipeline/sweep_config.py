@@ -33,8 +33,8 @@ configs as the sweep runs (only sampled parameters; every config is repeated per
 whose every cell must fill a table.
 
 Every problem is a `pipeline.config.ConfigError` whose one line names the key, the value
-and what is allowed; the checks reuse `pipeline.config`'s own machinery (`_build`,
-`_convert`, `_check_range`, `resolve`, `deep_merge`) so a parameter is valid in a sweep
+and what is allowed; the checks reuse `pipeline.config`'s own machinery (`build`,
+`convert`, `check_range`, `resolve`, `deep_merge`) so a parameter is valid in a sweep
 exactly when it is valid in params.yaml.
 """
 from __future__ import annotations
@@ -53,7 +53,7 @@ from typing import Any, Literal
 
 import yaml
 
-from pipeline.config import (PROFILES, Config, ConfigError, _build, _check, _check_range, _convert, deep_merge,
+from pipeline.config import (PROFILES, Config, ConfigError, build, check, check_range, convert, deep_merge,
                              from_dict, nonneg, positive, resolve)
 
 SWEEPABLE_SECTIONS = ("objective", "train", "eval")
@@ -74,7 +74,7 @@ METRICS_ALLOWED = ("winoground/{text,image,group}[/{object,relation,both,preds_1
                    "aro/{overall,vg_relation,vg_attribution,coco_order}, zeroshot/{mean,<set>}, "
                    "loss/{clip,total,sds,unet_feature}")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-# Keys of params.yaml that are not part of a trial's Config: the DVC `sweep` stage's list of sweep files.
+# Keys of params.yaml no trial depends on (the `sweep` stage's list of sweep files): left out of trial configs.
 NOT_CONFIG_KEYS = ("sweeps",)
 
 
@@ -107,7 +107,7 @@ class SchedulerSpec:
     metric: str = "loss/clip"
     mode: Literal["min", "max"] = "min"
     grace_period: int = field(default=1, metadata=positive(doc="training steps before a trial can be stopped"))
-    reduction_factor: int = field(default=2, metadata=_check(ge=2))
+    reduction_factor: int = field(default=2, metadata=check(ge=2))
 
 
 @dataclass
@@ -120,7 +120,7 @@ class ResourcesSpec:
 
 @dataclass
 class _Options:
-    """The plain top-level keys, validated by pipeline.config's `_build`."""
+    """The plain top-level keys, validated by pipeline.config's `build`."""
 
     name: str = ""
     search: SearchSpec = field(default_factory=SearchSpec)
@@ -328,7 +328,7 @@ def _section(cls: type, raw: Any, key: str, shorthand: str | None = None) -> Any
         raw = {}
     if shorthand and isinstance(raw, str):
         raw = {shorthand: raw}
-    return _build(cls, _mapping(raw, key), key)
+    return build(cls, _mapping(raw, key), key)
 
 
 def _prefix(err: ConfigError, old: str, new: str) -> ConfigError:
@@ -366,7 +366,7 @@ def parse(raw: Any, params: dict, profile: str | None = None, source: str = "") 
     for key in ("search", "scheduler", "resources"):
         if key in options and options[key] is None:
             options[key] = {}
-    opts: _Options = _build(_Options, options, "")
+    opts: _Options = build(_Options, options, "")
 
     if "name" not in raw:
         raise ConfigError("name: missing; a sweep needs a name (it names the MLflow experiment and Ray's folder)")
@@ -516,8 +516,8 @@ def _finite_domain(key: str, tp: Any, base: Config) -> list | None:
 
 
 def _value(key: str, tp: Any, meta: dict, value: Any, where: str, base: Config) -> Any:
-    converted = _convert(value, tp, where)
-    _check_range(converted, meta, where)
+    converted = convert(value, tp, where)
+    check_range(converted, meta, where)
     if key == "train.student" and converted not in base.students:
         raise ConfigError(f"{where}: {converted!r} is not a student; allowed: {', '.join(base.students)}")
     return converted

@@ -26,7 +26,7 @@ def train_vae(teacher: Teacher, pixels: torch.Tensor, cfg: TeacherConfig, genera
     vae = teacher.vae.train().requires_grad_(True)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr)
     for _ in tqdm(range(cfg.vae_steps), desc="teacher VAE", leave=False):
-        batch = pixels[torch.randint(len(pixels), (cfg.vae_batch_size,), generator=generator)]
+        batch = pixels[torch.randint(len(pixels), (cfg.vae_batch_size,), generator=generator)].to(vae.device)
         posterior = vae.encode(batch).latent_dist
         recon = vae.decode(posterior.sample(generator=generator)).sample
         loss = F.mse_loss(recon, batch) + KL_WEIGHT * posterior.kl().mean()
@@ -34,17 +34,21 @@ def train_vae(teacher: Teacher, pixels: torch.Tensor, cfg: TeacherConfig, genera
         loss.backward()
         opt.step()
     vae.eval().requires_grad_(False)
-    with torch.no_grad():
-        latents = torch.cat([vae.encode(pixels[i : i + 256]).latent_dist.mean for i in range(0, len(pixels), 256)])
+    latents = _latent_means(vae, pixels)
     vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+
+
+@torch.no_grad()
+def _latent_means(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """Posterior means of all images, computed in chunks on the VAE's device."""
+    return torch.cat([vae.encode(pixels[i : i + 256].to(vae.device)).latent_dist.mean for i in range(0, len(pixels), 256)])
 
 
 def train_unet(teacher: Teacher, pixels: torch.Tensor, captions: list[str], cfg: TeacherConfig,
                generator: torch.Generator) -> list[float]:
     """Denoising loss on scaled VAE latents; the text encoder learns along with the UNet."""
-    with torch.no_grad():
-        latents = torch.cat([teacher.vae.encode(pixels[i : i + 256]).latent_dist.mean
-                             for i in range(0, len(pixels), 256)]) * teacher.scaling_factor
+    latents = _latent_means(teacher.vae, pixels) * teacher.scaling_factor
+    device = latents.device
     modules = [teacher.unet, teacher.text_encoder]
     params = [p for m in modules for p in m.parameters()]
     for m in modules:
@@ -55,11 +59,11 @@ def train_unet(teacher: Teacher, pixels: torch.Tensor, captions: list[str], cfg:
     bar = tqdm(range(cfg.unet_steps), desc="teacher UNet", leave=False)
     for _ in bar:
         idx = torch.randint(len(latents), (cfg.batch_size,), generator=generator)
-        x0 = latents[idx]
+        x0 = latents[idx.to(device)]
         texts = ["" if torch.rand((), generator=generator) < CAPTION_DROPOUT else captions[i] for i in idx.tolist()]
         cond = encode_text_trainable(teacher, texts)
-        noise = torch.randn(x0.shape, generator=generator)
-        t = sample_timesteps(len(x0), 0, teacher.scheduler.config.num_train_timesteps - 1, generator)
+        noise = torch.randn(x0.shape, generator=generator).to(device)
+        t = sample_timesteps(len(x0), 0, teacher.scheduler.config.num_train_timesteps - 1, generator).to(device)
         pred = teacher.unet(teacher.scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=cond).sample
         loss = F.mse_loss(pred, diffusion_target(teacher.scheduler, x0, noise, t))
         opt.zero_grad(set_to_none=True)

@@ -7,6 +7,7 @@ lambda 0, so there is one training loop in the project.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import logging
@@ -24,13 +25,14 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from pipeline.cache import Table
-from pipeline.config import ObjectiveConfig, TrainConfig
+from pipeline.config import ComputeConfig, ObjectiveConfig, TrainConfig
 from pipeline.data.records import ImageCaption, load_image
 from pipeline.evaluate import image_key
 from pipeline.io import write_bytes
-from pipeline.models.student import Student, embed_dim, layernorm_parameters
+from pipeline.models.student import Student, contrastive_outputs, embed_dim, layernorm_parameters
 from pipeline.models.teacher import Teacher
-from pipeline import objectives
+from pipeline import fastpath, objectives
+from pipeline.fastpath import FastPath
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
@@ -85,6 +87,9 @@ class Trial:
     generator: torch.Generator
     step: int = 0
     history: list[dict] = field(default_factory=list)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    fast: FastPath = field(default_factory=lambda: FastPath.default_for("cpu"))
+    scaler: torch.amp.GradScaler | None = None  # fp16 autocast only
 
     @property
     def trainable_count(self) -> int:
@@ -127,8 +132,15 @@ def _feature_shape(teacher: Teacher) -> tuple[int, ...]:
 
 def setup(cfg: TrainConfig, objective: ObjectiveConfig, student: Student, pairs: list[ImageCaption],
           lambda_sds: float, teacher: Teacher | None = None, conditioning: Table | None = None,
-          latents: Table | None = None) -> Trial:
-    """Freeze, choose the trainable scope, build h_w, the optimiser and the data order."""
+          latents: Table | None = None, compute: ComputeConfig | None = None) -> Trial:
+    """Freeze, choose the trainable scope, build h_w, the optimiser and the data order.
+
+    `compute` (default: the CPU with its default options) says on which device the student,
+    h_w and the teacher's UNet run and with which fast-path options (`pipeline.fastpath`).
+    """
+    compute = compute or ComputeConfig(device="cpu")
+    device = fastpath.resolve_device(compute.device)
+    opts = FastPath.from_config(compute, device)
     seed_everything(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -141,7 +153,10 @@ def setup(cfg: TrainConfig, objective: ObjectiveConfig, student: Student, pairs:
     if needs_teacher:
         shape = _feature_shape(teacher) if cfg.scope == "unet_feature" else teacher.latent_shape
         projection = objectives.LatentProjection(embed_dim(student), shape)
-    student.model.requires_grad_(False)
+    student.model.requires_grad_(False).to(device)
+    fastpath.prepare_student(student.model, opts)
+    if projection is not None:
+        projection.to(device)
     params = trainable_parameters(student, projection, cfg.scope)
     for p in params.values():
         p.requires_grad_(True)
@@ -152,31 +167,44 @@ def setup(cfg: TrainConfig, objective: ObjectiveConfig, student: Student, pairs:
     dataset = PairDataset(pairs, student, text_rows, image_rows)
     loader = DataLoader(dataset, batch_sampler=StepSampler(len(pairs), cfg.batch_size, cfg.seed))
     if teacher is not None:
-        teacher.unet.requires_grad_(False).eval()
+        fastpath.prepare_teacher_unet(teacher.unet.to(device), opts)
     return Trial(student, projection, params, optimizer, scheduler, loader, teacher, conditioning, latents,
-                 cfg, objective, lambda_sds, torch.Generator().manual_seed(cfg.seed + 1))
+                 cfg, objective, lambda_sds, torch.Generator().manual_seed(cfg.seed + 1), device=device, fast=opts,
+                 scaler=fastpath.grad_scaler(device, opts) if opts.autocast == "fp16" else None)
 
 
 def loss_step(trial: Trial, images, tokens, text_rows, image_rows) -> dict[str, torch.Tensor]:
-    """The losses of one batch; `total` is what is backpropagated."""
-    model = trial.student.model.train()
-    image_features, text_features, logit_scale = model(images, tokens)[:3]
-    losses = {"clip": objectives.clip_loss(image_features, text_features, logit_scale)}
+    """The losses of one batch on the trial's device; `total` is what is backpropagated.
+
+    t and eps come from `trial.generator` (a CPU generator, so a run draws the same numbers
+    on any device) and are then moved to the device. Under autocast only the student's
+    forward (unless `autocast_student` is off) and the UNet run in bf16/fp16; h_w, the
+    noising and the losses run in fp32.
+    """
+    model, device, opts = trial.student.model.train(), trial.device, trial.fast
+    images, tokens = images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
+    with fastpath.autocast(device, opts) if opts.autocast_student else contextlib.nullcontext():
+        image_features, text_features, logit_scale = contrastive_outputs(model, images, tokens)
+    image_features, text_features = image_features.float(), text_features.float()
+    losses = {"clip": objectives.clip_loss(image_features, text_features, logit_scale.float())}
     total = losses["clip"]
     if trial.projection is not None:
         obj, teacher = trial.objective, trial.teacher
-        cond = trial.conditioning.rows(text_rows)
+        cond = trial.conditioning.rows(text_rows).to(device, non_blocking=True)
         t = objectives.sample_timesteps(len(images), obj.t_min, obj.t_max, trial.generator)
         predicted = trial.projection(image_features) * obj.latent_scale
         if trial.cfg.scope == "unet_feature":
             x0 = trial.latents.rows(image_rows)
             noise = torch.randn(x0.shape, generator=trial.generator)
-            target = objectives.unet_features(teacher.unet, teacher.scheduler.add_noise(x0, noise, t), t, cond)
-            losses["unet_feature"] = objectives.unet_feature_loss(predicted, target)
+            x0, noise, t = x0.to(device), noise.to(device), t.to(device)
+            with fastpath.autocast(device, opts):
+                target = objectives.unet_features(teacher.unet, teacher.scheduler.add_noise(x0, noise, t), t, cond)
+            losses["unet_feature"] = objectives.unet_feature_loss(predicted, target.float())
             total = total + trial.lambda_sds * losses["unet_feature"]
         else:
-            noise = torch.randn(predicted.shape, generator=trial.generator)
-            sds = objectives.sds_loss(predicted, cond, teacher.unet, teacher.scheduler, t, noise,
+            noise = torch.randn(predicted.shape, generator=trial.generator).to(device, non_blocking=True)
+            unet = fastpath.unet_caller(teacher.unet, opts, device)
+            sds = objectives.sds_loss(predicted, cond, unet, teacher.scheduler, t.to(device), noise,
                                       obj.noising, obj.gradient)
             losses["sds"] = sds.mse
             total = total + trial.lambda_sds * sds.loss
@@ -224,8 +252,13 @@ def fit(trial: Trial, folder: Path, on_log: Callable[[int, dict[str, float]], No
         if not all(math.isfinite(v) for v in values.values()):
             raise NonFiniteLoss(f"step {trial.step}: non-finite loss {values}")
         trial.optimizer.zero_grad(set_to_none=True)
-        losses["total"].backward()
-        trial.optimizer.step()
+        if trial.scaler is None:
+            losses["total"].backward()
+            trial.optimizer.step()
+        else:
+            trial.scaler.scale(losses["total"]).backward()
+            trial.scaler.step(trial.optimizer)
+            trial.scaler.update()
         trial.scheduler.step()
         trial.step += 1
         bar.update(1)
@@ -244,7 +277,7 @@ def fit(trial: Trial, folder: Path, on_log: Callable[[int, dict[str, float]], No
 
 
 def trained_state(trial: Trial) -> dict[str, torch.Tensor]:
-    return {name: p.detach().contiguous().clone() for name, p in trial.params.items()}
+    return {name: p.detach().cpu().contiguous().clone() for name, p in trial.params.items()}
 
 
 def settings(trial: Trial) -> dict:
@@ -259,6 +292,7 @@ def save_checkpoint(trial: Trial, folder: Path) -> None:
         "settings": settings(trial), "step": trial.step, "params": trained_state(trial), "optimizer": trial.optimizer.state_dict(),
         "scheduler": trial.scheduler.state_dict(), "history": trial.history,
         "rng": {"torch": torch.get_rng_state(), "trial": trial.generator.get_state()},
+        "scaler": trial.scaler.state_dict() if trial.scaler is not None else None,
     }
     buffer = io.BytesIO()
     torch.save(state, buffer)
@@ -269,7 +303,7 @@ def load_checkpoint(trial: Trial, folder: Path) -> bool:
     path = Path(folder) / CHECKPOINT
     if not path.is_file():
         return False
-    state = torch.load(path, weights_only=False)
+    state = torch.load(path, weights_only=False, map_location=trial.device)
     if state.get("settings") != settings(trial):
         # Another configuration's optimiser state would silently mix two trials.
         log.warning("%s was written under other settings; starting this trial from step 0", path)
@@ -280,9 +314,11 @@ def load_checkpoint(trial: Trial, folder: Path) -> bool:
             trial.params[name].copy_(value)
     trial.optimizer.load_state_dict(state["optimizer"])
     trial.scheduler.load_state_dict(state["scheduler"])
+    if trial.scaler is not None and state.get("scaler"):
+        trial.scaler.load_state_dict(state["scaler"])
     trial.step, trial.history = state["step"], state["history"]
-    torch.set_rng_state(state["rng"]["torch"])
-    trial.generator.set_state(state["rng"]["trial"])
+    torch.set_rng_state(state["rng"]["torch"].cpu())
+    trial.generator.set_state(state["rng"]["trial"].cpu())
     log.info("resumed %s at step %d", folder, trial.step)
     return True
 

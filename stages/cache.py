@@ -3,6 +3,7 @@ import sys
 
 from pipeline import cli
 from pipeline.experiment import fingerprint
+from pipeline.fastpath import resolve_device
 from pipeline.latents import build_cache
 from pipeline.models.build import teacher_dir
 from pipeline.models.teacher import load_teacher
@@ -10,7 +11,8 @@ from pipeline.models.teacher import load_teacher
 
 def body(args, cfg, root):
     folder = teacher_dir(root / "models")
-    build_cache(cfg, load_teacher(folder), fingerprint(folder), root / cfg.data.root, root / cfg.cache.root)
+    teacher = load_teacher(folder).to(resolve_device(cfg.compute.device))
+    build_cache(cfg, teacher, fingerprint(folder), root / cfg.data.root, root / cfg.cache.root)
 
 
 def main(argv=None) -> int:

@@ -3,7 +3,8 @@
     python -m stages.sweep                         # the files listed in params.yaml's `sweeps`
     python -m stages.sweep sweeps/lambda.yaml      # or these
 
-Every file is validated before the first one runs. Each sweep writes
+The sweeps run on params.yaml's profile (the one the other stages use) unless --profile
+says otherwise. Every file is validated before the first one runs. Each sweep writes
 `results/sweep-<name>.json` (parent run id, child run ids, statuses, metrics) and the stage
 writes `results/sweeps.json` (sweep name -> file, MLflow experiment, parent run id, exit
 status), which the report stage reads to find the sweeps' runs in MLflow. Exit status: 0,
@@ -16,24 +17,14 @@ import json
 import sys
 from pathlib import Path
 
+from pipeline import config, sweep_config
 from pipeline import sweep as driver
-from pipeline import sweep_config
-from pipeline.config import ConfigError
+from pipeline.config import Config, ConfigError
 from pipeline.io import write_json
 
-LIST_KEY = "sweeps"
 
-
-def sweep_files(params: dict, given: list[Path], root: Path) -> list[Path]:
-    if given:
-        return given
-    listed = params.get(LIST_KEY) if isinstance(params, dict) else None
-    if listed is None:
-        raise ConfigError(f"{LIST_KEY}: missing from the params file; list the sweep files to run, "
-                          "e.g. sweeps: [sweeps/lambda.yaml]")
-    if not isinstance(listed, list) or not all(isinstance(f, str) and f for f in listed):
-        raise ConfigError(f"{LIST_KEY}: {listed!r} is not allowed; expected a list of sweep file paths")
-    return [root / f for f in listed]
+def sweep_files(cfg: Config, given: list[Path], root: Path) -> list[Path]:
+    return given or [root / f for f in cfg.sweeps]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,18 +39,20 @@ def main(argv: list[str] | None = None) -> int:
     root = params_path.parent
     try:
         params = sweep_config.read_yaml(params_path)
-        files = sweep_files(params, args.files, root)
+        cfg = config.load(params_path)
+        profile = args.profile or cfg.profile   # the sweeps run on the profile the rest of `dvc repro` uses
+        files = sweep_files(cfg, args.files, root)
         sweeps = []
         for path in files:                                                    # all checked before any runs
             try:
-                sweeps.append(sweep_config.load(path, params, args.profile))
+                sweeps.append(sweep_config.load(path, params, profile))
             except ConfigError as err:
                 text = str(err)
                 raise ConfigError(text if text.startswith(str(path)) else f"{path}: {text}") from None
         names = [s.name for s in sweeps]
         if len(set(names)) != len(names):
             dup = next(n for n in names if names.count(n) > 1)
-            raise ConfigError(f"{LIST_KEY}: two sweep files are named {dup!r}; each sweep needs its own name")
+            raise ConfigError(f"sweeps: two sweep files are named {dup!r}; each sweep needs its own name")
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return driver.EXIT_USAGE
@@ -67,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     summary, worst = {}, 0
     for path, sweep in zip(files, sweeps):
         results = root / "results" / f"sweep-{sweep.name}.json"
-        extra = (["--profile", args.profile] if args.profile else []) + (["--address", args.address] if args.address else [])
+        results.unlink(missing_ok=True)   # a stale file must not pass for this launch's outcome
+        extra = ["--profile", profile] + (["--address", args.address] if args.address else [])
         code = driver.main([str(path), "--params", str(params_path), "--results", str(results), *extra])
         entry = {"file": str(path.relative_to(root) if path.is_relative_to(root) else path), "exit": code}
         if results.is_file():

@@ -122,6 +122,12 @@ BAD = {
     "t_min > t_max": ("objective.t_min", 990, ["objective.t_min", "990", "objective.t_max", "980"]),
     "section not a mapping": ("train", 3, ["train", "3", "a mapping"]),
     "no students": ("students", {}, ["students", "non-empty mapping"]),
+    "sweeps not a list": ("sweeps", "sweeps/lambda.yaml", ["sweeps", "'sweeps/lambda.yaml'", "a list"]),
+    "sweep not a yaml file": ("sweeps", ["sweeps/lambda.txt"], ["sweeps[0]", "'sweeps/lambda.txt'", ".yaml"]),
+    "bad device": ("compute.device", "gpu0", ["compute.device", "'gpu0'", "auto", "cpu", "cuda:N"]),
+    "bad precision": ("compute.precision", "fp8", ["compute.precision", "'fp8'", "'bf16'", "'fp32'"]),
+    "bad compile mode": ("compute.compile", "fastest", ["compute.compile", "'fastest'", "'off'", "'max-autotune'"]),
+    "channels_last word": ("compute.channels_last", "on", ["compute.channels_last", "'on'", "True", "False"]),
 }
 
 

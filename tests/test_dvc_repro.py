@@ -51,7 +51,7 @@ def test_repro_writes_table_then_is_up_to_date_then_reruns_only_lambda_dependent
     dest, env = clone
     dvc = [sys.executable, "-m", "dvc"]
     first = _run(dvc + ["repro"], dest, env)
-    assert _ran(first) == {"data", "models", "cache", "baselines", "train_clip", "train_sds", "report"}
+    assert _ran(first) == {"data", "models", "cache", "baselines", "train_clip", "train_sds", "sweep", "report"}
     table = (dest / "reports" / "table1.md").read_text().splitlines()
     labels = [row.split("|")[1].strip() for row in table[2:]]
     assert labels == ["pretrained toy-vit", "FT with L_CLIP", "FT with L_CLIP + 0.1 L_SDS", "diffusion score (toy-ldm)"]
@@ -59,6 +59,7 @@ def test_repro_writes_table_then_is_up_to_date_then_reruns_only_lambda_dependent
         assert (dest / "reports" / f"table1.{suffix}").is_file()
 
     _check_mlflow(dest)
+    _check_sweep(dest)
 
     assert _ran(_run(dvc + ["repro"], dest, env)) == set()
 
@@ -66,7 +67,8 @@ def test_repro_writes_table_then_is_up_to_date_then_reruns_only_lambda_dependent
     text = (dest / "params.yaml").read_text().replace(
         f"lambda_sds: {params['objective']['lambda_sds']}", "lambda_sds: 0.05", 1)
     (dest / "params.yaml").write_text(text)
-    assert _ran(_run(dvc + ["repro"], dest, env)) == {"train_sds", "report"}
+    # The sweep stage depends on the whole objective section: a sweep file may leave lambda at its base value.
+    assert _ran(_run(dvc + ["repro"], dest, env)) == {"train_sds", "sweep", "report"}
     assert "0.05 L_SDS" in (dest / "reports" / "table1.md").read_text()
 
 
@@ -89,3 +91,16 @@ def _check_mlflow(dest: Path) -> None:
     baselines = json.loads((dest / "results" / "baselines.json").read_text())
     (diffusion,) = tracker.runs([baselines["diffusion_score"]["run_id"]])
     assert "winoground/text" in diffusion["metrics"] and "zeroshot/shape" not in diffusion["metrics"]
+
+
+def _check_sweep(dest: Path) -> None:
+    """The params file's sweep ran on the smoke profile, and the report tabulated its trials from MLflow."""
+    cfg = load(dest / "params.yaml")
+    summary = json.loads((dest / "results" / "sweeps.json").read_text())
+    assert cfg.sweeps == ["sweeps/lambda.yaml"] and set(summary) == {"lambda"}
+    entry = summary["lambda"]
+    assert entry["exit"] == 0 and entry["counts"]["finished"] == 5
+    children = Tracker(cfg.tracking, dest).find_runs(entry["experiment"], parent=entry["parent_run_id"])
+    assert len(children) == 5 and all(run["tags"]["profile"] == "smoke" for run in children)
+    table = (dest / "reports" / "sweep-lambda.md").read_text().splitlines()
+    assert len(table) == 2 + 5 and "objective.lambda_sds" in table[0]

@@ -27,7 +27,7 @@ from pipeline.evaluate import DiffusionScorer
 from pipeline.models import paper
 from pipeline.models.build import build_models, student_dir, teacher_dir
 from pipeline.models.student import build_toy_student, layernorm_parameters, load_student, save_student
-from pipeline.models.teacher import SD_SCHEDULE, build_toy_teacher, load_teacher, save_teacher
+from pipeline.models.teacher import SD_SCHEDULE, Teacher, build_toy_teacher, load_teacher, save_teacher
 from pipeline.objectives import LatentProjection, diffusion_target, sds_loss
 
 REPO = Path(__file__).resolve().parents[1]
@@ -157,6 +157,49 @@ def test_sds_loss_through_each_student(name):
     # and an attention pool), so with the LayerNorm scope its SDS gradient stops at h_w.
     assert reached == image_tower and (name == "rn50") == (not image_tower)
     assert all(p.grad is None for p in student.model.parameters() if not p.requires_grad)
+
+
+def test_trainer_step_through_coca_uses_its_contrastive_part(tmp_path):
+    """CoCa's forward returns a dict with captioning logits; the trainer's step takes its contrastive
+    embeddings (the same as CLIP's encode_image / encode_text) and L_SDS reaches the image tower."""
+    import open_clip
+    from PIL import Image
+
+    from pipeline import train
+    from pipeline.bench import MemoryTable
+    from pipeline.config import ObjectiveConfig, TrainConfig
+    from pipeline.data.records import ImageCaption
+    from pipeline.models.student import Student, contrastive_outputs
+    from pipeline.objectives import clip_loss
+
+    torch.manual_seed(0)
+    # coca_ViT-B-32.json's structure (attentional pool, output tokens, CLS embedding) at toy widths.
+    text = {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
+    model = open_clip.CoCa(
+        embed_dim=32, multimodal_cfg={**text, "attn_pooler_heads": 2},
+        text_cfg={**text, "embed_cls": True, "output_tokens": True},
+        vision_cfg={"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8,
+                    "attentional_pool": True, "attn_pooler_heads": 2, "output_tokens": True})
+    student = Student(model, open_clip.SimpleTokenizer(context_length=16),
+                      open_clip.image_transform(32, is_train=False), {"embed_dim": 32})
+    captions = ["a red circle", "a blue square", "a green triangle", "a red square"]
+    Image.new("RGB", (32, 32), (120, 80, 40)).save(tmp_path / "image.png")
+    pairs = [ImageCaption(tmp_path / "image.png", c) for c in captions]
+    unet = small_sd_unet(24)
+    teacher = Teacher(unet, None, None, None, DDPMScheduler(**SD_SCHEDULE))
+    conditioning = MemoryTable(captions, torch.randn(4, 77, 24))
+    trial = train.setup(TrainConfig(batch_size=4, steps=2), ObjectiveConfig(), student, pairs, 1.0, teacher, conditioning)
+    images, tokens = torch.randn(4, 3, 32, 32), student.tokenizer(captions)
+    out = model(images, tokens)
+    assert isinstance(out, dict) and "logits" in out  # what `model(...)[:3]` would have mangled
+    image_features, text_features, scale = contrastive_outputs(model, images, tokens)
+    assert torch.allclose(image_features, out["image_features"]) and torch.allclose(text_features, out["text_features"])
+    losses = train.loss_step(trial, images, tokens, torch.arange(4), torch.arange(4))
+    assert torch.allclose(losses["clip"], clip_loss(image_features, text_features, scale))
+    losses["total"].backward()
+    image_tower = {id(p) for p in layernorm_parameters(model.visual)}
+    reached = {id(p) for p in trial.params.values() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert image_tower <= reached and trial.params["h_w.linear.weight"].grad.abs().sum() > 0
 
 
 # ---------------------------------------------------------------- one SDS evaluation per teacher (real channels)
@@ -314,48 +357,45 @@ def test_hub_failure_of_the_teacher_is_one_line(tmp_path, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("repo", list(TEACHERS))
-def test_one_full_size_sds_step_on_gpu(repo):
+def test_one_full_size_sds_step_on_gpu(repo, tmp_path):
     """ViT-B/16 at 224 px, batch 32, h_w -> the full latent, the full UNet, L_CLIP + lambda L_SDS, one AdamW
-    step over the LayerNorm scope (random weights). Prints the step time and peak memory:
+    step over the LayerNorm scope (random weights), through the trainer's own `setup` / `loss_step` with the
+    default compute section (the fast path on CUDA). Prints the step time and peak memory:
     `pytest -m gpu tests/test_paper_models.py -s`."""
     import time
 
-    from pipeline.objectives import clip_loss, sample_timesteps
+    from PIL import Image
+
+    from pipeline import train
+    from pipeline.bench import MemoryTable
+    from pipeline.config import ComputeConfig, ObjectiveConfig, TrainConfig
+    from pipeline.data.records import ImageCaption
 
     device = torch.device("cuda")
     teacher = paper.random_teacher(repo, device="cpu", parts=("unet", "text_encoder"))  # the VAE stays on meta
-    teacher.unet.to(device)
-    teacher.text_encoder.to(device)
     student = paper.random_student("ViT-B-16-quickgelu", "openai", device="cpu")
-    model = student.model.to(device).train()
-    model.requires_grad_(False)
-    h_w = LatentProjection(512, teacher.latent_shape).to(device)
-    params = layernorm_parameters(model) + list(h_w.parameters())
-    for p in params:
-        p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(params, lr=5e-5)
     batch = 32
     captions = [f"a photo of thing number {i}" for i in range(batch)]
+    Image.new("RGB", (224, 224), (120, 80, 40)).save(tmp_path / "image.png")
+    pairs = [ImageCaption(tmp_path / "image.png", c) for c in captions]
     with torch.no_grad():
         ids = teacher.tokenizer(captions, padding="max_length", max_length=77, truncation=True,
-                                return_tensors="pt").input_ids.to(device)
-        conditioning = teacher.text_encoder(ids)[0]
-    tokens = student.tokenizer(captions).to(device)
+                                return_tensors="pt").input_ids
+        conditioning = MemoryTable(captions, teacher.text_encoder(ids)[0])
+    trial = train.setup(TrainConfig(batch_size=batch, steps=10, lr=5e-5), ObjectiveConfig(lambda_sds=1e-3), student,
+                        pairs, 1e-3, teacher, conditioning, compute=ComputeConfig(device="cuda"))
+    tokens, rows = student.tokenizer(captions), torch.arange(batch)
+    teacher.scheduler.alphas_cumprod = teacher.scheduler.alphas_cumprod.to(device)
 
     def step():
-        images = torch.randn(batch, 3, 224, 224, device=device)
-        image_features, text_features, logit_scale = model(images, tokens)[:3]
-        t = sample_timesteps(batch, 20, 980).to(device)
-        noise = torch.randn(batch, *teacher.latent_shape, device=device)
-        sds = sds_loss(h_w(image_features), conditioning, teacher.unet, teacher.scheduler, t, noise)
-        loss = clip_loss(image_features, text_features, logit_scale) + 1e-3 * sds.loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        return float(loss)
+        images = torch.randn(batch, 3, 224, 224)
+        losses = train.loss_step(trial, images, tokens, rows, rows)
+        trial.optimizer.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        trial.optimizer.step()
+        return float(losses["total"])
 
-    teacher.scheduler.alphas_cumprod = teacher.scheduler.alphas_cumprod.to(device)
-    step()  # warm-up (kernels, allocator)
+    step()  # warm-up (compilation, kernels, allocator)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
@@ -363,6 +403,6 @@ def test_one_full_size_sds_step_on_gpu(repo):
     torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / 3
     peak = torch.cuda.max_memory_allocated() / 2**30
-    print(f"\n{repo}: SDS step, ViT-B/16, batch {batch}, latent {teacher.latent_shape}: "
+    print(f"\n{repo}: SDS step, ViT-B/16, batch {batch}, latent {teacher.latent_shape}, {trial.fast.describe()}: "
           f"{seconds:.3f} s/step, peak {peak:.1f} GiB on {torch.cuda.get_device_name()}")
     assert all(math.isfinite(v) for v in losses)

@@ -1,9 +1,21 @@
-"""The Table-1 writer: values, missing metrics, intervals, and the three formats."""
+"""The report: Table 1, sweep tables and figures, the zero-shot figure, and the stage, over a real MLflow store."""
 import csv
 import io
+import json
+import math
+from pathlib import Path
 
-from pipeline.report import COLUMNS, csv_text, latex, markdown, table_rows, write_table1
+import pytest
 
+from pipeline.config import load
+from pipeline.report import (COLUMNS, TABLE1_CSV_HEADER, TABLE1_HEADER, csv_text, latex, markdown, mean_by_x,
+                             sorted_trials, sweep_figure, sweep_trials, swept_keys, table_rows, write_sweep_report,
+                             write_table1, x_scale, zeroshot_figure, zeroshot_sets)
+from pipeline.tracking import Tracker
+from stages import report as stage
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+KEYS = [key for _, key in COLUMNS]
 
 RUNS = [
     ("pretrained", {"winoground/text": 0.24, "winoground/text/object": 0.28, "aro/overall": 0.5725,
@@ -11,26 +23,240 @@ RUNS = [
     ("diffusion score", {"winoground/text": 0.3}),
 ]
 
+# Trials of a lambda sweep, logged out of order. Each logs its whole config, where train.lambda_sds
+# mirrors objective.lambda_sds and train.lr is constant; t003 failed before logging more than the
+# swept value, yet logged a score the figure must not show. The `duplicate` run is no trial.
+LAMBDA_TRIALS = [
+    ("t003", {"objective.lambda_sds": 0.1}, "failed", {"winoground/text": 0.05}),
+    ("t001", {"objective.lambda_sds": 1e-5, "train.lambda_sds": 1e-5, "train.lr": 5e-4}, "finished",
+     {"winoground/text": 0.3, "aro/overall": 0.55}),
+    ("t001", {"objective.lambda_sds": 1e-5, "train.lambda_sds": 1e-5, "train.lr": 5e-4}, "duplicate",
+     {"winoground/text": 0.99}),
+    ("t000", {"objective.lambda_sds": 0, "train.lambda_sds": 0, "train.lr": 5e-4}, "finished",
+     {"winoground/text": 0.25, "winoground/text/object": 0.12345, "aro/overall": 0.5, "zeroshot/mean": 0.3}),
+    ("t002", {"objective.lambda_sds": 0.01, "train.lambda_sds": 0.01, "train.lr": 5e-4}, "finished",
+     {"winoground/text": 0.2876, "aro/overall": 0.61, "zeroshot/mean": 0.4}),
+]
+SCOPE_TRIALS = [
+    ("t000", {"train.scope": "layernorm", "train.lr": 5e-4}, "finished", {"winoground/text": 0.2}),
+    ("t001", {"train.scope": "full", "train.lr": 5e-4}, "finished", {"winoground/text": 0.3}),
+    ("t002", {"train.scope": "unet_feature", "train.lr": 5e-4}, "finished", {"winoground/text": 0.1}),
+]
+ZEROSHOT = {
+    "pretrained toy-vit": {"zeroshot/pets": 0.4, "zeroshot/cifar10": 0.5, "zeroshot/mean": 0.45},
+    "FT with L_CLIP": {"zeroshot/cifar10": 0.6, "zeroshot/mean": 0.6},
+    "FT with L_CLIP + 0.001 L_SDS": {"zeroshot/pets": 0.42, "zeroshot/cifar10": 0.7, "zeroshot/mean": 0.56},
+    "diffusion score (toy-ldm)": {"winoground/text": 0.3},
+}
+
+
+def _log_sweep(tracker: Tracker, name: str, trials) -> dict:
+    """A parent run and one child per trial, as pipeline.sweep logs them; the sweeps.json entry."""
+    experiment = f"x/{name}"
+    parent = tracker.start(f"{name} parent", experiment=experiment, tags={"sweep": name})
+    for label, params, status, metrics in trials:
+        child = tracker.start(f"{name} {label}", params=params, parent=parent.run_id, experiment=experiment,
+                              tags={"sweep": name, "trial": label, "trial_id": f"id_{label}", "status": status})
+        child.log_metrics(metrics)
+        child.finish("FAILED" if status == "failed" else "FINISHED")
+    parent.finish()
+    return {"file": f"sweeps/{name}.yaml", "exit": 1, "experiment": experiment, "parent_run_id": parent.run_id}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A project folder: params.yaml, an MLflow SQLite store with Table-1 runs and two sweeps, results/."""
+    root = tmp_path_factory.mktemp("project")
+    params = root / "params.yaml"
+    params.write_text('tracking: {uri: "sqlite:///mlflow.db", experiment: x}\n')
+    cfg = load(params)
+    tracker = Tracker(cfg.tracking, root)
+    ids = {}
+    for label, metrics in ZEROSHOT.items():
+        run = tracker.start(label)
+        run.log_metrics(metrics)
+        run.finish()
+        ids[label] = run.run_id
+    results = root / "results"
+    results.mkdir()
+    (results / "baselines.json").write_text(json.dumps({
+        "pretrained/toy-vit": {"run_id": ids["pretrained toy-vit"]},
+        "diffusion_score": {"run_id": ids["diffusion score (toy-ldm)"]}}))
+    (results / "train-clip.json").write_text(json.dumps({"run_id": ids["FT with L_CLIP"]}))
+    (results / "train-sds.json").write_text(json.dumps({"run_id": ids["FT with L_CLIP + 0.001 L_SDS"]}))
+    sweeps = {"lambda": _log_sweep(tracker, "lambda", LAMBDA_TRIALS),
+              "scope": _log_sweep(tracker, "scope", SCOPE_TRIALS)}
+    return {"root": root, "params": params, "tracker": tracker, "sweeps": sweeps}
+
+
+def _children(store, name: str) -> list[dict]:
+    entry = store["sweeps"][name]
+    return store["tracker"].find_runs(entry["experiment"], parent=entry["parent_run_id"])
+
+
+# ----------------------------------------------------------------------------- Table 1
+
 
 def test_rows_hold_values_dashes_and_the_interval():
     rows = table_rows(RUNS)
-    keys = [key for _, key in COLUMNS]
     assert rows[0][0] == "pretrained"
-    assert rows[0][1 + keys.index("winoground/text")] == "0.240"
-    assert rows[0][1 + keys.index("aro/overall")] == "0.573"  # 3 decimals, rounded
-    assert rows[0][1 + keys.index("aro/vg_relation")] == "-"
+    assert rows[0][1 + KEYS.index("winoground/text")] == "0.240"
+    assert rows[0][1 + KEYS.index("aro/overall")] == "0.573"  # 3 decimals, rounded
+    assert rows[0][1 + KEYS.index("aro/vg_relation")] == "-"
     assert rows[0][-1] == "[0.200, 0.285]"
     assert rows[1][-1] == "-"
 
 
 def test_formats_agree_and_latex_is_escaped(tmp_path):
     rows = table_rows(RUNS)
-    md = markdown(rows).splitlines()
+    md = markdown(TABLE1_HEADER, rows).splitlines()
     assert len(md) == 2 + len(RUNS) and md[2].startswith("| pretrained | 0.240 |")
-    tex = latex(rows)
+    tex = latex(TABLE1_HEADER, rows)
     assert r"95\% CI" in tex and "95% CI" not in tex.replace(r"\%", "")
     assert tex.count(r"\\") == 1 + len(RUNS)
-    parsed = list(csv.reader(io.StringIO(csv_text(rows))))
+    assert tex.startswith(r"\begin{tabular}{l" + "r" * len(COLUMNS) + "l}")  # label and interval left
+    parsed = list(csv.reader(io.StringIO(csv_text(TABLE1_CSV_HEADER, rows))))
     assert parsed[0][1] == "winoground/text" and parsed[1][1] == "0.240"
     write_table1(RUNS, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["table1.csv", "table1.md", "table1.tex"]
+
+
+# ----------------------------------------------------------------------------- sweeps
+
+
+def test_swept_key_is_the_param_that_differs_without_its_mirror_or_constants(store):
+    trials = sweep_trials(_children(store, "lambda"))
+    assert sorted(t["tags"]["trial"] for t in trials) == ["t000", "t001", "t002", "t003"]  # duplicate dropped
+    assert swept_keys(trials) == ["objective.lambda_sds"]
+    assert swept_keys(sweep_trials(_children(store, "scope"))) == ["train.scope"]
+
+
+def test_trials_sort_by_value_not_by_text(store):
+    trials = sweep_trials(_children(store, "lambda"))
+    ordered = sorted_trials(trials, ["objective.lambda_sds"])
+    assert [t["params"]["objective.lambda_sds"] for t in ordered] == ["0", "1e-05", "0.01", "0.1"]
+    scope = sorted_trials(sweep_trials(_children(store, "scope")), ["train.scope"])
+    assert [t["params"]["train.scope"] for t in scope] == ["full", "layernorm", "unet_feature"]
+
+
+def test_sweep_table_rows_statuses_values_and_dashes(store, tmp_path):
+    written = write_sweep_report("lambda", _children(store, "lambda"), tmp_path)
+    assert [p.name for p in written] == ["sweep-lambda.md", "sweep-lambda.tex", "sweep-lambda.csv", "sweep-lambda.png"]
+    header, *rows = list(csv.reader(io.StringIO((tmp_path / "sweep-lambda.csv").read_text())))
+    assert header == ["trial", "objective.lambda_sds", "status"] + KEYS
+    column = {name: i for i, name in enumerate(header)}
+    assert [(r[0], r[1], r[2]) for r in rows] == [("t000", "0", "finished"), ("t001", "1e-05", "finished"),
+                                                   ("t002", "0.01", "finished"), ("t003", "0.1", "failed")]
+    assert [r[column["winoground/text"]] for r in rows] == ["0.250", "0.300", "0.288", "0.050"]
+    assert rows[0][column["winoground/text/object"]] == "0.123"
+    assert [r[column["zeroshot/mean"]] for r in rows] == ["0.300", "-", "0.400", "-"]
+    assert set(rows[3][3:]) == {"0.050", "-"}
+    md = (tmp_path / "sweep-lambda.md").read_text().splitlines()
+    assert md[0].startswith("| trial | objective.lambda_sds | status | Wino text |") and len(md) == 2 + 4
+    tex = (tmp_path / "sweep-lambda.tex").read_text()
+    assert r"objective.lambda\_sds" in tex and tex.startswith(r"\begin{tabular}{lrl" + "r" * len(COLUMNS) + "}")
+    assert (tmp_path / "sweep-lambda.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_lambda_figure_plots_finished_trials_on_a_symlog_axis(store):
+    trials = sweep_trials(_children(store, "lambda"))
+    keys = swept_keys(trials)
+    axes = sweep_figure("lambda", sorted_trials(trials, keys), keys).axes[0]
+    assert axes.get_xscale() == "symlog"  # 0 and positive values spanning 1000x
+    lines = {line.get_label(): line for line in axes.get_lines()}
+    assert set(lines) == {"Winoground text", "ARO overall", "zero-shot mean"}
+    assert list(lines["Winoground text"].get_xdata()) == [0, 1e-5, 0.01]  # failed t003 (0.1) left out
+    assert list(lines["Winoground text"].get_ydata()) == [0.25, 0.3, 0.2876]
+    assert list(lines["zero-shot mean"].get_xdata()) == [0, 0.01]
+
+
+def test_a_non_numeric_sweep_gets_bars_per_trial(store, tmp_path):
+    trials = sweep_trials(_children(store, "scope"))
+    keys = swept_keys(trials)
+    axes = sweep_figure("scope", sorted_trials(trials, keys), keys).axes[0]
+    assert [t.get_text() for t in axes.get_yticklabels()] == [
+        "t001: train.scope=full", "t000: train.scope=layernorm", "t002: train.scope=unet_feature"]
+    assert [bar.get_width() for bar in axes.containers[0]] == [0.3, 0.2, 0.1]
+    written = write_sweep_report("scope", _children(store, "scope"), tmp_path)
+    assert written[-1].read_bytes().startswith(PNG_MAGIC)
+
+
+def test_two_swept_keys_get_bars_and_nothing_to_plot_gets_no_figure():
+    def trial(label, lr, lam, status="finished", metrics=None):
+        return {"name": label, "params": {"train.lr": lr, "objective.lambda_sds": lam},
+                "tags": {"trial": label, "status": status}, "metrics": metrics or {}}
+
+    trials = [trial("t000", "1e-05", "0.1", metrics={"aro/overall": 0.5}), trial("t001", "0.001", "0.01")]
+    keys = swept_keys(trials)
+    assert keys == ["objective.lambda_sds", "train.lr"]
+    axes = sweep_figure("optuna", trials, keys).axes[0]
+    assert axes.get_xscale() == "linear" and len(axes.containers) == 1  # bars of the one score present
+    assert sweep_figure("optuna", [trial("t000", "1e-05", "0.1", "failed", {"aro/overall": 0.5})], keys) is None
+
+
+def test_repeated_values_plot_as_their_mean():
+    assert mean_by_x([(1.0, 0.2), (0.0, 0.5), (1.0, 0.4)]) == [(0.0, 0.5), (1.0, pytest.approx(0.3))]
+
+
+@pytest.mark.parametrize("values, scale", [
+    ([1e-5, 1e-4, 1e-3], ("log", {})),
+    ([0, 1e-4, 1e-1], ("symlog", {"linthresh": 1e-4, "linscale": 0.5})),
+    ([1, 2, 10], ("linear", {})),          # spans only 10x
+    ([-1, 1, 100], ("linear", {})),
+    ([0, 1], ("linear", {})),
+])
+def test_x_scale(values, scale):
+    assert x_scale(values) == scale
+
+
+# ----------------------------------------------------------------------------- zero-shot figure
+
+
+def test_zeroshot_figure_has_a_group_per_set_and_a_bar_per_run_with_sets(store):
+    tracker = store["tracker"]
+    runs = [(label, tracker.find_runs(tags={"mlflow.runName": label})[0]["metrics"]) for label in ZEROSHOT]
+    assert zeroshot_sets(runs) == ["cifar10", "pets"]
+    figure = zeroshot_figure(runs)
+    axes = figure.axes[0]
+    assert [t.get_text() for t in axes.get_xticklabels()] == ["cifar10", "pets"]
+    assert [t.get_text() for t in figure.legends[0].get_texts()] == list(ZEROSHOT)[:3]  # no diffusion score
+    heights = [[bar.get_height() for bar in bars] for bars in axes.containers]
+    assert heights[0] == [0.5, 0.4] and heights[2] == [0.7, 0.42]
+    assert heights[1][0] == 0.6 and math.isnan(heights[1][1])  # FT L_CLIP has no pets accuracy
+    assert zeroshot_figure([("diffusion score", {"winoground/text": 0.3})]) is None
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def test_stage_writes_tables_figures_and_removes_stale_sweep_outputs(store):
+    root = store["root"]
+    sweeps = {**store["sweeps"], "broken": {"file": "sweeps/broken.yaml", "exit": 2}}
+    (root / "results" / "sweeps.json").write_text(json.dumps(sweeps))
+    reports = root / "reports"
+    reports.mkdir(exist_ok=True)
+    (reports / "sweep-old.md").write_text("an earlier sweep\n")
+    (reports / "notes.txt").write_text("not the report's\n")
+    assert stage.main(["--params", str(store["params"])]) == 0
+    names = sorted(p.name for p in reports.iterdir())
+    assert names == ["notes.txt"] + sorted(f"sweep-{n}.{s}" for n in ("lambda", "scope") for s in ("csv", "md", "png", "tex")) \
+        + ["table1.csv", "table1.md", "table1.tex", "zeroshot.png"]
+    assert (reports / "zeroshot.png").read_bytes().startswith(PNG_MAGIC)
+    table = (reports / "table1.md").read_text().splitlines()
+    assert [row.split("|")[1].strip() for row in table[2:]] == list(ZEROSHOT)
+
+    (root / "results" / "sweeps.json").unlink()
+    assert stage.main(["--params", str(store["params"])]) == 0
+    assert not list(reports.glob("sweep-*"))
+    assert (reports / "table1.md").is_file() and (reports / "zeroshot.png").is_file()
+
+
+def test_stage_with_no_sweeps_listed_writes_no_sweep_outputs(store, tmp_path):
+    root = store["root"]
+    (root / "results" / "sweeps.json").write_text("{}\n")
+    try:
+        assert stage.main(["--params", str(store["params"])]) == 0
+    finally:
+        (root / "results" / "sweeps.json").unlink()
+    assert not list((root / "reports").glob("sweep-*"))
+    assert Path(root / "reports" / "table1.csv").is_file()

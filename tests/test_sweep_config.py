@@ -1,6 +1,7 @@
 """Sweep files -> validated Sweep and trial lists; one-line errors for malformed files; the CLI's cheap paths."""
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -329,10 +330,15 @@ def test_sweep_stage_checks_every_listed_file_before_running_any(tmp_path, capsy
     assert len(err) == 1 and "bad.yaml: space.train.lr[1]: -1" in err[0]
     assert not (tmp_path / "results").exists() and not (tmp_path / "mlruns").exists()
 
-    raw.pop("sweeps")
+    raw["sweeps"] = "good.yaml"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     assert stage.main(["--params", str(tmp_path / "params.yaml")]) == 2
-    assert "sweeps: missing" in capsys.readouterr().err
+    assert "sweeps: 'good.yaml' is not allowed; expected a list" in capsys.readouterr().err
+
+    raw.pop("sweeps")  # no list: the stage runs no sweep and says so in its results
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    assert stage.main(["--params", str(tmp_path / "params.yaml")]) == 0
+    assert json.loads((tmp_path / "results" / "sweeps.json").read_text()) == {}
 
 
 def test_the_params_files_sweep_list_is_not_part_of_a_trials_config():

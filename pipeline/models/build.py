@@ -16,6 +16,7 @@ import torchvision.transforms.functional as TF
 from pipeline.config import Config, ObjectiveConfig, TrainConfig
 from pipeline.data.datasets import read_index, train_pairs
 from pipeline.data.records import load_image
+from pipeline.fastpath import resolve_device
 from pipeline.io import write_json
 from pipeline.models.student import build_toy_student, save_student
 from pipeline.models.teacher import build_toy_teacher, save_teacher
@@ -39,7 +40,7 @@ def build_teacher(cfg: Config, data_root: Path, models: Path) -> dict:
         return import_teacher(tcfg, teacher_dir(models), base=Path(models).parent)
     pairs = train_pairs(data_root, read_index(data_root))
     pixels = torch.stack([TF.to_tensor(load_image(p.image)) for p in pairs]) * 2 - 1
-    teacher = build_toy_teacher(tcfg, cfg.data.image_size)
+    teacher = build_toy_teacher(tcfg, cfg.data.image_size).to(resolve_device(cfg.compute.device))
     generator = torch.Generator().manual_seed(tcfg.seed)
     train_vae(teacher, pixels, tcfg, generator)
     losses = train_unet(teacher, pixels, [p.caption for p in pairs], tcfg, generator)
@@ -61,12 +62,14 @@ def build_student(cfg: Config, name: str, data_root: Path, models: Path,
                            batch_size=scfg.batch_size, steps=max(scfg.pretrain_steps, 1), seed=scfg.seed,
                            checkpoint_every=10**9)
     if scfg.pretrain_steps:
-        trial = trainer.setup(pretrain, ObjectiveConfig(lambda_sds=0.0), student, pairs, lambda_sds=0.0)
+        trial = trainer.setup(pretrain, ObjectiveConfig(lambda_sds=0.0), student, pairs, lambda_sds=0.0,
+                              compute=cfg.compute)
         scratch = student_dir(models, name).with_name(f".{name}.pretrain")
         trainer.fit(trial, scratch)
         loss = trial.history[-1]["clip"] if trial.history else float("nan")
     else:
         loss = float("nan")
+    student.model.to("cpu")
     save_student(student, student_dir(models, name))
     return {"pretrain_final_loss": loss}
 

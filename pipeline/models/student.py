@@ -92,3 +92,15 @@ def layernorm_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 def embed_dim(student: Student) -> int:
     return int(student.model_cfg["embed_dim"])
+
+
+def contrastive_outputs(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor):
+    """(normalised image embeddings, normalised text embeddings, exp(logit_scale)) of any open_clip model.
+
+    The towers' own encoders rather than `forward`: CLIP's forward returns a tuple or a dict
+    depending on `output_dict`, and CoCa's runs its captioning decoder and returns a dict;
+    only the contrastive part is fine-tuned here (CoCa's captioning loss is not in the objective).
+    """
+    image_features = model.encode_image(images, normalize=True)
+    text_features = model.encode_text(tokens, normalize=True)
+    return image_features, text_features, model.logit_scale.exp()
