@@ -132,6 +132,9 @@ class TeacherConfig:
     batch_size: int = field(default=64, metadata=positive(doc="UNet training batch"))
     vae_batch_size: int = field(default=32, metadata=positive())
     lr: float = field(default=1e-3, metadata=positive())
+    # Min-SNR loss weighting (Hang et al., 2023): each step's loss times min(SNR(t), gamma) / SNR(t),
+    # so the easy low-noise steps stop dominating the gradient; 0 = the plain mean over steps.
+    min_snr_gamma: float = field(default=0.0, metadata=nonneg())
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
     seed: int = 0
     # Pretrained teachers: the precision the models stage stores the weights in (the

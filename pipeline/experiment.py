@@ -83,8 +83,13 @@ def run_finetune(cfg: Config, data_root: Path, models: Path, cache: Path, folder
     else:
         run = tracker.start(run_name, params=params, parent=parent, tags=run_tags)
 
+    # A resumed run re-runs the steps after its last checkpoint; they were logged before the
+    # interruption (with the same values: the steps are deterministic), so they are not logged twice.
+    logged_until = max((step for step, _ in tracker.metric_history(run_id, "loss/total")), default=0) if run_id else 0
+
     def log(step: int, values: dict) -> None:
-        run.log_metrics({f"loss/{k}" if k != "lr" else "lr": v for k, v in values.items()}, step)
+        if step > logged_until:
+            run.log_metrics({f"loss/{k}" if k != "lr" else "lr": v for k, v in values.items()}, step)
         if on_log:
             on_log(step, values)
 

@@ -44,6 +44,20 @@ def _latent_means(vae, pixels: torch.Tensor) -> torch.Tensor:
     return torch.cat([vae.encode(pixels[i : i + 256].to(vae.device)).latent_dist.mean for i in range(0, len(pixels), 256)])
 
 
+def snr_weights(scheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Per-sample loss weights min(SNR(t), gamma) / SNR(t) (epsilon targets); ones when gamma is 0.
+
+    SNR(t) = alpha_bar_t / (1 - alpha_bar_t). A v-prediction loss already carries a factor
+    SNR + 1 relative to epsilon's, so its weight is min(SNR, gamma) / (SNR + 1).
+    """
+    if not gamma:
+        return torch.ones(len(t), device=t.device)
+    alpha_bar = scheduler.alphas_cumprod.to(t.device)[t]
+    snr = alpha_bar / (1 - alpha_bar)
+    extra = 1 if scheduler.config.prediction_type == "v_prediction" else 0
+    return torch.clamp(snr, max=gamma) / (snr + extra)
+
+
 def train_unet(teacher: Teacher, pixels: torch.Tensor, captions: list[str], cfg: TeacherConfig,
                generator: torch.Generator) -> list[float]:
     """Denoising loss on scaled VAE latents; the text encoder learns along with the UNet."""
@@ -65,7 +79,8 @@ def train_unet(teacher: Teacher, pixels: torch.Tensor, captions: list[str], cfg:
         noise = torch.randn(x0.shape, generator=generator).to(device)
         t = sample_timesteps(len(x0), 0, teacher.scheduler.config.num_train_timesteps - 1, generator).to(device)
         pred = teacher.unet(teacher.scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=cond).sample
-        loss = F.mse_loss(pred, diffusion_target(teacher.scheduler, x0, noise, t))
+        loss = (snr_weights(teacher.scheduler, t, cfg.min_snr_gamma) *
+                (pred - diffusion_target(teacher.scheduler, x0, noise, t)).pow(2).flatten(1).mean(1)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -350,3 +350,20 @@ def test_diffusion_errors_equal_a_hand_loop_over_rows(teacher, world):
             pred = teacher.unet(hand_noised(x0[i : i + 1], eps[i : i + 1], ti), ti,
                                 encoder_hidden_states=cond[i : i + 1]).sample
         assert torch.allclose(errors[i], ((pred - eps[i : i + 1]) ** 2).mean(), atol=1e-5, rtol=1e-4), i
+
+
+def test_min_snr_weights_of_the_teacher_loss():
+    """min(SNR, gamma) / SNR for epsilon targets, min(SNR, gamma) / (SNR + 1) for v; SNR = a / (1 - a)."""
+    from pipeline.teacher_training import snr_weights
+
+    eps = DDPMScheduler(**SD_SCHEDULE)
+    t = torch.tensor([0, 300, 999])
+    a = eps.alphas_cumprod[t].double()
+    snr = (a / (1 - a)).tolist()
+    assert snr[0] > 5 > snr[2]  # the range covers both sides of gamma
+    expected = [5 / snr[0], min(snr[1], 5) / snr[1], 1.0]
+    assert snr_weights(eps, t, 5.0).tolist() == pytest.approx(expected, rel=1e-5)
+    assert torch.equal(snr_weights(eps, t, 0.0), torch.ones(3))
+    v = DDPMScheduler(**SD_SCHEDULE, prediction_type="v_prediction")
+    assert snr_weights(v, t, 5.0).tolist() == pytest.approx([5 / (snr[0] + 1), min(snr[1], 5) / (snr[1] + 1),
+                                                              snr[2] / (snr[2] + 1)], rel=1e-5)

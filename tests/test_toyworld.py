@@ -202,21 +202,45 @@ def test_zeroshot_colour_labels_match_the_rendered_colour():
         assert sum(v > 0 for v in counts.values()) == 1, counts
 
 
-def fill_ratio(image) -> float:
-    """Object area over its bounding box, from anti-aliased coverage (background = 0, object = 1)."""
+def coverage(image) -> np.ndarray:
+    """Per-pixel object coverage from anti-aliasing (background = 0, object = 1) of a one-object image."""
     px = pixels(image).astype(float)
     bg = np.array(tw.BACKGROUND, dtype=float)
     far = np.abs(px - bg).max(axis=2)
     colour = px[np.unravel_index(far.argmax(), far.shape)]
     channel = int(np.abs(colour - bg).argmax())
-    coverage = np.clip((px[..., channel] - bg[channel]) / (colour[channel] - bg[channel]), 0, 1)
-    return coverage.sum() / (coverage.max(axis=0).sum() * coverage.max(axis=1).sum())
+    return np.clip((px[..., channel] - bg[channel]) / (colour[channel] - bg[channel]), 0, 1)
+
+
+def fill_ratio(cover: np.ndarray) -> float:
+    """Object area over its bounding box."""
+    return cover.sum() / (cover.max(axis=0).sum() * cover.max(axis=1).sum())
+
+
+def top_share(cover: np.ndarray) -> float:
+    """The share of the object's area above its centre row (0.5 for shapes symmetric top to bottom)."""
+    rows = np.nonzero(cover.max(axis=1) > 0.5)[0]
+    middle = (rows[0] + rows[-1] + 1) / 2
+    weights = cover.sum(axis=1)
+    below = np.clip(np.arange(len(weights)) + 1 - middle, 0, 1)  # the fraction of each row below the centre
+    return float((weights * (1 - below)).sum() / weights.sum())
 
 
 def test_zeroshot_shape_labels_match_the_rendered_shape():
     classes, images = tw.zeroshot_images("shape", 6, SIZE, seed=0)
     assert classes == tw.SHAPES
-    expected = {"circle": (0.65, 0.9), "square": (0.9, 1.01), "triangle": (0.3, 0.65)}  # pi/4, 1, 1/2
+    # Area over bounding box: pi/4, 1, 1/2, 1/2, ~0.59 (two bars 0.36 wide); the triangle is the
+    # only one heavier below its centre, and the cross the only one whose quarter-height row is
+    # narrow (its vertical bar) where the diamond's is half the width.
+    expected = {"circle": (0.65, 0.9), "square": (0.9, 1.01), "triangle": (0.3, 0.65), "diamond": (0.35, 0.65),
+                "cross": (0.45, 0.72)}
     for label, image in images:
-        low, high = expected[classes[label]]
-        assert low <= fill_ratio(image) < high, (classes[label], fill_ratio(image))
+        name, cover = classes[label], coverage(image)
+        low, high = expected[name]
+        assert low <= fill_ratio(cover) < high, (name, fill_ratio(cover))
+        assert (top_share(cover) < 0.42) == (name == "triangle"), (name, top_share(cover))
+        if name in ("diamond", "cross"):
+            rows, cols = np.nonzero(cover.max(axis=1) > 0.5)[0], np.nonzero(cover.max(axis=0) > 0.5)[0]
+            quarter = cover[rows[0] + (rows[-1] - rows[0]) // 4]
+            width = (quarter > 0.5).sum() / (cols[-1] - cols[0] + 1)
+            assert (width < 0.45) == (name == "cross"), (name, width)

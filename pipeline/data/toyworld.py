@@ -20,13 +20,21 @@ from dataclasses import dataclass, replace
 
 from PIL import Image, ImageDraw
 
+# A vocabulary large enough that two random scenes rarely share both their colours and their
+# shapes (1 pair in 280): a contrastive batch then seldom holds a caption with the same words in
+# another order, so a student can match captions as bags of words, as CLIP does on web data,
+# while a text-to-image teacher must still bind each colour to its shape to draw the scene.
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
     "green": (40, 170, 60),
     "blue": (40, 80, 230),
     "yellow": (235, 200, 30),
+    "purple": (140, 60, 190),
+    "orange": (245, 135, 20),
+    "cyan": (30, 190, 210),
+    "brown": (120, 75, 40),
 }
-SHAPES = ("circle", "square", "triangle")
+SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 SIZES = ("big", "small")
 RELATIONS = ("left of", "right of", "above", "below")
 INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
@@ -96,6 +104,13 @@ def _draw(draw: ImageDraw.ImageDraw, thing: Thing, centre: tuple[float, float], 
     elif thing.shape == "square":
         k = r * 0.88
         draw.rectangle((x - k, y - k, x + k, y + k), fill=fill)
+    elif thing.shape == "diamond":
+        k = r * 1.15
+        draw.polygon([(x, y - k), (x + k, y), (x, y + k), (x - k, y)], fill=fill)
+    elif thing.shape == "cross":
+        k, w = r * 1.0, r * 0.36
+        draw.rectangle((x - k, y - w, x + k, y + w), fill=fill)
+        draw.rectangle((x - w, y - k, x + w, y + k), fill=fill)
     else:
         draw.polygon([(x, y - r * 1.1), (x - r * 1.1, y + r * 0.9), (x + r * 1.1, y + r * 0.9)], fill=fill)
 
