@@ -213,6 +213,9 @@ class TrainConfig:
     log_every: int = field(default=10, metadata=positive())
     checkpoint_every: int = field(default=100, metadata=positive())
     threads: int = field(default=0, metadata=nonneg(doc="torch threads, 0 = all cores"))
+    # Processes decoding the training images (0: in the training process, enough for the toy
+    # world; a GPU at the paper's sizes needs several to keep up).
+    workers: int = field(default=0, metadata=nonneg(doc="DataLoader worker processes"))
 
 
 @dataclass

@@ -165,7 +165,8 @@ def setup(cfg: TrainConfig, objective: ObjectiveConfig, student: Student, pairs:
     text_rows = [conditioning.index(p.caption) for p in pairs] if conditioning is not None else [0] * len(pairs)
     image_rows = [latents.index(image_key(p.image)) for p in pairs] if latents is not None else [0] * len(pairs)
     dataset = PairDataset(pairs, student, text_rows, image_rows)
-    loader = DataLoader(dataset, batch_sampler=StepSampler(len(pairs), cfg.batch_size, cfg.seed))
+    loader = DataLoader(dataset, batch_sampler=StepSampler(len(pairs), cfg.batch_size, cfg.seed),
+                        num_workers=cfg.workers, pin_memory=device.type == "cuda")
     if teacher is not None:
         fastpath.prepare_teacher_unet(teacher.unet.to(device), opts)
     return Trial(student, projection, params, optimizer, scheduler, loader, teacher, conditioning, latents,

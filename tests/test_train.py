@@ -187,3 +187,12 @@ def test_infinite_clip_loss_raises_non_finite_loss(env):
         trial.student.model.logit_scale.fill_(math.inf)
     with pytest.raises(NonFiniteLoss):
         fit(trial, env["root"] / "inf", progress=False)
+
+
+def test_loader_workers_give_the_same_trial(env, uninterrupted):
+    """Images decoded in worker processes: the same batches, so the same trained parameters."""
+    reference, _ = uninterrupted
+    trial = fit(new_trial(env, train_cfg(workers=2)), env["root"] / "workers", progress=False)
+    assert trial.history == reference.history
+    want, got = trained_state(reference), trained_state(trial)
+    assert all(torch.equal(want[name], got[name]) for name in want)
