@@ -75,7 +75,8 @@ def test_paper_preset_merges_over_the_sections():
     assert cfg.objective.lambda_sds == paper["objective"]["lambda_sds"]
     assert cfg.train.lr == paper["train"]["lr"]
     assert cfg.teacher.source == "pretrained"
-    assert cfg.train.steps == raw["train"]["steps"]
+    assert cfg.train.steps == paper["train"]["steps"] != raw["train"]["steps"]
+    assert "scope" not in paper["train"] and cfg.train.scope == raw["train"]["scope"]  # kept from the sections
     assert cfg.objective.t_max == raw["objective"]["t_max"]
 
 
