@@ -134,13 +134,15 @@ def test_lambda_zero_is_the_plain_clip_step(teacher, world):
     via_step = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
 
-    image_features, text_features, scale = model(world["images"], world["tokens"])[:3]
+    image_features, text_features, scale = model(world["images"], world["tokens"])[:3]  # open_clip's forward
     direct = hand_infonce(image_features, text_features, scale)
     assert torch.allclose(losses["total"], direct, atol=1e-6)
     direct.backward()
     assert via_step.keys() == {n for n, _ in model.named_parameters()}
     for name, p in model.named_parameters():
-        assert torch.allclose(via_step[name], p.grad, atol=1e-6, rtol=1e-5), name
+        # Per tensor, relative to its norm: float32 rounding of sums taken in another order (elements
+        # that cancel to ~0 cannot meet an elementwise relative bound); a missing or extra term is O(1).
+        assert (via_step[name] - p.grad).norm() <= 1e-5 * p.grad.norm() + 1e-8, name
     assert via_step["logit_scale"].abs().item() > 0
 
 
