@@ -7,7 +7,7 @@ after warm-up, for each implementation:
 
 - training step: L_CLIP + lambda L_SDS, LayerNorm scope + h_w, through
   `pipeline.train.loss_step` (the trainer's step, on the trial's device with its options),
-  backward, AdamW step;
+  backward, AdamW step (plain: the per-tensor AdamW; otherwise the trainer's fused one);
 - diffusion score: Winoground-shaped tasks (2 images x 2 captions x N noise samples), through
   `pipeline.evaluate.DiffusionScorer` (plain: one UNet call per pair; fast: one call over all
   captions and samples of an image);
@@ -318,7 +318,7 @@ class TrainingBench:
     def __init__(self, args, size: Size, impl: Impl, batch: int):
         from pipeline import objectives, train
         from pipeline.config import ObjectiveConfig, TrainConfig
-        from pipeline.fastpath import prepare_student, prepare_teacher_unet
+        from pipeline.fastpath import adamw, prepare_student, prepare_teacher_unet
         from pipeline.models.teacher import SD_SCHEDULE, Teacher
 
         from diffusers import DDPMScheduler
@@ -357,7 +357,8 @@ class TrainingBench:
         if impl.naive:  # the plain path forgets to freeze the UNet: its weight gradients are computed
             unet.requires_grad_(True)
         cfg = TrainConfig(scope="layernorm", batch_size=batch)
-        optimizer = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer = (torch.optim.AdamW if impl.naive else adamw)(list(params.values()), lr=cfg.lr,
+                                                                 weight_decay=cfg.weight_decay)
         self.trial = train.Trial(student, projection, params, optimizer, None, None, teacher, conditioning, None,
                                  cfg, ObjectiveConfig(), args.lambda_sds, torch.Generator().manual_seed(args.seed),
                                  device=torch.device(device), fast=opts)

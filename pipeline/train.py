@@ -160,7 +160,7 @@ def setup(cfg: TrainConfig, objective: ObjectiveConfig, student: Student, pairs:
     params = trainable_parameters(student, projection, cfg.scope)
     for p in params.values():
         p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = fastpath.adamw(list(params.values()), cfg.lr, cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup_steps, cfg.steps))
     text_rows = [conditioning.index(p.caption) for p in pairs] if conditioning is not None else [0] * len(pairs)
     image_rows = [latents.index(image_key(p.image)) for p in pairs] if latents is not None else [0] * len(pairs)

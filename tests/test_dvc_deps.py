@@ -1,0 +1,96 @@
+"""Each DVC stage lists the code it runs: a stage that misses a module it imports would not
+re-run when that module changes, and one that lists all of `pipeline/` re-runs for any edit.
+
+Coverage is computed from every import statement (also those inside functions) reachable
+from the stage's entry point, so a lazily imported loader counts too.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+PACKAGES = ("pipeline", "stages")
+
+
+def module_file(name: str) -> Path | None:
+    base = REPO.joinpath(*name.split("."))
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def imported_names(path: Path) -> set[str]:
+    package = list(path.relative_to(REPO).with_suffix("").parts[:-1])
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            parts = (package[: len(package) - node.level + 1] if node.level else []) + (node.module or "").split(".")
+            base = ".".join(p for p in parts if p)
+            names.add(base)
+            names |= {f"{base}.{alias.name}" for alias in node.names}   # `from pkg import module`
+    return {n for n in names if n.split(".")[0] in PACKAGES}
+
+
+def reachable_files(module: str) -> set[Path]:
+    seen: set[Path] = set()
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        parts = name.split(".")
+        todo.extend(".".join(parts[:i]) for i in range(1, len(parts)))  # parent packages run first
+        path = module_file(name)
+        if path is not None and path not in seen:
+            seen.add(path)
+            todo.extend(imported_names(path))
+    return seen
+
+
+def has_code(path: Path) -> bool:
+    body = ast.parse(path.read_text()).body
+    return not all(isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) for node in body)
+
+
+def covered(path: Path, deps: list[str]) -> bool:
+    rel = path.relative_to(REPO)
+    return any(rel == Path(dep) or Path(dep) in rel.parents for dep in deps)
+
+
+def entry_module(cmd: str) -> str:
+    words = cmd.split()
+    assert words[:2] == ["python", "-m"], f"stage command {cmd!r} is not `python -m stages.<name>`"
+    return words[2]
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_stage_deps_cover_the_code_it_imports(stage):
+    spec = STAGES[stage]
+    deps = spec["deps"]
+    missing = sorted(str(p.relative_to(REPO)) for p in reachable_files(entry_module(spec["cmd"]))
+                     if has_code(p) and not covered(p, deps))
+    assert not missing, f"stage {stage} imports code its deps do not list: {missing}"
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_stage_code_deps_exist_and_are_used(stage):
+    spec = STAGES[stage]
+    code = {p.relative_to(REPO) for p in reachable_files(entry_module(spec["cmd"]))}
+    for dep in spec["deps"]:
+        path = Path(dep)
+        assert (REPO / path).exists() or path.parts[0] not in PACKAGES, f"{stage}: dep {dep} does not exist"
+        if path.parts[0] in PACKAGES:   # a code dep the stage never imports re-runs it for nothing
+            assert any(p == path or path in p.parents for p in code), f"{stage}: dep {dep} is not imported"
+
+
+def test_reachability_follows_lazy_imports():
+    # pipeline.models.build imports pipeline.models.paper inside a function, for pretrained models only
+    files = {p.relative_to(REPO) for p in reachable_files("stages.models")}
+    assert Path("pipeline/models/paper.py") in files
+    assert Path("pipeline/sweep.py") not in files
