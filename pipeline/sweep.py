@@ -470,6 +470,9 @@ class Driver:
             if (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
                     or (Path.home() / ".ray" / "auth_token").is_file()):
                 os.environ["RAY_AUTH_MODE"] = "token"
+        # Tune's default loggers include TensorBoard's, whose imports cost ~3 s of the driver's start
+        # before the first trial; the per-step metrics are in MLflow. CSV and JSON results stay (tuner()).
+        os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
         # Intermediate results carry the per-step losses, not the final metric the searcher optimises.
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
         # Ray's own console tables: off (verbose=0 below); this driver prints one line per trial.
@@ -542,6 +545,7 @@ class Driver:
 
     def tuner(self, trainable, ray_path: str):
         from ray import tune
+        from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
         sweep = self.sweep
         if self.args.resume and tune.Tuner.can_restore(ray_path):
@@ -575,7 +579,8 @@ class Driver:
                                         max_concurrent_trials=sweep.max_concurrent or None, reuse_actors=True,
                                         trial_name_creator=trial_name, trial_dirname_creator=trial_dirname),
             run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0,
-                                      callbacks=[progress_callback(self.sweep)],
+                                      callbacks=[progress_callback(self.sweep), CSVLoggerCallback(),
+                                                 JsonLoggerCallback()],
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                       failure_config=tune.FailureConfig(max_failures=0)),
         )

@@ -179,6 +179,12 @@ def test_grid_sweep_logs_one_parent_and_a_child_per_trial(project, local_ray, mo
     assert {t["run_id"] for t in summary["trials"]} == {k["run_id"] for k in kids}
     assert all(t["status"] == "finished" and t["metric"] is not None for t in summary["trials"])
 
+    trial_dirs = [d for d in (project / "ray_results").glob("grid4-*/t*") if d.is_dir()]
+    assert len(trial_dirs) == 4
+    for folder in trial_dirs:   # Tune's CSV and JSON results stay; its TensorBoard logger (~3 s of imports) is off
+        assert (folder / "progress.csv").is_file() and (folder / "result.json").is_file()
+        assert not list(folder.glob("events.out.tfevents*"))
+
 
 # --------------------------------------------------------------------------- Optuna + ASHA
 
