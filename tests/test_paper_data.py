@@ -12,6 +12,7 @@ import io
 import json
 import os
 import pickle
+import random
 import subprocess
 import tarfile
 import time
@@ -24,7 +25,7 @@ import yaml
 from PIL import Image
 
 from pipeline.config import ZEROSHOT_SETS, DataConfig, load
-from pipeline.data import cc3m, paper, torchvision_sets
+from pipeline.data import aro, cc3m, datasets, paper, torchvision_sets
 from pipeline.data.build import build_data
 from pipeline.data.datasets import benchmarks, read_index, train_pairs
 from pipeline.data.errors import DataFormatError, MissingDataError
@@ -458,22 +459,41 @@ def test_winoground_hub_failure_is_one_line(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- ARO order sets: the part-of-speech lexicon
 
 
-def test_order_lexicon_takes_each_words_majority_tag_in_context(tmp_path):
+def contextual_tagger(batch):
+    """Stands in for spaCy (whose models are not installable here): "orange" is an adjective
+    before a noun and a noun elsewhere, as a tagger reading the whole caption decides."""
+    return [["ADJ" if w == "orange" and i + 1 < len(ws) and ws[i + 1] in ("cat", "hat") else
+             "NOUN" if w in ("orange", "cat", "hat") else "X" for i, w in enumerate(ws)] for ws in batch]
+
+
+def test_order_tags_tag_each_caption_in_its_own_context(tmp_path):
     karpathy = dump(tmp_path / "k.json", [{"image": "a.jpg", "caption": ["An orange cat.", "The orange is sweet.",
-                                                                          "An orange hat."]}])
+                                                                          "The orange is on the cat."]}])
+    table = paper.order_tags([karpathy], contextual_tagger)
+    dump(tmp_path / "data" / "aro" / "coco_order-tags.json", table)
+    tagger = datasets.order_tagger(tmp_path / "data", "coco_order", {"tags": "aro/coco_order-tags.json"})
+    assert tagger(aro.tokenize("An orange cat.")) == ["X", "ADJ", "NOUN", "X"]
+    assert tagger(aro.tokenize("The orange is sweet.")) == ["X", "NOUN", "X", "X", "X"]  # a word lexicon says ADJ
+    with pytest.raises(ValueError, match=r"coco_order-tags.json: no tags for the caption 'A red hat \.'; rebuild"):
+        tagger(aro.tokenize("A red hat."))
+    # nouns are permuted among noun positions: the noun "orange" trades places with "cat"
+    shuffled = {aro.order_options("The orange is on the cat.", tagger, random.Random(seed))[1] for seed in range(10)}
+    assert shuffled == {"the orange is on the cat", "the cat is on the orange"}
 
-    def contextual(batch):  # "orange" is an adjective before a noun, a noun after "the"
-        return [["ADJ" if w == "orange" and i + 1 < len(ws) and ws[i + 1] in ("cat", "hat") else
-                 "NOUN" if w in ("orange", "cat", "hat") else "X" for i, w in enumerate(ws)] for ws in batch]
 
-    lexicon = paper.order_lexicon([karpathy], "spacy:unused", tmp_path, batch_tagger=contextual)
-    assert lexicon["orange"] == "ADJ" and lexicon["cat"] == "NOUN" and lexicon["."] == "X"
+def test_order_tags_reject_a_tagger_that_drops_tokens(tmp_path):
+    karpathy = dump(tmp_path / "k.json", [{"image": "a.jpg", "caption": ["An orange cat."]}])
+    with pytest.raises(ValueError, match=r"gave 3 tags for the 4 tokens of 'An orange cat \.'"):
+        paper.order_tags([karpathy], lambda batch: [ws[:-1] for ws in contextual_tagger(batch)])
 
 
 def test_order_lexicon_file_must_map_words_to_tags(tmp_path):
     dump(tmp_path / "lex.json", {"man": "NOUN", "red": ["ADJ"]})
     with pytest.raises(DataFormatError, match=r"lex.json: field 'red' must map to a tag string"):
-        paper.order_lexicon([], "lex.json", tmp_path)
+        paper.order_lexicon(tmp_path / "lex.json")
+    assert datasets.order_tagger(tmp_path, "flickr_order", {"lexicon": {"Man": "NOUN"}})(["a", "man"]) == ["X", "NOUN"]
+    with pytest.raises(ValueError, match=r"aro.flickr_order: part-of-speech 'tags' or a 'lexicon' is required"):
+        datasets.order_tagger(tmp_path, "flickr_order", {})
 
 
 # ---------------------------------------------------------------- CC-3M

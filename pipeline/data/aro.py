@@ -271,6 +271,18 @@ def tokenize(caption: str) -> list[str]:
     return tokens
 
 
+def caption_tagger(table: dict[str, list[str]], source: str = "the tag table") -> Tagger:
+    """Tagger reading each caption's own tags (tagged in context) from {tokens joined by spaces: tags}."""
+
+    def tag(tokens: list[str]) -> list[str]:
+        key = " ".join(tokens)
+        if key not in table:
+            raise ValueError(f"{source}: no tags for the caption {key!r}; rebuild the data stage")
+        return table[key]
+
+    return tag
+
+
 def lexicon_tagger(lexicon: dict[str, str], default: str = "X") -> Tagger:
     """Tagger for a closed vocabulary (the toy world's grammar knows each word's POS);
     look-up ignores case, unknown tokens (punctuation included) get `default`."""

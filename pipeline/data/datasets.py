@@ -40,6 +40,16 @@ def train_pairs(root: Path, index: dict) -> list[ImageCaption]:
                                    caption_choice=spec.get("caption_choice", "first"), seed=spec.get("seed", 0))
 
 
+def order_tagger(root: Path, name: str, spec: dict) -> aro.Tagger:
+    """An order set's part-of-speech tagger: each caption's own tags (a file under `root`) or a word lexicon."""
+    if "tags" in spec:
+        path = _path(root, spec["tags"])
+        return aro.caption_tagger(json.loads(path.read_text()), str(path))
+    if "lexicon" in spec:
+        return aro.lexicon_tagger(spec["lexicon"])
+    raise ValueError(f"{INDEX_NAME}: aro.{name}: part-of-speech 'tags' or a 'lexicon' is required")
+
+
 def benchmarks(root: Path, index: dict) -> Benchmarks:
     tasks = winoground.read_winoground(_path(root, index["winoground"]["root"]))
     sets: dict[str, list[ChoiceCase]] = {}
@@ -50,10 +60,8 @@ def benchmarks(root: Path, index: dict) -> Benchmarks:
         elif name == "vg_attribution":
             sets[name] = aro.read_vg_attribution(annotations, images)
         elif name in ("coco_order", "flickr_order"):
-            tagger = aro.lexicon_tagger(spec["lexicon"]) if "lexicon" in spec else None
-            if tagger is None:
-                raise ValueError(f"{INDEX_NAME}: aro.{name}: a part-of-speech lexicon is required")
-            sets[name] = aro.read_order_set(annotations, images, tagger, seed=spec.get("seed", 0))
+            sets[name] = aro.read_order_set(annotations, images, order_tagger(root, name, spec),
+                                            seed=spec.get("seed", 0))
         else:
             raise ValueError(f"{INDEX_NAME}: aro.{name}: unknown set; allowed: {', '.join(ARO_SETS)}")
     shots = [zeroshot.read_image_folder_set(_path(root, spec["root"])) for spec in index.get("zeroshot", [])]

@@ -12,8 +12,9 @@ are missing, and "see README: Running the paper profile".
 - Winoground: a local copy in the hub repo's layout is linked into data/winoground
   (so the images.zip extraction cache lands in data/, not in the user's folder); a hub
   id is fetched with huggingface_hub (data/examples.jsonl + data/images.zip only).
-- ARO: the index points at the user's JSON files and image folders; the order sets get a
-  part-of-speech lexicon built here (`order_lexicon`).
+- ARO: the index points at the user's JSON files and image folders; the order sets get
+  each caption's part-of-speech tags, tagged in context by spaCy as ARO does
+  (`order_tags`, data/aro/<set>-tags.json), or a word lexicon from a JSON file.
 - Zero-shot: each torchvision set is materialised as an ImageFolder tree + zeroshot.json
   (`pipeline.data.torchvision_sets`).
 Every dataset is read back before the index is published, so a malformed record stops
@@ -26,7 +27,6 @@ import importlib.util
 import os
 import re
 import sys
-from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -206,7 +206,7 @@ def build_paper(cfg: DataConfig, out: Path, base: Path) -> dict:
             "source": "paper",
             "train": _train(cfg, base, root),
             "winoground": {"root": _winoground(cfg, base, root)},
-            "aro": _aro(cfg, base),
+            "aro": _aro(cfg, base, root),
             "zeroshot": _zeroshot(cfg, base, root),
         }
         pairs = train_pairs(root, index)
@@ -266,17 +266,24 @@ def fetch_winoground(repo_id: str, target: Path) -> None:
         raise PaperDataMissing(f"data.winoground: the hub repo {repo_id!r} has no {missing[0]}; {README_HINT}")
 
 
-def _aro(cfg: DataConfig, base: Path) -> dict:
+def _aro(cfg: DataConfig, base: Path, out: Path) -> dict:
+    from pipeline.io import write_json
+
     sets = {}
     for name in cfg.aro_sets:
         key, annotations, images = ARO_FILES[name]
         root = resolve_path(getattr(cfg, key), base).resolve()
         if name.startswith("vg_"):
             sets[name] = {"annotations": str(root / annotations), "images": str(root / images)}
+            continue
+        path = root / annotations
+        sets[name] = {"annotations": str(path), "images": str(root), "seed": cfg.seed}
+        if cfg.order_tagger.startswith("spacy:"):
+            tags = f"aro/{name}-tags.json"
+            write_json(out / tags, order_tags([path], spacy_tagger(cfg.order_tagger.split(":", 1)[1])))
+            sets[name]["tags"] = tags
         else:
-            path = root / annotations
-            sets[name] = {"annotations": str(path), "images": str(root),
-                          "lexicon": order_lexicon([path], cfg.order_tagger, base), "seed": cfg.seed}
+            sets[name]["lexicon"] = order_lexicon(resolve_path(cfg.order_tagger, base))
     return sets
 
 
@@ -293,7 +300,7 @@ def _zeroshot(cfg: DataConfig, base: Path, root: Path) -> list[dict]:
     return specs
 
 
-# ---------------------------------------------------------------- part-of-speech lexicon of the order sets
+# ---------------------------------------------------------------- part-of-speech tags of the order sets
 
 BatchTagger = Callable[[list[list[str]]], list[list[str]]]
 """Tags for a batch of token lists, each token tagged in the context of its caption."""
@@ -302,23 +309,22 @@ BatchTagger = Callable[[list[list[str]]], list[list[str]]]
 PENN_TO_UPOS = {"NN": "NOUN", "NNS": "NOUN", "NNP": "PROPN", "NNPS": "PROPN", "JJ": "ADJ", "JJR": "ADJ", "JJS": "ADJ"}
 
 
-def order_lexicon(annotation_files: list[Path], tagger: str, base: Path,
-                  batch_tagger: BatchTagger | None = None) -> dict[str, str]:
-    """{lower-cased token: tag} for every token of the captions of the order sets.
+def order_lexicon(path: Path) -> dict[str, str]:
+    """{lower-cased word: tag} from a JSON lexicon file (a closed vocabulary's tags, no context)."""
+    document = require_record(load_json(path, "part-of-speech lexicon"), path, "")
+    for word, tag in document.items():
+        if not isinstance(tag, str):
+            raise DataFormatError(path, "", word, f"must map to a tag string, got {tag!r}")
+    return {word.lower(): tag for word, tag in document.items()}
 
-    `tagger` "spacy:<model>" tags each caption in context (as ARO does) and keeps each
-    word's most frequent tag; a .json lexicon file is used as it is. The index stores a
-    lexicon because `pipeline.data.aro.read_order_set` takes one; a word tagged differently
-    in different captions gets its majority tag (rare on COCO/Flickr captions, but not ARO's
-    exact per-caption tags).
+
+def order_tags(annotation_files: list[Path], batch_tagger: BatchTagger) -> dict[str, list[str]]:
+    """{caption's tokens joined by spaces: their tags} for every caption of the order sets.
+
+    Each caption is tagged in its own context, as ARO tags it before shuffling ("orange" is
+    an adjective in "an orange cat", a noun in "the orange is sweet");
+    `pipeline.data.aro.caption_tagger` reads the table back.
     """
-    if not tagger.startswith("spacy:") and batch_tagger is None:
-        path = resolve_path(tagger, base)
-        document = require_record(load_json(path, "part-of-speech lexicon"), path, "")
-        for word, tag in document.items():
-            if not isinstance(tag, str):
-                raise DataFormatError(path, "", word, f"must map to a tag string, got {tag!r}")
-        return {word.lower(): tag for word, tag in document.items()}
     from pipeline.data.aro import tokenize
 
     captions = []
@@ -328,14 +334,14 @@ def order_lexicon(annotation_files: list[Path], tagger: str, base: Path,
             captions += str_list_field(require_record(record, path, f"record {index}"), "caption", path,
                                        f"record {index}")
     tokens = [tokenize(caption) for caption in dict.fromkeys(captions)]
-    tag_batch = batch_tagger or spacy_tagger(tagger.split(":", 1)[1])
-    votes: dict[str, Counter] = defaultdict(Counter)
+    table: dict[str, list[str]] = {}
     for start in range(0, len(tokens), 1024):
         batch = tokens[start:start + 1024]
-        for words, tags in zip(batch, tag_batch(batch)):
-            for word, tag in zip(words, tags):
-                votes[word.lower()][tag] += 1
-    return {word: counts.most_common(1)[0][0] for word, counts in sorted(votes.items())}
+        for words, tags in zip(batch, batch_tagger(batch)):
+            if len(tags) != len(words):
+                raise ValueError(f"the tagger gave {len(tags)} tags for the {len(words)} tokens of {' '.join(words)!r}")
+            table[" ".join(words)] = list(tags)
+    return table
 
 
 def spacy_tagger(model: str) -> BatchTagger:
