@@ -481,6 +481,21 @@ def test_order_tags_tag_each_caption_in_its_own_context(tmp_path):
     assert shuffled == {"the orange is on the cat", "the cat is on the orange"}
 
 
+def test_the_data_stage_stores_the_order_sets_caption_tags(tmp_path, monkeypatch):
+    cfg = paper_data_config(tmp_path, order_tagger="spacy:en_core_web_sm", aro_sets=["coco_order", "flickr_order"])
+    monkeypatch.setattr(paper, "spacy_tagger", lambda model: contextual_tagger)
+    out = tmp_path / "data"
+    sets = paper._aro(cfg, tmp_path, out)
+    for name in ("coco_order", "flickr_order"):
+        assert sets[name]["tags"] == f"aro/{name}-tags.json" and "lexicon" not in sets[name]
+        cases = aro.read_order_set(Path(sets[name]["annotations"]), Path(sets[name]["images"]),
+                                   datasets.order_tagger(out, name, sets[name]))
+        assert cases and all(len(case.options) == 5 for case in cases)
+    flickr = json.loads((out / "aro" / "flickr_order-tags.json").read_text())
+    caption = aro.tokenize("The man with pierced ears is wearing glasses and an orange hat.")
+    assert flickr[" ".join(caption)][caption.index("orange")] == "ADJ"
+
+
 def test_order_tags_reject_a_tagger_that_drops_tokens(tmp_path):
     karpathy = dump(tmp_path / "k.json", [{"image": "a.jpg", "caption": ["An orange cat."]}])
     with pytest.raises(ValueError, match=r"gave 3 tags for the 4 tokens of 'An orange cat \.'"):
