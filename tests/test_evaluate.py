@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.cache import open_table, write_table
-from pipeline.config import DataConfig, EvalConfig, StudentConfig, TeacherConfig
+from pipeline.config import DataConfig, EvalConfig, StudentConfig
 from pipeline.data.build import build_toy
 from pipeline.data.datasets import benchmarks, read_index
 from pipeline.data.records import load_image
@@ -14,7 +14,7 @@ from pipeline.latents import image_latents, text_conditioning
 from pipeline.models.student import build_toy_student
 from pipeline.models.teacher import build_toy_teacher
 
-torch.set_num_threads(1)
+from tiny import SIZE, TEACHER
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +24,7 @@ def world(tmp_path_factory):
     bench = benchmarks(root / "data", read_index(root / "data"))
     student = build_toy_student(StudentConfig(embed_dim=16, vision_width=32, vision_layers=1, vision_heads=2,
                                               text_width=32, text_layers=1, text_heads=2), 32)
-    teacher = build_toy_teacher(TeacherConfig(vae_channels=[8, 16], unet_channels=[16, 32], text_width=32,
-                                              text_layers=1, text_heads=2), 32)
+    teacher = build_toy_teacher(TEACHER, SIZE)
     images, texts = winoground_pairs(bench.winoground)
     write_table(root / "cache", "images", list(dict.fromkeys(images)), image_latents(teacher, 32), 16, 8, progress=False)
     write_table(root / "cache", "text", list(dict.fromkeys(["", *texts])), text_conditioning(teacher), 16, 8,

@@ -48,7 +48,6 @@ from pipeline.fastpath import (FastPath, batched_diffusion_errors, image_groups,
 from pipeline.models.student import build_toy_student
 from pipeline.models.teacher import SD_SCHEDULE, Teacher
 
-torch.set_num_threads(1)  # tiny models on 2 shared cores: more threads cost more than they save
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 32

@@ -18,7 +18,7 @@ from torch import nn
 
 from pipeline import objectives
 from pipeline.cache import open_table, write_table
-from pipeline.config import ObjectiveConfig, StudentConfig, TeacherConfig, TrainConfig
+from pipeline.config import ObjectiveConfig, TrainConfig
 from pipeline.data import toyworld as tw
 from pipeline.data.records import ImageCaption
 from pipeline.evaluate import image_key
@@ -26,13 +26,8 @@ from pipeline.models.student import build_toy_student
 from pipeline.models.teacher import SD_SCHEDULE, build_toy_teacher, encode_text
 from pipeline.train import loss_step, setup
 
-# Tiny models: with 2 cores (often shared) extra intra-op threads cost far more than they save.
-torch.set_num_threads(1)
+from tiny import SIZE, STUDENT, TEACHER
 
-SIZE = 32
-TEACHER = TeacherConfig(vae_channels=[8, 16], unet_channels=[16, 32], text_width=32, text_layers=1, text_heads=2)
-STUDENT = StudentConfig(embed_dim=32, vision_width=32, vision_layers=1, vision_heads=2, text_width=32,
-                        text_layers=1, text_heads=2)
 N = 4  # batch
 
 

@@ -30,8 +30,18 @@ from pipeline.models.student import build_toy_student, layernorm_parameters, loa
 from pipeline.models.teacher import SD_SCHEDULE, Teacher, build_toy_teacher, load_teacher, save_teacher
 from pipeline.objectives import LatentProjection, diffusion_target, sds_loss
 
+import tiny
+
 REPO = Path(__file__).resolve().parents[1]
-torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def two_threads():
+    """Full-size models here: both cores pay off (conftest.py sets one for the tiny ones)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
 
 # The paper profile's students (params.yaml) with what open_clip builds for them:
 # (model, tag, total parameters, LayerNorm parameters, embedding width, image size).
@@ -273,11 +283,6 @@ def test_pretrained_sources_must_name_their_weights():
 # ---------------------------------------------------------------- the models stage's paper branch
 
 
-TINY = TeacherConfig(vae_channels=[8, 16], unet_channels=[16, 32], text_width=32, text_layers=1, text_heads=2)
-TINY_STUDENT = StudentConfig(embed_dim=32, vision_width=32, vision_layers=1, vision_heads=2, text_width=32,
-                             text_layers=1, text_heads=2)
-
-
 def paper_config(teacher: str, students: dict, dtype: str = "float32"):
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["profiles"]["paper"]["teacher"].update(pretrained=teacher, dtype=dtype)
@@ -289,10 +294,10 @@ def paper_config(teacher: str, students: dict, dtype: str = "float32"):
 def test_models_stage_saves_local_copies_into_models(tmp_path):
     import open_clip
 
-    teacher = build_toy_teacher(TINY, 32)
+    teacher = build_toy_teacher(tiny.TEACHER, tiny.SIZE)
     save_teacher(teacher, tmp_path / "sd-local")  # a local folder in Stable Diffusion's diffusers layout
     hub_folder = tmp_path / "clip-hub"
-    toy = build_toy_student(TINY_STUDENT, 32)
+    toy = build_toy_student(tiny.STUDENT, tiny.SIZE)
     save_student(toy, hub_folder, preprocess_cfg={"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],
                                                   "interpolation": "bilinear", "resize_mode": "squash"})
     # A checkpoint file for a named model: register the toy architecture under a name, save its weights.

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from pipeline.cache import open_table, write_table
-from pipeline.config import ObjectiveConfig, StudentConfig, TeacherConfig, TrainConfig
+from pipeline.config import ObjectiveConfig, TrainConfig
 from pipeline.data.records import ImageCaption
 from pipeline.evaluate import image_key
 from pipeline.models.student import build_toy_student
@@ -22,12 +22,8 @@ from pipeline.models.teacher import build_toy_teacher, encode_text
 from pipeline.objectives import LatentProjection
 from pipeline.train import setup, trainable_parameters
 
-torch.set_num_threads(1)
+from tiny import SIZE, STUDENT, TEACHER
 
-SIZE = 32
-TEACHER = TeacherConfig(vae_channels=[8, 16], unet_channels=[16, 32], text_width=32, text_layers=1, text_heads=2)
-STUDENT = StudentConfig(embed_dim=32, vision_width=32, vision_layers=1, vision_heads=2, text_width=32,
-                        text_layers=1, text_heads=2)
 CAPTIONS = ["a red circle left of a blue square", "a green square above a yellow triangle"]
 
 

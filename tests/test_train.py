@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 
 from pipeline.cache import open_table, write_table
-from pipeline.config import DataConfig, ObjectiveConfig, StudentConfig, TeacherConfig, TrainConfig
+from pipeline.config import DataConfig, ObjectiveConfig, TrainConfig
 from pipeline.data.build import build_toy
 from pipeline.data.datasets import read_index, train_pairs
 from pipeline.evaluate import image_key
@@ -23,12 +23,8 @@ from pipeline.models.teacher import build_toy_teacher
 from pipeline.train import (CHECKPOINT, TRAINED, NonFiniteLoss, fit, load_trained, save_trained, setup,
                             trainable_parameters, trained_state)
 
-torch.set_num_threads(1)
+from tiny import SIZE, STUDENT, TEACHER
 
-SIZE = 32
-TEACHER = TeacherConfig(vae_channels=[8, 16], unet_channels=[16, 32], text_width=32, text_layers=1, text_heads=2)
-STUDENT = StudentConfig(embed_dim=32, vision_width=32, vision_layers=1, vision_heads=2, text_width=32,
-                        text_layers=1, text_heads=2)
 LAMBDA = 0.5
 OBJECTIVE = ObjectiveConfig(lambda_sds=LAMBDA)
 
