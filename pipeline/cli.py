@@ -1,4 +1,8 @@
-"""What every command shares: --params/--profile, config loading, and one-line errors (exit 2)."""
+"""What every command shares: --params/--profile, config loading, and one-line errors (exit 2).
+
+Nothing here imports torch: a stage imports its heavy modules inside its body, so `--help`
+and a bad parameter file are answered at once.
+"""
 from __future__ import annotations
 
 import argparse
@@ -8,12 +12,15 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from pipeline.cache import CacheError
 from pipeline.config import Config, ConfigError, load
 from pipeline.data.errors import DataFormatError
 
-# Errors that mean "bad input": reported in one line, exit code 2, no traceback.
-USER_ERRORS = (ConfigError, DataFormatError, CacheError, FileNotFoundError, NotImplementedError)
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean "bad input": reported in one line, exit code 2, no traceback."""
+    from pipeline.cache import CacheError  # imports torch, so only once the arguments are parsed
+
+    return ConfigError, DataFormatError, CacheError, FileNotFoundError, NotImplementedError
 
 
 def parser(doc: str) -> argparse.ArgumentParser:
@@ -36,8 +43,12 @@ def run(doc: str, body: Callable[[argparse.Namespace, Config, Path], None],
     logging.basicConfig(level=os.environ.get("LOGLEVEL", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg = load(args.params, {"profile": args.profile} if args.profile else None)
+    except (ConfigError, DataFormatError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
         body(args, cfg, args.params.resolve().parent)
-    except USER_ERRORS as err:
+    except user_errors() as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

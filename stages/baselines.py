@@ -2,12 +2,13 @@
 import sys
 
 from pipeline import cli
-from pipeline.experiment import run_baselines
-from pipeline.io import write_json
-from pipeline.tracking import Tracker
 
 
 def body(args, cfg, root):
+    from pipeline.experiment import run_baselines
+    from pipeline.io import write_json
+    from pipeline.tracking import Tracker
+
     results = run_baselines(cfg, root, root / cfg.data.root, root / "models", root / cfg.cache.root,
                             Tracker(cfg.tracking, root))
     write_json(root / "results" / "baselines.json", results)

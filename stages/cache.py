@@ -2,14 +2,15 @@
 import sys
 
 from pipeline import cli
-from pipeline.experiment import fingerprint
-from pipeline.fastpath import resolve_device
-from pipeline.latents import build_cache
-from pipeline.models.build import teacher_dir
-from pipeline.models.teacher import load_teacher
 
 
 def body(args, cfg, root):
+    from pipeline.experiment import fingerprint
+    from pipeline.fastpath import resolve_device
+    from pipeline.latents import build_cache
+    from pipeline.models.build import teacher_dir
+    from pipeline.models.teacher import load_teacher
+
     folder = teacher_dir(root / "models")
     teacher = load_teacher(folder).to(resolve_device(cfg.compute.device))
     build_cache(cfg, teacher, fingerprint(folder), root / cfg.data.root, root / cfg.cache.root)

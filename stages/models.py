@@ -2,11 +2,16 @@
 import sys
 
 from pipeline import cli
-from pipeline.models.build import build_models
+
+
+def body(args, cfg, root):
+    from pipeline.models.build import build_models
+
+    build_models(cfg, root / cfg.data.root, root / "models")
 
 
 def main(argv=None) -> int:
-    return cli.run(__doc__, lambda args, cfg, root: build_models(cfg, root / cfg.data.root, root / "models"), argv)
+    return cli.run(__doc__, body, argv)
 
 
 if __name__ == "__main__":

@@ -7,14 +7,15 @@ stage resumes where it stopped.
 import sys
 
 from pipeline import cli
-from pipeline.experiment import run_finetune
-from pipeline.io import write_json
-from pipeline.tracking import Tracker
 
 ROW_NAMES = {"clip": "FT with L_CLIP", "sds": "FT with L_CLIP + lambda L_SDS"}
 
 
 def body(args, cfg, root):
+    from pipeline.experiment import run_finetune
+    from pipeline.io import write_json
+    from pipeline.tracking import Tracker
+
     lambda_sds = 0.0 if args.variant == "clip" else cfg.objective.lambda_sds
     result = run_finetune(cfg, root / cfg.data.root, root / "models", root / cfg.cache.root,
                           root / "runs" / args.variant, Tracker(cfg.tracking, root), ROW_NAMES[args.variant],

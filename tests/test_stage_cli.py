@@ -1,0 +1,49 @@
+"""Every stage answers `--help` and rejects a bad parameter file before importing torch & co.
+
+A stage imports its heavy modules (seconds of imports) inside its body, so what does not
+need them is answered at once.
+"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+HEAVY = ("torch", "diffusers", "open_clip", "mlflow", "ray")
+STAGES = {"data": [], "models": [], "cache": [], "baselines": [], "train": ["clip"], "report": [], "sweep": []}
+
+PROBE = """
+import json, sys
+from stages import {stage} as stage
+try:
+    code = stage.main({argv!r})
+except SystemExit as exit:
+    code = exit.code
+print(json.dumps({{"code": code, "heavy": [m for m in {heavy!r} if m in sys.modules]}}))
+"""
+
+
+def probe(stage: str, argv: list[str]) -> tuple[dict, subprocess.CompletedProcess]:
+    proc = subprocess.run([sys.executable, "-c", PROBE.format(stage=stage, argv=argv, heavy=HEAVY)], cwd=REPO,
+                          capture_output=True, text=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1]), proc
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_help_is_answered_without_heavy_imports(stage):
+    result, proc = probe(stage, ["--help"])
+    assert result == {"code": 0, "heavy": []}, proc.stderr
+    assert "usage:" in proc.stdout and "--params" in proc.stdout
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_a_bad_params_file_is_one_line_and_exit_2_without_heavy_imports(stage, tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text((REPO / "params.yaml").read_text().replace("  lambda_sds: 0.1", "  lambda_sds: -1", 1))
+    result, proc = probe(stage, [*STAGES[stage], "--params", str(params)])
+    assert result == {"code": 2, "heavy": []}, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "objective.lambda_sds" in lines[0] and "-1" in lines[0]
+    assert not (tmp_path / "results").exists() and not (tmp_path / "data").exists()
