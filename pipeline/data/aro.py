@@ -271,11 +271,16 @@ def tokenize(caption: str) -> list[str]:
     return tokens
 
 
+def caption_key(tokens: list[str]) -> str:
+    """A caption's key in a table of per-caption tags: its tokens joined by spaces."""
+    return " ".join(tokens)
+
+
 def caption_tagger(table: dict[str, list[str]], source: str = "the tag table") -> Tagger:
-    """Tagger reading each caption's own tags (tagged in context) from {tokens joined by spaces: tags}."""
+    """Tagger reading each caption's own tags (tagged in context) from {caption_key(tokens): tags}."""
 
     def tag(tokens: list[str]) -> list[str]:
-        key = " ".join(tokens)
+        key = caption_key(tokens)
         if key not in table:
             raise ValueError(f"{source}: no tags for the caption {key!r}; rebuild the data stage")
         return table[key]

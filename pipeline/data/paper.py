@@ -270,6 +270,7 @@ def _aro(cfg: DataConfig, base: Path, out: Path) -> dict:
     from pipeline.io import write_json
 
     sets = {}
+    batch_tagger = lexicon = None   # loaded once for both order sets (spaCy takes seconds to load)
     for name in cfg.aro_sets:
         key, annotations, images = ARO_FILES[name]
         root = resolve_path(getattr(cfg, key), base).resolve()
@@ -279,11 +280,13 @@ def _aro(cfg: DataConfig, base: Path, out: Path) -> dict:
         path = root / annotations
         sets[name] = {"annotations": str(path), "images": str(root), "seed": cfg.seed}
         if cfg.order_tagger.startswith("spacy:"):
+            batch_tagger = batch_tagger or spacy_tagger(cfg.order_tagger.split(":", 1)[1])
             tags = f"aro/{name}-tags.json"
-            write_json(out / tags, order_tags([path], spacy_tagger(cfg.order_tagger.split(":", 1)[1])))
+            write_json(out / tags, order_tags([path], batch_tagger))
             sets[name]["tags"] = tags
         else:
-            sets[name]["lexicon"] = order_lexicon(resolve_path(cfg.order_tagger, base))
+            lexicon = lexicon or order_lexicon(resolve_path(cfg.order_tagger, base))
+            sets[name]["lexicon"] = lexicon
     return sets
 
 
@@ -319,13 +322,13 @@ def order_lexicon(path: Path) -> dict[str, str]:
 
 
 def order_tags(annotation_files: list[Path], batch_tagger: BatchTagger) -> dict[str, list[str]]:
-    """{caption's tokens joined by spaces: their tags} for every caption of the order sets.
+    """{aro.caption_key(tokens): their tags} for every caption of the order sets.
 
     Each caption is tagged in its own context, as ARO tags it before shuffling ("orange" is
     an adjective in "an orange cat", a noun in "the orange is sweet");
     `pipeline.data.aro.caption_tagger` reads the table back.
     """
-    from pipeline.data.aro import tokenize
+    from pipeline.data.aro import caption_key, tokenize
 
     captions = []
     for path in annotation_files:
@@ -340,7 +343,7 @@ def order_tags(annotation_files: list[Path], batch_tagger: BatchTagger) -> dict[
         for words, tags in zip(batch, batch_tagger(batch)):
             if len(tags) != len(words):
                 raise ValueError(f"the tagger gave {len(tags)} tags for the {len(words)} tokens of {' '.join(words)!r}")
-            table[" ".join(words)] = list(tags)
+            table[caption_key(words)] = list(tags)
     return table
 
 
