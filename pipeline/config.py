@@ -123,6 +123,10 @@ class TeacherConfig:
     latent_channels: int = field(default=4, metadata=positive())
     vae_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
     unet_channels: list[int] = field(default_factory=lambda: [64, 128])
+    # Attention heads of each UNet block (diffusers' `attention_head_dim`, which SD v1 configs use
+    # as the head count). Few wide heads learn the toy world's colour-shape binding faster on a CPU
+    # than 8 heads of 4 channels, and run faster.
+    unet_heads: int = field(default=2, metadata=positive())
     text_width: int = field(default=64, metadata=positive())
     text_layers: int = field(default=2, metadata=positive())
     text_heads: int = field(default=4, metadata=positive())
@@ -298,6 +302,8 @@ class Config:
             )
         for name, student in self.students.items():
             _check_pretrained_student(name, student)
+        if self.teacher.source == "toy":
+            _check_toy_teacher(self.teacher)
         if self.teacher.source == "pretrained" and not self.teacher.pretrained:
             raise ConfigError("teacher.pretrained: empty; expected a diffusers repo id "
                               "(e.g. CompVis/stable-diffusion-v1-4) or a local folder")
@@ -306,6 +312,23 @@ class Config:
     def student(self) -> StudentConfig:
         """The student the train stage fine-tunes."""
         return self.students[self.train.student]
+
+
+def _check_toy_teacher(teacher: TeacherConfig) -> None:
+    """Shapes diffusers and transformers would only refuse after the data is loaded."""
+    for key, channels in (("vae_channels", teacher.vae_channels), ("unet_channels", teacher.unet_channels)):
+        if not channels or any(c <= 0 for c in channels):
+            raise ConfigError(f"teacher.{key}: {channels} is not allowed; expected a non-empty list of positive integers")
+        groups = min(32, channels[0])  # the GroupNorm groups the teacher's blocks use
+        if any(c % groups for c in channels):
+            raise ConfigError(f"teacher.{key}: {channels} is not allowed; every entry must be a multiple of "
+                              f"{groups} (the GroupNorm groups, min(32, first entry))")
+    bad = [c for c in teacher.unet_channels if c % teacher.unet_heads]
+    if bad:
+        raise ConfigError(f"teacher.unet_heads: {teacher.unet_heads} does not divide teacher.unet_channels {bad}")
+    if teacher.text_width % teacher.text_heads:
+        raise ConfigError(f"teacher.text_heads: {teacher.text_heads} does not divide teacher.text_width "
+                          f"({teacher.text_width})")
 
 
 def _check_pretrained_student(name: str, student: StudentConfig) -> None:

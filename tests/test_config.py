@@ -129,6 +129,11 @@ BAD = {
     "bad precision": ("compute.precision", "fp8", ["compute.precision", "'fp8'", "'bf16'", "'fp32'"]),
     "bad compile mode": ("compute.compile", "fastest", ["compute.compile", "'fastest'", "'off'", "'max-autotune'"]),
     "channels_last word": ("compute.channels_last", "on", ["compute.channels_last", "'on'", "True", "False"]),
+    "heads not dividing channels": ("teacher.unet_heads", 3, ["teacher.unet_heads", "3", "teacher.unet_channels", "[32, 64]"]),
+    "zero heads": ("teacher.unet_heads", 0, ["teacher.unet_heads", "0", "out of range", "> 0"]),
+    "channels off GroupNorm": ("teacher.unet_channels", [32, 48], ["teacher.unet_channels", "[32, 48]", "multiple of 32"]),
+    "empty channels": ("teacher.vae_channels", [], ["teacher.vae_channels", "[]", "non-empty"]),
+    "text heads": ("teacher.text_heads", 3, ["teacher.text_heads", "3", "teacher.text_width", "64"]),
 }
 
 

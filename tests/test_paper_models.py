@@ -10,6 +10,7 @@ copies (a Stable Diffusion folder, an open_clip hub folder, a checkpoint file).
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import math
@@ -289,6 +290,16 @@ def paper_config(teacher: str, students: dict, dtype: str = "float32"):
     params["profiles"]["paper"]["students"] = {"toy-vit": None, **students}
     params["profiles"]["paper"]["train"]["student"] = next(iter(students))
     return from_dict(resolve(params, {"profile": "paper"}))
+
+
+def test_toy_teacher_attention_heads_follow_the_config_through_save_and_load(tmp_path):
+    cfg = dataclasses.replace(tiny.TEACHER, unet_heads=4)
+    save_teacher(build_toy_teacher(cfg, tiny.SIZE), tmp_path / "t")
+    loaded = load_teacher(tmp_path / "t")
+    attentions = [m for m in loaded.unet.modules() if type(m).__name__ == "Attention"]
+    assert attentions and {m.heads for m in attentions} == {4}
+    # Each block's heads split its width: 16 channels -> 4 per head, 32 -> 8.
+    assert {m.inner_dim // m.heads for m in attentions} == {c // 4 for c in tiny.TEACHER.unet_channels}
 
 
 def test_models_stage_saves_local_copies_into_models(tmp_path):

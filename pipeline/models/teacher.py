@@ -94,7 +94,7 @@ def build_toy_teacher(cfg: TeacherConfig, image_size: int) -> Teacher:
             down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
             up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
             block_out_channels=tuple(cfg.unet_channels), layers_per_block=1,
-            cross_attention_dim=cfg.text_width, attention_head_dim=8,
+            cross_attention_dim=cfg.text_width, attention_head_dim=cfg.unet_heads,
             norm_num_groups=min(32, cfg.unet_channels[0]),
         )
     scheduler = DDPMScheduler(**SD_SCHEDULE, prediction_type=cfg.prediction_type)
