@@ -276,16 +276,19 @@ def test_raising_and_nan_trials_fail_alone_and_the_sweep_exits_nonzero(project, 
 # --------------------------------------------------------------------------- SIGKILL the driver, then --resume
 
 
+# The driver persists a reported checkpoint a moment after the trial moved on, so the kill waits
+# until a trial is several checkpoints past its first, yet far enough from its end not to finish first.
+KILL_STEPS, KILL_AFTER_STEP, KILL_BEFORE_STEP = 60, 20, 40
 KILL = """
 name: killed
 base:
   profile: smoke
-  params: {train.steps: 20, train.checkpoint_every: 4}
+  params: {train.steps: %d, train.checkpoint_every: 4}
 space:
   objective.lambda_sds: [0, 1e-3]
   train.scope: [layernorm, full]
 max_concurrent: 2
-"""
+""" % KILL_STEPS
 
 
 def test_sigkill_of_the_driver_then_resume_finishes_with_one_run_per_trial(project):
@@ -298,7 +301,7 @@ def test_sigkill_of_the_driver_then_resume_finishes_with_one_run_per_trial(proje
                               start_new_session=True)
     leftovers: list[psutil.Process] = []
     try:
-        # Kill once a trial has finished and another is mid-way, past a checkpoint.
+        # Kill once a trial has finished and another is mid-way, past several checkpoints.
         deadline = time.monotonic() + 400
         while True:
             assert driver.poll() is None, "the sweep ended before the test could kill it"
@@ -309,8 +312,8 @@ def test_sigkill_of_the_driver_then_resume_finishes_with_one_run_per_trial(proje
                 continue
             kids = children(tr, parents[0]["run_id"])
             done = [k for k in kids if k["status"] == "FINISHED"]
-            midway = [k for k in kids if k["status"] == "RUNNING"
-                      and max((s for s, _ in tr.metric_history(k["run_id"], "loss/total")), default=0) >= 6]
+            midway = [k for k in kids if k["status"] == "RUNNING" and KILL_AFTER_STEP
+                      <= max((s for s, _ in tr.metric_history(k["run_id"], "loss/total")), default=0) <= KILL_BEFORE_STEP]
             if done and midway:
                 break
         leftovers = psutil.Process(driver.pid).children(recursive=True)
@@ -356,7 +359,7 @@ def test_sigkill_of_the_driver_then_resume_finishes_with_one_run_per_trial(proje
     for kid in after:
         steps = [s for s, _ in tr.metric_history(kid["run_id"], "loss/clip")]
         # Each step logged once: the steps a resumed trial re-ran after its checkpoint are not logged twice.
-        assert sorted(steps) == list(range(1, 21)) and "winoground/text" in kid["metrics"], steps
+        assert sorted(steps) == list(range(1, KILL_STEPS + 1)) and "winoground/text" in kid["metrics"], steps
 
 
 # --------------------------------------------------------------------------- a separate Ray head
