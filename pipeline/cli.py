@@ -15,12 +15,15 @@ from typing import Callable
 from pipeline.config import Config, ConfigError, load
 from pipeline.data.errors import DataFormatError
 
+# Bad input found before a stage's body runs: reported without importing torch.
+CONFIG_ERRORS = (ConfigError, DataFormatError, FileNotFoundError)
+
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean "bad input": reported in one line, exit code 2, no traceback."""
     from pipeline.cache import CacheError  # imports torch, so only once the arguments are parsed
 
-    return ConfigError, DataFormatError, CacheError, FileNotFoundError, NotImplementedError
+    return (*CONFIG_ERRORS, CacheError, NotImplementedError)
 
 
 def parser(doc: str) -> argparse.ArgumentParser:
@@ -43,7 +46,7 @@ def run(doc: str, body: Callable[[argparse.Namespace, Config, Path], None],
     logging.basicConfig(level=os.environ.get("LOGLEVEL", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg = load(args.params, {"profile": args.profile} if args.profile else None)
-    except (ConfigError, DataFormatError, FileNotFoundError) as err:
+    except CONFIG_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:

@@ -314,12 +314,17 @@ class Config:
         return self.students[self.train.student]
 
 
+def norm_groups(channels: list[int]) -> int:
+    """The GroupNorm groups of a toy teacher's VAE or UNet with these block widths."""
+    return min(32, channels[0])
+
+
 def _check_toy_teacher(teacher: TeacherConfig) -> None:
     """Shapes diffusers and transformers would only refuse after the data is loaded."""
     for key, channels in (("vae_channels", teacher.vae_channels), ("unet_channels", teacher.unet_channels)):
         if not channels or any(c <= 0 for c in channels):
             raise ConfigError(f"teacher.{key}: {channels} is not allowed; expected a non-empty list of positive integers")
-        groups = min(32, channels[0])  # the GroupNorm groups the teacher's blocks use
+        groups = norm_groups(channels)
         if any(c % groups for c in channels):
             raise ConfigError(f"teacher.{key}: {channels} is not allowed; every entry must be a multiple of "
                               f"{groups} (the GroupNorm groups, min(32, first entry))")

@@ -493,7 +493,7 @@ def test_the_data_stage_stores_the_order_sets_caption_tags(tmp_path, monkeypatch
         assert cases and all(len(case.options) == 5 for case in cases)
     flickr = json.loads((out / "aro" / "flickr_order-tags.json").read_text())
     caption = aro.tokenize("The man with pierced ears is wearing glasses and an orange hat.")
-    assert flickr[" ".join(caption)][caption.index("orange")] == "ADJ"
+    assert flickr[aro.caption_key(caption)][caption.index("orange")] == "ADJ"
 
 
 def test_order_tags_reject_a_tagger_that_drops_tokens(tmp_path):

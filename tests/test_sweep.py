@@ -291,6 +291,10 @@ max_concurrent: 2
 """ % KILL_STEPS
 
 
+def last_logged_step(tr, run: dict) -> int:
+    return max((step for step, _ in tr.metric_history(run["run_id"], "loss/total")), default=0)
+
+
 def test_sigkill_of_the_driver_then_resume_finishes_with_one_run_per_trial(project):
     sweep_file = write(project, "killed.yaml", KILL)
     tr = tracker(project, "killed")
@@ -312,8 +316,8 @@ def test_sigkill_of_the_driver_then_resume_finishes_with_one_run_per_trial(proje
                 continue
             kids = children(tr, parents[0]["run_id"])
             done = [k for k in kids if k["status"] == "FINISHED"]
-            midway = [k for k in kids if k["status"] == "RUNNING" and KILL_AFTER_STEP
-                      <= max((s for s, _ in tr.metric_history(k["run_id"], "loss/total")), default=0) <= KILL_BEFORE_STEP]
+            midway = [k for k in kids if k["status"] == "RUNNING"
+                      and KILL_AFTER_STEP <= last_logged_step(tr, k) <= KILL_BEFORE_STEP]
             if done and midway:
                 break
         leftovers = psutil.Process(driver.pid).children(recursive=True)

@@ -33,6 +33,7 @@ from typing import Callable
 
 from pipeline.config import ConfigError, DataConfig, load
 from pipeline.data.errors import DataFormatError, load_json, require_list, require_record, str_list_field
+from pipeline.io import atomic_dir, write_json
 
 README_HINT = "see README: Running the paper profile"
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -198,7 +199,6 @@ def preflight(argv: list[str] | None = None) -> int | None:
 def build_paper(cfg: DataConfig, out: Path, base: Path) -> dict:
     """Check, index and materialise the paper's datasets into `out` (replaced atomically); returns the index."""
     from pipeline.data.datasets import INDEX_NAME, benchmarks, train_pairs
-    from pipeline.io import atomic_dir, write_json
 
     check_paper_data(cfg, base)
     with atomic_dir(out) as root:
@@ -267,8 +267,6 @@ def fetch_winoground(repo_id: str, target: Path) -> None:
 
 
 def _aro(cfg: DataConfig, base: Path, out: Path) -> dict:
-    from pipeline.io import write_json
-
     sets = {}
     batch_tagger = lexicon = None   # loaded once for both order sets (spaCy takes seconds to load)
     for name in cfg.aro_sets:

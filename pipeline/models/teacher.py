@@ -16,7 +16,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from pipeline.config import TeacherConfig
+from pipeline.config import TeacherConfig, norm_groups
 from pipeline.io import atomic_dir, write_json
 
 # Stable Diffusion's noise schedule; diffusers' DDPMScheduler defaults differ.
@@ -78,7 +78,7 @@ def build_toy_teacher(cfg: TeacherConfig, image_size: int) -> Teacher:
             down_block_types=("DownEncoderBlock2D",) * len(cfg.vae_channels),
             up_block_types=("UpDecoderBlock2D",) * len(cfg.vae_channels),
             block_out_channels=tuple(cfg.vae_channels), layers_per_block=1,
-            norm_num_groups=min(32, cfg.vae_channels[0]), sample_size=image_size,
+            norm_num_groups=norm_groups(cfg.vae_channels), sample_size=image_size,
             # Set after training from the latents' spread, as SD's 0.18215 was.
             scaling_factor=1.0,
         )
@@ -95,7 +95,7 @@ def build_toy_teacher(cfg: TeacherConfig, image_size: int) -> Teacher:
             up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
             block_out_channels=tuple(cfg.unet_channels), layers_per_block=1,
             cross_attention_dim=cfg.text_width, attention_head_dim=cfg.unet_heads,
-            norm_num_groups=min(32, cfg.unet_channels[0]),
+            norm_num_groups=norm_groups(cfg.unet_channels),
         )
     scheduler = DDPMScheduler(**SD_SCHEDULE, prediction_type=cfg.prediction_type)
     return Teacher(unet, vae, text_encoder, clip_bpe_tokenizer(cfg.max_length), scheduler)
