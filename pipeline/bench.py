@@ -47,12 +47,15 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 from torch import nn
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
+
+from pipeline.io import write_text
 
 if TYPE_CHECKING:
     from pipeline.fastpath import FastPath
@@ -725,8 +728,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(table(results, peak, "row", winoground, f"min for {WINOGROUND_TASKS} tasks"))
         out["score"] = [r.__dict__ for r in results]
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2, default=str)
+        write_text(Path(args.json), json.dumps(out, indent=2, default=str) + "\n")
     return 0
 
 

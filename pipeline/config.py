@@ -39,6 +39,9 @@ def nonneg(doc: str = "") -> dict:
     return check(ge=0, doc=doc)
 
 
+# The last DDPM step of Stable Diffusion's 1000-step schedule (the toy teacher uses it too); a
+# teacher with a shorter schedule is checked against its own when it is loaded.
+LAST_STEP = 999
 ARO_SETS = ("vg_relation", "vg_attribution", "coco_order", "flickr_order")
 ZEROSHOT_SETS = ("imagenet", "cifar10", "cifar100", "mnist", "stl10", "food101", "pets", "flowers102", "dtd",
                  "fgvc_aircraft")
@@ -197,8 +200,8 @@ class ObjectiveConfig:
     lambda_sds: float = field(default=1e-3, metadata=nonneg())
     noising: Literal["noise", "none"] = "noise"
     gradient: Literal["backprop", "sds"] = "backprop"
-    t_min: int = field(default=20, metadata=nonneg(doc="smallest DDPM step sampled"))
-    t_max: int = field(default=980, metadata=positive(doc="largest DDPM step sampled"))
+    t_min: int = field(default=20, metadata=check(ge=0, le=LAST_STEP, doc="smallest DDPM step sampled"))
+    t_max: int = field(default=980, metadata=check(ge=1, le=LAST_STEP, doc="largest DDPM step sampled"))
     latent_scale: float = field(default=1.0, metadata=positive(doc="factor on h_w's output"))
 
 
@@ -227,8 +230,8 @@ class EvalConfig:
     """Scoring of the benchmarks."""
 
     diffusion_samples: int = field(default=16, metadata=positive(doc="(t, eps) pairs per caption"))
-    diffusion_t_min: int = field(default=50, metadata=nonneg())
-    diffusion_t_max: int = field(default=950, metadata=positive())
+    diffusion_t_min: int = field(default=50, metadata=check(ge=0, le=LAST_STEP))
+    diffusion_t_max: int = field(default=950, metadata=check(ge=1, le=LAST_STEP))
     subtract_unconditional: bool = False
     batch_size: int = field(default=128, metadata=positive())
     bootstrap: int = field(default=1000, metadata=nonneg())

@@ -23,15 +23,16 @@ from pipeline.data.records import ChoiceCase, WinogroundTask, load_image
 from pipeline.models.student import Student
 from pipeline.models.teacher import Teacher
 from pipeline.fastpath import FastPath
-from pipeline.objectives import diffusion_errors
+from pipeline.objectives import check_fits_teacher, diffusion_errors
 
 # A score function maps (image keys, captions) pairs to one score per pair.
 PairScorer = Callable[[list[str], list[str]], np.ndarray]
 
 
 def image_key(path, bbox=None) -> str:
-    """The cache key of an image (and crop): one latent per distinct crop."""
-    return f"{path}" if bbox is None else f"{path}#bbox={','.join(f'{v:g}' for v in bbox)}"
+    """The cache key of an image (and crop): one latent per distinct crop. The box is written
+    exactly (`repr` round-trips a float), since `parse_image_key` crops from the key."""
+    return f"{path}" if bbox is None else f"{path}#bbox={','.join(repr(float(v)) for v in bbox)}"
 
 
 def parse_image_key(key: str):
@@ -153,6 +154,7 @@ class DiffusionScorer:
                  device: torch.device | str = "cpu", opts: FastPath | None = None):
         self.teacher, self.latents, self.conditioning, self.cfg, self.device = teacher, latents, conditioning, cfg, device
         self.opts = opts or FastPath.default_for(device)
+        check_fits_teacher(teacher.scheduler, "eval.diffusion_t_max", cfg.diffusion_t_max)
         generator = torch.Generator().manual_seed(cfg.seed)
         n = cfg.diffusion_samples
         self.timesteps = torch.linspace(cfg.diffusion_t_min, cfg.diffusion_t_max, n).round().long()

@@ -24,9 +24,13 @@ from pipeline.tracking import Tracker
 
 
 def fingerprint(folder: Path) -> str:
-    """sha256 over a folder's weight files (names and bytes), to key caches to a model."""
+    """sha256 over a folder's weight and config files (names and bytes), to key caches to a model.
+
+    Configs count: a VAE's `scaling_factor`, for one, lives in its config.json.
+    """
     digest = hashlib.sha256()
-    for path in sorted(Path(folder).rglob("*.safetensors")):
+    files = [p for p in Path(folder).rglob("*") if p.suffix in (".safetensors", ".json") and p.is_file()]
+    for path in sorted(files):
         digest.update(str(path.relative_to(folder)).encode())
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
@@ -41,19 +45,19 @@ def run_baselines(cfg: Config, root: Path, data_root: Path, models: Path, cache:
     tags = {"profile": cfg.profile, "stage": "baselines"}
     results = {}
     for name in cfg.students:
-        run = tracker.start(f"pretrained {name}", params=to_dict(cfg), tags={**tags, "row": "pretrained", "student": name})
-        metrics = evaluate_student(load_student(student_dir(models, name)), bench, cfg.eval, device)
-        run.log_metrics(metrics)
-        run.finish()
+        with tracker.start(f"pretrained {name}", params=to_dict(cfg),
+                           tags={**tags, "row": "pretrained", "student": name}) as run:
+            metrics = evaluate_student(load_student(student_dir(models, name)), bench, cfg.eval, device)
+            run.log_metrics(metrics)
         results[f"pretrained/{name}"] = {"run_id": run.run_id, "metrics": metrics}
-    teacher = load_teacher(teacher_dir(models))
-    run = tracker.start(f"diffusion score {cfg.teacher.name}", params=to_dict(cfg), tags={**tags, "row": "diffusion_score"})
-    start = time.perf_counter()
-    metrics = evaluate_teacher(teacher, open_table(cache, "bench_images"), open_table(cache, "bench_text"), bench,
-                               cfg.eval, device, FastPath.from_config(cfg.compute, device))
-    metrics["time/eval_seconds"] = time.perf_counter() - start
-    run.log_metrics(metrics)
-    run.finish()
+    with tracker.start(f"diffusion score {cfg.teacher.name}", params=to_dict(cfg),
+                       tags={**tags, "row": "diffusion_score"}) as run:
+        start = time.perf_counter()
+        metrics = evaluate_teacher(load_teacher(teacher_dir(models)), open_table(cache, "bench_images"),
+                                   open_table(cache, "bench_text"), bench, cfg.eval, device,
+                                   FastPath.from_config(cfg.compute, device))
+        metrics["time/eval_seconds"] = time.perf_counter() - start
+        run.log_metrics(metrics)
     results["diffusion_score"] = {"run_id": run.run_id, "metrics": metrics}
     return results
 
@@ -94,8 +98,11 @@ def run_finetune(cfg: Config, data_root: Path, models: Path, cache: Path, folder
             on_log(step, values)
 
     try:
+        inputs = {"data": to_dict(cfg.data), "index": read_index(data_root),
+                  "student": fingerprint(student_dir(models, cfg.train.student)),
+                  "teacher": fingerprint(teacher_dir(models)) if needs_teacher else None}
         trial = trainer.setup(cfg.train, cfg.objective, student, pairs, lambda_sds, teacher, conditioning, latents,
-                              cfg.compute)
+                              cfg.compute, inputs)
         run.log_metrics({"trainable_parameters": trial.trainable_count})
         start = time.perf_counter()
         trainer.fit(trial, folder, on_log=log, progress=progress, on_checkpoint=on_checkpoint)
@@ -110,8 +117,8 @@ def run_finetune(cfg: Config, data_root: Path, models: Path, cache: Path, folder
         run.finish("KILLED")
         raise
     except BaseException as err:
-        run.set_tags({"failure": f"{type(err).__name__}: {err}"[:500]})
-        run.finish("FAILED")
+        run.fail(err)
         raise
+    trainer.discard_checkpoint(folder)
     run.finish()
     return {"run_id": run.run_id, "metrics": metrics, "trainable_parameters": trial.trainable_count}

@@ -263,12 +263,6 @@ def compile_module(module: nn.Module, opts: FastPath) -> nn.Module:
     return _set_compiled(module, opts.compile_mode)
 
 
-def module_device(module: nn.Module) -> torch.device:
-    for p in module.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
 # ---------------------------------------------------------------------- the training step
 
 

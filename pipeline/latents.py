@@ -12,7 +12,7 @@ import torch
 import torchvision.transforms as T
 
 from pipeline.cache import write_table
-from pipeline.config import Config
+from pipeline.config import Config, to_dict
 from pipeline.data.datasets import benchmarks, read_index, train_pairs
 from pipeline.data.records import load_image
 from pipeline.evaluate import choice_pairs, image_key, parse_image_key, winoground_pairs
@@ -39,7 +39,12 @@ def text_conditioning(teacher: Teacher):
 
 
 def build_cache(cfg: Config, teacher: Teacher, teacher_id: str, data_root: Path, out: Path) -> None:
-    """`teacher_id` (a fingerprint of the weights) is stored so a table of another teacher is rebuilt."""
+    """Every table, rebuilt when what determines its rows changed (see `pipeline.cache`).
+
+    Rows are keyed by file path, and the data stage writes the same names for other images
+    (the toy world under another seed or size), so the data's config and index are stored in
+    each table's meta with `teacher_id` (a fingerprint of the teacher's weights and configs).
+    """
     index = read_index(data_root)
     pairs = train_pairs(data_root, index)
     bench = benchmarks(data_root, index)
@@ -50,6 +55,7 @@ def build_cache(cfg: Config, teacher: Teacher, teacher_id: str, data_root: Path,
         bench_texts += texts
     size = teacher.vae.config.sample_size
     c = cfg.cache
+    meta = {"teacher": teacher_id, "data": to_dict(cfg.data), "index": index}
     tables = {
         "train_images": (list(dict.fromkeys(image_key(p.image) for p in pairs)), image_latents(teacher, size)),
         "bench_images": (list(dict.fromkeys(bench_images)), image_latents(teacher, size)),
@@ -58,4 +64,4 @@ def build_cache(cfg: Config, teacher: Teacher, teacher_id: str, data_root: Path,
     }
     for name, (keys, compute) in tables.items():
         write_table(out, name, keys, compute, shard_size=c.shard_size, batch_size=c.batch_size, description=name,
-                    meta={"teacher": teacher_id})
+                    meta=meta)

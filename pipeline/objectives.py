@@ -12,6 +12,8 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from open_clip.loss import ClipLoss
 from torch import nn
 
+from pipeline.config import ConfigError
+
 _clip_loss = ClipLoss()
 
 
@@ -36,6 +38,17 @@ def sample_timesteps(batch: int, t_min: int, t_max: int, generator: torch.Genera
                      device: torch.device | str = "cpu") -> torch.Tensor:
     """Uniform integer DDPM steps in [t_min, t_max]."""
     return torch.randint(t_min, t_max + 1, (batch,), generator=generator).to(device)
+
+
+def check_fits_teacher(scheduler: DDPMScheduler, t_key: str, t_max: int, noising: str = "noise") -> None:
+    """What a config cannot check alone: its largest step against the teacher's schedule, and
+    noising "none" against the teacher's prediction type (a one-line ConfigError)."""
+    last = scheduler.config.num_train_timesteps - 1
+    if t_max > last:
+        raise ConfigError(f"{t_key}: {t_max} is past the teacher's last DDPM step ({last})")
+    kind = scheduler.config.prediction_type
+    if noising == "none" and kind != "epsilon":
+        raise ConfigError(f"objective.noising: 'none' needs an epsilon-prediction teacher; this one predicts {kind!r}")
 
 
 def diffusion_target(scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor,
@@ -64,8 +77,9 @@ def sds_loss(latents: torch.Tensor, conditioning: torch.Tensor, unet: UNet2DCond
     noising="none": x_t = x_0, the paper's equation read literally (epsilon models only).
     gradient="backprop": the mean squared error differentiated through the frozen UNet.
     gradient="sds": DreamFusion's gradient w(t) (eps_hat - target) on x_0 with w(t) = 1 - abar_t
-    and the UNet under no-grad; `loss` is a surrogate whose gradient w.r.t. x_0 is exactly
-    that, scaled like the mean-reduced loss.
+    and the UNet under no-grad, scaled like the mean-reduced loss. `loss` always has the
+    literal L_SDS as its value (so logged totals compare across modes); in this mode a
+    zero-valued surrogate term carries that gradient.
     """
     if noising == "noise":
         noisy = scheduler.add_noise(latents, noise, timesteps)
@@ -89,7 +103,8 @@ def sds_loss(latents: torch.Tensor, conditioning: torch.Tensor, unet: UNet2DCond
         weight = (1.0 - abar).view(-1, *([1] * (latents.dim() - 1)))
         grad = 2.0 * weight * residual / residual[0].numel() / latents.shape[0]
     surrogate = (grad * latents.float()).sum()
-    return SdsOutput(surrogate, residual.pow(2).mean())
+    mse = residual.pow(2).mean()
+    return SdsOutput(mse + surrogate - surrogate.detach(), mse)
 
 
 def unet_features(unet: UNet2DConditionModel, noisy: torch.Tensor, timesteps: torch.Tensor,

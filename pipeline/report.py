@@ -30,7 +30,7 @@ COLUMNS = [
     ("1 Main Pred", "winoground/text/preds_1"), ("2 Main Preds", "winoground/text/preds_2"),
     ("Wino image", "winoground/image"), ("Wino group", "winoground/group"),
     ("ARO", "aro/overall"), ("ARO Rel", "aro/vg_relation"), ("ARO Attr", "aro/vg_attribution"),
-    ("COCO-Order", "aro/coco_order"), ("Zero-shot", "zeroshot/mean"),
+    ("COCO-Order", "aro/coco_order"), ("Flickr-Order", "aro/flickr_order"), ("Zero-shot", "zeroshot/mean"),
 ]
 INTERVAL = "Wino text 95% CI"
 TABLE1_HEADER = ["run"] + [name for name, _ in COLUMNS] + [INTERVAL]

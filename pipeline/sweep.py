@@ -38,6 +38,7 @@ from typing import Any
 
 from pipeline import sweep_config
 from pipeline.config import ConfigError, TrackingConfig, deep_merge, flatten, from_dict, resolve
+from pipeline.tracking import failure_text
 
 log = logging.getLogger(__name__)
 CODE_ROOT = Path(__file__).resolve().parents[1]
@@ -363,12 +364,6 @@ def run_trial(config: dict, context: dict) -> None:
     shutil.rmtree(folder, ignore_errors=True)
     tune.report({**latest, **result["metrics"], "step": steps, "final": 1, "run_id": run_id,
                  **timing})
-
-
-def failure_text(err: BaseException) -> str:
-    err = getattr(err, "cause", None) or err
-    text = f"{type(err).__name__}: {err}".strip().splitlines()
-    return (text[0] if text else type(err).__name__)[:500]
 
 
 # --------------------------------------------------------------------------- the driver

@@ -323,22 +323,6 @@ def _mapping(value: Any, key: str) -> dict:
     return value
 
 
-def _section(cls: type, raw: Any, key: str, shorthand: str | None = None) -> Any:
-    if raw is None:
-        raw = {}
-    if shorthand and isinstance(raw, str):
-        raw = {shorthand: raw}
-    return build(cls, _mapping(raw, key), key)
-
-
-def _prefix(err: ConfigError, old: str, new: str) -> ConfigError:
-    """Re-key a message from pipeline.config ("train.lr: ...") as it sits in the sweep file."""
-    message = str(err)
-    if message.startswith(old):
-        return ConfigError(new + message[len(old):])
-    return ConfigError(f"{new}: {message}")
-
-
 # --------------------------------------------------------------------------- loading
 
 

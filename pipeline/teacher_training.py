@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from pipeline.config import TeacherConfig
 from pipeline.fastpath import adamw
-from pipeline.models.teacher import Teacher, encode_text_trainable
+from pipeline.models.teacher import Teacher, encode_text
 from pipeline.objectives import diffusion_target, sample_timesteps
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ def train_unet(teacher: Teacher, pixels: torch.Tensor, captions: list[str], cfg:
         idx = torch.randint(len(latents), (cfg.batch_size,), generator=generator)
         x0 = latents[idx.to(device)]
         texts = ["" if torch.rand((), generator=generator) < CAPTION_DROPOUT else captions[i] for i in idx.tolist()]
-        cond = encode_text_trainable(teacher, texts)
+        cond = encode_text(teacher, texts, grad=True)
         noise = torch.randn(x0.shape, generator=generator).to(device)
         t = sample_timesteps(len(x0), 0, teacher.scheduler.config.num_train_timesteps - 1, generator).to(device)
         pred = teacher.unet(teacher.scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=cond).sample

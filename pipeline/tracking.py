@@ -6,6 +6,7 @@ same way. mlflow is imported lazily: it costs seconds and most commands never ne
 """
 from __future__ import annotations
 
+import logging
 import math
 import subprocess
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from typing import Any, Iterable
 from pipeline.config import TrackingConfig, flatten
 
 MAX_PARAM_LENGTH = 500
+log = logging.getLogger(__name__)
 
 
 def resolve_uri(uri: str, root: Path) -> str:
@@ -56,6 +58,10 @@ class Run:
 
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v is not None and math.isfinite(float(v))]
+        dropped = sorted(k for k, v in metrics.items() if v is not None and not math.isfinite(float(v)))
+        if dropped:
+            # MLflow stores no NaN/inf; a missing metric must not pass unnoticed either.
+            log.warning("run %s: not logging non-finite %s", self.run_id, ", ".join(dropped))
         if batch:
             self.client.log_batch(self.run_id, metrics=batch)
 
@@ -79,6 +85,28 @@ class Run:
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status)
+
+    def fail(self, err: BaseException) -> None:
+        """End the run as FAILED, the error's first line in its `failure` tag (what the report shows)."""
+        self.set_tags({"failure": failure_text(err)})
+        self.finish("FAILED")
+
+    def __enter__(self) -> "Run":
+        return self
+
+    def __exit__(self, kind, err, traceback) -> None:
+        """`with tracker.start(...) as run:` ends the run FINISHED, or FAILED when the block raised."""
+        if err is None:
+            self.finish()
+        else:
+            self.fail(err)
+
+
+def failure_text(err: BaseException) -> str:
+    """One line naming an error (the cause Ray wraps, when there is one), at most 500 characters."""
+    err = getattr(err, "cause", None) or err
+    text = f"{type(err).__name__}: {err}".strip().splitlines()
+    return (text[0] if text else type(err).__name__)[:500]
 
 
 class Tracker:

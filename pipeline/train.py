@@ -90,6 +90,7 @@ class Trial:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     fast: FastPath = field(default_factory=lambda: FastPath.default_for("cpu"))
     scaler: torch.amp.GradScaler | None = None  # fp16 autocast only
+    inputs: dict = field(default_factory=dict)  # what it trains from: data and model fingerprints
 
     @property
     def trainable_count(self) -> int:
@@ -115,6 +116,19 @@ def trainable_parameters(student: Student, projection: nn.Module | None, scope: 
     return chosen
 
 
+def train_mode(model: nn.Module, scope: str) -> nn.Module:
+    """Train mode, except that outside the "full" scope every BatchNorm (open_clip's ResNets) stays
+    in eval mode: train mode would normalise with batch statistics and move the running averages,
+    which are buffers, so a frozen-weights scope would change the model beyond what it trains
+    (and beyond what its checkpoint and trained file hold)."""
+    model.train()
+    if scope != "full":
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+    return model
+
+
 def _lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
     def factor(step: int) -> float:
         if step < warmup:
@@ -132,11 +146,13 @@ def _feature_shape(teacher: Teacher) -> tuple[int, ...]:
 
 def setup(cfg: TrainConfig, objective: ObjectiveConfig, student: Student, pairs: list[ImageCaption],
           lambda_sds: float, teacher: Teacher | None = None, conditioning: Table | None = None,
-          latents: Table | None = None, compute: ComputeConfig | None = None) -> Trial:
+          latents: Table | None = None, compute: ComputeConfig | None = None, inputs: dict | None = None) -> Trial:
     """Freeze, choose the trainable scope, build h_w, the optimiser and the data order.
 
     `compute` (default: the CPU with its default options) says on which device the student,
     h_w and the teacher's UNet run and with which fast-path options (`pipeline.fastpath`).
+    `inputs` names what the trial trains from (fingerprints of the data and the models): a
+    checkpoint written from other inputs is not resumed.
     """
     compute = compute or ComputeConfig(device="cpu")
     device = fastpath.resolve_device(compute.device)
@@ -151,6 +167,7 @@ def setup(cfg: TrainConfig, objective: ObjectiveConfig, student: Student, pairs:
         raise ValueError("scope 'unet_feature' needs the cached VAE latents of the training images")
     projection = None
     if needs_teacher:
+        objectives.check_fits_teacher(teacher.scheduler, "objective.t_max", objective.t_max, objective.noising)
         shape = _feature_shape(teacher) if cfg.scope == "unet_feature" else teacher.latent_shape
         projection = objectives.LatentProjection(embed_dim(student), shape)
     student.model.requires_grad_(False).to(device)
@@ -171,7 +188,7 @@ def setup(cfg: TrainConfig, objective: ObjectiveConfig, student: Student, pairs:
         fastpath.prepare_teacher_unet(teacher.unet.to(device), opts)
     return Trial(student, projection, params, optimizer, scheduler, loader, teacher, conditioning, latents,
                  cfg, objective, lambda_sds, torch.Generator().manual_seed(cfg.seed + 1), device=device, fast=opts,
-                 scaler=fastpath.grad_scaler(device, opts) if opts.autocast == "fp16" else None)
+                 scaler=fastpath.grad_scaler(device, opts) if opts.autocast == "fp16" else None, inputs=dict(inputs or {}))
 
 
 def loss_step(trial: Trial, images, tokens, text_rows, image_rows) -> dict[str, torch.Tensor]:
@@ -182,7 +199,7 @@ def loss_step(trial: Trial, images, tokens, text_rows, image_rows) -> dict[str, 
     forward (unless `autocast_student` is off) and the UNet run in bf16/fp16; h_w, the
     noising and the losses run in fp32.
     """
-    model, device, opts = trial.student.model.train(), trial.device, trial.fast
+    model, device, opts = train_mode(trial.student.model, trial.cfg.scope), trial.device, trial.fast
     images, tokens = images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
     with fastpath.autocast(device, opts) if opts.autocast_student else contextlib.nullcontext():
         image_features, text_features, logit_scale = contrastive_outputs(model, images, tokens)
@@ -233,15 +250,17 @@ class StepSampler(Sampler):
             step += 1
 
 
-def fit(trial: Trial, folder: Path, on_log: Callable[[int, dict[str, float]], None] | None = None,
+def fit(trial: Trial, folder: Path | None, on_log: Callable[[int, dict[str, float]], None] | None = None,
         progress: bool = True, on_checkpoint: Callable[[int, Path], None] | None = None) -> Trial:
-    """Run the remaining steps, checkpointing to `folder` so an interrupted trial resumes.
+    """Run the remaining steps, checkpointing to `folder` so an interrupted trial resumes
+    (no `folder`: no checkpoints, for a trial that is part of a longer job that cannot resume).
 
     `on_log(step, values)` runs at every log step; `on_checkpoint(step, folder)` right after
     each checkpoint is written (a sweep trial hands the file to Ray Tune there).
     """
-    folder = Path(folder)
-    load_checkpoint(trial, folder)
+    if folder is not None:
+        folder = Path(folder)
+        load_checkpoint(trial, folder)
     cfg = trial.cfg
     trial.loader.batch_sampler.start = trial.step
     batches = iter(trial.loader)
@@ -269,7 +288,7 @@ def fit(trial: Trial, folder: Path, on_log: Callable[[int, dict[str, float]], No
             bar.set_postfix(loss=f"{values['total']:.4f}")
             if on_log:
                 on_log(trial.step, values)
-        if trial.step % cfg.checkpoint_every == 0 and trial.step < cfg.steps:
+        if folder is not None and trial.step % cfg.checkpoint_every == 0 and trial.step < cfg.steps:
             save_checkpoint(trial, folder)
             if on_checkpoint:
                 on_checkpoint(trial.step, folder)
@@ -281,10 +300,16 @@ def trained_state(trial: Trial) -> dict[str, torch.Tensor]:
     return {name: p.detach().cpu().contiguous().clone() for name, p in trial.params.items()}
 
 
+# Train keys that change how a trial runs and reports, not what it computes: a checkpoint
+# resumes across them (e.g. with loader workers added after a crash).
+RUN_ONLY_KEYS = ("threads", "workers", "log_every", "checkpoint_every")
+
+
 def settings(trial: Trial) -> dict:
-    """What a checkpoint must have been trained under to be resumed by this trial."""
-    return {"train": dataclasses.asdict(trial.cfg), "objective": dataclasses.asdict(trial.objective),
-            "lambda_sds": trial.lambda_sds, "trainable": sorted(trial.params)}
+    """What a checkpoint must have been trained under, and from, to be resumed by this trial."""
+    train = {k: v for k, v in dataclasses.asdict(trial.cfg).items() if k not in RUN_ONLY_KEYS}
+    return {"train": train, "objective": dataclasses.asdict(trial.objective), "lambda_sds": trial.lambda_sds,
+            "trainable": sorted(trial.params), "inputs": trial.inputs}
 
 
 def save_checkpoint(trial: Trial, folder: Path) -> None:
@@ -330,8 +355,13 @@ def save_trained(trial: Trial, folder: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     blob = save(trained_state(trial), metadata={"scope": trial.cfg.scope, "trainable": str(trial.trainable_count)})
     write_bytes(path, blob)
-    (Path(folder) / CHECKPOINT).unlink(missing_ok=True)
     return path
+
+
+def discard_checkpoint(folder: Path) -> None:
+    """Drop the resume point once the trained file is saved and evaluated: until then a failed
+    evaluation is re-run from the last checkpoint rather than from step 0."""
+    (Path(folder) / CHECKPOINT).unlink(missing_ok=True)
 
 
 def load_trained(student: Student, path: Path) -> None:

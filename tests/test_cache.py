@@ -1,14 +1,25 @@
 """Tensor cache tests: round trip, idempotence, resume, rebuilds and corruption detection."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
 from pipeline.cache import CacheError, open_table, write_table
+from pipeline.config import load
+from pipeline.data.build import build_toy
+from pipeline.experiment import fingerprint
+from pipeline.latents import build_cache, image_latents
+from pipeline.models.teacher import build_toy_teacher, save_teacher
+
+from tiny import SIZE, TEACHER
+
+PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 
 ROW_SHAPE = (4, 2, 3)
 KEYS = [f"img-{i:03d}.png|crop=0,0,64,64" for i in range(11)]  # 11 rows: shards 4+4+3
@@ -326,3 +337,30 @@ def test_unknown_key_and_bad_index(tmp_path):
         table.rows([0, 11])
     with pytest.raises(IndexError, match="row index -1 out of range"):
         table.rows([-1])
+
+
+def test_the_cache_stage_rebuilds_image_latents_for_regenerated_data_and_for_another_vae_scale(tmp_path):
+    """Image rows are keyed by file path, and regenerated toy data reuses the names: the data's
+    config is part of every table's meta. The VAE's scaling factor lives in its config.json,
+    which the teacher's fingerprint covers."""
+    cfg = load(PARAMS, {"profile": "smoke"})
+    teacher = build_toy_teacher(TEACHER, SIZE)
+    data, cache, saved = tmp_path / "data", tmp_path / "cache", tmp_path / "teacher"
+    build_toy(cfg.data, data)
+    save_teacher(teacher, saved)
+    build_cache(cfg, teacher, fingerprint(saved), data, cache)
+    key = open_table(cache, "train_images").keys[0]
+    first = open_table(cache, "train_images").get([key])
+
+    reseeded = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seed=cfg.data.seed + 1))
+    shutil.rmtree(data)
+    build_toy(reseeded.data, data)
+    build_cache(reseeded, teacher, fingerprint(saved), data, cache)
+    table = open_table(cache, "train_images")
+    assert key in table.keys
+    assert not torch.equal(table.get([key]), first)
+    assert torch.allclose(table.get([key]), image_latents(teacher, teacher.vae.config.sample_size)([key]), atol=1e-5)
+
+    teacher.vae.register_to_config(scaling_factor=2 * teacher.scaling_factor)
+    save_teacher(teacher, tmp_path / "rescaled")
+    assert fingerprint(tmp_path / "rescaled") != fingerprint(saved)

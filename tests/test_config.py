@@ -121,6 +121,8 @@ BAD = {
     "student not defined": ("train.student", "vit-h", ["train.student", "'vit-h'", "toy-vit"]),
     "t_min == t_max": ("objective.t_max", 20, ["objective.t_min", "20", "objective.t_max"]),
     "t_min > t_max": ("objective.t_min", 990, ["objective.t_min", "990", "objective.t_max", "980"]),
+    "t_max past the schedule": ("objective.t_max", 1000, ["objective.t_max", "1000", "out of range", "<= 999"]),
+    "scoring t past the schedule": ("eval.diffusion_t_max", 5000, ["eval.diffusion_t_max", "5000", "<= 999"]),
     "section not a mapping": ("train", 3, ["train", "3", "a mapping"]),
     "no students": ("students", {}, ["students", "non-empty mapping"]),
     "sweeps not a list": ("sweeps", "sweeps/lambda.yaml", ["sweeps", "'sweeps/lambda.yaml'", "a list"]),

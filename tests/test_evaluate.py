@@ -9,7 +9,7 @@ from pipeline.config import DataConfig, EvalConfig, StudentConfig
 from pipeline.data.build import build_toy
 from pipeline.data.datasets import benchmarks, read_index
 from pipeline.data.records import load_image
-from pipeline.evaluate import ClipScorer, DiffusionScorer, evaluate_student, image_key, winoground_pairs
+from pipeline.evaluate import ClipScorer, DiffusionScorer, evaluate_student, image_key, parse_image_key, winoground_pairs
 from pipeline.latents import image_latents, text_conditioning
 from pipeline.models.student import build_toy_student
 from pipeline.models.teacher import build_toy_teacher
@@ -87,3 +87,10 @@ def test_evaluate_student_names_every_metric(world):
         assert key in metrics, key
     assert metrics["aro/overall"] == pytest.approx((metrics["aro/vg_relation"] + metrics["aro/vg_attribution"]) / 2)
     assert metrics["winoground/text/ci_low"] <= metrics["winoground/text"] <= metrics["winoground/text/ci_high"]
+
+
+def test_image_keys_carry_the_crop_box_exactly():
+    """The cache key is where the crop is read back from: a box must survive it bit for bit."""
+    box = (1234.5049, 0.1, 7, 2.0000001)
+    assert parse_image_key(image_key("/aro/images/1.jpg", box)) == ("/aro/images/1.jpg", tuple(float(v) for v in box))
+    assert parse_image_key(image_key("/aro/images/1.jpg")) == ("/aro/images/1.jpg", None)

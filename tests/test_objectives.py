@@ -7,6 +7,7 @@ with I the UNet's mid-block features. Diffusion score: per-row epsilon error.
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 from pathlib import Path
 
@@ -18,10 +19,10 @@ from torch import nn
 
 from pipeline import objectives
 from pipeline.cache import open_table, write_table
-from pipeline.config import ObjectiveConfig, TrainConfig
+from pipeline.config import ConfigError, EvalConfig, ObjectiveConfig, TrainConfig
 from pipeline.data import toyworld as tw
 from pipeline.data.records import ImageCaption
-from pipeline.evaluate import image_key
+from pipeline.evaluate import DiffusionScorer, image_key
 from pipeline.models.student import build_toy_student
 from pipeline.models.teacher import SD_SCHEDULE, build_toy_teacher, encode_text
 from pipeline.train import loss_step, setup
@@ -176,9 +177,11 @@ def test_sds_gradient_reaches_h_w_and_layernorms_only(teacher, world, gradient):
     assert torch.allclose(total_grads["ln_final.weight"], model.ln_final.weight.grad, atol=1e-7)
 
 
-def test_loss_step_sds_term_is_h_w_output_scaled_noised_and_scored(teacher, world):
-    """Rebuild loss_step's SDS value by hand from its generator: x0 = latent_scale * h_w(f(x))."""
-    trial = fresh_trial(teacher, world, lambda_sds=0.5, latent_scale=0.3, t_min=100, t_max=900)
+@pytest.mark.parametrize("gradient", ["backprop", "sds"])
+def test_loss_step_sds_term_is_h_w_output_scaled_noised_and_scored(teacher, world, gradient):
+    """Rebuild loss_step's SDS value by hand from its generator: x0 = latent_scale * h_w(f(x)).
+    The total is L_CLIP + lambda L_SDS in value whichever gradient the SDS term gives."""
+    trial = fresh_trial(teacher, world, lambda_sds=0.5, latent_scale=0.3, t_min=100, t_max=900, gradient=gradient)
     g = torch.Generator()
     g.set_state(trial.generator.get_state())
     losses = step(trial, world)
@@ -191,6 +194,7 @@ def test_loss_step_sds_term_is_h_w_output_scaled_noised_and_scored(teacher, worl
         cond = encode_text(teacher, world["captions"])
         pred = teacher.unet(hand_noised(x0, eps, t), t, encoder_hidden_states=cond).sample
     assert torch.allclose(losses["sds"], F.mse_loss(pred, eps), atol=1e-5)
+    assert torch.allclose(losses["total"], losses["clip"] + 0.5 * losses["sds"], atol=1e-6)
 
 
 # --------------------------------------------------------------------------- sds_loss
@@ -243,6 +247,7 @@ def test_sds_mode_gradient_is_dreamfusions_weighted_residual(teacher, world):
     expected = 2 * w * (eps_hat - eps) / per_sample / x0.shape[0]
     assert torch.allclose(x0.grad, expected, atol=1e-8, rtol=1e-4)
     assert torch.allclose(out.mse, F.mse_loss(eps_hat, eps), atol=1e-6)
+    assert torch.equal(out.loss.detach(), out.mse), "the backpropagated term's value is the literal L_SDS"
 
 
 def test_v_prediction_target_is_the_velocity(teacher, world):
@@ -278,6 +283,24 @@ def test_sds_loss_rejects_unknown_modes(teacher, world):
         objectives.sds_loss(x0, cond, teacher.unet, teacher.scheduler, t, eps, "blur", "backprop")
     with pytest.raises(ValueError, match="gradient"):
         objectives.sds_loss(x0, cond, teacher.unet, teacher.scheduler, t, eps, "noise", "adjoint")
+
+
+def test_a_config_the_teacher_cannot_serve_is_a_config_error_before_any_step(world):
+    """The config alone allows t up to SD's 999 and either noising; the loaded teacher may have a
+    shorter schedule or predict v, and setup (or the scorer) says so in one line naming the key."""
+    short = build_toy_teacher(TEACHER, SIZE)
+    short.scheduler = DDPMScheduler(**{**SD_SCHEDULE, "num_train_timesteps": 500})
+    with pytest.raises(ConfigError, match=r"^objective\.t_max: 980 is past the teacher's last DDPM step \(499\)$"):
+        fresh_trial(short, world)
+    assert fresh_trial(short, world, t_max=499).projection is not None
+    with pytest.raises(ConfigError, match=r"^eval\.diffusion_t_max: 950 is past the teacher's last DDPM step \(499\)$"):
+        DiffusionScorer(short, world["latents"], world["conditioning"], EvalConfig())
+
+    v_teacher = build_toy_teacher(dataclasses.replace(TEACHER, prediction_type="v_prediction"), SIZE)
+    with pytest.raises(ConfigError, match=r"^objective\.noising: 'none' needs an epsilon-prediction teacher; "
+                                          r"this one predicts 'v_prediction'$"):
+        fresh_trial(v_teacher, world, noising="none")
+    assert fresh_trial(v_teacher, world, noising="noise").projection is not None
 
 
 def test_sample_timesteps_covers_the_closed_range():

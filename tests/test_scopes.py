@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import open_clip
 import pytest
 import torch
 from torch import nn
@@ -17,10 +18,10 @@ from pipeline.cache import open_table, write_table
 from pipeline.config import ObjectiveConfig, TrainConfig
 from pipeline.data.records import ImageCaption
 from pipeline.evaluate import image_key
-from pipeline.models.student import build_toy_student
+from pipeline.models.student import Student, build_toy_student, contrastive_outputs
 from pipeline.models.teacher import build_toy_teacher, encode_text
-from pipeline.objectives import LatentProjection
-from pipeline.train import setup, trainable_parameters
+from pipeline.objectives import LatentProjection, clip_loss
+from pipeline.train import loss_step, setup, trainable_parameters
 
 from tiny import SIZE, STUDENT, TEACHER
 
@@ -136,3 +137,37 @@ def test_trainable_parameters_direct(teacher):
                                                      + h_w_count(32, 1024))
     with pytest.raises(ValueError, match="scope"):
         trainable_parameters(student, projection, "everything")
+
+
+def tiny_resnet_student() -> Student:
+    """An open_clip ModifiedResNet (RN50's architecture at toy widths): the students with BatchNorm."""
+    model_cfg = {"embed_dim": 32, "vision_cfg": {"image_size": SIZE, "layers": [1, 1, 1, 1], "width": 8, "head_width": 16},
+                 "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    torch.manual_seed(0)
+    return Student(open_clip.CLIP(**model_cfg), open_clip.SimpleTokenizer(context_length=16),
+                   open_clip.image_transform(SIZE, is_train=False), model_cfg)
+
+
+def batchnorm_statistics(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: b.clone() for n, b in model.named_buffers() if n.endswith(("running_mean", "running_var"))}
+
+
+@pytest.mark.parametrize("scope,moves", [("layernorm", False), ("full", True)])
+def test_batchnorm_statistics_stay_frozen_outside_the_full_scope(scope, moves):
+    """Under a frozen-weights scope the ResNet's BatchNorm normalises with its running statistics
+    (as in evaluation) and leaves them as they are; only "full" fine-tuning updates them."""
+    student = tiny_resnet_student()
+    pairs = [ImageCaption(Path(f"/toy/{i}.png"), c) for i, c in enumerate(CAPTIONS)]
+    trial = setup(TrainConfig(scope=scope, batch_size=2, steps=2), ObjectiveConfig(), student, pairs, 0.0)
+    before = batchnorm_statistics(student.model)
+    assert before
+    images = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1)) * 3 + 1
+    tokens = student.tokenizer(CAPTIONS)
+    losses = loss_step(trial, images, tokens, [0, 1], [0, 1])
+    after = batchnorm_statistics(student.model)
+    changed = [n for n in before if not torch.equal(before[n], after[n])]
+    assert bool(changed) == moves, changed
+    if not moves:
+        with torch.no_grad():
+            expected = contrastive_outputs(student.model.eval(), images, tokens)
+            assert torch.allclose(losses["clip"], clip_loss(*expected))

@@ -20,7 +20,7 @@ from pipeline.evaluate import image_key
 from pipeline.latents import image_latents, text_conditioning
 from pipeline.models.student import build_toy_student
 from pipeline.models.teacher import build_toy_teacher
-from pipeline.train import (CHECKPOINT, TRAINED, NonFiniteLoss, fit, load_trained, save_trained, setup,
+from pipeline.train import (CHECKPOINT, TRAINED, NonFiniteLoss, fit, load_checkpoint, load_trained, save_trained, setup,
                             trainable_parameters, trained_state)
 
 from tiny import SIZE, STUDENT, TEACHER
@@ -51,11 +51,11 @@ def env(tmp_path_factory):
             "latents": open_table(cache, "train_images")}
 
 
-def new_trial(env, cfg: TrainConfig | None = None, lambda_sds: float = LAMBDA):
+def new_trial(env, cfg: TrainConfig | None = None, lambda_sds: float = LAMBDA, inputs: dict | None = None):
     """What a (re)started process does: a freshly loaded student and setup from the config."""
     cfg = cfg or train_cfg()
     return setup(cfg, OBJECTIVE, build_toy_student(STUDENT, SIZE), env["pairs"], lambda_sds, env["teacher"],
-                 env["conditioning"], env["latents"] if cfg.scope == "unet_feature" else None)
+                 env["conditioning"], env["latents"] if cfg.scope == "unet_feature" else None, inputs=inputs)
 
 
 class Interrupt(Exception):
@@ -126,6 +126,21 @@ def test_checkpoint_from_other_settings_is_not_resumed_silently(env):
         f"resumed with lr {resumed.optimizer.param_groups[0]['initial_lr']} instead of 1e-3"
 
 
+def test_checkpoint_resumes_across_run_only_keys_but_not_from_other_inputs(env):
+    """Logging, checkpoint spacing, threads and loader workers do not change what a trial computes;
+    the data and model fingerprints in `inputs` do."""
+    folder = env["root"] / "inputs"
+    inputs = {"data": {"seed": 0}, "student": "aaaa", "teacher": "bbbb"}
+    with pytest.raises(Interrupt):
+        fit(new_trial(env, inputs=inputs), folder, on_log=interrupt_at(3), progress=False)
+    assert (folder / CHECKPOINT).is_file()
+    run_only = train_cfg(log_every=2, checkpoint_every=3, threads=1, workers=1)
+    assert load_checkpoint(new_trial(env, run_only, inputs=inputs), folder)
+    assert load_checkpoint(new_trial(env, train_cfg(), inputs=inputs), folder)
+    assert not load_checkpoint(new_trial(env, inputs={**inputs, "student": "cccc"}), folder)
+    assert not (folder / CHECKPOINT).exists()
+
+
 # --------------------------------------------------------------------------- (b) save_trained
 
 
@@ -135,7 +150,6 @@ def test_save_trained_writes_only_the_trained_parameters(env, scope):
     trial = fit(new_trial(env, train_cfg(scope=scope, steps=1)), folder, progress=False)
     path = save_trained(trial, folder)
     assert path == folder / TRAINED and path.is_file()
-    assert not (folder / CHECKPOINT).exists()
     expected = trainable_parameters(trial.student, trial.projection, scope)
     with safe_open(str(path), framework="pt") as f:
         names, metadata = set(f.keys()), f.metadata()

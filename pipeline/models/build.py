@@ -62,13 +62,13 @@ def build_student(cfg: Config, name: str, data_root: Path, models: Path,
     student = build_toy_student(scfg, cfg.data.image_size)
     pairs = train_pairs(data_root, read_index(data_root))
     pretrain = TrainConfig(student=name, scope="full", lr=scfg.lr, weight_decay=0.1, warmup_steps=min(50, scfg.pretrain_steps // 10),
-                           batch_size=scfg.batch_size, steps=max(scfg.pretrain_steps, 1), seed=scfg.seed,
-                           checkpoint_every=10**9)
+                           batch_size=scfg.batch_size, steps=max(scfg.pretrain_steps, 1), seed=scfg.seed)
     if scfg.pretrain_steps:
         trial = trainer.setup(pretrain, ObjectiveConfig(lambda_sds=0.0), student, pairs, lambda_sds=0.0,
                               compute=cfg.compute)
-        scratch = student_dir(models, name).with_name(f".{name}.pretrain")
-        trainer.fit(trial, scratch)
+        # No checkpoints: DVC removes the models stage's output before re-running it, and the
+        # teacher beside it has no resume point either; the stage runs in minutes.
+        trainer.fit(trial, None)
         loss = trial.history[-1]["clip"] if trial.history else float("nan")
     else:
         loss = float("nan")

@@ -78,13 +78,6 @@ def load_student(folder: Path) -> Student:
     return Student(model, open_clip.get_tokenizer(name), preprocess, model_cfg)
 
 
-def load_pretrained_student(model_name: str, pretrained: str) -> Student:
-    """An open_clip model by name and pretrained tag (or checkpoint file)."""
-    model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained or None)
-    model_cfg = open_clip.get_model_config(model_name)
-    return Student(model, open_clip.get_tokenizer(model_name), preprocess, model_cfg)
-
-
 def layernorm_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Every LayerNorm weight and bias of both towers (the paper's fine-tuned set)."""
     return [p for m in model.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters(recurse=False)]

@@ -136,19 +136,13 @@ def load_teacher(source: str | Path, dtype: torch.dtype = torch.float32) -> Teac
     return teacher
 
 
-@torch.no_grad()
-def encode_text(teacher: Teacher, captions: list[str]) -> torch.Tensor:
-    """The UNet's cross-attention conditioning: last hidden states, padded to max length."""
+def encode_text(teacher: Teacher, captions: list[str], grad: bool = False) -> torch.Tensor:
+    """The UNet's cross-attention conditioning: last hidden states, padded to max length
+    (differentiable with `grad`: the toy teacher's text encoder trains along with its UNet)."""
     tokens = teacher.tokenizer(captions, padding="max_length", truncation=True,
                                max_length=teacher.tokenizer.model_max_length, return_tensors="pt")
-    device = teacher.text_encoder.device
-    return teacher.text_encoder(tokens.input_ids.to(device))[0]
-
-
-def encode_text_trainable(teacher: Teacher, captions: list[str]) -> torch.Tensor:
-    tokens = teacher.tokenizer(captions, padding="max_length", truncation=True,
-                               max_length=teacher.tokenizer.model_max_length, return_tensors="pt")
-    return teacher.text_encoder(tokens.input_ids.to(teacher.text_encoder.device))[0]
+    with torch.set_grad_enabled(grad):
+        return teacher.text_encoder(tokens.input_ids.to(teacher.text_encoder.device))[0]
 
 
 @torch.no_grad()

@@ -1,0 +1,81 @@
+"""The runs the stages log (pipeline.experiment), on the smoke profile with a real MLflow store.
+
+A run whose evaluation fails ends FAILED with the error in its `failure` tag, and a fine-tuning
+run keeps its resume point until its evaluation is logged, so a re-run does not train from step 0.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import pytest
+from PIL import UnidentifiedImageError
+
+from pipeline.config import TrackingConfig, load
+from pipeline.data.build import build_toy
+from pipeline.experiment import run_baselines, run_finetune
+from pipeline.models.build import student_dir
+from pipeline.models.student import build_toy_student, save_student
+from pipeline.tracking import Tracker
+from pipeline.train import CHECKPOINT, TRAINED
+
+PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+EXPERIMENT = "experiment-tests"
+
+
+@pytest.fixture
+def project(tmp_path):
+    cfg = load(PARAMS, {"profile": "smoke", "train": {"steps": 4, "checkpoint_every": 2}})
+    data, models = tmp_path / "data", tmp_path / "models"
+    build_toy(cfg.data, data)
+    save_student(build_toy_student(cfg.students["toy-vit"], cfg.data.image_size), student_dir(models, "toy-vit"))
+    tracker = Tracker(TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", experiment=EXPERIMENT), tmp_path)
+    return cfg, data, models, tracker, tmp_path
+
+
+def break_a_benchmark_image(data: Path) -> tuple[Path, bytes]:
+    """Overwrite one Winoground image with bytes no decoder reads (found when it is scored)."""
+    image = sorted(p for p in (data / "winoground").rglob("*") if p.suffix in (".png", ".jpg"))[0]
+    blob = image.read_bytes()
+    image.write_bytes(b"not an image")
+    return image, blob
+
+
+def test_a_failed_evaluation_keeps_the_resume_point_and_the_rerun_finishes_from_it(project):
+    cfg, data, models, tracker, root = project
+    folder = root / "runs" / "clip"
+    image, blob = break_a_benchmark_image(data)
+    with pytest.raises(UnidentifiedImageError):
+        run_finetune(cfg, data, models, root / "cache", folder, tracker, "clip", 0.0, progress=False)
+    [failed] = tracker.find_runs(EXPERIMENT)
+    assert failed["status"] == "FAILED"
+    assert failed["tags"]["failure"].startswith("UnidentifiedImageError") and image.name in failed["tags"]["failure"]
+    assert (folder / TRAINED).is_file() and (folder / CHECKPOINT).is_file()
+
+    image.write_bytes(blob)
+    result = run_finetune(cfg, data, models, root / "cache", folder, tracker, "clip", 0.0, progress=False)
+    finished = tracker.runs([result["run_id"]])[0]
+    assert finished["status"] == "FINISHED" and "winoground/text" in finished["metrics"]
+    assert not (folder / CHECKPOINT).exists()
+    # Resumed at the step-2 checkpoint: only steps 3 and 4 were logged again.
+    logged = [step for step, _ in tracker.metric_history(result["run_id"], "loss/total")]
+    assert logged == [3, 4]
+
+
+def test_a_failed_baseline_ends_its_run_failed(project):
+    cfg, data, models, tracker, root = project
+    image, _ = break_a_benchmark_image(data)
+    with pytest.raises(UnidentifiedImageError):
+        run_baselines(cfg, root, data, models, root / "cache", tracker)
+    [failed] = tracker.find_runs(EXPERIMENT)
+    assert failed["name"] == "pretrained toy-vit" and failed["status"] == "FAILED"
+    assert image.name in failed["tags"]["failure"]
+
+
+def test_non_finite_metrics_are_left_out_and_named_in_a_warning(tmp_path, caplog):
+    tracker = Tracker(TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", experiment=EXPERIMENT), tmp_path)
+    with tracker.start("metrics") as run, caplog.at_level(logging.WARNING, logger="pipeline.tracking"):
+        run.log_metrics({"a": 1.0, "b": math.nan, "c": math.inf})
+    assert "not logging non-finite b, c" in caplog.text
+    assert tracker.runs([run.run_id])[0]["metrics"] == {"a": 1.0}
