@@ -5,7 +5,6 @@ writes a small JSON result (run id + metrics) for DVC to track.
 """
 from __future__ import annotations
 
-import hashlib
 import time
 from pathlib import Path
 from typing import Callable
@@ -15,27 +14,13 @@ from pipeline import train as trainer
 from pipeline.cache import open_table
 from pipeline.config import Config, to_dict
 from pipeline.data.datasets import benchmarks, read_index, train_pairs
+from pipeline.digest import fingerprint, text_digest
 from pipeline.evaluate import evaluate_student, evaluate_teacher
 from pipeline.fastpath import FastPath
 from pipeline.models.build import student_dir, teacher_dir
 from pipeline.models.student import load_student
 from pipeline.models.teacher import load_teacher
 from pipeline.tracking import Tracker
-
-
-def fingerprint(folder: Path) -> str:
-    """sha256 over a folder's weight and config files (names and bytes), to key caches to a model.
-
-    Configs count: a VAE's `scaling_factor`, for one, lives in its config.json.
-    """
-    digest = hashlib.sha256()
-    files = [p for p in Path(folder).rglob("*") if p.suffix in (".safetensors", ".json") and p.is_file()]
-    for path in sorted(files):
-        digest.update(str(path.relative_to(folder)).encode())
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()[:16]
 
 
 def run_baselines(cfg: Config, root: Path, data_root: Path, models: Path, cache: Path, tracker: Tracker) -> dict:
@@ -91,19 +76,29 @@ def run_finetune(cfg: Config, data_root: Path, models: Path, cache: Path, folder
     # interruption (with the same values: the steps are deterministic), so they are not logged twice.
     logged_until = max((step for step, _ in tracker.metric_history(run_id, "loss/total")), default=0) if run_id else 0
 
+    def loss_metrics(values: dict) -> dict:
+        return {f"loss/{k}" if k != "lr" else "lr": v for k, v in values.items() if k != "step"}
+
     def log(step: int, values: dict) -> None:
         if step > logged_until:
-            run.log_metrics({f"loss/{k}" if k != "lr" else "lr": v for k, v in values.items()}, step)
+            run.log_metrics(loss_metrics(values), step)
         if on_log:
             on_log(step, values)
 
     try:
-        inputs = {"data": to_dict(cfg.data), "index": read_index(data_root),
+        # What a checkpoint must have been trained from to be resumed: the pairs, the student's
+        # weights, and the teacher as the cache recorded it (no second hash of a multi-GB UNet).
+        inputs = {"pairs": text_digest(f"{p.image}\t{p.caption}" for p in pairs),
                   "student": fingerprint(student_dir(models, cfg.train.student)),
-                  "teacher": fingerprint(teacher_dir(models)) if needs_teacher else None}
+                  "teacher": conditioning.meta.get("teacher") if conditioning is not None else None}
         trial = trainer.setup(cfg.train, cfg.objective, student, pairs, lambda_sds, teacher, conditioning, latents,
                               cfg.compute, inputs)
         run.log_metrics({"trainable_parameters": trial.trainable_count})
+        if trainer.load_checkpoint(trial, folder) and not run_id:
+            # A new run that continues an interrupted trial (e.g. after a failed evaluation):
+            # its loss curve still starts at step 1.
+            for entry in trial.history:
+                run.log_metrics(loss_metrics(entry), entry["step"])
         start = time.perf_counter()
         trainer.fit(trial, folder, on_log=log, progress=progress, on_checkpoint=on_checkpoint)
         train_seconds = time.perf_counter() - start

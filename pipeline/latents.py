@@ -12,9 +12,10 @@ import torch
 import torchvision.transforms as T
 
 from pipeline.cache import write_table
-from pipeline.config import Config, to_dict
+from pipeline.config import Config
 from pipeline.data.datasets import benchmarks, read_index, train_pairs
 from pipeline.data.records import load_image
+from pipeline.digest import files_digest
 from pipeline.evaluate import choice_pairs, image_key, parse_image_key, winoground_pairs
 from pipeline.models.teacher import Teacher, encode_images, encode_text
 
@@ -41,9 +42,10 @@ def text_conditioning(teacher: Teacher):
 def build_cache(cfg: Config, teacher: Teacher, teacher_id: str, data_root: Path, out: Path) -> None:
     """Every table, rebuilt when what determines its rows changed (see `pipeline.cache`).
 
-    Rows are keyed by file path, and the data stage writes the same names for other images
-    (the toy world under another seed or size), so the data's config and index are stored in
-    each table's meta with `teacher_id` (a fingerprint of the teacher's weights and configs).
+    Each table's meta holds `teacher_id` (a fingerprint of the teacher's weights and configs).
+    An image table's meta also holds a digest of its image files: rows are keyed by path, and
+    the data stage writes the same names for other images (the toy world under another seed
+    or size). A text table's keys are its captions.
     """
     index = read_index(data_root)
     pairs = train_pairs(data_root, index)
@@ -55,13 +57,19 @@ def build_cache(cfg: Config, teacher: Teacher, teacher_id: str, data_root: Path,
         bench_texts += texts
     size = teacher.vae.config.sample_size
     c = cfg.cache
-    meta = {"teacher": teacher_id, "data": to_dict(cfg.data), "index": index}
+    train_images = list(dict.fromkeys(image_key(p.image) for p in pairs))
+    bench_images = list(dict.fromkeys(bench_images))
     tables = {
-        "train_images": (list(dict.fromkeys(image_key(p.image) for p in pairs)), image_latents(teacher, size)),
-        "bench_images": (list(dict.fromkeys(bench_images)), image_latents(teacher, size)),
-        "train_text": (list(dict.fromkeys(p.caption for p in pairs)), text_conditioning(teacher)),
-        "bench_text": (list(dict.fromkeys(["", *bench_texts])), text_conditioning(teacher)),
+        "train_images": (train_images, image_latents(teacher, size), _images_meta(teacher_id, train_images)),
+        "bench_images": (bench_images, image_latents(teacher, size), _images_meta(teacher_id, bench_images)),
+        "train_text": (list(dict.fromkeys(p.caption for p in pairs)), text_conditioning(teacher), {"teacher": teacher_id}),
+        "bench_text": (list(dict.fromkeys(["", *bench_texts])), text_conditioning(teacher), {"teacher": teacher_id}),
     }
-    for name, (keys, compute) in tables.items():
+    for name, (keys, compute, meta) in tables.items():
         write_table(out, name, keys, compute, shard_size=c.shard_size, batch_size=c.batch_size, description=name,
                     meta=meta)
+
+
+def _images_meta(teacher_id: str, keys: list[str]) -> dict:
+    files = dict.fromkeys(parse_image_key(key)[0] for key in keys)   # crops share their image file
+    return {"teacher": teacher_id, "images": files_digest(Path(f) for f in files)}

@@ -116,17 +116,28 @@ def trainable_parameters(student: Student, projection: nn.Module | None, scope: 
     return chosen
 
 
+def _batchnorms(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 def train_mode(model: nn.Module, scope: str) -> nn.Module:
     """Train mode, except that outside the "full" scope every BatchNorm (open_clip's ResNets) stays
     in eval mode: train mode would normalise with batch statistics and move the running averages,
-    which are buffers, so a frozen-weights scope would change the model beyond what it trains
-    (and beyond what its checkpoint and trained file hold)."""
+    which are buffers, so a frozen-weights scope would change the model beyond what it trains."""
     model.train()
     if scope != "full":
-        for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.eval()
+        for module in _batchnorms(model):
+            module.eval()
     return model
+
+
+def trained_buffers(model: nn.Module, scope: str) -> dict[str, torch.Tensor]:
+    """The buffers a scope changes along with its parameters: under "full", BatchNorm's running
+    statistics (saved with the parameters, so a resumed or reloaded ResNet is the trained one)."""
+    if scope != "full":
+        return {}
+    ids = {id(b) for m in _batchnorms(model) for b in m.buffers(recurse=False)}
+    return {name: b for name, b in model.named_buffers() if id(b) in ids}
 
 
 def _lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
@@ -167,7 +178,8 @@ def setup(cfg: TrainConfig, objective: ObjectiveConfig, student: Student, pairs:
         raise ValueError("scope 'unet_feature' needs the cached VAE latents of the training images")
     projection = None
     if needs_teacher:
-        objectives.check_fits_teacher(teacher.scheduler, "objective.t_max", objective.t_max, objective.noising)
+        noising = "noise" if cfg.scope == "unet_feature" else objective.noising   # features of noised latents
+        objectives.check_fits_teacher(teacher.scheduler, "objective.t_max", objective.t_max, noising)
         shape = _feature_shape(teacher) if cfg.scope == "unet_feature" else teacher.latent_shape
         projection = objectives.LatentProjection(embed_dim(student), shape)
     student.model.requires_grad_(False).to(device)
@@ -254,13 +266,16 @@ def fit(trial: Trial, folder: Path | None, on_log: Callable[[int, dict[str, floa
         progress: bool = True, on_checkpoint: Callable[[int, Path], None] | None = None) -> Trial:
     """Run the remaining steps, checkpointing to `folder` so an interrupted trial resumes
     (no `folder`: no checkpoints, for a trial that is part of a longer job that cannot resume).
+    A trial at step 0 first resumes from `folder`'s checkpoint, if any; one its caller already
+    resumed (`load_checkpoint`) goes on from where it is.
 
     `on_log(step, values)` runs at every log step; `on_checkpoint(step, folder)` right after
     each checkpoint is written (a sweep trial hands the file to Ray Tune there).
     """
     if folder is not None:
         folder = Path(folder)
-        load_checkpoint(trial, folder)
+        if trial.step == 0:
+            load_checkpoint(trial, folder)
     cfg = trial.cfg
     trial.loader.batch_sampler.start = trial.step
     batches = iter(trial.loader)
@@ -296,8 +311,13 @@ def fit(trial: Trial, folder: Path | None, on_log: Callable[[int, dict[str, floa
     return trial
 
 
+def trained_tensors(trial: Trial) -> dict[str, torch.Tensor]:
+    """What the trial changes, by name: its trainable parameters and `trained_buffers`."""
+    return {**trial.params, **trained_buffers(trial.student.model, trial.cfg.scope)}
+
+
 def trained_state(trial: Trial) -> dict[str, torch.Tensor]:
-    return {name: p.detach().cpu().contiguous().clone() for name, p in trial.params.items()}
+    return {name: t.detach().cpu().contiguous().clone() for name, t in trained_tensors(trial).items()}
 
 
 # Train keys that change how a trial runs and reports, not what it computes: a checkpoint
@@ -335,9 +355,10 @@ def load_checkpoint(trial: Trial, folder: Path) -> bool:
         log.warning("%s was written under other settings; starting this trial from step 0", path)
         path.unlink()
         return False
+    tensors = trained_tensors(trial)
     with torch.no_grad():
         for name, value in state["params"].items():
-            trial.params[name].copy_(value)
+            tensors[name].copy_(value)
     trial.optimizer.load_state_dict(state["optimizer"])
     trial.scheduler.load_state_dict(state["scheduler"])
     if trial.scaler is not None and state.get("scaler"):
@@ -365,10 +386,10 @@ def discard_checkpoint(folder: Path) -> None:
 
 
 def load_trained(student: Student, path: Path) -> None:
-    """Apply a trial's trained parameters onto a freshly loaded student (h_w entries are skipped)."""
+    """Apply a trial's trained parameters (and buffers) onto a freshly loaded student (h_w entries are skipped)."""
     state = load_file(str(path))
-    params = dict(student.model.named_parameters())
+    tensors = {**dict(student.model.named_parameters()), **dict(student.model.named_buffers())}
     with torch.no_grad():
         for name, value in state.items():
             if not name.startswith("h_w."):
-                params[name].copy_(value)
+                tensors[name].copy_(value)

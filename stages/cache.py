@@ -5,7 +5,7 @@ from pipeline import cli
 
 
 def body(args, cfg, root):
-    from pipeline.experiment import fingerprint
+    from pipeline.digest import fingerprint
     from pipeline.fastpath import resolve_device
     from pipeline.latents import build_cache
     from pipeline.models.build import teacher_dir

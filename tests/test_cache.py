@@ -13,7 +13,7 @@ import torch
 from pipeline.cache import CacheError, open_table, write_table
 from pipeline.config import load
 from pipeline.data.build import build_toy
-from pipeline.experiment import fingerprint
+from pipeline.digest import fingerprint
 from pipeline.latents import build_cache, image_latents
 from pipeline.models.teacher import build_toy_teacher, save_teacher
 
@@ -340,9 +340,9 @@ def test_unknown_key_and_bad_index(tmp_path):
 
 
 def test_the_cache_stage_rebuilds_image_latents_for_regenerated_data_and_for_another_vae_scale(tmp_path):
-    """Image rows are keyed by file path, and regenerated toy data reuses the names: the data's
-    config is part of every table's meta. The VAE's scaling factor lives in its config.json,
-    which the teacher's fingerprint covers."""
+    """Image rows are keyed by file path, and regenerated toy data reuses the names: a digest of
+    the image files is part of an image table's meta. The VAE's scaling factor lives in its
+    config.json, which the teacher's fingerprint covers (but not the library version there)."""
     cfg = load(PARAMS, {"profile": "smoke"})
     teacher = build_toy_teacher(TEACHER, SIZE)
     data, cache, saved = tmp_path / "data", tmp_path / "cache", tmp_path / "teacher"
@@ -364,3 +364,7 @@ def test_the_cache_stage_rebuilds_image_latents_for_regenerated_data_and_for_ano
     teacher.vae.register_to_config(scaling_factor=2 * teacher.scaling_factor)
     save_teacher(teacher, tmp_path / "rescaled")
     assert fingerprint(tmp_path / "rescaled") != fingerprint(saved)
+    config = saved / "vae" / "config.json"
+    config.write_text(config.read_text().replace('"_diffusers_version": "', '"_diffusers_version": "0.0.0+'))
+    assert "0.0.0+" in config.read_text()
+    assert fingerprint(saved) == table.meta["teacher"]

@@ -42,7 +42,7 @@ def break_a_benchmark_image(data: Path) -> tuple[Path, bytes]:
     return image, blob
 
 
-def test_a_failed_evaluation_keeps_the_resume_point_and_the_rerun_finishes_from_it(project):
+def test_a_failed_evaluation_keeps_the_resume_point_and_the_rerun_finishes_from_it(project, caplog):
     cfg, data, models, tracker, root = project
     folder = root / "runs" / "clip"
     image, blob = break_a_benchmark_image(data)
@@ -54,13 +54,16 @@ def test_a_failed_evaluation_keeps_the_resume_point_and_the_rerun_finishes_from_
     assert (folder / TRAINED).is_file() and (folder / CHECKPOINT).is_file()
 
     image.write_bytes(blob)
-    result = run_finetune(cfg, data, models, root / "cache", folder, tracker, "clip", 0.0, progress=False)
+    with caplog.at_level(logging.INFO, logger="pipeline.train"):
+        result = run_finetune(cfg, data, models, root / "cache", folder, tracker, "clip", 0.0, progress=False)
+    assert f"resumed {folder} at step 2" in caplog.text
     finished = tracker.runs([result["run_id"]])[0]
     assert finished["status"] == "FINISHED" and "winoground/text" in finished["metrics"]
     assert not (folder / CHECKPOINT).exists()
-    # Resumed at the step-2 checkpoint: only steps 3 and 4 were logged again.
-    logged = [step for step, _ in tracker.metric_history(result["run_id"], "loss/total")]
-    assert logged == [3, 4]
+    # Resumed at the step-2 checkpoint, the new run still holds the whole curve, each step once.
+    history = tracker.metric_history(result["run_id"], "loss/total")
+    assert [step for step, _ in history] == [1, 2, 3, 4]
+    assert history[:2] == tracker.metric_history(failed["run_id"], "loss/total")[:2]
 
 
 def test_a_failed_baseline_ends_its_run_failed(project):

@@ -301,6 +301,8 @@ def test_a_config_the_teacher_cannot_serve_is_a_config_error_before_any_step(wor
                                           r"this one predicts 'v_prediction'$"):
         fresh_trial(v_teacher, world, noising="none")
     assert fresh_trial(v_teacher, world, noising="noise").projection is not None
+    # UNet-feature distillation always noises the cached latents: its noising key does not apply.
+    assert fresh_trial(v_teacher, world, scope="unet_feature", noising="none").projection is not None
 
 
 def test_sample_timesteps_covers_the_closed_range():

@@ -21,7 +21,8 @@ from pipeline.evaluate import image_key
 from pipeline.models.student import Student, build_toy_student, contrastive_outputs
 from pipeline.models.teacher import build_toy_teacher, encode_text
 from pipeline.objectives import LatentProjection, clip_loss
-from pipeline.train import loss_step, setup, trainable_parameters
+from pipeline.train import (load_checkpoint, load_trained, loss_step, save_checkpoint, save_trained, setup,
+                            trainable_parameters)
 
 from tiny import SIZE, STUDENT, TEACHER
 
@@ -171,3 +172,23 @@ def test_batchnorm_statistics_stay_frozen_outside_the_full_scope(scope, moves):
         with torch.no_grad():
             expected = contrastive_outputs(student.model.eval(), images, tokens)
             assert torch.allclose(losses["clip"], clip_loss(*expected))
+
+
+def test_full_scope_saves_the_batchnorm_statistics_it_moved(tmp_path):
+    """The trained file and the checkpoint hold the running statistics with the parameters, so a
+    reloaded (or resumed) ResNet is the model that was trained and evaluated."""
+    student = tiny_resnet_student()
+    pairs = [ImageCaption(Path(f"/toy/{i}.png"), c) for i, c in enumerate(CAPTIONS)]
+    trial = setup(TrainConfig(scope="full", batch_size=2, steps=2), ObjectiveConfig(), student, pairs, 0.0)
+    loss_step(trial, torch.randn(2, 3, SIZE, SIZE) * 3 + 1, student.tokenizer(CAPTIONS), [0, 1], [0, 1])
+    trained = batchnorm_statistics(student.model)
+    assert any(not torch.equal(trained[n], b) for n, b in batchnorm_statistics(tiny_resnet_student().model).items())
+
+    fresh = tiny_resnet_student()
+    load_trained(fresh, save_trained(trial, tmp_path))
+    assert all(torch.equal(trained[n], b) for n, b in batchnorm_statistics(fresh.model).items())
+
+    save_checkpoint(trial, tmp_path)
+    resumed = setup(TrainConfig(scope="full", batch_size=2, steps=2), ObjectiveConfig(), tiny_resnet_student(), pairs, 0.0)
+    assert load_checkpoint(resumed, tmp_path)
+    assert all(torch.equal(trained[n], b) for n, b in batchnorm_statistics(resumed.student.model).items())
