@@ -37,7 +37,7 @@ def fingerprint(folder: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def files_digest(paths: Iterable[Path]) -> str:
+def files_digest(paths: Iterable[Path | str]) -> str:
     """sha256 over files' paths and bytes, in the given order (e.g. the images a table encodes)."""
     digest = hashlib.sha256()
     for path in paths:

@@ -72,4 +72,4 @@ def build_cache(cfg: Config, teacher: Teacher, teacher_id: str, data_root: Path,
 
 def _images_meta(teacher_id: str, keys: list[str]) -> dict:
     files = dict.fromkeys(parse_image_key(key)[0] for key in keys)   # crops share their image file
-    return {"teacher": teacher_id, "images": files_digest(Path(f) for f in files)}
+    return {"teacher": teacher_id, "images": files_digest(files)}

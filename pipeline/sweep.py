@@ -353,8 +353,8 @@ def run_trial(config: dict, context: dict) -> None:
         shutil.rmtree(folder, ignore_errors=True)
         raise SystemExit(0) from None                   # what Ray expects of a stopped trial
     except BaseException as err:
-        handle.set_tags({"status": "failed", "failure": failure_text(err)})
-        handle.finish("FAILED")
+        handle.set_tags({"status": "failed"})
+        handle.fail(err)
         shutil.rmtree(folder, ignore_errors=True)
         raise
     timing = {"time/trial_seconds": time.perf_counter() - entered, "time/import_seconds": imported - entered,
@@ -612,8 +612,8 @@ class Driver:
             print("interrupted; continue with --resume", file=sys.stderr)
             return EXIT_INTERRUPTED
         except BaseException as err:
-            parent.set_tags({"status": "failed", "failure": failure_text(err)})
-            parent.finish("FAILED")
+            parent.set_tags({"status": "failed"})
+            parent.fail(err)
             raise
         finally:
             self.stop_ray()

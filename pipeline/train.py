@@ -136,8 +136,8 @@ def trained_buffers(model: nn.Module, scope: str) -> dict[str, torch.Tensor]:
     statistics (saved with the parameters, so a resumed or reloaded ResNet is the trained one)."""
     if scope != "full":
         return {}
-    ids = {id(b) for m in _batchnorms(model) for b in m.buffers(recurse=False)}
-    return {name: b for name, b in model.named_buffers() if id(b) in ids}
+    return {f"{name}.{key}": buffer for name, module in model.named_modules()
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) for key, buffer in module.named_buffers(recurse=False)}
 
 
 def _lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
