@@ -55,6 +55,7 @@ from torch import nn
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
+from pipeline import cli
 from pipeline.io import write_text
 
 if TYPE_CHECKING:
@@ -622,7 +623,7 @@ def table(results: list[Result], peak: float | None, unit: str, extra: Callable[
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="python -m pipeline.bench",
         description="Benchmark the SDS-CLIP training step and the diffusion score: plain vs fast path "
                     "(random weights, no download).",

@@ -26,8 +26,22 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return (*CONFIG_ERRORS, CacheError, NotImplementedError)
 
 
-def parser(doc: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line (`error: ...`, exit 2) like every other bad input."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message}\n")
+
+
+def module_prog(module: str) -> str:
+    """How a command is typed: `python -m stages.data`, also when it runs as __main__."""
+    if module == "__main__":
+        module = sys.modules["__main__"].__spec__.name
+    return f"python -m {module}"
+
+
+def parser(doc: str, prog: str | None = None) -> argparse.ArgumentParser:
+    p = ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--params", default="params.yaml", type=Path, help="parameter file (default: params.yaml)")
     p.add_argument("--profile", choices=("smoke", "toy", "paper"), help="override the file's `profile`")
     return p
@@ -39,7 +53,7 @@ def run(doc: str, body: Callable[[argparse.Namespace, Config, Path], None],
 
     `root` is the folder holding the params file: every relative path is under it.
     """
-    p = parser(doc)
+    p = parser(doc, module_prog(body.__module__))
     if extend:
         extend(p)
     args = p.parse_args(argv)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -233,6 +234,10 @@ class EvalConfig:
     diffusion_t_min: int = field(default=50, metadata=check(ge=0, le=LAST_STEP))
     diffusion_t_max: int = field(default=950, metadata=check(ge=1, le=LAST_STEP))
     subtract_unconditional: bool = False
+    # Also score a trained h_w: the teacher's Winoground-style diffusion score with each image's
+    # latent replaced by h_w(f(x)) (`projected/winoground/...`; `pipeline.evaluate.evaluate_projection`).
+    # It tells whether L_SDS made the student's projected embedding carry what the teacher reads.
+    projected_score: bool = True
     batch_size: int = field(default=128, metadata=positive())
     bootstrap: int = field(default=1000, metadata=nonneg())
     seed: int = 0
@@ -400,6 +405,8 @@ def convert(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: {value!r} is not allowed; expected a finite number")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -481,20 +488,63 @@ def from_dict(data: dict) -> Config:
     return build(Config, data, "")
 
 
-def load(path: str | Path = "params.yaml", overrides: dict | None = None) -> Config:
-    """Read, resolve and validate a params file."""
+# --------------------------------------------------------------------------- YAML
+
+
+class _Loader(yaml.SafeLoader):
+    """Safe YAML that refuses duplicate keys and reads 1e-4 as a number (YAML 1.2), not a string."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                  |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                  |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                  |[-+]?\.(?:inf|Inf|INF)
+                  |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def _no_duplicates(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise ConfigError(f"line {key_node.start_mark.line + 1}: duplicate key {key!r}; each key may appear once")
+        seen.add(key)
+    return loader.construct_mapping(node, deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicates)
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML text as `read_yaml` reads it (raises yaml.YAMLError, or ConfigError for a repeated key)."""
+    return yaml.load(text, Loader=_Loader)
+
+
+def read_yaml(path: str | Path) -> Any:
+    """params.yaml or a sweep file, read the same way (one-line ConfigErrors naming the file)."""
     path = Path(path)
     try:
         text = path.read_text()
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot be read ({type(err).__name__})") from None
     try:
-        params = yaml.safe_load(text) or {}
+        return parse_yaml(text)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{path}:{where} is not valid YAML") from None
-    return from_dict(resolve(params, overrides))
+
+
+def load(path: str | Path = "params.yaml", overrides: dict | None = None) -> Config:
+    """Read, resolve and validate a params file."""
+    return from_dict(resolve(read_yaml(path) or {}, overrides))
 
 
 def to_dict(config: Config) -> dict:

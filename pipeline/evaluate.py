@@ -23,7 +23,7 @@ from pipeline.data.records import ChoiceCase, WinogroundTask, load_image
 from pipeline.models.student import Student
 from pipeline.models.teacher import Teacher
 from pipeline.fastpath import FastPath
-from pipeline.objectives import check_fits_teacher, diffusion_errors
+from pipeline.objectives import LatentProjection, check_fits_teacher, diffusion_errors
 
 # A score function maps (image keys, captions) pairs to one score per pair.
 PairScorer = Callable[[list[str], list[str]], np.ndarray]
@@ -120,12 +120,15 @@ class ClipScorer:
         self._embed(self._texts, texts,
                     lambda chunk: self.student.model.encode_text(self.student.tokenizer(chunk).to(self.device)))
 
+    def image_embeddings(self, keys: list[str]) -> torch.Tensor:
+        """The normalised image embeddings of `keys` (on the CPU), each image embedded once."""
+        self._embed_images(keys)
+        return torch.stack([self._images[k] for k in keys])
+
     def __call__(self, images: list[str], captions: list[str]) -> np.ndarray:
-        self._embed_images(images)
         self._embed_texts(captions)
-        img = torch.stack([self._images[k] for k in images])
         txt = torch.stack([self._texts[c] for c in captions])
-        return (img * txt).sum(-1).numpy()
+        return (self.image_embeddings(images) * txt).sum(-1).numpy()
 
     def zeroshot(self, shot) -> float:
         """Top-1 accuracy with one classifier row per class: the mean of its templates' embeddings."""
@@ -133,10 +136,22 @@ class ClipScorer:
         self._embed_texts(prompts)
         rows = torch.stack([self._texts[p] for p in prompts]).view(len(shot.classnames), len(shot.templates), -1)
         classifier = F.normalize(rows.mean(1), dim=-1)
-        keys = [image_key(p) for p in shot.images]
-        self._embed_images(keys)
-        logits = torch.stack([self._images[k] for k in keys]) @ classifier.T
+        logits = self.image_embeddings([image_key(p) for p in shot.images]) @ classifier.T
         return metrics.zeroshot_accuracy(logits.numpy(), np.asarray(shot.labels))
+
+
+class ProjectedLatents:
+    """Latent rows h_w(f(x)) * scale for image keys: what L_SDS puts before the teacher, in
+    place of the image's VAE latent (`DiffusionScorer` reads either through `get`)."""
+
+    def __init__(self, scorer: ClipScorer, projection: LatentProjection, scale: float):
+        self.scorer, self.projection, self.scale = scorer, projection, scale
+
+    @torch.no_grad()
+    def get(self, keys: list[str]) -> torch.Tensor:
+        weight = self.projection.linear.weight
+        embeddings = self.scorer.image_embeddings(keys).to(device=weight.device, dtype=weight.dtype)
+        return (self.projection(embeddings) * self.scale).float().cpu()
 
 
 class DiffusionScorer:
@@ -150,7 +165,7 @@ class DiffusionScorer:
     `max(cfg.batch_size, captions of one image x samples)`.
     """
 
-    def __init__(self, teacher: Teacher, latents: Table, conditioning: Table, cfg: EvalConfig,
+    def __init__(self, teacher: Teacher, latents: Table | ProjectedLatents, conditioning: Table, cfg: EvalConfig,
                  device: torch.device | str = "cpu", opts: FastPath | None = None):
         self.teacher, self.latents, self.conditioning, self.cfg, self.device = teacher, latents, conditioning, cfg, device
         self.opts = opts or FastPath.default_for(device)
@@ -211,6 +226,24 @@ def evaluate_student(student: Student, bench: Benchmarks, cfg: EvalConfig,
     if bench.zeroshot:
         out["zeroshot/mean"] = float(np.mean([out[f"zeroshot/{s.name}"] for s in bench.zeroshot]))
     return out
+
+
+def evaluate_projection(student: Student, projection: LatentProjection, scale: float, teacher: Teacher,
+                        conditioning: Table, bench: Benchmarks, cfg: EvalConfig,
+                        device: torch.device | str = "cpu", opts: FastPath | None = None) -> dict[str, float]:
+    """The teacher's diffusion score of the Winoground-style tasks with each image's latent
+    replaced by h_w(f(x)) (`ProjectedLatents`), as `projected/winoground/...`.
+
+    It asks whether the teacher, reading what the student's projected embedding puts before
+    it, still prefers each image's own caption: it can reach the teacher's own score only
+    if h_w(f(x)) carries the scene the way the VAE latent does, and it sits near 0 when the
+    projection hardly depends on the image (then one caption wins for both images). Only
+    the Winoground-style tasks are scored; the ARO sets would cost several times as much.
+    """
+    scorer = DiffusionScorer(teacher, ProjectedLatents(ClipScorer(student, cfg.batch_size, device), projection, scale),
+                             conditioning, cfg, device, opts)
+    metrics = score_benchmarks(scorer, Benchmarks(bench.winoground), cfg.bootstrap, cfg.seed)
+    return {f"projected/{name}": value for name, value in metrics.items()}
 
 
 def evaluate_teacher(teacher: Teacher, latents: Table, conditioning: Table, bench: Benchmarks,

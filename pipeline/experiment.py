@@ -15,7 +15,7 @@ from pipeline.cache import open_table
 from pipeline.config import Config, to_dict
 from pipeline.data.datasets import benchmarks, read_index, train_pairs
 from pipeline.digest import fingerprint, text_digest
-from pipeline.evaluate import evaluate_student, evaluate_teacher
+from pipeline.evaluate import evaluate_projection, evaluate_student, evaluate_teacher
 from pipeline.fastpath import FastPath
 from pipeline.models.build import student_dir, teacher_dir
 from pipeline.models.student import load_student
@@ -106,6 +106,10 @@ def run_finetune(cfg: Config, data_root: Path, models: Path, cache: Path, folder
         run.log_artifact(checkpoint)
         bench = benchmarks(data_root, read_index(data_root))
         metrics = evaluate_student(student, bench, cfg.eval, trial.device)
+        if cfg.eval.projected_score and trial.projection is not None and cfg.train.scope != "unet_feature":
+            metrics.update(evaluate_projection(student, trial.projection, cfg.objective.latent_scale, teacher,
+                                               open_table(cache, "bench_text"), bench, cfg.eval, trial.device,
+                                               trial.fast))
         metrics.update({"trainable_parameters": trial.trainable_count, "time/train_seconds": train_seconds})
         run.log_metrics(metrics)
     except trainer.TrialStopped:

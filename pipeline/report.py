@@ -31,6 +31,8 @@ COLUMNS = [
     ("Wino image", "winoground/image"), ("Wino group", "winoground/group"),
     ("ARO", "aro/overall"), ("ARO Rel", "aro/vg_relation"), ("ARO Attr", "aro/vg_attribution"),
     ("COCO-Order", "aro/coco_order"), ("Flickr-Order", "aro/flickr_order"), ("Zero-shot", "zeroshot/mean"),
+    # Not in the paper: the teacher's text score on h_w(f(x)) (`evaluate.evaluate_projection`).
+    ("h_w text", "projected/winoground/text"),
 ]
 INTERVAL = "Wino text 95% CI"
 TABLE1_HEADER = ["run"] + [name for name, _ in COLUMNS] + [INTERVAL]

@@ -36,8 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline import sweep_config
-from pipeline.config import ConfigError, TrackingConfig, deep_merge, flatten, from_dict, resolve
+from pipeline import cli, sweep_config
+from pipeline.config import ConfigError, TrackingConfig, deep_merge, flatten, from_dict, read_yaml, resolve
 from pipeline.tracking import failure_text
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ exit status: 0 all trials finished or were stopped early by ASHA; 1 a trial fail
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pipeline.sweep", description=__doc__.split("\n\n")[0],
+    p = cli.ArgumentParser(prog="python -m pipeline.sweep", description=__doc__.split("\n\n")[0],
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sweep", type=Path, help="sweep file (e.g. sweeps/lambda.yaml)")
     p.add_argument("--params", type=Path, default=Path("params.yaml"),
@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run on this Ray cluster (default: $RAY_ADDRESS, else a local Ray with every CPU)")
     p.add_argument("--storage", metavar="PATH_OR_URI", help="override the sweep's storage_path")
     p.add_argument("--max-concurrent", type=int, metavar="N", help="override the sweep's max_concurrent")
+    p.add_argument("--gpus-per-trial", type=float, metavar="N",
+                   help="override the sweep's resources.gpu (the shipped files ask for 0: give 1 on a GPU cluster)")
     p.add_argument("--results", type=Path, metavar="FILE",
                    help="also write the summary (run ids, statuses, metrics) to this JSON file")
     p.add_argument("--ray-temp-dir", type=Path, metavar="DIR",
@@ -126,10 +128,15 @@ def prepare(args: argparse.Namespace) -> tuple[sweep_config.Sweep, Path]:
     if args.max_concurrent is not None and args.max_concurrent < 0:
         raise ConfigError(f"--max-concurrent: {args.max_concurrent} is out of range; allowed: >= 0")
     params_path = args.params.resolve()
-    params = sweep_config.read_yaml(params_path)
+    params = read_yaml(params_path)
     sweep = sweep_config.load(args.sweep, params, args.profile)
     if args.max_concurrent is not None:
         sweep.max_concurrent = args.max_concurrent
+    if args.gpus_per_trial is not None:
+        if args.gpus_per_trial < 0:
+            raise ConfigError(f"--gpus-per-trial: {args.gpus_per_trial:g} is out of range; allowed: >= 0")
+        sweep.resources.gpu = args.gpus_per_trial
+        sweep_config.check_resources(sweep.resources)
     return sweep, params_path.parent
 
 
@@ -142,6 +149,22 @@ def preflight(sweep: sweep_config.Sweep, root: Path) -> None:
         if not path.exists():
             raise FileNotFoundError(f"{path}: not found; build it first (`dvc repro {stage}` or "
                                     f"`python -m stages.{stage} --params {root / 'params.yaml'}`)")
+
+
+def check_fits_cluster(res: sweep_config.ResourcesSpec, have: dict[str, float], device: str) -> None:
+    """What Ray does not say: a trial asking for more than the cluster has waits forever, and one
+    asking for no GPU on a cluster with GPUs runs on the CPU (Ray empties CUDA_VISIBLE_DEVICES
+    for it), where `compute.device` auto would quietly take the CPU."""
+    for name, key in (("cpu", "CPU"), ("gpu", "GPU")):
+        want = getattr(res, name)
+        if want > 0 and have.get(key, 0) < want:
+            raise ConfigError(f"resources.{name}: {want:g} per trial, but the Ray cluster has {have.get(key, 0):g} "
+                              f"{key}s; a trial asking for more would wait forever")
+    gpus = have.get("GPU", 0)
+    if res.gpu == 0 and gpus > 0 and device != "cpu":
+        raise ConfigError(f"resources.gpu: 0 per trial on a Ray cluster with {gpus:g} GPUs: Ray hides them from such "
+                          f"a trial, so compute.device {device!r} would train it on the CPU; ask for GPUs "
+                          f"(--gpus-per-trial 1, or resources.gpu in the sweep file) or set compute.device: cpu")
 
 
 def storage_root(sweep: sweep_config.Sweep, root: Path, override: str | None) -> str:
@@ -514,13 +537,7 @@ class Driver:
     def check_cluster(self) -> None:
         import ray
 
-        have = ray.cluster_resources()
-        res = self.sweep.resources
-        for name, key in (("cpu", "CPU"), ("gpu", "GPU")):
-            want = getattr(res, name)
-            if want > 0 and have.get(key, 0) < want:
-                raise ConfigError(f"resources.{name}: {want:g} per trial, but the Ray cluster has {have.get(key, 0):g} "
-                                  f"{key}s; a trial asking for more would wait forever")
+        check_fits_cluster(self.sweep.resources, ray.cluster_resources(), self.sweep.base_config.compute.device)
 
     def trainable(self, parent_id: str):
         from ray import tune

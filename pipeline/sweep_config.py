@@ -51,10 +51,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 
 from pipeline.config import (PROFILES, Config, ConfigError, build, check, check_range, convert, deep_merge,
-                             from_dict, nonneg, positive, resolve)
+                             from_dict, nonneg, positive, read_yaml, resolve)
 
 SWEEPABLE_SECTIONS = ("objective", "train", "eval")
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint")
@@ -228,54 +227,6 @@ class TrialSpec:
         return f"t{self.index:03d}"
 
 
-# --------------------------------------------------------------------------- YAML
-
-
-class _Loader(yaml.SafeLoader):
-    """Safe YAML that refuses duplicate keys and reads 1e-4 as a number (YAML 1.2), not a string."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-                  |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-                  |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-                  |[-+]?\.(?:inf|Inf|INF)
-                  |\.(?:nan|NaN|NAN))$""", re.X),
-    list("-+0123456789."))
-
-
-def _no_duplicates(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    seen = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
-            raise ConfigError(f"line {key_node.start_mark.line + 1}: duplicate key {key!r}; each key may appear once")
-        seen.add(key)
-    return loader.construct_mapping(node, deep)
-
-
-_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicates)
-
-
-def read_yaml(path: Path) -> Any:
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found") from None
-    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{path}: cannot be read ({type(err).__name__})") from None
-    try:
-        return yaml.load(text, Loader=_Loader)
-    except ConfigError as err:
-        raise ConfigError(f"{path}: {err}") from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}:{where} is not valid YAML") from None
-
-
 # --------------------------------------------------------------------------- helpers
 
 
@@ -364,7 +315,7 @@ def parse(raw: Any, params: dict, profile: str | None = None, source: str = "") 
     sched_raw = raw.get("scheduler") if isinstance(raw.get("scheduler"), dict) else {}
     _check_search(opts.search, search_raw)
     _check_scheduler(opts, sched_raw)
-    _check_resources(opts.resources)
+    check_resources(opts.resources)
     _check_metric(opts.metric, "metric")
     if len(set(opts.seeds)) != len(opts.seeds):
         dup = next(s for s in opts.seeds if opts.seeds.count(s) > 1)
@@ -447,7 +398,7 @@ def _check_scheduler(opts: _Options, raw: dict) -> None:
                           f"so it needs a metric reported at every log step; allowed: {', '.join(STEP_METRICS)}")
 
 
-def _check_resources(res: ResourcesSpec) -> None:
+def check_resources(res: ResourcesSpec) -> None:
     for name in ("cpu", "gpu"):
         value = getattr(res, name)
         if value > 1 and value != int(value):

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
-from pipeline import config, sweep_config
+from pipeline import cli, config, sweep_config
 from pipeline import sweep as driver
-from pipeline.config import Config, ConfigError
+from pipeline.config import Config, ConfigError, read_yaml
 from pipeline.io import write_json
 
 
@@ -27,18 +28,39 @@ def sweep_files(cfg: Config, given: list[Path], root: Path) -> list[Path]:
     return given or [root / f for f in cfg.sweeps]
 
 
+def gpus_per_trial(asked: float, device_type: str, given: float | None, cluster: bool) -> float | None:
+    """The `--gpus-per-trial` to pass for a sweep file asking for `asked` GPUs: what the command line
+    gave, else one GPU when the other stages run on this machine's GPU (`device_type` cuda) and
+    the file asks for none, since Ray hides the GPUs from a trial that asks for none; on a named
+    cluster only what was given (the driver refuses GPU-less trials on a GPU cluster)."""
+    if given is not None:
+        return given
+    if asked == 0 and device_type == "cuda" and not cluster:
+        return 1.0
+    return None
+
+
+def _device_type(sweep: sweep_config.Sweep) -> str:
+    from pipeline.fastpath import resolve_device   # imports torch: only once there is a sweep to run
+
+    return resolve_device(sweep.base_config.compute.device).type
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = cli.ArgumentParser(prog=cli.module_prog(__name__), description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("files", nargs="*", type=Path, help="sweep files (default: params.yaml's `sweeps`)")
     p.add_argument("--params", type=Path, default=Path("params.yaml"), help="parameter file (default: params.yaml)")
     p.add_argument("--profile", choices=("smoke", "toy", "paper"), help="override every sweep's base.profile")
     p.add_argument("--address", metavar="HOST:PORT", help="Ray cluster to run on (default: $RAY_ADDRESS or local)")
+    p.add_argument("--gpus-per-trial", type=float, metavar="N",
+                   help="GPUs per trial for every sweep (default: the sweep file's; 1 where it asks for none and "
+                        "compute.device puts the stages on this machine's GPU)")
     args = p.parse_args(argv)
     params_path = args.params.resolve()
     root = params_path.parent
     try:
-        params = sweep_config.read_yaml(params_path)
+        params = read_yaml(params_path)
         cfg = config.load(params_path)
         profile = args.profile or cfg.profile   # the sweeps run on the profile the rest of `dvc repro` uses
         files = sweep_files(cfg, args.files, root)
@@ -53,15 +75,18 @@ def main(argv: list[str] | None = None) -> int:
         if len(set(names)) != len(names):
             dup = next(n for n in names if names.count(n) > 1)
             raise ConfigError(f"sweeps: two sweep files are named {dup!r}; each sweep needs its own name")
+        cluster = bool(args.address or os.environ.get("RAY_ADDRESS"))
+        gpus = [gpus_per_trial(s.resources.gpu, _device_type(s), args.gpus_per_trial, cluster) for s in sweeps]
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return driver.EXIT_USAGE
 
     summary, worst = {}, 0
-    for path, sweep in zip(files, sweeps):
+    for path, sweep, gpu in zip(files, sweeps, gpus):
         results = root / "results" / f"sweep-{sweep.name}.json"
         results.unlink(missing_ok=True)   # a stale file must not pass for this launch's outcome
         extra = ["--profile", profile] + (["--address", args.address] if args.address else [])
+        extra += ["--gpus-per-trial", f"{gpu:g}"] if gpu is not None else []
         code = driver.main([str(path), "--params", str(params_path), "--results", str(results), *extra])
         entry = {"file": str(path.relative_to(root) if path.is_relative_to(root) else path), "exit": code}
         if results.is_file():

@@ -1,6 +1,7 @@
-"""DVC stage `train@<variant>`: fine-tune the student from params and evaluate it.
+"""DVC stages `train_clip` and `train_sds` (`python -m stages.train clip|sds`): fine-tune the student
+from params and evaluate it.
 
-Variants: `clip` fine-tunes with L_CLIP alone (lambda 0); `sds` with L_CLIP + lambda L_SDS,
+`clip` fine-tunes with L_CLIP alone (lambda 0); `sds` with L_CLIP + lambda L_SDS,
 lambda = objective.lambda_sds. The trial folder keeps a checkpoint, so an interrupted
 stage resumes where it stopped.
 """

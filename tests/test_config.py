@@ -110,6 +110,8 @@ BAD = {
     "string in list": ("teacher.unet_channels", [16, "x"], ["teacher.unet_channels[1]", "'x'", "an integer"]),
     "string for bool": ("eval.subtract_unconditional", "yes", ["eval.subtract_unconditional", "'yes'", "true or false"]),
     "string for number": ("train.lr", "fast", ["train.lr", "'fast'", "a number"]),
+    "infinite number": ("objective.lambda_sds", float("inf"), ["objective.lambda_sds", "inf", "a finite number"]),
+    "nan": ("train.lr", float("nan"), ["train.lr", "nan", "a finite number"]),
     "negative lr": ("train.lr", -1, ["train.lr", "-1", "out of range", "> 0"]),
     "zero steps": ("train.steps", 0, ["train.steps", "0", "out of range", "> 0"]),
     "negative lambda": ("objective.lambda_sds", -0.5, ["objective.lambda_sds", "-0.5", ">= 0"]),
@@ -174,6 +176,19 @@ def test_invalid_yaml_is_one_line_naming_file_and_line(tmp_path):
         load(path)
     message = str(info.value)
     assert "\n" not in message and str(path) in message and "not valid YAML" in message and "line" in message
+
+
+def test_numbers_read_as_yaml_1_2_and_a_key_given_twice_is_an_error(tmp_path):
+    """`1e-3` is a number (YAML 1.1 would read a string), as DVC and the sweep files read it; a
+    key written twice is refused rather than the last one silently winning."""
+    text = PARAMS.read_text()
+    path = tmp_path / "params.yaml"
+    path.write_text(text.replace("  lambda_sds: 0.1\n", "  lambda_sds: 1e-3\n", 1))
+    assert load(path).objective.lambda_sds == 0.001
+    path.write_text(text.replace("  lambda_sds: 0.1\n", "  lambda_sds: 0.1\n  lambda_sds: 0.2\n", 1))
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    assert str(info.value).startswith(f"{path}: line ") and "duplicate key 'lambda_sds'" in str(info.value)
 
 
 def test_missing_file_is_one_line(tmp_path):

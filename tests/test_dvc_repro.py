@@ -83,8 +83,11 @@ def _check_mlflow(dest: Path) -> None:
     assert float(run["params"]["train.lambda_sds"]) == cfg.objective.lambda_sds
     assert run["params"]["train.scope"] == "layernorm"
     for key in ("winoground/text", "winoground/text/object", "winoground/image", "aro/vg_relation",
-                "aro/coco_order", "zeroshot/shape", "trainable_parameters"):
+                "aro/coco_order", "zeroshot/shape", "trainable_parameters", "projected/winoground/text"):
         assert key in run["metrics"], key
+    # Only a trial that trains h_w has a projected score.
+    clip = json.loads((dest / "results" / "train-clip.json").read_text())
+    assert "winoground/text" in clip["metrics"] and "projected/winoground/text" not in clip["metrics"]
     assert run["metrics"]["trainable_parameters"] == sds["trainable_parameters"]
     steps = [step for step, _ in tracker.metric_history(sds["run_id"], "loss/sds")]
     assert steps == list(range(1, cfg.train.steps + 1))

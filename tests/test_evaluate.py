@@ -7,12 +7,14 @@ import torch.nn.functional as F
 from pipeline.cache import open_table, write_table
 from pipeline.config import DataConfig, EvalConfig, StudentConfig
 from pipeline.data.build import build_toy
-from pipeline.data.datasets import benchmarks, read_index
+from pipeline.data.datasets import Benchmarks, benchmarks, read_index
 from pipeline.data.records import load_image
-from pipeline.evaluate import ClipScorer, DiffusionScorer, evaluate_student, image_key, parse_image_key, winoground_pairs
+from pipeline.evaluate import (ClipScorer, DiffusionScorer, ProjectedLatents, evaluate_projection, evaluate_student,
+                               evaluate_teacher, image_key, parse_image_key, winoground_pairs)
 from pipeline.latents import image_latents, text_conditioning
 from pipeline.models.student import build_toy_student
 from pipeline.models.teacher import build_toy_teacher
+from pipeline.objectives import LatentProjection
 
 from tiny import SIZE, TEACHER
 
@@ -87,6 +89,51 @@ def test_evaluate_student_names_every_metric(world):
         assert key in metrics, key
     assert metrics["aro/overall"] == pytest.approx((metrics["aro/vg_relation"] + metrics["aro/vg_attribution"]) / 2)
     assert metrics["winoground/text/ci_low"] <= metrics["winoground/text"] <= metrics["winoground/text/ci_high"]
+
+
+def _projection_onto(student, keys: list[str], targets: torch.Tensor, scale: float) -> LatentProjection:
+    """An h_w with h_w(f(x_k)) * scale = targets[k]: an exact least-squares solution, since there
+    are fewer images than embedding widths + 1."""
+    embeddings = ClipScorer(student, batch_size=8).image_embeddings(keys).double()
+    design = torch.cat([embeddings, torch.ones(len(keys), 1, dtype=torch.float64)], 1)
+    solution = torch.linalg.lstsq(design, targets.flatten(1).double() / scale, driver="gelsd").solution
+    projection = LatentProjection(embeddings.shape[1], tuple(targets.shape[1:]))
+    with torch.no_grad():
+        projection.linear.weight.copy_(solution[:-1].T.float())
+        projection.linear.bias.copy_(solution[-1].float())
+    return projection
+
+
+def test_projected_score_is_the_diffusion_score_when_h_w_reproduces_the_vae_latents(world):
+    bench, student, teacher, root = world
+    cfg = EvalConfig(diffusion_samples=3, batch_size=4, bootstrap=0)
+    latents, text = open_table(root / "cache", "images"), open_table(root / "cache", "text")
+    images, captions = winoground_pairs(bench.winoground)
+    keys = list(dict.fromkeys(images))
+    assert len(keys) < student.model.visual.output_dim + 1
+    projection = _projection_onto(student, keys, latents.get(keys), scale=2.0)
+    projected = ProjectedLatents(ClipScorer(student, batch_size=8), projection, 2.0)
+    assert torch.allclose(projected.get(keys), latents.get(keys), atol=1e-4)
+    scores = DiffusionScorer(teacher, projected, text, cfg)(images, captions)
+    assert scores == pytest.approx(DiffusionScorer(teacher, latents, text, cfg)(images, captions), abs=1e-4)
+    metrics = evaluate_projection(student, projection, 2.0, teacher, text, bench, cfg)
+    expected = evaluate_teacher(teacher, latents, text, Benchmarks(bench.winoground), cfg)
+    assert metrics == {f"projected/{name}": value for name, value in expected.items()}
+    assert set(expected) >= {"winoground/text", "winoground/image", "winoground/group"}
+
+
+def test_projected_score_is_zero_when_h_w_ignores_the_image(world):
+    """The same latent for every image: whichever caption the teacher prefers, it prefers it for
+    both images of a task, so no task's text score is right (a tie is wrong too)."""
+    bench, student, teacher, root = world
+    cfg = EvalConfig(diffusion_samples=3, batch_size=4, bootstrap=0)
+    text = open_table(root / "cache", "text")
+    projection = LatentProjection(student.model.visual.output_dim, teacher.latent_shape)
+    with torch.no_grad():
+        projection.linear.weight.zero_()
+    metrics = evaluate_projection(student, projection, 1.0, teacher, text, bench, cfg)
+    assert metrics["projected/winoground/text"] == 0.0
+    assert metrics["projected/winoground/group"] == 0.0
 
 
 def test_image_keys_carry_the_crop_box_exactly():

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from pipeline import sweep_config as sc
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, parse_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = REPO / "params.yaml"
@@ -22,7 +22,7 @@ def params() -> dict:
 
 
 def parse(text: str, profile: str | None = None) -> sc.Sweep:
-    return sc.parse(yaml.load(text, Loader=sc._Loader), params(), profile)
+    return sc.parse(parse_yaml(text), params(), profile)
 
 
 # --------------------------------------------------------------------------- the shipped sweep files
@@ -347,3 +347,37 @@ def test_the_params_files_sweep_list_is_not_part_of_a_trials_config():
     sweep = sc.parse({"name": "x", "space": {"train.lr": [0.1]}}, raw)
     assert sweep.config({"train.lr": 0.1}).train.lr == 0.1
     assert sweep.spec_hash() == sc.parse({"name": "x", "space": {"train.lr": [0.1]}}, params()).spec_hash()
+
+
+def test_gpus_per_trial_overrides_the_files_resources_and_is_checked():
+    proc = _cli("sweeps/lambda.yaml", "--dry-run", "--gpus-per-trial", "1")
+    assert proc.returncode == 0 and "per trial: cpu 1, gpu 1;" in proc.stdout, proc.stdout
+    for value, fragments in (("-1", ["--gpus-per-trial", "-1", ">= 0"]), ("1.5", ["resources.gpu", "1.5", "fractions"])):
+        proc = _cli("sweeps/lambda.yaml", "--dry-run", "--gpus-per-trial", value)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and all(f in lines[0] for f in fragments), proc.stderr
+
+
+def test_a_trial_without_a_gpu_on_a_gpu_cluster_is_refused_unless_it_trains_on_the_cpu():
+    """Ray empties CUDA_VISIBLE_DEVICES for a trial that asks for no GPU: with compute.device auto
+    it would train on the CPU of a GPU machine without a word."""
+    from pipeline.sweep import check_fits_cluster
+
+    none, one = sc.ResourcesSpec(cpu=1, gpu=0), sc.ResourcesSpec(cpu=1, gpu=1)
+    with pytest.raises(ConfigError, match=r"^resources\.gpu: 0 per trial on a Ray cluster with 4 GPUs.*--gpus-per-trial 1"):
+        check_fits_cluster(none, {"CPU": 16, "GPU": 4}, "auto")
+    check_fits_cluster(none, {"CPU": 16, "GPU": 4}, "cpu")
+    check_fits_cluster(one, {"CPU": 16, "GPU": 4}, "auto")
+    check_fits_cluster(none, {"CPU": 2}, "auto")
+    with pytest.raises(ConfigError, match=r"^resources\.gpu: 1 per trial, but the Ray cluster has 0 GPUs"):
+        check_fits_cluster(one, {"CPU": 2}, "auto")
+
+
+def test_the_sweep_stage_gives_a_gpu_to_trials_that_ask_for_none_where_the_stages_run_on_a_gpu():
+    from stages.sweep import gpus_per_trial
+
+    assert gpus_per_trial(0, "cuda", None, cluster=False) == 1
+    assert gpus_per_trial(0, "cpu", None, cluster=False) is None
+    assert gpus_per_trial(0.5, "cuda", None, cluster=False) is None      # the file's own fraction stays
+    assert gpus_per_trial(0, "cuda", None, cluster=True) is None         # a named cluster: the driver decides
+    assert gpus_per_trial(0, "cuda", 2, cluster=True) == 2
