@@ -40,9 +40,10 @@ sys.path.insert(0, str(REPO))
 
 
 def build_project(root: Path) -> None:
+    from pipeline.config import read_yaml
     from stages import cache, data, models
 
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params = read_yaml(REPO / "params.yaml")
     params["profile"] = "smoke"
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for stage in (data, models, cache):

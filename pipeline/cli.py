@@ -33,10 +33,14 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message}\n")
 
 
-def module_prog(module: str) -> str:
-    """How a command is typed: `python -m stages.data`, also when it runs as __main__."""
+def module_prog(module: str) -> str | None:
+    """How a command is typed: `python -m stages.data`, also when it runs as __main__ (None, i.e.
+    argparse's file name, for a script run by its path)."""
     if module == "__main__":
-        module = sys.modules["__main__"].__spec__.name
+        spec = getattr(sys.modules["__main__"], "__spec__", None)
+        if spec is None:
+            return None
+        module = spec.name
     return f"python -m {module}"
 
 

@@ -405,9 +405,13 @@ def convert(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
-        if not math.isfinite(value):
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number):
             raise ConfigError(f"{key}: {value!r} is not allowed; expected a finite number")
-        return float(value)
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise bad

@@ -141,8 +141,10 @@ class ClipScorer:
 
 
 class ProjectedLatents:
-    """Latent rows h_w(f(x)) * scale for image keys: what L_SDS puts before the teacher, in
-    place of the image's VAE latent (`DiffusionScorer` reads either through `get`)."""
+    """Latent rows h_w(f(x)) * scale for image keys, in place of the images' VAE latents
+    (`DiffusionScorer` reads either through `get`): the x_0 that L_SDS noises under
+    `objective.noising: noise` (under `none` L_SDS feeds it to the UNet as it is, and the score
+    still noises it as an x_0)."""
 
     def __init__(self, scorer: ClipScorer, projection: LatentProjection, scale: float):
         self.scorer, self.projection, self.scale = scorer, projection, scale
@@ -239,7 +241,10 @@ def evaluate_projection(student: Student, projection: LatentProjection, scale: f
     if h_w(f(x)) carries the scene the way the VAE latent does, and it sits near 0 when the
     projection hardly depends on the image (then one caption wins for both images). Only
     the Winoground-style tasks are scored; the ARO sets would cost several times as much.
+    The teacher's UNet is used as it is on `device` (a trial has frozen it and applied `opts`).
     """
+    student.model.to(device)
+    teacher.unet.to(device)
     scorer = DiffusionScorer(teacher, ProjectedLatents(ClipScorer(student, cfg.batch_size, device), projection, scale),
                              conditioning, cfg, device, opts)
     metrics = score_benchmarks(scorer, Benchmarks(bench.winoground), cfg.bootstrap, cfg.seed)

@@ -107,9 +107,11 @@ def run_finetune(cfg: Config, data_root: Path, models: Path, cache: Path, folder
         bench = benchmarks(data_root, read_index(data_root))
         metrics = evaluate_student(student, bench, cfg.eval, trial.device)
         if cfg.eval.projected_score and trial.projection is not None and cfg.train.scope != "unet_feature":
+            start = time.perf_counter()
             metrics.update(evaluate_projection(student, trial.projection, cfg.objective.latent_scale, teacher,
                                                open_table(cache, "bench_text"), bench, cfg.eval, trial.device,
                                                trial.fast))
+            metrics["time/projected_seconds"] = time.perf_counter() - start
         metrics.update({"trainable_parameters": trial.trainable_count, "time/train_seconds": train_seconds})
         run.log_metrics(metrics)
     except trainer.TrialStopped:

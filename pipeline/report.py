@@ -3,7 +3,8 @@
 Table 1 rows: the pretrained student, FT with L_CLIP, FT with L_CLIP + lambda L_SDS, and the
 teacher's diffusion score. Columns: Winoground text score (overall, per collapsed tag,
 per number of main predicates), image and group scores, ARO overall / relation /
-attribution / order, zero-shot mean, and the bootstrap interval of the text score.
+attribution / order, zero-shot mean, the teacher's text score on a trained h_w(f(x)) ("h_w text",
+`evaluate.evaluate_projection`; not in the paper) and the bootstrap interval of the text score.
 
 A sweep's table has one row per trial (the swept params, the trial's status, the same
 metric columns); its figure plots the headline scores against the swept param, or per

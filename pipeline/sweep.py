@@ -83,7 +83,7 @@ exit status: 0 all trials finished or were stopped early by ASHA; 1 a trial fail
 
 def build_parser() -> argparse.ArgumentParser:
     p = cli.ArgumentParser(prog="python -m pipeline.sweep", description=__doc__.split("\n\n")[0],
-                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                           epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sweep", type=Path, help="sweep file (e.g. sweeps/lambda.yaml)")
     p.add_argument("--params", type=Path, default=Path("params.yaml"),
                    help="parameter file; data/, models/, cache/ are read next to it (default: params.yaml)")
@@ -153,8 +153,8 @@ def preflight(sweep: sweep_config.Sweep, root: Path) -> None:
 
 def check_fits_cluster(res: sweep_config.ResourcesSpec, have: dict[str, float], device: str) -> None:
     """What Ray does not say: a trial asking for more than the cluster has waits forever, and one
-    asking for no GPU on a cluster with GPUs runs on the CPU (Ray empties CUDA_VISIBLE_DEVICES
-    for it), where `compute.device` auto would quietly take the CPU."""
+    asking for no GPU on a cluster with GPUs sees none (Ray empties CUDA_VISIBLE_DEVICES for
+    it): `compute.device` auto would quietly train on the CPU, cuda would fail in every trial."""
     for name, key in (("cpu", "CPU"), ("gpu", "GPU")):
         want = getattr(res, name)
         if want > 0 and have.get(key, 0) < want:
@@ -163,7 +163,7 @@ def check_fits_cluster(res: sweep_config.ResourcesSpec, have: dict[str, float], 
     gpus = have.get("GPU", 0)
     if res.gpu == 0 and gpus > 0 and device != "cpu":
         raise ConfigError(f"resources.gpu: 0 per trial on a Ray cluster with {gpus:g} GPUs: Ray hides them from such "
-                          f"a trial, so compute.device {device!r} would train it on the CPU; ask for GPUs "
+                          f"a trial, so with compute.device {device!r} it would not train on one; ask for GPUs "
                           f"(--gpus-per-trial 1, or resources.gpu in the sweep file) or set compute.device: cpu")
 
 
@@ -443,8 +443,9 @@ class Driver:
             if info["tags"].get("sweep_role") != "parent" or info["tags"].get("sweep") != sweep.name:
                 raise ConfigError(f"--resume: run {self.args.resume} is not a launch of sweep {sweep.name!r}")
         if info["tags"].get("spec_hash") != sweep.spec_hash():
-            raise ConfigError(f"--resume: {sweep.source} or the params changed since launch {info['run_id']} "
-                              "(spec_hash differs); restore them, or start a new launch without --resume")
+            raise ConfigError(f"--resume: {sweep.source}, the params or --gpus-per-trial / --max-concurrent changed "
+                              f"since launch {info['run_id']} (spec_hash differs); restore them, or start a new "
+                              "launch without --resume")
         return info
 
     def open_parent(self, resumed: dict | None):

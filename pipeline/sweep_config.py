@@ -51,7 +51,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-
 from pipeline.config import (PROFILES, Config, ConfigError, build, check, check_range, convert, deep_merge,
                              from_dict, nonneg, positive, read_yaml, resolve)
 

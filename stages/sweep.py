@@ -17,6 +17,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Callable
 
 from pipeline import cli, config, sweep_config
 from pipeline import sweep as driver
@@ -28,14 +29,16 @@ def sweep_files(cfg: Config, given: list[Path], root: Path) -> list[Path]:
     return given or [root / f for f in cfg.sweeps]
 
 
-def gpus_per_trial(asked: float, device_type: str, given: float | None, cluster: bool) -> float | None:
+def gpus_per_trial(asked: float, device_type: Callable[[], str], given: float | None, cluster: bool) -> float | None:
     """The `--gpus-per-trial` to pass for a sweep file asking for `asked` GPUs: what the command line
-    gave, else one GPU when the other stages run on this machine's GPU (`device_type` cuda) and
-    the file asks for none, since Ray hides the GPUs from a trial that asks for none; on a named
-    cluster only what was given (the driver refuses GPU-less trials on a GPU cluster)."""
+    gave, else one GPU when the file asks for none and the other stages run on this machine's GPU
+    (`device_type()` is "cuda"), since Ray hides the GPUs from a trial that asks for none; on a
+    named cluster only what was given (the driver refuses GPU-less trials on a GPU cluster).
+    `device_type` is called only in that last case: it imports torch and checks `compute.device`
+    against this machine, which says nothing about a cluster's nodes."""
     if given is not None:
         return given
-    if asked == 0 and device_type == "cuda" and not cluster:
+    if asked == 0 and not cluster and device_type() == "cuda":
         return 1.0
     return None
 
@@ -47,8 +50,8 @@ def _device_type(sweep: sweep_config.Sweep) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = cli.ArgumentParser(prog=cli.module_prog(__name__), description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = cli.ArgumentParser(prog=cli.module_prog(__name__), description=__doc__.split("\n\n")[0],
+                           formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("files", nargs="*", type=Path, help="sweep files (default: params.yaml's `sweeps`)")
     p.add_argument("--params", type=Path, default=Path("params.yaml"), help="parameter file (default: params.yaml)")
     p.add_argument("--profile", choices=("smoke", "toy", "paper"), help="override every sweep's base.profile")
@@ -76,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
             dup = next(n for n in names if names.count(n) > 1)
             raise ConfigError(f"sweeps: two sweep files are named {dup!r}; each sweep needs its own name")
         cluster = bool(args.address or os.environ.get("RAY_ADDRESS"))
-        gpus = [gpus_per_trial(s.resources.gpu, _device_type(s), args.gpus_per_trial, cluster) for s in sweeps]
+        gpus = [gpus_per_trial(s.resources.gpu, lambda s=s: _device_type(s), args.gpus_per_trial, cluster)
+                for s in sweeps]
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return driver.EXIT_USAGE

@@ -112,6 +112,7 @@ BAD = {
     "string for number": ("train.lr", "fast", ["train.lr", "'fast'", "a number"]),
     "infinite number": ("objective.lambda_sds", float("inf"), ["objective.lambda_sds", "inf", "a finite number"]),
     "nan": ("train.lr", float("nan"), ["train.lr", "nan", "a finite number"]),
+    "integer past a float": ("train.lr", 10**400, ["train.lr", "1000000", "a finite number"]),
     "negative lr": ("train.lr", -1, ["train.lr", "-1", "out of range", "> 0"]),
     "zero steps": ("train.steps", 0, ["train.steps", "0", "out of range", "> 0"]),
     "negative lambda": ("objective.lambda_sds", -0.5, ["objective.lambda_sds", "-0.5", ">= 0"]),

@@ -71,6 +71,13 @@ def test_repro_writes_table_then_is_up_to_date_then_reruns_only_lambda_dependent
     assert _ran(_run(dvc + ["repro"], dest, env)) == {"train_sds", "sweep", "report"}
     assert "0.05 L_SDS" in (dest / "reports" / "table1.md").read_text()
 
+    # Only the runs that train an h_w read eval.projected_score.
+    text = (dest / "params.yaml").read_text().replace("  projected_score: true", "  projected_score: false", 1)
+    (dest / "params.yaml").write_text(text)
+    assert _ran(_run(dvc + ["repro"], dest, env)) == {"train_sds", "sweep", "report"}
+    sds = json.loads((dest / "results" / "train-sds.json").read_text())
+    assert "winoground/text" in sds["metrics"] and "projected/winoground/text" not in sds["metrics"]
+
 
 def _check_mlflow(dest: Path) -> None:
     """The runs the report read: params as dotted names, per-step losses, slash-named metrics."""

@@ -376,8 +376,11 @@ def test_a_trial_without_a_gpu_on_a_gpu_cluster_is_refused_unless_it_trains_on_t
 def test_the_sweep_stage_gives_a_gpu_to_trials_that_ask_for_none_where_the_stages_run_on_a_gpu():
     from stages.sweep import gpus_per_trial
 
-    assert gpus_per_trial(0, "cuda", None, cluster=False) == 1
-    assert gpus_per_trial(0, "cpu", None, cluster=False) is None
-    assert gpus_per_trial(0.5, "cuda", None, cluster=False) is None      # the file's own fraction stays
-    assert gpus_per_trial(0, "cuda", None, cluster=True) is None         # a named cluster: the driver decides
-    assert gpus_per_trial(0, "cuda", 2, cluster=True) == 2
+    def unasked() -> str:
+        raise AssertionError("this machine's device does not decide this case")
+
+    assert gpus_per_trial(0, lambda: "cuda", None, cluster=False) == 1
+    assert gpus_per_trial(0, lambda: "cpu", None, cluster=False) is None
+    assert gpus_per_trial(0.5, unasked, None, cluster=False) is None     # the file's own fraction stays
+    assert gpus_per_trial(0, unasked, None, cluster=True) is None        # a named cluster: the driver decides
+    assert gpus_per_trial(0, unasked, 2, cluster=True) == 2
