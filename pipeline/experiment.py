@@ -9,11 +9,11 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from pipeline import fastpath
 from pipeline import train as trainer
 from pipeline.cache import open_table
 from pipeline.config import Config, to_dict
 from pipeline.data.datasets import benchmarks, read_index, train_pairs
+from pipeline.device import resolve_device
 from pipeline.digest import fingerprint, text_digest
 from pipeline.evaluate import evaluate_projection, evaluate_student, evaluate_teacher
 from pipeline.fastpath import FastPath
@@ -26,7 +26,7 @@ from pipeline.tracking import Tracker
 def run_baselines(cfg: Config, root: Path, data_root: Path, models: Path, cache: Path, tracker: Tracker) -> dict:
     """Every pretrained student and the teacher's diffusion score on every benchmark."""
     bench = benchmarks(data_root, read_index(data_root))
-    device = fastpath.resolve_device(cfg.compute.device)
+    device = resolve_device(cfg.compute.device)
     tags = {"profile": cfg.profile, "stage": "baselines"}
     results = {}
     for name in cfg.students:

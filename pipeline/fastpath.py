@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from pipeline import objectives
-from pipeline.config import ComputeConfig, ConfigError
+from pipeline.config import ComputeConfig
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -173,18 +173,6 @@ class FastPath:
 
 
 # ---------------------------------------------------------------------- applying the options
-
-
-def resolve_device(spec: str) -> torch.device:
-    """`compute.device` as a torch device: auto = the first CUDA device if there is one, else the CPU."""
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(spec)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"compute.device: {spec!r} but no CUDA device is available here; use auto or cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ConfigError(f"compute.device: {spec!r} but this machine has {torch.cuda.device_count()} CUDA devices")
-    return device
 
 
 def adamw(params: Iterable[torch.Tensor], lr: float, weight_decay: float = 1e-2) -> torch.optim.AdamW:

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from pipeline.cache import Table
 from pipeline.config import ComputeConfig, ObjectiveConfig, TrainConfig
 from pipeline.data.records import ImageCaption, load_image
+from pipeline.device import resolve_device
 from pipeline.evaluate import image_key
 from pipeline.io import write_bytes
 from pipeline.models.student import Student, contrastive_outputs, embed_dim, layernorm_parameters
@@ -166,7 +167,7 @@ def setup(cfg: TrainConfig, objective: ObjectiveConfig, student: Student, pairs:
     checkpoint written from other inputs is not resumed.
     """
     compute = compute or ComputeConfig(device="cpu")
-    device = fastpath.resolve_device(compute.device)
+    device = resolve_device(compute.device)
     opts = FastPath.from_config(compute, device)
     seed_everything(cfg.seed)
     if cfg.threads:

@@ -6,7 +6,7 @@ from pipeline import cli
 
 def body(args, cfg, root):
     from pipeline.digest import fingerprint
-    from pipeline.fastpath import resolve_device
+    from pipeline.device import resolve_device
     from pipeline.latents import build_cache
     from pipeline.models.build import teacher_dir
     from pipeline.models.teacher import load_teacher

@@ -44,7 +44,7 @@ def gpus_per_trial(asked: float, device_type: Callable[[], str], given: float | 
 
 
 def _device_type(sweep: sweep_config.Sweep) -> str:
-    from pipeline.fastpath import resolve_device   # imports torch: only once there is a sweep to run
+    from pipeline.device import resolve_device   # imports torch: only where it decides the GPUs
 
     return resolve_device(sweep.base_config.compute.device).type
 

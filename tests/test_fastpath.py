@@ -42,9 +42,10 @@ from pipeline import bench, objectives, train
 from pipeline.cache import open_table, write_table
 from pipeline.config import ComputeConfig, ConfigError, EvalConfig, ObjectiveConfig, StudentConfig, TrainConfig
 from pipeline.data.records import ImageCaption
+from pipeline.device import resolve_device
 from pipeline.evaluate import DiffusionScorer, image_key
 from pipeline.fastpath import (FastPath, batched_diffusion_errors, image_groups, pack_calls, prepare_student,
-                               prepare_teacher_unet, resolve_device)
+                               prepare_teacher_unet)
 from pipeline.models.student import build_toy_student
 from pipeline.models.teacher import SD_SCHEDULE, Teacher
 

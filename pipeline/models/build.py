@@ -19,7 +19,7 @@ import torchvision.transforms.functional as TF
 from pipeline.config import Config, ObjectiveConfig, TrainConfig
 from pipeline.data.datasets import read_index, train_pairs
 from pipeline.data.records import load_image
-from pipeline.fastpath import resolve_device
+from pipeline.device import resolve_device
 from pipeline.io import write_json
 from pipeline.models.student import build_toy_student, save_student
 from pipeline.models.teacher import build_toy_teacher, save_teacher
