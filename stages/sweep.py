@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     root = params_path.parent
     try:
         params = read_yaml(params_path)
-        cfg = config.load(params_path)
+        cfg = config.from_dict(config.resolve(params or {}))   # the file read once, as config.load reads it
         profile = args.profile or cfg.profile   # the sweeps run on the profile the rest of `dvc repro` uses
         files = sweep_files(cfg, args.files, root)
         sweeps = []
