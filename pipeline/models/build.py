@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -91,7 +92,11 @@ def build_models(cfg: Config, data_root: Path, models: Path) -> None:
     aside = None
     if toy and cfg.teacher.source == "toy" and cores >= 2 and resolve_device(cfg.compute.device).type == "cpu":
         threads = max(1, cores // 2)
-        pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+        # Forked, the child starts with this process's imports (~8 s of torch, diffusers and
+        # open_clip a spawned one repeats). Safe here: no torch op has run yet, so there is no
+        # OpenMP pool to inherit. Elsewhere fork is unsafe or absent, so spawn.
+        method = "fork" if sys.platform.startswith("linux") else "spawn"
+        pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context(method))
         aside = pool.submit(_pretrain_students, cfg, toy, data_root, models, threads)
         torch.set_num_threads(threads)
     try:
