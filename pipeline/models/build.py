@@ -93,8 +93,8 @@ def build_models(cfg: Config, data_root: Path, models: Path) -> None:
     if toy and cfg.teacher.source == "toy" and cores >= 2 and resolve_device(cfg.compute.device).type == "cpu":
         threads = max(1, cores // 2)
         # Forked, the child starts with this process's imports (~8 s of torch, diffusers and
-        # open_clip a spawned one repeats). Safe here: no torch op has run yet, so there is no
-        # OpenMP pool to inherit. Elsewhere fork is unsafe or absent, so spawn.
+        # open_clip that a spawned one repeats). Safe in the models stage: no torch op has run
+        # before this point, so there is no OpenMP pool to inherit. Off Linux, spawn.
         method = "fork" if sys.platform.startswith("linux") else "spawn"
         pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context(method))
         aside = pool.submit(_pretrain_students, cfg, toy, data_root, models, threads)
