@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipeline import cli  # noqa: E402
+from pipeline.config import PROFILES  # noqa: E402
 
 STAGE_LINE = re.compile(r"Running stage '([^']+)'")
 # "import time: self | cumulative | name", nested imports indented under their parent; Ray
@@ -115,7 +116,7 @@ def report(profile: str, before: float, stages: dict[str, dict], install: bool) 
 
 def main(argv: list[str] | None = None) -> int:
     p = cli.ArgumentParser(prog="benchmarks/repro_time.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--profile", default="smoke", help="the params.yaml profile to run (default: smoke)")
+    p.add_argument("--profile", default="smoke", choices=PROFILES, help="the params.yaml profile to run (default: smoke)")
     p.add_argument("--install", action="store_true",
                    help="run the README's first command (fresh venv + pip install + dvc repro), not this venv's dvc")
     p.add_argument("--keep", action="store_true", help="keep the clone and print its path")
@@ -140,7 +141,11 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(line for _, line in lines[-20:] if "import time:" not in line), file=sys.stderr)
             print(f"error: `{command}` exited with {code}", file=sys.stderr)
             return 1
-        print(report(args.profile, *stage_times(lines), args.install))
+        before, stages = stage_times(lines)
+        if not stages:
+            print(f"error: `{command}` ran no stage (were they all up to date?)", file=sys.stderr)
+            return 1
+        print(report(args.profile, before, stages, args.install))
     except (ValueError, subprocess.CalledProcessError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
