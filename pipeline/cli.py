@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from pipeline.config import Config, ConfigError, load
+from pipeline.config import PROFILES, Config, ConfigError, load
 from pipeline.data.errors import DataFormatError
 
 # Bad input found before a stage's body runs: reported without importing torch.
@@ -47,7 +47,7 @@ def module_prog(module: str) -> str | None:
 def parser(doc: str, prog: str | None = None) -> argparse.ArgumentParser:
     p = ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--params", default="params.yaml", type=Path, help="parameter file (default: params.yaml)")
-    p.add_argument("--profile", choices=("smoke", "toy", "paper"), help="override the file's `profile`")
+    p.add_argument("--profile", choices=PROFILES, help="override the file's `profile`")
     return p
 
 

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import cli, sweep_config
-from pipeline.config import ConfigError, TrackingConfig, deep_merge, flatten, from_dict, read_yaml, resolve
+from pipeline.config import PROFILES, ConfigError, TrackingConfig, deep_merge, flatten, from_dict, read_yaml, resolve
 from pipeline.tracking import failure_text
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sweep", type=Path, help="sweep file (e.g. sweeps/lambda.yaml)")
     p.add_argument("--params", type=Path, default=Path("params.yaml"),
                    help="parameter file; data/, models/, cache/ are read next to it (default: params.yaml)")
-    p.add_argument("--profile", choices=("smoke", "toy", "paper"), help="override the sweep's base.profile")
+    p.add_argument("--profile", choices=PROFILES, help="override the sweep's base.profile")
     p.add_argument("--dry-run", action="store_true", help="validate and print the trials; run nothing")
     p.add_argument("--resume", nargs="?", const="latest", metavar="PARENT_RUN_ID",
                    help="continue the newest launch of this sweep (or the launch with this MLflow parent run id)")

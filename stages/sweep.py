@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
                            formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("files", nargs="*", type=Path, help="sweep files (default: params.yaml's `sweeps`)")
     p.add_argument("--params", type=Path, default=Path("params.yaml"), help="parameter file (default: params.yaml)")
-    p.add_argument("--profile", choices=("smoke", "toy", "paper"), help="override every sweep's base.profile")
+    p.add_argument("--profile", choices=config.PROFILES, help="override every sweep's base.profile")
     p.add_argument("--address", metavar="HOST:PORT", help="Ray cluster to run on (default: $RAY_ADDRESS or local)")
     p.add_argument("--gpus-per-trial", type=float, metavar="N",
                    help="GPUs per trial for every sweep (default: the sweep file's; 1 where it asks for none and "
