@@ -7,6 +7,7 @@ of `pipeline.metrics` turn into numbers.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -19,7 +20,8 @@ from pipeline.cache import Table
 from pipeline.config import EvalConfig
 from pipeline.data.aro import excluded_vg_relations
 from pipeline.data.datasets import Benchmarks
-from pipeline.data.records import ChoiceCase, WinogroundTask, load_image
+from pipeline.data.keys import choice_pairs, image_key, parse_image_key, winoground_pairs
+from pipeline.data.records import load_image
 from pipeline.models.student import Student
 from pipeline.models.teacher import Teacher
 from pipeline.fastpath import FastPath
@@ -29,52 +31,42 @@ from pipeline.objectives import LatentProjection, check_fits_teacher, diffusion_
 PairScorer = Callable[[list[str], list[str]], np.ndarray]
 
 
-def image_key(path, bbox=None) -> str:
-    """The cache key of an image (and crop): one latent per distinct crop. The box is written
-    exactly (`repr` round-trips a float), since `parse_image_key` crops from the key."""
-    return f"{path}" if bbox is None else f"{path}#bbox={','.join(repr(float(v)) for v in bbox)}"
+@dataclass
+class Evaluation:
+    """Scores of one model on the benchmarks: `metrics` by their MLflow names, and `outcomes`,
+    each case's correctness behind a metric, so two runs scored on the same cases can be compared
+    case by case (`metrics.paired_difference`): name -> {"correct": "0110...", "groups": [...]},
+    `groups` only for a macro mean (the cases of groups the benchmark drops are left out)."""
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    outcomes: dict[str, dict] = field(default_factory=dict)
+
+    def add(self, name: str, correct: np.ndarray, groups: list[str] | None = None) -> None:
+        self.outcomes[name] = {"correct": metrics.encode_correct(correct), "groups": groups}
+
+    def update(self, other: "Evaluation", prefix: str = "") -> "Evaluation":
+        self.metrics.update({prefix + k: v for k, v in other.metrics.items()})
+        self.outcomes.update({prefix + k: v for k, v in other.outcomes.items()})
+        return self
 
 
-def parse_image_key(key: str):
-    path, _, box = key.partition("#bbox=")
-    return path, (tuple(float(v) for v in box.split(",")) if box else None)
-
-
-def winoground_pairs(tasks: list[WinogroundTask]) -> tuple[list[str], list[str]]:
-    """Image keys and captions for scores[i, c, k], flattened in (i, c, k) order."""
-    images, captions = [], []
-    for task in tasks:
-        for caption in (task.caption_0, task.caption_1):
-            for image in (task.image_0, task.image_1):
-                images.append(image_key(image))
-                captions.append(caption)
-    return images, captions
-
-
-def choice_pairs(cases: list[ChoiceCase]) -> tuple[list[str], list[str]]:
-    images, captions = [], []
-    for case in cases:
-        for option in case.options:
-            images.append(image_key(case.image, case.bbox))
-            captions.append(option)
-    return images, captions
-
-
-def score_benchmarks(score: PairScorer, bench: Benchmarks, bootstrap: int = 0, seed: int = 0) -> dict[str, float]:
+def score_benchmarks(score: PairScorer, bench: Benchmarks, bootstrap: int = 0, seed: int = 0) -> Evaluation:
     """Winoground text/image/group with breakdowns, and the ARO sets, under one scorer.
 
     With `bootstrap` > 0, Winoground's scores also get 95% percentile-bootstrap intervals
     over tasks (`winoground/text/ci_low`, `.../ci_high`): with 400 tasks one task is 0.25
     points, so differences of a point or two are noise.
     """
-    out: dict[str, float] = {}
+    result = Evaluation()
+    out = result.metrics
     images, captions = winoground_pairs(bench.winoground)
     wino = score(images, captions).reshape(len(bench.winoground), 2, 2)
-    result = metrics.winoground(wino, [t.collapsed_tag for t in bench.winoground],
+    scores = metrics.winoground(wino, [t.collapsed_tag for t in bench.winoground],
                                 [t.num_main_preds for t in bench.winoground])
-    out.update({f"winoground/{k}": v for k, v in result.items()})
-    if bootstrap:
-        for name, correct in metrics.winoground_correct(wino).items():
+    out.update({f"winoground/{k}": v for k, v in scores.items()})
+    for name, correct in metrics.winoground_correct(wino).items():
+        result.add(f"winoground/{name}", correct)
+        if bootstrap:
             low, high = metrics.bootstrap_interval(correct, n_resamples=bootstrap, seed=seed)
             out[f"winoground/{name}/ci_low"], out[f"winoground/{name}/ci_high"] = low, high
     for name, cases in bench.aro.items():
@@ -82,17 +74,23 @@ def score_benchmarks(score: PairScorer, bench: Benchmarks, bootstrap: int = 0, s
         k = len(cases[0].options)
         scores = score(images, captions).reshape(len(cases), k)
         answers = [c.answer for c in cases]
+        groups = [c.group for c in cases]
         if name == "vg_relation":
-            value = metrics.aro_vg_relation(scores, answers, [c.group for c in cases], excluded_vg_relations())
+            out[f"aro/{name}"] = metrics.aro_vg_relation(scores, answers, groups, excluded_vg_relations())
+            kept = metrics.macro_kept(groups, exclude=excluded_vg_relations())
         elif name == "vg_attribution":
             min_count = 25 if len(cases) >= 1000 else 1
-            value = metrics.aro_vg_attribution(scores, answers, [c.group for c in cases], min_count=min_count)
+            out[f"aro/{name}"] = metrics.aro_vg_attribution(scores, answers, groups, min_count=min_count)
+            kept = metrics.macro_kept(groups, min_count=min_count)
         else:
-            value = metrics.aro_order(scores, ties="first")
-        out[f"aro/{name}"] = value
+            out[f"aro/{name}"] = metrics.aro_order(scores, ties="first")
+            result.add(f"aro/{name}", metrics.choice_correct(scores, np.zeros(len(cases), dtype=np.int64), ties="first"))
+            continue
+        correct = metrics.choice_correct(scores, answers)
+        result.add(f"aro/{name}", correct[kept], [g for g, keep in zip(groups, kept) if keep])
     if "aro/vg_relation" in out and "aro/vg_attribution" in out:
         out["aro/overall"] = (out["aro/vg_relation"] + out["aro/vg_attribution"]) / 2
-    return out
+    return result
 
 
 class ClipScorer:
@@ -130,14 +128,14 @@ class ClipScorer:
         txt = torch.stack([self._texts[c] for c in captions])
         return (self.image_embeddings(images) * txt).sum(-1).numpy()
 
-    def zeroshot(self, shot) -> float:
-        """Top-1 accuracy with one classifier row per class: the mean of its templates' embeddings."""
+    def zeroshot(self, shot) -> np.ndarray:
+        """Per-image top-1 correctness with one classifier row per class: the mean of its templates' embeddings."""
         prompts = [template.format(name) for name in shot.classnames for template in shot.templates]
         self._embed_texts(prompts)
         rows = torch.stack([self._texts[p] for p in prompts]).view(len(shot.classnames), len(shot.templates), -1)
         classifier = F.normalize(rows.mean(1), dim=-1)
         logits = self.image_embeddings([image_key(p) for p in shot.images]) @ classifier.T
-        return metrics.zeroshot_accuracy(logits.numpy(), np.asarray(shot.labels))
+        return metrics.zeroshot_correct(logits.numpy(), np.asarray(shot.labels))
 
 
 class ProjectedLatents:
@@ -219,20 +217,22 @@ class DiffusionScorer:
 
 
 def evaluate_student(student: Student, bench: Benchmarks, cfg: EvalConfig,
-                     device: torch.device | str = "cpu") -> dict[str, float]:
+                     device: torch.device | str = "cpu") -> Evaluation:
     student.model.to(device)
     scorer = ClipScorer(student, cfg.batch_size, device)
-    out = score_benchmarks(scorer, bench, cfg.bootstrap, cfg.seed)
+    result = score_benchmarks(scorer, bench, cfg.bootstrap, cfg.seed)
     for shot in bench.zeroshot:
-        out[f"zeroshot/{shot.name}"] = scorer.zeroshot(shot)
+        correct = scorer.zeroshot(shot)
+        result.metrics[f"zeroshot/{shot.name}"] = float(np.mean(correct))
+        result.add(f"zeroshot/{shot.name}", correct)
     if bench.zeroshot:
-        out["zeroshot/mean"] = float(np.mean([out[f"zeroshot/{s.name}"] for s in bench.zeroshot]))
-    return out
+        result.metrics["zeroshot/mean"] = float(np.mean([result.metrics[f"zeroshot/{s.name}"] for s in bench.zeroshot]))
+    return result
 
 
 def evaluate_projection(student: Student, projection: LatentProjection, scale: float, teacher: Teacher,
                         conditioning: Table, bench: Benchmarks, cfg: EvalConfig,
-                        device: torch.device | str = "cpu", opts: FastPath | None = None) -> dict[str, float]:
+                        device: torch.device | str = "cpu", opts: FastPath | None = None) -> Evaluation:
     """The teacher's diffusion score of the Winoground-style tasks with each image's latent
     replaced by h_w(f(x)) (`ProjectedLatents`), as `projected/winoground/...`.
 
@@ -247,12 +247,12 @@ def evaluate_projection(student: Student, projection: LatentProjection, scale: f
     teacher.unet.to(device)
     scorer = DiffusionScorer(teacher, ProjectedLatents(ClipScorer(student, cfg.batch_size, device), projection, scale),
                              conditioning, cfg, device, opts)
-    metrics = score_benchmarks(scorer, Benchmarks(bench.winoground), cfg.bootstrap, cfg.seed)
-    return {f"projected/{name}": value for name, value in metrics.items()}
+    return Evaluation().update(score_benchmarks(scorer, Benchmarks(bench.winoground), cfg.bootstrap, cfg.seed),
+                               prefix="projected/")
 
 
 def evaluate_teacher(teacher: Teacher, latents: Table, conditioning: Table, bench: Benchmarks,
-                     cfg: EvalConfig, device: torch.device | str = "cpu", opts: FastPath | None = None) -> dict[str, float]:
+                     cfg: EvalConfig, device: torch.device | str = "cpu", opts: FastPath | None = None) -> Evaluation:
     """The diffusion score on `device` with the fast-path options (default: `FastPath.default_for(device)`)."""
     opts = opts or FastPath.default_for(device)
     teacher.unet.to(device)

@@ -22,6 +22,9 @@ from pipeline.models.student import load_student
 from pipeline.models.teacher import load_teacher
 from pipeline.tracking import Tracker
 
+# The MLflow artifact holding a run's per-case correctness (`evaluate.Evaluation.outcomes`).
+OUTCOMES = "outcomes.json"
+
 
 def run_baselines(cfg: Config, root: Path, data_root: Path, models: Path, cache: Path, tracker: Tracker) -> dict:
     """Every pretrained student and the teacher's diffusion score on every benchmark."""
@@ -32,18 +35,20 @@ def run_baselines(cfg: Config, root: Path, data_root: Path, models: Path, cache:
     for name in cfg.students:
         with tracker.start(f"pretrained {name}", params=to_dict(cfg),
                            tags={**tags, "row": "pretrained", "student": name}) as run:
-            metrics = evaluate_student(load_student(student_dir(models, name)), bench, cfg.eval, device)
-            run.log_metrics(metrics)
-        results[f"pretrained/{name}"] = {"run_id": run.run_id, "metrics": metrics}
+            result = evaluate_student(load_student(student_dir(models, name)), bench, cfg.eval, device)
+            run.log_metrics(result.metrics)
+            run.log_dict(result.outcomes, OUTCOMES)
+        results[f"pretrained/{name}"] = {"run_id": run.run_id, "metrics": result.metrics, "outcomes": result.outcomes}
     with tracker.start(f"diffusion score {cfg.teacher.name}", params=to_dict(cfg),
                        tags={**tags, "row": "diffusion_score"}) as run:
         start = time.perf_counter()
-        metrics = evaluate_teacher(load_teacher(teacher_dir(models)), open_table(cache, "bench_images"),
-                                   open_table(cache, "bench_text"), bench, cfg.eval, device,
-                                   FastPath.from_config(cfg.compute, device))
-        metrics["time/eval_seconds"] = time.perf_counter() - start
-        run.log_metrics(metrics)
-    results["diffusion_score"] = {"run_id": run.run_id, "metrics": metrics}
+        result = evaluate_teacher(load_teacher(teacher_dir(models)), open_table(cache, "bench_images"),
+                                  open_table(cache, "bench_text"), bench, cfg.eval, device,
+                                  FastPath.from_config(cfg.compute, device))
+        result.metrics["time/eval_seconds"] = time.perf_counter() - start
+        run.log_metrics(result.metrics)
+        run.log_dict(result.outcomes, OUTCOMES)
+    results["diffusion_score"] = {"run_id": run.run_id, "metrics": result.metrics, "outcomes": result.outcomes}
     return results
 
 
@@ -105,15 +110,17 @@ def run_finetune(cfg: Config, data_root: Path, models: Path, cache: Path, folder
         checkpoint = trainer.save_trained(trial, folder)
         run.log_artifact(checkpoint)
         bench = benchmarks(data_root, read_index(data_root))
-        metrics = evaluate_student(student, bench, cfg.eval, trial.device)
+        result = evaluate_student(student, bench, cfg.eval, trial.device)
         if cfg.eval.projected_score and trial.projection is not None and cfg.train.scope != "unet_feature":
             start = time.perf_counter()
-            metrics.update(evaluate_projection(student, trial.projection, cfg.objective.latent_scale, teacher,
-                                               open_table(cache, "bench_text"), bench, cfg.eval, trial.device,
-                                               trial.fast))
-            metrics["time/projected_seconds"] = time.perf_counter() - start
+            result.update(evaluate_projection(student, trial.projection, cfg.objective.latent_scale, teacher,
+                                              open_table(cache, "bench_text"), bench, cfg.eval, trial.device,
+                                              trial.fast))
+            result.metrics["time/projected_seconds"] = time.perf_counter() - start
+        metrics = result.metrics
         metrics.update({"trainable_parameters": trial.trainable_count, "time/train_seconds": train_seconds})
         run.log_metrics(metrics)
+        run.log_dict(result.outcomes, OUTCOMES)
     except trainer.TrialStopped:
         run.finish("KILLED")
         raise
@@ -122,4 +129,5 @@ def run_finetune(cfg: Config, data_root: Path, models: Path, cache: Path, folder
         raise
     trainer.discard_checkpoint(folder)
     run.finish()
-    return {"run_id": run.run_id, "metrics": metrics, "trainable_parameters": trial.trainable_count}
+    return {"run_id": run.run_id, "metrics": metrics, "outcomes": result.outcomes,
+            "trainable_parameters": trial.trainable_count}

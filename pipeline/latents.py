@@ -16,7 +16,7 @@ from pipeline.config import Config
 from pipeline.data.datasets import benchmarks, read_index, train_pairs
 from pipeline.data.records import load_image
 from pipeline.digest import files_digest
-from pipeline.evaluate import choice_pairs, image_key, parse_image_key, winoground_pairs
+from pipeline.data.keys import choice_pairs, image_key, parse_image_key, winoground_pairs
 from pipeline.models.teacher import Teacher, encode_images, encode_text
 
 

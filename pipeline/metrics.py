@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Collection, Hashable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -39,8 +40,20 @@ __all__ = [
     "aro_vg_relation",
     "aro_vg_attribution",
     "aro_order",
+    "zeroshot_correct",
     "zeroshot_accuracy",
+    "macro_kept",
     "bootstrap_interval",
+    "CaseOutcomes",
+    "metric_value",
+    "seed_task_interval",
+    "PairedDifference",
+    "paired_difference",
+    "mcnemar_exact",
+    "sign_flip_test",
+    "encode_correct",
+    "decode_correct",
+    "outcome_parts",
     "WINOGROUND_TAGS",
     "WINOGROUND_NUM_MAIN_PREDS",
 ]
@@ -205,6 +218,21 @@ def micro_accuracy(correct) -> float:
     return float(np.mean(c))
 
 
+def macro_kept(groups: Sequence[Hashable], exclude: Collection[Hashable] = frozenset(),
+               min_count: int = 1) -> np.ndarray:
+    """bool [N]: the cases whose group a macro mean keeps (not in `exclude`, at least `min_count` cases)."""
+    keys = list(groups)
+    if isinstance(exclude, str):
+        raise ValueError("exclude must be a collection of group names, not a single string")
+    if isinstance(min_count, bool) or not isinstance(min_count, numbers.Integral) or min_count < 1:
+        raise ValueError(f"min_count must be an integer >= 1, got {min_count!r}")
+    excluded = set(exclude)
+    counts: dict[Hashable, int] = {}
+    for key in keys:
+        counts[key] = counts.get(key, 0) + 1
+    return np.array([key not in excluded and counts[key] >= min_count for key in keys], dtype=bool)
+
+
 def macro_accuracy(
     correct,
     groups: Sequence[Hashable],
@@ -220,23 +248,17 @@ def macro_accuracy(
     keys = list(groups)
     if len(keys) != c.shape[0]:
         raise ValueError(f"groups has {len(keys)} entries for {c.shape[0]} cases")
-    if isinstance(exclude, str):
-        raise ValueError("exclude must be a collection of group names, not a single string")
-    if isinstance(min_count, bool) or not isinstance(min_count, numbers.Integral) or min_count < 1:
-        raise ValueError(f"min_count must be an integer >= 1, got {min_count!r}")
-    excluded = set(exclude)
-    hits: dict[Hashable, int] = {}
-    counts: dict[Hashable, int] = {}
-    for key, ok in zip(keys, c.tolist()):
-        counts[key] = counts.get(key, 0) + 1
-        hits[key] = hits.get(key, 0) + int(ok)
-    kept = [g for g in counts if g not in excluded and counts[g] >= min_count]
-    if not kept:
+    kept = macro_kept(keys, exclude, min_count)
+    if not kept.any():
         raise ValueError(
-            f"no group left to average ({len(counts)} groups, exclude={len(excluded)} names, "
+            f"no group left to average ({len(set(keys))} groups, exclude={len(set(exclude))} names, "
             f"min_count={min_count})"
         )
-    return float(np.mean([hits[g] / counts[g] for g in kept]))
+    hits: dict[Hashable, list[int]] = {}
+    for key, ok, keep in zip(keys, c.tolist(), kept.tolist()):
+        if keep:
+            hits.setdefault(key, []).append(int(ok))
+    return float(np.mean([np.mean(v) for v in hits.values()]))
 
 
 def aro_vg_relation(scores, answers, relation_names: Sequence[str], excluded: Collection[str]) -> float:
@@ -280,8 +302,8 @@ def aro_order(scores, *, ties: str = "strict") -> float:
 # --------------------------------------------------------------------------- zero-shot
 
 
-def zeroshot_accuracy(logits, labels, k: int = 1) -> float:
-    """Top-k accuracy: right when fewer than k other classes score >= the true class.
+def zeroshot_correct(logits, labels, k: int = 1) -> np.ndarray:
+    """Per-image top-k correctness: right when fewer than k other classes score >= the true class.
 
     Ties count against the true class, so for k=1 a tie at the top is wrong.
     logits: [N, C]; labels: [N] ints in [0, C); 1 <= k <= C.
@@ -303,7 +325,12 @@ def zeroshot_accuracy(logits, labels, k: int = 1) -> float:
     rows = np.arange(n)
     right = s[rows, y]
     rivals = (s >= right[:, None]).sum(axis=1) - 1  # other classes scoring >= the true one
-    return float(np.mean(rivals < k))
+    return rivals < k
+
+
+def zeroshot_accuracy(logits, labels, k: int = 1) -> float:
+    """Top-k accuracy (the mean of `zeroshot_correct`)."""
+    return float(np.mean(zeroshot_correct(logits, labels, k)))
 
 
 # --------------------------------------------------------------------------- bootstrap
@@ -343,3 +370,237 @@ def bootstrap_interval(
     alpha = 1.0 - float(confidence)
     lo, hi = np.quantile(means, [alpha / 2.0, 1.0 - alpha / 2.0])
     return float(lo), float(hi)
+
+
+# --------------------------------------------------------------------------- paired statistics
+#
+# A metric is computed from per-case correctness. To compare two rows on the same cases, or to
+# put seeds together, the report keeps each run's per-case outcomes (`CaseOutcomes`): a 0/1
+# matrix [seeds, cases] and, for a macro-averaged metric, the group of each case. A headline
+# metric made of several benchmarks (ARO overall = the mean of VG-Relation and VG-Attribution;
+# the zero-shot mean over sets) is a sequence of parts whose values are averaged; resampling is
+# stratified: each part's cases are resampled within that part.
+
+
+class CaseOutcomes:
+    """Per-case correctness of S seeds (rows) on N cases (columns) of one benchmark part.
+
+    `groups` (one key per case) makes the part's value the macro mean over groups, as ARO's
+    VG sets are scored; cases of groups the benchmark drops (excluded relations, pairs under the
+    minimum count) must be left out by the caller, so every group given counts. None: micro mean.
+    """
+
+    def __init__(self, correct, groups: Sequence[Hashable] | None = None):
+        c = np.asarray(correct)
+        if c.ndim == 1:
+            c = c[None, :]
+        if c.ndim != 2 or c.shape[0] < 1 or c.shape[1] < 1:
+            raise ValueError(f"correct must have shape [seeds, cases] with both >= 1, got {c.shape}")
+        if c.dtype != bool and not np.isin(c, (0, 1)).all():
+            raise ValueError("correct must hold booleans or 0/1 values")
+        self.correct = c.astype(np.float64)
+        self.groups = None
+        if groups is not None:
+            keys = list(groups)
+            if len(keys) != c.shape[1]:
+                raise ValueError(f"groups has {len(keys)} entries for {c.shape[1]} cases")
+            _, self.groups = np.unique(np.array(keys, dtype=object).astype(str), return_inverse=True)
+
+    @property
+    def seeds(self) -> int:
+        return self.correct.shape[0]
+
+    @property
+    def cases(self) -> int:
+        return self.correct.shape[1]
+
+    def value(self, seeds: np.ndarray | None = None, cases: np.ndarray | None = None) -> float:
+        """The metric averaged over `seeds` (row indices, repeats allowed) on `cases` (column indices)."""
+        rows = self.correct if seeds is None else self.correct[seeds]
+        per_case = rows.mean(axis=0)
+        if cases is not None:
+            per_case = per_case[cases]
+        if self.groups is None:
+            return float(per_case.mean())
+        groups = self.groups if cases is None else self.groups[cases]
+        counts = np.bincount(groups)
+        hits = np.bincount(groups, weights=per_case, minlength=counts.size)
+        present = counts > 0
+        return float(np.mean(hits[present] / counts[present]))
+
+
+def _parts(parts) -> list[CaseOutcomes]:
+    parts = [parts] if isinstance(parts, CaseOutcomes) else list(parts)
+    if not parts or not all(isinstance(p, CaseOutcomes) for p in parts):
+        raise ValueError("expected one or more CaseOutcomes")
+    return parts
+
+
+def metric_value(parts) -> float:
+    """A headline metric: the mean of its parts' values, each averaged over its seeds."""
+    return float(np.mean([p.value() for p in _parts(parts)]))
+
+
+def _check_resampling(n_resamples: int, confidence: float) -> None:
+    if isinstance(n_resamples, bool) or not isinstance(n_resamples, numbers.Integral) or n_resamples < 1:
+        raise ValueError(f"n_resamples must be an integer >= 1, got {n_resamples!r}")
+    if not 0.0 < float(confidence) < 1.0:
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence!r}")
+
+
+def _percentiles(values: np.ndarray, confidence: float) -> tuple[float, float]:
+    alpha = 1.0 - float(confidence)
+    lo, hi = np.quantile(values, [alpha / 2.0, 1.0 - alpha / 2.0])
+    return float(lo), float(hi)
+
+
+def seed_task_interval(parts, n_resamples: int = 1000, confidence: float = 0.95,
+                       seed: int = 0) -> tuple[float, float, float]:
+    """(mean over seeds, low, high): a two-level percentile bootstrap that resamples the seeds
+    and, independently, each part's cases, so the interval counts both the spread between seeds
+    and the finite number of cases. With one seed it is the case bootstrap alone."""
+    parts = _parts(parts)
+    _check_resampling(n_resamples, confidence)
+    rng = np.random.default_rng(seed)
+    draws = np.empty(int(n_resamples))
+    for r in range(int(n_resamples)):
+        draws[r] = np.mean([p.value(rng.integers(0, p.seeds, p.seeds), rng.integers(0, p.cases, p.cases))
+                            for p in parts])
+    return (metric_value(parts), *_percentiles(draws, confidence))
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """Row A minus row B on the same cases: the difference, its percentile interval, an exact p-value."""
+
+    difference: float
+    low: float
+    high: float
+    p_value: float
+    discordant: int  # cases (summed over seed pairs) where exactly one of the two rows is right
+
+
+def paired_difference(parts_a, parts_b, n_resamples: int = 1000, confidence: float = 0.95,
+                      seed: int = 0) -> PairedDifference:
+    """Compare two rows scored on the same cases (A minus B).
+
+    Interval: percentile bootstrap of the difference in which both rows are evaluated on the SAME
+    resampled cases (the pairing), and each row's seeds are resampled independently (its seed
+    spread). p-value: `sign_flip_test` on the per-case correctness averaged over each row's seeds,
+    pooled over the parts; with one seed per row this is McNemar's exact test.
+    """
+    parts_a, parts_b = _parts(parts_a), _parts(parts_b)
+    if len(parts_a) != len(parts_b) or any(a.cases != b.cases for a, b in zip(parts_a, parts_b)):
+        raise ValueError("the two rows must be scored on the same cases (parts and case counts differ)")
+    _check_resampling(n_resamples, confidence)
+    rng = np.random.default_rng(seed)
+    draws = np.empty(int(n_resamples))
+    for r in range(int(n_resamples)):
+        values = []
+        for a, b in zip(parts_a, parts_b):
+            cases = rng.integers(0, a.cases, a.cases)
+            values.append(a.value(rng.integers(0, a.seeds, a.seeds), cases)
+                          - b.value(rng.integers(0, b.seeds, b.seeds), cases))
+        draws[r] = np.mean(values)
+    mean_a = np.concatenate([p.correct.mean(axis=0) for p in parts_a])
+    mean_b = np.concatenate([p.correct.mean(axis=0) for p in parts_b])
+    seeds = (parts_a[0].seeds, parts_b[0].seeds)
+    discordant = sum(int((a.correct[:, None, :] != b.correct[None, :, :]).sum()) for a, b in zip(parts_a, parts_b))
+    return PairedDifference(metric_value(parts_a) - metric_value(parts_b), *_percentiles(draws, confidence),
+                            sign_flip_test(mean_a, mean_b, seeds), discordant)
+
+
+def mcnemar_exact(correct_a, correct_b) -> float:
+    """Two-sided exact McNemar p-value for two classifiers' correctness on the same cases.
+
+    With b = cases only A gets right and c = cases only B gets right, under H0 b ~ Binomial(b + c,
+    1/2); p = min(1, 2 P(X <= min(b, c))). No discordant case: p = 1.
+    """
+    a, b = _bool_array(correct_a, "correct_a"), _bool_array(correct_b, "correct_b")
+    if a.shape != b.shape:
+        raise ValueError(f"correct_a and correct_b must have the same length, got {a.size} and {b.size}")
+    only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
+    n = only_a + only_b
+    if n == 0:
+        return 1.0
+    from scipy.stats import binom
+
+    return float(min(1.0, 2.0 * binom.cdf(min(only_a, only_b), n, 0.5)))
+
+
+def sign_flip_test(mean_a, mean_b, seeds: tuple[int, int] = (1, 1)) -> float:
+    """Two-sided paired sign-flip (permutation) test of per-case values given as fractions of seeds.
+
+    mean_a[i], mean_b[i]: the fraction of row A's / row B's seeds right on case i. Under H0 the two
+    rows are exchangeable on every case, so each case's difference d_i keeps or flips its sign with
+    probability 1/2, independently; p = P(|sum_i s_i |d_i|| >= |sum_i d_i|). On the lattice of
+    multiples of 1/(seeds_a * seeds_b) the cases with |d_i| = k units contribute k (2 B_k - m_k),
+    B_k ~ Binomial(m_k, 1/2). With one distinct k (always so with one seed per row, where the test
+    is McNemar's exact test) p comes from that binomial exactly; otherwise the binomials are
+    convolved by FFT (absolute error ~1e-12).
+    """
+    a, b = _float_array(mean_a, "mean_a"), _float_array(mean_b, "mean_b")
+    if a.ndim != 1 or a.shape != b.shape:
+        raise ValueError(f"mean_a and mean_b must be 1-D of the same length, got {a.shape} and {b.shape}")
+    unit = int(seeds[0]) * int(seeds[1])
+    steps = np.rint((a - b) * unit).astype(np.int64)
+    if not np.allclose(steps, (a - b) * unit, atol=1e-6):
+        raise ValueError(f"mean_a and mean_b must be fractions of {seeds[0]} and {seeds[1]} seeds")
+    sizes, counts = np.unique(np.abs(steps[steps != 0]), return_counts=True)
+    if sizes.size == 0:
+        return 1.0
+    from scipy.stats import binom
+
+    observed = abs(int(steps.sum()))
+    if sizes.size == 1:
+        k, m = int(sizes[0]), int(counts[0])
+        # |k (2 B - m)| >= observed  <=>  B <= (m - observed / k) / 2  or  B >= (m + observed / k) / 2
+        low = np.floor((m - observed / k) / 2 + 1e-9)
+        return float(min(1.0, 2.0 * binom.cdf(low, m, 0.5)))
+    from scipy.signal import fftconvolve
+
+    total = int((sizes * counts).sum())
+    dist = np.ones(1)                     # P(sum = s) at index s + (current half-width): a point mass at 0
+    for k, m in zip(sizes.tolist(), counts.tolist()):
+        kernel = np.zeros(2 * k * m + 1)
+        kernel[:: 2 * k] = binom.pmf(np.arange(m + 1), m, 0.5)
+        dist = np.clip(fftconvolve(dist, kernel), 0.0, None)
+    sums = np.arange(-total, total + 1)
+    return float(min(1.0, dist[np.abs(sums) >= observed].sum()))
+
+
+def encode_correct(correct) -> str:
+    """Per-case correctness as a string of '0' and '1' (how results files keep outcomes)."""
+    return "".join("1" if v else "0" for v in _bool_array(correct, "correct").tolist())
+
+
+def decode_correct(text: str) -> np.ndarray:
+    if not isinstance(text, str) or set(text) - {"0", "1"}:
+        raise ValueError("per-case correctness must be a string of '0' and '1'")
+    return np.frombuffer(text.encode(), dtype=np.uint8) == ord("1")
+
+
+def outcome_parts(runs: Sequence[dict[str, dict]]) -> dict[str, list[CaseOutcomes]]:
+    """The stored outcomes of one row's runs (one per seed; {name: {"correct": "0110...", "groups":
+    [...] or None}}, as results files keep them) as the parts `paired_difference` and
+    `seed_task_interval` take, by metric name, plus the composites: aro/overall (VG-Relation and
+    VG-Attribution) and zeroshot/mean (every set). Only metrics every run has are kept."""
+    runs = list(runs)
+    if not runs:
+        raise ValueError("outcome_parts needs at least one run")
+    names = [name for name in runs[0] if all(name in run for run in runs[1:])]
+    parts = {}
+    for name in names:
+        groups = runs[0][name].get("groups")
+        if any(run[name].get("groups") != groups for run in runs[1:]):
+            raise ValueError(f"{name}: the runs were scored on different cases (their groups differ)")
+        rows = [decode_correct(run[name]["correct"]) for run in runs]
+        if len({row.size for row in rows}) != 1:
+            raise ValueError(f"{name}: the runs were scored on different numbers of cases")
+        parts[name] = [CaseOutcomes(np.stack(rows), groups)]
+    if "aro/vg_relation" in parts and "aro/vg_attribution" in parts:
+        parts["aro/overall"] = parts["aro/vg_relation"] + parts["aro/vg_attribution"]
+    sets = [name for name in parts if name.startswith("zeroshot/") and name != "zeroshot/mean"]
+    if sets:
+        parts["zeroshot/mean"] = [p for name in sets for p in parts[name]]
+    return parts

@@ -278,7 +278,7 @@ def run_trial(config: dict, context: dict) -> None:
     from ray import tune
 
     from pipeline import train as trainer
-    from pipeline.experiment import run_finetune
+    from pipeline.experiment import OUTCOMES, run_finetune
     from pipeline.tracking import Tracker
 
     imported = time.perf_counter()
@@ -314,7 +314,9 @@ def run_trial(config: dict, context: dict) -> None:
     if found is not None and found["status"] == "FINISHED":
         # Finished before the driver died: report what it logged, do not train again.
         steps = int(float(found["params"].get("train.steps", 0) or 0))
-        tune.report({**found["metrics"], "step": steps, "final": 1, "run_id": found["run_id"], "already_finished": 1})
+        outcomes = tracker.run(found["run_id"]).load_dict(OUTCOMES)
+        tune.report({**found["metrics"], "step": steps, "final": 1, "run_id": found["run_id"], "already_finished": 1,
+                     "outcomes": json.dumps(outcomes)})
         shutil.rmtree(folder, ignore_errors=True)
         return
 
@@ -386,7 +388,7 @@ def run_trial(config: dict, context: dict) -> None:
     handle.set_tags({"status": "finished"})
     shutil.rmtree(folder, ignore_errors=True)
     tune.report({**latest, **result["metrics"], "step": steps, "final": 1, "run_id": run_id,
-                 **timing})
+                 "outcomes": json.dumps(result["outcomes"]), **timing})
 
 
 # --------------------------------------------------------------------------- the driver
@@ -402,6 +404,7 @@ class Row:
     failure: str = ""
     run_id: str = ""
     metrics: dict = field(default_factory=dict)
+    outcomes: dict = field(default_factory=dict)
     seconds: float | None = None
 
 
@@ -702,6 +705,8 @@ class Driver:
                     handle.finish(terminal)
                 row.metrics = dict(run.get("metrics") or {})
             row.metrics.update({k: v for k, v in last.items() if isinstance(v, (int, float)) and "/" in k})
+            if status == "finished" and last.get("outcomes"):
+                row.outcomes = json.loads(last["outcomes"])
             value = row.metrics.get(self.sweep.metric)
             row.metric = float(value) if value is not None and status == "finished" else None
             seconds = row.metrics.get("time/trial_seconds")
@@ -736,7 +741,8 @@ class Driver:
             "trials": [{"trial": r.label, "trial_id": r.trial_id, "run_id": r.run_id, "config": r.values,
                         "status": r.status, "failure": r.failure, "metric": r.metric,
                         "trial_seconds": r.seconds, "import_seconds": r.metrics.get("time/import_seconds"),
-                        "report_seconds": r.metrics.get("time/report_seconds")} for r in rows],
+                        "report_seconds": r.metrics.get("time/report_seconds"), "metrics": r.metrics,
+                        "outcomes": r.outcomes} for r in rows],
         }
         parent.log_text(json.dumps(payload, indent=2) + "\n", "summary.json")
         if self.args.results:

@@ -79,6 +79,16 @@ class Run:
     def log_artifact(self, path: Path, folder: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), folder)
 
+    def log_dict(self, value: dict, name: str) -> None:
+        """A JSON artifact under `name`."""
+        self.client.log_dict(self.run_id, value, name)
+
+    def load_dict(self, name: str) -> dict:
+        """A JSON artifact written by `log_dict`."""
+        import mlflow
+
+        return mlflow.artifacts.load_dict(f"{self.client.get_run(self.run_id).info.artifact_uri}/{name}")
+
     def log_text(self, text: str, name: str) -> None:
         """A small text artifact (a summary, the sweep file) under `name`."""
         self.client.log_text(self.run_id, text, name)

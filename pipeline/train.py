@@ -28,7 +28,7 @@ from pipeline.cache import Table
 from pipeline.config import ComputeConfig, ObjectiveConfig, TrainConfig
 from pipeline.data.records import ImageCaption, load_image
 from pipeline.device import resolve_device
-from pipeline.evaluate import image_key
+from pipeline.data.keys import image_key
 from pipeline.io import write_bytes
 from pipeline.models.student import Student, contrastive_outputs, embed_dim, layernorm_parameters
 from pipeline.models.teacher import Teacher

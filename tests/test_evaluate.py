@@ -9,9 +9,11 @@ from pipeline.config import DataConfig, EvalConfig, StudentConfig
 from pipeline.data.build import build_toy
 from pipeline.data.datasets import Benchmarks, benchmarks, read_index
 from pipeline.data.records import load_image
+from pipeline.data.keys import image_key, parse_image_key, winoground_pairs
 from pipeline.evaluate import (ClipScorer, DiffusionScorer, ProjectedLatents, evaluate_projection, evaluate_student,
-                               evaluate_teacher, image_key, parse_image_key, winoground_pairs)
+                               evaluate_teacher)
 from pipeline.latents import image_latents, text_conditioning
+from pipeline.metrics import metric_value, outcome_parts
 from pipeline.models.student import build_toy_student
 from pipeline.models.teacher import build_toy_teacher
 from pipeline.objectives import LatentProjection
@@ -47,7 +49,7 @@ def test_clip_scores_are_raw_cosine_similarities(world):
 def test_zeroshot_uses_the_mean_template_embedding(world):
     bench, student, _, _ = world
     shot = bench.zeroshot[0]
-    accuracy = ClipScorer(student, batch_size=4).zeroshot(shot)
+    accuracy = float(np.mean(ClipScorer(student, batch_size=4).zeroshot(shot)))
     with torch.no_grad():
         rows = [F.normalize(student.model.encode_text(student.tokenizer([t.format(c) for t in shot.templates])), dim=-1)
                 .mean(0) for c in shot.classnames]
@@ -82,13 +84,29 @@ def test_diffusion_score_is_minus_the_mean_error_over_a_shared_bank(world):
 
 def test_evaluate_student_names_every_metric(world):
     bench, student, _, _ = world
-    metrics = evaluate_student(student, bench, EvalConfig(bootstrap=20))
+    metrics = evaluate_student(student, bench, EvalConfig(bootstrap=20)).metrics
     for key in ("winoground/text", "winoground/image", "winoground/group", "winoground/text/ci_low",
                 "aro/vg_relation", "aro/vg_attribution", "aro/overall", "aro/coco_order",
                 "zeroshot/shape", "zeroshot/colour", "zeroshot/mean"):
         assert key in metrics, key
     assert metrics["aro/overall"] == pytest.approx((metrics["aro/vg_relation"] + metrics["aro/vg_attribution"]) / 2)
     assert metrics["winoground/text/ci_low"] <= metrics["winoground/text"] <= metrics["winoground/text/ci_high"]
+
+
+def test_outcomes_give_back_every_metric_they_stand_for(world):
+    """Each case's correctness, kept for paired comparisons, recomputes the metric it came from:
+    micro means directly, ARO's macro means through the stored groups, the composites through
+    `metrics.outcome_parts`."""
+    bench, student, _, _ = world
+    result = evaluate_student(student, bench, EvalConfig(bootstrap=0))
+    parts = outcome_parts([result.outcomes])
+    names = ["winoground/text", "winoground/image", "winoground/group", "aro/vg_relation", "aro/vg_attribution",
+             "aro/coco_order", "aro/overall", "zeroshot/shape", "zeroshot/colour", "zeroshot/mean"]
+    for name in names:
+        assert metric_value(parts[name]) == pytest.approx(result.metrics[name]), name
+    assert len(result.outcomes["winoground/text"]["correct"]) == len(bench.winoground)
+    assert result.outcomes["aro/vg_attribution"]["groups"] is not None
+    assert result.outcomes["winoground/text"]["groups"] is None
 
 
 def _projection_onto(student, keys: list[str], targets: torch.Tensor, scale: float) -> LatentProjection:
@@ -116,10 +134,11 @@ def test_projected_score_is_the_diffusion_score_when_h_w_reproduces_the_vae_late
     assert torch.allclose(projected.get(keys), latents.get(keys), atol=1e-4)
     scores = DiffusionScorer(teacher, projected, text, cfg)(images, captions)
     assert scores == pytest.approx(DiffusionScorer(teacher, latents, text, cfg)(images, captions), abs=1e-4)
-    metrics = evaluate_projection(student, projection, 2.0, teacher, text, bench, cfg)
+    result = evaluate_projection(student, projection, 2.0, teacher, text, bench, cfg)
     expected = evaluate_teacher(teacher, latents, text, Benchmarks(bench.winoground), cfg)
-    assert metrics == {f"projected/{name}": value for name, value in expected.items()}
-    assert set(expected) >= {"winoground/text", "winoground/image", "winoground/group"}
+    assert result.metrics == {f"projected/{name}": value for name, value in expected.metrics.items()}
+    assert result.outcomes == {f"projected/{name}": value for name, value in expected.outcomes.items()}
+    assert set(expected.metrics) >= {"winoground/text", "winoground/image", "winoground/group"}
 
 
 def test_projected_score_is_zero_when_h_w_ignores_the_image(world):
@@ -131,7 +150,7 @@ def test_projected_score_is_zero_when_h_w_ignores_the_image(world):
     projection = LatentProjection(student.model.visual.output_dim, teacher.latent_shape)
     with torch.no_grad():
         projection.linear.weight.zero_()
-    metrics = evaluate_projection(student, projection, 1.0, teacher, text, bench, cfg)
+    metrics = evaluate_projection(student, projection, 1.0, teacher, text, bench, cfg).metrics
     assert metrics["projected/winoground/text"] == 0.0
     assert metrics["projected/winoground/group"] == 0.0
 

@@ -43,7 +43,8 @@ from pipeline.cache import open_table, write_table
 from pipeline.config import ComputeConfig, ConfigError, EvalConfig, ObjectiveConfig, StudentConfig, TrainConfig
 from pipeline.data.records import ImageCaption
 from pipeline.device import resolve_device
-from pipeline.evaluate import DiffusionScorer, image_key
+from pipeline.data.keys import image_key
+from pipeline.evaluate import DiffusionScorer
 from pipeline.fastpath import (FastPath, batched_diffusion_errors, image_groups, pack_calls, prepare_student,
                                prepare_teacher_unet)
 from pipeline.models.student import build_toy_student

@@ -22,7 +22,8 @@ from pipeline.cache import open_table, write_table
 from pipeline.config import ConfigError, EvalConfig, ObjectiveConfig, TrainConfig
 from pipeline.data import toyworld as tw
 from pipeline.data.records import ImageCaption
-from pipeline.evaluate import DiffusionScorer, image_key
+from pipeline.data.keys import image_key
+from pipeline.evaluate import DiffusionScorer
 from pipeline.models.student import build_toy_student
 from pipeline.models.teacher import SD_SCHEDULE, build_toy_teacher, encode_text
 from pipeline.train import loss_step, setup

@@ -17,7 +17,7 @@ from torch import nn
 from pipeline.cache import open_table, write_table
 from pipeline.config import ObjectiveConfig, TrainConfig
 from pipeline.data.records import ImageCaption
-from pipeline.evaluate import image_key
+from pipeline.data.keys import image_key
 from pipeline.models.student import Student, build_toy_student, contrastive_outputs
 from pipeline.models.teacher import build_toy_teacher, encode_text
 from pipeline.objectives import LatentProjection, clip_loss

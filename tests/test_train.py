@@ -16,7 +16,7 @@ from pipeline.cache import open_table, write_table
 from pipeline.config import DataConfig, ObjectiveConfig, TrainConfig
 from pipeline.data.build import build_toy
 from pipeline.data.datasets import read_index, train_pairs
-from pipeline.evaluate import image_key
+from pipeline.data.keys import image_key
 from pipeline.latents import image_latents, text_conditioning
 from pipeline.models.student import build_toy_student
 from pipeline.models.teacher import build_toy_teacher
