@@ -355,16 +355,16 @@ class TrainingBench:
         torch.manual_seed(args.seed + 5)
         projection = objectives.LatentProjection(int(student.model_cfg["embed_dim"]), latent_shape).to(device)
         student.model.requires_grad_(False)
-        params = train.trainable_parameters(student, projection, "layernorm")
+        cfg = TrainConfig(scope="layernorm", batch_size=batch)
+        params = train.trainable_parameters(student, projection, cfg)
         for p in params.values():
             p.requires_grad_(True)
         if impl.naive:  # the plain path forgets to freeze the UNet: its weight gradients are computed
             unet.requires_grad_(True)
-        cfg = TrainConfig(scope="layernorm", batch_size=batch)
         optimizer = (torch.optim.AdamW if impl.naive else adamw)(list(params.values()), lr=cfg.lr,
                                                                  weight_decay=cfg.weight_decay)
         self.trial = train.Trial(student, projection, params, optimizer, None, None, teacher, conditioning, None,
-                                 cfg, ObjectiveConfig(), args.lambda_sds, torch.Generator().manual_seed(args.seed),
+                                 cfg, ObjectiveConfig(lambda_sds=args.lambda_sds), torch.Generator().manual_seed(args.seed),
                                  device=torch.device(device), fast=opts)
         self.scaler = torch.amp.GradScaler(torch.device(device).type, enabled=opts.autocast == "fp16")
         self.unet = unet
@@ -374,7 +374,7 @@ class TrainingBench:
     def losses(self):
         from pipeline.train import loss_step
 
-        return loss_step(self.trial, self.images, self.tokens, self.rows, self.rows)
+        return loss_step(self.trial, self.images, self.tokens, self.tokens, self.rows, self.rows)
 
     def forward_backward(self) -> None:
         self.scaler.scale(self.losses()["total"]).backward()

@@ -145,6 +145,11 @@ class TeacherConfig:
     min_snr_gamma: float = field(default=0.0, metadata=nonneg())
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
     seed: int = 0
+    # Torch threads of the toy teacher's training. The trained weights depend on it (sums taken in
+    # another order round differently, and 2000 steps amplify that), so it is set here, not taken
+    # from the machine's core count: the same config trains the same teacher on any machine with
+    # the same instruction set.
+    threads: int = field(default=1, metadata=positive())
     # Pretrained teachers: the precision the models stage stores the weights in (the
     # prediction type then comes from the repo's scheduler config, not `prediction_type`).
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
@@ -176,6 +181,8 @@ class StudentConfig:
     batch_size: int = field(default=128, metadata=positive())
     lr: float = field(default=1e-3, metadata=positive())
     seed: int = 0
+    # Torch threads of the toy student's pre-training: fixed for the reason `TeacherConfig.threads` is.
+    threads: int = field(default=1, metadata=positive())
 
 
 @dataclass
@@ -187,31 +194,105 @@ class CacheConfig:
     batch_size: int = field(default=128, metadata=positive())
 
 
+METHODS = ("clip", "sds", "unet_feature", "negclip", "diffusion_feedback")
+TEACHER_METHODS = ("sds", "unet_feature", "diffusion_feedback")
+
+
 @dataclass
 class ObjectiveConfig:
-    """L_total = L_CLIP + lambda_sds * L_SDS, and the choices the paper leaves open.
+    """What fine-tuning minimises: L = clip_weight L_CLIP (L_NegCLIP for negclip) + lambda_sds L_teacher.
 
-    noising: "noise" feeds the UNet h_w(f(x)) noised to step t and regresses the noise
-    (as DreamFusion's SDS does); "none" feeds h_w(f(x)) itself as the noisy latent.
-    gradient: "backprop" differentiates the literal loss through the frozen UNet;
-    "sds" uses DreamFusion's score-distillation gradient w(t) (eps_hat - eps) with the
-    UNet under no-grad (no UNet backward at all).
+    method (default "sds"):
+      clip                L_CLIP alone (lambda_sds must be 0).
+      sds                 the paper: L_SDS = ||unet(noised h_w(f(x)), t, c) - eps||^2, h_w a linear
+                          map of the image embedding into the teacher's latent, c the caption's
+                          conditioning; the gradient reaches h_w and the student through the frozen UNet.
+      unet_feature        appendix A.2: h_w(f(x)) regressed onto the UNet's mid-block features of
+                          the image's noised VAE latent under its caption.
+      negclip             NegCLIP (Yuksekgonul et al.): L_CLIP with one hard-negative caption per
+                          image added to the text side of the batch (image-to-text direction only),
+                          drawn from the data stage's `negatives` of the training caption (toy: swaps
+                          of the toy grammar; COCO: ARO-style swaps of same-tag words). NegCLIP's
+                          nearest-neighbour negative images are not used. lambda_sds must be 0.
+      diffusion_feedback  DIVA / GenHancer / DCR: the student's image tokens, through a trainable
+                          linear projector, are added to the teacher's conditioning of the empty
+                          caption (in place of a caption); the frozen UNet denoises the image's
+                          cached VAE latent at a sampled step and L_teacher is its epsilon error.
+    lambda_sds        weight of the teacher's loss (the paper's lambda); 0 trains no h_w/projector.
+    clip_weight       weight of the contrastive loss (1). DIVA, GenHancer and DCR train the
+                      student with the generative loss alone: clip_weight 0.
+    reduction         ||.||^2 of the teacher's loss: "mean" over the latent's elements (and the
+                      batch), or "sum" over each sample's elements, then the batch mean (the
+                      equation read literally). They differ by the element count: 16,384 for SD's
+                      4 x 64 x 64 latent, 256 for the toy's 4 x 8 x 8, which rescales lambda_sds.
+    projector_lr      learning rate of h_w / the projector (0: train.lr): a layer trained from
+                      random weights may need a larger rate than a pretrained student's weights.
+    Like noising, gradient and the rest, the keys of one method are ignored by the others (so one
+    sweep base serves them all); lambda_sds is not: a method with no teacher loss needs 0, so its
+    runs log the weight they ran with.
+    projector_steps   the first N of train.steps train only h_w (sds, unet_feature) or the
+                      projector (diffusion_feedback) on L_teacher, the student frozen; then the
+                      scope joins with the full loss (GenHancer's two stages; an h_w warm-up).
+    feedback_tokens   diffusion_feedback: patch tokens given to the teacher beside the CLS
+                      embedding, drawn at random each step (DIVA: 76; GenHancer, DCR: 0, CLS alone).
+    noising           sds: "noise" feeds the UNet h_w(f(x)) noised to step t and regresses the
+                      noise (DreamFusion's SDS); "none" feeds h_w(f(x)) itself as the noisy latent.
+    gradient          sds: "backprop" differentiates the literal loss through the frozen UNet;
+                      "sds" uses DreamFusion's gradient w(t) (eps_hat - eps) with the UNet under
+                      no-grad (no UNet backward at all).
+    t_min, t_max      the DDPM steps the teacher losses sample from.
+    latent_scale      a factor on h_w's output (sds, unet_feature).
+
+    A v-prediction teacher's output is converted to its epsilon estimate before any error is
+    taken (eps_hat = sqrt(abar_t) v_hat + sqrt(1 - abar_t) x_t), so every teacher loss is the
+    paper's epsilon error whatever the teacher predicts.
     """
 
+    method: Literal[METHODS] = "sds"
     lambda_sds: float = field(default=1e-3, metadata=nonneg())
+    clip_weight: float = field(default=1.0, metadata=nonneg())
+    reduction: Literal["mean", "sum"] = "mean"
+    projector_steps: int = field(default=0, metadata=nonneg())
+    projector_lr: float = field(default=0.0, metadata=nonneg(doc="0: train.lr"))
+    feedback_tokens: int = field(default=0, metadata=nonneg())
     noising: Literal["noise", "none"] = "noise"
     gradient: Literal["backprop", "sds"] = "backprop"
     t_min: int = field(default=20, metadata=check(ge=0, le=LAST_STEP, doc="smallest DDPM step sampled"))
     t_max: int = field(default=980, metadata=check(ge=1, le=LAST_STEP, doc="largest DDPM step sampled"))
     latent_scale: float = field(default=1.0, metadata=positive(doc="factor on h_w's output"))
 
+    @property
+    def teacher_loss(self) -> bool:
+        """Whether the objective has a teacher term (and so an h_w or projector to train)."""
+        return self.method in TEACHER_METHODS and self.lambda_sds > 0
+
+    def __post_init__(self) -> None:
+        if self.method not in TEACHER_METHODS and self.lambda_sds != 0:
+            raise ConfigError(f"objective.lambda_sds: {self.lambda_sds:g} with objective.method {self.method!r}, which "
+                              "has no teacher loss; allowed: 0 (or a method with one: " + ", ".join(TEACHER_METHODS) + ")")
+        if self.projector_steps and not self.teacher_loss:
+            raise ConfigError(f"objective.projector_steps: {self.projector_steps} needs a teacher loss to train the "
+                              "projector on; allowed: 0, or a method among " + ", ".join(TEACHER_METHODS)
+                              + " with objective.lambda_sds > 0")
+        if self.clip_weight == 0 and not self.teacher_loss:
+            raise ConfigError("objective.clip_weight: 0 leaves no loss (no teacher loss either); allowed: > 0")
+
 
 @dataclass
 class TrainConfig:
-    """One fine-tuning trial."""
+    """One fine-tuning trial.
+
+    scope: what the student trains (h_w / the projector always train with a teacher loss):
+      layernorm  every LayerNorm of both towers (the paper's setting)
+      full       every student parameter, the temperature included
+      lora       low-rank adapters (peft) on both towers' attention (q, k, v and output
+                 projections) and MLP linears, rank `lora_rank`, scale lora_alpha / lora_rank
+    """
 
     student: str = "toy-vit"
-    scope: Literal["layernorm", "full", "unet_feature"] = "layernorm"
+    scope: Literal["layernorm", "full", "lora"] = "layernorm"
+    lora_rank: int = field(default=8, metadata=positive())
+    lora_alpha: float = field(default=8.0, metadata=positive())
     lr: float = field(default=5e-5, metadata=positive())
     weight_decay: float = field(default=0.0, metadata=nonneg())
     warmup_steps: int = field(default=0, metadata=nonneg())
@@ -234,10 +315,17 @@ class EvalConfig:
     diffusion_t_min: int = field(default=50, metadata=check(ge=0, le=LAST_STEP))
     diffusion_t_max: int = field(default=950, metadata=check(ge=1, le=LAST_STEP))
     subtract_unconditional: bool = False
+    # The per-sample error averaged over the (t, eps) bank: "squared" (the paper's eq. 1, the mean
+    # squared epsilon error) or "norm" (its L2 norm, as diffusion-itm averages it).
+    error: Literal["squared", "norm"] = "squared"
     # Also score a trained h_w: the teacher's Winoground-style diffusion score with each image's
     # latent replaced by h_w(f(x)) (`projected/winoground/...`; `pipeline.evaluate.evaluate_projection`).
     # It tells whether L_SDS made the student's projected embedding carry what the teacher reads.
     projected_score: bool = True
+    # The diagnostics of a trial (the projected score, diffusion feedback's error ratio) read the first
+    # N Winoground-style tasks (0: all): they explain a result, so a few hundred tasks are enough,
+    # and each costs as many teacher calls as the diffusion score of its tasks.
+    diagnostic_tasks: int = field(default=200, metadata=nonneg(doc="0 = every task"))
     batch_size: int = field(default=128, metadata=positive())
     bootstrap: int = field(default=1000, metadata=nonneg())
     seed: int = 0
@@ -300,6 +388,9 @@ class Config:
             raise ConfigError(
                 f"train.student: {self.train.student!r} is not a student; allowed: {sorted(self.students)}"
             )
+        if self.objective.projector_steps >= self.train.steps:
+            raise ConfigError(f"objective.projector_steps: {self.objective.projector_steps} leaves none of "
+                              f"train.steps ({self.train.steps}) to train the student; allowed: < {self.train.steps}")
         if self.objective.t_min >= self.objective.t_max:
             raise ConfigError(
                 f"objective.t_min: {self.objective.t_min} must be below objective.t_max ({self.objective.t_max})"

@@ -22,10 +22,10 @@ from pipeline.data.aro import excluded_vg_relations
 from pipeline.data.datasets import Benchmarks
 from pipeline.data.keys import choice_pairs, image_key, parse_image_key, winoground_pairs
 from pipeline.data.records import load_image
-from pipeline.models.student import Student
+from pipeline.models.student import Student, image_tokens
 from pipeline.models.teacher import Teacher
 from pipeline.fastpath import FastPath
-from pipeline.objectives import LatentProjection, check_fits_teacher, diffusion_errors
+from pipeline.objectives import FeedbackProjector, LatentProjection, check_fits_teacher, diffusion_errors
 
 # A score function maps (image keys, captions) pairs to one score per pair.
 PairScorer = Callable[[list[str], list[str]], np.ndarray]
@@ -154,8 +154,17 @@ class ProjectedLatents:
         return (self.projection(embeddings) * self.scale).float().cpu()
 
 
+def noise_bank(cfg: EvalConfig, latent_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The diffusion score's fixed (t, eps) bank: `eval.diffusion_samples` steps on an even grid of
+    [diffusion_t_min, diffusion_t_max] and one noise tensor each, drawn with `eval.seed`."""
+    n = cfg.diffusion_samples
+    timesteps = torch.linspace(cfg.diffusion_t_min, cfg.diffusion_t_max, n).round().long()
+    return timesteps, torch.randn((n, *latent_shape), generator=torch.Generator().manual_seed(cfg.seed))
+
+
 class DiffusionScorer:
-    """Minus the teacher's mean epsilon (or v) error over a fixed bank of (t, eps) pairs.
+    """Minus the teacher's mean epsilon error (`eval.error`: squared, or its norm) over a fixed bank
+    of (t, eps) pairs; a v-prediction teacher's output is converted to its epsilon estimate first.
 
     The same timesteps and noises serve every image and caption (so caption choices for
     one image differ only by the caption), on a deterministic grid of timesteps. With
@@ -170,10 +179,7 @@ class DiffusionScorer:
         self.teacher, self.latents, self.conditioning, self.cfg, self.device = teacher, latents, conditioning, cfg, device
         self.opts = opts or FastPath.default_for(device)
         check_fits_teacher(teacher.scheduler, "eval.diffusion_t_max", cfg.diffusion_t_max)
-        generator = torch.Generator().manual_seed(cfg.seed)
-        n = cfg.diffusion_samples
-        self.timesteps = torch.linspace(cfg.diffusion_t_min, cfg.diffusion_t_max, n).round().long()
-        self.noise = torch.randn((n, *teacher.latent_shape), generator=generator)
+        self.timesteps, self.noise = noise_bank(cfg, teacher.latent_shape)
 
     def errors(self, images: list[str], captions: list[str]) -> np.ndarray:
         if self.opts.batched_score:
@@ -190,6 +196,7 @@ class DiffusionScorer:
                 unet, self.teacher.scheduler,
                 lat.repeat_interleave(n, 0).to(self.device), cond.repeat_interleave(n, 0).to(self.device),
                 self.timesteps.repeat(b).to(self.device), self.noise.repeat(b, 1, 1, 1).to(self.device),
+                self.cfg.error,
             )
             out[i : i + b] = err.view(b, n).mean(1).cpu().numpy()
         return out
@@ -204,7 +211,8 @@ class DiffusionScorer:
             lat = self.latents.get([image for image, _ in call]).to(self.device)
             cond = self.conditioning.get([c for _, caps in call for c in caps]).to(self.device)
             err = fastpath.batched_diffusion_errors(self.teacher.unet, self.teacher.scheduler, lat, cond,
-                                                    [len(caps) for _, caps in call], timesteps, noise, self.opts)
+                                                    [len(caps) for _, caps in call], timesteps, noise, self.opts,
+                                                    self.cfg.error)
             distinct.append(err.cpu().numpy().astype(np.float64))
         flat = np.concatenate(distinct) if distinct else np.zeros(0)
         return flat[np.asarray(index, dtype=np.int64)] if index else np.zeros(0)
@@ -234,7 +242,8 @@ def evaluate_projection(student: Student, projection: LatentProjection, scale: f
                         conditioning: Table, bench: Benchmarks, cfg: EvalConfig,
                         device: torch.device | str = "cpu", opts: FastPath | None = None) -> Evaluation:
     """The teacher's diffusion score of the Winoground-style tasks with each image's latent
-    replaced by h_w(f(x)) (`ProjectedLatents`), as `projected/winoground/...`.
+    replaced by h_w(f(x)) (`ProjectedLatents`), as `projected/winoground/...`, on the first
+    `eval.diagnostic_tasks` tasks.
 
     It asks whether the teacher, reading what the student's projected embedding puts before
     it, still prefers each image's own caption: it can reach the teacher's own score only
@@ -247,8 +256,54 @@ def evaluate_projection(student: Student, projection: LatentProjection, scale: f
     teacher.unet.to(device)
     scorer = DiffusionScorer(teacher, ProjectedLatents(ClipScorer(student, cfg.batch_size, device), projection, scale),
                              conditioning, cfg, device, opts)
-    return Evaluation().update(score_benchmarks(scorer, Benchmarks(bench.winoground), cfg.bootstrap, cfg.seed),
-                               prefix="projected/")
+    tasks = diagnostic_tasks(bench, cfg)
+    return Evaluation().update(score_benchmarks(scorer, Benchmarks(tasks), cfg.bootstrap, cfg.seed), prefix="projected/")
+
+
+def diagnostic_tasks(bench: Benchmarks, cfg: EvalConfig) -> list:
+    """The Winoground-style tasks a trial's diagnostics score (`eval.diagnostic_tasks`, 0: all)."""
+    return bench.winoground[:cfg.diagnostic_tasks] if cfg.diagnostic_tasks else bench.winoground
+
+
+@torch.no_grad()
+def evaluate_feedback(student: Student, projector: FeedbackProjector, teacher: Teacher, latents: Table,
+                      empty: torch.Tensor, bench: Benchmarks, cfg: EvalConfig, feedback_tokens: int = 0,
+                      device: torch.device | str = "cpu") -> Evaluation:
+    """Diffusion feedback's diagnostic on the images of the first `eval.diagnostic_tasks`
+    Winoground-style tasks: the teacher's mean epsilon
+    error on each image's own latent over the score's (t, eps) bank (`noise_bank`), conditioned on
+    the student's projected tokens (`feedback/error`) and on the empty caption alone
+    (`feedback/error_empty`), and their ratio `feedback/error_ratio`: below 1 when what the student
+    gives the teacher tells it about the image it denoises, 1 when it tells it nothing. Patch
+    tokens, when the trial used some, are drawn once with `eval.seed`."""
+    keys = list(dict.fromkeys(winoground_pairs(diagnostic_tasks(bench, cfg))[0]))
+    timesteps, noise = noise_bank(cfg, teacher.latent_shape)
+    n = len(timesteps)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    student.model.to(device).eval()
+    teacher.unet.to(device)
+    errors = {"feedback/error": [], "feedback/error_empty": []}
+    per_call = max(1, cfg.batch_size // n)
+    for i in range(0, len(keys), per_call):
+        chunk = keys[i:i + per_call]
+        pixels = torch.stack([student.preprocess(load_image(*parse_image_key(k))) for k in chunk]).to(device)
+        if feedback_tokens:
+            pooled, patches = image_tokens(student.model, pixels)
+            picks = torch.randint(0, patches.shape[1], (len(chunk), feedback_tokens), generator=generator)
+            tokens = torch.cat([pooled[:, None], patches[torch.arange(len(chunk))[:, None], picks.to(device)]], 1)
+        else:
+            tokens = student.model.encode_image(pixels)[:, None]
+        conditions = {"feedback/error": projector(tokens.float(), empty.to(device)),
+                      "feedback/error_empty": empty.to(device).expand(len(chunk), -1, -1)}
+        lat = latents.get(chunk).to(device).repeat_interleave(n, 0)
+        for name, cond in conditions.items():
+            err = diffusion_errors(teacher.unet, teacher.scheduler, lat, cond.repeat_interleave(n, 0),
+                                   timesteps.repeat(len(chunk)).to(device), noise.repeat(len(chunk), 1, 1, 1).to(device),
+                                   cfg.error)
+            errors[name].append(err.view(len(chunk), n).mean(1).cpu())
+    out = {name: float(torch.cat(values).mean()) for name, values in errors.items()}
+    out["feedback/error_ratio"] = out["feedback/error"] / out["feedback/error_empty"]
+    return Evaluation(out)
 
 
 def evaluate_teacher(teacher: Teacher, latents: Table, conditioning: Table, bench: Benchmarks,

@@ -12,10 +12,10 @@ from typing import Callable
 from pipeline import train as trainer
 from pipeline.cache import open_table
 from pipeline.config import Config, to_dict
-from pipeline.data.datasets import benchmarks, read_index, train_pairs
+from pipeline.data.datasets import benchmarks, read_index, train_negatives, train_pairs
 from pipeline.device import resolve_device
 from pipeline.digest import fingerprint, text_digest
-from pipeline.evaluate import evaluate_projection, evaluate_student, evaluate_teacher
+from pipeline.evaluate import evaluate_feedback, evaluate_projection, evaluate_student, evaluate_teacher
 from pipeline.fastpath import FastPath
 from pipeline.models.build import student_dir, teacher_dir
 from pipeline.models.student import load_student
@@ -53,23 +53,27 @@ def run_baselines(cfg: Config, root: Path, data_root: Path, models: Path, cache:
 
 
 def run_finetune(cfg: Config, data_root: Path, models: Path, cache: Path, folder: Path, tracker: Tracker,
-                 run_name: str, lambda_sds: float, tags: dict | None = None, parent: str | None = None,
+                 run_name: str, tags: dict | None = None, parent: str | None = None,
                  run_id: str | None = None, on_log: Callable[[int, dict], None] | None = None,
                  on_checkpoint: Callable[[int, Path], None] | None = None, progress: bool = True) -> dict:
-    """Fine-tune `cfg.train.student` with the given lambda, evaluate it, log it all to one run.
+    """Fine-tune `cfg.train.student` with `cfg.objective`, evaluate it, log it all to one run.
 
     `run_id` continues an existing run (a resumed sweep trial) instead of starting one;
     `on_log` / `on_checkpoint` are passed on to `train.fit` (after the losses are logged).
     A `train.TrialStopped` raised by them ends the run as KILLED rather than FAILED.
     """
     student = load_student(student_dir(models, cfg.train.student))
-    pairs = train_pairs(data_root, read_index(data_root))
-    needs_teacher = lambda_sds > 0 or cfg.train.scope == "unet_feature"
-    teacher = load_teacher(teacher_dir(models)) if needs_teacher else None
-    conditioning = open_table(cache, "train_text") if needs_teacher else None
-    latents = open_table(cache, "train_images") if cfg.train.scope == "unet_feature" else None
-    params = {**to_dict(cfg), "train": {**to_dict(cfg)["train"], "lambda_sds": lambda_sds}}
-    run_tags = {"profile": cfg.profile, "stage": "train", "student": cfg.train.student, **(tags or {})}
+    index = read_index(data_root)
+    pairs = train_pairs(data_root, index)
+    objective = cfg.objective
+    teacher = load_teacher(teacher_dir(models)) if objective.teacher_loss else None
+    conditioning = open_table(cache, "train_text") if objective.teacher_loss else None
+    reads_latents = objective.teacher_loss and objective.method in ("unet_feature", "diffusion_feedback")
+    latents = open_table(cache, "train_images") if reads_latents else None
+    negatives = train_negatives(data_root, index, pairs) if objective.method == "negclip" else None
+    params = to_dict(cfg)
+    run_tags = {"profile": cfg.profile, "stage": "train", "student": cfg.train.student, "method": objective.method,
+                **(tags or {})}
     if run_id:
         run = tracker.resume(run_id)
         run.log_params(params)
@@ -96,8 +100,8 @@ def run_finetune(cfg: Config, data_root: Path, models: Path, cache: Path, folder
         inputs = {"pairs": text_digest(f"{p.image}\t{p.caption}" for p in pairs),
                   "student": fingerprint(student_dir(models, cfg.train.student)),
                   "teacher": conditioning.meta.get("teacher") if conditioning is not None else None}
-        trial = trainer.setup(cfg.train, cfg.objective, student, pairs, lambda_sds, teacher, conditioning, latents,
-                              cfg.compute, inputs)
+        trial = trainer.setup(cfg.train, objective, student, pairs, teacher, conditioning, latents, cfg.compute, inputs,
+                              negatives)
         run.log_metrics({"trainable_parameters": trial.trainable_count})
         if trainer.load_checkpoint(trial, folder) and not run_id:
             # A new run that continues an interrupted trial (e.g. after a failed evaluation):
@@ -109,14 +113,17 @@ def run_finetune(cfg: Config, data_root: Path, models: Path, cache: Path, folder
         train_seconds = time.perf_counter() - start
         checkpoint = trainer.save_trained(trial, folder)
         run.log_artifact(checkpoint)
-        bench = benchmarks(data_root, read_index(data_root))
+        bench = benchmarks(data_root, index)
         result = evaluate_student(student, bench, cfg.eval, trial.device)
-        if cfg.eval.projected_score and trial.projection is not None and cfg.train.scope != "unet_feature":
+        if cfg.eval.projected_score and trial.projector is not None and objective.method == "sds":
             start = time.perf_counter()
-            result.update(evaluate_projection(student, trial.projection, cfg.objective.latent_scale, teacher,
+            result.update(evaluate_projection(student, trial.projector, objective.latent_scale, teacher,
                                               open_table(cache, "bench_text"), bench, cfg.eval, trial.device,
                                               trial.fast))
             result.metrics["time/projected_seconds"] = time.perf_counter() - start
+        if trial.projector is not None and objective.method == "diffusion_feedback":
+            result.update(evaluate_feedback(student, trial.projector, teacher, open_table(cache, "bench_images"),
+                                            trial.empty, bench, cfg.eval, objective.feedback_tokens, trial.device))
         metrics = result.metrics
         metrics.update({"trainable_parameters": trial.trainable_count, "time/train_seconds": train_seconds})
         run.log_metrics(metrics)

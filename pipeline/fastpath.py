@@ -318,14 +318,15 @@ def pack_calls(groups: "OrderedDict[str, list[str]]", n: int, max_rows: int) -> 
 
 def batched_diffusion_errors(unet: nn.Module, scheduler, latents: torch.Tensor, conditioning: torch.Tensor,
                              captions_per_image: Sequence[int], timesteps: torch.Tensor, noise: torch.Tensor,
-                             opts: FastPath | None = None) -> torch.Tensor:
+                             opts: FastPath | None = None, error: str = "squared") -> torch.Tensor:
     """Mean prediction error of each (image, caption) pair in ONE UNet call, no grad.
 
     latents: [I, *latent] (one per image); conditioning: [P, L, D] (one per pair, pairs of
     image 0 first, then image 1, ...; `captions_per_image[i]` of them for image i);
     timesteps [n] and noise [n, *latent]: the shared bank. Image i's noisy latents are
     built once from the bank and reused by all its captions; the UNet sees P * n rows.
-    Returns [P] errors (float32), the mean over the n samples of `objectives.diffusion_errors`.
+    Returns [P] errors (float32), the mean over the n samples of `objectives.diffusion_errors`
+    (`error`: "squared" or "norm").
     """
     opts = opts or FastPath.default_for(latents.device)
     n = len(timesteps)
@@ -335,14 +336,13 @@ def batched_diffusion_errors(unet: nn.Module, scheduler, latents: torch.Tensor, 
         t_rows = timesteps.repeat(len(latents))
         eps = noise.repeat(len(latents), *([1] * (noise.dim() - 1)))
         noisy = scheduler.add_noise(lat, eps, t_rows).view(len(latents), n, *latents.shape[1:])
-        target = objectives.diffusion_target(scheduler, lat, eps, t_rows).view(len(latents), n, *latents.shape[1:])
         sample = noisy.repeat_interleave(counts, 0).flatten(0, 1)  # [P * n, ...], pair-major
-        target = target.repeat_interleave(counts, 0).flatten(0, 1)
+        target = eps.view(len(latents), n, *latents.shape[1:]).repeat_interleave(counts, 0).flatten(0, 1)
         cond = conditioning.repeat_interleave(n, 0)
         t_all = timesteps.repeat(len(conditioning))
         if opts.channels_last:
             sample = sample.contiguous(memory_format=torch.channels_last)
         with autocast(latents.device, opts):
             pred = unet(sample, t_all, encoder_hidden_states=cond).sample
-        err = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+        err = objectives.epsilon_errors(objectives.predicted_noise(scheduler, pred, sample, t_all), target, error)
         return err.view(len(conditioning), n).mean(1)

@@ -62,7 +62,9 @@ def build_cache(cfg: Config, teacher: Teacher, teacher_id: str, data_root: Path,
     tables = {
         "train_images": (train_images, image_latents(teacher, size), _images_meta(teacher_id, train_images)),
         "bench_images": (bench_images, image_latents(teacher, size), _images_meta(teacher_id, bench_images)),
-        "train_text": (list(dict.fromkeys(p.caption for p in pairs)), text_conditioning(teacher), {"teacher": teacher_id}),
+        # "" (the empty caption): diffusion feedback's conditioning, to which the student's tokens are added.
+        "train_text": (list(dict.fromkeys(["", *(p.caption for p in pairs)])), text_conditioning(teacher),
+                       {"teacher": teacher_id}),
         "bench_text": (list(dict.fromkeys(["", *bench_texts])), text_conditioning(teacher), {"teacher": teacher_id}),
     }
     for name, (keys, compute, meta) in tables.items():

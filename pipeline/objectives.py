@@ -1,6 +1,8 @@
-"""Every training objective in one place: L_CLIP, L_SDS and the UNet-feature distillation loss.
+"""Every training objective in one place: L_CLIP, NegCLIP, L_SDS, UNet-feature distillation and
+diffusion feedback, and the teacher's epsilon error they and the diffusion score share.
 
-Pure functions of tensors and frozen modules; the trainer decides what is trainable.
+Pure functions of tensors and frozen modules; the trainer decides what is trainable and which
+method runs (`pipeline.config.ObjectiveConfig`).
 """
 from __future__ import annotations
 
@@ -22,6 +24,22 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
     return _clip_loss(image_features, text_features, logit_scale)
 
 
+def negclip_loss(image_features: torch.Tensor, text_features: torch.Tensor, negative_features: torch.Tensor,
+                 logit_scale: torch.Tensor) -> torch.Tensor:
+    """NegCLIP's loss: L_CLIP with the hard-negative captions appended to the text side.
+
+    Image i's softmax runs over the B captions and the B negatives (its own caption is the
+    answer); caption i's softmax runs over the B images only, since a negative describes no
+    image of the batch (as vinid/neg_clip computes it: `logits_per_text[:B]`). With no
+    negatives it is `clip_loss`.
+    """
+    labels = torch.arange(len(image_features), device=image_features.device)
+    texts = torch.cat([text_features, negative_features])
+    per_image = logit_scale * image_features @ texts.T
+    per_text = logit_scale * text_features @ image_features.T
+    return (F.cross_entropy(per_image, labels) + F.cross_entropy(per_text, labels)) / 2
+
+
 class LatentProjection(nn.Module):
     """h_w: the image embedding (width d) -> a tensor of the teacher's latent (or feature) shape."""
 
@@ -32,6 +50,26 @@ class LatentProjection(nn.Module):
 
     def forward(self, embedding: torch.Tensor) -> torch.Tensor:
         return self.linear(embedding).view(-1, *self.shape)
+
+
+class FeedbackProjector(nn.Module):
+    """Diffusion feedback's projector: the student's image tokens -> the teacher's conditioning.
+
+    Each token (width d: the CLS embedding first, then any patch tokens) goes through one
+    Linear(d, D) and is added to the empty caption's conditioning [L, D] at the first
+    positions, the rest of which stays as it is (DIVA's construction; with the CLS token alone,
+    GenHancer's and DCR's single global condition).
+    """
+
+    def __init__(self, embed_dim: int, width: int):
+        super().__init__()
+        self.linear = nn.Linear(embed_dim, width)
+
+    def forward(self, tokens: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
+        """tokens [B, k, d], empty [L, D] with k <= L -> conditioning [B, L, D]."""
+        batch, k = tokens.shape[:2]
+        head = empty[:k] + self.linear(tokens)
+        return torch.cat([head, empty[k:].expand(batch, -1, -1)], dim=1)
 
 
 def sample_timesteps(batch: int, t_min: int, t_max: int, generator: torch.Generator | None = None,
@@ -53,13 +91,55 @@ def check_fits_teacher(scheduler: DDPMScheduler, t_key: str, t_max: int, noising
 
 def diffusion_target(scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor,
                      timesteps: torch.Tensor) -> torch.Tensor:
-    """What the UNet predicts under the scheduler's prediction type (SD 1.x: eps; SD 2.1: v)."""
+    """What the UNet is trained to output under the scheduler's prediction type (SD 1.x: eps;
+    SD 2.1: v): the toy teacher's own training target."""
     kind = scheduler.config.prediction_type
     if kind == "epsilon":
         return noise
     if kind == "v_prediction":
         return scheduler.get_velocity(latents, noise, timesteps)
     raise ValueError(f"prediction_type {kind!r} is not supported; use 'epsilon' or 'v_prediction'")
+
+
+def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return values.to(like.device).float().view(-1, *([1] * (like.dim() - 1)))
+
+
+def predicted_noise(scheduler: DDPMScheduler, output: torch.Tensor, noisy: torch.Tensor,
+                    timesteps: torch.Tensor) -> torch.Tensor:
+    """The UNet's estimate of the noise in `noisy` (x_t at `timesteps`), whatever it predicts.
+
+    An epsilon model's output is that estimate. A v-prediction model's v_hat converts through
+    x_t = sqrt(abar) x_0 + sqrt(1 - abar) eps and v = sqrt(abar) eps - sqrt(1 - abar) x_0:
+    eps_hat = sqrt(abar) v_hat + sqrt(1 - abar) x_t, so eps_hat - eps = sqrt(abar) (v_hat - v).
+    Comparing v_hat with v instead would weight step t by 1/abar_t against the paper's epsilon
+    error (x121 at t = 950 on SD's schedule).
+    """
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return output
+    if kind != "v_prediction":
+        raise ValueError(f"prediction_type {kind!r} is not supported; use 'epsilon' or 'v_prediction'")
+    abar = _per_sample(scheduler.alphas_cumprod.to(timesteps.device)[timesteps], output)
+    return abar.sqrt() * output.float() + (1 - abar).sqrt() * noisy.float()
+
+
+def squared_error(pred: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """||pred - target||^2 of a batch: "mean" over every element (as F.mse_loss), or "sum" over
+    each sample's elements and then the mean over the batch; the two differ by the per-sample
+    element count."""
+    error = (pred.float() - target.float()).pow(2)
+    if reduction == "mean":
+        return error.mean()
+    if reduction == "sum":
+        return error.flatten(1).sum(1).mean()
+    raise ValueError(f"reduction {reduction!r} is not one of 'mean', 'sum'")
+
+
+def _reduction_scale(latents: torch.Tensor, reduction: str) -> float:
+    """d squared_error / d pred = 2 (pred - target) times this."""
+    per_sample = latents[0].numel()
+    return 1.0 / latents.shape[0] / (per_sample if reduction == "mean" else 1)
 
 
 @dataclass
@@ -70,41 +150,53 @@ class SdsOutput:
 
 def sds_loss(latents: torch.Tensor, conditioning: torch.Tensor, unet: UNet2DConditionModel,
              scheduler: DDPMScheduler, timesteps: torch.Tensor, noise: torch.Tensor,
-             noising: str = "noise", gradient: str = "backprop") -> SdsOutput:
-    """L_SDS = || unet(x_t, t, c) - target ||^2 for x_0 = `latents` = h_w(f(x)).
+             noising: str = "noise", gradient: str = "backprop", reduction: str = "mean") -> SdsOutput:
+    """L_SDS = || eps_hat(x_t, t, c) - eps ||^2 for x_0 = `latents` = h_w(f(x)) (`predicted_noise`).
 
     noising="noise": x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (DreamFusion's SDS).
     noising="none": x_t = x_0, the paper's equation read literally (epsilon models only).
-    gradient="backprop": the mean squared error differentiated through the frozen UNet.
-    gradient="sds": DreamFusion's gradient w(t) (eps_hat - target) on x_0 with w(t) = 1 - abar_t
-    and the UNet under no-grad, scaled like the mean-reduced loss. `loss` always has the
+    gradient="backprop": the squared error differentiated through the frozen UNet.
+    gradient="sds": DreamFusion's gradient w(t) (eps_hat - eps) on x_0 with w(t) = 1 - abar_t
+    and the UNet under no-grad, scaled as `reduction` scales the loss. `loss` always has the
     literal L_SDS as its value (so logged totals compare across modes); in this mode a
     zero-valued surrogate term carries that gradient.
     """
     if noising == "noise":
         noisy = scheduler.add_noise(latents, noise, timesteps)
-        target = diffusion_target(scheduler, latents, noise, timesteps)
     elif noising == "none":
         if scheduler.config.prediction_type != "epsilon":
             raise ValueError("objective.noising 'none' needs an epsilon-prediction teacher")
-        noisy, target = latents, noise
+        noisy = latents
     else:
         raise ValueError(f"objective.noising {noising!r} is not one of 'noise', 'none'")
     if gradient == "backprop":
-        pred = unet(noisy, timesteps, encoder_hidden_states=conditioning).sample
-        mse = F.mse_loss(pred.float(), target.float())
-        return SdsOutput(mse, mse.detach())
+        pred = predicted_noise(scheduler, unet(noisy, timesteps, encoder_hidden_states=conditioning).sample,
+                               noisy, timesteps)
+        loss = squared_error(pred, noise, reduction)
+        return SdsOutput(loss, loss.detach())
     if gradient != "sds":
         raise ValueError(f"objective.gradient {gradient!r} is not one of 'backprop', 'sds'")
     with torch.no_grad():
-        pred = unet(noisy.detach(), timesteps, encoder_hidden_states=conditioning).sample.float()
-        residual = pred - target.detach().float()
-        abar = scheduler.alphas_cumprod.to(latents.device)[timesteps].float()
-        weight = (1.0 - abar).view(-1, *([1] * (latents.dim() - 1)))
-        grad = 2.0 * weight * residual / residual[0].numel() / latents.shape[0]
+        pred = predicted_noise(scheduler, unet(noisy.detach(), timesteps, encoder_hidden_states=conditioning).sample,
+                               noisy.detach(), timesteps)
+        residual = pred.float() - noise.float()
+        weight = 1.0 - _per_sample(scheduler.alphas_cumprod.to(timesteps.device)[timesteps], latents)
+        grad = 2.0 * weight * residual * _reduction_scale(latents, reduction)
+        value = squared_error(pred, noise, reduction)
     surrogate = (grad * latents.float()).sum()
-    mse = residual.pow(2).mean()
-    return SdsOutput(mse + (surrogate - surrogate.detach()), mse)   # grouped: adds an exact 0
+    return SdsOutput(value + (surrogate - surrogate.detach()), value)   # grouped: adds an exact 0
+
+
+def feedback_loss(latents: torch.Tensor, conditioning: torch.Tensor, unet: UNet2DConditionModel,
+                  scheduler: DDPMScheduler, timesteps: torch.Tensor, noise: torch.Tensor,
+                  reduction: str = "mean") -> torch.Tensor:
+    """Diffusion feedback: the frozen UNet's epsilon error on the image's own (VAE) latent noised to
+    `timesteps`, conditioned on what the student's projected tokens give (`FeedbackProjector`);
+    its gradient reaches the student only through the conditioning."""
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    pred = predicted_noise(scheduler, unet(noisy, timesteps, encoder_hidden_states=conditioning).sample,
+                           noisy, timesteps)
+    return squared_error(pred, noise, reduction)
 
 
 def unet_features(unet: UNet2DConditionModel, noisy: torch.Tensor, timesteps: torch.Tensor,
@@ -120,16 +212,31 @@ def unet_features(unet: UNet2DConditionModel, noisy: torch.Tensor, timesteps: to
     return captured[0]
 
 
-def unet_feature_loss(predicted: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-    """Appendix A.2: || h_w(f(x)) - I(x, c) ||^2 (mean over elements)."""
-    return F.mse_loss(predicted.float(), features.float())
+def unet_feature_loss(predicted: torch.Tensor, features: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Appendix A.2: || h_w(f(x)) - I(x, c) ||^2."""
+    return squared_error(predicted, features, reduction)
+
+
+ERRORS = ("squared", "norm")
 
 
 def diffusion_errors(unet: UNet2DConditionModel, scheduler: DDPMScheduler, latents: torch.Tensor,
-                     conditioning: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """Per-row mean squared prediction error of the teacher (eq. 1-2's inner term), no grad."""
+                     conditioning: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor,
+                     error: str = "squared") -> torch.Tensor:
+    """Per-row prediction error of the teacher (eq. 1-2's inner term), no grad: the mean squared
+    epsilon error ("squared", the paper's), or the L2 norm of the epsilon error ("norm", what
+    diffusion-itm averages over its timesteps)."""
     with torch.no_grad():
         noisy = scheduler.add_noise(latents, noise, timesteps)
-        target = diffusion_target(scheduler, latents, noise, timesteps)
         pred = unet(noisy, timesteps, encoder_hidden_states=conditioning).sample
-        return (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+        return epsilon_errors(predicted_noise(scheduler, pred, noisy, timesteps), noise, error)
+
+
+def epsilon_errors(pred: torch.Tensor, noise: torch.Tensor, error: str = "squared") -> torch.Tensor:
+    """One error per row of an epsilon estimate: its mean squared error, or the error's L2 norm."""
+    diff = (pred.float() - noise.float()).flatten(1)
+    if error == "squared":
+        return diff.pow(2).mean(1)
+    if error == "norm":
+        return diff.norm(dim=1)
+    raise ValueError(f"error {error!r} is not one of {', '.join(ERRORS)}")

@@ -17,10 +17,14 @@ import csv
 import io
 import math
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from pipeline.io import write_bytes, write_text
+from pipeline.metrics import PairedDifference, outcome_parts, paired_difference, seed_task_interval
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -49,6 +53,21 @@ ZEROSHOT_MEAN = "zeroshot/mean"
 
 
 # ----------------------------------------------------------------------------- tables
+
+
+TEACHER_TERMS = {"sds": "L_SDS", "unet_feature": "L_UNet-feature", "diffusion_feedback": "L_feedback"}
+
+
+def objective_label(objective) -> str:
+    """A Table-1 row label for a fine-tuning objective (`config.ObjectiveConfig`), e.g.
+    "FT with L_CLIP + 0.1 L_SDS", "FT with NegCLIP"."""
+    contrastive = "NegCLIP" if objective.method == "negclip" else "L_CLIP"
+    if objective.clip_weight != 1:
+        contrastive = f"{objective.clip_weight:g} {contrastive}" if objective.clip_weight else ""
+    if not objective.teacher_loss:
+        return f"FT with {contrastive}"
+    teacher = f"{objective.lambda_sds:g} {TEACHER_TERMS[objective.method]}"
+    return f"FT with {contrastive} + {teacher}" if contrastive else f"FT with {teacher}"
 
 
 def metric_cells(metrics: dict[str, float]) -> list[str]:
@@ -342,4 +361,171 @@ def zeroshot_figure(runs: list[tuple[str, dict[str, float]]]) -> Figure | None:
     axes.set_title("Zero-shot accuracy per dataset")
     axes.grid(True, axis="y", alpha=0.3)
     add_legend(figure)
+    return figure
+
+
+# ----------------------------------------------------------------------------- variants side by side
+
+# The headline metrics a comparison of variants reports (Winoground's three scores, ARO overall, the
+# zero-shot mean), each computed from the runs' stored per-case outcomes.
+HEADLINE = [("Wino text", "winoground/text"), ("Wino image", "winoground/image"), ("Wino group", "winoground/group"),
+            ("ARO", "aro/overall"), ("Zero-shot", "zeroshot/mean")]
+# What explains a variant's result, where its runs have it.
+DIAGNOSTICS = [("h_w text", "projected/winoground/text"), ("feedback error ratio", "feedback/error_ratio"),
+               ("final L_CLIP", "loss/clip"), ("trainable", "trainable_parameters"),
+               ("train s", "time/train_seconds")]
+
+
+@dataclass
+class VariantRow:
+    """One variant's finished seeds: per headline metric the mean, seed spread and interval, and the
+    paired comparison with the reference variant (None for the reference itself)."""
+
+    name: str
+    seeds: list[int]
+    scores: dict[str, tuple[float, float, float, float]]       # metric -> (mean, sd over seeds, low, high)
+    versus: dict[str, PairedDifference] | None
+    diagnostics: dict[str, float]
+
+
+def variant_trials(trials: list[dict]) -> dict[str, list[dict]]:
+    """Finished trials of a results file, by variant name (first-seen order), each list by seed."""
+    groups: dict[str, list[dict]] = {}
+    for trial in trials:
+        config = trial.get("config") or {}
+        if trial.get("status") == "finished" and "variant" in config and trial.get("outcomes"):
+            groups.setdefault(config["variant"], []).append(trial)
+    return {name: sorted(runs, key=lambda t: t["config"].get("train.seed", 0)) for name, runs in groups.items()}
+
+
+def compare_variants(trials: list[dict], order: list[str], n_resamples: int = 1000, seed: int = 0) -> list[VariantRow]:
+    """A `VariantRow` per variant with finished seeds, in `order`; the first is the reference row."""
+    groups = variant_trials(trials)
+    names = [name for name in order if name in groups]
+    if not names:
+        return []
+    parts = {name: outcome_parts([t["outcomes"] for t in groups[name]]) for name in names}
+    rows = []
+    for name in names:
+        runs = groups[name]
+        scores = {}
+        for _, key in HEADLINE:
+            if key not in parts[name]:
+                continue
+            values = [t["metrics"][key] for t in runs if key in t["metrics"]]
+            mean, low, high = seed_task_interval(parts[name][key], n_resamples, seed=seed)
+            scores[key] = (mean, float(np.std(values, ddof=1)) if len(values) > 1 else 0.0, low, high)
+        versus = None
+        if name != names[0]:
+            versus = {key: paired_difference(parts[name][key], parts[names[0]][key], n_resamples, seed=seed)
+                      for _, key in HEADLINE if key in parts[name] and key in parts[names[0]]}
+        diagnostics = {key: float(np.mean([t["metrics"][key] for t in runs if key in t["metrics"]]))
+                       for _, key in DIAGNOSTICS if any(key in t["metrics"] for t in runs)}
+        rows.append(VariantRow(name, [t["config"].get("train.seed", 0) for t in runs], scores, versus, diagnostics))
+    return rows
+
+
+def _signed(value: float) -> str:
+    return f"{value:+.3f}"
+
+
+def _p(value: float) -> str:
+    return "<0.001" if value < 0.001 else f"{value:.3f}"
+
+
+def variant_tables(rows: list[VariantRow], labels: dict[str, str]) -> dict[str, tuple[list[str], list[list[str]]]]:
+    """The three tables of a variant comparison: scores, differences to the reference, diagnostics."""
+    shown = [(title, key) for title, key in HEADLINE if any(key in row.scores for row in rows)]
+    scores = [[labels.get(r.name, r.name), str(len(r.seeds))] +
+              [f"{r.scores[k][0]:.3f} ± {r.scores[k][1]:.3f} [{r.scores[k][2]:.3f}, {r.scores[k][3]:.3f}]"
+               if k in r.scores else "-" for _, k in shown] for r in rows]
+    diffs = [[labels.get(r.name, r.name)] +
+             [f"{_signed(d.difference)} [{_signed(d.low)}, {_signed(d.high)}] p={_p(d.p_value)}"
+              if (d := (r.versus or {}).get(k)) else "-" for _, k in shown] for r in rows[1:]]
+    kept = [(title, key) for title, key in DIAGNOSTICS if any(key in r.diagnostics for r in rows)]
+    diagnostics = [[labels.get(r.name, r.name)] +
+                   [(f"{r.diagnostics[k]:.0f}" if k in ("trainable_parameters", "time/train_seconds")
+                     else f"{r.diagnostics[k]:.3f}") if k in r.diagnostics else "-" for _, k in kept] for r in rows]
+    return {
+        "scores": (["method", "seeds"] + [t for t, _ in shown], scores),
+        "versus": (["method"] + [f"Δ {t}" for t, _ in shown], diffs),
+        "diagnostics": (["method"] + [t for t, _ in kept], diagnostics),
+    }
+
+
+def variant_csv(rows: list[VariantRow], labels: dict[str, str]) -> str:
+    """One line per variant, every number in its own column (metric keys as headers)."""
+    header = ["variant", "label", "seeds"]
+    for _, key in HEADLINE:
+        header += [f"{key}/mean", f"{key}/sd", f"{key}/ci_low", f"{key}/ci_high",
+                   f"{key}/diff", f"{key}/diff_ci_low", f"{key}/diff_ci_high", f"{key}/p"]
+    header += [key for _, key in DIAGNOSTICS]
+    lines = []
+    for r in rows:
+        line = [r.name, labels.get(r.name, r.name), " ".join(map(str, r.seeds))]
+        for _, key in HEADLINE:
+            score = r.scores.get(key)
+            line += [f"{v:.6f}" for v in score] if score else [""] * 4
+            d = (r.versus or {}).get(key)
+            line += [f"{d.difference:.6f}", f"{d.low:.6f}", f"{d.high:.6f}", f"{d.p_value:.6g}"] if d else [""] * 4
+        line += [f"{r.diagnostics[k]:.6g}" if k in r.diagnostics else "" for _, k in DIAGNOSTICS]
+        lines.append(line)
+    return csv_text(header, lines)
+
+
+def write_variant_report(name: str, rows: list[VariantRow], labels: dict[str, str], out: Path,
+                         n_resamples: int, caption: str = "") -> list[Path]:
+    """`<name>.md` / `.tex` (the three tables), `.csv` and `.png` (the differences with their intervals)."""
+    tables = variant_tables(rows, labels)
+    reference = labels.get(rows[0].name, rows[0].name)
+    notes = {
+        "scores": f"Mean ± sd over seeds [95% interval over seeds and cases, {n_resamples} resamples].",
+        "versus": f"Difference to {reference} on the same cases [paired 95% interval] and the exact "
+                  "paired sign-flip p-value (McNemar's test when each row has one seed).",
+        "diagnostics": "Means over seeds. h_w text: the teacher's text score on h_w(f(x)) (SDS); feedback error "
+                       "ratio: the teacher's epsilon error with the student's projected tokens over that with the "
+                       "empty caption (diffusion feedback; 1 = the tokens tell the teacher nothing).",
+    }
+    md = [f"# {caption or name}", ""]
+    tex = []
+    for key, title in (("scores", "Scores"), ("versus", f"Against {reference}"), ("diagnostics", "Diagnostics")):
+        header, body = tables[key]
+        if not body:
+            continue
+        md += [f"## {title}", "", notes[key], "", markdown(header, body)]
+        tex += [f"% {title}: {notes[key]}", latex(header, body)]
+    paths = [Path(out) / f"{name}.{suffix}" for suffix in ("md", "tex", "csv")]
+    for path, text in zip(paths, ("\n".join(md), "\n".join(tex), variant_csv(rows, labels))):
+        write_text(path, text)
+    figure = variant_figure(rows, labels, caption or name)
+    if figure is not None:
+        paths.append(write_figure(Path(out) / f"{name}.png", figure))
+    return paths
+
+
+def variant_figure(rows: list[VariantRow], labels: dict[str, str], title: str) -> Figure | None:
+    """One panel per headline metric: each variant's difference to the reference with its paired 95%
+    interval (a dot and a bar), a line at 0; None when there is nothing to compare."""
+    compared = [r for r in rows[1:] if r.versus]
+    keys = [(t, k) for t, k in HEADLINE if any(k in r.versus for r in compared)]
+    if not keys:
+        return None
+    figure = new_figure(2.4 * len(keys) + 1.5, 0.45 * len(compared) + 1.6)
+    axes = figure.subplots(1, len(keys), sharey=True, squeeze=False)[0]
+    ys = list(range(len(compared)))
+    for ax, (name, key) in zip(axes, keys):
+        for y, row in zip(ys, compared):
+            d = row.versus.get(key)
+            if d is None:
+                continue
+            colour = "tab:green" if d.low > 0 else "tab:red" if d.high < 0 else "tab:gray"
+            ax.errorbar([d.difference], [y], xerr=[[d.difference - d.low], [d.high - d.difference]], fmt="o",
+                        color=colour, capsize=3)
+        ax.axvline(0, color="black", linewidth=0.8)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel(f"Δ vs {labels.get(rows[0].name, rows[0].name)}", fontsize=8)
+        ax.grid(True, axis="x", alpha=0.3)
+    axes[0].set_yticks(ys, [labels.get(r.name, r.name) for r in compared])
+    axes[0].invert_yaxis()
+    figure.suptitle(f"{title}: paired 95% intervals over seeds and cases (green/red: excludes 0)", fontsize=9)
     return figure

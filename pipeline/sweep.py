@@ -206,8 +206,9 @@ def dry_run_text(sweep: sweep_config.Sweep, specs: list[sweep_config.TrialSpec],
         f"  MLflow experiment {experiment_name(s)!r} at {s.base_config.tracking.uri}; "
         f"Ray storage {storage_root(s, root, args.storage)}",
     ]
-    if s.base.params:
-        lines.append(f"  base params: {sweep_config.describe(flatten(sweep_config.unflatten(s.base.params)))}")
+    base = {k: v for k, v in flatten(s.overrides).items() if k != "profile"}
+    if base:
+        lines.append(f"  base params ({s.profile}): {sweep_config.describe(base)}")
     if specs:
         keys = columns(s)
         rows = [["trial"] + keys] + [[t.label] + [sweep_config._fmt(t.values[k]) for k in keys] for t in specs]
@@ -323,7 +324,7 @@ def run_trial(config: dict, context: dict) -> None:
     name = f"{context['sweep']} {label}: {sweep_config.describe(values)}"
     tags = {"sweep": context["sweep"], "sweep_role": "trial", "trial_id": trial_id, "trial": label,
             "profile": context["profile"], "stage": "sweep", "git_commit": context["git_commit"],
-            "spec_hash": context["spec_hash"]}
+            "spec_hash": context["spec_hash"], **({"variant": values["variant"]} if "variant" in values else {})}
     if found is None:
         run = tracker.start(name, params=values, tags={**tags, "status": "running", "attempts": 0},
                             parent=context["parent_run_id"], experiment=context["experiment"])
@@ -336,7 +337,8 @@ def run_trial(config: dict, context: dict) -> None:
 
     latest: dict[str, float] = {}
     try:
-        cfg = from_dict(resolve(context["params"], deep_merge(context["overrides"], sweep_config.unflatten(values))))
+        dotted = sweep_config.expand(values, context["variants"])
+        cfg = from_dict(resolve(context["params"], deep_merge(context["overrides"], sweep_config.unflatten(dotted))))
         torch.set_num_threads(cfg.train.threads or context["threads"])
         steps, every = cfg.train.steps, cfg.train.checkpoint_every
 
@@ -371,7 +373,7 @@ def run_trial(config: dict, context: dict) -> None:
                 shutil.rmtree(stage, ignore_errors=True)
 
         result = run_finetune(cfg, root / cfg.data.root, root / "models", root / cfg.cache.root, folder, tracker,
-                              name, cfg.objective.lambda_sds, tags=tags, parent=context["parent_run_id"],
+                              name, tags=tags, parent=context["parent_run_id"],
                               run_id=run_id, on_log=on_log, on_checkpoint=on_checkpoint, progress=False)
     except trainer.TrialStopped:
         handle.set_tags({"status": "stopped"})
@@ -552,6 +554,7 @@ class Driver:
             "experiment": self.experiment, "tracking_uri": self.uri, "parent_run_id": parent_id,
             "sweep": sweep.name, "profile": sweep.profile, "git_commit": self.commit, "spec_hash": sweep.spec_hash(),
             "threads": max(1, int(sweep.resources.cpu)), "space": list(sweep.space), "repeats": sweep.repeats,
+            "variants": sweep.variants,
         }
         fn = tune.with_parameters(run_trial, context=context)
         resources = {"cpu": sweep.resources.cpu}

@@ -8,8 +8,13 @@ base:                             # what every trial starts from
   profile: toy                    # smoke | toy | paper (omitted: params.yaml's `profile`)
   params:                         # overrides of params.yaml: dotted keys or nested mappings
     train.steps: 200
+  profiles:                       # more overrides for one profile (after params)
+    paper: {train.lr: 1e-5}
 space:                            # one entry per swept parameter (objective.*, train.*, eval.*)
   objective.lambda_sds: [0, 1e-4, 1e-3]         # a grid list
+  variant:                                      # named bundles of values, a grid over the names
+    clip: {objective.method: clip, objective.lambda_sds: 0}
+    negclip: {objective.method: negclip, objective.lambda_sds: 0}
   train.scope: {all: true}                      # grid over every allowed value (literals, true/false, train.student)
   train.lr: {loguniform: [1e-5, 1e-2]}          # random / optuna only: choice, uniform, loguniform,
   train.batch_size: {randint: [8, 32]}          #   randint (both bounds inclusive)
@@ -24,7 +29,9 @@ mode: max
 storage_path: ""                  # Ray Tune's storage: "" = <project>/ray_results; a path or URI
 ```
 
-Semantics: `grid` runs the cross product of the lists (x seeds); `random` draws
+Semantics: `grid` runs the cross product of the lists (x seeds), a `variant` counting as one list
+of its names (each name sets its bundle's values; a bundle may not set a key another entry of
+`space` sweeps); `random` draws
 `num_samples` values of the sampled parameters (seeded by `search.seed`) and crosses
 each draw with the lists (x seeds), so both are a fixed trial list known before the
 sweep starts (`--dry-run` prints it); `optuna` lets Optuna's sampler draw `num_samples`
@@ -72,6 +79,7 @@ METRICS_ALLOWED = ("winoground/{text,image,group}[/{object,relation,both,preds_1
                    "aro/{overall,vg_relation,vg_attribution,coco_order}, zeroshot/{mean,<set>}, "
                    "loss/{clip,total,sds,unet_feature}")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_VARIANT_NAME = re.compile(r"[^\x00-\x1f\x7f ](?:[^\x00-\x1f\x7f]{0,62}[^\x00-\x1f\x7f ])?")
 # Keys of params.yaml no trial depends on (the `sweep` stage's list of sweep files): left out of trial configs.
 NOT_CONFIG_KEYS = ("sweeps",)
 
@@ -81,10 +89,13 @@ NOT_CONFIG_KEYS = ("sweeps",)
 
 @dataclass
 class BaseSpec:
-    """What every trial starts from: a profile of params.yaml plus overrides."""
+    """What every trial starts from: a profile of params.yaml plus overrides (`params`, then those
+    of the active profile in `profiles`, e.g. a learning rate the toy world and the paper's models
+    each need)."""
 
     profile: Literal["", "smoke", "toy", "paper"] = ""
     params: dict = field(default_factory=dict)
+    profiles: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -144,6 +155,8 @@ class Dimension:
         return self.kind in DISTRIBUTIONS
 
     def describe(self) -> str:
+        if self.key == VARIANT:
+            return "[" + ", ".join(name for name, _ in self.values) + "]"
         if self.kind == "grid":
             return "[" + ", ".join(_fmt(v) for v in self.values) + "]"
         if self.kind == "choice":
@@ -176,6 +189,12 @@ class Sweep:
         return self.overrides["profile"]
 
     @property
+    def variants(self) -> dict[str, dict]:
+        """The `variant` entry's bundles by name ({} when the sweep has none)."""
+        dim = self.space.get(VARIANT)
+        return dict(dim.values) if dim is not None else {}
+
+    @property
     def grid(self) -> list[Dimension]:
         return [d for d in self.space.values() if not d.sampled]
 
@@ -202,11 +221,12 @@ class Sweep:
     def max_steps(self) -> int:
         dim = self.space.get("train.steps")
         steps = [self.base_config.train.steps] if dim is None else list(dim.values)
+        steps += [bundle["train.steps"] for bundle in self.variants.values() if "train.steps" in bundle]
         return int(max(steps))
 
     def config(self, values: dict[str, Any]) -> Config:
-        """The validated Config of a trial with these dotted-key values."""
-        return from_dict(resolve(self.params, deep_merge(self.overrides, unflatten(values))))
+        """The validated Config of a trial with these dotted-key values (a `variant` name among them)."""
+        return from_dict(resolve(self.params, deep_merge(self.overrides, unflatten(expand(values, self.variants)))))
 
     def spec_hash(self) -> str:
         """Identifies the sweep definition and params a launch ran with (checked on --resume)."""
@@ -227,6 +247,17 @@ class TrialSpec:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+VARIANT = "variant"
+
+
+def expand(values: dict[str, Any], variants: dict[str, dict]) -> dict[str, Any]:
+    """A trial's dotted-key values with its `variant` name replaced by that bundle's values."""
+    out = {k: v for k, v in values.items() if k != VARIANT}
+    if VARIANT in values:
+        out.update(variants[values[VARIANT]])
+    return out
 
 
 def _fmt(value: Any) -> str:
@@ -335,9 +366,9 @@ def parse(raw: Any, params: dict, profile: str | None = None, source: str = "") 
 
 def _base(raw: Any, profile: str | None) -> BaseSpec:
     raw = {} if raw is None else _mapping(raw, "base")
-    unknown = sorted(str(k) for k in raw if k not in ("profile", "params"))
+    unknown = sorted(str(k) for k in raw if k not in ("profile", "params", "profiles"))
     if unknown:
-        raise ConfigError(f"base.{unknown[0]}: unknown key; allowed keys: params, profile")
+        raise ConfigError(f"base.{unknown[0]}: unknown key; allowed keys: params, profile, profiles")
     value = raw.get("profile", "")
     value = "" if value is None else value
     if value not in ("",) + PROFILES:
@@ -349,7 +380,15 @@ def _base(raw: Any, profile: str | None) -> BaseSpec:
     if "profile" in params or "profiles" in params:
         key = "profile" if "profile" in params else "profiles"
         raise ConfigError(f"base.params.{key}: not allowed here; set the profile with base.profile")
-    return BaseSpec(profile=profile or value, params=params)
+    presets = raw.get("profiles") or {}
+    if not isinstance(presets, dict):
+        raise ConfigError(f"base.profiles: {presets!r} is not allowed; expected a mapping of profile name to params")
+    for name, preset in presets.items():
+        if name not in PROFILES:
+            raise ConfigError(f"base.profiles.{name}: unknown profile; allowed: {', '.join(PROFILES)}")
+        if not isinstance(preset, dict):
+            raise ConfigError(f"base.profiles.{name}: {preset!r} is not allowed; expected a mapping of params.yaml keys")
+    return BaseSpec(profile=profile or value, params=params, profiles={k: v or {} for k, v in presets.items()})
 
 
 def _base_config(base: BaseSpec, params: dict) -> tuple[dict, Config]:
@@ -357,16 +396,19 @@ def _base_config(base: BaseSpec, params: dict) -> tuple[dict, Config]:
         raise ConfigError("params.yaml: the top level must be a mapping")
     profile = base.profile or params.get("profile", "toy")
     from_dict(resolve(params, {"profile": profile}))            # params.yaml's own errors, as the stages say them
+    common = _base_overrides(base.params, {}, "base.params", params, profile)[0]
+    for name, preset in base.profiles.items():    # every preset checked, not only the active one
+        _base_overrides(preset, common, f"base.profiles.{name}", params, name)
+    return _base_overrides(base.profiles.get(profile, {}), common, f"base.profiles.{profile}", params, profile)
+
+
+def _base_overrides(values: dict, under: dict, where: str, params: dict, profile: str) -> tuple[dict, Config]:
+    """`values` (dotted or nested) merged over `under` and the profile, checked; (overrides, Config)."""
     try:
-        nested = unflatten(base.params)
+        overrides = deep_merge(deep_merge(under, unflatten(values)), {"profile": profile})
+        return overrides, from_dict(resolve(params, overrides))
     except ConfigError as err:
-        raise ConfigError(f"base.params.{err}") from None
-    overrides = deep_merge(nested, {"profile": profile})
-    try:
-        config = from_dict(resolve(params, overrides))
-    except ConfigError as err:
-        raise ConfigError(f"base.params.{err}") from None
-    return overrides, config
+        raise ConfigError(f"{where}.{err}") from None
 
 
 def _check_search(search: SearchSpec, raw: dict) -> None:
@@ -421,7 +463,10 @@ def _space(raw: Any, search: str, base: Config) -> dict[str, Dimension]:
         raise ConfigError(f"space: {raw!r} is not allowed; expected a non-empty mapping of parameter to values")
     space = {}
     for key, spec in raw.items():
-        space[str(key)] = _dimension(str(key), spec, search, base)
+        if str(key) == VARIANT:
+            space[VARIANT] = _variants(spec, search, base, [str(k) for k in raw if str(k) != VARIANT])
+        else:
+            space[str(key)] = _dimension(str(key), spec, search, base)
     return space
 
 
@@ -455,6 +500,36 @@ def _value(key: str, tp: Any, meta: dict, value: Any, where: str, base: Config) 
     if key == "train.student" and converted not in base.students:
         raise ConfigError(f"{where}: {converted!r} is not a student; allowed: {', '.join(base.students)}")
     return converted
+
+
+def _variants(spec: Any, search: str, base: Config, others: list[str]) -> Dimension:
+    """`space.variant`: {name: {dotted key: value}}; every value checked as its key's own would be."""
+    where = f"space.{VARIANT}"
+    if search == "optuna":
+        raise ConfigError(f"{where}: not allowed with search.type 'optuna' (Optuna draws every value); "
+                          "allowed with: grid, random")
+    if not isinstance(spec, dict) or not spec:
+        raise ConfigError(f"{where}: {spec!r} is not allowed; expected a mapping of variant name to a mapping of "
+                          "params (e.g. negclip: {objective.method: negclip, objective.lambda_sds: 0})")
+    bundles = []
+    for name, bundle in spec.items():
+        name = str(name)
+        if not _VARIANT_NAME.fullmatch(name):
+            raise ConfigError(f"{where}.{name!r}: not allowed as a name; expected 1-64 printable characters, "
+                              "not starting or ending with a space (the name labels the variant's row in reports)")
+        if not isinstance(bundle, dict) or not bundle:
+            raise ConfigError(f"{where}.{name}: {bundle!r} is not allowed; expected a non-empty mapping of params "
+                              "(dotted keys) to values")
+        values = {}
+        for key, value in bundle.items():
+            key = str(key)
+            tp, meta = _sweepable(key)
+            if key in others:
+                raise ConfigError(f"{where}.{name}.{key}: also swept by space.{key}; a variant may set only keys "
+                                  "no other entry of space sweeps")
+            values[key] = _value(key, tp, meta, value, f"{where}.{name}.{key}", base)
+        bundles.append((name, values))
+    return Dimension(VARIANT, "grid", tuple(bundles))
 
 
 def _dimension(key: str, spec: Any, search: str, base: Config) -> Dimension:
@@ -553,7 +628,7 @@ def trials(sweep: Sweep) -> list[TrialSpec]:
     draws: list[dict] = [{}]
     if sweep.search.type == "random":
         draws = [{d.key: sample(d, rng) for d in sweep.sampled} for _ in range(sweep.search.num_samples)]
-    grid = [[(d.key, v) for v in d.values] for d in sweep.grid]
+    grid = [[(d.key, v[0] if d.key == VARIANT else v) for v in d.values] for d in sweep.grid]
     out = []
     for draw in draws:
         for cell in itertools.product(*grid):
@@ -592,8 +667,8 @@ def describe(values: dict[str, Any]) -> str:
 def to_dict(sweep: Sweep) -> dict:
     """The sweep's definition as plain data (what a launch logs and its resume checks)."""
     return {
-        "name": sweep.name, "profile": sweep.profile, "base": sweep.base.params,
-        "space": {k: {d.kind: list(d.values)} for k, d in sweep.space.items()},
+        "name": sweep.name, "profile": sweep.profile, "base": sweep.base.params, "base_profiles": sweep.base.profiles,
+        "space": {k: {d.kind: [dict([v]) if k == VARIANT else v for v in d.values]} for k, d in sweep.space.items()},
         "search": dataclasses.asdict(sweep.search), "scheduler": dataclasses.asdict(sweep.scheduler),
         "seeds": list(sweep.seeds), "resources": dataclasses.asdict(sweep.resources),
         "max_concurrent": sweep.max_concurrent, "metric": sweep.metric, "mode": sweep.mode,

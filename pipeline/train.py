@@ -1,9 +1,14 @@
-"""One trial: fine-tune a student with L_CLIP + lambda * L_SDS (or the UNet-feature loss), then evaluate.
+"""One trial: fine-tune a student with the configured method (`ObjectiveConfig`: L_CLIP, NegCLIP,
+L_CLIP + lambda L_SDS, UNet-feature distillation or diffusion feedback).
 
 Recipe shape: `setup` builds everything from the config, `fit` runs the steps (resuming
 from the trial folder's checkpoint when one exists), `save` writes only what was trained.
-The contrastive pre-training of the toy student is the same loop with scope "full" and
-lambda 0, so there is one training loop in the project.
+The contrastive pre-training of the toy student is the same loop with method "clip" and
+scope "full", so there is one training loop in the project.
+
+The student's towers are called through their own encoders (`encode_image`, `encode_text`),
+not `forward`: CLIP's forward returns a tuple or a dict depending on `output_dict`, and CoCa's
+runs its captioning decoder; only the contrastive part is fine-tuned here.
 """
 from __future__ import annotations
 
@@ -19,18 +24,20 @@ from typing import Callable
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from pipeline.cache import Table
-from pipeline.config import ComputeConfig, ObjectiveConfig, TrainConfig
+from pipeline.config import ComputeConfig, ConfigError, ObjectiveConfig, TrainConfig
+from pipeline.data.keys import image_key
 from pipeline.data.records import ImageCaption, load_image
 from pipeline.device import resolve_device
-from pipeline.data.keys import image_key
 from pipeline.io import write_bytes
-from pipeline.models.student import Student, contrastive_outputs, embed_dim, layernorm_parameters
+from pipeline.models.student import Student, embed_dim, has_patch_tokens, image_tokens, layernorm_parameters
 from pipeline.models.teacher import Teacher
 from pipeline import fastpath, objectives
 from pipeline.fastpath import FastPath
@@ -55,17 +62,32 @@ def seed_everything(seed: int) -> None:
 
 
 class PairDataset(Dataset):
-    """(preprocessed image, caption tokens, caption row in the cache, image row in the cache)."""
+    """Items (preprocessed image, caption tokens, hard-negative tokens, caption row, image row).
 
-    def __init__(self, pairs: list[ImageCaption], student: Student, text_rows: list[int], image_rows: list[int]):
+    Indices are (pair, step) (see `StepSampler`): a pair's hard negative is drawn from its list
+    by a generator seeded with (seed, step, pair), so a resumed trial and any number of loader
+    workers draw the same negatives. Without negatives the negative tokens are the caption's own
+    (never used).
+    """
+
+    def __init__(self, pairs: list[ImageCaption], student: Student, text_rows: list[int], image_rows: list[int],
+                 negatives: list[list[str]] | None = None, seed: int = 0):
         self.pairs, self.student, self.text_rows, self.image_rows = pairs, student, text_rows, image_rows
+        self.negatives, self.seed = negatives, seed
 
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def __getitem__(self, i: int):
+    def negative(self, i: int, step: int) -> str:
+        if self.negatives is None:
+            return self.pairs[i].caption
+        return random.Random(f"{self.seed}:{step}:{i}").choice(self.negatives[i])
+
+    def __getitem__(self, item: tuple[int, int]):
+        i, step = item
         pair = self.pairs[i]
-        return (self.student.preprocess(load_image(pair.image)), self.student.tokenizer([pair.caption])[0],
+        tokens = self.student.tokenizer([pair.caption, self.negative(i, step)])
+        return (self.student.preprocess(load_image(pair.image)), tokens[0], tokens[1],
                 self.text_rows[i], self.image_rows[i])
 
 
@@ -74,7 +96,7 @@ class Trial:
     """Everything a trial's steps need, built once by `setup`."""
 
     student: Student
-    projection: nn.Module | None
+    projector: nn.Module | None          # h_w (sds, unet_feature) or the feedback projector
     params: dict[str, nn.Parameter]
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
@@ -84,7 +106,6 @@ class Trial:
     latents: Table | None
     cfg: TrainConfig
     objective: ObjectiveConfig
-    lambda_sds: float
     generator: torch.Generator
     step: int = 0
     history: list[dict] = field(default_factory=list)
@@ -92,28 +113,45 @@ class Trial:
     fast: FastPath = field(default_factory=lambda: FastPath.default_for("cpu"))
     scaler: torch.amp.GradScaler | None = None  # fp16 autocast only
     inputs: dict = field(default_factory=dict)  # what it trains from: data and model fingerprints
+    empty: torch.Tensor | None = None           # diffusion feedback: the empty caption's conditioning
 
     @property
     def trainable_count(self) -> int:
         return sum(p.numel() for p in self.params.values())
 
 
-def trainable_parameters(student: Student, projection: nn.Module | None, scope: str) -> dict[str, nn.Parameter]:
+# open_clip's attention (nn.MultiheadAttention: peft adapts its q/k/v and output projections) and
+# MLP linears, in both towers; ResNet students' attention pools have a c_proj too.
+LORA_TARGETS = ("attn", "c_fc", "c_proj")
+
+
+def add_lora(model: nn.Module, rank: int, alpha: float) -> list[str]:
+    """Inject peft LoRA adapters into the student in place; their parameter names."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(LORA_TARGETS)), model)
+    return [name for name, _ in model.named_parameters() if "lora_" in name]
+
+
+def trainable_parameters(student: Student, projector: nn.Module | None, cfg: TrainConfig) -> dict[str, nn.Parameter]:
     """Named parameters a scope trains; everything else is frozen.
 
-    layernorm / unet_feature: every LayerNorm of both towers plus h_w (the paper's setting).
-    full: every student parameter (the temperature included) plus h_w.
+    layernorm: every LayerNorm of both towers; full: every student parameter (the temperature
+    included); lora: the adapters `add_lora` injects (done here). Plus h_w / the projector.
     """
     model = student.model
-    if scope == "full":
+    if cfg.scope == "full":
         chosen = dict(model.named_parameters())
-    elif scope in ("layernorm", "unet_feature"):
+    elif cfg.scope == "layernorm":
         ids = {id(p) for p in layernorm_parameters(model)}
         chosen = {n: p for n, p in model.named_parameters() if id(p) in ids}
+    elif cfg.scope == "lora":
+        names = set(add_lora(model, cfg.lora_rank, cfg.lora_alpha))
+        chosen = {n: p for n, p in model.named_parameters() if n in names}
     else:
-        raise ValueError(f"train.scope {scope!r} is not one of 'layernorm', 'full', 'unet_feature'")
-    if projection is not None:
-        chosen.update({f"h_w.{n}": p for n, p in projection.named_parameters()})
+        raise ValueError(f"train.scope {cfg.scope!r} is not one of 'layernorm', 'full', 'lora'")
+    if projector is not None:
+        chosen.update({f"h_w.{n}": p for n, p in projector.named_parameters()})
     return chosen
 
 
@@ -156,15 +194,37 @@ def _feature_shape(teacher: Teacher) -> tuple[int, ...]:
     return (channels, size, size)
 
 
-def setup(cfg: TrainConfig, objective: ObjectiveConfig, student: Student, pairs: list[ImageCaption],
-          lambda_sds: float, teacher: Teacher | None = None, conditioning: Table | None = None,
-          latents: Table | None = None, compute: ComputeConfig | None = None, inputs: dict | None = None) -> Trial:
-    """Freeze, choose the trainable scope, build h_w, the optimiser and the data order.
+def build_projector(objective: ObjectiveConfig, student: Student, teacher: Teacher) -> nn.Module:
+    """h_w into the teacher's latent (sds) or mid-block features (unet_feature), or diffusion
+    feedback's projector into its conditioning; checked against the teacher (one-line ConfigError)."""
+    noising = objective.noising if objective.method == "sds" else "noise"
+    objectives.check_fits_teacher(teacher.scheduler, "objective.t_max", objective.t_max, noising)
+    if objective.method == "diffusion_feedback":
+        length = teacher.tokenizer.model_max_length
+        if objective.feedback_tokens + 1 > length:
+            raise ConfigError(f"objective.feedback_tokens: {objective.feedback_tokens} with the CLS token does not fit "
+                              f"the teacher's {length} conditioning tokens; allowed: <= {length - 1}")
+        if objective.feedback_tokens and not has_patch_tokens(student.model):
+            raise ConfigError(f"objective.feedback_tokens: {objective.feedback_tokens} needs a ViT student with patch "
+                              "tokens; this student's image tower has none; allowed: 0")
+        return objectives.FeedbackProjector(embed_dim(student), teacher.unet.config.cross_attention_dim)
+    shape = _feature_shape(teacher) if objective.method == "unet_feature" else teacher.latent_shape
+    return objectives.LatentProjection(embed_dim(student), shape)
 
-    `compute` (default: the CPU with its default options) says on which device the student,
-    h_w and the teacher's UNet run and with which fast-path options (`pipeline.fastpath`).
-    `inputs` names what the trial trains from (fingerprints of the data and the models): a
-    checkpoint written from other inputs is not resumed.
+
+def setup(cfg: TrainConfig, objective: ObjectiveConfig, student: Student, pairs: list[ImageCaption],
+          teacher: Teacher | None = None, conditioning: Table | None = None, latents: Table | None = None,
+          compute: ComputeConfig | None = None, inputs: dict | None = None,
+          negatives: list[list[str]] | None = None) -> Trial:
+    """Freeze, choose the trainable scope, build h_w / the projector, the optimiser and the data order.
+
+    What the method reads: `teacher` and `conditioning` (the cached text conditioning; diffusion
+    feedback reads its empty caption's row) with a teacher loss, `latents` (the cached VAE
+    latents of the training images) for unet_feature and diffusion_feedback, `negatives` (one
+    list per pair) for negclip. `compute` (default: the CPU with its default options) says on
+    which device the student, the projector and the teacher's UNet run and with which fast-path
+    options (`pipeline.fastpath`). `inputs` names what the trial trains from (fingerprints of
+    the data and the models): a checkpoint written from other inputs is not resumed.
     """
     compute = compute or ComputeConfig(device="cpu")
     device = resolve_device(compute.device)
@@ -172,79 +232,134 @@ def setup(cfg: TrainConfig, objective: ObjectiveConfig, student: Student, pairs:
     seed_everything(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    needs_teacher = lambda_sds > 0 or cfg.scope == "unet_feature"
-    if needs_teacher and (teacher is None or conditioning is None):
-        raise ValueError("this trial needs the teacher and the cached text conditioning")
-    if cfg.scope == "unet_feature" and latents is None:
-        raise ValueError("scope 'unet_feature' needs the cached VAE latents of the training images")
-    projection = None
-    if needs_teacher:
-        noising = "noise" if cfg.scope == "unet_feature" else objective.noising   # features of noised latents
-        objectives.check_fits_teacher(teacher.scheduler, "objective.t_max", objective.t_max, noising)
-        shape = _feature_shape(teacher) if cfg.scope == "unet_feature" else teacher.latent_shape
-        projection = objectives.LatentProjection(embed_dim(student), shape)
-    student.model.requires_grad_(False).to(device)
+    method = objective.method
+    if objective.teacher_loss and (teacher is None or conditioning is None):
+        raise ValueError(f"method {method!r} needs the teacher and the cached text conditioning")
+    if objective.teacher_loss and method != "sds" and latents is None:
+        raise ValueError(f"method {method!r} needs the cached VAE latents of the training images")
+    if method == "negclip" and (negatives is None or len(negatives) != len(pairs)):
+        raise ValueError("method 'negclip' needs a list of hard-negative captions for every training pair")
+    if teacher is not None:
+        for module in teacher.modules():   # the teacher is never trained, whatever built it
+            module.requires_grad_(False)
+    projector = build_projector(objective, student, teacher) if objective.teacher_loss else None
+    student.model.requires_grad_(False)
+    params = trainable_parameters(student, projector, cfg)
+    student.model.to(device)
     fastpath.prepare_student(student.model, opts)
-    if projection is not None:
-        projection.to(device)
-    params = trainable_parameters(student, projection, cfg.scope)
+    if projector is not None:
+        projector.to(device)
     for p in params.values():
         p.requires_grad_(True)
-    optimizer = fastpath.adamw(list(params.values()), cfg.lr, cfg.weight_decay)
+    # A fresh projector starts from random weights and may need another rate than the pretrained
+    # student (`objective.projector_lr`); one schedule scales both groups.
+    student_params = [p for name, p in params.items() if not name.startswith("h_w.")]
+    projector_params = [p for name, p in params.items() if name.startswith("h_w.")]
+    groups = [{"params": student_params, "lr": cfg.lr}]
+    if projector_params:
+        groups.append({"params": projector_params, "lr": objective.projector_lr or cfg.lr})
+    optimizer = fastpath.adamw(groups, cfg.lr, cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup_steps, cfg.steps))
-    text_rows = [conditioning.index(p.caption) for p in pairs] if conditioning is not None else [0] * len(pairs)
+    by_caption = projector is not None and method in ("sds", "unet_feature")
+    text_rows = [conditioning.index(p.caption) for p in pairs] if by_caption else [0] * len(pairs)
     image_rows = [latents.index(image_key(p.image)) for p in pairs] if latents is not None else [0] * len(pairs)
-    dataset = PairDataset(pairs, student, text_rows, image_rows)
+    dataset = PairDataset(pairs, student, text_rows, image_rows, negatives if method == "negclip" else None, cfg.seed)
     loader = DataLoader(dataset, batch_sampler=StepSampler(len(pairs), cfg.batch_size, cfg.seed),
                         num_workers=cfg.workers, pin_memory=device.type == "cuda")
-    if teacher is not None:
+    empty = None
+    if projector is not None:
         fastpath.prepare_teacher_unet(teacher.unet.to(device), opts)
-    return Trial(student, projection, params, optimizer, scheduler, loader, teacher, conditioning, latents,
-                 cfg, objective, lambda_sds, torch.Generator().manual_seed(cfg.seed + 1), device=device, fast=opts,
-                 scaler=fastpath.grad_scaler(device, opts) if opts.autocast == "fp16" else None, inputs=dict(inputs or {}))
+        if method == "diffusion_feedback":
+            empty = conditioning.get([""])[0].to(device)
+    return Trial(student, projector, params, optimizer, scheduler, loader, teacher, conditioning, latents,
+                 cfg, objective, torch.Generator().manual_seed(cfg.seed + 1), device=device, fast=opts,
+                 scaler=fastpath.grad_scaler(device, opts) if opts.autocast == "fp16" else None,
+                 inputs=dict(inputs or {}), empty=empty)
 
 
-def loss_step(trial: Trial, images, tokens, text_rows, image_rows) -> dict[str, torch.Tensor]:
+def loss_step(trial: Trial, images, tokens, negatives, text_rows, image_rows) -> dict[str, torch.Tensor]:
     """The losses of one batch on the trial's device; `total` is what is backpropagated.
 
-    t and eps come from `trial.generator` (a CPU generator, so a run draws the same numbers
-    on any device) and are then moved to the device. Under autocast only the student's
-    forward (unless `autocast_student` is off) and the UNet run in bf16/fp16; h_w, the
-    noising and the losses run in fp32.
+    During the first `objective.projector_steps` steps only the projector trains: the student's
+    forward runs under no-grad and L_CLIP is not computed. t and eps come from `trial.generator`
+    (a CPU generator, so a run draws the same numbers on any device) and are then moved to the
+    device. Under autocast only the student's forward (unless `autocast_student` is off) and the
+    UNet run in bf16/fp16; the projector, the noising and the losses run in fp32.
     """
-    model, device, opts = train_mode(trial.student.model, trial.cfg.scope), trial.device, trial.fast
-    images, tokens = images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
-    with fastpath.autocast(device, opts) if opts.autocast_student else contextlib.nullcontext():
-        image_features, text_features, logit_scale = contrastive_outputs(model, images, tokens)
-    image_features, text_features = image_features.float(), text_features.float()
-    losses = {"clip": objectives.clip_loss(image_features, text_features, logit_scale.float())}
-    total = losses["clip"]
-    if trial.projection is not None:
-        obj, teacher = trial.objective, trial.teacher
-        cond = trial.conditioning.rows(text_rows).to(device, non_blocking=True)
-        t = objectives.sample_timesteps(len(images), obj.t_min, obj.t_max, trial.generator)
-        predicted = trial.projection(image_features) * obj.latent_scale
-        if trial.cfg.scope == "unet_feature":
-            x0 = trial.latents.rows(image_rows)
-            noise = torch.randn(x0.shape, generator=trial.generator)
-            x0, noise, t = x0.to(device), noise.to(device), t.to(device)
-            with fastpath.autocast(device, opts):
-                target = objectives.unet_features(teacher.unet, teacher.scheduler.add_noise(x0, noise, t), t, cond)
-            losses["unet_feature"] = objectives.unet_feature_loss(predicted, target.float())
-            total = total + trial.lambda_sds * losses["unet_feature"]
+    obj, device, opts = trial.objective, trial.device, trial.fast
+    model = train_mode(trial.student.model, trial.cfg.scope)
+    stage_one = trial.step < obj.projector_steps
+    images = images.to(device, non_blocking=True)
+    patches = None
+    with contextlib.ExitStack() as stack:
+        if opts.autocast_student:
+            stack.enter_context(fastpath.autocast(device, opts))
+        if stage_one:
+            stack.enter_context(torch.no_grad())
+        if obj.method == "diffusion_feedback" and obj.feedback_tokens and trial.projector is not None:
+            pooled, patches = image_tokens(model, images)
         else:
-            noise = torch.randn(predicted.shape, generator=trial.generator).to(device, non_blocking=True)
-            unet = fastpath.unet_caller(teacher.unet, opts, device)
-            sds = objectives.sds_loss(predicted, cond, unet, teacher.scheduler, t.to(device), noise,
-                                      obj.noising, obj.gradient)
-            losses["sds"] = sds.mse
-            total = total + trial.lambda_sds * sds.loss
+            pooled = model.encode_image(images)
+        if not stage_one:
+            texts = tokens.to(device, non_blocking=True)
+            if obj.method == "negclip":
+                texts = torch.cat([texts, negatives.to(device, non_blocking=True)])
+            text_features = model.encode_text(texts, normalize=True).float()
+    image_features = F.normalize(pooled.float(), dim=-1)
+    losses: dict[str, torch.Tensor] = {}
+    total = torch.zeros((), device=device)
+    if not stage_one:
+        scale = model.logit_scale.exp().float()
+        if obj.method == "negclip":
+            batch = len(images)
+            losses["clip"] = objectives.negclip_loss(image_features, text_features[:batch], text_features[batch:], scale)
+        else:
+            losses["clip"] = objectives.clip_loss(image_features, text_features, scale)
+        total = obj.clip_weight * losses["clip"]
+    if trial.projector is not None:
+        name, loss = teacher_loss(trial, image_features, pooled, patches, text_rows, image_rows)
+        losses[name] = loss
+        total = total + obj.lambda_sds * loss
     losses["total"] = total
     return losses
 
 
+def teacher_loss(trial: Trial, image_features: torch.Tensor, pooled: torch.Tensor, patches: torch.Tensor | None,
+                 text_rows, image_rows) -> tuple[str, torch.Tensor]:
+    """(metric name, loss) of the method's teacher term for one batch (see `loss_step`)."""
+    obj, device, opts, teacher = trial.objective, trial.device, trial.fast, trial.teacher
+    batch = len(image_features)
+    t = objectives.sample_timesteps(batch, obj.t_min, obj.t_max, trial.generator)
+    unet = fastpath.unet_caller(teacher.unet, opts, device)
+    if obj.method == "diffusion_feedback":
+        x0 = trial.latents.rows(image_rows)
+        noise = torch.randn(x0.shape, generator=trial.generator)
+        tokens = pooled.float()[:, None]          # the CLS embedding, before its normalisation
+        if patches is not None:
+            # DIVA draws its patch tokens at random (with repeats) for every image and step.
+            picks = torch.randint(0, patches.shape[1], (batch, obj.feedback_tokens), generator=trial.generator)
+            tokens = torch.cat([tokens, patches.float()[torch.arange(batch)[:, None], picks].to(device)], dim=1)
+        cond = trial.projector(tokens, trial.empty)
+        return "feedback", objectives.feedback_loss(x0.to(device), cond, unet, teacher.scheduler, t.to(device),
+                                                    noise.to(device), obj.reduction)
+    cond = trial.conditioning.rows(text_rows).to(device, non_blocking=True)
+    predicted = trial.projector(image_features) * obj.latent_scale
+    if obj.method == "unet_feature":
+        x0 = trial.latents.rows(image_rows)
+        noise = torch.randn(x0.shape, generator=trial.generator)
+        x0, noise, t = x0.to(device), noise.to(device), t.to(device)
+        with fastpath.autocast(device, opts):
+            target = objectives.unet_features(teacher.unet, teacher.scheduler.add_noise(x0, noise, t), t, cond)
+        return "unet_feature", objectives.unet_feature_loss(predicted, target.float(), obj.reduction)
+    noise = torch.randn(predicted.shape, generator=trial.generator).to(device, non_blocking=True)
+    sds = objectives.sds_loss(predicted, cond, unet, teacher.scheduler, t.to(device), noise, obj.noising,
+                              obj.gradient, obj.reduction)
+    return "sds", sds.loss
+
+
 class StepSampler(Sampler):
-    """Batch indices as a pure function of (seed, step): epoch e is randperm(seed + e).
+    """Batches as a pure function of (seed, step): epoch e is randperm(seed + e); each item is
+    (pair index, step), so what a dataset draws per item can depend on the step too.
 
     A resumed trial sets `start` to its step and sees exactly the batches an uninterrupted
     run would have seen, with no sampler state to checkpoint.
@@ -259,7 +374,7 @@ class StepSampler(Sampler):
         while True:
             epoch, k = divmod(step, self.per_epoch)
             order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
-            yield order[k * self.batch_size : (k + 1) * self.batch_size].tolist()
+            yield [(i, step) for i in order[k * self.batch_size : (k + 1) * self.batch_size].tolist()]
             step += 1
 
 
@@ -282,8 +397,7 @@ def fit(trial: Trial, folder: Path | None, on_log: Callable[[int, dict[str, floa
     batches = iter(trial.loader)
     bar = tqdm(total=cfg.steps, initial=trial.step, desc="train", disable=not progress, leave=False)
     while trial.step < cfg.steps:
-        images, tokens, text_rows, image_rows = next(batches)
-        losses = loss_step(trial, images, tokens, text_rows, image_rows)
+        losses = loss_step(trial, *next(batches))
         values = {k: float(v.detach()) for k, v in losses.items()}
         if not all(math.isfinite(v) for v in values.values()):
             raise NonFiniteLoss(f"step {trial.step}: non-finite loss {values}")
@@ -329,8 +443,8 @@ RUN_ONLY_KEYS = ("threads", "workers", "log_every", "checkpoint_every")
 def settings(trial: Trial) -> dict:
     """What a checkpoint must have been trained under, and from, to be resumed by this trial."""
     train = {k: v for k, v in dataclasses.asdict(trial.cfg).items() if k not in RUN_ONLY_KEYS}
-    return {"train": train, "objective": dataclasses.asdict(trial.objective), "lambda_sds": trial.lambda_sds,
-            "trainable": sorted(trial.params), "inputs": trial.inputs}
+    return {"train": train, "objective": dataclasses.asdict(trial.objective), "trainable": sorted(trial.params),
+            "inputs": trial.inputs}
 
 
 def save_checkpoint(trial: Trial, folder: Path) -> None:
@@ -372,11 +486,14 @@ def load_checkpoint(trial: Trial, folder: Path) -> bool:
 
 
 def save_trained(trial: Trial, folder: Path) -> Path:
-    """Only what the scope trained (safetensors), with the trainable count in the metadata."""
+    """Only what the scope trained (safetensors), with the scope, the trainable count and, for LoRA,
+    the adapters' rank and alpha in the metadata (what `load_trained` needs to rebuild them)."""
     path = Path(folder) / TRAINED
     path.parent.mkdir(parents=True, exist_ok=True)
-    blob = save(trained_state(trial), metadata={"scope": trial.cfg.scope, "trainable": str(trial.trainable_count)})
-    write_bytes(path, blob)
+    metadata = {"scope": trial.cfg.scope, "trainable": str(trial.trainable_count)}
+    if trial.cfg.scope == "lora":
+        metadata.update(lora_rank=str(trial.cfg.lora_rank), lora_alpha=str(trial.cfg.lora_alpha))
+    write_bytes(path, save(trained_state(trial), metadata=metadata))
     return path
 
 
@@ -387,7 +504,12 @@ def discard_checkpoint(folder: Path) -> None:
 
 
 def load_trained(student: Student, path: Path) -> None:
-    """Apply a trial's trained parameters (and buffers) onto a freshly loaded student (h_w entries are skipped)."""
+    """Apply a trial's trained parameters (and buffers) onto a freshly loaded student, injecting
+    its LoRA adapters first when it trained some (h_w entries are skipped)."""
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+    if metadata.get("scope") == "lora":
+        add_lora(student.model, int(metadata["lora_rank"]), float(metadata["lora_alpha"]))
     state = load_file(str(path))
     tensors = {**dict(student.model.named_parameters()), **dict(student.model.named_buffers())}
     with torch.no_grad():

@@ -10,16 +10,25 @@
     reports/sweep-<name>.png        that sweep's scores against the swept param (or per trial
                                     when several or non-numeric params were swept); not
                                     written when no trial has a score
+    reports/<name>.md, .tex, .csv, .png
+                                    per sweep that ran named variants (and nothing else but
+                                    seeds), e.g. sweeps/methods.yaml: each variant's headline
+                                    scores over its seeds with intervals, its difference to the
+                                    first variant with a paired interval and p-value, diagnostics,
+                                    and a figure of the differences (`pipeline.report`)
 
-Without results/sweeps.json there are no sweep outputs. Sweep outputs and a zero-shot figure
-that an earlier report wrote and this one does not are removed, so none of reports/ is stale.
+Without results/sweeps.json there are no sweep outputs. Outputs an earlier report wrote and this
+one does not are removed (reports/.outputs.json lists the last report's), so none of reports/ is
+stale; other files in reports/ stay.
 """
 import json
 import sys
 from pathlib import Path
 
 from pipeline import cli
-from pipeline.report import write_figure, write_sweep_report, write_table1, zeroshot_figure
+from pipeline.io import write_json
+from pipeline.report import (compare_variants, objective_label, write_figure, write_sweep_report, write_table1, write_variant_report,
+                             zeroshot_figure)
 from pipeline.tracking import Tracker
 
 
@@ -28,7 +37,7 @@ def table1_runs(cfg, results: Path, tracker: Tracker) -> list[tuple[str, dict[st
     baselines = json.loads((results / "baselines.json").read_text())
     ordered = [(f"pretrained {name}", baselines[f"pretrained/{name}"]["run_id"]) for name in cfg.students
                if name == cfg.train.student]
-    for variant, label in (("clip", "FT with L_CLIP"), ("sds", f"FT with L_CLIP + {cfg.objective.lambda_sds:g} L_SDS")):
+    for variant, label in (("clip", "FT with L_CLIP"), ("sds", objective_label(cfg.objective))):
         ordered.append((label, json.loads((results / f"train-{variant}.json").read_text())["run_id"]))
     ordered.append((f"diffusion score ({cfg.teacher.name})", baselines["diffusion_score"]["run_id"]))
     runs = tracker.runs(run_id for _, run_id in ordered)
@@ -42,10 +51,33 @@ def ran_sweeps(results: Path) -> dict[str, dict]:
     return {name: entry for name, entry in sweeps.items() if entry.get("parent_run_id")}
 
 
+OUTPUTS = ".outputs.json"   # what the last report wrote, so what it no longer writes can go
+
+
 def stale_outputs(reports: Path, written: list[Path]) -> list[Path]:
-    """Sweep outputs and the zero-shot figure present in `reports` that this report did not write."""
-    candidates = [*reports.glob("sweep-*"), reports / "zeroshot.png"]
-    return [path for path in candidates if path.is_file() and path not in written]
+    """The report's own outputs present in `reports` that this report did not write: those the
+    last report listed, every sweep-* file and the zero-shot figure; other files stay."""
+    listed = reports / OUTPUTS
+    previous = [reports / name for name in json.loads(listed.read_text())] if listed.is_file() else []
+    candidates = [*previous, *reports.glob("sweep-*"), reports / "zeroshot.png"]
+    return [path for path in dict.fromkeys(candidates) if path.is_file() and path not in written]
+
+
+def variant_report(name: str, results: Path, cfg, reports: Path) -> list[Path]:
+    """`reports/<name>.*` when the sweep's results hold named variants and no other swept key."""
+    path = results / f"sweep-{name}.json"
+    if not path.is_file():
+        return []
+    trials = json.loads(path.read_text())["trials"]
+    configs = [trial.get("config") or {} for trial in trials]
+    if not any("variant" in c for c in configs) or any(set(c) - {"variant", "train.seed"} for c in configs):
+        return []
+    order = list(dict.fromkeys(c["variant"] for c in configs if "variant" in c))
+    rows = compare_variants(trials, order, cfg.eval.bootstrap or 1000, cfg.eval.seed)
+    if not rows:
+        print(f"sweep {name}: no finished trial with outcomes; no {name} report", file=sys.stderr)
+        return []
+    return write_variant_report(name, rows, {}, reports, cfg.eval.bootstrap or 1000, caption=f"sweep {name}")
 
 
 def body(args, cfg, root):
@@ -62,8 +94,10 @@ def body(args, cfg, root):
             print(f"sweep {name}: no trial runs under parent run {entry['parent_run_id']} in "
                   f"{tracker.uri}", file=sys.stderr)
         written += write_sweep_report(name, children, reports)
+        written += variant_report(name, results, cfg, reports)
     for path in stale_outputs(reports, written):
         path.unlink()
+    write_json(reports / OUTPUTS, sorted(path.name for path in written))
 
 
 def main(argv=None) -> int:

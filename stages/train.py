@@ -1,15 +1,23 @@
 """DVC stages `train_clip` and `train_sds` (`python -m stages.train clip|sds`): fine-tune the student
 from params and evaluate it.
 
-`clip` fine-tunes with L_CLIP alone (lambda 0); `sds` with L_CLIP + lambda L_SDS,
-lambda = objective.lambda_sds. The trial folder keeps a checkpoint, so an interrupted
-stage resumes where it stopped.
+`clip` fine-tunes with L_CLIP alone (objective.method clip, lambda_sds 0: what its run logs);
+`sds` with the objective params.yaml sets, the paper's L_CLIP + lambda L_SDS by default. The
+trial folder keeps a checkpoint, so an interrupted stage resumes where it stopped.
 """
+import dataclasses
 import sys
 
 from pipeline import cli
 
-ROW_NAMES = {"clip": "FT with L_CLIP", "sds": "FT with L_CLIP + lambda L_SDS"}
+ROW_NAMES = {"clip": "FT with L_CLIP", "sds": "FT with the configured objective"}
+
+
+def clip_only(cfg):
+    """The config with L_CLIP as its whole objective (the keys only a teacher loss reads stay as they
+    are, unread; the ones that would contradict L_CLIP alone are set to match it)."""
+    objective = dataclasses.replace(cfg.objective, method="clip", lambda_sds=0.0, clip_weight=1.0, projector_steps=0)
+    return dataclasses.replace(cfg, objective=objective)
 
 
 def body(args, cfg, root):
@@ -17,10 +25,10 @@ def body(args, cfg, root):
     from pipeline.io import write_json
     from pipeline.tracking import Tracker
 
-    lambda_sds = 0.0 if args.variant == "clip" else cfg.objective.lambda_sds
-    result = run_finetune(cfg, root / cfg.data.root, root / "models", root / cfg.cache.root,
+    run_cfg = clip_only(cfg) if args.variant == "clip" else cfg
+    result = run_finetune(run_cfg, root / cfg.data.root, root / "models", root / cfg.cache.root,
                           root / "runs" / args.variant, Tracker(cfg.tracking, root), ROW_NAMES[args.variant],
-                          lambda_sds, tags={"row": f"ft_{args.variant}"})
+                          tags={"row": f"ft_{args.variant}"})
     write_json(root / "results" / f"train-{args.variant}.json", result)
 
 

@@ -117,7 +117,15 @@ BAD = {
     "zero steps": ("train.steps", 0, ["train.steps", "0", "out of range", "> 0"]),
     "negative lambda": ("objective.lambda_sds", -0.5, ["objective.lambda_sds", "-0.5", ">= 0"]),
     "image too small": ("data.image_size", 8, ["data.image_size", "8", ">= 16"]),
-    "bad literal": ("train.scope", "everything", ["train.scope", "'everything'", "'layernorm'", "'full'", "'unet_feature'"]),
+    "bad literal": ("train.scope", "everything", ["train.scope", "'everything'", "'layernorm'", "'full'", "'lora'"]),
+    "bad method": ("objective.method", "dpo", ["objective.method", "'dpo'", "'clip'", "'negclip'", "'diffusion_feedback'"]),
+    "lambda without a teacher loss": ("objective.method", "negclip",
+                                      ["objective.lambda_sds", "0.1", "'negclip'", "no teacher loss", "allowed: 0"]),
+    "projector steps past training": ("objective.projector_steps", 200, ["objective.projector_steps", "200",
+                                                                         "train.steps", "< 200"]),
+    "bad reduction": ("objective.reduction", "max", ["objective.reduction", "'max'", "'mean'", "'sum'"]),
+    "zero lora rank": ("train.lora_rank", 0, ["train.lora_rank", "0", "> 0"]),
+    "bad error": ("eval.error", "l1", ["eval.error", "'l1'", "'squared'", "'norm'"]),
     "bad noising": ("objective.noising", "some", ["objective.noising", "'some'", "'noise'", "'none'"]),
     "bad profile": ("profile", "huge", ["profile", "'huge'", "smoke", "toy", "paper"]),
     "unknown profile preset": ("profiles.huge", {"train": {"steps": 1}}, ["profiles.huge", "unknown profile", "smoke"]),
@@ -246,3 +254,15 @@ def test_preset_that_is_not_a_mapping_is_a_config_error(tmp_path):
     params["profiles"]["smoke"] = 3
     with pytest.raises(ConfigError, match="profiles.smoke"):
         load(write_params(tmp_path, params))
+
+
+def test_projector_steps_need_a_teacher_loss_and_clip_weight_zero_needs_one_too(tmp_path):
+    params = raw_params()
+    params["objective"].update(lambda_sds=0, projector_steps=10)
+    with pytest.raises(ConfigError, match=r"^objective\.projector_steps: 10 needs a teacher loss"):
+        load(write_params(tmp_path, params))
+    params["objective"].update(projector_steps=0, clip_weight=0)
+    with pytest.raises(ConfigError, match=r"^objective\.clip_weight: 0 leaves no loss"):
+        load(write_params(tmp_path, params))
+    params["objective"].update(lambda_sds=0.1)
+    assert load(write_params(tmp_path, params)).objective.clip_weight == 0

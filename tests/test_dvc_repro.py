@@ -47,7 +47,7 @@ def _ran(output: str) -> set[str]:
     return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
 
 
-def test_repro_writes_table_then_is_up_to_date_then_reruns_only_lambda_dependents(clone):
+def test_repro_writes_the_reports_then_is_up_to_date_then_reruns_only_lambda_dependents(clone):
     dest, env = clone
     dvc = [sys.executable, "-m", "dvc"]
     first = _run(dvc + ["repro"], dest, env)
@@ -87,14 +87,17 @@ def _check_mlflow(dest: Path) -> None:
     sds = json.loads((dest / "results" / "train-sds.json").read_text())
     (run,) = tracker.runs([sds["run_id"]])
     assert run["status"] == "FINISHED"
-    assert float(run["params"]["train.lambda_sds"]) == cfg.objective.lambda_sds
-    assert run["params"]["train.scope"] == "layernorm"
+    assert float(run["params"]["objective.lambda_sds"]) == cfg.objective.lambda_sds
+    assert run["params"]["objective.method"] == "sds" and run["params"]["train.scope"] == "layernorm"
     for key in ("winoground/text", "winoground/text/object", "winoground/image", "aro/vg_relation",
                 "aro/coco_order", "zeroshot/shape", "trainable_parameters", "projected/winoground/text"):
         assert key in run["metrics"], key
     # Only a trial that trains h_w has a projected score.
     clip = json.loads((dest / "results" / "train-clip.json").read_text())
     assert "winoground/text" in clip["metrics"] and "projected/winoground/text" not in clip["metrics"]
+    # One source for lambda: the L_CLIP-only run is logged with the objective it ran.
+    (clip_run,) = tracker.runs([clip["run_id"]])
+    assert clip_run["params"]["objective.method"] == "clip" and float(clip_run["params"]["objective.lambda_sds"]) == 0
     assert run["metrics"]["trainable_parameters"] == sds["trainable_parameters"]
     steps = [step for step, _ in tracker.metric_history(sds["run_id"], "loss/sds")]
     assert steps == list(range(1, cfg.train.steps + 1))
@@ -104,13 +107,22 @@ def _check_mlflow(dest: Path) -> None:
 
 
 def _check_sweep(dest: Path) -> None:
-    """The params file's sweep ran on the smoke profile, and the report tabulated its trials from MLflow."""
+    """The params file's sweep (the methods side by side) ran on the smoke profile; the report wrote
+    its trial table from MLflow and its comparison of methods from the results file."""
     cfg = load(dest / "params.yaml")
     summary = json.loads((dest / "results" / "sweeps.json").read_text())
-    assert cfg.sweeps == ["sweeps/lambda.yaml"] and set(summary) == {"lambda"}
-    entry = summary["lambda"]
-    assert entry["exit"] == 0 and entry["counts"]["finished"] == 5
+    assert cfg.sweeps == ["sweeps/methods.yaml"] and set(summary) == {"methods"}
+    entry = summary["methods"]
+    assert entry["exit"] == 0 and entry["counts"]["finished"] == 15
     children = Tracker(cfg.tracking, dest).find_runs(entry["experiment"], parent=entry["parent_run_id"])
-    assert len(children) == 5 and all(run["tags"]["profile"] == "smoke" for run in children)
-    table = (dest / "reports" / "sweep-lambda.md").read_text().splitlines()
-    assert len(table) == 2 + 5 and "objective.lambda_sds" in table[0]
+    assert len(children) == 15 and all(run["tags"]["profile"] == "smoke" for run in children)
+    assert {run["params"]["objective.method"] for run in children} == {"clip", "negclip", "sds", "unet_feature",
+                                                                       "diffusion_feedback"}
+    table = (dest / "reports" / "sweep-methods.md").read_text().splitlines()
+    assert len(table) == 2 + 15 and "variant" in table[0]
+    methods = (dest / "reports" / "methods.md").read_text()
+    for name in ("FT with L_CLIP", "NegCLIP", "SDS-CLIP", "UNet-feature distillation", "Diffusion feedback"):
+        assert f"| {name} | 3 |" in methods, name
+    assert "Against FT with L_CLIP" in methods and "p=" in methods
+    for suffix in ("tex", "csv", "png"):
+        assert (dest / "reports" / f"methods.{suffix}").is_file()

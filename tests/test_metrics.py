@@ -362,3 +362,94 @@ def test_bootstrap_errors():
         bootstrap_interval([1.0, 0.0], confidence=1.0)
     with pytest.raises(ValueError, match="n_resamples"):
         bootstrap_interval([1.0, 0.0], n_resamples=0)
+
+
+# --------------------------------------------------------------------------- paired statistics
+
+from pipeline.metrics import (CaseOutcomes, decode_correct, encode_correct, mcnemar_exact, metric_value,  # noqa: E402
+                              outcome_parts, paired_difference, seed_task_interval, sign_flip_test)
+
+
+def two_by_two(both: int, only_a: int, only_b: int, neither: int) -> tuple[np.ndarray, np.ndarray]:
+    a = np.array([1] * both + [1] * only_a + [0] * only_b + [0] * neither, dtype=bool)
+    b = np.array([1] * both + [0] * only_a + [1] * only_b + [0] * neither, dtype=bool)
+    return a, b
+
+
+def test_mcnemar_exact_on_a_known_table():
+    """Discordant cells 10 and 2: p = 2 P(Bin(12, 1/2) <= 2) = 2 (1 + 12 + 66) / 4096 = 158 / 4096."""
+    a, b = two_by_two(both=50, only_a=10, only_b=2, neither=30)
+    assert mcnemar_exact(a, b) == pytest.approx(158 / 4096, rel=1e-12)
+    assert mcnemar_exact(b, a) == pytest.approx(158 / 4096, rel=1e-12)
+    # Balanced discordance: p is 1 (capped), not above it; no discordant case: p = 1.
+    assert mcnemar_exact(*two_by_two(5, 3, 3, 5)) == 1.0
+    assert mcnemar_exact(*two_by_two(5, 0, 0, 5)) == 1.0
+    # Concordant cells do not matter.
+    assert mcnemar_exact(*two_by_two(0, 10, 2, 0)) == mcnemar_exact(a, b)
+
+
+def test_sign_flip_test_with_one_seed_is_mcnemar_and_with_seeds_matches_enumeration():
+    a, b = two_by_two(both=7, only_a=9, only_b=3, neither=4)
+    assert sign_flip_test(a.astype(float), b.astype(float)) == pytest.approx(mcnemar_exact(a, b), rel=1e-12)
+    rng = np.random.default_rng(5)
+    runs_a, runs_b = rng.integers(0, 2, (3, 11)), rng.integers(0, 2, (2, 11))
+    d = runs_a.mean(0) - runs_b.mean(0)
+    flips = np.array(np.meshgrid(*[[-1, 1]] * 11)).reshape(11, -1).T
+    exact = np.mean(np.abs(flips @ np.abs(d)) >= abs(d.sum()) - 1e-9)
+    assert sign_flip_test(runs_a.mean(0), runs_b.mean(0), (3, 2)) == pytest.approx(exact, abs=1e-9)
+
+
+def test_case_outcomes_give_micro_and_macro_means_over_seeds():
+    correct = np.array([[1, 0, 1, 1], [0, 0, 1, 1]])
+    assert CaseOutcomes(correct).value() == pytest.approx(np.mean([0.5, 0, 1, 1]))
+    # Groups a = cases 0, 1 and b = cases 2, 3: macro = mean(0.25, 1.0).
+    assert CaseOutcomes(correct, ["a", "a", "b", "b"]).value() == pytest.approx(0.625)
+    assert metric_value([CaseOutcomes(correct[:1]), CaseOutcomes(correct[1:])]) == pytest.approx((0.75 + 0.5) / 2)
+    assert decode_correct(encode_correct([True, False, True])).tolist() == [True, False, True]
+
+
+def test_paired_interval_covers_a_known_difference_in_simulation():
+    """Row A is right on each case with probability p + 0.08, row B with p (p varies across cases,
+    and both rows share each case's difficulty). Over 200 simulated benchmarks of 300 cases, the
+    paired 95% interval holds the true difference 0.08 in about 95% of them, and a p-value below
+    0.05 comes with an interval excluding 0."""
+    rng = np.random.default_rng(0)
+    covered, agree = 0, 0
+    sims = 200
+    for sim in range(sims):
+        p = rng.uniform(0.2, 0.8, 300)
+        u = rng.uniform(size=300)          # shared difficulty: the pairing the interval exploits
+        a, b = u < p + 0.08, u < p
+        noise = rng.uniform(size=300) < 0.1
+        a = np.where(noise, rng.uniform(size=300) < p + 0.08, a)
+        result = paired_difference(CaseOutcomes(a), CaseOutcomes(b), n_resamples=400, seed=sim)
+        covered += result.low <= 0.08 <= result.high
+        agree += (result.p_value < 0.05) == (result.low > 0 or result.high < 0)
+    assert 0.90 <= covered / sims <= 0.99
+    assert agree / sims >= 0.9
+
+
+def test_seed_task_interval_widens_with_the_seed_spread():
+    """Three seeds that agree give the case bootstrap's width; three that disagree by 0.2 widen it."""
+    rng = np.random.default_rng(1)
+    base = rng.uniform(size=400) < 0.6
+    same = CaseOutcomes(np.stack([base, base, base]))
+    shifted = np.stack([base, base | (rng.uniform(size=400) < 0.3), base & (rng.uniform(size=400) < 0.7)])
+    spread = CaseOutcomes(shifted)
+    m0, lo0, hi0 = seed_task_interval(same, n_resamples=500)
+    m1, lo1, hi1 = seed_task_interval(spread, n_resamples=500)
+    assert lo0 <= m0 <= hi0 and lo1 <= m1 <= hi1
+    assert (hi1 - lo1) > 1.5 * (hi0 - lo0)
+
+
+def test_outcome_parts_stacks_seeds_and_builds_the_composites():
+    run = lambda text, rel, attr: {"winoground/text": {"correct": text, "groups": None},
+                                   "aro/vg_relation": {"correct": rel, "groups": ["on", "on", "under"]},
+                                   "aro/vg_attribution": {"correct": attr, "groups": None}}
+    parts = outcome_parts([run("10", "110", "01"), run("11", "011", "11")])
+    assert parts["winoground/text"][0].correct.tolist() == [[1, 0], [1, 1]]
+    assert metric_value(parts["aro/overall"]) == pytest.approx((np.mean([0.75, 0.5]) + 0.75) / 2)
+    with pytest.raises(ValueError, match="different numbers of cases"):
+        outcome_parts([run("10", "110", "01"), run("101", "011", "11")])
+    with pytest.raises(ValueError, match="same cases"):
+        paired_difference(parts["winoground/text"], parts["aro/overall"])

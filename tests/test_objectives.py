@@ -1,15 +1,19 @@
-"""The objectives against the paper's definitions, computed by hand on tiny real modules.
+"""The objectives against their definitions, computed by hand on tiny real modules.
 
-L_CLIP: symmetric InfoNCE with a learnable temperature. L_SDS: ||eps_theta(x_t, t, c) - eps||^2
-for x_0 = h_w(f(x)), gradient through the frozen UNet into h_w and the image encoder (or
-DreamFusion's w(t)(eps_hat - eps) in "sds" mode). UNet-feature loss: ||h_w(f(x)) - I(x, c)||^2
-with I the UNet's mid-block features. Diffusion score: per-row epsilon error.
+L_CLIP: symmetric InfoNCE with a learnable temperature. NegCLIP: the hard negatives join the
+image-to-text softmax only. L_SDS: ||eps_theta(x_t, t, c) - eps||^2 for x_0 = h_w(f(x)),
+gradient through the frozen UNet into h_w and the image encoder (or DreamFusion's
+w(t)(eps_hat - eps) in "sds" mode). UNet-feature loss: ||h_w(f(x)) - I(x, c)||^2 with I the
+UNet's mid-block features. Diffusion feedback: the epsilon error of the image's own latent
+under the empty caption's conditioning plus the projected image tokens. Diffusion score:
+per-row epsilon error. A v-prediction teacher's output is turned into its epsilon estimate.
 """
 from __future__ import annotations
 
 import dataclasses
 import random
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -65,29 +69,33 @@ def world(teacher, tmp_path_factory):
     student = build_toy_student(STUDENT, SIZE)
     images = torch.stack([student.preprocess(tw.render_scene(s, SIZE)) for s in scenes])
     tokens = student.tokenizer(captions)
-    pairs = [ImageCaption(Path(f"/toy/{i}.png"), c) for i, c in enumerate(captions)]
     root = tmp_path_factory.mktemp("cache")
-    write_table(root, "train_text", captions, lambda texts: encode_text(teacher, texts), shard_size=3,
+    pairs = [ImageCaption(root / f"{i}.png", c) for i, c in enumerate(captions)]
+    for scene, pair in zip(scenes, pairs):
+        tw.render_scene(scene, SIZE).save(pair.image)
+    write_table(root, "train_text", ["", *captions], lambda texts: encode_text(teacher, texts), shard_size=3,
                 batch_size=2, progress=False)
     latents = {image_key(p.image): torch.randn(teacher.latent_shape, generator=torch.Generator().manual_seed(i))
                for i, p in enumerate(pairs)}
     write_table(root, "train_images", list(latents), lambda keys: torch.stack([latents[k] for k in keys]),
                 shard_size=3, batch_size=2, progress=False)
+    negatives = [tw.hard_negatives(c) for c in captions]
     return {"images": images, "tokens": tokens, "captions": captions, "pairs": pairs,
             "conditioning": open_table(root, "train_text"), "latents": open_table(root, "train_images"),
-            "rows": torch.arange(N)}
+            "rows": torch.arange(N), "negatives": negatives,
+            "negative_tokens": student.tokenizer([options[0] for options in negatives])}
 
 
-def fresh_trial(teacher, world, scope="layernorm", lambda_sds=0.5, **objective):
+def fresh_trial(teacher, world, scope="layernorm", method="sds", lambda_sds=0.5, steps=4, **objective):
     student = build_toy_student(STUDENT, SIZE)
-    needs = lambda_sds > 0 or scope == "unet_feature"
-    return setup(TrainConfig(scope=scope, batch_size=N, steps=4), ObjectiveConfig(**objective), student,
-                 world["pairs"], lambda_sds, teacher if needs else None, world["conditioning"] if needs else None,
-                 world["latents"] if scope == "unet_feature" else None)
+    return setup(TrainConfig(scope=scope, batch_size=N, steps=steps), ObjectiveConfig(method, lambda_sds, **objective),
+                 student, world["pairs"], teacher, world["conditioning"], world["latents"], negatives=world["negatives"])
 
 
-def step(trial, world):
-    return loss_step(trial, world["images"], world["tokens"], world["rows"], world["rows"])
+def step(trial, world, image_rows=None):
+    text_rows = torch.tensor([world["conditioning"].index(c) for c in world["captions"]])
+    return loss_step(trial, world["images"], world["tokens"], world["negative_tokens"], text_rows,
+                     world["rows"] if image_rows is None else image_rows)
 
 
 def is_layernorm_param(model: nn.Module) -> set[int]:
@@ -123,7 +131,7 @@ def test_clip_loss_matches_hand_infonce_3x3():
 
 def test_lambda_zero_is_the_plain_clip_step(teacher, world):
     trial = fresh_trial(teacher, world, scope="full", lambda_sds=0.0)
-    assert trial.projection is None
+    assert trial.projector is None
     losses = step(trial, world)
     assert set(losses) == {"clip", "total"}
     losses["total"].backward()
@@ -158,7 +166,7 @@ def test_sds_gradient_reaches_h_w_and_layernorms_only(teacher, world, gradient):
     losses["total"].backward()
     total_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
-    linear = trial.projection.linear
+    linear = trial.projector.linear
     assert linear.weight.grad is not None and linear.weight.grad.abs().sum() > 0
     assert linear.bias.grad is not None and linear.bias.grad.abs().sum() > 0
     for name, p in teacher.unet.named_parameters():
@@ -190,7 +198,7 @@ def test_loss_step_sds_term_is_h_w_output_scaled_noised_and_scored(teacher, worl
     assert t.min() >= 100 and t.max() <= 900
     with torch.no_grad():
         image_features = trial.student.model.encode_image(world["images"], normalize=True)
-        x0 = 0.3 * (image_features @ trial.projection.linear.weight.T + trial.projection.linear.bias).view(N, *teacher.latent_shape)
+        x0 = 0.3 * (image_features @ trial.projector.linear.weight.T + trial.projector.linear.bias).view(N, *teacher.latent_shape)
         eps = torch.randn(x0.shape, generator=g)
         cond = encode_text(teacher, world["captions"])
         pred = teacher.unet(hand_noised(x0, eps, t), t, encoder_hidden_states=cond).sample
@@ -251,21 +259,62 @@ def test_sds_mode_gradient_is_dreamfusions_weighted_residual(teacher, world):
     assert torch.equal(out.loss.detach(), out.mse), "the backpropagated term's value is the literal L_SDS"
 
 
-def test_v_prediction_target_is_the_velocity(teacher, world):
-    x0, eps, t, cond = batch(teacher, world)
-    scheduler = DDPMScheduler(**SD_SCHEDULE, prediction_type="v_prediction")
-    abar = abar_sd()[t].view(-1, 1, 1, 1)
+def small_v_scheduler() -> DDPMScheduler:
+    return DDPMScheduler(num_train_timesteps=4, beta_start=0.1, beta_end=0.4, beta_schedule="linear",
+                         prediction_type="v_prediction", clip_sample=False)
+
+
+def test_v_prediction_output_becomes_its_epsilon_estimate_by_hand():
+    """On a 4-step schedule, betas 0.1, 0.2, 0.3, 0.4: abar at t = 2 is 0.9 * 0.8 * 0.7 = 0.504.
+    With x0 = 1, eps = 2: x_t = sqrt(.504) + 2 sqrt(.496), v = 2 sqrt(.504) - sqrt(.496); a v_hat of
+    1.5 gives eps_hat = sqrt(.504) 1.5 + sqrt(.496) x_t, and eps_hat - eps = sqrt(.504) (v_hat - v)."""
+    scheduler = small_v_scheduler()
+    t = torch.tensor([2])
+    a, b = 0.504 ** 0.5, 0.496 ** 0.5
+    x0, eps = torch.full((1, 1, 1, 1), 1.0), torch.full((1, 1, 1, 1), 2.0)
+    x_t = scheduler.add_noise(x0, eps, t)
+    assert x_t.item() == pytest.approx(a + 2 * b, rel=1e-6)
+    assert objectives.diffusion_target(scheduler, x0, eps, t).item() == pytest.approx(2 * a - b, rel=1e-6)
+    eps_hat = objectives.predicted_noise(scheduler, torch.full((1, 1, 1, 1), 1.5), x_t, t)
+    assert eps_hat.item() == pytest.approx(a * 1.5 + b * (a + 2 * b), rel=1e-6)
+    assert (eps_hat - eps).item() == pytest.approx(a * (1.5 - (2 * a - b)), rel=1e-5)
+    # An epsilon teacher's output is its estimate as it is.
+    eps_scheduler = DDPMScheduler(num_train_timesteps=4, beta_start=0.1, beta_end=0.4, beta_schedule="linear")
+    assert objectives.predicted_noise(eps_scheduler, torch.full((1, 1, 1, 1), 1.5), x_t, t).item() == 1.5
+
+
+class ConstantUNet(nn.Module):
+    """A stand-in denoiser whose output is a fixed tensor (what the conversion acts on)."""
+
+    def __init__(self, output):
+        super().__init__()
+        self.output = output
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        return SimpleNamespace(sample=self.output.expand_as(sample))
+
+
+def test_v_prediction_teachers_sds_loss_and_diffusion_errors_are_epsilon_errors():
+    """L_SDS and the diffusion score of a v-prediction teacher compare eps_hat with eps (not v_hat
+    with v, which would weight step t by 1 / abar_t), by the hand formula of the test above."""
+    scheduler = small_v_scheduler()
+    g = torch.Generator().manual_seed(0)
+    x0, eps, v_hat = (torch.randn(3, 2, 2, 2, generator=g) for _ in range(3))
+    t = torch.tensor([0, 2, 3])
+    abar = torch.tensor([0.9, 0.504, 0.504 * 0.6]).view(-1, 1, 1, 1)
+    x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * eps
+    eps_hat = abar.sqrt() * v_hat + (1 - abar).sqrt() * x_t
+    unet = ConstantUNet(v_hat)
+    out = objectives.sds_loss(x0, None, unet, scheduler, t, eps)
+    assert out.loss.item() == pytest.approx(((eps_hat - eps) ** 2).mean().item(), rel=1e-5)
+    errors = objectives.diffusion_errors(unet, scheduler, x0, None, t, eps)
+    assert errors.tolist() == pytest.approx(((eps_hat - eps) ** 2).flatten(1).mean(1).tolist(), rel=1e-5)
+    norms = objectives.diffusion_errors(unet, scheduler, x0, None, t, eps, error="norm")
+    assert norms.tolist() == pytest.approx((eps_hat - eps).flatten(1).norm(dim=1).tolist(), rel=1e-5)
     v = abar.sqrt() * eps - (1 - abar).sqrt() * x0
-    target = objectives.diffusion_target(scheduler, x0, eps, t)
-    assert torch.allclose(target, scheduler.get_velocity(x0, eps, t), atol=1e-6)
-    assert torch.allclose(target, v, atol=1e-5)
-    assert torch.equal(objectives.diffusion_target(teacher.scheduler, x0, eps, t), eps)
-    out = objectives.sds_loss(x0, cond, teacher.unet, scheduler, t, eps, "noise", "backprop")
-    with torch.no_grad():
-        pred = teacher.unet(hand_noised(x0, eps, t), t, encoder_hidden_states=cond).sample
-    assert torch.allclose(out.loss, F.mse_loss(pred, v), atol=1e-5)
+    assert not errors.tolist() == pytest.approx(((v_hat - v) ** 2).flatten(1).mean(1).tolist(), rel=1e-2)
     with pytest.raises(ValueError, match="epsilon"):
-        objectives.sds_loss(x0, cond, teacher.unet, scheduler, t, eps, "none", "backprop")
+        objectives.sds_loss(x0, None, unet, scheduler, t, eps, "none", "backprop")
 
 
 def test_noising_none_feeds_x0_directly(teacher, world):
@@ -293,7 +342,7 @@ def test_a_config_the_teacher_cannot_serve_is_a_config_error_before_any_step(wor
     short.scheduler = DDPMScheduler(**{**SD_SCHEDULE, "num_train_timesteps": 500})
     with pytest.raises(ConfigError, match=r"^objective\.t_max: 980 is past the teacher's last DDPM step \(499\)$"):
         fresh_trial(short, world)
-    assert fresh_trial(short, world, t_max=499).projection is not None
+    assert fresh_trial(short, world, t_max=499).projector is not None
     with pytest.raises(ConfigError, match=r"^eval\.diffusion_t_max: 950 is past the teacher's last DDPM step \(499\)$"):
         DiffusionScorer(short, world["latents"], world["conditioning"], EvalConfig())
 
@@ -301,9 +350,9 @@ def test_a_config_the_teacher_cannot_serve_is_a_config_error_before_any_step(wor
     with pytest.raises(ConfigError, match=r"^objective\.noising: 'none' needs an epsilon-prediction teacher; "
                                           r"this one predicts 'v_prediction'$"):
         fresh_trial(v_teacher, world, noising="none")
-    assert fresh_trial(v_teacher, world, noising="noise").projection is not None
+    assert fresh_trial(v_teacher, world, noising="noise").projector is not None
     # UNet-feature distillation always noises the cached latents: its noising key does not apply.
-    assert fresh_trial(v_teacher, world, scope="unet_feature", noising="none").projection is not None
+    assert fresh_trial(v_teacher, world, method="unet_feature", noising="none").projector is not None
 
 
 def test_sample_timesteps_covers_the_closed_range():
@@ -342,11 +391,11 @@ def test_unet_features_are_the_mid_block_output(teacher, world):
 
 
 def test_loss_step_unet_feature_regresses_h_w_onto_features_of_cached_latents(teacher, world):
-    trial = fresh_trial(teacher, world, scope="unet_feature", lambda_sds=0.5, latent_scale=2.0)
+    trial = fresh_trial(teacher, world, method="unet_feature", lambda_sds=0.5, latent_scale=2.0)
     g = torch.Generator()
     g.set_state(trial.generator.get_state())
     rows = torch.tensor([2, 0, 3, 1])  # image rows deliberately not the identity
-    losses = loss_step(trial, world["images"], world["tokens"], world["rows"], rows)
+    losses = step(trial, world, image_rows=rows)
     assert set(losses) == {"clip", "unet_feature", "total"}
     t = torch.randint(trial.objective.t_min, trial.objective.t_max + 1, (N,), generator=g)
     x0 = world["latents"].get([image_key(world["pairs"][i].image) for i in rows.tolist()])
@@ -354,7 +403,7 @@ def test_loss_step_unet_feature_regresses_h_w_onto_features_of_cached_latents(te
     features = mid_block_output(teacher.unet, hand_noised(x0, eps, t), t, encode_text(teacher, world["captions"]))
     with torch.no_grad():
         image_features = trial.student.model.encode_image(world["images"], normalize=True)
-        predicted = 2.0 * trial.projection(image_features)
+        predicted = 2.0 * trial.projector(image_features)
     assert predicted.shape == features.shape
     assert torch.allclose(losses["unet_feature"], F.mse_loss(predicted, features), atol=1e-5)
     assert torch.allclose(losses["total"], losses["clip"] + 0.5 * losses["unet_feature"], atol=1e-5)
@@ -390,3 +439,174 @@ def test_min_snr_weights_of_the_teacher_loss():
     v = DDPMScheduler(**SD_SCHEDULE, prediction_type="v_prediction")
     assert snr_weights(v, t, 5.0).tolist() == pytest.approx([5 / (snr[0] + 1), min(snr[1], 5) / (snr[1] + 1),
                                                               snr[2] / (snr[2] + 1)], rel=1e-5)
+
+
+# --------------------------------------------------------------------------- NegCLIP
+
+
+def test_negclip_loss_two_images_one_hard_negative_each_by_hand():
+    """Images i0 = (1, 0), i1 = (0, 1); captions c0 = (1, 0), c1 = (0.6, 0.8); negatives
+    n0 = (0.8, 0.6), n1 = (0, 1); scale 10. Image rows over [c0, c1, n0, n1]:
+    i0 -> [10, 6, 8, 0] (answer c0), i1 -> [0, 8, 6, 10] (answer c1, beaten by its negative).
+    Caption rows over the images only: c0 -> [10, 0] (i0), c1 -> [6, 8] (i1)."""
+    image = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    text = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    negative = torch.tensor([[0.8, 0.6], [0.0, 1.0]])
+    lse = lambda *v: torch.logsumexp(torch.tensor(v), 0).item()
+    i2t = ((lse(10, 6, 8, 0) - 10) + (lse(0, 8, 6, 10) - 8)) / 2
+    t2i = ((lse(10, 0) - 10) + (lse(6, 8) - 8)) / 2
+    got = objectives.negclip_loss(image, text, negative, torch.tensor(10.0))
+    assert got.item() == pytest.approx((i2t + t2i) / 2, rel=1e-6)
+    # Without negatives it is L_CLIP; a negative only ever raises the image-to-text term.
+    assert objectives.negclip_loss(image, text, negative[:0], torch.tensor(10.0)).item() == pytest.approx(
+        objectives.clip_loss(image, text, torch.tensor(10.0)).item(), rel=1e-6)
+    assert got.item() > objectives.clip_loss(image, text, torch.tensor(10.0)).item()
+
+
+def test_loss_step_negclip_scores_each_image_against_the_captions_and_their_negatives(teacher, world):
+    trial = fresh_trial(teacher, world, scope="full", method="negclip", lambda_sds=0.0)
+    assert trial.projector is None
+    losses = step(trial, world)
+    assert set(losses) == {"clip", "total"}
+    model = trial.student.model
+    with torch.no_grad():
+        image = model.encode_image(world["images"], normalize=True)
+        text = model.encode_text(world["tokens"], normalize=True)
+        negative = model.encode_text(world["negative_tokens"], normalize=True)
+        expected = objectives.negclip_loss(image, text, negative, model.logit_scale.exp())
+    assert losses["total"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert losses["total"].item() != pytest.approx(objectives.clip_loss(image, text, model.logit_scale.exp()).item())
+
+
+def test_the_dataset_draws_each_pairs_negative_from_its_list_by_seed_step_and_pair(teacher, world):
+    trial = fresh_trial(teacher, world, scope="full", method="negclip", lambda_sds=0.0)
+    dataset = trial.loader.dataset
+    tokenizer = trial.student.tokenizer
+    drawn = {step: [dataset.negative(i, step) for i in range(N)] for step in range(8)}
+    for negatives in drawn.values():
+        assert all(n in world["negatives"][i] for i, n in enumerate(negatives))
+    assert len({drawn[step][0] for step in drawn}) > 1, "draws vary with the step"
+    assert drawn[3] == [dataset.negative(i, 3) for i in range(N)]
+    item = dataset[(1, 3)]
+    assert torch.equal(item[2], tokenizer([drawn[3][1]])[0]) and torch.equal(item[1], tokenizer([world["captions"][1]])[0])
+
+
+# --------------------------------------------------------------------------- reductions
+
+
+def test_sum_and_mean_reductions_differ_by_exactly_the_element_count(teacher, world):
+    x0, eps, t, cond = batch(teacher, world)
+    elements = x0[0].numel()
+    assert elements == 4 * 16 * 16
+    for gradient in ("backprop", "sds"):
+        grads, values = {}, {}
+        for reduction in ("mean", "sum"):
+            x = x0.clone().requires_grad_(True)
+            out = objectives.sds_loss(x, cond, teacher.unet, teacher.scheduler, t, eps, "noise", gradient, reduction)
+            out.loss.backward()
+            values[reduction], grads[reduction] = out.mse, x.grad
+        assert values["sum"].item() == pytest.approx(elements * values["mean"].item(), rel=1e-5), gradient
+        assert torch.allclose(grads["sum"], elements * grads["mean"], rtol=1e-4, atol=1e-9), gradient
+    a, b = torch.randn(3, 2, 5), torch.randn(3, 2, 5)
+    assert objectives.squared_error(a, b, "sum").item() == pytest.approx(10 * objectives.squared_error(a, b).item(),
+                                                                         rel=1e-6)
+    assert objectives.squared_error(a, b, "sum").item() == pytest.approx(((a - b) ** 2).sum().item() / 3, rel=1e-6)
+
+
+# --------------------------------------------------------------------------- diffusion feedback
+
+
+def teacher_modules(teacher):
+    return {"unet": teacher.unet, "vae": teacher.vae, "text_encoder": teacher.text_encoder}
+
+
+@pytest.mark.parametrize("scope,clip_weight", [("layernorm", 1.0), ("layernorm", 0.0), ("lora", 1.0)])
+def test_diffusion_feedback_gradient_reaches_the_projector_and_the_scope_and_no_teacher_weight(
+        teacher, world, scope, clip_weight):
+    trial = fresh_trial(teacher, world, scope=scope, method="diffusion_feedback", lambda_sds=0.5,
+                        clip_weight=clip_weight, feedback_tokens=3)
+    losses = step(trial, world)
+    assert set(losses) == {"clip", "feedback", "total"}
+    losses["total"].backward()
+    assert trial.projector.linear.weight.grad.abs().sum() > 0
+    scope_grads = {name: p.grad for name, p in trial.params.items() if not name.startswith("h_w.")}
+    image_side = [g for name, g in scope_grads.items() if name.startswith("visual.")]
+    text_side = [g for name, g in scope_grads.items() if not name.startswith("visual.")]
+    assert image_side and all(g is not None for g in image_side)
+    assert any(g.abs().sum() > 0 for g in image_side)
+    if clip_weight == 0:   # the feedback reaches the image tower only
+        assert all(g is None or g.abs().sum() == 0 for g in text_side)
+    for part, module in teacher_modules(teacher).items():
+        for name, p in module.named_parameters():
+            assert not p.requires_grad and p.grad is None, f"{part}.{name}"
+
+
+def test_loss_step_feedback_is_the_epsilon_error_of_the_cached_latent_under_the_projected_cls(teacher, world):
+    trial = fresh_trial(teacher, world, method="diffusion_feedback", lambda_sds=0.5, t_min=100, t_max=900)
+    g = torch.Generator()
+    g.set_state(trial.generator.get_state())
+    rows = torch.tensor([2, 0, 3, 1])
+    losses = step(trial, world, image_rows=rows)
+    t = torch.randint(100, 901, (N,), generator=g)
+    x0 = world["latents"].get([image_key(world["pairs"][i].image) for i in rows.tolist()])
+    eps = torch.randn(x0.shape, generator=g)
+    with torch.no_grad():
+        cls = trial.student.model.encode_image(world["images"])         # before normalisation
+        empty = encode_text(teacher, [""])[0]
+        cond = empty.expand(N, -1, -1).clone()
+        cond[:, 0] += cls @ trial.projector.linear.weight.T + trial.projector.linear.bias
+        pred = teacher.unet(hand_noised(x0, eps, t), t, encoder_hidden_states=cond).sample
+    assert losses["feedback"].item() == pytest.approx(F.mse_loss(pred, eps).item(), rel=1e-4)
+    assert losses["total"].item() == pytest.approx(losses["clip"].item() + 0.5 * losses["feedback"].item(), rel=1e-5)
+
+
+def test_feedback_tokens_are_the_cls_then_patch_tokens_through_the_towers_projection(teacher, world):
+    from pipeline.models.student import image_tokens
+
+    model = build_toy_student(STUDENT, SIZE).model
+    with torch.no_grad():
+        pooled, patches = image_tokens(model, world["images"])
+        assert torch.allclose(pooled, model.encode_image(world["images"]), atol=1e-6)
+        grid = (SIZE // STUDENT.patch_size) ** 2
+        assert patches.shape == (N, grid, STUDENT.embed_dim)
+        x = model.visual.transformer(model.visual._embeds(world["images"]))
+        expected = model.visual.ln_post(x)[:, 1:] @ model.visual.proj
+        assert torch.allclose(patches, expected, atol=1e-5)
+    assert model.visual.output_tokens is False
+    projector = objectives.FeedbackProjector(STUDENT.embed_dim, TEACHER.text_width)
+    empty = torch.randn(TEACHER.max_length, TEACHER.text_width)
+    cond = projector(torch.cat([pooled[:, None], patches[:, :2]], dim=1), empty)
+    assert cond.shape == (N, TEACHER.max_length, TEACHER.text_width)
+    assert torch.equal(cond[:, 3:], empty[3:].expand(N, -1, -1))
+
+
+def test_too_many_feedback_tokens_for_the_teachers_conditioning_is_a_config_error(teacher, world):
+    with pytest.raises(ConfigError, match=r"^objective\.feedback_tokens: 16 with the CLS token does not fit the "
+                                          r"teacher's 16 conditioning tokens; allowed: <= 15$"):
+        fresh_trial(teacher, world, method="diffusion_feedback", feedback_tokens=16)
+
+
+# --------------------------------------------------------------------------- two stages
+
+
+@pytest.mark.parametrize("method", ["sds", "diffusion_feedback"])
+def test_stage_one_trains_the_projector_alone_and_stage_two_the_student_too(teacher, world, method):
+    """The first objective.projector_steps steps leave every student parameter as it was (no
+    L_CLIP, no gradient through the student); after them the scope trains."""
+    from pipeline.train import fit, trained_state
+
+    trial = fresh_trial(teacher, world, method=method, lambda_sds=0.5, projector_steps=2, steps=3)
+    initial = trained_state(trial)
+    first = step(trial, world)
+    assert "clip" not in first and set(first) == {"feedback" if method != "sds" else "sds", "total"}
+    fit(trial, None, progress=False)
+    assert trial.step == 3
+    after = trained_state(trial)
+    trial2 = fresh_trial(teacher, world, method=method, lambda_sds=0.5, projector_steps=2, steps=3)
+    trial2.cfg = dataclasses.replace(trial2.cfg, steps=2)
+    fit(trial2, None, progress=False)
+    two = trained_state(trial2)
+    student_names = [n for n in initial if not n.startswith("h_w.")]
+    assert all(torch.equal(initial[n], two[n]) for n in student_names), "stage one moved the student"
+    assert not torch.equal(initial["h_w.linear.weight"], two["h_w.linear.weight"])
+    assert any(not torch.equal(two[n], after[n]) for n in student_names), "stage two must train the student"

@@ -224,6 +224,12 @@ def md5_as_existence(monkeypatch):
         monkeypatch.setattr(module, "check_integrity", exists)
 
 
+def word_lexicon(folder: Path) -> Path:
+    """A JSON part-of-speech lexicon for the training captions' hard negatives (no spaCy here)."""
+    return dump(folder / "words.json", {"dog": "NOUN", "beach": "NOUN", "cat": "NOUN", "sofa": "NOUN",
+                                        "brown": "ADJ", "red": "ADJ", "sleeps": "VERB", "runs": "VERB"})
+
+
 def paper_data_config(tmp_path: Path, **changes) -> DataConfig:
     """The paper profile's data section with every root pointing at the fixtures (relative to tmp_path)."""
     coco_2017(tmp_path / "coco")
@@ -347,6 +353,9 @@ def test_data_stage_indexes_every_paper_dataset(tmp_path, md5_as_existence):
         "Closeup of bins of food that include broccoli and bread.", "A bowl of broccoli and carrots.",
         "A giraffe eating food from the top of the tree.", "A flower vase is sitting on a porch stand."]
     assert pairs[0].image == (tmp_path / "coco" / "train2017" / "000000000009.jpg").resolve()
+    negatives = datasets.train_negatives(root, index, pairs)
+    assert index["train"]["negatives"] == "train-negatives.json" and len(negatives) == len(pairs)
+    assert all(options and pair.caption not in options for pair, options in zip(pairs, negatives))
 
     bench = benchmarks(root, index)
     assert [t.caption_1 for t in bench.winoground] == [r["caption_1"] for r in WINOGROUND_ROWS]
@@ -393,7 +402,8 @@ def test_data_stage_command_reports_a_malformed_record_in_one_line(tmp_path):
     winoground_repo(tmp_path / "winoground", rows=[{**WINOGROUND_ROWS[0], "collapsed_tag": "Adjective"}])
     params = paper_params(tmp_path, {"coco_annotations": "coco/annotations/captions_train2017.json",
                                      "coco_images": "coco/train2017", "winoground": "./winoground",
-                                     "aro_sets": [], "zeroshot_sets": []})
+                                     "aro_sets": [], "zeroshot_sets": [],
+                                     "order_tagger": str(word_lexicon(tmp_path))})
     proc = subprocess.run([str(PYTHON), "-m", "stages.data", "--params", str(params)], cwd=REPO,
                           capture_output=True, text=True)
     lines = proc.stderr.strip().splitlines()
@@ -435,7 +445,8 @@ def test_winoground_hub_id_fetches_the_release_files(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     coco_2017(tmp_path / "coco")
     cfg = DataConfig(source="paper", coco_annotations="coco/annotations/captions_train2017.json",
-                     coco_images="coco/train2017", winoground="facebook/winoground", aro_sets=[], zeroshot_sets=[])
+                     coco_images="coco/train2017", winoground="facebook/winoground", aro_sets=[], zeroshot_sets=[],
+                     order_tagger=str(word_lexicon(tmp_path)))
     build_data(cfg, tmp_path / "data", base=tmp_path)
     assert calls == [("facebook/winoground", "dataset", paper.WINOGROUND_FILES)]
     bench = benchmarks(tmp_path / "data", read_index(tmp_path / "data"))
@@ -469,7 +480,7 @@ def contextual_tagger(batch):
 def test_order_tags_tag_each_caption_in_its_own_context(tmp_path):
     karpathy = dump(tmp_path / "k.json", [{"image": "a.jpg", "caption": ["An orange cat.", "The orange is sweet.",
                                                                           "The orange is on the cat."]}])
-    table = paper.order_tags([karpathy], contextual_tagger)
+    table = paper.tag_captions(paper.karpathy_captions([karpathy]), contextual_tagger)
     dump(tmp_path / "data" / "aro" / "coco_order-tags.json", table)
     tagger = datasets.order_tagger(tmp_path / "data", "coco_order", {"tags": "aro/coco_order-tags.json"})
     assert tagger(aro.tokenize("An orange cat.")) == ["X", "ADJ", "NOUN", "X"]
@@ -485,7 +496,7 @@ def test_the_data_stage_stores_the_order_sets_caption_tags(tmp_path, monkeypatch
     cfg = paper_data_config(tmp_path, order_tagger="spacy:en_core_web_sm", aro_sets=["coco_order", "flickr_order"])
     monkeypatch.setattr(paper, "spacy_tagger", lambda model: contextual_tagger)
     out = tmp_path / "data"
-    sets = paper._aro(cfg, tmp_path, out)
+    sets = paper._aro(cfg, tmp_path, out, paper.Tagging(cfg, tmp_path))
     for name in ("coco_order", "flickr_order"):
         assert sets[name]["tags"] == f"aro/{name}-tags.json" and "lexicon" not in sets[name]
         cases = aro.read_order_set(Path(sets[name]["annotations"]), Path(sets[name]["images"]),
@@ -499,7 +510,7 @@ def test_the_data_stage_stores_the_order_sets_caption_tags(tmp_path, monkeypatch
 def test_order_tags_reject_a_tagger_that_drops_tokens(tmp_path):
     karpathy = dump(tmp_path / "k.json", [{"image": "a.jpg", "caption": ["An orange cat."]}])
     with pytest.raises(ValueError, match=r"gave 3 tags for the 4 tokens of 'An orange cat \.'"):
-        paper.order_tags([karpathy], lambda batch: [ws[:-1] for ws in contextual_tagger(batch)])
+        paper.tag_captions(paper.karpathy_captions([karpathy]), lambda batch: [ws[:-1] for ws in contextual_tagger(batch)])
 
 
 def test_order_lexicon_file_must_map_words_to_tags(tmp_path):
@@ -520,7 +531,7 @@ def test_cc3m_tsv_becomes_coco_layout(tmp_path):
     put(tmp_path / "cc3m" / "train.tsv", "filepath\ttitle\turl\nimages/0.jpg\ta dog on a beach \thttp://x/0\n"
                                          "images/1.jpg\tactor attends the premiere\thttp://x/1\n")
     cfg = DataConfig(source="paper", train_set="cc3m", cc3m="cc3m/train.tsv", winoground="./w", aro_sets=[],
-                     zeroshot_sets=[])
+                     zeroshot_sets=[], order_tagger=str(word_lexicon(tmp_path)))
     winoground_repo(tmp_path / "w")
     build_data(cfg, tmp_path / "data", base=tmp_path)
     pairs = train_pairs(tmp_path / "data", read_index(tmp_path / "data"))
@@ -614,3 +625,34 @@ def test_paper_profile_in_params_yaml_is_valid():
     cfg = load(REPO / "params.yaml", {"profile": "paper"})
     assert cfg.data.source == "paper" and cfg.data.zeroshot_sets == list(ZEROSHOT_SETS)
     assert cfg.data.caption_choice == "first" and cfg.data.winoground == "facebook/winoground"
+
+
+def test_negclip_negatives_swap_two_words_of_one_class_as_aro_describes():
+    """ARO's example: "The horse is eating the grass and the zebra is drinking the water" -> the
+    nouns, verbs (and so on) trade places pairwise; one negative per class with two different words."""
+    tagger = aro.lexicon_tagger({"horse": "NOUN", "grass": "NOUN", "zebra": "NOUN", "water": "NOUN",
+                                 "eating": "VERB", "drinking": "VERB", "brown": "ADJ"})
+    caption = "The horse is eating the grass and the zebra is drinking the water"
+    negatives = aro.swap_negatives(caption, tagger, random.Random(0))
+    assert len(negatives) == 2     # nouns, verbs; one adjective cannot swap, no adverb
+    noun, verb = (n.split() for n in negatives)
+    words = caption.split()
+    assert sorted(noun) == sorted(words) and sum(a != b for a, b in zip(noun, words)) == 2
+    assert verb == caption.replace("eating", "#").replace("drinking", "eating").replace("#", "drinking").split()
+    # Nothing to swap: the caption's tokens shuffled within trigrams instead; a lone word: none.
+    assert aro.swap_negatives("Brown grass lies here", tagger, random.Random(1)) != []
+    assert aro.swap_negatives("Hello", tagger, random.Random(1)) == []
+
+
+def test_a_caption_without_negatives_is_refused_by_name(tmp_path):
+    from pipeline.data.records import ImageCaption
+
+    path = dump(tmp_path / "train-negatives.json", {"a dog": ["a god"], "a cat": []})
+    index = {"train": {"negatives": "train-negatives.json"}}
+    pairs = [ImageCaption(tmp_path / "x.png", "a dog"), ImageCaption(tmp_path / "y.png", "a cat")]
+    with pytest.raises(DataFormatError, match="train-negatives.json.*'a cat'.*has no hard negative"):
+        datasets.train_negatives(tmp_path, index, pairs)
+    with pytest.raises(DataFormatError, match="'a bird'.*is missing"):
+        datasets.train_negatives(tmp_path, index, [ImageCaption(tmp_path / "z.png", "a bird")])
+    assert datasets.train_negatives(tmp_path, index, pairs[:1]) == [["a god"]]
+    assert path.is_file()

@@ -239,7 +239,8 @@ def test_stage_writes_tables_figures_and_removes_stale_sweep_outputs(store):
     (reports / "notes.txt").write_text("not the report's\n")
     assert stage.main(["--params", str(store["params"])]) == 0
     names = sorted(p.name for p in reports.iterdir())
-    assert names == ["notes.txt"] + sorted(f"sweep-{n}.{s}" for n in ("lambda", "scope") for s in ("csv", "md", "png", "tex")) \
+    assert names == [".outputs.json", "notes.txt"] + \
+        sorted(f"sweep-{n}.{s}" for n in ("lambda", "scope") for s in ("csv", "md", "png", "tex")) \
         + ["table1.csv", "table1.md", "table1.tex", "zeroshot.png"]
     assert (reports / "zeroshot.png").read_bytes().startswith(PNG_MAGIC)
     table = (reports / "table1.md").read_text().splitlines()
@@ -251,6 +252,26 @@ def test_stage_writes_tables_figures_and_removes_stale_sweep_outputs(store):
     assert (reports / "table1.md").is_file() and (reports / "zeroshot.png").is_file()
 
 
+def test_stage_writes_a_variant_sweeps_comparison_and_removes_it_when_the_sweep_is_gone(store):
+    root, reports = store["root"], store["root"] / "reports"
+    sweeps = dict(store["sweeps"])
+    (root / "results" / "sweeps.json").write_text(json.dumps(sweeps))
+    # The scope sweep's results file holds named variants and seeds only: its comparison is written.
+    (root / "results" / "sweep-scope.json").write_text(json.dumps({"trials": VARIANT_TRIALS}))
+    try:
+        assert stage.main(["--params", str(store["params"])]) == 0
+        assert {p.name for p in reports.glob("scope.*")} == {"scope.md", "scope.tex", "scope.csv", "scope.png"}
+        assert "| hard | 2 |" in (reports / "scope.md").read_text()
+        # A variant sweep that also swept another key is pooled into no comparison.
+        mixed = [{**t, "config": {**t["config"], "train.lr": 0.1}} for t in VARIANT_TRIALS]
+        (root / "results" / "sweep-scope.json").write_text(json.dumps({"trials": mixed}))
+        assert stage.main(["--params", str(store["params"])]) == 0
+        assert not list(reports.glob("scope.*"))
+    finally:
+        (root / "results" / "sweep-scope.json").unlink()
+        (root / "results" / "sweeps.json").unlink()
+
+
 def test_stage_with_no_sweeps_listed_writes_no_sweep_outputs(store, tmp_path):
     root = store["root"]
     (root / "results" / "sweeps.json").write_text("{}\n")
@@ -260,3 +281,80 @@ def test_stage_with_no_sweeps_listed_writes_no_sweep_outputs(store, tmp_path):
         (root / "results" / "sweeps.json").unlink()
     assert not list((root / "reports").glob("sweep-*"))
     assert Path(root / "reports" / "table1.csv").is_file()
+
+
+# ----------------------------------------------------------------------------- variants side by side
+
+from pipeline.metrics import encode_correct, paired_difference, outcome_parts  # noqa: E402
+from pipeline.report import compare_variants, objective_label, variant_tables, write_variant_report  # noqa: E402
+
+
+def variant_trial(name: str, seed: int, text: list[int], rel: list[int], status: str = "finished") -> dict:
+    """A results-file trial: its config, metrics and per-case outcomes (Winoground text; VG-Relation
+    with two groups; VG-Attribution constant)."""
+    outcomes = {"winoground/text": {"correct": encode_correct(text), "groups": None},
+                "aro/vg_relation": {"correct": encode_correct(rel), "groups": ["on", "on", "under", "under"]},
+                "aro/vg_attribution": {"correct": "1010", "groups": None}}
+    rel_macro = (sum(rel[:2]) / 2 + sum(rel[2:]) / 2) / 2
+    metrics = {"winoground/text": sum(text) / len(text), "aro/overall": (rel_macro + 0.5) / 2,
+               "loss/clip": 0.5 + seed, "time/train_seconds": 10.0}
+    return {"trial": f"t{seed}", "config": {"variant": name, "train.seed": seed}, "status": status,
+            "metrics": metrics, "outcomes": outcomes}
+
+
+TEXT_A = [1, 0, 1, 0, 1, 0, 1, 0]
+VARIANT_TRIALS = [
+    variant_trial("plain", 0, TEXT_A, [1, 0, 1, 0]),
+    variant_trial("plain", 1, [1, 1, 1, 0, 0, 0, 1, 0], [1, 1, 0, 0]),
+    variant_trial("hard", 1, [1, 1, 1, 1, 1, 0, 1, 0], [1, 1, 1, 0]),
+    variant_trial("hard", 0, [1, 1, 1, 1, 1, 1, 1, 0], [1, 1, 1, 1]),
+    variant_trial("hard", 2, [0] * 8, [0] * 4, status="failed"),
+]
+
+
+def test_variant_rows_aggregate_seeds_and_compare_each_with_the_first():
+    rows = compare_variants(VARIANT_TRIALS, ["plain", "hard"], n_resamples=200)
+    assert [r.name for r in rows] == ["plain", "hard"] and [r.seeds for r in rows] == [[0, 1], [0, 1]]
+    plain, hard = rows
+    mean, sd, low, high = plain.scores["winoground/text"]
+    assert mean == pytest.approx((0.5 + 0.5) / 2) and sd == 0.0 and low <= mean <= high
+    assert hard.scores["winoground/text"][0] == pytest.approx((6 / 8 + 7 / 8) / 2)
+    assert hard.scores["winoground/text"][1] == pytest.approx(math.sqrt(((0.75 - 0.8125) ** 2 + (0.875 - 0.8125) ** 2)))
+    assert plain.versus is None
+    expected = paired_difference(outcome_parts([t["outcomes"] for t in VARIANT_TRIALS[2:4][::-1]])["winoground/text"],
+                                 outcome_parts([t["outcomes"] for t in VARIANT_TRIALS[:2]])["winoground/text"], 200)
+    assert hard.versus["winoground/text"] == expected
+    assert hard.versus["aro/overall"].difference == pytest.approx(hard.scores["aro/overall"][0] -
+                                                                 plain.scores["aro/overall"][0])
+    assert hard.diagnostics["loss/clip"] == pytest.approx(1.0)   # the mean over its two finished seeds
+
+
+def test_variant_report_files_hold_the_three_tables_the_csv_and_the_figure(tmp_path):
+    rows = compare_variants(VARIANT_TRIALS, ["plain", "hard"], n_resamples=200)
+    paths = write_variant_report("methods", rows, {}, tmp_path, 200, caption="methods")
+    assert sorted(p.name for p in paths) == ["methods.csv", "methods.md", "methods.png", "methods.tex"]
+    md = (tmp_path / "methods.md").read_text()
+    assert "## Scores" in md and "## Against plain" in md and "## Diagnostics" in md
+    assert "| hard | 2 | 0.812 ± 0.088 [" in md
+    assert "| hard | +0.312 [" in md and "p=" in md
+    assert (tmp_path / "methods.png").read_bytes().startswith(PNG_MAGIC)
+    table = list(csv.DictReader(io.StringIO((tmp_path / "methods.csv").read_text())))
+    assert [r["variant"] for r in table] == ["plain", "hard"]
+    assert float(table[1]["winoground/text/diff"]) == pytest.approx(0.3125)
+    assert table[0]["winoground/text/diff"] == ""
+
+
+def test_a_variant_table_leaves_out_what_no_row_has():
+    rows = compare_variants([variant_trial("only", 0, TEXT_A, [1, 0, 1, 0])], ["only"], n_resamples=50)
+    tables = variant_tables(rows, {})
+    assert tables["versus"][1] == []
+    assert "h_w text" not in tables["diagnostics"][0] and "final L_CLIP" in tables["diagnostics"][0]
+
+
+def test_objective_labels_name_the_method_and_its_weights():
+    from pipeline.config import ObjectiveConfig
+
+    assert objective_label(ObjectiveConfig(lambda_sds=0.1)) == "FT with L_CLIP + 0.1 L_SDS"
+    assert objective_label(ObjectiveConfig(method="negclip", lambda_sds=0)) == "FT with NegCLIP"
+    assert objective_label(ObjectiveConfig(method="diffusion_feedback", lambda_sds=1, clip_weight=0)) == \
+        "FT with 1 L_feedback"

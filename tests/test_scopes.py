@@ -1,13 +1,16 @@
-"""Exact trainable-parameter counts per scope, computed independently by walking the real modules.
+"""Exact trainable-parameter counts per scope and method, computed independently by walking the real modules.
 
 Paper: LayerNorm-only tuning of both towers plus h_w (the map from the image embedding to
 the UNet's latent), ~8M parameters for ViT-B/16, mostly h_w. "full" tunes every student
-parameter; "unet_feature" sizes h_w to the UNet's mid-block features (appendix A.2).
+parameter; "lora" low-rank adapters on every attention and MLP linear. Method "unet_feature"
+sizes h_w to the UNet's mid-block features (appendix A.2); "diffusion_feedback" trains a
+projector from the image embedding into the teacher's conditioning width.
 """
 from __future__ import annotations
 
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import open_clip
 import pytest
@@ -18,7 +21,7 @@ from pipeline.cache import open_table, write_table
 from pipeline.config import ObjectiveConfig, TrainConfig
 from pipeline.data.records import ImageCaption
 from pipeline.data.keys import image_key
-from pipeline.models.student import Student, build_toy_student, contrastive_outputs
+from pipeline.models.student import Student, build_toy_student
 from pipeline.models.teacher import build_toy_teacher, encode_text
 from pipeline.objectives import LatentProjection, clip_loss
 from pipeline.train import (load_checkpoint, load_trained, loss_step, save_checkpoint, save_trained, setup,
@@ -27,6 +30,7 @@ from pipeline.train import (load_checkpoint, load_trained, loss_step, save_check
 from tiny import SIZE, STUDENT, TEACHER
 
 CAPTIONS = ["a red circle left of a blue square", "a green square above a yellow triangle"]
+CLIP_ONLY = ObjectiveConfig(method="clip", lambda_sds=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +42,7 @@ def teacher():
 def tables(teacher, tmp_path_factory):
     root = tmp_path_factory.mktemp("cache")
     pairs = [ImageCaption(Path(f"/toy/{i}.png"), c) for i, c in enumerate(CAPTIONS)]
-    write_table(root, "train_text", CAPTIONS, lambda texts: encode_text(teacher, texts), shard_size=4,
+    write_table(root, "train_text", ["", *CAPTIONS], lambda texts: encode_text(teacher, texts), shard_size=4,
                 batch_size=4, progress=False)
     write_table(root, "train_images", [image_key(p.image) for p in pairs],
                 lambda keys: torch.zeros(len(keys), *teacher.latent_shape), shard_size=4, batch_size=4, progress=False)
@@ -73,40 +77,61 @@ def test_layernorm_walk_matches_the_architecture():
     assert layernorm_count(model) == by_architecture == 448
 
 
-def expected_count(scope: str, lambda_sds: float, student, teacher) -> tuple[int, int]:
-    """(student parameters trained, h_w parameters)."""
+def lora_count(model: nn.Module, rank: int) -> int:
+    """Adapters A (rank x in) and B (out x rank) on each attention's q/k/v (in E, out 3E) and output
+    (E -> E) projections and on each MLP linear (c_fc, c_proj)."""
+    total = 0
+    for name, module in model.named_modules():
+        if isinstance(module, nn.MultiheadAttention):
+            total += rank * (module.embed_dim + 3 * module.embed_dim) + rank * 2 * module.embed_dim
+        elif isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in ("c_fc", "c_proj"):
+            total += rank * (module.in_features + module.out_features)
+    return total
+
+
+def expected_count(scope: str, method: str, lambda_sds: float, student, teacher) -> tuple[int, int]:
+    """(student parameters trained, h_w / projector parameters)."""
     model = student.model
-    student_part = sum(p.numel() for p in model.parameters()) if scope == "full" else layernorm_count(model)
-    if scope == "unet_feature":
-        h_w = h_w_count(STUDENT.embed_dim, mid_block_numel(teacher))
-    elif lambda_sds > 0:
-        h_w = h_w_count(STUDENT.embed_dim, math.prod(teacher.latent_shape))
+    if scope == "full":
+        student_part = sum(p.numel() for p in model.parameters())
+    elif scope == "lora":
+        student_part = lora_count(model, 4)
     else:
-        h_w = 0
-    return student_part, h_w
+        student_part = layernorm_count(model)
+    if lambda_sds == 0 or method in ("clip", "negclip"):
+        return student_part, 0
+    if method == "unet_feature":
+        return student_part, h_w_count(STUDENT.embed_dim, mid_block_numel(teacher))
+    if method == "diffusion_feedback":
+        return student_part, h_w_count(STUDENT.embed_dim, TEACHER.text_width)
+    return student_part, h_w_count(STUDENT.embed_dim, math.prod(teacher.latent_shape))
 
 
-CASES = [("layernorm", 0.1), ("layernorm", 0.0), ("full", 0.1), ("full", 0.0), ("unet_feature", 0.1),
-         ("unet_feature", 0.0)]
+CASES = [(scope, method, lam) for scope in ("layernorm", "full", "lora")
+         for method, lam in (("sds", 0.1), ("sds", 0.0), ("clip", 0.0), ("unet_feature", 0.1),
+                             ("diffusion_feedback", 0.1))]
 
 
-@pytest.mark.parametrize("scope,lambda_sds", CASES)
-def test_trainable_count_per_scope(teacher, tables, scope, lambda_sds):
+@pytest.mark.parametrize("scope,method,lambda_sds", CASES)
+def test_trainable_count_per_scope(teacher, tables, scope, method, lambda_sds):
     pairs, conditioning, latents = tables
     student = build_toy_student(STUDENT, SIZE)
-    trial = setup(TrainConfig(scope=scope, batch_size=2, steps=2), ObjectiveConfig(), student, pairs, lambda_sds,
-                  teacher, conditioning, latents if scope == "unet_feature" else None)
-    student_part, h_w = expected_count(scope, lambda_sds, student, teacher)
+    train_cfg = TrainConfig(scope=scope, batch_size=2, steps=2, lora_rank=4)
+    fresh = build_toy_student(STUDENT, SIZE)        # counted before any adapter is injected
+    trial = setup(train_cfg, ObjectiveConfig(method=method, lambda_sds=lambda_sds), student, pairs,
+                  teacher, conditioning, latents)
+    student_part, h_w = expected_count(scope, method, lambda_sds, fresh, teacher)
     assert trial.trainable_count == student_part + h_w
-    assert (trial.projection is None) == (h_w == 0)
+    assert (trial.projector is None) == (h_w == 0)
 
     names = set(trial.params)
-    assert names == set(trainable_parameters(student, trial.projection, scope))
     assert sum(p.numel() for n, p in trial.params.items() if n.startswith("h_w.")) == h_w
     if h_w:
         assert names >= {"h_w.linear.weight", "h_w.linear.bias"}
     if scope == "full":
         assert "logit_scale" in names
+    elif scope == "lora":
+        assert names - {n for n in names if n.startswith("h_w.")} == {n for n in names if ".lora_" in n}
     else:
         assert "logit_scale" not in names and "visual.ln_post.weight" in names and "ln_final.bias" in names
     # Exactly those are trainable: in the student, in the optimiser, and nothing in the UNet.
@@ -117,27 +142,42 @@ def test_trainable_count_per_scope(teacher, tables, scope, lambda_sds):
     assert not any(p.requires_grad for p in teacher.unet.parameters())
 
 
-def test_layernorm_scope_numbers_for_the_tiny_models(teacher, tables):
-    """The same count written out: 448 LayerNorm + h_w 32 x (4*16*16) + 4*16*16."""
-    pairs, conditioning, _ = tables
-    trial = setup(TrainConfig(scope="layernorm", batch_size=2, steps=2), ObjectiveConfig(),
-                  build_toy_student(STUDENT, SIZE), pairs, 0.1, teacher, conditioning)
-    assert teacher.latent_shape == (4, 16, 16)
-    assert trial.trainable_count == 448 + 32 * 1024 + 1024
+def test_lora_counts_by_hand():
+    """The tiny student (width 32, one block per tower, MLP ratio 4) at rank 4: per block,
+    q/k/v 4 (32 + 96) + output 4 (32 + 32) + c_fc 4 (32 + 128) + c_proj 4 (128 + 32) = 16 * 4 * 32."""
+    student = build_toy_student(STUDENT, SIZE)
+    params = trainable_parameters(student, None, TrainConfig(scope="lora", lora_rank=4))
+    assert sum(p.numel() for p in params.values()) == 2 * 16 * 4 * 32 == 4096
+    assert all(".lora_" in name for name in params)
+
+
+def test_lora_starts_as_the_pretrained_model_and_its_gradient_reaches_the_adapters(teacher):
+    """peft's B matrices start at zero, so the adapted student scores as before; one backward
+    reaches every adapter of the attention (patched nn.MultiheadAttention) and the MLPs."""
+    student = build_toy_student(STUDENT, SIZE)
+    images = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    tokens = student.tokenizer(CAPTIONS)
+    with torch.no_grad():
+        before = student.model.encode_image(images), student.model.encode_text(tokens)
+    params = trainable_parameters(student, None, TrainConfig(scope="lora", lora_rank=4))
+    after = student.model.encode_image(images), student.model.encode_text(tokens)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(before, after))
+    (after[0].sum() + after[1].sum()).backward()
+    assert all(p.grad is not None for name, p in params.items() if "lora_B" in name)
 
 
 def test_trainable_parameters_direct(teacher):
     student = build_toy_student(STUDENT, SIZE)
     projection = LatentProjection(STUDENT.embed_dim, teacher.latent_shape)
-    ln = trainable_parameters(student, None, "layernorm")
+    ln = trainable_parameters(student, None, TrainConfig(scope="layernorm"))
     assert sum(p.numel() for p in ln.values()) == layernorm_count(student.model)
     assert all(".ln_" in f".{n}" or n.startswith("ln_") for n in ln)
-    full = trainable_parameters(student, projection, "full")
+    full = trainable_parameters(student, projection, TrainConfig(scope="full"))
     assert len(full) == len(list(student.model.parameters())) + 2
     assert sum(p.numel() for p in full.values()) == (sum(p.numel() for p in student.model.parameters())
                                                      + h_w_count(32, 1024))
     with pytest.raises(ValueError, match="scope"):
-        trainable_parameters(student, projection, "everything")
+        trainable_parameters(student, projection, SimpleNamespace(scope="everything"))
 
 
 def tiny_resnet_student() -> Student:
@@ -159,18 +199,20 @@ def test_batchnorm_statistics_stay_frozen_outside_the_full_scope(scope, moves):
     (as in evaluation) and leaves them as they are; only "full" fine-tuning updates them."""
     student = tiny_resnet_student()
     pairs = [ImageCaption(Path(f"/toy/{i}.png"), c) for i, c in enumerate(CAPTIONS)]
-    trial = setup(TrainConfig(scope=scope, batch_size=2, steps=2), ObjectiveConfig(), student, pairs, 0.0)
+    trial = setup(TrainConfig(scope=scope, batch_size=2, steps=2), CLIP_ONLY, student, pairs)
     before = batchnorm_statistics(student.model)
     assert before
     images = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1)) * 3 + 1
     tokens = student.tokenizer(CAPTIONS)
-    losses = loss_step(trial, images, tokens, [0, 1], [0, 1])
+    losses = loss_step(trial, images, tokens, tokens, [0, 1], [0, 1])
     after = batchnorm_statistics(student.model)
     changed = [n for n in before if not torch.equal(before[n], after[n])]
     assert bool(changed) == moves, changed
     if not moves:
         with torch.no_grad():
-            expected = contrastive_outputs(student.model.eval(), images, tokens)
+            model = student.model.eval()
+            expected = (model.encode_image(images, normalize=True), model.encode_text(tokens, normalize=True),
+                        model.logit_scale.exp())
             assert torch.allclose(losses["clip"], clip_loss(*expected))
 
 
@@ -179,8 +221,9 @@ def test_full_scope_saves_the_batchnorm_statistics_it_moved(tmp_path):
     reloaded (or resumed) ResNet is the model that was trained and evaluated."""
     student = tiny_resnet_student()
     pairs = [ImageCaption(Path(f"/toy/{i}.png"), c) for i, c in enumerate(CAPTIONS)]
-    trial = setup(TrainConfig(scope="full", batch_size=2, steps=2), ObjectiveConfig(), student, pairs, 0.0)
-    loss_step(trial, torch.randn(2, 3, SIZE, SIZE) * 3 + 1, student.tokenizer(CAPTIONS), [0, 1], [0, 1])
+    trial = setup(TrainConfig(scope="full", batch_size=2, steps=2), CLIP_ONLY, student, pairs)
+    tokens = student.tokenizer(CAPTIONS)
+    loss_step(trial, torch.randn(2, 3, SIZE, SIZE) * 3 + 1, tokens, tokens, [0, 1], [0, 1])
     trained = batchnorm_statistics(student.model)
     assert any(not torch.equal(trained[n], b) for n, b in batchnorm_statistics(tiny_resnet_student().model).items())
 
@@ -189,6 +232,6 @@ def test_full_scope_saves_the_batchnorm_statistics_it_moved(tmp_path):
     assert all(torch.equal(trained[n], b) for n, b in batchnorm_statistics(fresh.model).items())
 
     save_checkpoint(trial, tmp_path)
-    resumed = setup(TrainConfig(scope="full", batch_size=2, steps=2), ObjectiveConfig(), tiny_resnet_student(), pairs, 0.0)
+    resumed = setup(TrainConfig(scope="full", batch_size=2, steps=2), CLIP_ONLY, tiny_resnet_student(), pairs)
     assert load_checkpoint(resumed, tmp_path)
     assert all(torch.equal(trained[n], b) for n, b in batchnorm_statistics(resumed.student.model).items())

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from pipeline import sweep_config as sc
-from pipeline.config import ConfigError, parse_yaml
+from pipeline.config import ConfigError, load, parse_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = REPO / "params.yaml"
@@ -54,9 +54,47 @@ def test_lambda_sweep_is_the_five_lambdas():
     assert sweep.search.type == "grid" and sweep.scheduler.type == "fifo"
 
 
-def test_scope_sweep_covers_the_three_scopes():
+def test_scope_sweep_covers_the_three_scopes_each_at_its_own_rate():
     sweep = sc.load(REPO / "sweeps" / "scope.yaml", params())
-    assert [t.values["train.scope"] for t in sc.trials(sweep)] == ["layernorm", "full", "unet_feature"]
+    configs = [sweep.config(t.values) for t in sc.trials(sweep)]
+    assert [(c.train.scope, c.train.lr) for c in configs] == [("layernorm", 5e-3), ("full", 5e-4), ("lora", 5e-3)]
+
+
+def test_methods_sweep_runs_every_method_with_three_seeds_on_the_same_scope():
+    sweep = sc.load(REPO / "sweeps" / "methods.yaml", params())
+    specs = sc.trials(sweep)
+    configs = [sweep.config(t.values) for t in specs]
+    assert [t.values["variant"] for t in specs][::3] == ["FT with L_CLIP", "NegCLIP", "SDS-CLIP",
+                                                           "UNet-feature distillation", "Diffusion feedback"]
+    assert [c.objective.method for c in configs][::3] == ["clip", "negclip", "sds", "unet_feature", "diffusion_feedback"]
+    assert {(c.train.scope, c.train.lr, c.train.steps) for c in configs} == {("full", 5e-4, 200)}
+    assert [c.train.seed for c in configs] == [0, 1, 2] * 5
+    paper = sc.load(REPO / "sweeps" / "methods.yaml", params(), profile="paper")
+    assert {paper.config(t.values).train.lr for t in sc.trials(paper)} == {1e-5}
+
+
+def test_variants_are_bundles_of_values_and_their_names_label_the_trials():
+    sweep = parse("name: x\nspace:\n  variant:\n    plain: {objective.method: clip, objective.lambda_sds: 0}\n"
+                  "    hard negatives: {objective.method: negclip, objective.lambda_sds: 0, train.lr: 0.01}\n"
+                  "  train.steps: [2, 4]\nseeds: [0, 1]\n")
+    specs = sc.trials(sweep)
+    assert len(specs) == sweep.num_trials == 8
+    first = specs[0].values
+    assert first == {"variant": "plain", "train.steps": 2, "train.seed": 0}
+    config = sweep.config(specs[-1].values)
+    assert (config.objective.method, config.train.lr, config.train.steps, config.train.seed) == ("negclip", 0.01, 4, 1)
+    assert sc.to_dict(sweep)["space"]["variant"] == {"grid": [{"plain": {"objective.method": "clip",
+                                                                          "objective.lambda_sds": 0.0}},
+                                                                {"hard negatives": {"objective.method": "negclip",
+                                                                                    "objective.lambda_sds": 0.0,
+                                                                                    "train.lr": 0.01}}]}
+
+
+def test_base_profiles_apply_to_their_profile_only():
+    text = "name: x\nbase: {params: {train.steps: 7}, profiles: {paper: {train.lr: 1e-6}}}\nspace: {train.seed: [0]}\n"
+    assert parse(text).base_config.train.lr == load(PARAMS).train.lr
+    paper = sc.parse(parse_yaml(text), params(), profile="paper")
+    assert (paper.base_config.train.lr, paper.base_config.train.steps) == (1e-6, 7)
 
 
 def test_table1_is_every_student_by_two_lambdas_by_seed():
@@ -119,7 +157,7 @@ def test_random_search_is_seeded_crosses_the_grid_and_respects_bounds():
 
 def test_all_expands_finite_domains():
     sweep = parse("name: x\nspace: {train.scope: {all: true}, eval.subtract_unconditional: {all: true}}")
-    assert sweep.space["train.scope"].values == ("layernorm", "full", "unet_feature")
+    assert sweep.space["train.scope"].values == ("layernorm", "full", "lora")
     assert sweep.space["eval.subtract_unconditional"].values == (False, True)
     assert sweep.num_trials == 6
 
@@ -154,7 +192,22 @@ BAD = {
                                  ["space.train.steps[1]", "'ten'", "an integer"]),
     "grid value out of range": ("name: x\nspace: {train.lr: [0.1, -1]}\n", ["space.train.lr[1]", "-1", "> 0"]),
     "bad literal in grid": ("name: x\nspace: {train.scope: [layernorm, everything]}\n",
-                            ["space.train.scope[1]", "'everything'", "'layernorm'", "'unet_feature'"]),
+                            ["space.train.scope[1]", "'everything'", "'layernorm'", "'lora'"]),
+    "variant not a mapping": ("name: x\nspace: {variant: [a, b]}\n", ["space.variant", "a mapping of variant name"]),
+    "variant bundle empty": ("name: x\nspace: {variant: {a: {}}}\n", ["space.variant.a", "non-empty mapping"]),
+    "variant bad value": ("name: x\nspace: {variant: {a: {train.scope: wide}}}\n",
+                          ["space.variant.a.train.scope", "'wide'", "'lora'"]),
+    "variant unknown key": ("name: x\nspace: {variant: {a: {train.lrr: 1}}}\n", ["space.train.lrr", "unknown parameter"]),
+    "variant key swept too": ("name: x\nspace: {variant: {a: {train.lr: 0.1}}, train.lr: [0.2]}\n",
+                              ["space.variant.a.train.lr", "also swept by space.train.lr"]),
+    "variant under optuna": ("name: x\nsearch: optuna\nspace: {variant: {a: {train.lr: 0.1}}}\n",
+                             ["space.variant", "optuna"]),
+    "variant trial refused": ("name: x\nspace: {variant: {a: {objective.method: negclip}}}\n",
+                              ["trial t000", "objective.lambda_sds", "no teacher loss"]),
+    "unknown base profile": ("name: x\nbase: {profiles: {huge: {}}}\nspace: {train.lr: [0.1]}\n",
+                             ["base.profiles.huge", "unknown profile"]),
+    "bad base profile value": ("name: x\nbase: {profiles: {paper: {train.lr: -1}}}\nspace: {train.seed: [0]}\n",
+                               ["base.profiles.paper.train.lr", "-1", "> 0"]),
     "unknown student": ("name: x\nspace: {train.student: [toy-vit, vit-h]}\n",
                         ["space.train.student[1]", "'vit-h'", "toy-vit"]),
     "duplicate grid value": ("name: x\nspace: {train.lr: [0.1, 0.1]}\n", ["space.train.lr[1]", "0.1", "duplicate"]),

@@ -244,3 +244,21 @@ def test_zeroshot_shape_labels_match_the_rendered_shape():
             quarter = cover[rows[0] + (rows[-1] - rows[0]) // 4]
             width = (quarter > 0.5).sum() / (cols[-1] - cols[0] + 1)
             assert (width < 0.45) == (name == "cross"), (name, width)
+
+
+def test_hard_negatives_are_the_grammars_swaps_of_the_caption():
+    caption = "a big red circle left of a small blue square"
+    assert tw.hard_negatives(caption) == [
+        "a big red square left of a small blue circle",      # shapes
+        "a big blue circle left of a small red square",      # colours
+        "a small red circle left of a big blue square",      # sizes
+        "a small blue square left of a big red circle",      # whole noun phrases: who is where
+    ]
+    # Sizes that agree (or are not said) have no size swap; every negative differs from the caption.
+    assert len(tw.hard_negatives("a red circle above a blue cross")) == 3
+    assert len(tw.hard_negatives("a small red circle above a small blue cross")) == 3
+    for _, text in tw.training_pairs(200, 0):
+        negatives = tw.hard_negatives(text)
+        assert negatives and text not in negatives and len(set(negatives)) == len(negatives)
+    with pytest.raises(ValueError, match="not a caption of the toy grammar"):
+        tw.hard_negatives("a dog on a beach")

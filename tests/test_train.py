@@ -15,7 +15,7 @@ from safetensors import safe_open
 from pipeline.cache import open_table, write_table
 from pipeline.config import DataConfig, ObjectiveConfig, TrainConfig
 from pipeline.data.build import build_toy
-from pipeline.data.datasets import read_index, train_pairs
+from pipeline.data.datasets import read_index, train_negatives, train_pairs
 from pipeline.data.keys import image_key
 from pipeline.latents import image_latents, text_conditioning
 from pipeline.models.student import build_toy_student
@@ -43,19 +43,19 @@ def env(tmp_path_factory):
     pairs = train_pairs(data, read_index(data))
     teacher = build_toy_teacher(TEACHER, SIZE)
     cache = root / "cache"
-    write_table(cache, "train_text", list(dict.fromkeys(p.caption for p in pairs)), text_conditioning(teacher),
+    write_table(cache, "train_text", list(dict.fromkeys(["", *(p.caption for p in pairs)])), text_conditioning(teacher),
                 shard_size=32, batch_size=32, progress=False)
     write_table(cache, "train_images", list(dict.fromkeys(image_key(p.image) for p in pairs)),
                 image_latents(teacher, teacher.vae.config.sample_size), shard_size=32, batch_size=32, progress=False)
     return {"root": root, "pairs": pairs, "teacher": teacher, "conditioning": open_table(cache, "train_text"),
-            "latents": open_table(cache, "train_images")}
+            "latents": open_table(cache, "train_images"),
+            "negatives": train_negatives(data, read_index(data), pairs)}
 
 
-def new_trial(env, cfg: TrainConfig | None = None, lambda_sds: float = LAMBDA, inputs: dict | None = None):
+def new_trial(env, cfg: TrainConfig | None = None, objective: ObjectiveConfig = OBJECTIVE, inputs: dict | None = None):
     """What a (re)started process does: a freshly loaded student and setup from the config."""
-    cfg = cfg or train_cfg()
-    return setup(cfg, OBJECTIVE, build_toy_student(STUDENT, SIZE), env["pairs"], lambda_sds, env["teacher"],
-                 env["conditioning"], env["latents"] if cfg.scope == "unet_feature" else None, inputs=inputs)
+    return setup(cfg or train_cfg(), objective, build_toy_student(STUDENT, SIZE), env["pairs"], env["teacher"],
+                 env["conditioning"], env["latents"], inputs=inputs, negatives=env["negatives"])
 
 
 class Interrupt(Exception):
@@ -144,13 +144,13 @@ def test_checkpoint_resumes_across_run_only_keys_but_not_from_other_inputs(env):
 # --------------------------------------------------------------------------- (b) save_trained
 
 
-@pytest.mark.parametrize("scope", ["layernorm", "full"])
+@pytest.mark.parametrize("scope", ["layernorm", "full", "lora"])
 def test_save_trained_writes_only_the_trained_parameters(env, scope):
     folder = env["root"] / f"save-{scope}"
     trial = fit(new_trial(env, train_cfg(scope=scope, steps=1)), folder, progress=False)
     path = save_trained(trial, folder)
     assert path == folder / TRAINED and path.is_file()
-    expected = trainable_parameters(trial.student, trial.projection, scope)
+    expected = trainable_parameters(trial.student, trial.projector, trial.cfg) if scope != "lora" else trial.params
     with safe_open(str(path), framework="pt") as f:
         names, metadata = set(f.keys()), f.metadata()
         tensors = {n: f.get_tensor(n) for n in names}
@@ -159,20 +159,26 @@ def test_save_trained_writes_only_the_trained_parameters(env, scope):
     if scope == "layernorm":
         assert all("ln_" in n or n.startswith("h_w.") for n in names)
         assert "logit_scale" not in names and "token_embedding.weight" not in names
+    elif scope == "lora":
+        assert all(".lora_" in n or n.startswith("h_w.") for n in names)
     else:
         assert {n for n, _ in trial.student.model.named_parameters()} <= names
     count = sum(t.numel() for t in tensors.values())
-    assert metadata == {"scope": scope, "trainable": str(count)}
+    lora = {"lora_rank": "8", "lora_alpha": "8.0"} if scope == "lora" else {}
+    assert metadata == {"scope": scope, "trainable": str(count), **lora}
     assert count == trial.trainable_count
     for name, tensor in tensors.items():
         assert torch.equal(tensor, expected[name].detach()), name
 
-    # load_trained puts them back onto a freshly built student (h_w is skipped).
+    # load_trained puts them back onto a freshly built student (h_w is skipped; adapters injected first).
     fresh = build_toy_student(STUDENT, SIZE)
     load_trained(fresh, path)
-    for name, p in fresh.model.named_parameters():
-        if name in names:
-            assert torch.equal(p, tensors[name]), name
+    loaded = {name for name, p in fresh.model.named_parameters() if name in names and torch.equal(p, tensors[name])}
+    assert loaded == {n for n in names if not n.startswith("h_w.")}
+    images = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(fresh.model.eval().encode_image(images),
+                              trial.student.model.eval().encode_image(images), atol=1e-6)
 
 
 # --------------------------------------------------------------------------- (c) non-finite loss
@@ -182,7 +188,7 @@ def test_nan_loss_raises_non_finite_loss(env):
     folder = env["root"] / "nan"
     trial = new_trial(env)
     with torch.no_grad():
-        trial.projection.linear.weight.fill_(math.nan)
+        trial.projector.linear.weight.fill_(math.nan)
     before = trained_state(trial)
     with pytest.raises(NonFiniteLoss, match="step 0"):
         fit(trial, folder, progress=False)
@@ -192,7 +198,7 @@ def test_nan_loss_raises_non_finite_loss(env):
 
 
 def test_infinite_clip_loss_raises_non_finite_loss(env):
-    trial = new_trial(env, train_cfg(scope="full"), lambda_sds=0.0)
+    trial = new_trial(env, train_cfg(scope="full"), ObjectiveConfig(method="clip", lambda_sds=0.0))
     with torch.no_grad():
         trial.student.model.logit_scale.fill_(math.inf)
     with pytest.raises(NonFiniteLoss):

@@ -249,6 +249,40 @@ def _permute_positions(tokens: list[str], positions: list[int], rng: random.Rand
     return permuted
 
 
+# NegCLIP's swaps (ARO paper, section 5): two words of one class trade places. Tags come from the
+# order sets' tagger: spaCy's (UPOS for nouns and adjectives, Penn otherwise) or a UPOS lexicon.
+SWAP_CLASSES = {
+    "nouns": NOUN_TAGS,
+    "adjectives": ADJECTIVE_TAGS,
+    "adverbs": frozenset({"ADV", "RB", "RBR", "RBS"}),
+    "verbs": frozenset({"VERB", "VB", "VBD", "VBG", "VBN", "VBP", "VBZ"}),
+}
+
+
+def swap_negatives(caption: str, tagger: Tagger, rng: random.Random, tokenizer: Tokenizer | None = None) -> list[str]:
+    """Hard negatives of a caption as NegCLIP builds them: for each word class (nouns, adjectives,
+    adverbs, verbs) with two different words, one negative with a random pair of them swapped.
+    A caption with no such pair gets its tokens shuffled within trigrams instead (ARO's order
+    perturbation), or nothing when even that leaves it unchanged."""
+    tokens = (tokenize if tokenizer is None else tokenizer)(caption)
+    tags = tagger(tokens)
+    if len(tags) != len(tokens):
+        raise ValueError(f"tagger gave {len(tags)} tags for {len(tokens)} tokens of {caption!r}")
+    negatives = []
+    for kind, wanted in SWAP_CLASSES.items():
+        positions = [i for i, tag in enumerate(tags) if tag in wanted]
+        pairs = [(i, j) for i in positions for j in positions if i < j and tokens[i].lower() != tokens[j].lower()]
+        if pairs:
+            i, j = rng.choice(pairs)
+            swapped = list(tokens)
+            swapped[i], swapped[j] = tokens[j], tokens[i]
+            negatives.append(" ".join(swapped))
+    if not negatives:
+        shuffled = " ".join(shuffle_within_trigrams(tokens, rng))
+        negatives = [shuffled] if shuffled != " ".join(tokens) else []
+    return negatives
+
+
 _EDGE_PUNCTUATION = frozenset(".,!?;:\"'`()[]{}*#~")
 _CLITIC = re.compile(r"^(.+?)(n't|'s|'re|'ve|'ll|'d|'m)$", re.IGNORECASE)
 

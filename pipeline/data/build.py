@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from pipeline.config import DataConfig
 from pipeline.data import aro, coco, toyworld as tw, winoground, zeroshot
-from pipeline.data.datasets import INDEX_NAME
+from pipeline.data.datasets import INDEX_NAME, NEGATIVES
 from pipeline.io import atomic_dir, write_json
 
 
@@ -39,6 +39,7 @@ def build_toy(cfg: DataConfig, out: Path) -> None:
         records = [(i, _scene_file(images, f"{i:08d}.png", scene, size), [text])
                    for i, (scene, text) in enumerate(tqdm(train, desc="toy training pairs", leave=False))]
         coco.write_coco_captions(root / "coco" / "annotations" / "captions_train2017.json", records)
+        write_json(root / NEGATIVES, {text: tw.hard_negatives(text) for _, text in train})
 
         tasks = []
         for i, task in enumerate(tw.winoground_tasks(cfg.n_winoground, seed)):
@@ -73,7 +74,7 @@ def build_toy(cfg: DataConfig, out: Path) -> None:
         write_json(root / INDEX_NAME, {
             "source": "toy",
             "train": {"annotations": "coco/annotations/captions_train2017.json", "images": "coco/train2017",
-                      "caption_choice": "first"},
+                      "caption_choice": "first", "negatives": NEGATIVES},
             "winoground": {"root": "winoground"},
             "aro": {
                 "vg_relation": {"annotations": f"aro/{aro.VG_RELATION_FILE}", "images": "aro/images"},

@@ -10,9 +10,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.data import aro, coco, winoground, zeroshot
+from pipeline.data.errors import DataFormatError, load_json, require_record, str_list_field
 from pipeline.data.records import ChoiceCase, ImageCaption, WinogroundTask, ZeroShotSet
 
 INDEX_NAME = "index.json"
+# NegCLIP's hard negatives of the training captions, {caption: [negative, ...]}, written by the data stage.
+NEGATIVES = "train-negatives.json"
 ARO_SETS = ("vg_relation", "vg_attribution", "coco_order", "flickr_order")
 
 
@@ -38,6 +41,19 @@ def train_pairs(root: Path, index: dict) -> list[ImageCaption]:
     spec = index["train"]
     return coco.read_coco_captions(_path(root, spec["annotations"]), _path(root, spec["images"]),
                                    caption_choice=spec.get("caption_choice", "first"), seed=spec.get("seed", 0))
+
+
+def train_negatives(root: Path, index: dict, pairs: list[ImageCaption]) -> list[list[str]]:
+    """The hard-negative captions of each training pair (NegCLIP), from the data stage's table."""
+    path = _path(root, index["train"]["negatives"])
+    table = require_record(load_json(path, "hard-negative captions"), path, "")
+    negatives = []
+    for pair in pairs:
+        options = str_list_field(table, pair.caption, path, "")
+        if not options:
+            raise DataFormatError(path, "", pair.caption, "has no hard negative")
+        negatives.append(options)
+    return negatives
 
 
 def order_tagger(root: Path, name: str, spec: dict) -> aro.Tagger:

@@ -14,7 +14,9 @@ are missing, and "see README: Running the paper profile".
   id is fetched with huggingface_hub (data/examples.jsonl + data/images.zip only).
 - ARO: the index points at the user's JSON files and image folders; the order sets get
   each caption's part-of-speech tags, tagged in context by spaCy as ARO does
-  (`order_tags`, data/aro/<set>-tags.json), or a word lexicon from a JSON file.
+  (`tag_captions`, data/aro/<set>-tags.json), or a word lexicon from a JSON file.
+- NegCLIP's hard negatives of every training caption (`aro.swap_negatives`, with the same
+  tagger): data/train-negatives.json.
 - Zero-shot: each torchvision set is materialised as an ImageFolder tree + zeroshot.json
   (`pipeline.data.torchvision_sets`).
 Every dataset is read back before the index is published, so a malformed record stops
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import random
 import re
 import sys
 from dataclasses import dataclass
@@ -135,18 +138,18 @@ def problems(cfg: DataConfig, base: Path) -> list[Problem]:
         value = getattr(cfg, key)
         need(f"data.{key}", value, annotations, f"{ARO_WHAT[name]}: {annotations}", "file")
         need(f"data.{key}", value, images, f"{ARO_WHAT[name]}: the {images}/ image folder", "dir")
-    if {"coco_order", "flickr_order"} & set(cfg.aro_sets):
-        tagger = cfg.order_tagger
-        if tagger.startswith("spacy:"):
-            model = tagger.split(":", 1)[1]
-            if importlib.util.find_spec("spacy") is None:
-                found.append(Problem("data.order_tagger", f"{tagger!r} needs the spacy package (pip install spacy; "
-                                     f"python -m spacy download {model}), or give a JSON lexicon file"))
-            elif importlib.util.find_spec(model) is None:
-                found.append(Problem("data.order_tagger", f"spaCy model {model!r} is not installed "
-                                     f"(python -m spacy download {model})"))
-        else:
-            need("data.order_tagger", tagger, "", "part-of-speech lexicon JSON {word: UPOS tag}", "file")
+    # The tagger of the order sets' shuffles, and of the training captions' hard negatives (NegCLIP).
+    tagger = cfg.order_tagger
+    if tagger.startswith("spacy:"):
+        model = tagger.split(":", 1)[1]
+        if importlib.util.find_spec("spacy") is None:
+            found.append(Problem("data.order_tagger", f"{tagger!r} needs the spacy package (pip install spacy; "
+                                 f"python -m spacy download {model}), or give a JSON lexicon file"))
+        elif importlib.util.find_spec(model) is None:
+            found.append(Problem("data.order_tagger", f"spaCy model {model!r} is not installed "
+                                 f"(python -m spacy download {model})"))
+    else:
+        need("data.order_tagger", tagger, "", "part-of-speech lexicon JSON {word: UPOS tag}", "file")
 
     if cfg.zeroshot_sets:
         if not cfg.zeroshot_root or not resolve_path(cfg.zeroshot_root, base).is_dir():
@@ -201,16 +204,18 @@ def build_paper(cfg: DataConfig, out: Path, base: Path) -> dict:
     from pipeline.data.datasets import INDEX_NAME, benchmarks, train_pairs
 
     check_paper_data(cfg, base)
+    tagging = Tagging(cfg, base)
     with atomic_dir(out) as root:
         index = {
             "source": "paper",
             "train": _train(cfg, base, root),
             "winoground": {"root": _winoground(cfg, base, root)},
-            "aro": _aro(cfg, base, root),
+            "aro": _aro(cfg, base, root, tagging),
             "zeroshot": _zeroshot(cfg, base, root),
         }
         pairs = train_pairs(root, index)
         bench = benchmarks(root, index)
+        index["train"]["negatives"] = _negatives(cfg, root, pairs, tagging)
         index["counts"] = {
             "train_pairs": len(pairs),
             "winoground": len(bench.winoground),
@@ -266,9 +271,8 @@ def fetch_winoground(repo_id: str, target: Path) -> None:
         raise PaperDataMissing(f"data.winoground: the hub repo {repo_id!r} has no {missing[0]}; {README_HINT}")
 
 
-def _aro(cfg: DataConfig, base: Path, out: Path) -> dict:
+def _aro(cfg: DataConfig, base: Path, out: Path, tagging: "Tagging") -> dict:
     sets = {}
-    batch_tagger = lexicon = None   # loaded once for both order sets (spaCy takes seconds to load)
     for name in cfg.aro_sets:
         key, annotations, images = ARO_FILES[name]
         root = resolve_path(getattr(cfg, key), base).resolve()
@@ -277,15 +281,26 @@ def _aro(cfg: DataConfig, base: Path, out: Path) -> dict:
             continue
         path = root / annotations
         sets[name] = {"annotations": str(path), "images": str(root), "seed": cfg.seed}
-        if cfg.order_tagger.startswith("spacy:"):
-            batch_tagger = batch_tagger or spacy_tagger(cfg.order_tagger.split(":", 1)[1])
+        if tagging.in_context:
             tags = f"aro/{name}-tags.json"
-            write_json(out / tags, order_tags([path], batch_tagger))
+            write_json(out / tags, tag_captions(karpathy_captions([path]), tagging.batch()))
             sets[name]["tags"] = tags
         else:
-            lexicon = lexicon or order_lexicon(resolve_path(cfg.order_tagger, base))
-            sets[name]["lexicon"] = lexicon
+            sets[name]["lexicon"] = tagging.lexicon()
     return sets
+
+
+def _negatives(cfg: DataConfig, root: Path, pairs: list, tagging: "Tagging") -> str:
+    """NegCLIP's hard negatives of every training caption (`aro.swap_negatives`), drawn with a
+    generator seeded by (data.seed, caption), as {caption: [negative, ...]} in data/."""
+    from pipeline.data.aro import swap_negatives
+    from pipeline.data.datasets import NEGATIVES
+
+    captions = list(dict.fromkeys(pair.caption for pair in pairs))
+    tagger = tagging.tagger(captions)
+    table = {caption: swap_negatives(caption, tagger, random.Random(f"{cfg.seed}:{caption}")) for caption in captions}
+    write_json(root / NEGATIVES, table)
+    return NEGATIVES
 
 
 def _zeroshot(cfg: DataConfig, base: Path, root: Path) -> list[dict]:
@@ -319,8 +334,19 @@ def order_lexicon(path: Path) -> dict[str, str]:
     return {word.lower(): tag for word, tag in document.items()}
 
 
-def order_tags(annotation_files: list[Path], batch_tagger: BatchTagger) -> dict[str, list[str]]:
-    """{aro.caption_key(tokens): their tags} for every caption of the order sets.
+def karpathy_captions(annotation_files: list[Path]) -> list[str]:
+    """Every caption of the order sets' Karpathy split files, in file order."""
+    captions = []
+    for path in annotation_files:
+        records = require_list(load_json(path, "Karpathy split file"), path, "", None)
+        for index, record in enumerate(records):
+            captions += str_list_field(require_record(record, path, f"record {index}"), "caption", path,
+                                       f"record {index}")
+    return captions
+
+
+def tag_captions(captions: list[str], batch_tagger: BatchTagger) -> dict[str, list[str]]:
+    """{aro.caption_key(tokens): their tags} for every caption.
 
     Each caption is tagged in its own context, as ARO tags it before shuffling ("orange" is
     an adjective in "an orange cat", a noun in "the orange is sweet");
@@ -328,12 +354,6 @@ def order_tags(annotation_files: list[Path], batch_tagger: BatchTagger) -> dict[
     """
     from pipeline.data.aro import caption_key, tokenize
 
-    captions = []
-    for path in annotation_files:
-        records = require_list(load_json(path, "Karpathy split file"), path, "", None)
-        for index, record in enumerate(records):
-            captions += str_list_field(require_record(record, path, f"record {index}"), "caption", path,
-                                       f"record {index}")
     tokens = [tokenize(caption) for caption in dict.fromkeys(captions)]
     table: dict[str, list[str]] = {}
     for start in range(0, len(tokens), 1024):
@@ -343,6 +363,38 @@ def order_tags(annotation_files: list[Path], batch_tagger: BatchTagger) -> dict[
                 raise ValueError(f"the tagger gave {len(tags)} tags for the {len(words)} tokens of {' '.join(words)!r}")
             table[caption_key(words)] = list(tags)
     return table
+
+
+class Tagging:
+    """`data.order_tagger`, loaded once for the order sets and the training captions' negatives:
+    spaCy tags each caption in its context; a JSON lexicon tags words alone."""
+
+    def __init__(self, cfg: DataConfig, base: Path):
+        self.spec, self.base = cfg.order_tagger, base
+        self._batch: BatchTagger | None = None
+        self._lexicon: dict[str, str] | None = None
+
+    @property
+    def in_context(self) -> bool:
+        return self.spec.startswith("spacy:")
+
+    def batch(self) -> BatchTagger:
+        if self._batch is None:
+            self._batch = spacy_tagger(self.spec.split(":", 1)[1])
+        return self._batch
+
+    def lexicon(self) -> dict[str, str]:
+        if self._lexicon is None:
+            self._lexicon = order_lexicon(resolve_path(self.spec, self.base))
+        return self._lexicon
+
+    def tagger(self, captions: list[str]):
+        """An `aro.Tagger` for these captions."""
+        from pipeline.data.aro import caption_tagger, lexicon_tagger
+
+        if self.in_context:
+            return caption_tagger(tag_captions(captions, self.batch()))
+        return lexicon_tagger(self.lexicon())
 
 
 def spacy_tagger(model: str) -> BatchTagger:

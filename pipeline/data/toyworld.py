@@ -16,6 +16,7 @@ Benchmarks mirror the real ones' constructions:
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass, replace
 
 from PIL import Image, ImageDraw
@@ -149,6 +150,24 @@ def training_pairs(n: int, seed: int) -> list[tuple[Scene, str]]:
             described = Scene(scene.second, scene.first, INVERSE[scene.relation], scene.layout)
         pairs.append((scene, caption(described, with_size=rng.random() < 0.5)))
     return pairs
+
+
+_PHRASE = rf"(?:({'|'.join(SIZES)}) )?({'|'.join(COLOURS)}) ({'|'.join(SHAPES)})"
+_CAPTION = re.compile(rf"(a|the) {_PHRASE} ({'|'.join(RELATIONS)}) (?:a|the) {_PHRASE}")
+
+
+def hard_negatives(text: str) -> list[str]:
+    """NegCLIP-style negatives of a training caption, by the grammar's own swaps: the shapes, the
+    colours, the sizes (when both are said and differ) and the whole noun phrases (which flips
+    who is where). Each differs from the caption; none comes from a benchmark scene."""
+    match = _CAPTION.fullmatch(text)
+    if match is None:
+        raise ValueError(f"{text!r} is not a caption of the toy grammar")
+    article, size_a, colour_a, shape_a, relation, size_b, colour_b, shape_b = match.groups()
+    with_size = size_a is not None
+    scene = Scene(Thing(colour_a, shape_a, size_a or "big"), Thing(colour_b, shape_b, size_b or "big"), relation, 0)
+    kinds = ["shape", "colour"] + (["size"] if with_size and size_a != size_b else []) + ["phrase"]
+    return [caption(_swap(scene, kind), with_size, article) for kind in kinds]
 
 
 @dataclass(frozen=True)

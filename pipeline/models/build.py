@@ -44,6 +44,7 @@ def build_teacher(cfg: Config, data_root: Path, models: Path) -> dict:
         return import_teacher(tcfg, teacher_dir(models), base=Path(models).parent)
     pairs = train_pairs(data_root, read_index(data_root))
     pixels = torch.stack([TF.to_tensor(load_image(p.image)) for p in pairs]) * 2 - 1
+    torch.set_num_threads(tcfg.threads)
     teacher = build_toy_teacher(tcfg, cfg.data.image_size).to(resolve_device(cfg.compute.device))
     generator = torch.Generator().manual_seed(tcfg.seed)
     train_vae(teacher, pixels, tcfg, generator)
@@ -63,9 +64,10 @@ def build_student(cfg: Config, name: str, data_root: Path, models: Path,
     student = build_toy_student(scfg, cfg.data.image_size)
     pairs = train_pairs(data_root, read_index(data_root))
     pretrain = TrainConfig(student=name, scope="full", lr=scfg.lr, weight_decay=0.1, warmup_steps=min(50, scfg.pretrain_steps // 10),
-                           batch_size=scfg.batch_size, steps=max(scfg.pretrain_steps, 1), seed=scfg.seed)
+                           batch_size=scfg.batch_size, steps=max(scfg.pretrain_steps, 1), seed=scfg.seed,
+                           threads=scfg.threads)
     if scfg.pretrain_steps:
-        trial = trainer.setup(pretrain, ObjectiveConfig(lambda_sds=0.0), student, pairs, lambda_sds=0.0,
+        trial = trainer.setup(pretrain, ObjectiveConfig(method="clip", lambda_sds=0.0), student, pairs,
                               compute=cfg.compute)
         # No checkpoints: DVC removes the models stage's output before re-running it, and the
         # teacher beside it has no resume point either; the stage runs in minutes.
@@ -78,27 +80,25 @@ def build_student(cfg: Config, name: str, data_root: Path, models: Path,
     return {"pretrain_final_loss": loss}
 
 
-def _pretrain_students(cfg: Config, names: list[str], data_root: Path, models: Path, threads: int) -> dict:
-    torch.set_num_threads(threads)
+def _pretrain_students(cfg: Config, names: list[str], data_root: Path, models: Path) -> dict:
     return {name: build_student(cfg, name, data_root, models) for name in names}
 
 
 def build_models(cfg: Config, data_root: Path, models: Path) -> None:
-    """The teacher, then every student; on a multi-core CPU the toy students pre-train in a second
-    process while the toy teacher trains (neither depends on the other, and these small models
-    run about as fast on half the cores as on all of them)."""
+    """The teacher, then every student. On a CPU with cores enough for both, the toy students
+    pre-train in a second process while the toy teacher trains (neither depends on the other).
+    Each trains with its own configured thread count, so the weights are the same either way."""
     toy = [name for name, s in cfg.students.items() if s.source == "toy"]
-    cores = os.cpu_count() or 1
     aside = None
-    if toy and cfg.teacher.source == "toy" and cores >= 2 and resolve_device(cfg.compute.device).type == "cpu":
-        threads = max(1, cores // 2)
+    threads = cfg.teacher.threads + max((cfg.students[name].threads for name in toy), default=0)
+    if (toy and cfg.teacher.source == "toy" and (os.cpu_count() or 1) >= threads
+            and resolve_device(cfg.compute.device).type == "cpu"):
         # Forked, the child starts with this process's imports (~8 s of torch, diffusers and
         # open_clip that a spawned one repeats). Safe in the models stage: no torch op has run
         # before this point, so there is no OpenMP pool to inherit. Off Linux, spawn.
         method = "fork" if sys.platform.startswith("linux") else "spawn"
         pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context(method))
-        aside = pool.submit(_pretrain_students, cfg, toy, data_root, models, threads)
-        torch.set_num_threads(threads)
+        aside = pool.submit(_pretrain_students, cfg, toy, data_root, models)
     try:
         summary = {"teacher": build_teacher(cfg, data_root, models)}
         if aside is not None:

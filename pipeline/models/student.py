@@ -87,13 +87,22 @@ def embed_dim(student: Student) -> int:
     return int(student.model_cfg["embed_dim"])
 
 
-def contrastive_outputs(model: nn.Module, images: torch.Tensor, tokens: torch.Tensor):
-    """(normalised image embeddings, normalised text embeddings, exp(logit_scale)) of any open_clip model.
+def has_patch_tokens(model: nn.Module) -> bool:
+    """Whether the image tower is a ViT (patch tokens beside its CLS embedding)."""
+    return isinstance(getattr(model, "visual", None), open_clip.transformer.VisionTransformer)
 
-    The towers' own encoders rather than `forward`: CLIP's forward returns a tuple or a dict
-    depending on `output_dict`, and CoCa's runs its captioning decoder and returns a dict;
-    only the contrastive part is fine-tuned here (CoCa's captioning loss is not in the objective).
-    """
-    image_features = model.encode_image(images, normalize=True)
-    text_features = model.encode_text(tokens, normalize=True)
-    return image_features, text_features, model.logit_scale.exp()
+
+def image_tokens(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the pooled image embedding [B, E] as `encode_image` gives it before normalisation, the patch
+    tokens [B, N, E]) of a ViT student: the patch tokens after the tower's final LayerNorm and
+    through its output projection, as the CLS token goes (DIVA's construction)."""
+    visual = model.visual
+    before = visual.output_tokens
+    visual.output_tokens = True
+    try:
+        pooled, tokens = visual(images)
+    finally:
+        visual.output_tokens = before
+    if visual.proj is not None:
+        tokens = tokens @ visual.proj
+    return pooled, tokens
