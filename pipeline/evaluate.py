@@ -290,7 +290,8 @@ def evaluate_feedback(student: Student, projector: FeedbackProjector, teacher: T
         if feedback_tokens:
             pooled, patches = image_tokens(student.model, pixels)
             picks = torch.randint(0, patches.shape[1], (len(chunk), feedback_tokens), generator=generator)
-            tokens = torch.cat([pooled[:, None], patches[torch.arange(len(chunk))[:, None], picks.to(device)]], 1)
+            rows = torch.arange(len(chunk), device=patches.device)[:, None]
+            tokens = torch.cat([pooled[:, None], patches[rows, picks.to(patches.device)]], 1)
         else:
             tokens = student.model.encode_image(pixels)[:, None]
         conditions = {"feedback/error": projector(tokens.float(), empty.to(device)),

@@ -456,17 +456,24 @@ def _percentiles(values: np.ndarray, confidence: float) -> tuple[float, float]:
 
 def seed_task_interval(parts, n_resamples: int = 1000, confidence: float = 0.95,
                        seed: int = 0) -> tuple[float, float, float]:
-    """(mean over seeds, low, high): a two-level percentile bootstrap that resamples the seeds
+    """(mean over seeds, low, high): a two-level percentile bootstrap that resamples the runs (seeds)
     and, independently, each part's cases, so the interval counts both the spread between seeds
     and the finite number of cases. With one seed it is the case bootstrap alone."""
     parts = _parts(parts)
+    seeds = _seed_count(parts)
     _check_resampling(n_resamples, confidence)
     rng = np.random.default_rng(seed)
     draws = np.empty(int(n_resamples))
     for r in range(int(n_resamples)):
-        draws[r] = np.mean([p.value(rng.integers(0, p.seeds, p.seeds), rng.integers(0, p.cases, p.cases))
-                            for p in parts])
+        runs = rng.integers(0, seeds, seeds)      # whole runs: every part of a run goes together
+        draws[r] = np.mean([p.value(runs, rng.integers(0, p.cases, p.cases)) for p in parts])
     return (metric_value(parts), *_percentiles(draws, confidence))
+
+
+def _seed_count(parts: list[CaseOutcomes]) -> int:
+    if len({p.seeds for p in parts}) != 1:
+        raise ValueError("the parts of a metric must come from the same runs (their seed counts differ)")
+    return parts[0].seeds
 
 
 @dataclass(frozen=True)
@@ -485,26 +492,26 @@ def paired_difference(parts_a, parts_b, n_resamples: int = 1000, confidence: flo
     """Compare two rows scored on the same cases (A minus B).
 
     Interval: percentile bootstrap of the difference in which both rows are evaluated on the SAME
-    resampled cases (the pairing), and each row's seeds are resampled independently (its seed
-    spread). p-value: `sign_flip_test` on the per-case correctness averaged over each row's seeds,
+    resampled cases (the pairing), and each row's runs (seeds) are resampled independently of the
+    other row's (its seed spread). p-value: `sign_flip_test` on the per-case correctness averaged over each row's seeds,
     pooled over the parts; with one seed per row this is McNemar's exact test.
     """
     parts_a, parts_b = _parts(parts_a), _parts(parts_b)
     if len(parts_a) != len(parts_b) or any(a.cases != b.cases for a, b in zip(parts_a, parts_b)):
         raise ValueError("the two rows must be scored on the same cases (parts and case counts differ)")
+    seeds = (_seed_count(parts_a), _seed_count(parts_b))
     _check_resampling(n_resamples, confidence)
     rng = np.random.default_rng(seed)
     draws = np.empty(int(n_resamples))
     for r in range(int(n_resamples)):
+        runs_a, runs_b = rng.integers(0, seeds[0], seeds[0]), rng.integers(0, seeds[1], seeds[1])
         values = []
         for a, b in zip(parts_a, parts_b):
             cases = rng.integers(0, a.cases, a.cases)
-            values.append(a.value(rng.integers(0, a.seeds, a.seeds), cases)
-                          - b.value(rng.integers(0, b.seeds, b.seeds), cases))
+            values.append(a.value(runs_a, cases) - b.value(runs_b, cases))
         draws[r] = np.mean(values)
     mean_a = np.concatenate([p.correct.mean(axis=0) for p in parts_a])
     mean_b = np.concatenate([p.correct.mean(axis=0) for p in parts_b])
-    seeds = (parts_a[0].seeds, parts_b[0].seeds)
     discordant = sum(int((a.correct[:, None, :] != b.correct[None, :, :]).sum()) for a, b in zip(parts_a, parts_b))
     return PairedDifference(metric_value(parts_a) - metric_value(parts_b), *_percentiles(draws, confidence),
                             sign_flip_test(mean_a, mean_b, seeds), discordant)

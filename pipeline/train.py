@@ -194,13 +194,13 @@ def _feature_shape(teacher: Teacher) -> tuple[int, ...]:
     return (channels, size, size)
 
 
-def build_projector(objective: ObjectiveConfig, student: Student, teacher: Teacher) -> nn.Module:
+def build_projector(objective: ObjectiveConfig, student: Student, teacher: Teacher, length: int = 0) -> nn.Module:
     """h_w into the teacher's latent (sds) or mid-block features (unet_feature), or diffusion
-    feedback's projector into its conditioning; checked against the teacher (one-line ConfigError)."""
+    feedback's projector into its conditioning of `length` tokens; checked against the teacher
+    (one-line ConfigError)."""
     noising = objective.noising if objective.method == "sds" else "noise"
     objectives.check_fits_teacher(teacher.scheduler, "objective.t_max", objective.t_max, noising)
     if objective.method == "diffusion_feedback":
-        length = teacher.tokenizer.model_max_length
         if objective.feedback_tokens + 1 > length:
             raise ConfigError(f"objective.feedback_tokens: {objective.feedback_tokens} with the CLS token does not fit "
                               f"the teacher's {length} conditioning tokens; allowed: <= {length - 1}")
@@ -242,7 +242,10 @@ def setup(cfg: TrainConfig, objective: ObjectiveConfig, student: Student, pairs:
     if teacher is not None:
         for module in teacher.modules():   # the teacher is never trained, whatever built it
             module.requires_grad_(False)
-    projector = build_projector(objective, student, teacher) if objective.teacher_loss else None
+    # Diffusion feedback conditions the teacher on the empty caption plus the student's tokens.
+    empty = conditioning.get([""])[0].to(device) if objective.teacher_loss and method == "diffusion_feedback" else None
+    projector = build_projector(objective, student, teacher, 0 if empty is None else len(empty)) \
+        if objective.teacher_loss else None
     student.model.requires_grad_(False)
     params = trainable_parameters(student, projector, cfg)
     student.model.to(device)
@@ -266,11 +269,8 @@ def setup(cfg: TrainConfig, objective: ObjectiveConfig, student: Student, pairs:
     dataset = PairDataset(pairs, student, text_rows, image_rows, negatives if method == "negclip" else None, cfg.seed)
     loader = DataLoader(dataset, batch_sampler=StepSampler(len(pairs), cfg.batch_size, cfg.seed),
                         num_workers=cfg.workers, pin_memory=device.type == "cuda")
-    empty = None
     if projector is not None:
         fastpath.prepare_teacher_unet(teacher.unet.to(device), opts)
-        if method == "diffusion_feedback":
-            empty = conditioning.get([""])[0].to(device)
     return Trial(student, projector, params, optimizer, scheduler, loader, teacher, conditioning, latents,
                  cfg, objective, torch.Generator().manual_seed(cfg.seed + 1), device=device, fast=opts,
                  scaler=fastpath.grad_scaler(device, opts) if opts.autocast == "fp16" else None,
@@ -338,7 +338,8 @@ def teacher_loss(trial: Trial, image_features: torch.Tensor, pooled: torch.Tenso
         if patches is not None:
             # DIVA draws its patch tokens at random (with repeats) for every image and step.
             picks = torch.randint(0, patches.shape[1], (batch, obj.feedback_tokens), generator=trial.generator)
-            tokens = torch.cat([tokens, patches.float()[torch.arange(batch)[:, None], picks].to(device)], dim=1)
+            rows = torch.arange(batch, device=patches.device)[:, None]
+            tokens = torch.cat([tokens, patches.float()[rows, picks.to(patches.device)]], dim=1)
         cond = trial.projector(tokens, trial.empty)
         return "feedback", objectives.feedback_loss(x0.to(device), cond, unet, teacher.scheduler, t.to(device),
                                                     noise.to(device), obj.reduction)

@@ -82,6 +82,32 @@ def test_diffusion_score_is_minus_the_mean_error_over_a_shared_bank(world):
     assert unconditional(keys, captions) == pytest.approx(scores - scorer([keys[0]], [""])[0], rel=1e-4)
 
 
+def test_diffusion_score_error_option_averages_the_norm_of_the_epsilon_error(world):
+    """eval.error "norm" (diffusion-itm's): minus the mean over the bank of ||eps_hat - eps||_2; the
+    batched and the one-call-per-pair paths agree."""
+    from pipeline.fastpath import FastPath
+
+    bench, _, teacher, root = world
+    cfg = EvalConfig(diffusion_samples=3, diffusion_t_min=100, diffusion_t_max=900, batch_size=4, error="norm")
+    latents, text = open_table(root / "cache", "images"), open_table(root / "cache", "text")
+    task = bench.winoground[0]
+    keys, captions = [image_key(task.image_0), image_key(task.image_1)], [task.caption_0, task.caption_1]
+    scorer = DiffusionScorer(teacher, latents, text, cfg)
+    scores = scorer(keys, captions)
+    for score, key, caption in zip(scores, keys, captions):
+        norms = []
+        for t, eps in zip(scorer.timesteps, scorer.noise):
+            noisy = teacher.scheduler.add_noise(latents.get([key]), eps[None], t[None])
+            with torch.no_grad():
+                pred = teacher.unet(noisy, t[None], encoder_hidden_states=text.get([caption])).sample
+            norms.append((pred - eps[None]).norm().item())
+        assert score == pytest.approx(-np.mean(norms), rel=1e-4)
+    plain = DiffusionScorer(teacher, latents, text, cfg, opts=FastPath.plain())(keys, captions)
+    assert plain == pytest.approx(scores, rel=1e-4)
+    squared = DiffusionScorer(teacher, latents, text, EvalConfig(**{**cfg.__dict__, "error": "squared"}))(keys, captions)
+    assert not np.allclose(squared, scores)
+
+
 def test_evaluate_student_names_every_metric(world):
     bench, student, _, _ = world
     metrics = evaluate_student(student, bench, EvalConfig(bootstrap=20)).metrics
@@ -160,3 +186,34 @@ def test_image_keys_carry_the_crop_box_exactly():
     box = (1234.5049, 0.1, 7, 2.0000001)
     assert parse_image_key(image_key("/aro/images/1.jpg", box)) == ("/aro/images/1.jpg", tuple(float(v) for v in box))
     assert parse_image_key(image_key("/aro/images/1.jpg")) == ("/aro/images/1.jpg", None)
+
+
+def test_feedback_diagnostic_is_one_when_the_projector_adds_nothing(world):
+    """A projector with zero weights leaves the empty caption's conditioning as it is: the error with
+    the student's tokens equals the error without them, and the ratio is exactly 1; the error is the
+    teacher's mean epsilon error over the score's bank on the diagnostic tasks' images."""
+    from pipeline.evaluate import evaluate_feedback, noise_bank
+    from pipeline.models.teacher import encode_text
+    from pipeline.objectives import FeedbackProjector
+
+    bench, student, teacher, root = world
+    cfg = EvalConfig(diffusion_samples=2, batch_size=4, diagnostic_tasks=1)
+    latents = open_table(root / "cache", "images")
+    projector = FeedbackProjector(student.model.visual.output_dim, teacher.unet.config.cross_attention_dim)
+    with torch.no_grad():
+        projector.linear.weight.zero_()
+        projector.linear.bias.zero_()
+    empty = encode_text(teacher, [""])[0]
+    metrics = evaluate_feedback(student, projector, teacher, latents, empty, bench, cfg).metrics
+    assert metrics["feedback/error_ratio"] == 1.0
+    task = bench.winoground[0]
+    timesteps, noise = noise_bank(cfg, teacher.latent_shape)
+    errors = []
+    for key in (image_key(task.image_0), image_key(task.image_1)):
+        for t, eps in zip(timesteps, noise):
+            noisy = teacher.scheduler.add_noise(latents.get([key]), eps[None], t[None])
+            with torch.no_grad():
+                pred = teacher.unet(noisy, t[None], encoder_hidden_states=empty[None]).sample
+            errors.append(F.mse_loss(pred, eps[None]).item())
+    assert metrics["feedback/error_empty"] == pytest.approx(np.mean(errors), rel=1e-4)
+

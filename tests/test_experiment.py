@@ -26,7 +26,8 @@ EXPERIMENT = "experiment-tests"
 
 @pytest.fixture
 def project(tmp_path):
-    cfg = load(PARAMS, {"profile": "smoke", "train": {"steps": 4, "checkpoint_every": 2}})
+    cfg = load(PARAMS, {"profile": "smoke", "train": {"steps": 4, "checkpoint_every": 2},
+                        "objective": {"method": "clip", "lambda_sds": 0}})
     data, models = tmp_path / "data", tmp_path / "models"
     build_toy(cfg.data, data)
     save_student(build_toy_student(cfg.students["toy-vit"], cfg.data.image_size), student_dir(models, "toy-vit"))
@@ -47,7 +48,7 @@ def test_a_failed_evaluation_keeps_the_resume_point_and_the_rerun_finishes_from_
     folder = root / "runs" / "clip"
     image, blob = break_a_benchmark_image(data)
     with pytest.raises(UnidentifiedImageError):
-        run_finetune(cfg, data, models, root / "cache", folder, tracker, "clip", 0.0, progress=False)
+        run_finetune(cfg, data, models, root / "cache", folder, tracker, "clip", progress=False)
     [failed] = tracker.find_runs(EXPERIMENT)
     assert failed["status"] == "FAILED"
     assert failed["tags"]["failure"].startswith("UnidentifiedImageError") and image.name in failed["tags"]["failure"]
@@ -55,7 +56,7 @@ def test_a_failed_evaluation_keeps_the_resume_point_and_the_rerun_finishes_from_
 
     image.write_bytes(blob)
     with caplog.at_level(logging.INFO, logger="pipeline.train"):
-        result = run_finetune(cfg, data, models, root / "cache", folder, tracker, "clip", 0.0, progress=False)
+        result = run_finetune(cfg, data, models, root / "cache", folder, tracker, "clip", progress=False)
     assert f"resumed {folder} at step 2" in caplog.text
     finished = tracker.runs([result["run_id"]])[0]
     assert finished["status"] == "FINISHED" and "winoground/text" in finished["metrics"]

@@ -84,9 +84,11 @@ def world():
         "captions": captions,
         "pairs": pairs,
         "latents": bench.MemoryTable([image_key(p.image) for p in pairs], torch.randn(N, *shape, generator=g)),
-        "conditioning": bench.MemoryTable(captions, torch.randn(N, TOKENS, WIDTH, generator=g)),
+        # Row 0 is the empty caption's (diffusion feedback's); the captions' rows follow.
+        "conditioning": bench.MemoryTable(["", *captions], torch.randn(N + 1, TOKENS, WIDTH, generator=g)),
         "images": torch.randn(N, 3, SIZE, SIZE, generator=g),
         "rows": torch.arange(N),
+        "text_rows": torch.arange(1, N + 1),
     }
 
 
@@ -94,16 +96,15 @@ def run_step(teacher, world, opts: FastPath | None, seed: int = 0, scope: str = 
     """One `train.loss_step` + backward from a fresh trial built by `train.setup`, under `opts`
     (None: the trainer's CPU default); returns (losses, gradients of the trainable params)."""
     student = build_toy_student(STUDENT, SIZE)
-    trial = train.setup(TrainConfig(scope=scope, batch_size=N, steps=4), ObjectiveConfig(**objective), student,
-                        world["pairs"], 1.0, teacher, world["conditioning"],
-                        world["latents"] if scope == "unet_feature" else None)
+    trial = train.setup(TrainConfig(scope=scope, batch_size=N, steps=4), ObjectiveConfig(**{"lambda_sds": 1.0, **objective}),
+                        student, world["pairs"], teacher, world["conditioning"], world["latents"])
     trial.generator.manual_seed(seed)
     if opts is not None:
         trial.fast = opts
         prepare_teacher_unet(teacher.unet, opts)
         prepare_student(student.model, opts)
     tokens = student.tokenizer(world["captions"])
-    losses = train.loss_step(trial, world["images"], tokens, world["rows"], world["rows"])
+    losses = train.loss_step(trial, world["images"], tokens, tokens, world["text_rows"], world["rows"])
     losses["total"].backward()
     grads = {name: p.grad.detach().clone() for name, p in trial.params.items()}
     prepare_teacher_unet(teacher.unet, FastPath.default_for("cpu"))  # back to the CPU default for the next test
@@ -168,15 +169,15 @@ def test_compute_config_picks_the_options_and_the_device():
 def test_setup_applies_the_compute_section(teacher, world):
     """`train.setup(..., compute)` puts the trial on the device with the section's options."""
     compute = ComputeConfig(device="cpu", precision="bf16", channels_last=True)
-    trial = train.setup(TrainConfig(batch_size=N, steps=4), ObjectiveConfig(), build_toy_student(STUDENT, SIZE),
-                        world["pairs"], 1.0, teacher, world["conditioning"], compute=compute)
+    trial = train.setup(TrainConfig(batch_size=N, steps=4), ObjectiveConfig(lambda_sds=1.0), build_toy_student(STUDENT, SIZE),
+                        world["pairs"], teacher, world["conditioning"], compute=compute)
     try:
         assert trial.device == torch.device("cpu") and trial.scaler is None
         assert (trial.fast.autocast, trial.fast.channels_last) == ("bf16", True)
         conv = next(m for m in teacher.unet.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3))
         assert conv.weight.is_contiguous(memory_format=torch.channels_last)
-        fp16 = train.setup(TrainConfig(batch_size=N, steps=4), ObjectiveConfig(), build_toy_student(STUDENT, SIZE),
-                           world["pairs"], 1.0, teacher, world["conditioning"],
+        fp16 = train.setup(TrainConfig(batch_size=N, steps=4), ObjectiveConfig(lambda_sds=1.0),
+                           build_toy_student(STUDENT, SIZE), world["pairs"], teacher, world["conditioning"],
                            compute=ComputeConfig(device="cpu", precision="fp16"))
         assert fp16.scaler is not None  # fp16 needs loss scaling, bf16 does not
     finally:
@@ -184,8 +185,9 @@ def test_setup_applies_the_compute_section(teacher, world):
 
 
 @pytest.mark.parametrize("scope, objective", [
-    ("layernorm", {"gradient": "sds"}), ("layernorm", {"noising": "none", "latent_scale": 0.5}), ("unet_feature", {}),
-], ids=["sds-gradient", "no-noising", "unet-feature"])
+    ("layernorm", {"gradient": "sds"}), ("layernorm", {"noising": "none", "latent_scale": 0.5}),
+    ("layernorm", {"method": "unet_feature"}), ("full", {"method": "diffusion_feedback", "feedback_tokens": 3}),
+], ids=["sds-gradient", "no-noising", "unet-feature", "diffusion-feedback"])
 def test_fp32_options_keep_every_objective(teacher, world, scope, objective):
     ref_losses, ref_grads = run_step(teacher, world, None, scope=scope, **objective)
     losses, grads = run_step(teacher, world, FastPath.plain().replace(channels_last=True), scope=scope, **objective)

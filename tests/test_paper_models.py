@@ -29,7 +29,7 @@ from pipeline.models import paper
 from pipeline.models.build import build_models, student_dir, teacher_dir
 from pipeline.models.student import build_toy_student, layernorm_parameters, load_student, save_student
 from pipeline.models.teacher import SD_SCHEDULE, Teacher, build_toy_teacher, load_teacher, save_teacher
-from pipeline.objectives import LatentProjection, diffusion_target, sds_loss
+from pipeline.objectives import LatentProjection, sds_loss
 
 import tiny
 
@@ -180,7 +180,7 @@ def test_trainer_step_through_coca_uses_its_contrastive_part(tmp_path):
     from pipeline.bench import MemoryTable
     from pipeline.config import ObjectiveConfig, TrainConfig
     from pipeline.data.records import ImageCaption
-    from pipeline.models.student import Student, contrastive_outputs
+    from pipeline.models.student import Student
     from pipeline.objectives import clip_loss
 
     torch.manual_seed(0)
@@ -199,14 +199,15 @@ def test_trainer_step_through_coca_uses_its_contrastive_part(tmp_path):
     unet = small_sd_unet(24)
     teacher = Teacher(unet, None, None, None, DDPMScheduler(**SD_SCHEDULE))
     conditioning = MemoryTable(captions, torch.randn(4, 77, 24))
-    trial = train.setup(TrainConfig(batch_size=4, steps=2), ObjectiveConfig(), student, pairs, 1.0, teacher, conditioning)
+    trial = train.setup(TrainConfig(batch_size=4, steps=2), ObjectiveConfig(lambda_sds=1.0), student, pairs, teacher,
+                        conditioning)
     images, tokens = torch.randn(4, 3, 32, 32), student.tokenizer(captions)
     out = model(images, tokens)
     assert isinstance(out, dict) and "logits" in out  # what `model(...)[:3]` would have mangled
-    image_features, text_features, scale = contrastive_outputs(model, images, tokens)
+    image_features, text_features = model.encode_image(images, normalize=True), model.encode_text(tokens, normalize=True)
     assert torch.allclose(image_features, out["image_features"]) and torch.allclose(text_features, out["text_features"])
-    losses = train.loss_step(trial, images, tokens, torch.arange(4), torch.arange(4))
-    assert torch.allclose(losses["clip"], clip_loss(image_features, text_features, scale))
+    losses = train.loss_step(trial, images, tokens, tokens, torch.arange(4), torch.arange(4))
+    assert torch.allclose(losses["clip"], clip_loss(image_features, text_features, model.logit_scale.exp()))
     losses["total"].backward()
     image_tower = {id(p) for p in layernorm_parameters(model.visual)}
     reached = {id(p) for p in trial.params.values() if p.grad is not None and p.grad.abs().sum() > 0}
@@ -228,14 +229,15 @@ def test_sds_loss_and_diffusion_score_through_each_teacher_at_reduced_resolution
     hook = teacher.unet.register_forward_hook(lambda _m, _i, output: seen.append(output.sample.detach()))
     out, h_w, (embedding, noise, t) = sds_through(student, teacher.unet, teacher.scheduler, conditioning)
     hook.remove()
-    # The loss is the MSE to the scheduler's target: the noise (v1-4) or the velocity (v2-1).
+    # The loss is the epsilon error: of the UNet's output (v1-4), or of the epsilon estimate of its
+    # velocity, sqrt(abar) v_hat + sqrt(1 - abar) x_t (v2-1).
     with torch.no_grad():
         x0 = h_w(embedding)
-        target = diffusion_target(teacher.scheduler, x0, noise, t)
+        abar = teacher.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+        x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
     [pred] = seen
-    expected = noise if TEACHERS[repo][5] == "epsilon" else teacher.scheduler.get_velocity(x0, noise, t)
-    assert torch.allclose(target, expected)
-    assert float(out.mse) == pytest.approx(float(F.mse_loss(pred, target)), rel=1e-4)
+    eps_hat = pred if TEACHERS[repo][5] == "epsilon" else abar.sqrt() * pred + (1 - abar).sqrt() * x_t
+    assert float(out.mse) == pytest.approx(float(F.mse_loss(eps_hat, noise)), rel=1e-4)
     assert h_w.linear.weight.grad.abs().sum() > 0
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in layernorm_parameters(student.model))
     assert all(p.grad is None for p in teacher.unet.parameters())  # frozen: the gradient only flows through
@@ -399,13 +401,13 @@ def test_one_full_size_sds_step_on_gpu(repo, tmp_path):
                                 return_tensors="pt").input_ids
         conditioning = MemoryTable(captions, teacher.text_encoder(ids)[0])
     trial = train.setup(TrainConfig(batch_size=batch, steps=10, lr=5e-5), ObjectiveConfig(lambda_sds=1e-3), student,
-                        pairs, 1e-3, teacher, conditioning, compute=ComputeConfig(device="cuda"))
+                        pairs, teacher, conditioning, compute=ComputeConfig(device="cuda"))
     tokens, rows = student.tokenizer(captions), torch.arange(batch)
     teacher.scheduler.alphas_cumprod = teacher.scheduler.alphas_cumprod.to(device)
 
     def step():
         images = torch.randn(batch, 3, 224, 224)
-        losses = train.loss_step(trial, images, tokens, rows, rows)
+        losses = train.loss_step(trial, images, tokens, tokens, rows, rows)
         trial.optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
         trial.optimizer.step()

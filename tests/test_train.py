@@ -104,6 +104,24 @@ def test_resumed_trial_is_identical_to_an_uninterrupted_one(env, uninterrupted):
     assert not torch.equal(initial["h_w.linear.weight"], want["h_w.linear.weight"])
 
 
+@pytest.mark.parametrize("objective", [
+    ObjectiveConfig(method="negclip", lambda_sds=0.0),
+    ObjectiveConfig(method="diffusion_feedback", lambda_sds=0.5, feedback_tokens=2, projector_steps=1),
+], ids=["negclip", "feedback-two-stage"])
+def test_every_method_resumes_bit_for_bit(env, objective):
+    """The hard negatives (drawn per pair and step) and the feedback's patch tokens (drawn from the
+    trial's generator) come back the same after an interruption."""
+    cfg = train_cfg(scope="full")
+    reference = fit(new_trial(env, cfg, objective), env["root"] / f"ref-{objective.method}", progress=False)
+    folder = env["root"] / f"int-{objective.method}"
+    with pytest.raises(Interrupt):
+        fit(new_trial(env, cfg, objective), folder, on_log=interrupt_at(3), progress=False)
+    resumed = fit(new_trial(env, cfg, objective), folder, progress=False)
+    assert resumed.history == reference.history
+    want, got = trained_state(reference), trained_state(resumed)
+    assert all(torch.equal(want[name], got[name]) for name in want)
+
+
 def test_same_config_same_result(env, uninterrupted):
     """Determinism of the whole trial (the premise of the resume test)."""
     reference, _ = uninterrupted

@@ -42,7 +42,8 @@ class Teacher:
         return float(self.vae.config.scaling_factor)
 
     def modules(self) -> list[nn.Module]:
-        return [self.unet, self.vae, self.text_encoder]
+        """The networks present (a benchmark or a test may build a teacher of its UNet alone)."""
+        return [m for m in (self.unet, self.vae, self.text_encoder) if m is not None]
 
     def to(self, device: torch.device | str) -> "Teacher":
         """Move the networks (not the scheduler's tables, which follow their inputs) to `device`."""
