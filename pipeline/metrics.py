@@ -50,7 +50,6 @@ __all__ = [
     "PairedDifference",
     "paired_difference",
     "mcnemar_exact",
-    "sign_flip_test",
     "encode_correct",
     "decode_correct",
     "outcome_parts",
@@ -478,13 +477,15 @@ def _seed_count(parts: list[CaseOutcomes]) -> int:
 
 @dataclass(frozen=True)
 class PairedDifference:
-    """Row A minus row B on the same cases: the difference, its percentile interval, an exact p-value."""
+    """Row A minus row B on the same cases: the difference, its percentile interval and a two-sided
+    p-value, by `test`: "McNemar" (exact; one run a row) or "bootstrap" (several seeds a row)."""
 
     difference: float
     low: float
     high: float
     p_value: float
-    discordant: int  # cases (summed over seed pairs) where exactly one of the two rows is right
+    test: str
+    discordant: int  # cases (summed over pairs of runs) where exactly one of the two rows is right
 
 
 def paired_difference(parts_a, parts_b, n_resamples: int = 1000, confidence: float = 0.95,
@@ -493,8 +494,13 @@ def paired_difference(parts_a, parts_b, n_resamples: int = 1000, confidence: flo
 
     Interval: percentile bootstrap of the difference in which both rows are evaluated on the SAME
     resampled cases (the pairing), and each row's runs (seeds) are resampled independently of the
-    other row's (its seed spread). p-value: `sign_flip_test` on the per-case correctness averaged over each row's seeds,
-    pooled over the parts; with one seed per row this is McNemar's exact test.
+    other row's (its seed spread).
+
+    p-value: with one run a row, McNemar's exact test on the per-case correctness, pooled over the
+    parts. With seeds, the same bootstrap's two-sided p, 2 (1 + #{draws on the far side of 0}) /
+    (1 + n_resamples): an exact test that conditions on the runs (McNemar's on seed-averaged
+    cases) would ignore how much a whole run moves with its seed and call differences of that
+    size significant; this one agrees with the interval (p < 0.05 about when it excludes 0).
     """
     parts_a, parts_b = _parts(parts_a), _parts(parts_b)
     if len(parts_a) != len(parts_b) or any(a.cases != b.cases for a, b in zip(parts_a, parts_b)):
@@ -510,11 +516,15 @@ def paired_difference(parts_a, parts_b, n_resamples: int = 1000, confidence: flo
             cases = rng.integers(0, a.cases, a.cases)
             values.append(a.value(runs_a, cases) - b.value(runs_b, cases))
         draws[r] = np.mean(values)
-    mean_a = np.concatenate([p.correct.mean(axis=0) for p in parts_a])
-    mean_b = np.concatenate([p.correct.mean(axis=0) for p in parts_b])
     discordant = sum(int((a.correct[:, None, :] != b.correct[None, :, :]).sum()) for a, b in zip(parts_a, parts_b))
+    if seeds == (1, 1):
+        pooled = [np.concatenate([p.correct[0] for p in parts]).astype(bool) for parts in (parts_a, parts_b)]
+        p_value, test = mcnemar_exact(*pooled), "McNemar"
+    else:
+        far = min(int((draws <= 0).sum()), int((draws >= 0).sum()))
+        p_value, test = min(1.0, 2.0 * (1 + far) / (1 + len(draws))), "bootstrap"
     return PairedDifference(metric_value(parts_a) - metric_value(parts_b), *_percentiles(draws, confidence),
-                            sign_flip_test(mean_a, mean_b, seeds), discordant)
+                            p_value, test, discordant)
 
 
 def mcnemar_exact(correct_a, correct_b) -> float:
@@ -533,47 +543,6 @@ def mcnemar_exact(correct_a, correct_b) -> float:
     from scipy.stats import binom
 
     return float(min(1.0, 2.0 * binom.cdf(min(only_a, only_b), n, 0.5)))
-
-
-def sign_flip_test(mean_a, mean_b, seeds: tuple[int, int] = (1, 1)) -> float:
-    """Two-sided paired sign-flip (permutation) test of per-case values given as fractions of seeds.
-
-    mean_a[i], mean_b[i]: the fraction of row A's / row B's seeds right on case i. Under H0 the two
-    rows are exchangeable on every case, so each case's difference d_i keeps or flips its sign with
-    probability 1/2, independently; p = P(|sum_i s_i |d_i|| >= |sum_i d_i|). On the lattice of
-    multiples of 1/(seeds_a * seeds_b) the cases with |d_i| = k units contribute k (2 B_k - m_k),
-    B_k ~ Binomial(m_k, 1/2). With one distinct k (always so with one seed per row, where the test
-    is McNemar's exact test) p comes from that binomial exactly; otherwise the binomials are
-    convolved by FFT (absolute error ~1e-12).
-    """
-    a, b = _float_array(mean_a, "mean_a"), _float_array(mean_b, "mean_b")
-    if a.ndim != 1 or a.shape != b.shape:
-        raise ValueError(f"mean_a and mean_b must be 1-D of the same length, got {a.shape} and {b.shape}")
-    unit = int(seeds[0]) * int(seeds[1])
-    steps = np.rint((a - b) * unit).astype(np.int64)
-    if not np.allclose(steps, (a - b) * unit, atol=1e-6):
-        raise ValueError(f"mean_a and mean_b must be fractions of {seeds[0]} and {seeds[1]} seeds")
-    sizes, counts = np.unique(np.abs(steps[steps != 0]), return_counts=True)
-    if sizes.size == 0:
-        return 1.0
-    from scipy.stats import binom
-
-    observed = abs(int(steps.sum()))
-    if sizes.size == 1:
-        k, m = int(sizes[0]), int(counts[0])
-        # |k (2 B - m)| >= observed  <=>  B <= (m - observed / k) / 2  or  B >= (m + observed / k) / 2
-        low = np.floor((m - observed / k) / 2 + 1e-9)
-        return float(min(1.0, 2.0 * binom.cdf(low, m, 0.5)))
-    from scipy.signal import fftconvolve
-
-    total = int((sizes * counts).sum())
-    dist = np.ones(1)                     # P(sum = s) at index s + (current half-width): a point mass at 0
-    for k, m in zip(sizes.tolist(), counts.tolist()):
-        kernel = np.zeros(2 * k * m + 1)
-        kernel[:: 2 * k] = binom.pmf(np.arange(m + 1), m, 0.5)
-        dist = np.clip(fftconvolve(dist, kernel), 0.0, None)
-    sums = np.arange(-total, total + 1)
-    return float(min(1.0, dist[np.abs(sums) >= observed].sum()))
 
 
 def encode_correct(correct) -> str:

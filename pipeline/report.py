@@ -430,7 +430,7 @@ def _signed(value: float) -> str:
 
 
 def _p(value: float) -> str:
-    return "<0.001" if value < 0.001 else f"{value:.3f}"
+    return "p<0.001" if value < 0.001 else f"p={value:.3f}"
 
 
 def variant_tables(rows: list[VariantRow], labels: dict[str, str]) -> dict[str, tuple[list[str], list[list[str]]]]:
@@ -440,7 +440,7 @@ def variant_tables(rows: list[VariantRow], labels: dict[str, str]) -> dict[str, 
               [f"{r.scores[k][0]:.3f} ± {r.scores[k][1]:.3f} [{r.scores[k][2]:.3f}, {r.scores[k][3]:.3f}]"
                if k in r.scores else "-" for _, k in shown] for r in rows]
     diffs = [[labels.get(r.name, r.name)] +
-             [f"{_signed(d.difference)} [{_signed(d.low)}, {_signed(d.high)}] p={_p(d.p_value)}"
+             [f"{_signed(d.difference)} [{_signed(d.low)}, {_signed(d.high)}] {_p(d.p_value)}"
               if (d := (r.versus or {}).get(k)) else "-" for _, k in shown] for r in rows[1:]]
     kept = [(title, key) for title, key in DIAGNOSTICS if any(key in r.diagnostics for r in rows)]
     diagnostics = [[labels.get(r.name, r.name)] +
@@ -480,8 +480,9 @@ def write_variant_report(name: str, rows: list[VariantRow], labels: dict[str, st
     reference = labels.get(rows[0].name, rows[0].name)
     notes = {
         "scores": f"Mean ± sd over seeds [95% interval over seeds and cases, {n_resamples} resamples].",
-        "versus": f"Difference to {reference} on the same cases [paired 95% interval] and the exact "
-                  "paired sign-flip p-value (McNemar's test when each row has one seed).",
+        "versus": f"Difference to {reference} on the same cases [paired 95% interval] and its two-sided "
+                  "p-value: McNemar's exact test when each row has one run, else the same bootstrap's "
+                  "(cases resampled for both rows together, each row's seeds on their own).",
         "diagnostics": "Means over seeds. h_w text: the teacher's text score on h_w(f(x)) (SDS); feedback error "
                        "ratio: the teacher's epsilon error with the student's projected tokens over that with the "
                        "empty caption (diffusion feedback; 1 = the tokens tell the teacher nothing).",

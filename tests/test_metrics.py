@@ -367,7 +367,7 @@ def test_bootstrap_errors():
 # --------------------------------------------------------------------------- paired statistics
 
 from pipeline.metrics import (CaseOutcomes, decode_correct, encode_correct, mcnemar_exact, metric_value,  # noqa: E402
-                              outcome_parts, paired_difference, seed_task_interval, sign_flip_test)
+                              outcome_parts, paired_difference, seed_task_interval)
 
 
 def two_by_two(both: int, only_a: int, only_b: int, neither: int) -> tuple[np.ndarray, np.ndarray]:
@@ -388,15 +388,30 @@ def test_mcnemar_exact_on_a_known_table():
     assert mcnemar_exact(*two_by_two(0, 10, 2, 0)) == mcnemar_exact(a, b)
 
 
-def test_sign_flip_test_with_one_seed_is_mcnemar_and_with_seeds_matches_enumeration():
-    a, b = two_by_two(both=7, only_a=9, only_b=3, neither=4)
-    assert sign_flip_test(a.astype(float), b.astype(float)) == pytest.approx(mcnemar_exact(a, b), rel=1e-12)
-    rng = np.random.default_rng(5)
-    runs_a, runs_b = rng.integers(0, 2, (3, 11)), rng.integers(0, 2, (2, 11))
-    d = runs_a.mean(0) - runs_b.mean(0)
-    flips = np.array(np.meshgrid(*[[-1, 1]] * 11)).reshape(11, -1).T
-    exact = np.mean(np.abs(flips @ np.abs(d)) >= abs(d.sum()) - 1e-9)
-    assert sign_flip_test(runs_a.mean(0), runs_b.mean(0), (3, 2)) == pytest.approx(exact, abs=1e-9)
+def test_one_run_a_row_gets_mcnemars_exact_p_and_seeds_the_bootstraps():
+    a, b = two_by_two(both=50, only_a=10, only_b=2, neither=30)
+    single = paired_difference(CaseOutcomes(a), CaseOutcomes(b), n_resamples=300)
+    assert (single.test, single.p_value, single.discordant) == ("McNemar", mcnemar_exact(a, b), 12)
+    assert single.difference == pytest.approx(8 / 92)
+    # Composite parts are pooled: McNemar on every case of both parts.
+    pooled = paired_difference([CaseOutcomes(a[:40]), CaseOutcomes(a[40:])], [CaseOutcomes(b[:40]), CaseOutcomes(b[40:])],
+                               n_resamples=300)
+    assert pooled.p_value == mcnemar_exact(a, b)
+    seeds = paired_difference(CaseOutcomes(np.stack([a, a])), CaseOutcomes(np.stack([b, b])), n_resamples=300)
+    assert seeds.test == "bootstrap" and seeds.low > 0 and seeds.p_value < 0.05
+
+
+def test_a_bootstrap_p_agrees_with_the_interval_where_runs_move_with_their_seed():
+    """Three runs a row, each run shifting every task together: the tasks alone would make a small
+    run-level difference look certain; the bootstrap p counts the runs, as the interval does."""
+    rng = np.random.default_rng(3)
+    p = rng.uniform(0.3, 0.7, 300)
+    rows = []
+    for shift in ((0.00, 0.10, -0.10), (0.02, 0.12, -0.08)):
+        rows.append(CaseOutcomes(np.stack([rng.uniform(size=300) < np.clip(p + s, 0, 1) for s in shift])))
+    result = paired_difference(rows[1], rows[0], n_resamples=600)
+    assert result.test == "bootstrap"
+    assert (result.p_value < 0.05) == (result.low > 0 or result.high < 0)
 
 
 def test_case_outcomes_give_micro_and_macro_means_over_seeds():
@@ -426,7 +441,7 @@ def test_paired_interval_covers_a_known_difference_in_simulation():
         covered += result.low <= 0.08 <= result.high
         agree += (result.p_value < 0.05) == (result.low > 0 or result.high < 0)
     assert 0.90 <= covered / sims <= 0.99
-    assert agree / sims >= 0.9
+    assert agree / sims >= 0.9    # McNemar's exact p (one run a row) and the bootstrap interval mostly agree
 
 
 def test_seed_task_interval_widens_with_the_seed_spread():
