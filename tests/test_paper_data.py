@@ -198,6 +198,20 @@ def test_data_stage_indexes_every_paper_dataset(tmp_path, md5_as_existence):
                                **{f"zeroshot/{k}": len(v.images) for k, v in shots.items()}}
 
 
+def test_images_are_checked_by_the_data_stage_not_by_every_reader_of_the_index(tmp_path):
+    """A trial reads the training pairs at its start: one stat per image there would cost seconds to
+    minutes for COCO's 118k images on a shared filesystem, and the data stage has checked them."""
+    cfg = paper_data_config(tmp_path, aro_sets=[], zeroshot_sets=[])
+    build_data(cfg, tmp_path / "data", base=tmp_path)
+    index = read_index(tmp_path / "data")
+    (tmp_path / "coco" / "train2017" / "000000000025.jpg").unlink()
+    assert len(train_pairs(tmp_path / "data", index)) == 3
+    with pytest.raises(DataFormatError, match=r"image id 25: field 'file_name' names an image that does not exist"):
+        train_pairs(tmp_path / "data", index, check_images=True)
+    with pytest.raises(DataFormatError, match=r"000000000025\.jpg"):
+        build_data(cfg, tmp_path / "data", base=tmp_path)
+
+
 def test_data_stage_command_reports_a_malformed_record_in_one_line(tmp_path):
     coco_2017(tmp_path / "coco")
     winoground_repo(tmp_path / "winoground", rows=[{**WINOGROUND_ROWS[0], "collapsed_tag": "Adjective"}])

@@ -209,7 +209,7 @@ def build_paper(cfg: DataConfig, out: Path, base: Path) -> dict:
             "aro": _aro(cfg, base, root),
             "zeroshot": _zeroshot(cfg, base, root),
         }
-        pairs = train_pairs(root, index)
+        pairs = train_pairs(root, index, check_images=True)
         bench = benchmarks(root, index)
         index["counts"] = {
             "train_pairs": len(pairs),
