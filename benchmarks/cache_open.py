@@ -83,7 +83,8 @@ def row_shape(text: str) -> tuple[int, ...]:
 
 def main(argv: list[str] | None = None) -> int:
     p = cli.ArgumentParser(prog="benchmarks/cache_open.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--rows", type=int, nargs="+", default=[1000, 10000, 100000], help="row counts (default: 1k 10k 100k)")
+    p.add_argument("--rows", type=int, nargs="+", default=[1000, 10000, 100000],
+                   help="row counts (default: 1k 10k 100k)")
     p.add_argument("--row-shape", default="77,64", help="shape of one row, comma-separated (default: 77,64)")
     p.add_argument("--repeat", type=int, default=5, help="opens per table; the median is printed (default: 5)")
     args = p.parse_args(argv)

@@ -46,6 +46,7 @@ import paper_rehearsal  # noqa: E402
 from pipeline import cli  # noqa: E402
 
 SWEEP = "scale"
+LINKS_PER_FILE = 50_000  # ext4 allows 65,000 links to a file
 SWEEP_FILE = f"""# One trial: what the driver costs around it.
 name: {SWEEP}
 base: {{profile: paper}}
@@ -74,6 +75,16 @@ def config(ws: Path, **overrides):
     return load(ws / "params.yaml", overrides or None)
 
 
+def drawn_image(folder: Path, number: int) -> Path:
+    """The `number`-th copy of one drawn image, the target of up to LINKS_PER_FILE links."""
+    from published import image_bytes
+
+    path = folder / f"drawn-{number}.jpg"
+    if not path.exists():
+        path.write_bytes(image_bytes(size=(80, 60)))
+    return path
+
+
 def grow_data(ws: Path, rows: int) -> None:
     """N training images (links to one drawn image) with a caption each, and the training tables to match."""
     import torch
@@ -85,11 +96,10 @@ def grow_data(ws: Path, rows: int) -> None:
     cfg = config(ws)
     train = read_index(ws / cfg.data.root)["train"]
     annotations, images = Path(train["annotations"]), Path(train["images"])
-    drawn = next(images.iterdir())
     for k in range(rows):
         link = images / f"{k:012d}.jpg"
         if not link.exists():
-            os.link(drawn, link)
+            os.link(drawn_image(images.parent, k // LINKS_PER_FILE), link)
     document = json.loads(annotations.read_text())
     document["images"] = [{"id": k, "file_name": f"{k:012d}.jpg", "height": 60, "width": 80} for k in range(rows)]
     document["annotations"] = [{"id": k, "image_id": k, "caption": f"a photo of {k} people next to a red bus"}
