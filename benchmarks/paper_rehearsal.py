@@ -123,11 +123,13 @@ def write_models(hub: Path, size: str) -> tuple[dict, dict]:
 
 def write_params(ws: Path, data: dict, teacher: dict, student: dict, samples: int, train_set: str) -> None:
     """params.yaml of the workspace: the project's, with `profile: paper` and the rehearsal's roots and budgets."""
-    params = yaml.safe_load((ws / "params.yaml").read_text())
+    from pipeline.config import read_yaml
+
+    params = read_yaml(ws / "params.yaml")
     paper = params["profiles"]["paper"]
-    paper["data"].update({key: f"datasets/{value}" if isinstance(value, str) and key != "winoground" else value
-                          for key, value in data.items()})
-    paper["data"].update(winoground=f"./datasets/{data['winoground'].removeprefix('./')}", train_set=train_set)
+    # "./": a local folder, never a hub id (data.winoground takes both)
+    paper["data"].update({key: f"./datasets/{value.removeprefix('./')}" if isinstance(value, str) else value
+                          for key, value in data.items()}, train_set=train_set)
     paper["teacher"].update(teacher)
     paper["students"] = {"toy-vit": None, STUDENT: student}
     paper["cache"].update(batch_size=4)
