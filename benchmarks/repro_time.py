@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -58,8 +59,12 @@ def set_profile(params: Path, profile: str) -> None:
     params.write_text(text)
 
 
-def timed_lines(command: str, cwd: Path, env: dict) -> tuple[list[tuple[float, str]], int]:
-    """Every output line (stdout and stderr together) with its seconds since start; the exit code."""
+def timed_lines(command: str, cwd: Path, env: dict,
+                on_line: Callable[[float, str], None] | None = None) -> tuple[list[tuple[float, str]], int]:
+    """Every output line (stdout and stderr together) with its seconds since start; the exit code.
+
+    `on_line(seconds, line)` sees each line as it arrives (live progress of a long run).
+    """
     start = time.perf_counter()
     proc = subprocess.Popen(["bash", "-c", command], cwd=cwd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, errors="replace")
@@ -67,14 +72,17 @@ def timed_lines(command: str, cwd: Path, env: dict) -> tuple[list[tuple[float, s
     for line in proc.stdout:
         # Progress bars redraw with carriage returns: each redraw is a line of its own.
         now = time.perf_counter() - start
-        lines.extend((now, part) for part in line.rstrip("\n").split("\r"))
+        for part in line.rstrip("\n").split("\r"):
+            lines.append((now, part))
+            if on_line:
+                on_line(now, part)
     code = proc.wait()
     lines.append((time.perf_counter() - start, ""))
     return lines, code
 
 
 def stage_times(lines: list[tuple[float, str]]) -> tuple[float, dict[str, dict]]:
-    """(seconds before the first stage, {stage: {wall, imports, workers: {pid: imports}}}), in seconds."""
+    """(seconds before the first stage, {stage: {start, end, wall, imports, workers: {pid: imports}}}), in seconds."""
     stages: dict[str, dict] = {}
     current, before = None, lines[-1][0]
     for stamp, line in lines:
@@ -95,7 +103,8 @@ def stage_times(lines: list[tuple[float, str]]) -> tuple[float, dict[str, dict]]
             stages[current]["imports"] += seconds
     ends = [s["start"] for s in stages.values()][1:] + [lines[-1][0]]
     for stage, end in zip(stages.values(), ends):
-        stage["wall"] = end - stage.pop("start")
+        stage["end"] = end
+        stage["wall"] = end - stage["start"]
     return before, stages
 
 

@@ -4,15 +4,26 @@ A table is computed once by the cache stage and then read by every training tria
 evaluation, so a silently wrong row would poison every result downstream. Hence:
 
 - Layout: ``root/name/shard-00000.safetensors, ...`` (one tensor ``"rows"`` of up to
-  ``shard_size`` rows each) and ``root/name/manifest.json`` holding the keys, the row shape,
-  the dtype and each shard's row count, byte size and sha256.
+  ``shard_size`` rows each), ``root/name/keys.json`` (the keys in row order) and
+  ``root/name/manifest.json`` holding the keys' count and sha256, the row shape, the dtype
+  and each shard's row count, byte size and sha256. The keys live apart from the manifest
+  so that opening a table reads a few kilobytes whatever its row count; they are read
+  (and checked against the manifest) when a key is first looked up.
 - Every file is written atomically (temp file in the same folder + ``os.replace``) and the
   manifest is written LAST: a folder without a manifest is an unfinished table, never a
-  short one.
+  short one. A table written in an earlier format is rebuilt by the next `write_table`.
 - Resumable: after each shard ``partial.json`` records the shards done; an interrupted build
   re-run with the same keys and settings verifies and keeps them and computes only the rest.
-- Readers check every shard's byte size and (by default) sha256 on open, and fail with one
-  line naming the table, the shard file and how to rebuild.
+- Opening a table checks the manifest and every shard's byte size: one stat per shard and
+  no read of a shard or of the keys (milliseconds for 100k rows, however large the rows;
+  `benchmarks/cache_open.py`). A missing, truncated or extended shard fails with one line
+  naming the table, the shard file and how to rebuild.
+- Checksums (sha256 of each shard) are verified where reading every byte is paid once: a
+  shard is read back and checked right after it is written, `write_table` checks a finished
+  table's shards before it reuses them (so the cache stage rebuilds a corrupt table), and
+  `python -m stages.cache --verify` checks every table of the cache stage on demand. A
+  flipped byte that leaves a shard's size unchanged is found there, not when a trial
+  opens the table.
 
 "Settings" are the keys (by hash), dtype, shard size, description and ``meta``; a change to
 any of them rebuilds the table, so put everything that determines the rows (model id,
@@ -51,12 +62,13 @@ from tqdm import tqdm
 
 from pipeline.io import write_bytes, write_json
 
-__all__ = ["CacheError", "Table", "open_table", "write_table"]
+__all__ = ["CacheError", "Table", "open_table", "verify_tables", "write_table"]
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2
 MANIFEST = "manifest.json"
+KEYS = "keys.json"
 PARTIAL = "partial.json"
 TENSOR = "rows"
 _SHARD_RE = re.compile(r"shard-\d{5,}\.safetensors")
@@ -315,17 +327,22 @@ class _ShardWriter:
 
 
 def _write_shard(folder: Path, index: int, first_key_index: int, rows: torch.Tensor) -> dict:
-    """Write one shard atomically; its manifest entry (checksum of the exact bytes written)."""
+    """Write one shard atomically and read it back; its manifest entry (checksum of the exact bytes written)."""
     data = save({TENSOR: rows})
     file = _shard_file(index)
     write_bytes(folder / file, data)
-    return {"file": file, "rows": len(rows), "sha256": hashlib.sha256(data).hexdigest(),
-            "bytes": len(data), "first_key_index": first_key_index}
+    entry = {"file": file, "rows": len(rows), "sha256": hashlib.sha256(data).hexdigest(),
+             "bytes": len(data), "first_key_index": first_key_index}
+    problem = _shard_problem(folder / file, entry, verify=True)
+    if problem:
+        raise CacheError(folder.name, folder / file, f"{problem} right after it was written (disk or filesystem error?)")
+    return entry
 
 
 def _write_manifest(folder: Path, name: str, keys: list[str], settings: dict, shards: list[dict],
                     row_shape: tuple[int, ...] | None) -> None:
-    """The manifest, written last: its presence is what marks the table finished."""
+    """The keys, then the manifest, written last: its presence is what marks the table finished."""
+    write_bytes(folder / KEYS, _keys_bytes(keys))
     write_json(folder / MANIFEST, {
         "format": FORMAT,
         "name": name,
@@ -336,7 +353,6 @@ def _write_manifest(folder: Path, name: str, keys: list[str], settings: dict, sh
         "num_rows": len(keys),
         "shard_size": settings["shard_size"],
         "shards": shards,
-        "keys": keys,
         "keys_sha256": settings["keys_sha256"],
     })
 
@@ -368,31 +384,45 @@ class Table:
 
     def __init__(self, name: str, folder: Path, manifest: dict) -> None:
         self.name: str = name
-        self.keys: list[str] = manifest["keys"]
         self.row_shape: tuple[int, ...] = tuple(manifest["row_shape"])
         self.dtype: torch.dtype = _dtype_from_name(manifest["dtype"])
         self.meta: dict = manifest["meta"]
         self.description: str = manifest["description"]
         self._folder = folder
+        self._num_rows: int = manifest["num_rows"]
+        self._keys_sha256: str = manifest["keys_sha256"]
         self._shards: list[dict] = manifest["shards"]
         self._starts = torch.tensor([s["first_key_index"] for s in self._shards], dtype=torch.int64)
-        self._index = {key: i for i, key in enumerate(self.keys)}
+        self._keys: list[str] = []
+        self._index: dict[str, int] | None = None  # keys and index are loaded together, on first use
         self._views: dict[int, torch.Tensor] = {}
 
     def __len__(self) -> int:
-        return len(self.keys)
+        return self._num_rows
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_views"] = {}
+        state["_views"], state["_keys"], state["_index"] = {}, [], None
         return state
+
+    @property
+    def keys(self) -> list[str]:
+        """Every key in row order (read from keys.json and checked on first use)."""
+        self._load_keys()
+        return self._keys
 
     def index(self, key: str) -> int:
         """Row index of `key`."""
+        self._load_keys()
         try:
             return self._index[key]
         except KeyError:
             raise KeyError(f"cache table {self.name!r} has no key {key!r}") from None
+
+    def _load_keys(self) -> None:
+        if self._index is None:
+            self._keys = _read_keys(self._folder, self.name, self._keys_sha256, self._num_rows)
+            self._index = {key: i for i, key in enumerate(self._keys)}
 
     def rows(self, indices: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """Rows at `indices` (any order, repeats allowed), as a new [len(indices), *row_shape] tensor.
@@ -463,14 +493,44 @@ class Table:
         return view
 
 
-def open_table(root: Path, name: str, verify: bool = True) -> Table:
+def open_table(root: Path, name: str, verify: bool = False) -> Table:
     """The finished table ``root/name``, checked against its manifest.
 
-    Always checks every shard's byte size (catches truncation for free); with `verify`
-    also each shard's sha256, which reads the whole table once.
+    Checks the manifest's consistency and every shard's byte size (a stat each: the cost
+    does not grow with the table's bytes); with `verify` also each shard's sha256, which
+    reads the whole table (`verify_tables`).
     """
     folder = Path(root) / _checked_name(name)
     return Table(name, folder, _load_manifest(folder, name, verify))
+
+
+def verify_tables(root: Path, names: Sequence[str], progress: bool = True) -> list[Table]:
+    """Open each table ``root/name`` and check every shard's sha256 (reads every byte once).
+
+    Raises CacheError naming the first table and shard that does not match its manifest.
+    """
+    folders = [Path(root) / _checked_name(name) for name in names]
+    total = sum(_manifest_bytes(folder) for folder in folders)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="verify cache", disable=not progress) as bar:
+        tables = []
+        for name, folder in zip(names, folders):
+            manifest = _load_manifest(folder, name, verify=False)
+            _read_keys(folder, name, manifest["keys_sha256"], manifest["num_rows"])
+            for entry in manifest["shards"]:
+                problem = _shard_problem(folder / entry["file"], entry, verify=True)
+                if problem:
+                    raise CacheError(name, folder / entry["file"], f"{problem}; {_rebuild_hint(folder)}")
+                bar.update(entry["bytes"])
+            tables.append(Table(name, folder, manifest))
+    return tables
+
+
+def _manifest_bytes(folder: Path) -> int:
+    """The bytes a table's manifest lists (0 when it cannot be read: opening it reports why)."""
+    try:
+        return sum(s["bytes"] for s in json.loads((folder / MANIFEST).read_text(encoding="utf-8"))["shards"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
 
 
 def _load_manifest(folder: Path, name: str, verify: bool) -> dict:
@@ -490,7 +550,25 @@ def _load_manifest(folder: Path, name: str, verify: bool) -> dict:
         problem = _shard_problem(shard_path, entry, verify)
         if problem:
             raise CacheError(name, shard_path, f"{problem}; {_rebuild_hint(folder)}")
+    if verify:
+        _read_keys(folder, name, manifest["keys_sha256"], manifest["num_rows"])
     return manifest
+
+
+def _read_keys(folder: Path, name: str, sha256: str, num_rows: int) -> list[str]:
+    """The keys of a table, checked against its manifest (CacheError otherwise)."""
+    path = folder / KEYS
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CacheError(name, path, f"unreadable keys ({_one_line(exc)}); {_rebuild_hint(folder)}") from None
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise CacheError(name, path, f"keys do not match the manifest's keys_sha256; {_rebuild_hint(folder)}")
+    keys = json.loads(data)
+    if len(keys) != num_rows or len(set(keys)) != num_rows:
+        raise CacheError(name, path, f"{len(keys)} keys, {len(set(keys))} distinct, for {num_rows} rows; "
+                                     f"{_rebuild_hint(folder)}")
+    return keys
 
 
 def _manifest_problem(manifest: Any) -> str | None:
@@ -499,15 +577,11 @@ def _manifest_problem(manifest: Any) -> str | None:
         return "not a JSON object"
     if manifest.get("format") != FORMAT:
         return f"format is {manifest.get('format')!r}, expected {FORMAT}"
-    keys = manifest.get("keys")
-    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
-        return "'keys' must be a list of strings"
-    if manifest.get("keys_sha256") != _keys_sha256(keys):
-        return "'keys_sha256' does not match 'keys'"
-    if len(set(keys)) != len(keys):
-        return "'keys' has duplicates"
-    if manifest.get("num_rows") != len(keys):
-        return f"'num_rows' is {manifest.get('num_rows')!r}, but there are {len(keys)} keys"
+    num_rows = manifest.get("num_rows")
+    if not isinstance(num_rows, int) or isinstance(num_rows, bool) or num_rows < 1:
+        return f"bad num_rows {num_rows!r}"
+    if not isinstance(manifest.get("keys_sha256"), str):
+        return "'keys_sha256' must be a string"
     if not isinstance(manifest.get("dtype"), str) or _dtype_from_name(manifest["dtype"]) is None:
         return f"unknown dtype {manifest.get('dtype')!r}"
     if not _is_row_shape(manifest.get("row_shape")):
@@ -517,7 +591,7 @@ def _manifest_problem(manifest: Any) -> str | None:
     shard_size = manifest.get("shard_size")
     if not isinstance(shard_size, int) or isinstance(shard_size, bool) or shard_size < 1:
         return f"bad shard_size {shard_size!r}"
-    return _entries_problem(manifest.get("shards"), shard_size, len(keys), complete=True)
+    return _entries_problem(manifest.get("shards"), shard_size, num_rows, complete=True)
 
 
 def _entries_problem(shards: Any, shard_size: int, num_rows: int, complete: bool) -> str | None:
@@ -556,10 +630,14 @@ def _shard_file(index: int) -> str:
     return f"shard-{index:05d}.safetensors"
 
 
+def _keys_bytes(keys: list[str]) -> bytes:
+    """The keys as keys.json holds them; JSON keeps keys containing separators unambiguous."""
+    return json.dumps(keys, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
 def _keys_sha256(keys: list[str]) -> str:
-    """Hash of the keys in order; JSON encoding keeps keys containing separators unambiguous."""
-    encoded = json.dumps(keys, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-    return hashlib.sha256(encoded).hexdigest()
+    """Hash of the keys in order: the sha256 of keys.json."""
+    return hashlib.sha256(_keys_bytes(keys)).hexdigest()
 
 
 def _file_sha256(path: Path) -> str:

@@ -39,14 +39,9 @@ def text_conditioning(teacher: Teacher):
     return lambda texts: encode_text(teacher, texts)
 
 
-def build_cache(cfg: Config, teacher: Teacher, teacher_id: str, data_root: Path, out: Path) -> None:
-    """Every table, rebuilt when what determines its rows changed (see `pipeline.cache`).
-
-    Each table's meta holds `teacher_id` (a fingerprint of the teacher's weights and configs).
-    An image table's meta also holds a digest of its image files: rows are keyed by path, and
-    the data stage writes the same names for other images (the toy world under another seed
-    or size). A text table's keys are its captions.
-    """
+def table_keys(data_root: Path) -> dict[str, list[str]]:
+    """Each table's keys, in row order: the distinct image keys and captions of the training
+    pairs and of the benchmarks the diffusion score reads ("" included, for the unconditional term)."""
     index = read_index(data_root)
     pairs = train_pairs(data_root, index)
     bench = benchmarks(data_root, index)
@@ -55,19 +50,28 @@ def build_cache(cfg: Config, teacher: Teacher, teacher_id: str, data_root: Path,
         images, texts = choice_pairs(cases)
         bench_images += images
         bench_texts += texts
+    return {"train_images": list(dict.fromkeys(image_key(p.image) for p in pairs)),
+            "bench_images": list(dict.fromkeys(bench_images)),
+            # "" (the empty caption): diffusion feedback's conditioning, to which the student's tokens are added.
+            "train_text": list(dict.fromkeys(["", *(p.caption for p in pairs)])),
+            "bench_text": list(dict.fromkeys(["", *bench_texts]))}
+
+
+def build_cache(cfg: Config, teacher: Teacher, teacher_id: str, data_root: Path, out: Path) -> None:
+    """Every table, rebuilt when what determines its rows changed (see `pipeline.cache`).
+
+    Each table's meta holds `teacher_id` (a fingerprint of the teacher's weights and configs).
+    An image table's meta also holds a digest of its image files: rows are keyed by path, and
+    the data stage writes the same names for other images (the toy world under another seed
+    or size). A text table's keys are its captions.
+    """
     size = teacher.vae.config.sample_size
     c = cfg.cache
-    train_images = list(dict.fromkeys(image_key(p.image) for p in pairs))
-    bench_images = list(dict.fromkeys(bench_images))
-    tables = {
-        "train_images": (train_images, image_latents(teacher, size), _images_meta(teacher_id, train_images)),
-        "bench_images": (bench_images, image_latents(teacher, size), _images_meta(teacher_id, bench_images)),
-        # "" (the empty caption): diffusion feedback's conditioning, to which the student's tokens are added.
-        "train_text": (list(dict.fromkeys(["", *(p.caption for p in pairs)])), text_conditioning(teacher),
-                       {"teacher": teacher_id}),
-        "bench_text": (list(dict.fromkeys(["", *bench_texts])), text_conditioning(teacher), {"teacher": teacher_id}),
-    }
-    for name, (keys, compute, meta) in tables.items():
+    for name, keys in table_keys(data_root).items():
+        if name.endswith("_images"):
+            compute, meta = image_latents(teacher, size), _images_meta(teacher_id, keys)
+        else:
+            compute, meta = text_conditioning(teacher), {"teacher": teacher_id}
         write_table(out, name, keys, compute, shard_size=c.shard_size, batch_size=c.batch_size, description=name,
                     meta=meta)
 

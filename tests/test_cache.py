@@ -1,4 +1,4 @@
-"""Tensor cache tests: round trip, idempotence, resume, rebuilds and corruption detection."""
+"""Tensor cache tests: round trip, idempotence, resume, rebuilds, corruption detection and the verify command."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,12 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.cache import CacheError, open_table, write_table
+from pipeline.cache import CacheError, open_table, verify_tables, write_table
 from pipeline.config import load
 from pipeline.data.build import build_toy
 from pipeline.digest import fingerprint
 from pipeline.latents import build_cache, image_latents
 from pipeline.models.teacher import build_toy_teacher, save_teacher
+from stages import cache as stages_cache
 
 from tiny import SIZE, TEACHER
 
@@ -71,7 +72,7 @@ def test_round_trip_across_shards_and_random_gathers(tmp_path):
     folder = build(tmp_path, compute=compute, meta={"vae": "sd-vae", "size": (64, 64)}, description="toy")
     assert [len(b) for b in compute.batches] == [3, 3, 3, 2]
     assert sorted(p.name for p in folder.iterdir()) == [
-        "manifest.json", "shard-00000.safetensors", "shard-00001.safetensors", "shard-00002.safetensors"]
+        "keys.json", "manifest.json", "shard-00000.safetensors", "shard-00001.safetensors", "shard-00002.safetensors"]
 
     table = open_table(tmp_path, "latents")
     assert (len(table), table.keys, table.row_shape, table.dtype) == (11, KEYS, ROW_SHAPE, torch.float32)
@@ -158,7 +159,7 @@ def test_crash_during_a_rebuild_leaves_no_finished_table(tmp_path):
 def test_shrunk_rebuild_removes_stale_shards(tmp_path):
     build(tmp_path)
     folder = build(tmp_path, keys=KEYS[:3])
-    assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", "shard-00000.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == ["keys.json", "manifest.json", "shard-00000.safetensors"]
     assert torch.equal(open_table(tmp_path, "latents").all(), expected(KEYS[:3]))
 
 
@@ -197,7 +198,7 @@ def test_resume_computes_only_the_rest_and_equals_a_clean_build(tmp_path):
     build(tmp_path / "a", compute=resumed)
     assert resumed.keys == KEYS[8:]
     assert sorted(p.name for p in folder.iterdir()) == [
-        "manifest.json", "shard-00000.safetensors", "shard-00001.safetensors", "shard-00002.safetensors"]
+        "keys.json", "manifest.json", "shard-00000.safetensors", "shard-00001.safetensors", "shard-00002.safetensors"]
 
     build(tmp_path / "b")
     clean = tmp_path / "b" / "latents"
@@ -216,7 +217,7 @@ def test_crash_before_the_manifest_resumes_without_computing(tmp_path, monkeypat
     folder = build(tmp_path, compute=compute)
     assert compute.batches == []
     assert sorted(p.name for p in folder.iterdir()) == [
-        "manifest.json", "shard-00000.safetensors", "shard-00001.safetensors", "shard-00002.safetensors"]
+        "keys.json", "manifest.json", "shard-00000.safetensors", "shard-00001.safetensors", "shard-00002.safetensors"]
     assert torch.equal(open_table(tmp_path, "latents").all(), expected())
 
 
@@ -255,17 +256,64 @@ def test_resume_recomputes_from_a_corrupt_kept_shard(tmp_path):
 # --------------------------------------------------------------------------- detection on open
 
 
-def test_flipped_byte_names_the_shard(tmp_path):
-    build(tmp_path)
-    data = bytearray(shard(tmp_path, 2).read_bytes())
+def flip_a_byte(path: Path) -> None:
+    """Corrupt a shard without changing its size: only a checksum can tell."""
+    data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x10
-    shard(tmp_path, 2).write_bytes(bytes(data))
-    with pytest.raises(CacheError) as info:
-        open_table(tmp_path, "latents")
-    message = str(info.value)
-    assert "\n" not in message
-    assert "'latents'" in message and "shard-00002.safetensors" in message
-    assert "corrupt or truncated" in message and "re-run the cache stage" in message
+    path.write_bytes(bytes(data))
+
+
+def test_opening_a_table_reads_no_shard_bytes(tmp_path, monkeypatch):
+    build(tmp_path)
+
+    def no_hashing(path):
+        raise AssertionError(f"opening the table hashed {path}")
+
+    monkeypatch.setattr("pipeline.cache._file_sha256", no_hashing)
+    assert torch.equal(open_table(tmp_path, "latents").all(), expected())
+
+
+def test_flipped_byte_of_unchanged_size_is_found_by_verify_not_on_open(tmp_path):
+    build(tmp_path)
+    flip_a_byte(shard(tmp_path, 2))
+    assert len(open_table(tmp_path, "latents")) == 11  # sizes match: opening does not read the bytes
+    for check in (lambda: open_table(tmp_path, "latents", verify=True),
+                  lambda: verify_tables(tmp_path, ["latents"], progress=False)):
+        with pytest.raises(CacheError) as info:
+            check()
+        message = str(info.value)
+        assert "\n" not in message
+        assert "'latents'" in message and "shard-00002.safetensors" in message
+        assert "corrupt or truncated" in message and "re-run the cache stage" in message
+
+
+def test_the_verify_command_names_a_corrupted_shard_of_unchanged_size(tmp_path, capsys):
+    params = tmp_path / "params.yaml"
+    shutil.copy(PARAMS, params)
+    cache = tmp_path / "cache"
+    build(cache)
+    write_table(cache, "text", KEYS[:5], Compute(), shard_size=4, batch_size=4, progress=False)
+    assert stages_cache.main(["--params", str(params), "--verify"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["latents: 11 rows of [4, 2, 3] torch.float32: checksums match",
+                   "text: 5 rows of [4, 2, 3] torch.float32: checksums match"]
+    flip_a_byte(shard(cache, 1))
+    assert stages_cache.main(["--params", str(params), "--verify"]) == 2
+    [line] = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # the rest: a progress bar
+    assert line.startswith("error: cache table 'latents': ") and "shard-00001.safetensors" in line
+    assert "sha256 does not match" in line
+
+
+def test_a_shard_corrupted_on_its_way_to_disk_fails_the_write(tmp_path, monkeypatch):
+    from pipeline import cache
+
+    def garbled(path, data):
+        real_write_bytes(path, data[:-1] + bytes([data[-1] ^ 1]))
+
+    real_write_bytes = cache.write_bytes
+    monkeypatch.setattr(cache, "write_bytes", garbled)
+    with pytest.raises(CacheError, match=r"shard-00000\.safetensors: .*sha256 does not match.*right after it was written"):
+        build(tmp_path)
 
 
 @pytest.mark.parametrize("verify", [True, False])
@@ -291,14 +339,40 @@ def test_missing_manifest(tmp_path):
         open_table(tmp_path, "latents")
 
 
-def test_edited_manifest_keys_are_detected(tmp_path):
+def test_edited_keys_are_detected_on_first_lookup_and_by_verify(tmp_path):
+    build(tmp_path)
+    path = tmp_path / "latents" / "keys.json"
+    keys = json.loads(path.read_text())
+    keys[0], keys[1] = keys[1], keys[0]
+    path.write_text(json.dumps(keys))
+    table = open_table(tmp_path, "latents")  # the keys are not read to open a table
+    assert len(table) == 11
+    for check in (lambda: table.index(KEYS[0]), lambda: table.keys, lambda: table.get(KEYS[:1]),
+                  lambda: open_table(tmp_path, "latents", verify=True),
+                  lambda: verify_tables(tmp_path, ["latents"], progress=False)):
+        with pytest.raises(CacheError, match=r"keys\.json: keys do not match the manifest's keys_sha256"):
+            check()
+
+
+def test_opening_a_table_does_not_read_its_keys(tmp_path):
+    build(tmp_path)
+    (tmp_path / "latents" / "keys.json").unlink()
+    table = open_table(tmp_path, "latents")
+    assert torch.equal(table.rows([10, 0]), expected()[[10, 0]])
+    with pytest.raises(CacheError, match=r"keys\.json: unreadable keys"):
+        table.index(KEYS[0])
+
+
+def test_a_table_of_the_earlier_format_is_rebuilt(tmp_path):
     build(tmp_path)
     path = tmp_path / "latents" / "manifest.json"
     manifest = json.loads(path.read_text())
-    manifest["keys"][0], manifest["keys"][1] = manifest["keys"][1], manifest["keys"][0]
-    path.write_text(json.dumps(manifest))
-    with pytest.raises(CacheError, match="'keys_sha256' does not match 'keys'"):
+    path.write_text(json.dumps({**manifest, "format": 1, "keys": KEYS}))  # format 1 held the keys inline
+    with pytest.raises(CacheError, match="format is 1, expected 2"):
         open_table(tmp_path, "latents")
+    compute = Compute()
+    build(tmp_path, compute=compute)
+    assert compute.keys == KEYS and open_table(tmp_path, "latents").keys == KEYS
 
 
 # --------------------------------------------------------------------------- bad input

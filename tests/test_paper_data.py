@@ -8,21 +8,15 @@ Flowers102), the tests replace only that checksum with an existence check.
 """
 from __future__ import annotations
 
-import io
 import json
 import os
-import pickle
 import random
 import subprocess
-import tarfile
 import time
-import zipfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
-from PIL import Image
 
 from pipeline.config import ZEROSHOT_SETS, DataConfig, load
 from pipeline.data import aro, cc3m, datasets, paper, torchvision_sets
@@ -30,186 +24,11 @@ from pipeline.data.build import build_data
 from pipeline.data.datasets import benchmarks, read_index, train_pairs
 from pipeline.data.errors import DataFormatError, MissingDataError
 from pipeline.data.records import load_image
+from published import (COLOURS, WINOGROUND_ROWS, coco_2017, dump, image_bytes, paper_datasets, put, tar_shard,
+                       winoground_repo)
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = REPO / ".venv" / "bin" / "python"
-COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30), (30, 200, 200)]
-
-
-def image_bytes(colour=(255, 0, 0), size=(8, 6), fmt="JPEG") -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", size, colour).save(buffer, format=fmt)
-    return buffer.getvalue()
-
-
-def put(path: Path, data: bytes | str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    (path.write_bytes if isinstance(data, bytes) else path.write_text)(data)
-    return path
-
-
-def dump(path: Path, value) -> Path:
-    return put(path, json.dumps(value))
-
-
-# ---------------------------------------------------------------- fixtures in the published layouts
-
-
-def coco_2017(root: Path) -> tuple[Path, Path]:
-    """annotations/captions_train2017.json + train2017/ as the COCO 2017 release has them."""
-    images = root / "train2017"
-    for i, image_id in enumerate((9, 25, 30)):
-        put(images / f"{image_id:012d}.jpg", image_bytes(COLOURS[i]))
-    annotations = dump(root / "annotations" / "captions_train2017.json", {
-        "info": {"description": "COCO 2017 Dataset", "year": 2017, "version": "1.0"},
-        "licenses": [{"url": "http://creativecommons.org/licenses/by-nc-sa/2.0/", "id": 1, "name": "x"}],
-        "images": [{"license": 1, "file_name": f"{i:012d}.jpg", "coco_url": "", "height": 6, "width": 8,
-                    "date_captured": "2013-11-14 17:02:52", "flickr_url": "", "id": i} for i in (9, 25, 30)],
-        "annotations": [
-            {"image_id": 25, "id": 12, "caption": "A giraffe eating food from the top of the tree.\n"},
-            {"image_id": 9, "id": 667, "caption": "A bowl of broccoli and carrots. "},
-            {"image_id": 9, "id": 661, "caption": "Closeup of bins of food that include broccoli and bread."},
-            {"image_id": 30, "id": 40, "caption": "A flower vase is sitting on a porch stand."},
-        ],
-    })
-    return annotations, images
-
-
-WINOGROUND_ROWS = [
-    {"id": 0, "image_0": "ex_0_img_0", "image_1": "ex_0_img_1", "caption_0": "an old person kisses a young person",
-     "caption_1": "a young person kisses an old person", "tag": "Adjective-Age", "secondary_tag": "",
-     "num_main_preds": 1, "collapsed_tag": "Relation"},
-    {"id": 1, "image_0": "ex_1_img_0", "image_1": "ex_1_img_1", "caption_0": "the taller person hugs the shorter person",
-     "caption_1": "the shorter person hugs the taller person", "tag": "Adjective-Size", "secondary_tag": "Symbolic",
-     "num_main_preds": 2, "collapsed_tag": "Object"},
-]
-
-
-def winoground_repo(root: Path, rows=WINOGROUND_ROWS) -> Path:
-    """The hub repo facebook/winoground: data/examples.jsonl + data/images.zip (images/<name>.png)."""
-    put(root / "data" / "examples.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
-        for k, row in enumerate(rows):
-            for side in (0, 1):
-                archive.writestr(f"images/{row[f'image_{side}']}.png", image_bytes(COLOURS[(k + side) % 5], fmt="PNG"))
-    put(root / "data" / "images.zip", buffer.getvalue())
-    return root
-
-
-def aro_release(root: Path) -> dict[str, Path]:
-    """The ARO authors' VG files + BLIP's Karpathy test splits with their image folders."""
-    aro = root / "aro"
-    for name in ("2315375.jpg", "2335950.jpg", "2367060.jpg"):
-        put(aro / "images" / name, image_bytes(COLOURS[len(name) % 5], size=(40, 30)))
-    box = {"bbox_x": 2, "bbox_y": 3, "bbox_w": 20, "bbox_h": 15}
-    dump(aro / "visual_genome_relation.json", [
-        {"image_id": "2315375", "relation_name": "wearing", **box, "true_caption": "the man is wearing the shirt",
-         "false_caption": "the shirt is wearing the man", "image_path": "2315375.jpg"},
-        {"image_id": "2335950", "relation_name": "on", **box, "true_caption": "the cup is on the table",
-         "false_caption": "the table is on the cup", "image_path": "2335950.jpg"},
-    ])
-    dump(aro / "visual_genome_attribution.json", [
-        {"image_id": "2367060", "attributes": ["white", "black"], **box,
-         "true_caption": "the white plate and the black table", "false_caption": "the black plate and the white table",
-         "image_path": "2367060.jpg"},
-    ])
-    coco = root / "coco2014"
-    put(coco / "val2014" / "COCO_val2014_000000391895.jpg", image_bytes(COLOURS[0]))
-    dump(coco / "coco_karpathy_test.json", [
-        {"image": "val2014/COCO_val2014_000000391895.jpg", "image_id": "391895",
-         "caption": ["A man with a red helmet on a small moped on a dirt road. ", "Man riding a motor bike on a dirt road."]},
-    ])
-    flickr = root / "flickr30k"
-    put(flickr / "flickr30k-images" / "1007129816.jpg", image_bytes(COLOURS[1]))
-    dump(flickr / "flickr30k_test.json", [
-        {"image": "flickr30k-images/1007129816.jpg",
-         "caption": ["The man with pierced ears is wearing glasses and an orange hat."]},
-    ])
-    lexicon = dump(root / "lexicon.json", {"man": "NOUN", "helmet": "NOUN", "moped": "NOUN", "road": "NOUN",
-                                           "red": "ADJ", "small": "ADJ", "dirt": "NOUN", "bike": "NOUN",
-                                           "ears": "NOUN", "glasses": "NOUN", "hat": "NOUN", "orange": "ADJ",
-                                           "pierced": "ADJ", "motor": "NOUN"})
-    return {"aro": aro, "coco": coco, "flickr": flickr, "lexicon": lexicon}
-
-
-def _pickle(path: Path, value) -> None:
-    put(path, pickle.dumps(value))
-
-
-def _idx(path: Path, array: np.ndarray) -> None:
-    """MNIST's idx format: magic (0, 0, dtype 0x08 = ubyte, ndim), big-endian sizes, data."""
-    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
-    put(path, header + array.astype(np.uint8).tobytes())
-
-
-def torchvision_root(root: Path) -> Path:
-    """Every zero-shot set's test split in torchvision's layout (a few tiny images each)."""
-    rng = np.random.default_rng(0)
-    jpg = lambda k: image_bytes(COLOURS[k % 5], size=(6, 6))  # noqa: E731
-    # ImageNet, parsed as torchvision leaves it: meta.bin + val/<wnid>/*.JPEG (1000 classes, one image each).
-    wnids = [f"n{k:08d}" for k in range(1000)]
-    import torch
-    (root / "imagenet").mkdir(parents=True)
-    torch.save(({w: (f"class {k}", f"synonym {k}") for k, w in enumerate(wnids)}, wnids), root / "imagenet" / "meta.bin")
-    for k, wnid in enumerate(wnids):
-        put(root / "imagenet" / "val" / wnid / f"ILSVRC2012_val_{k + 1:08d}.JPEG", jpg(k))
-    # CIFAR-10 / CIFAR-100: python pickles of uint8 rows (3 x 32 x 32, channel-major).
-    batch = lambda n, key, labels: {"batch_label": "x", key: labels, "data": rng.integers(0, 255, (n, 3072), dtype=np.uint8),  # noqa: E731
-                                    "filenames": [f"{i}.png" for i in range(n)]}
-    c10 = root / "cifar-10-batches-py"
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        _pickle(c10 / name, batch(3, "labels", [0, 1, 1]))
-    _pickle(c10 / "batches.meta", {"label_names": ["airplane", "automobile"], "num_cases_per_batch": 3})
-    c100 = root / "cifar-100-python"
-    for name in ("train", "test"):
-        _pickle(c100 / name, {**batch(2, "fine_labels", [1, 0]), "coarse_labels": [0, 0]})
-    _pickle(c100 / "meta", {"fine_label_names": ["apple", "aquarium_fish"], "coarse_label_names": ["fruit"]})
-    # MNIST raw idx files (10 digits, one test image each).
-    raw = root / "MNIST" / "raw"
-    for prefix, n in (("train", 10), ("t10k", 10)):
-        _idx(raw / f"{prefix}-images-idx3-ubyte", rng.integers(0, 255, (n, 28, 28)))
-        _idx(raw / f"{prefix}-labels-idx1-ubyte", np.arange(n) % 10)
-    # STL-10 binaries: uint8 (N, 3, 96, 96) column-major images, 1-based uint8 labels.
-    stl = root / "stl10_binary"
-    for name, n in (("train_X.bin", 2), ("test_X.bin", 2), ("unlabeled_X.bin", 1)):
-        put(stl / name, rng.integers(0, 255, (n, 3, 96, 96), dtype=np.uint8).tobytes())
-    put(stl / "train_y.bin", bytes([1, 2]))
-    put(stl / "test_y.bin", bytes([2, 1]))
-    put(stl / "class_names.txt", "airplane\nbird\n")
-    put(stl / "fold_indices.txt", "0 1\n")
-    # Food-101: meta/test.json {class: ["class/id", ...]}, images/class/id.jpg.
-    food = root / "food-101"
-    dump(food / "meta" / "test.json", {"apple_pie": ["apple_pie/1011328"], "baby_back_ribs": ["baby_back_ribs/1005293"]})
-    dump(food / "meta" / "train.json", {"apple_pie": [], "baby_back_ribs": []})
-    put(food / "images" / "apple_pie" / "1011328.jpg", jpg(0))
-    put(food / "images" / "baby_back_ribs" / "1005293.jpg", jpg(1))
-    # Oxford-IIIT Pet: annotations/test.txt "<image> <class id> <species> <breed id>", images/<image>.jpg.
-    pets = root / "oxford-iiit-pet"
-    put(pets / "annotations" / "test.txt", "Abyssinian_201 1 1 1\namerican_bulldog_100 2 2 1\n")
-    put(pets / "annotations" / "trainval.txt", "Abyssinian_100 1 1 1\n")
-    put(pets / "images" / "Abyssinian_201.jpg", jpg(0))
-    put(pets / "images" / "american_bulldog_100.jpg", jpg(1))
-    # Flowers102: jpg/image_%05d.jpg, imagelabels.mat (1-based label per image), setid.mat (trnid/valid/tstid).
-    from scipy.io import savemat
-    flowers = root / "flowers-102"
-    for k in range(1, 104):
-        put(flowers / "jpg" / f"image_{k:05d}.jpg", jpg(k))
-    savemat(flowers / "imagelabels.mat", {"labels": np.array([list(range(1, 103)) + [5]])})
-    savemat(flowers / "setid.mat", {"trnid": np.array([[103]]), "valid": np.array([[103]]),
-                                    "tstid": np.array([list(range(1, 103))])})
-    # DTD: dtd/dtd/labels/test1.txt "<class>/<image>", dtd/dtd/images/<class>/<image>.
-    dtd = root / "dtd" / "dtd"
-    put(dtd / "labels" / "test1.txt", "banded/banded_0002.jpg\nzigzagged/zigzagged_0003.jpg\n")
-    put(dtd / "images" / "banded" / "banded_0002.jpg", jpg(0))
-    put(dtd / "images" / "zigzagged" / "zigzagged_0003.jpg", jpg(1))
-    # FGVC Aircraft: data/variants.txt, data/images_variant_test.txt "<id> <variant>", data/images/<id>.jpg.
-    air = root / "fgvc-aircraft-2013b" / "data"
-    put(air / "variants.txt", "707-320\nA300B4\n")
-    put(air / "images_variant_test.txt", "1514522 A300B4\n0056978 707-320\n")
-    put(air / "images" / "1514522.jpg", jpg(0))
-    put(air / "images" / "0056978.jpg", jpg(1))
-    return root
 
 
 @pytest.fixture
@@ -232,16 +51,7 @@ def word_lexicon(folder: Path) -> Path:
 
 def paper_data_config(tmp_path: Path, **changes) -> DataConfig:
     """The paper profile's data section with every root pointing at the fixtures (relative to tmp_path)."""
-    coco_2017(tmp_path / "coco")
-    winoground_repo(tmp_path / "winoground")
-    aro_release(tmp_path)
-    torchvision_root(tmp_path / "torchvision")
-    values = dict(source="paper", coco_annotations="coco/annotations/captions_train2017.json",
-                  coco_images="coco/train2017", winoground="./winoground", aro_root="aro",
-                  coco_order_root="coco2014", flickr_order_root="flickr30k", order_tagger="lexicon.json",
-                  zeroshot_root="torchvision")
-    values.update(changes)
-    return DataConfig(**values)
+    return DataConfig(**{"source": "paper", **paper_datasets(tmp_path), **changes})
 
 
 # ---------------------------------------------------------------- fast, one-line failure
@@ -392,9 +202,23 @@ def test_data_stage_indexes_every_paper_dataset(tmp_path, md5_as_existence):
     assert shots["fgvc_aircraft"].classnames == ("707-320", "A300B4") and shots["fgvc_aircraft"].labels == (0, 1)
     for shot in shots.values():
         assert load_image(shot.images[0]).mode == "RGB"
-    assert index["counts"] == {"train_pairs": 4, "winoground": 2, "aro/vg_relation": 2, "aro/vg_attribution": 1,
-                               "aro/coco_order": 2, "aro/flickr_order": 1,
+    assert index["counts"] == {"train_pairs": 4, "winoground": len(WINOGROUND_ROWS), "aro/vg_relation": 2,
+                               "aro/vg_attribution": 1, "aro/coco_order": 2, "aro/flickr_order": 1,
                                **{f"zeroshot/{k}": len(v.images) for k, v in shots.items()}}
+
+
+def test_images_are_checked_by_the_data_stage_not_by_every_reader_of_the_index(tmp_path):
+    """A trial reads the training pairs at its start: one stat per image there would cost seconds to
+    minutes for COCO's 118k images on a shared filesystem, and the data stage has checked them."""
+    cfg = paper_data_config(tmp_path, aro_sets=[], zeroshot_sets=[])
+    build_data(cfg, tmp_path / "data", base=tmp_path)
+    index = read_index(tmp_path / "data")
+    (tmp_path / "coco" / "train2017" / "000000000025.jpg").unlink()
+    assert len(train_pairs(tmp_path / "data", index)) == 3
+    with pytest.raises(DataFormatError, match=r"image id 25: field 'file_name' names an image that does not exist"):
+        train_pairs(tmp_path / "data", index, check_images=True)
+    with pytest.raises(DataFormatError, match=r"000000000025\.jpg"):
+        build_data(cfg, tmp_path / "data", base=tmp_path)
 
 
 def test_data_stage_command_reports_a_malformed_record_in_one_line(tmp_path):
@@ -450,7 +274,7 @@ def test_winoground_hub_id_fetches_the_release_files(tmp_path, monkeypatch):
     build_data(cfg, tmp_path / "data", base=tmp_path)
     assert calls == [("facebook/winoground", "dataset", paper.WINOGROUND_FILES)]
     bench = benchmarks(tmp_path / "data", read_index(tmp_path / "data"))
-    assert len(bench.winoground) == 2 and bench.aro == {} and bench.zeroshot == []
+    assert len(bench.winoground) == len(WINOGROUND_ROWS) and bench.aro == {} and bench.zeroshot == []
 
 
 def test_winoground_hub_failure_is_one_line(tmp_path, monkeypatch):
@@ -552,21 +376,11 @@ def test_cc3m_tsv_malformed_rows(tmp_path, text, match):
         cc3m.read_tsv(tsv)
 
 
-def _shard(path: Path, members: dict[str, bytes]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, "w") as archive:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            archive.addfile(info, io.BytesIO(data))
-    return path
-
-
 def test_cc3m_webdataset_shards_are_extracted(tmp_path):
-    _shard(tmp_path / "wds" / "00000.tar", {"000000000.jpg": image_bytes(), "000000000.txt": b"a red car",
+    tar_shard(tmp_path / "wds" / "00000.tar", {"000000000.jpg": image_bytes(), "000000000.txt": b"a red car",
                                             "000000000.json": b"{}", "000000001.jpg": image_bytes(COLOURS[2]),
                                             "000000001.txt": "caf\u00e9 at night ".encode()})
-    _shard(tmp_path / "wds" / "00001.tar", {"000010000.png": image_bytes(fmt="PNG"), "000010000.txt": b"a tree"})
+    tar_shard(tmp_path / "wds" / "00001.tar", {"000010000.png": image_bytes(fmt="PNG"), "000010000.txt": b"a tree"})
     annotations, images = cc3m.index_cc3m(tmp_path / "wds", tmp_path / "out")
     from pipeline.data.coco import read_coco_captions
     pairs = read_coco_captions(annotations, images)
@@ -583,7 +397,7 @@ def test_cc3m_webdataset_shards_are_extracted(tmp_path):
     ({"../1.jpg": b"x"}, r"points outside the shard"),
 ])
 def test_cc3m_webdataset_malformed_samples(tmp_path, members, match):
-    _shard(tmp_path / "wds" / "00000.tar", members)
+    tar_shard(tmp_path / "wds" / "00000.tar", members)
     with pytest.raises(DataFormatError, match=match):
         cc3m.index_cc3m(tmp_path / "wds", tmp_path / "out")
 

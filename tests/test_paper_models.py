@@ -28,10 +28,12 @@ from pipeline.evaluate import DiffusionScorer
 from pipeline.models import paper
 from pipeline.models.build import build_models, student_dir, teacher_dir
 from pipeline.models.student import build_toy_student, layernorm_parameters, load_student, save_student
-from pipeline.models.teacher import SD_SCHEDULE, Teacher, build_toy_teacher, load_teacher, save_teacher
+from pipeline.models.teacher import (SD_SCHEDULE, Teacher, build_toy_teacher, clip_bpe_tokenizer, load_teacher,
+                                     save_teacher)
 from pipeline.objectives import LatentProjection, sds_loss
 
 import tiny
+from published import sd_hub_folder
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -339,6 +341,24 @@ def test_models_stage_saves_local_copies_into_models(tmp_path):
         assert summary[name]["layernorm_scope"] == paper.layernorm_scope_count(toy.model, 32, teacher.latent_shape)
     config = json.loads((student_dir(tmp_path / "models", "hub-folder") / "open_clip_config.json").read_text())
     assert config["preprocess_cfg"]["mean"] == [0.5, 0.5, 0.5] and config["preprocess_cfg"]["resize_mode"] == "squash"
+
+
+def test_models_stage_reads_the_stable_diffusion_repo_layout(tmp_path):
+    """The repo ships a PNDM scheduler config and its tokenizer as vocab.json + merges.txt: the copy in
+    models/ is DDPM with SD's betas and tokenizes as SD's 77-token tokenizer."""
+    teacher = build_toy_teacher(dataclasses.replace(tiny.TEACHER, max_length=77), tiny.SIZE)
+    sd_hub_folder(tmp_path / "sd", teacher)
+    assert json.loads((tmp_path / "sd" / "scheduler" / "scheduler_config.json").read_text())["_class_name"] == \
+        "PNDMScheduler"
+    paper.import_teacher(TeacherConfig(source="pretrained", pretrained="sd"), teacher_dir(tmp_path / "models"),
+                         tmp_path)
+    loaded = load_teacher(teacher_dir(tmp_path / "models"))
+    assert isinstance(loaded.scheduler, DDPMScheduler)
+    assert torch.equal(loaded.scheduler.alphas_cumprod, DDPMScheduler(**SD_SCHEDULE).alphas_cumprod)
+    captions = ["A giraffe eating food from the top of the tree.", "", "caf\u00e9 at night " * 30]
+    ids = lambda tokenizer: tokenizer(captions, padding="max_length", max_length=77, truncation=True).input_ids  # noqa: E731
+    assert loaded.tokenizer.model_max_length == 77 and ids(loaded.tokenizer) == ids(clip_bpe_tokenizer(77))
+    assert torch.equal(loaded.unet.conv_in.weight, teacher.unet.conv_in.weight)
 
 
 def test_unknown_tag_or_missing_folder_is_one_line_and_never_downloads(tmp_path):

@@ -37,10 +37,18 @@ def _path(root: Path, value: str) -> Path:
     return (Path(root) / value).resolve()
 
 
-def train_pairs(root: Path, index: dict) -> list[ImageCaption]:
+def train_pairs(root: Path, index: dict, check_images: bool = False) -> list[ImageCaption]:
+    """The training pairs the index names.
+
+    The data stage checks that every image exists before it publishes the index
+    (`check_images`); the later readers (the models and cache stages, every trial's start)
+    do not stat each image again: for COCO's 118k images that costs seconds, and minutes on
+    a cluster's shared filesystem. An image deleted since fails where it is loaded.
+    """
     spec = index["train"]
     return coco.read_coco_captions(_path(root, spec["annotations"]), _path(root, spec["images"]),
-                                   caption_choice=spec.get("caption_choice", "first"), seed=spec.get("seed", 0))
+                                   caption_choice=spec.get("caption_choice", "first"), seed=spec.get("seed", 0),
+                                   check_images=check_images)
 
 
 def train_negatives(root: Path, index: dict, pairs: list[ImageCaption]) -> list[list[str]]:

@@ -213,7 +213,7 @@ def build_paper(cfg: DataConfig, out: Path, base: Path) -> dict:
             "aro": _aro(cfg, base, root, tagging),
             "zeroshot": _zeroshot(cfg, base, root),
         }
-        pairs = train_pairs(root, index)
+        pairs = train_pairs(root, index, check_images=True)
         bench = benchmarks(root, index)
         index["train"]["negatives"] = _negatives(cfg, root, pairs, tagging)
         index["counts"] = {

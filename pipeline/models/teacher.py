@@ -52,8 +52,8 @@ class Teacher:
         return self
 
 
-def clip_bpe_tokenizer(max_length: int) -> CLIPTokenizer:
-    """CLIP's BPE tokenizer built from the vocabulary file open_clip ships (no download).
+def clip_bpe_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """CLIP's BPE vocabulary and merges, from the file open_clip ships (no download).
 
     OpenAI CLIP, open_clip and Stable Diffusion's tokenizer share this vocabulary; only
     the special-token spelling differs, and SD's spelling is used here.
@@ -64,7 +64,12 @@ def clip_bpe_tokenizer(max_length: int) -> CLIPTokenizer:
     byte_symbols = list(open_clip.tokenizer.bytes_to_unicode().values())
     symbols = byte_symbols + [s + "</w>" for s in byte_symbols] + ["".join(m) for m in merges]
     symbols += ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {s: i for i, s in enumerate(symbols)}
+    return {s: i for i, s in enumerate(symbols)}, merges
+
+
+def clip_bpe_tokenizer(max_length: int) -> CLIPTokenizer:
+    """CLIP's BPE tokenizer (`clip_bpe_vocab`) padding and truncating to `max_length` tokens."""
+    vocab, merges = clip_bpe_vocab()
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
 
 
