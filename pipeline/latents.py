@@ -16,7 +16,7 @@ from pipeline.config import Config
 from pipeline.data.datasets import benchmarks, read_index, train_pairs
 from pipeline.data.records import load_image
 from pipeline.digest import files_digest
-from pipeline.data.keys import choice_pairs, image_key, parse_image_key, winoground_pairs
+from pipeline.data.keys import choice_pairs, image_key, mmvp_pairs, parse_image_key, winoground_pairs
 from pipeline.models.teacher import Teacher, encode_images, encode_text
 
 
@@ -51,8 +51,8 @@ def build_cache(cfg: Config, teacher: Teacher, teacher_id: str, data_root: Path,
     pairs = train_pairs(data_root, index)
     bench = benchmarks(data_root, index)
     bench_images, bench_texts = winoground_pairs(bench.winoground)
-    for cases in bench.aro.values():
-        images, texts = choice_pairs(cases)
+    for images, texts in [choice_pairs(cases) for cases in (*bench.aro.values(), *bench.sugarcrepe.values(),
+                                                             *bench.clevr.values())] + [mmvp_pairs(bench.mmvp)]:
         bench_images += images
         bench_texts += texts
     size = teacher.vae.config.sample_size
