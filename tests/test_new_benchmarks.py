@@ -494,3 +494,63 @@ def test_outcome_parts_rebuild_the_composites_from_their_parts():
     assert metrics.metric_value(parts["sugarcrepe/mean"]) == pytest.approx(pooled)
     assert "sugarcrepe/swap" in parts and parts["sugarcrepe/swap"][0].cases == 2
 
+
+# ================================================================== scored by the student and by the teacher
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory):
+    """The toy world's new sets scored by a tiny student and by a tiny teacher's diffusion score,
+    the teacher reading the latents and text conditioning the cache stage writes."""
+    from pipeline.cache import open_table
+    from pipeline.config import Config, DataConfig, EvalConfig
+    from pipeline.data.build import build_toy
+    from pipeline.data.datasets import benchmarks, read_index
+    from pipeline.evaluate import evaluate_student, evaluate_teacher
+    from pipeline.latents import build_cache
+    from pipeline.models.student import build_toy_student
+    from pipeline.models.teacher import build_toy_teacher
+    from tiny import SIZE, STUDENT, TEACHER
+
+    root = tmp_path_factory.mktemp("scored")
+    build_toy(DataConfig(n_train=4, n_winoground=2, n_aro=2, n_zeroshot_per_class=1, n_sugarcrepe=3, n_mmvp=2,
+                         n_clevr=2, sugarcrepe_subsets=["swap_att", "add_obj", "replace_rel"]), root / "data")
+    bench = benchmarks(root / "data", read_index(root / "data"))
+    teacher = build_toy_teacher(TEACHER, SIZE)
+    build_cache(Config(), teacher, "tiny", root / "data", root / "cache")
+    cfg = EvalConfig(diffusion_samples=2, batch_size=16, bootstrap=0)
+    student = evaluate_student(build_toy_student(STUDENT, SIZE), bench, cfg)
+    diffusion = evaluate_teacher(teacher, open_table(root / "cache", "bench_images"),
+                                 open_table(root / "cache", "bench_text"), bench, cfg)
+    return bench, student, diffusion
+
+
+NAMES = (["sugarcrepe/swap_att", "sugarcrepe/add_obj", "sugarcrepe/replace_rel", "sugarcrepe/add",
+          "sugarcrepe/replace", "sugarcrepe/swap", "sugarcrepe/mean", "mmvp/quantity_and_count",
+          "mmvp/positional_and_relational_context", "mmvp/color_and_appearance", "mmvp/size", "mmvp/mean"]
+         + [f"clevr/{s}" for s in CLEVR_SUBTASKS] + ["clevr/mean"])
+
+
+@pytest.mark.parametrize("row", ["student", "diffusion"])
+def test_every_row_reports_the_new_sets_and_their_outcomes_give_them_back(scored, row):
+    bench, student, diffusion = scored
+    result = {"student": student, "diffusion": diffusion}[row]
+    assert set(NAMES) <= set(result.metrics)
+    assert not {n for n in result.metrics if n.startswith(("sugarcrepe/", "mmvp/", "clevr/"))} - set(NAMES)
+    parts = metrics.outcome_parts([result.outcomes])
+    for name in NAMES:
+        assert metrics.metric_value(parts[name]) == pytest.approx(result.metrics[name]), name
+    assert len(result.outcomes["sugarcrepe/add_obj"]["correct"]) == 3
+    assert len(result.outcomes["mmvp/size"]["correct"]) == 2 and len(result.outcomes["clevr/spatial"]["correct"]) == 4
+    composites = {"sugarcrepe/add", "sugarcrepe/replace", "sugarcrepe/swap", "sugarcrepe/mean", "mmvp/mean", "clevr/mean"}
+    assert not composites & set(result.outcomes)  # rebuilt from their parts, never stored twice
+
+
+def test_mmvp_is_scored_in_the_release_prompt(scored):
+    from pipeline.data.keys import mmvp_pairs
+
+    bench, _, _ = scored
+    images, captions = mmvp_pairs(bench.mmvp[:1])
+    pair = bench.mmvp[0]
+    assert captions == [f"a photo of {pair.statement_1}"] * 2 + [f"a photo of {pair.statement_2}"] * 2
+    assert [Path(k).name for k in images] == [pair.image_1.name, pair.image_2.name] * 2
