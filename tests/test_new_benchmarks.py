@@ -142,6 +142,27 @@ def test_sugarcrepe_bad_file_and_missing_file(sugarcrepe_release):
         sugarcrepe.read_sugarcrepe(data, images, ["replace_rel"])
 
 
+@pytest.mark.parametrize(("benchmark", "write", "message"), [
+    ("sugarcrepe", lambda root: (root / "swap_obj.json").write_text("{}"), "swap_obj.json: holds no case"),
+    ("clevr", lambda root: (root / "captions" / "spatial.json").write_text("{}"), "spatial.json: holds no case"),
+    ("mmvp", lambda root: (root / "Questions.csv").write_text("Question ID,Type,Statement\n"),
+     "Questions.csv: holds no pair"),
+])
+def test_an_empty_file_is_refused(tmp_path, benchmark, write, message):
+    """An empty subset would leave a benchmark without cases, scored as nothing at all."""
+    root = tmp_path / benchmark
+    (root / "captions").mkdir(parents=True)
+    (root / "images").mkdir()
+    (root / "MLLM_VLM Images").mkdir()
+    write(root)
+    read = {"sugarcrepe": lambda: sugarcrepe.read_sugarcrepe(root, root, ["swap_obj"]),
+            "clevr": lambda: clevr.read_clevr(root, ["spatial"]),
+            "mmvp": lambda: mmvp.read_mmvp(root)}[benchmark]
+    with pytest.raises(DataFormatError) as error:
+        read()
+    one_line(error, message)
+
+
 def release_text_retrieval(pos_score: float, neg_score: float) -> int:
     """RAIVNLab/sugar-crepe main_eval.py:54 (commit 0047054): `return 1 if pos_score.item() > neg_score.item() else 0`."""
     return 1 if pos_score > neg_score else 0

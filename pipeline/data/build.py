@@ -38,7 +38,7 @@ def _picture_file(folder: Path, name: str, picture: tw.Picture, size: int) -> st
     if name.endswith(".jpg"):
         image.save(folder / name, format="JPEG", quality=95, subsampling=0)
     else:
-        image.save(folder / name, format="PNG")
+        (folder / name).write_bytes(_png(image))
     return name
 
 

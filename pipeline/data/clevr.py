@@ -42,6 +42,8 @@ def read_subtask(path: Path, image_dir: Path) -> list[ChoiceCase]:
         where = f"record {filename!r}"
         image = existing_image(image_dir, filename, path, where, "filename")
         cases += [ChoiceCase(image=image, options=tuple(pair), answer=0) for pair in _check_pairs(pairs, path, where)]
+    if not cases:
+        raise DataFormatError(path, "", None, "holds no case")
     return cases
 
 

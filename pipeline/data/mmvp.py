@@ -75,6 +75,8 @@ def read_mmvp(root: Path, patterns: tuple[str, ...] | list[str] = PATTERNS) -> l
     if len(rows) % 2:
         raise DataFormatError(path, rows[-1][0], None, "has no second row to pair with (rows come in pairs)")
     pairs = len(rows) // 2
+    if not pairs:
+        raise DataFormatError(path, "", None, "holds no pair")
     if pairs % len(patterns):
         raise DataFormatError(path, "", None, f"holds {pairs} pairs, not a multiple of its {len(patterns)} patterns")
     per_pattern = pairs // len(patterns)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pipeline.config import SUGARCREPE_SUBSETS
 from pipeline.io import write_json
-from .errors import existing_image, load_json, require_record, str_field
+from .errors import DataFormatError, existing_image, load_json, require_record, str_field
 from .records import ChoiceCase
 
 SUBSET_SIZES = {"add_obj": 2062, "add_att": 692, "replace_obj": 1652, "replace_att": 788, "replace_rel": 1406,
@@ -40,6 +40,8 @@ def read_subset(path: Path, image_dir: Path) -> list[ChoiceCase]:
         filename, caption, negative = _check_record(require_record(record, path, where), path, where)
         image = existing_image(image_dir, filename, path, where, "filename")
         cases.append(ChoiceCase(image=image, options=(caption, negative), answer=0))
+    if not cases:
+        raise DataFormatError(path, "", None, "holds no case")
     return cases
 
 
