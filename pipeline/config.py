@@ -46,6 +46,11 @@ LAST_STEP = 999
 ARO_SETS = ("vg_relation", "vg_attribution", "coco_order", "flickr_order")
 ZEROSHOT_SETS = ("imagenet", "cifar10", "cifar100", "mnist", "stl10", "food101", "pets", "flowers102", "dtd",
                  "fgvc_aircraft")
+# SugarCrepe's seven subsets (RAIVNLab/sugar-crepe, data/<subset>.json) and the seven CLEVR subtasks
+# of GDBench (McGill-NLP/diffusion-itm, data/clevr/captions/<subtask>.json), in their releases' order.
+SUGARCREPE_SUBSETS = ("add_obj", "add_att", "replace_obj", "replace_att", "replace_rel", "swap_obj", "swap_att")
+CLEVR_SUBTASKS = ("pair_binding_size", "pair_binding_color", "recognition_color", "recognition_shape", "spatial",
+                  "binding_color_shape", "binding_shape_color")
 
 
 @dataclass
@@ -74,6 +79,20 @@ class DataConfig:
       zeroshot_root    torchvision root holding each zero-shot set in torchvision's own layout
                        (ImageNet under <zeroshot_root>/imagenet)
       zeroshot_sets    which zero-shot sets (the paper's Fig. 2 has all ten)
+      sugarcrepe_root  the release's data/ folder: add_att.json ... swap_obj.json ("" = not scored)
+      sugarcrepe_images the COCO 2017 val2017/ image folder SugarCrepe's filenames name
+      sugarcrepe_subsets which SugarCrepe subsets to score
+      mmvp_root        folder of MMVP-VLM's Questions.csv and its image folder, spelled
+                       "MLLM_VLM Images" (the release's script) or "MLLM_VLM_Images" (DIVA's)
+                       ("" = not scored)
+      clevr_root       folder of captions/<subtask>.json and images/ (GDBench's CLEVR; "" = not scored)
+      clevr_subtasks   which CLEVR subtasks to score. The paper's appendix J reports one CLEVR
+                       score (diffusion score 0.67; ViT-L/14 0.63 -> 0.65) without saying which
+                       tasks it averages; it takes the diffusion score from Krojer et al. (2023),
+                       whose GDBench CLEVR holds these seven binary caption choices. Default: all
+                       seven, the accuracy over all their cases (GDBench's overall "Accuracy").
+    The toy world generates its SugarCrepe-, MMVP- and CLEVR-style sets in the same formats;
+    `sugarcrepe_subsets` and `clevr_subtasks` select among them as among the real ones.
     """
 
     source: Literal["toy", "paper"] = "toy"
@@ -84,6 +103,9 @@ class DataConfig:
     n_winoground: int = field(default=200, metadata=positive())
     n_aro: int = field(default=300, metadata=positive(doc="cases per ARO-style set"))
     n_zeroshot_per_class: int = field(default=20, metadata=positive())
+    n_sugarcrepe: int = field(default=30, metadata=positive(doc="cases per SugarCrepe-style subset"))
+    n_mmvp: int = field(default=15, metadata=positive(doc="pairs per MMVP-style pattern"))
+    n_clevr: int = field(default=15, metadata=positive(doc="CLEVR-style images (2 cases per image and subtask)"))
     # --- source: paper (see the docstring and the README section "Running the paper profile")
     train_set: Literal["coco", "cc3m"] = "coco"
     coco_annotations: str = ""
@@ -98,13 +120,22 @@ class DataConfig:
     order_tagger: str = "spacy:en_core_web_sm"
     zeroshot_root: str = ""
     zeroshot_sets: list[Literal[ZEROSHOT_SETS]] = field(default_factory=lambda: list(ZEROSHOT_SETS))
+    sugarcrepe_root: str = ""
+    sugarcrepe_images: str = ""
+    sugarcrepe_subsets: list[Literal[SUGARCREPE_SUBSETS]] = field(default_factory=lambda: list(SUGARCREPE_SUBSETS))
+    mmvp_root: str = ""
+    clevr_root: str = ""
+    clevr_subtasks: list[Literal[CLEVR_SUBTASKS]] = field(default_factory=lambda: list(CLEVR_SUBTASKS))
 
     def __post_init__(self) -> None:
-        for key in ("aro_sets", "zeroshot_sets"):
+        for key in ("aro_sets", "zeroshot_sets", "sugarcrepe_subsets", "clevr_subtasks"):
             values = getattr(self, key)
             repeated = sorted({v for v in values if values.count(v) > 1})
             if repeated:
                 raise ConfigError(f"data.{key}: {repeated[0]!r} is listed twice")
+        for key in ("sugarcrepe_subsets", "clevr_subtasks"):
+            if not getattr(self, key):
+                raise ConfigError(f"data.{key}: empty; list at least one (an empty root leaves the benchmark out)")
         tagger = self.order_tagger
         if not (tagger.startswith("spacy:") and len(tagger) > 6) and not tagger.endswith(".json"):
             raise ConfigError(f"data.order_tagger: {tagger!r} is not allowed; expected 'spacy:<model>' "

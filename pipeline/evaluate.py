@@ -20,7 +20,8 @@ from pipeline.cache import Table
 from pipeline.config import EvalConfig
 from pipeline.data.aro import excluded_vg_relations
 from pipeline.data.datasets import Benchmarks
-from pipeline.data.keys import choice_pairs, image_key, parse_image_key, winoground_pairs
+from pipeline.data.keys import choice_pairs, image_key, mmvp_pairs, parse_image_key, winoground_pairs
+from pipeline.data.mmvp import metric_name
 from pipeline.data.records import load_image
 from pipeline.models.student import Student, image_tokens
 from pipeline.models.teacher import Teacher
@@ -51,7 +52,8 @@ class Evaluation:
 
 
 def score_benchmarks(score: PairScorer, bench: Benchmarks, bootstrap: int = 0, seed: int = 0) -> Evaluation:
-    """Winoground text/image/group with breakdowns, and the ARO sets, under one scorer.
+    """Winoground text/image/group with breakdowns, the ARO sets, and SugarCrepe, MMVP-VLM and CLEVR
+    where the data has them, under one scorer.
 
     With `bootstrap` > 0, Winoground's scores also get 95% percentile-bootstrap intervals
     over tasks (`winoground/text/ci_low`, `.../ci_high`): with 400 tasks one task is 0.25
@@ -90,7 +92,41 @@ def score_benchmarks(score: PairScorer, bench: Benchmarks, bootstrap: int = 0, s
         result.add(f"aro/{name}", correct[kept], [g for g, keep in zip(groups, kept) if keep])
     if "aro/vg_relation" in out and "aro/vg_attribution" in out:
         out["aro/overall"] = (out["aro/vg_relation"] + out["aro/vg_attribution"]) / 2
+    if bench.sugarcrepe:
+        _score_sets(result, "sugarcrepe", score, bench.sugarcrepe, metrics.sugarcrepe_correct, metrics.sugarcrepe)
+    if bench.mmvp:
+        _score_mmvp(result, score, bench)
+    if bench.clevr:
+        _score_sets(result, "clevr", score, bench.clevr, metrics.clevr_correct, metrics.clevr)
     return result
+
+
+def _choice_scores(score: PairScorer, cases) -> np.ndarray:
+    images, captions = choice_pairs(cases)
+    return score(images, captions).reshape(len(cases), len(cases[0].options))
+
+
+def _score_sets(result: Evaluation, prefix: str, score: PairScorer, sets: dict, correct_of: Callable,
+                aggregate: Callable) -> None:
+    """A benchmark of two-option subsets (SugarCrepe, CLEVR): each subset's cases and the release's
+    aggregates (`<prefix>/<subset>`, and the composites `metrics.outcome_parts` rebuilds from them)."""
+    correct = {name: correct_of(_choice_scores(score, cases)) for name, cases in sets.items()}
+    for name, right in correct.items():
+        result.add(f"{prefix}/{name}", right)
+    result.metrics.update({f"{prefix}/{name}": value for name, value in aggregate(correct).items()})
+
+
+def _score_mmvp(result: Evaluation, score: PairScorer, bench: Benchmarks) -> None:
+    """MMVP-VLM: pair accuracy per pattern (`mmvp/<pattern slug>`) and their mean (`mmvp/mean`)."""
+    images, captions = mmvp_pairs(bench.mmvp)
+    scores = score(images, captions).reshape(len(bench.mmvp), 2, 2)
+    correct = metrics.mmvp_correct(scores, [(p.answer_1, p.answer_2) for p in bench.mmvp])
+    patterns = [p.pattern for p in bench.mmvp]
+    for pattern in dict.fromkeys(patterns):
+        result.add(metric_name(pattern), correct[np.array(patterns) == pattern])
+    values = metrics.mmvp(correct, patterns)
+    result.metrics.update({metric_name(name): values[name] for name in dict.fromkeys(patterns)})
+    result.metrics["mmvp/mean"] = values["mean"]
 
 
 class ClipScorer:

@@ -16,7 +16,7 @@ from pipeline.config import Config
 from pipeline.data.datasets import benchmarks, read_index, train_pairs
 from pipeline.data.records import load_image
 from pipeline.digest import files_digest
-from pipeline.data.keys import choice_pairs, image_key, parse_image_key, winoground_pairs
+from pipeline.data.keys import choice_pairs, image_key, mmvp_pairs, parse_image_key, winoground_pairs
 from pipeline.models.teacher import Teacher, encode_images, encode_text
 
 
@@ -46,8 +46,8 @@ def table_keys(data_root: Path) -> dict[str, list[str]]:
     pairs = train_pairs(data_root, index)
     bench = benchmarks(data_root, index)
     bench_images, bench_texts = winoground_pairs(bench.winoground)
-    for cases in bench.aro.values():
-        images, texts = choice_pairs(cases)
+    for images, texts in [choice_pairs(cases) for cases in (*bench.aro.values(), *bench.sugarcrepe.values(),
+                                                             *bench.clevr.values())] + [mmvp_pairs(bench.mmvp)]:
         bench_images += images
         bench_texts += texts
     return {"train_images": list(dict.fromkeys(image_key(p.image) for p in pairs)),

@@ -22,6 +22,18 @@ Conventions (from the benchmarks' own definitions and releases):
   perturbation as RIGHT (the first maximum is option 0); a perturbation can equal
   the original caption, giving an exact tie. ``ties="first"`` reproduces that;
   the default ``"strict"`` counts it wrong.
+- SugarCrepe (Hsieh et al., 2023; release RAIVNLab/sugar-crepe, ``main_eval.py``). A case is
+  right when the caption's score is strictly above the negative caption's (a tie is wrong);
+  the release reports the accuracy of each subset only. The category scores (add / replace /
+  swap) and the mean pool their subsets' cases (micro means: each case weighs the same).
+- MMVP-VLM (Tong et al., 2024; release tsb0601/MMVP, ``scripts/evaluate_vlm.py``). Each
+  statement picks the first image when its score there is strictly above the second's (the
+  script's softmax probability ``> 0.5``), else the second, so a tie picks the second image; a
+  pair is right when both statements pick their own image. Per pattern the fraction of pairs
+  right; the mean is the plain mean over patterns (DIVA's ``average_score``).
+- CLEVR as GDBench scores it (Krojer et al., 2023; McGill-NLP/diffusion-itm, ``utils.py``
+  ``evaluate_retrieval``): options [true, false], right when ``np.argmax`` is 0, so a tie is
+  RIGHT; per subtask and over all cases pooled (the release's overall "Accuracy").
 """
 from __future__ import annotations
 
@@ -55,8 +67,18 @@ __all__ = [
     "outcome_parts",
     "WINOGROUND_TAGS",
     "WINOGROUND_NUM_MAIN_PREDS",
+    "sugarcrepe_correct",
+    "sugarcrepe",
+    "SUGARCREPE_CATEGORIES",
+    "mmvp_correct",
+    "mmvp",
+    "clevr_correct",
+    "clevr",
 ]
 
+# SugarCrepe's hard-negative types and their subsets (the paper's ADD / REPLACE / SWAP).
+SUGARCREPE_CATEGORIES = {"add": ("add_obj", "add_att"), "replace": ("replace_obj", "replace_att", "replace_rel"),
+                         "swap": ("swap_obj", "swap_att")}
 WINOGROUND_TAGS = ("Object", "Relation", "Both")
 WINOGROUND_NUM_MAIN_PREDS = (1, 2)
 _TIE_RULES = ("strict", "first")
@@ -332,6 +354,110 @@ def zeroshot_accuracy(logits, labels, k: int = 1) -> float:
     return float(np.mean(zeroshot_correct(logits, labels, k)))
 
 
+# --------------------------------------------------------------------------- SugarCrepe, MMVP-VLM, CLEVR
+
+
+def _two_options(scores) -> np.ndarray:
+    s = _float_array(scores, "scores")
+    if s.ndim != 2 or s.shape[1] != 2:
+        raise ValueError(f"scores must have shape [N, 2], got {s.shape}")
+    return s
+
+
+def sugarcrepe_correct(scores) -> np.ndarray:
+    """bool [N]: scores[i] = (caption, negative caption) of case i; right iff the caption scores
+    strictly higher (a tie is wrong)."""
+    s = _two_options(scores)
+    return choice_correct(s, np.zeros(s.shape[0], dtype=np.int64))
+
+
+def _pooled(correct: dict[str, np.ndarray], names) -> float:
+    return micro_accuracy(np.concatenate([correct[n] for n in names]))
+
+
+def _named_correct(correct: dict, allowed=None) -> dict[str, np.ndarray]:
+    """{name: bool array}, each non-empty; names among `allowed` when given."""
+    if not correct:
+        raise ValueError("no subset given")
+    unknown = sorted(set(correct) - set(allowed or correct))
+    if unknown:
+        raise ValueError(f"unknown subsets {unknown}; expected some of {list(allowed)}")
+    checked = {name: _bool_array(c, f"correct[{name!r}]") for name, c in correct.items()}
+    empty = [name for name, c in checked.items() if c.size == 0]
+    if empty:
+        raise ValueError(f"correct[{empty[0]!r}] is empty")
+    return checked
+
+
+def sugarcrepe(correct: dict) -> dict[str, float]:
+    """SugarCrepe scores from each subset's per-case correctness {subset: bool [N]}: the accuracy of
+    every subset given, of each category (add / replace / swap) with a subset given, and "mean"; a
+    category and the mean pool their subsets' cases."""
+    subsets = [s for names in SUGARCREPE_CATEGORIES.values() for s in names]
+    checked = _named_correct(correct, subsets)
+    out = {name: micro_accuracy(c) for name, c in checked.items()}
+    for category, names in SUGARCREPE_CATEGORIES.items():
+        present = [n for n in names if n in checked]
+        if present:
+            out[category] = _pooled(checked, present)
+    out["mean"] = _pooled(checked, list(checked))
+    return out
+
+
+def mmvp_correct(scores, answers) -> np.ndarray:
+    """bool [N]: pair i right iff both its statements pick their own image.
+
+    scores[i, k, j]: statement k of pair i with image j, [N, 2, 2]; answers[i, k] in {0, 1}: the
+    image statement k describes. A statement picks image 0 iff scores[i, k, 0] > scores[i, k, 1]
+    strictly, else image 1 (the release's ``"img1" if prob > 0.5 else "img2"``).
+    """
+    s = _float_array(scores, "scores")
+    if s.ndim != 3 or s.shape[1:] != (2, 2):
+        raise ValueError(f"scores must have shape [N, 2, 2] (pair, statement, image), got {s.shape}")
+    a = np.asarray(answers)
+    if a.shape != (s.shape[0], 2) or (a.size and (a.dtype == bool or not np.issubdtype(a.dtype, np.integer))):
+        raise ValueError(f"answers must hold integers with shape [{s.shape[0]}, 2], got {a.dtype} {a.shape}")
+    if a.size and not np.isin(a, (0, 1)).all():
+        raise ValueError("answers must be 0 or 1 (the first or the second image)")
+    if s.shape[0]:
+        bad = _first_nan_row(s)
+        if bad is not None:
+            raise ValueError(f"scores has a NaN at pair index {bad}")
+    picks = np.where(s[:, :, 0] > s[:, :, 1], 0, 1)
+    return (picks == a).all(axis=1)
+
+
+def mmvp(correct, patterns: Sequence[str]) -> dict[str, float]:
+    """MMVP-VLM scores: {pattern: fraction of its pairs right} for every pattern present, and "mean",
+    the mean over patterns (each pattern weighs the same)."""
+    c = _bool_array(correct, "correct")
+    names = list(patterns)
+    if len(names) != c.shape[0]:
+        raise ValueError(f"patterns has {len(names)} entries for {c.shape[0]} pairs")
+    if c.size == 0:
+        raise ValueError("correct is empty")
+    if "mean" in names:
+        raise ValueError("'mean' cannot name a pattern")
+    keys = np.array(names, dtype=object)
+    out = {name: float(np.mean(c[keys == name])) for name in dict.fromkeys(names)}
+    out["mean"] = float(np.mean(list(out.values())))
+    return out
+
+
+def clevr_correct(scores) -> np.ndarray:
+    """bool [N]: scores[i] = (true, false caption) of case i; right iff ``np.argmax`` is 0, so a tie is right."""
+    s = _two_options(scores)
+    return choice_correct(s, np.zeros(s.shape[0], dtype=np.int64), ties="first")
+
+
+def clevr(correct: dict) -> dict[str, float]:
+    """CLEVR scores from {subtask: bool [N]}: each subtask's accuracy and "mean" over all cases pooled."""
+    checked = _named_correct(correct)
+    if "mean" in checked:
+        raise ValueError("'mean' cannot name a subtask")
+    return {**{name: micro_accuracy(c) for name, c in checked.items()}, "mean": _pooled(checked, list(checked))}
+
+
 # --------------------------------------------------------------------------- bootstrap
 
 
@@ -579,4 +705,23 @@ def outcome_parts(runs: Sequence[dict[str, dict]]) -> dict[str, list[CaseOutcome
     sets = [name for name in parts if name.startswith("zeroshot/") and name != "zeroshot/mean"]
     if sets:
         parts["zeroshot/mean"] = [p for name in sets for p in parts[name]]
+    categories = {category: [f"sugarcrepe/{n}" for n in names if f"sugarcrepe/{n}" in parts]
+                  for category, names in SUGARCREPE_CATEGORIES.items()}
+    for category, present in categories.items():
+        if present:
+            parts[f"sugarcrepe/{category}"] = [_pooled_part(parts, present)]
+    every = [name for present in categories.values() for name in present]
+    if every:
+        parts["sugarcrepe/mean"] = [_pooled_part(parts, every)]
+    patterns = [name for name in parts if name.startswith("mmvp/") and name != "mmvp/mean"]
+    if patterns:
+        parts["mmvp/mean"] = [p for name in patterns for p in parts[name]]
+    subtasks = [name for name in parts if name.startswith("clevr/") and name != "clevr/mean"]
+    if subtasks:
+        parts["clevr/mean"] = [_pooled_part(parts, subtasks)]
     return parts
+
+
+def _pooled_part(parts: dict[str, list[CaseOutcomes]], names: list[str]) -> CaseOutcomes:
+    """One part holding the cases of several micro-averaged parts: their pooled (micro) mean."""
+    return CaseOutcomes(np.concatenate([p.correct for name in names for p in parts[name]], axis=1))

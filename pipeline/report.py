@@ -38,6 +38,8 @@ COLUMNS = [
     ("COCO-Order", "aro/coco_order"), ("Flickr-Order", "aro/flickr_order"), ("Zero-shot", "zeroshot/mean"),
     # Not in the paper: the teacher's text score on h_w(f(x)) (`evaluate.evaluate_projection`).
     ("h_w text", "projected/winoground/text"),
+    # Benchmarks after the paper, and its appendix J's CLEVR (GDBench's tasks).
+    ("SugarCrepe", "sugarcrepe/mean"), ("MMVP", "mmvp/mean"), ("CLEVR", "clevr/mean"),
 ]
 INTERVAL = "Wino text 95% CI"
 TABLE1_HEADER = ["run"] + [name for name, _ in COLUMNS] + [INTERVAL]

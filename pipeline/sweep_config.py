@@ -67,17 +67,20 @@ SPEC_KINDS = ("all", "grid") + DISTRIBUTIONS
 SEARCHES = ("grid", "random", "optuna")
 TOP_KEYS = ("name", "base", "space", "search", "scheduler", "seeds", "resources", "max_concurrent", "metric",
             "mode", "storage_path")
-STEP_METRICS = ("loss/clip", "loss/total", "loss/sds", "loss/unet_feature")
+STEP_METRICS = ("loss/clip", "loss/total", "loss/sds", "loss/unet_feature", "loss/feedback")
 _METRIC_PATTERNS = (
     r"winoground/(text|image|group)(/(object|relation|both|preds_\d+))?(/ci_(low|high))?",
     r"aro/(overall|vg_relation|vg_attribution|coco_order|flickr_order)",
     r"zeroshot/[A-Za-z0-9_.-]+",
-    r"loss/(clip|total|sds|unet_feature)",
+    r"sugarcrepe/(add|replace|swap|mean|add_obj|add_att|replace_obj|replace_att|replace_rel|swap_obj|swap_att)",
+    r"mmvp/[a-z0-9_]+", r"clevr/[a-z0-9_]+",
+    r"loss/(clip|total|sds|unet_feature|feedback)",
     r"time/train_seconds", r"trainable_parameters",
 )
 METRICS_ALLOWED = ("winoground/{text,image,group}[/{object,relation,both,preds_1,preds_2}], "
                    "aro/{overall,vg_relation,vg_attribution,coco_order}, zeroshot/{mean,<set>}, "
-                   "loss/{clip,total,sds,unet_feature}")
+                   "sugarcrepe/{mean,add,replace,swap,<subset>}, mmvp/{mean,<pattern>}, clevr/{mean,<subtask>}, "
+                   "loss/{clip,total,sds,unet_feature,feedback}")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _VARIANT_NAME = re.compile(r"[^\x00-\x1f\x7f ](?:[^\x00-\x1f\x7f]{0,62}[^\x00-\x1f\x7f ])?")
 # Keys of params.yaml no trial depends on (the `sweep` stage's list of sweep files): left out of trial configs.

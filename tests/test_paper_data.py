@@ -470,3 +470,148 @@ def test_a_caption_without_negatives_is_refused_by_name(tmp_path):
         datasets.train_negatives(tmp_path, index, [ImageCaption(tmp_path / "z.png", "a bird")])
     assert datasets.train_negatives(tmp_path, index, pairs[:1]) == [["a god"]]
     assert path.is_file()
+
+
+# ---------------------------------------------------------------- SugarCrepe, MMVP-VLM, CLEVR (GDBench)
+
+
+def sugarcrepe_release(root: Path) -> tuple[Path, Path]:
+    """RAIVNLab/sugar-crepe data/<subset>.json (ids as keys, not contiguous) + COCO val2017/."""
+    put(root / "coco" / "val2017" / "000000222235.jpg", image_bytes(COLOURS[0]))
+    put(root / "coco" / "val2017" / "000000480021.jpg", image_bytes(COLOURS[1]))
+    for subset in ("add_obj", "add_att", "replace_obj", "replace_att", "replace_rel", "swap_obj", "swap_att"):
+        put(root / "sugar-crepe" / "data" / f"{subset}.json", json.dumps({
+            "0": {"filename": "000000222235.jpg", "caption": f"A cat sits on its hind legs ({subset}).",
+                  "negative_caption": "A cat sits on the plant."},
+            "2": {"filename": "000000480021.jpg", "caption": "A man on a motorcycle is waving at two men.",
+                  "negative_caption": "Two men on a motorcycle are waving at a man."}}, indent=4))
+    return root / "sugar-crepe" / "data", root / "coco" / "val2017"
+
+
+def mmvp_release(root: Path, folder: str = "MLLM_VLM Images") -> Path:
+    """MMVP/MMVP_VLM: Questions.csv (135 pairs, Types in blocks of 15 pairs) + <folder>/<Type>/<id>.jpg."""
+    types = ["Orientation", "Presence", "State", "Quantity", "Spatial", "Color", "Structural Character", "Text",
+             "Camera Perspective"]
+    rows = ["Question ID,Type,Statement"]
+    for qid in range(1, 271):
+        kind = types[(qid - 1) // 30]
+        rows.append(f"{qid},{kind},\"The dog's face is {'up' if qid % 2 else 'down'}, seen from the front\"")
+        put(root / folder / kind / f"{qid}.jpg", image_bytes(COLOURS[qid % 5], size=(4, 4)))
+    put(root / "Questions.csv", "\n".join(rows) + "\n")
+    return root
+
+
+def clevr_release(root: Path) -> Path:
+    """GDBench's CLEVR: captions/<subtask>.json ({image: [[true, false], ...]}) + images/."""
+    put(root / "images" / "CLEVR_val2_000138.png", image_bytes(COLOURS[2], fmt="PNG"))
+    for subtask in ("pair_binding_size", "pair_binding_color", "recognition_color", "recognition_shape", "spatial",
+                    "binding_color_shape", "binding_shape_color"):
+        dump(root / "captions" / f"{subtask}.json", {"CLEVR_val2_000138.png": [
+            ["A gray cylinder.", "A purple cylinder."], ["A purple sphere.", "A gray sphere."]]})
+    return root
+
+
+def extra_data_config(tmp_path: Path, **changes) -> DataConfig:
+    coco_2017(tmp_path / "coco")
+    winoground_repo(tmp_path / "winoground")
+    sugarcrepe_release(tmp_path)
+    mmvp_release(tmp_path / "MMVP_VLM")
+    clevr_release(tmp_path / "clevr")
+    values = dict(source="paper", coco_annotations="coco/annotations/captions_train2017.json",
+                  coco_images="coco/train2017", winoground="./winoground", aro_sets=[], zeroshot_sets=[],
+                  sugarcrepe_root="sugar-crepe/data", sugarcrepe_images="coco/val2017", mmvp_root="MMVP_VLM",
+                  clevr_root="clevr", order_tagger=str(word_lexicon(tmp_path)))
+    return DataConfig(**{**values, **changes})
+
+
+def test_data_stage_indexes_sugarcrepe_mmvp_and_clevr(tmp_path):
+    build_data(extra_data_config(tmp_path, clevr_subtasks=["spatial", "recognition_color"],
+                                 sugarcrepe_subsets=["swap_obj", "add_att"]), tmp_path / "data", base=tmp_path)
+    root = tmp_path / "data"
+    index = read_index(root)
+    assert index["sugarcrepe"]["images"] == str((tmp_path / "coco" / "val2017").resolve())
+    bench = benchmarks(root, index)
+    assert list(bench.sugarcrepe) == ["swap_obj", "add_att"]
+    case = bench.sugarcrepe["swap_obj"][1]
+    assert case.options == ("A man on a motorcycle is waving at two men.", "Two men on a motorcycle are waving at a man.")
+    assert case.answer == 0 and case.image == (tmp_path / "coco" / "val2017" / "000000480021.jpg").resolve()
+    assert len(bench.mmvp) == 135 and bench.mmvp[0].statement_1 == "The dog's face is up, seen from the front"
+    assert bench.mmvp[134].pattern == "Viewpoint and Perspective" and bench.mmvp[0].pattern == "Orientation and Direction"
+    assert list(bench.clevr) == ["spatial", "recognition_color"] and len(bench.clevr["spatial"]) == 2
+    assert bench.clevr["spatial"][0].options == ("A gray cylinder.", "A purple cylinder.")
+    assert {k: v for k, v in index["counts"].items() if "/" in k or k == "mmvp"} == {
+        "sugarcrepe/swap_obj": 2, "sugarcrepe/add_att": 2, "mmvp": 135, "clevr/spatial": 2, "clevr/recognition_color": 2}
+
+
+def test_mmvp_under_the_underscored_folder_spelling(tmp_path):
+    cfg = extra_data_config(tmp_path, sugarcrepe_root="", clevr_root="")
+    (tmp_path / "MMVP_VLM" / "MLLM_VLM Images").rename(tmp_path / "MMVP_VLM" / "MLLM_VLM_Images")
+    build_data(cfg, tmp_path / "data", base=tmp_path)
+    bench = benchmarks(tmp_path / "data", read_index(tmp_path / "data"))
+    assert bench.mmvp[0].image_1.parent.parent.name == "MLLM_VLM_Images" and bench.sugarcrepe == {} == bench.clevr
+
+
+@pytest.mark.parametrize(("changes", "key", "needle"), [
+    ({"sugarcrepe_root": "nowhere"}, "data.sugarcrepe_root", "nowhere/add_obj.json not found (SugarCrepe"),
+    ({"sugarcrepe_images": ""}, "data.sugarcrepe_images", "not set (COCO 2017 val2017/"),
+    ({"mmvp_root": "nowhere"}, "data.mmvp_root", "nowhere/Questions.csv not found (MMVP-VLM"),
+    ({"clevr_root": "nowhere"}, "data.clevr_root", "nowhere/captions/pair_binding_size.json not found (CLEVR"),
+])
+def test_a_missing_new_benchmark_is_one_line_naming_key_and_path(tmp_path, changes, key, needle):
+    cfg = extra_data_config(tmp_path, **changes)
+    with pytest.raises(paper.PaperDataMissing) as err:
+        paper.check_paper_data(cfg, tmp_path)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"{key}: ") and needle in message
+    assert message.endswith("see README: Running the paper profile")
+
+
+def test_mmvp_folder_missing_or_both_spellings_are_named(tmp_path):
+    cfg = extra_data_config(tmp_path)
+    images = tmp_path / "MMVP_VLM" / "MLLM_VLM Images"
+    images.rename(tmp_path / "elsewhere")
+    [problem] = paper.problems(cfg, tmp_path)
+    assert problem.key == "data.mmvp_root" and "MLLM_VLM Images or" in problem.message
+    (tmp_path / "elsewhere").rename(images)
+    (tmp_path / "MMVP_VLM" / "MLLM_VLM_Images").mkdir()
+    [problem] = paper.problems(cfg, tmp_path)
+    assert problem.key == "data.mmvp_root" and "holds both" in problem.message
+
+
+def test_empty_roots_leave_the_new_benchmarks_out(tmp_path):
+    cfg = DataConfig(source="paper", coco_annotations="a.json", coco_images="i", winoground="./w", aro_sets=[],
+                     zeroshot_sets=[])
+    keys = {p.key for p in paper.problems(cfg, tmp_path)}
+    assert not keys & {"data.sugarcrepe_root", "data.sugarcrepe_images", "data.mmvp_root", "data.clevr_root"}
+
+
+@pytest.mark.parametrize(("spoil", "match"), [
+    (lambda root: dump(root / "sugar-crepe" / "data" / "swap_att.json", {"0": {"filename": "000000222235.jpg",
+                                                                                 "caption": "x"}}),
+     r"swap_att.json: record '0': field 'negative_caption' is missing"),
+    (lambda root: put(root / "MMVP_VLM" / "Questions.csv", "Question ID,Type,Statement\n1,Orientation,up\n"
+                                                           "two,Orientation,down\n"),
+     r"Questions.csv: line 3: field 'Question ID' must be an integer, got 'two'"),
+    (lambda root: dump(root / "clevr" / "captions" / "spatial.json", {"CLEVR_val2_000138.png": [["a", "b", "c"]]}),
+     r"spatial.json: record 'CLEVR_val2_000138.png': field '\[0\]' must be \[true caption, false caption\]"),
+])
+def test_malformed_new_benchmark_records_stop_the_data_stage(tmp_path, spoil, match):
+    cfg = extra_data_config(tmp_path)
+    spoil(tmp_path)
+    with pytest.raises(DataFormatError, match=match):
+        build_data(cfg, tmp_path / "data", base=tmp_path)
+    assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize(("data", "match"), [
+    ({"clevr_subtasks": ["spatial", "spatial"]}, r"^data.clevr_subtasks: 'spatial' is listed twice$"),
+    ({"clevr_subtasks": ["spatial", "counting"]}, r"^data.clevr_subtasks\[1\]: 'counting' is not allowed"),
+    ({"sugarcrepe_subsets": []}, r"^data.sugarcrepe_subsets: empty"),
+    ({"sugarcrepe_subsets": ["swap_colour"]}, r"^data.sugarcrepe_subsets\[0\]: 'swap_colour' is not allowed"),
+    ({"n_mmvp": 0}, r"^data.n_mmvp: 0"),
+])
+def test_new_benchmark_keys_are_checked(data, match):
+    from pipeline.config import ConfigError, from_dict
+
+    with pytest.raises(ConfigError, match=match):
+        from_dict({"data": data})

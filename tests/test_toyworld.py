@@ -262,3 +262,144 @@ def test_hard_negatives_are_the_grammars_swaps_of_the_caption():
         assert negatives and text not in negatives and len(set(negatives)) == len(negatives)
     with pytest.raises(ValueError, match="not a caption of the toy grammar"):
         tw.hard_negatives("a dog on a beach")
+
+
+# --------------------------------------------------------------------------- SugarCrepe-, MMVP- and CLEVR-style sets
+
+SUBSETS = ("add_obj", "add_att", "replace_obj", "replace_att", "replace_rel", "swap_obj", "swap_att")
+
+
+def present(image) -> set[str]:
+    """The colours drawn in an image (a few pure pixels of each)."""
+    return {c for c in tw.COLOURS if colour_mask(image, c, tol=8).sum() >= 3}
+
+
+def test_new_sets_are_a_function_of_the_seed():
+    for subset in SUBSETS:
+        assert tw.sugarcrepe_cases(subset, 6, 1) == tw.sugarcrepe_cases(subset, 6, 1)
+        assert tw.sugarcrepe_cases(subset, 6, 1) != tw.sugarcrepe_cases(subset, 6, 2)
+    assert tw.mmvp_pairs(3, 1) == tw.mmvp_pairs(3, 1) != tw.mmvp_pairs(3, 2)
+    assert tw.clevr_images(4, 1) == tw.clevr_images(4, 1) != tw.clevr_images(4, 2)
+
+
+def test_sugarcrepe_negatives_change_what_their_subset_names():
+    for subset in SUBSETS:
+        for picture, true, negative in tw.sugarcrepe_cases(subset, 25, 0):
+            scene = picture.scene
+            assert picture.alone == (subset == "add_obj") and true != negative
+            t, n = true.split(), negative.split()
+            if subset == "add_obj":  # the image holds the first object; the negative adds the second
+                assert true == f"a {scene.first.phrase(False)}" and negative == tw.caption(scene)
+                continue
+            assert true == tw.caption(scene)
+            if subset == "add_att":  # one size word more, and not the object's size
+                assert len(n) == len(t) + 1
+                k = next(i for i, w in enumerate(n) if w in tw.SIZES)
+                assert n[:k] + n[k + 1:] == t
+                thing = scene.first if k == 1 else scene.second
+                assert n[k] != thing.size
+            elif subset.startswith("swap"):  # the same words in another order
+                assert Counter(t) == Counter(n)
+                kind = "colour" if subset == "swap_att" else "phrase"
+                assert negative == tw.caption(tw._swap(scene, kind))
+            else:  # one word replaced by one absent from the scene
+                changed = [(a, b) for a, b in zip(t, n) if a != b]
+                pool = {"replace_att": tw.COLOURS, "replace_obj": tw.SHAPES}.get(subset)
+                if pool is None:
+                    assert " ".join(n[3:-3]) in tw.RELATIONS and " ".join(n[3:-3]) != scene.relation
+                else:
+                    [(old, new)] = changed
+                    things = (scene.first, scene.second)
+                    assert new in pool and new not in {getattr(x, "colour" if pool is tw.COLOURS else "shape")
+                                                       for x in things}
+
+
+def test_sugarcrepe_add_obj_image_shows_only_the_first_object():
+    for picture, true, _ in tw.sugarcrepe_cases("add_obj", 10, 0):
+        assert present(tw.render_picture(picture, SIZE)) == {picture.scene.first.colour}
+        assert present(tw.render_picture(tw.Picture(picture.scene), SIZE)) == {picture.scene.first.colour,
+                                                                               picture.scene.second.colour}
+
+
+def test_mmvp_pairs_differ_in_their_pattern_alone():
+    pairs = tw.mmvp_pairs(12, 0)
+    assert [p[0] for p in pairs] == [name for name in tw.MMVP_PATTERNS for _ in range(12)]
+    for pattern, one, two, s_one, s_two in pairs:
+        assert s_one != s_two and one != two
+        for picture, statement in ((one, s_one), (two, s_two)):  # each statement describes its own picture
+            scene = picture.scene
+            if picture.alone:
+                assert statement == f"a {scene.first.phrase(False)}"
+            else:
+                assert statement == tw.caption(scene, with_size=pattern == "Size")
+        a, b = one.scene, two.scene
+        if pattern == "Quantity and Count":
+            assert a == b and one.alone != two.alone
+            continue
+        assert not one.alone and not two.alone and a.layout == b.layout and a.second == b.second
+        if pattern == "Positional and Relational Context":
+            assert a.first == b.first and b.relation == tw.INVERSE[a.relation]
+        elif pattern == "Color and Appearance":
+            assert a.relation == b.relation and a.first.colour != b.first.colour
+            assert {a.first.colour, b.first.colour}.isdisjoint({a.second.colour})
+            assert (a.first.shape, a.first.size) == (b.first.shape, b.first.size)
+        else:
+            assert a.relation == b.relation and a.first.size != b.first.size
+            assert (a.first.colour, a.first.shape) == (b.first.colour, b.first.shape)
+    # the picture that comes first is drawn, so no pattern's answer is a constant
+    assert {one.alone for pattern, one, *_ in pairs if pattern == "Quantity and Count"} == {True, False}
+
+
+def test_mmvp_position_pairs_put_the_objects_in_each_others_place():
+    for pattern, one, two, *_ in tw.mmvp_pairs(8, 0):
+        if pattern != "Positional and Relational Context":
+            continue
+        first = [centroid(colour_mask(tw.render_picture(p, SIZE), p.scene.first.colour)) for p in (one, two)]
+        second = [centroid(colour_mask(tw.render_picture(p, SIZE), p.scene.second.colour)) for p in (one, two)]
+        axis = 0 if one.scene.relation in ("left of", "right of") else 1
+        assert (first[0][axis] - second[0][axis]) * (first[1][axis] - second[1][axis]) < 0
+
+
+def test_clevr_cases_are_gdbench_templates_true_of_their_image():
+    for scene, cases in tw.clevr_images(12, 0):
+        a, b = scene.first, scene.second
+        assert scene.relation in ("left of", "right of") and a.size != b.size
+        assert set(cases) == {"pair_binding_size", "pair_binding_color", "recognition_color", "recognition_shape",
+                              "spatial", "binding_color_shape", "binding_shape_color"}
+        assert all(len(pairs) == 2 and all(t != f for t, f in pairs) for pairs in cases.values())
+        assert cases["binding_color_shape"][0] == [f"A {a.colour} {a.shape}.", f"A {b.colour} {a.shape}."]
+        assert cases["binding_shape_color"][1] == [f"A {b.colour} {b.shape}.", f"A {b.colour} {a.shape}."]
+        assert cases["pair_binding_size"][0] == [f"A {a.size} {a.shape} and a {b.size} {b.shape}.",
+                                                 f"A {b.size} {a.shape} and a {a.size} {b.shape}."]
+        foil_colour = cases["recognition_color"][0][1].split()[1]
+        foil_shape = cases["recognition_shape"][0][1].split()[1].rstrip(".")
+        assert foil_colour not in (a.colour, b.colour) and foil_shape not in (a.shape, b.shape)
+        image = tw.render_scene(scene, SIZE)
+        for thing, (true, _) in zip((a, b), cases["spatial"]):
+            x = centroid(colour_mask(image, thing.colour))[0]
+            assert true == f"On the {'left' if x < SIZE / 2 else 'right'} is a {thing.colour} {thing.shape}."
+
+
+def test_the_new_sets_leave_the_earlier_files_byte_for_byte(tmp_path):
+    """Each new set draws from its own generator and writes its own folder: every file of the
+    earlier sets, and their index entries, are what the data stage wrote before the new sets
+    existed (the digest below was taken from that build)."""
+    import hashlib
+    import json
+
+    from pipeline.config import DataConfig
+    from pipeline.data.build import build_toy
+
+    out = tmp_path / "data"
+    build_toy(DataConfig(n_train=40, n_winoground=12, n_aro=12, n_zeroshot_per_class=3), out)
+    new = ("sugarcrepe", "mmvp", "clevr", "train-negatives.json")   # the later additions, beside the earlier sets
+    digest = hashlib.sha256()
+    for path in sorted(p for p in out.rglob("*") if p.is_file()):
+        relative = path.relative_to(out).as_posix()
+        if relative.split("/")[0] not in new and relative != "index.json":
+            digest.update(relative.encode())
+            digest.update(path.read_bytes())
+    index = {key: value for key, value in json.loads((out / "index.json").read_text()).items() if key not in new}
+    index["train"].pop("negatives")
+    digest.update(json.dumps(index, sort_keys=True).encode())
+    assert digest.hexdigest() == "bd1f87010046de66addd760a46339dbc35f707416a32b807185abfef515ef0fd"

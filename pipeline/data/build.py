@@ -1,7 +1,8 @@
 """The data stage: materialise the training pairs and every benchmark, and write the index.
 
 Toy: generated from the seed into the published formats (COCO captions, Winoground's
-release files, ARO's JSON files, ImageFolder zero-shot sets). Paper: the index points at
+release files, ARO's JSON files, ImageFolder zero-shot sets, SugarCrepe's subset files over
+JPEG images, MMVP-VLM's Questions.csv and image folder, GDBench's CLEVR caption files). Paper: the index points at
 the user's local copies, read by the same readers (see `pipeline.data.paper`).
 """
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pipeline.config import DataConfig
-from pipeline.data import aro, coco, toyworld as tw, winoground, zeroshot
+from pipeline.data import aro, clevr, coco, mmvp, sugarcrepe, toyworld as tw, winoground, zeroshot
 from pipeline.data.datasets import INDEX_NAME, NEGATIVES
 from pipeline.io import atomic_dir, write_json
 
@@ -28,6 +29,54 @@ def _scene_file(folder: Path, name: str, scene: tw.Scene, size: int) -> str:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / name).write_bytes(_png(tw.render_scene(scene, size)))
     return name
+
+
+def _picture_file(folder: Path, name: str, picture: tw.Picture, size: int) -> str:
+    """A .png, or a .jpg where the release's files are JPEGs (near-lossless: no chroma subsampling)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    image = tw.render_picture(picture, size)
+    if name.endswith(".jpg"):
+        image.save(folder / name, format="JPEG", quality=95, subsampling=0)
+    else:
+        (folder / name).write_bytes(_png(image))
+    return name
+
+
+def _toy_sugarcrepe(cfg: DataConfig, root: Path) -> dict:
+    """data/<subset>.json over val2017/<12-digit id>.jpg, one image per case."""
+    images, number = root / "val2017", 0
+    for subset in sugarcrepe.SUBSET_SIZES:
+        records = []
+        for picture, true, negative in tw.sugarcrepe_cases(subset, cfg.n_sugarcrepe, cfg.seed):
+            number += 1
+            records.append({"filename": _picture_file(images, f"{number:012d}.jpg", picture, cfg.image_size),
+                            "caption": true, "negative_caption": negative})
+        sugarcrepe.write_subset(sugarcrepe.subset_file(root / "data", subset), records)
+    return {"annotations": "sugarcrepe/data", "images": "sugarcrepe/val2017", "subsets": list(cfg.sugarcrepe_subsets)}
+
+
+def _toy_mmvp(cfg: DataConfig, root: Path) -> dict:
+    """Questions.csv + "MLLM_VLM Images/<Type>/<id>.jpg"; odd ids are the first image of a pair."""
+    rows = []
+    for k, (pattern, one, two, s_one, s_two) in enumerate(tw.mmvp_pairs(cfg.n_mmvp, cfg.seed)):
+        kind = tw.MMVP_PATTERNS[pattern]
+        for qid, picture, statement in ((2 * k + 1, one, s_one), (2 * k + 2, two, s_two)):
+            _picture_file(root / mmvp.IMAGE_DIRS[0] / kind, f"{qid}.jpg", picture, cfg.image_size)
+            rows.append({"Question ID": qid, "Type": kind, "Statement": statement})
+    mmvp.write_mmvp(root, rows)
+    return {"root": "mmvp", "patterns": list(tw.MMVP_PATTERNS)}
+
+
+def _toy_clevr(cfg: DataConfig, root: Path) -> dict:
+    """captions/<subtask>.json over images/CLEVR_toy_<n>.png."""
+    files: dict[str, dict[str, list[list[str]]]] = {}
+    for i, (scene, cases) in enumerate(tw.clevr_images(cfg.n_clevr, cfg.seed)):
+        name = _picture_file(root / clevr.IMAGES, f"CLEVR_toy_{i:06d}.png", tw.Picture(scene), cfg.image_size)
+        for subtask, pairs in cases.items():
+            files.setdefault(subtask, {})[name] = pairs
+    for subtask, records in files.items():
+        clevr.write_subtask(clevr.subtask_file(root, subtask), records)
+    return {"root": "clevr", "subtasks": list(cfg.clevr_subtasks)}
 
 
 def build_toy(cfg: DataConfig, out: Path) -> None:
@@ -83,6 +132,9 @@ def build_toy(cfg: DataConfig, out: Path) -> None:
                                "lexicon": tw.LEXICON, "seed": seed},
             },
             "zeroshot": [{"root": "zeroshot/shape"}, {"root": "zeroshot/colour"}],
+            "sugarcrepe": _toy_sugarcrepe(cfg, root / "sugarcrepe"),
+            "mmvp": _toy_mmvp(cfg, root / "mmvp"),
+            "clevr": _toy_clevr(cfg, root / "clevr"),
         })
 
 

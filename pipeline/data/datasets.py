@@ -9,8 +9,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.data import aro, coco, winoground, zeroshot
+from pipeline.data import aro, clevr, coco, mmvp, sugarcrepe, winoground, zeroshot
 from pipeline.data.errors import DataFormatError, load_json, require_record, str_list_field
+from pipeline.data.mmvp import MMVPPair
 from pipeline.data.records import ChoiceCase, ImageCaption, WinogroundTask, ZeroShotSet
 
 INDEX_NAME = "index.json"
@@ -24,6 +25,9 @@ class Benchmarks:
     winoground: list[WinogroundTask]
     aro: dict[str, list[ChoiceCase]] = field(default_factory=dict)
     zeroshot: list[ZeroShotSet] = field(default_factory=list)
+    sugarcrepe: dict[str, list[ChoiceCase]] = field(default_factory=dict)
+    mmvp: list[MMVPPair] = field(default_factory=list)
+    clevr: dict[str, list[ChoiceCase]] = field(default_factory=dict)
 
 
 def read_index(root: Path) -> dict:
@@ -89,4 +93,22 @@ def benchmarks(root: Path, index: dict) -> Benchmarks:
         else:
             raise ValueError(f"{INDEX_NAME}: aro.{name}: unknown set; allowed: {', '.join(ARO_SETS)}")
     shots = [zeroshot.read_image_folder_set(_path(root, spec["root"])) for spec in index.get("zeroshot", [])]
-    return Benchmarks(tasks, sets, shots)
+    return Benchmarks(tasks, sets, shots, **extra_benchmarks(root, index))
+
+
+def extra_benchmarks(root: Path, index: dict) -> dict:
+    """SugarCrepe, MMVP-VLM and CLEVR, each read when the index has it (absent: not scored).
+
+    Index entries: "sugarcrepe": {"annotations": the subset files' folder, "images", "subsets"},
+    "mmvp": {"root", "patterns" (in the file's order)}, "clevr": {"root", "subtasks"}.
+    """
+    found: dict = {}
+    if "sugarcrepe" in index:
+        spec = index["sugarcrepe"]
+        found["sugarcrepe"] = sugarcrepe.read_sugarcrepe(_path(root, spec["annotations"]), _path(root, spec["images"]),
+                                                         spec["subsets"])
+    if "mmvp" in index:
+        found["mmvp"] = mmvp.read_mmvp(_path(root, index["mmvp"]["root"]), index["mmvp"]["patterns"])
+    if "clevr" in index:
+        found["clevr"] = clevr.read_clevr(_path(root, index["clevr"]["root"]), index["clevr"]["subtasks"])
+    return found

@@ -5,6 +5,7 @@ pairs a benchmark scores are spelled out once, here, for both.
 """
 from __future__ import annotations
 
+from pipeline.data.mmvp import MMVPPair, prompt
 from pipeline.data.records import ChoiceCase, WinogroundTask
 
 
@@ -36,4 +37,16 @@ def choice_pairs(cases: list[ChoiceCase]) -> tuple[list[str], list[str]]:
         for option in case.options:
             images.append(image_key(case.image, case.bbox))
             captions.append(option)
+    return images, captions
+
+
+def mmvp_pairs(pairs: list[MMVPPair]) -> tuple[list[str], list[str]]:
+    """Image keys and prompts for scores[i, k, j] (statement k of pair i with its image j), flattened in
+    (i, k, j) order; each statement is scored in the release's prompt, "a photo of <statement>"."""
+    images, captions = [], []
+    for pair in pairs:
+        for statement in (pair.statement_1, pair.statement_2):
+            for image in (pair.image_1, pair.image_2):
+                images.append(image_key(image))
+                captions.append(prompt(statement))
     return images, captions

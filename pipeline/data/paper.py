@@ -19,6 +19,9 @@ are missing, and "see README: Running the paper profile".
   tagger): data/train-negatives.json.
 - Zero-shot: each torchvision set is materialised as an ImageFolder tree + zeroshot.json
   (`pipeline.data.torchvision_sets`).
+- SugarCrepe, MMVP-VLM, CLEVR (GDBench's): the index points at the user's files, each read in
+  its release's layout (`pipeline.data.sugarcrepe`, `.mmvp`, `.clevr`); an empty root leaves
+  the benchmark out.
 Every dataset is read back before the index is published, so a malformed record stops
 the data stage, not a training run hours later.
 """
@@ -35,6 +38,7 @@ from pathlib import Path
 from typing import Callable
 
 from pipeline.config import ConfigError, DataConfig, load
+from pipeline.data import clevr, mmvp
 from pipeline.data.errors import DataFormatError, load_json, require_list, require_record, str_list_field
 from pipeline.io import atomic_dir, write_json
 
@@ -151,6 +155,8 @@ def problems(cfg: DataConfig, base: Path) -> list[Problem]:
     else:
         need("data.order_tagger", tagger, "", "part-of-speech lexicon JSON {word: UPOS tag}", "file")
 
+    found += extra_problems(cfg, base, need)
+
     if cfg.zeroshot_sets:
         if not cfg.zeroshot_root or not resolve_path(cfg.zeroshot_root, base).is_dir():
             need("data.zeroshot_root", cfg.zeroshot_root, "", "torchvision dataset root", "dir")
@@ -158,6 +164,30 @@ def problems(cfg: DataConfig, base: Path) -> list[Problem]:
             for name in cfg.zeroshot_sets:
                 for relative in ZEROSHOT_FILES[name]:
                     need("data.zeroshot_root", cfg.zeroshot_root, relative, f"{name} test split in torchvision's layout")
+    return found
+
+
+def extra_problems(cfg: DataConfig, base: Path, need: Callable[..., None]) -> list[Problem]:
+    """What SugarCrepe, MMVP-VLM and CLEVR need when their roots are set (through `need`, which
+    records each missing path); problems `need` cannot see (MMVP's two folder spellings at once)."""
+    found = []
+    if cfg.sugarcrepe_root:
+        for subset in cfg.sugarcrepe_subsets:
+            need("data.sugarcrepe_root", cfg.sugarcrepe_root, f"{subset}.json",
+                 f"SugarCrepe: the release's data/{subset}.json", "file")
+        need("data.sugarcrepe_images", cfg.sugarcrepe_images, "", "COCO 2017 val2017/ image folder", "dir")
+    if cfg.mmvp_root:
+        need("data.mmvp_root", cfg.mmvp_root, mmvp.QUESTIONS, f"MMVP-VLM: {mmvp.QUESTIONS}", "file")
+        need("data.mmvp_root", cfg.mmvp_root, "|".join(mmvp.IMAGE_DIRS), "MMVP-VLM: the image folder", "dir")
+        root = resolve_path(cfg.mmvp_root, base)
+        if all((root / name).is_dir() for name in mmvp.IMAGE_DIRS):
+            found.append(Problem("data.mmvp_root", f"{root} holds both {' and '.join(repr(n) for n in mmvp.IMAGE_DIRS)}; "
+                                                   "keep one"))
+    if cfg.clevr_root:
+        for subtask in cfg.clevr_subtasks:
+            need("data.clevr_root", cfg.clevr_root, f"{clevr.CAPTIONS}/{subtask}.json",
+                 f"CLEVR (GDBench): {clevr.CAPTIONS}/{subtask}.json", "file")
+        need("data.clevr_root", cfg.clevr_root, clevr.IMAGES, f"CLEVR (GDBench): the {clevr.IMAGES}/ folder", "dir")
     return found
 
 
@@ -212,6 +242,7 @@ def build_paper(cfg: DataConfig, out: Path, base: Path) -> dict:
             "winoground": {"root": _winoground(cfg, base, root)},
             "aro": _aro(cfg, base, root, tagging),
             "zeroshot": _zeroshot(cfg, base, root),
+            **_extra(cfg, base),
         }
         pairs = train_pairs(root, index, check_images=True)
         bench = benchmarks(root, index)
@@ -221,6 +252,9 @@ def build_paper(cfg: DataConfig, out: Path, base: Path) -> dict:
             "winoground": len(bench.winoground),
             **{f"aro/{name}": len(cases) for name, cases in bench.aro.items()},
             **{f"zeroshot/{shot.name}": len(shot.images) for shot in bench.zeroshot},
+            **{f"sugarcrepe/{name}": len(cases) for name, cases in bench.sugarcrepe.items()},
+            **({"mmvp": len(bench.mmvp)} if bench.mmvp else {}),
+            **{f"clevr/{name}": len(cases) for name, cases in bench.clevr.items()},
         }
         write_json(root / INDEX_NAME, index)
     return index
@@ -301,6 +335,20 @@ def _negatives(cfg: DataConfig, root: Path, pairs: list, tagging: "Tagging") -> 
     table = {caption: swap_negatives(caption, tagger, random.Random(f"{cfg.seed}:{caption}")) for caption in captions}
     write_json(root / NEGATIVES, table)
     return NEGATIVES
+
+
+def _extra(cfg: DataConfig, base: Path) -> dict:
+    """Index entries of the benchmarks whose roots are set: the user's files, where they are."""
+    where = lambda value: str(resolve_path(value, base).resolve())  # noqa: E731
+    index = {}
+    if cfg.sugarcrepe_root:
+        index["sugarcrepe"] = {"annotations": where(cfg.sugarcrepe_root), "images": where(cfg.sugarcrepe_images),
+                               "subsets": list(cfg.sugarcrepe_subsets)}
+    if cfg.mmvp_root:
+        index["mmvp"] = {"root": where(cfg.mmvp_root), "patterns": list(mmvp.PATTERNS)}
+    if cfg.clevr_root:
+        index["clevr"] = {"root": where(cfg.clevr_root), "subtasks": list(cfg.clevr_subtasks)}
+    return index
 
 
 def _zeroshot(cfg: DataConfig, base: Path, root: Path) -> list[dict]:

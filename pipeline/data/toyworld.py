@@ -277,3 +277,162 @@ def zeroshot_images(attribute: str, per_class: int, image_size: int, seed: int) 
             centre = (rng.uniform(0.3, 0.7) * image_size, rng.uniform(0.3, 0.7) * image_size)
             images.append((label, render([(thing, centre)], image_size)))
     return classes, images
+
+
+# --------------------------------------------------------------------------- SugarCrepe-, MMVP- and CLEVR-style sets
+#
+# Each set draws from its own generator, so adding one changes none of the sets above.
+
+
+@dataclass(frozen=True)
+class Picture:
+    """What an image shows: the scene, or (`alone`) only its first object, where the scene puts it."""
+
+    scene: Scene
+    alone: bool = False
+
+
+def render_picture(picture: Picture, image_size: int) -> Image.Image:
+    if not picture.alone:
+        return render_scene(picture.scene, image_size)
+    centre, _ = _centres(picture.scene, image_size)
+    return render([(picture.scene.first, centre)], image_size)
+
+
+def _other(rng: random.Random, options, taken) -> str:
+    return rng.choice([o for o in options if o not in taken])
+
+
+def _phrase(article: str, thing: Thing, size: str | None = None) -> str:
+    return f"{article} {size + ' ' if size else ''}{thing.colour} {thing.shape}"
+
+
+def _sugarcrepe_case(subset: str, rng: random.Random) -> tuple[Picture, str, str]:
+    """(picture, caption, negative caption) of one SugarCrepe-style case in the 1-predicate form.
+
+    add_att: a size the object does not have is put before it; add_obj: the image holds one
+    object and the negative adds the second; replace_att / replace_obj: one object's colour /
+    shape becomes one absent from the scene; replace_rel: another relation; swap_att: the two
+    colours trade places; swap_obj: the two noun phrases trade places around the relation.
+    """
+    scene = random_scene(rng)
+    true = caption(scene)
+    if subset == "add_obj":
+        return Picture(scene, alone=True), _phrase("a", scene.first), true
+    if subset == "add_att":
+        first = rng.random() < 0.5
+        thing = scene.first if first else scene.second
+        wrong = "small" if thing.size == "big" else "big"
+        a = _phrase("a", scene.first, wrong if first else None)
+        b = _phrase("a", scene.second, None if first else wrong)
+        return Picture(scene), true, f"{a} {scene.relation} {b}"
+    if subset == "replace_rel":
+        changed = replace(scene, relation=_other(rng, RELATIONS, {scene.relation}))
+    elif subset in ("replace_att", "replace_obj"):
+        key, options = ("colour", COLOURS) if subset == "replace_att" else ("shape", SHAPES)
+        taken = {getattr(scene.first, key), getattr(scene.second, key)}
+        field_name = "first" if rng.random() < 0.5 else "second"
+        thing = replace(getattr(scene, field_name), **{key: _other(rng, options, taken)})
+        changed = replace(scene, **{field_name: thing})
+    elif subset == "swap_att":
+        changed = _swap(scene, "colour")
+    elif subset == "swap_obj":
+        changed = _swap(scene, "phrase")
+    else:
+        raise ValueError(f"unknown SugarCrepe subset {subset!r}")
+    return Picture(scene), true, caption(changed)
+
+
+def sugarcrepe_cases(subset: str, n: int, seed: int) -> list[tuple[Picture, str, str]]:
+    """n SugarCrepe-style cases of one subset (add_att, add_obj, replace_att, replace_obj,
+    replace_rel, swap_att, swap_obj): (picture, caption, negative caption)."""
+    rng = random.Random(f"sugarcrepe-{subset}-{seed}")
+    return [_sugarcrepe_case(subset, rng) for _ in range(n)]
+
+
+# MMVP-VLM patterns the toy world can show, with the image folder (MMVP's "Type") of each;
+# size has no MMVP pattern and keeps its own name.
+MMVP_PATTERNS = {
+    "Quantity and Count": "Quantity",
+    "Positional and Relational Context": "Spatial",
+    "Color and Appearance": "Color",
+    "Size": "Size",
+}
+
+
+def _mmvp_pair(pattern: str, rng: random.Random) -> tuple[Picture, Picture, str, str]:
+    """Two pictures that differ in one visual pattern, and a statement of each."""
+    scene = random_scene(rng)
+    with_size = pattern == "Size"
+    if pattern == "Quantity and Count":  # the scene, and its first object alone
+        one, two = Picture(scene, alone=True), Picture(scene)
+        return one, two, _phrase("a", scene.first), caption(scene)
+    if pattern == "Positional and Relational Context":  # the two objects trade places
+        other = replace(scene, relation=INVERSE[scene.relation])
+    elif pattern == "Color and Appearance":  # the first object in a colour absent from the scene
+        colour = _other(rng, COLOURS, {scene.first.colour, scene.second.colour})
+        other = replace(scene, first=replace(scene.first, colour=colour))
+    elif pattern == "Size":
+        other = replace(scene, first=replace(scene.first, size="small" if scene.first.size == "big" else "big"))
+    else:
+        raise ValueError(f"unknown MMVP pattern {pattern!r}")
+    return Picture(scene), Picture(other), caption(scene, with_size), caption(other, with_size)
+
+
+def mmvp_pairs(n_per_pattern: int, seed: int) -> list[tuple[str, Picture, Picture, str, str]]:
+    """(pattern, picture 1, picture 2, statement 1, statement 2), pattern by pattern in
+    `MMVP_PATTERNS` order (MMVP-VLM's file holds its patterns in blocks); which of the two
+    pictures comes first is drawn, so the answer does not follow from the pattern."""
+    rng = random.Random(f"mmvp-{seed}")
+    pairs = []
+    for pattern in MMVP_PATTERNS:
+        for _ in range(n_per_pattern):
+            one, two, s_one, s_two = _mmvp_pair(pattern, rng)
+            if rng.random() < 0.5:
+                one, two, s_one, s_two = two, one, s_two, s_one
+            pairs.append((pattern, one, two, s_one, s_two))
+    return pairs
+
+
+def _clevr_scene(rng: random.Random) -> Scene:
+    """Two objects side by side differing in colour, shape and size, as in GDBench's CLEVR images
+    (every subtask, the spatial and size ones included, is asked of every image)."""
+    scene = random_scene(rng)
+    second = replace(scene.second, size="small" if scene.first.size == "big" else "big")
+    return replace(scene, second=second, relation=rng.choice(("left of", "right of")))
+
+
+def _clevr_captions(scene: Scene, colour: str, shape: str) -> dict[str, list[list[str]]]:
+    """GDBench's seven CLEVR subtasks of one image, each [true caption, false caption] per object;
+    `colour` and `shape` are absent from the scene (the recognition foils)."""
+    cases: dict[str, list[list[str]]] = {}
+    for this, that in ((scene.first, scene.second), (scene.second, scene.first)):
+        here = "left" if (this == scene.first) == (scene.relation == "left of") else "right"
+        there = "right" if here == "left" else "left"
+        own = {
+            "pair_binding_size": [f"A {this.size} {this.shape} and a {that.size} {that.shape}.",
+                                  f"A {that.size} {this.shape} and a {this.size} {that.shape}."],
+            "pair_binding_color": [f"A {this.colour} {this.shape} and a {that.colour} {that.shape}.",
+                                   f"A {that.colour} {this.shape} and a {this.colour} {that.shape}."],
+            "recognition_color": [f"A {this.colour} object.", f"A {colour} object."],
+            "recognition_shape": [f"A {this.shape}.", f"A {shape}."],
+            "spatial": [f"On the {here} is a {this.colour} {this.shape}.",
+                        f"On the {there} is a {this.colour} {this.shape}."],
+            "binding_color_shape": [f"A {this.colour} {this.shape}.", f"A {that.colour} {this.shape}."],
+            "binding_shape_color": [f"A {this.colour} {this.shape}.", f"A {this.colour} {that.shape}."],
+        }
+        for subtask, pair in own.items():
+            cases.setdefault(subtask, []).append(pair)
+    return cases
+
+
+def clevr_images(n: int, seed: int) -> list[tuple[Scene, dict[str, list[list[str]]]]]:
+    """n CLEVR-style images, each with its cases of every GDBench subtask (two per subtask)."""
+    rng = random.Random(f"clevr-{seed}")
+    images = []
+    for _ in range(n):
+        scene = _clevr_scene(rng)
+        colour = _other(rng, COLOURS, {scene.first.colour, scene.second.colour})
+        shape = _other(rng, SHAPES, {scene.first.shape, scene.second.shape})
+        images.append((scene, _clevr_captions(scene, colour, shape)))
+    return images
