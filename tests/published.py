@@ -288,6 +288,45 @@ def torchvision_root(root: Path, sets=ZEROSHOT_SETS) -> Path:
     return root
 
 
+# ---------------------------------------------------------------- SugarCrepe, MMVP-VLM, CLEVR (GDBench)
+
+
+def sugarcrepe_release(root: Path, size=(8, 6)) -> tuple[Path, Path]:
+    """RAIVNLab/sugar-crepe data/<subset>.json (ids as keys, not contiguous) + COCO val2017/."""
+    put(root / "coco" / "val2017" / "000000222235.jpg", image_bytes(COLOURS[0], size))
+    put(root / "coco" / "val2017" / "000000480021.jpg", image_bytes(COLOURS[1], size))
+    for subset in ("add_obj", "add_att", "replace_obj", "replace_att", "replace_rel", "swap_obj", "swap_att"):
+        put(root / "sugar-crepe" / "data" / f"{subset}.json", json.dumps({
+            "0": {"filename": "000000222235.jpg", "caption": f"A cat sits on its hind legs ({subset}).",
+                  "negative_caption": "A cat sits on the plant."},
+            "2": {"filename": "000000480021.jpg", "caption": "A man on a motorcycle is waving at two men.",
+                  "negative_caption": "Two men on a motorcycle are waving at a man."}}, indent=4))
+    return root / "sugar-crepe" / "data", root / "coco" / "val2017"
+
+
+def mmvp_release(root: Path, folder: str = "MLLM_VLM Images", size=(4, 4)) -> Path:
+    """MMVP/MMVP_VLM: Questions.csv (135 pairs, Types in blocks of 15 pairs) + <folder>/<Type>/<id>.jpg."""
+    types = ["Orientation", "Presence", "State", "Quantity", "Spatial", "Color", "Structural Character", "Text",
+             "Camera Perspective"]
+    rows = ["Question ID,Type,Statement"]
+    for qid in range(1, 271):
+        kind = types[(qid - 1) // 30]
+        rows.append(f"{qid},{kind},\"The dog's face is {'up' if qid % 2 else 'down'}, seen from the front\"")
+        put(root / folder / kind / f"{qid}.jpg", image_bytes(COLOURS[qid % 5], size=size))
+    put(root / "Questions.csv", "\n".join(rows) + "\n")
+    return root
+
+
+def clevr_release(root: Path, size=(8, 6)) -> Path:
+    """GDBench's CLEVR: captions/<subtask>.json ({image: [[true, false], ...]}) + images/."""
+    put(root / "images" / "CLEVR_val2_000138.png", image_bytes(COLOURS[2], size, fmt="PNG"))
+    for subtask in ("pair_binding_size", "pair_binding_color", "recognition_color", "recognition_shape", "spatial",
+                    "binding_color_shape", "binding_shape_color"):
+        dump(root / "captions" / f"{subtask}.json", {"CLEVR_val2_000138.png": [
+            ["A gray cylinder.", "A purple cylinder."], ["A purple sphere.", "A gray sphere."]]})
+    return root
+
+
 def paper_datasets(root: Path, size=(8, 6), zeroshot_sets=ZEROSHOT_SETS) -> dict:
     """Every dataset of the paper profile under `root`; the `data` keys pointing at them, relative to `root`."""
     coco_2017(root / "coco", size)
@@ -295,10 +334,14 @@ def paper_datasets(root: Path, size=(8, 6), zeroshot_sets=ZEROSHOT_SETS) -> dict
     aro_release(root, size=(max(size[0], 40), max(size[1], 30)))
     cc3m_webdataset(root / "cc3m", size)
     torchvision_root(root / "torchvision", zeroshot_sets)
+    sugarcrepe_release(root, size)
+    mmvp_release(root / "MMVP_VLM", size=size)
+    clevr_release(root / "clevr", size)
     return dict(coco_annotations="coco/annotations/captions_train2017.json", coco_images="coco/train2017",
                 cc3m="cc3m", winoground="./winoground", aro_root="aro", coco_order_root="coco2014",
                 flickr_order_root="flickr30k", order_tagger="lexicon.json", zeroshot_root="torchvision",
-                zeroshot_sets=list(zeroshot_sets))
+                zeroshot_sets=list(zeroshot_sets), sugarcrepe_root="sugar-crepe/data",
+                sugarcrepe_images="coco/val2017", mmvp_root="MMVP_VLM", clevr_root="clevr")
 
 
 # ---------------------------------------------------------------- models in their hub layouts

@@ -18,14 +18,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import ZEROSHOT_SETS, DataConfig, load
+from pipeline.config import CLEVR_SUBTASKS, SUGARCREPE_SUBSETS, ZEROSHOT_SETS, DataConfig, load
 from pipeline.data import aro, cc3m, datasets, paper, torchvision_sets
 from pipeline.data.build import build_data
 from pipeline.data.datasets import benchmarks, read_index, train_pairs
 from pipeline.data.errors import DataFormatError, MissingDataError
 from pipeline.data.records import load_image
-from published import (COLOURS, WINOGROUND_ROWS, coco_2017, dump, image_bytes, paper_datasets, put, tar_shard,
-                       winoground_repo)
+from published import (COLOURS, WINOGROUND_ROWS, clevr_release, coco_2017, dump, image_bytes, mmvp_release,
+                       paper_datasets, put, sugarcrepe_release, tar_shard, winoground_repo)
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = REPO / ".venv" / "bin" / "python"
@@ -204,7 +204,9 @@ def test_data_stage_indexes_every_paper_dataset(tmp_path, md5_as_existence):
         assert load_image(shot.images[0]).mode == "RGB"
     assert index["counts"] == {"train_pairs": 4, "winoground": len(WINOGROUND_ROWS), "aro/vg_relation": 2,
                                "aro/vg_attribution": 1, "aro/coco_order": 2, "aro/flickr_order": 1,
-                               **{f"zeroshot/{k}": len(v.images) for k, v in shots.items()}}
+                               **{f"zeroshot/{k}": len(v.images) for k, v in shots.items()},
+                               **{f"sugarcrepe/{k}": 2 for k in SUGARCREPE_SUBSETS}, "mmvp": 135,
+                               **{f"clevr/{k}": 2 for k in CLEVR_SUBTASKS}}
 
 
 def test_images_are_checked_by_the_data_stage_not_by_every_reader_of_the_index(tmp_path):
@@ -226,8 +228,8 @@ def test_data_stage_command_reports_a_malformed_record_in_one_line(tmp_path):
     winoground_repo(tmp_path / "winoground", rows=[{**WINOGROUND_ROWS[0], "collapsed_tag": "Adjective"}])
     params = paper_params(tmp_path, {"coco_annotations": "coco/annotations/captions_train2017.json",
                                      "coco_images": "coco/train2017", "winoground": "./winoground",
-                                     "aro_sets": [], "zeroshot_sets": [],
-                                     "order_tagger": str(word_lexicon(tmp_path))})
+                                     "aro_sets": [], "zeroshot_sets": [], "sugarcrepe_root": "", "mmvp_root": "",
+                                     "clevr_root": "", "order_tagger": str(word_lexicon(tmp_path))})
     proc = subprocess.run([str(PYTHON), "-m", "stages.data", "--params", str(params)], cwd=REPO,
                           capture_output=True, text=True)
     lines = proc.stderr.strip().splitlines()
@@ -473,42 +475,6 @@ def test_a_caption_without_negatives_is_refused_by_name(tmp_path):
 
 
 # ---------------------------------------------------------------- SugarCrepe, MMVP-VLM, CLEVR (GDBench)
-
-
-def sugarcrepe_release(root: Path) -> tuple[Path, Path]:
-    """RAIVNLab/sugar-crepe data/<subset>.json (ids as keys, not contiguous) + COCO val2017/."""
-    put(root / "coco" / "val2017" / "000000222235.jpg", image_bytes(COLOURS[0]))
-    put(root / "coco" / "val2017" / "000000480021.jpg", image_bytes(COLOURS[1]))
-    for subset in ("add_obj", "add_att", "replace_obj", "replace_att", "replace_rel", "swap_obj", "swap_att"):
-        put(root / "sugar-crepe" / "data" / f"{subset}.json", json.dumps({
-            "0": {"filename": "000000222235.jpg", "caption": f"A cat sits on its hind legs ({subset}).",
-                  "negative_caption": "A cat sits on the plant."},
-            "2": {"filename": "000000480021.jpg", "caption": "A man on a motorcycle is waving at two men.",
-                  "negative_caption": "Two men on a motorcycle are waving at a man."}}, indent=4))
-    return root / "sugar-crepe" / "data", root / "coco" / "val2017"
-
-
-def mmvp_release(root: Path, folder: str = "MLLM_VLM Images") -> Path:
-    """MMVP/MMVP_VLM: Questions.csv (135 pairs, Types in blocks of 15 pairs) + <folder>/<Type>/<id>.jpg."""
-    types = ["Orientation", "Presence", "State", "Quantity", "Spatial", "Color", "Structural Character", "Text",
-             "Camera Perspective"]
-    rows = ["Question ID,Type,Statement"]
-    for qid in range(1, 271):
-        kind = types[(qid - 1) // 30]
-        rows.append(f"{qid},{kind},\"The dog's face is {'up' if qid % 2 else 'down'}, seen from the front\"")
-        put(root / folder / kind / f"{qid}.jpg", image_bytes(COLOURS[qid % 5], size=(4, 4)))
-    put(root / "Questions.csv", "\n".join(rows) + "\n")
-    return root
-
-
-def clevr_release(root: Path) -> Path:
-    """GDBench's CLEVR: captions/<subtask>.json ({image: [[true, false], ...]}) + images/."""
-    put(root / "images" / "CLEVR_val2_000138.png", image_bytes(COLOURS[2], fmt="PNG"))
-    for subtask in ("pair_binding_size", "pair_binding_color", "recognition_color", "recognition_shape", "spatial",
-                    "binding_color_shape", "binding_shape_color"):
-        dump(root / "captions" / f"{subtask}.json", {"CLEVR_val2_000138.png": [
-            ["A gray cylinder.", "A purple cylinder."], ["A purple sphere.", "A gray sphere."]]})
-    return root
 
 
 def extra_data_config(tmp_path: Path, **changes) -> DataConfig:

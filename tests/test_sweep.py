@@ -402,6 +402,7 @@ def test_a_trial_gives_the_previous_trials_freed_memory_back():
     import gc
 
     process = psutil.Process()
+    sweep.release_memory()              # what earlier tests freed would serve the blocks below unseen
     base = process.memory_info().rss
     blocks = [bytearray(2000) for _ in range(150_000)]      # ~300 MB in heap-sized blocks
     pins = [bytearray(10) for _ in range(1000)]              # live blocks above them: glibc cannot trim the top
