@@ -369,9 +369,10 @@ def zeroshot_figure(runs: list[tuple[str, dict[str, float]]]) -> Figure | None:
 # ----------------------------------------------------------------------------- variants side by side
 
 # The headline metrics a comparison of variants reports (Winoground's three scores, ARO overall, the
-# zero-shot mean), each computed from the runs' stored per-case outcomes.
+# zero-shot mean, and the later benchmarks' means), each computed from the runs' stored per-case outcomes.
 HEADLINE = [("Wino text", "winoground/text"), ("Wino image", "winoground/image"), ("Wino group", "winoground/group"),
-            ("ARO", "aro/overall"), ("Zero-shot", "zeroshot/mean")]
+            ("ARO", "aro/overall"), ("Zero-shot", "zeroshot/mean"), ("SugarCrepe", "sugarcrepe/mean"),
+            ("MMVP", "mmvp/mean"), ("CLEVR", "clevr/mean")]
 # What explains a variant's result, where its runs have it.
 DIAGNOSTICS = [("h_w text", "projected/winoground/text"), ("feedback error ratio", "feedback/error_ratio"),
                ("final L_CLIP", "loss/clip"), ("trainable", "trainable_parameters"),
@@ -513,8 +514,13 @@ def variant_figure(rows: list[VariantRow], labels: dict[str, str], title: str) -
     keys = [(t, k) for t, k in HEADLINE if any(k in r.versus for r in compared)]
     if not keys:
         return None
-    figure = new_figure(2.4 * len(keys) + 1.5, 0.45 * len(compared) + 1.6)
-    axes = figure.subplots(1, len(keys), sharey=True, squeeze=False)[0]
+    columns = min(4, len(keys))
+    lines = -(-len(keys) // columns)
+    figure = new_figure(2.6 * columns + 1.5, (0.45 * len(compared) + 1.3) * lines + 0.4)
+    grid = figure.subplots(lines, columns, sharey=True, squeeze=False)
+    axes = [ax for line in grid for ax in line]
+    for ax in axes[len(keys):]:
+        ax.set_visible(False)
     ys = list(range(len(compared)))
     for ax, (name, key) in zip(axes, keys):
         for y, row in zip(ys, compared):
@@ -528,7 +534,8 @@ def variant_figure(rows: list[VariantRow], labels: dict[str, str], title: str) -
         ax.set_title(name, fontsize=9)
         ax.set_xlabel(f"Δ vs {labels.get(rows[0].name, rows[0].name)}", fontsize=8)
         ax.grid(True, axis="x", alpha=0.3)
-    axes[0].set_yticks(ys, [labels.get(r.name, r.name) for r in compared])
+    for line in grid:
+        line[0].set_yticks(ys, [labels.get(row.name, row.name) for row in compared])
     axes[0].invert_yaxis()
     figure.suptitle(f"{title}: paired 95% intervals over seeds and cases (green/red: excludes 0)", fontsize=9)
     return figure
