@@ -133,8 +133,34 @@ def write_tables(out: Path, stem: str, header: list[str], csv_header: list[str],
     return paths
 
 
-def write_table1(runs: list[tuple[str, dict[str, float]]], out: Path, stem: str = "table1") -> list[Path]:
-    return write_tables(out, stem, TABLE1_HEADER, TABLE1_CSV_HEADER, table_rows(runs))
+VERSUS_METRIC = "winoground/text"
+
+
+def versus_reference(outcomes: dict[str, dict], reference: str, n_resamples: int = 1000,
+                     seed: int = 0) -> dict[str, PairedDifference]:
+    """Each row's Winoground text score minus the `reference` row's, on the same tasks: the
+    paired interval and McNemar's exact p (one run a row), from the rows' stored outcomes
+    ({label: outcomes}); rows without the metric's outcomes are left out."""
+    scored = {label: o for label, o in outcomes.items() if VERSUS_METRIC in o}
+    if reference not in scored:
+        return {}
+    base = outcome_parts([scored[reference]])[VERSUS_METRIC]
+    return {label: paired_difference(outcome_parts([o])[VERSUS_METRIC], base, n_resamples, seed=seed)
+            for label, o in scored.items() if label != reference}
+
+
+def write_table1(runs: list[tuple[str, dict[str, float]]], out: Path, stem: str = "table1",
+                 versus: dict[str, PairedDifference] | None = None, reference: str = "") -> list[Path]:
+    """Table 1; with `versus` (`versus_reference`), a last column comparing each row with `reference`."""
+    rows = table_rows(runs)
+    header, csv_header = list(TABLE1_HEADER), list(TABLE1_CSV_HEADER)
+    if versus is not None:
+        header.append(f"Wino text vs {reference}")
+        csv_header.append("winoground/text/vs_reference")
+        for row, (label, _) in zip(rows, runs):
+            d = versus.get(label)
+            row.append(f"{_signed(d.difference)} [{_signed(d.low)}, {_signed(d.high)}] {_p(d.p_value)}" if d else "-")
+    return write_tables(out, stem, header, csv_header, rows)
 
 
 # ----------------------------------------------------------------------------- sweeps

@@ -1,7 +1,9 @@
 """DVC stage `report`: tables and figures from the runs in MLflow, under reports/.
 
     reports/table1.md, .tex, .csv   the paper's Table 1: pretrained student, FT with L_CLIP,
-                                    FT with L_CLIP + lambda L_SDS, the teacher's diffusion score
+                                    FT with L_CLIP + lambda L_SDS, the teacher's diffusion score,
+                                    and each row's Winoground text score against FT with L_CLIP
+                                    on the same tasks (paired interval, McNemar's exact p)
     reports/zeroshot.png            the paper's Fig. 2: accuracy per zero-shot set of the
                                     Table-1 runs that have one (not written when none has)
     reports/sweep-<name>.md, .tex, .csv
@@ -27,21 +29,21 @@ from pathlib import Path
 
 from pipeline import cli
 from pipeline.io import write_json
-from pipeline.report import (compare_variants, objective_label, write_figure, write_sweep_report, write_table1, write_variant_report,
+from pipeline.report import (compare_variants, objective_label, versus_reference, write_figure, write_sweep_report, write_table1, write_variant_report,
                              zeroshot_figure)
 from pipeline.tracking import Tracker
 
 
-def table1_runs(cfg, results: Path, tracker: Tracker) -> list[tuple[str, dict[str, float]]]:
-    """(row label, metrics) of the Table-1 runs, in the table's order."""
+def table1_runs(cfg, results: Path) -> list[tuple[str, dict[str, float], dict]]:
+    """(row label, metrics, per-case outcomes) of the Table-1 runs, in the table's order, from the
+    stages' results files."""
     baselines = json.loads((results / "baselines.json").read_text())
-    ordered = [(f"pretrained {name}", baselines[f"pretrained/{name}"]["run_id"]) for name in cfg.students
+    ordered = [(f"pretrained {name}", baselines[f"pretrained/{name}"]) for name in cfg.students
                if name == cfg.train.student]
-    for variant, label in (("clip", "FT with L_CLIP"), ("sds", objective_label(cfg.objective))):
-        ordered.append((label, json.loads((results / f"train-{variant}.json").read_text())["run_id"]))
-    ordered.append((f"diffusion score ({cfg.teacher.name})", baselines["diffusion_score"]["run_id"]))
-    runs = tracker.runs(run_id for _, run_id in ordered)
-    return [(label, run["metrics"]) for (label, _), run in zip(ordered, runs)]
+    for variant, label in (("clip", FT_CLIP), ("sds", objective_label(cfg.objective))):
+        ordered.append((label, json.loads((results / f"train-{variant}.json").read_text())))
+    ordered.append((f"diffusion score ({cfg.teacher.name})", baselines["diffusion_score"]))
+    return [(label, entry["metrics"], entry.get("outcomes", {})) for label, entry in ordered]
 
 
 def ran_sweeps(results: Path) -> dict[str, dict]:
@@ -51,6 +53,7 @@ def ran_sweeps(results: Path) -> dict[str, dict]:
     return {name: entry for name, entry in sweeps.items() if entry.get("parent_run_id")}
 
 
+FT_CLIP = "FT with L_CLIP"   # Table 1's reference row: every other row is compared with it
 OUTPUTS = ".outputs.json"   # what the last report wrote, so what it no longer writes can go
 
 
@@ -83,8 +86,11 @@ def variant_report(name: str, results: Path, cfg, reports: Path) -> list[Path]:
 def body(args, cfg, root):
     results, reports = root / "results", root / "reports"
     tracker = Tracker(cfg.tracking, root)
-    runs = table1_runs(cfg, results, tracker)
-    written = write_table1(runs, reports)
+    rows = table1_runs(cfg, results)
+    runs = [(label, metrics) for label, metrics, _ in rows]
+    versus = versus_reference({label: outcomes for label, _, outcomes in rows}, FT_CLIP,
+                              cfg.eval.bootstrap or 1000, cfg.eval.seed)
+    written = write_table1(runs, reports, versus=versus, reference=FT_CLIP)
     figure = zeroshot_figure(runs)
     if figure is not None:
         written.append(write_figure(reports / "zeroshot.png", figure))

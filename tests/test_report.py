@@ -50,6 +50,11 @@ ZEROSHOT = {
 }
 
 
+# Each Table-1 row's Winoground text correctness on the same 8 tasks (the reference is FT with L_CLIP).
+TEXT_OUTCOMES = {"pretrained toy-vit": "10000000", "FT with L_CLIP": "11000000",
+                 "FT with L_CLIP + 0.001 L_SDS": "11110000", "diffusion score (toy-ldm)": "11111111"}
+
+
 def _log_sweep(tracker: Tracker, name: str, trials) -> dict:
     """A parent run and one child per trial, as pipeline.sweep logs them; the sweeps.json entry."""
     experiment = f"x/{name}"
@@ -79,11 +84,12 @@ def store(tmp_path_factory):
         ids[label] = run.run_id
     results = root / "results"
     results.mkdir()
+    entry = lambda label: {"run_id": ids[label], "metrics": ZEROSHOT[label],  # noqa: E731
+                           "outcomes": {"winoground/text": {"correct": TEXT_OUTCOMES[label], "groups": None}}}
     (results / "baselines.json").write_text(json.dumps({
-        "pretrained/toy-vit": {"run_id": ids["pretrained toy-vit"]},
-        "diffusion_score": {"run_id": ids["diffusion score (toy-ldm)"]}}))
-    (results / "train-clip.json").write_text(json.dumps({"run_id": ids["FT with L_CLIP"]}))
-    (results / "train-sds.json").write_text(json.dumps({"run_id": ids["FT with L_CLIP + 0.001 L_SDS"]}))
+        "pretrained/toy-vit": entry("pretrained toy-vit"), "diffusion_score": entry("diffusion score (toy-ldm)")}))
+    (results / "train-clip.json").write_text(json.dumps(entry("FT with L_CLIP")))
+    (results / "train-sds.json").write_text(json.dumps(entry("FT with L_CLIP + 0.001 L_SDS")))
     sweeps = {"lambda": _log_sweep(tracker, "lambda", LAMBDA_TRIALS),
               "scope": _log_sweep(tracker, "scope", SCOPE_TRIALS)}
     return {"root": root, "params": params, "tracker": tracker, "sweeps": sweeps}
@@ -245,6 +251,14 @@ def test_stage_writes_tables_figures_and_removes_stale_sweep_outputs(store):
     assert (reports / "zeroshot.png").read_bytes().startswith(PNG_MAGIC)
     table = (reports / "table1.md").read_text().splitlines()
     assert [row.split("|")[1].strip() for row in table[2:]] == list(ZEROSHOT)
+    # The last column: each row against FT with L_CLIP on the same tasks, McNemar's exact p (discordant
+    # 1 and 0: p = 1; 2 and 0: p = 0.5; 6 and 0: p = 2 / 64).
+    assert table[0].rstrip(" |").endswith("Wino text vs FT with L_CLIP")
+    versus = [row.split("|")[-2].strip() for row in table[2:]]
+    assert versus[1] == "-"
+    assert versus[0].startswith("-0.125 [") and versus[0].endswith("p=1.000")
+    assert versus[2].startswith("+0.250 [") and versus[2].endswith("p=0.500")
+    assert versus[3].startswith("+0.750 [") and versus[3].endswith("p=0.031")
 
     (root / "results" / "sweeps.json").unlink()
     assert stage.main(["--params", str(store["params"])]) == 0
