@@ -297,14 +297,19 @@ def plotted_trials(trials: list[dict]) -> list[dict]:
             and any(key in trial["metrics"] for key, _ in FIGURE_METRICS)]
 
 
+SEED = "train.seed"
+
+
 def sweep_figure(name: str, trials: list[dict], keys: list[str]) -> Figure | None:
-    """Scores against the swept param when one numeric param was swept, else per trial; None: nothing to plot."""
+    """Scores against the swept param when one numeric param (besides seeds) was swept, else per
+    configuration, its seeds pooled; None: nothing to plot."""
     shown = plotted_trials(trials)
     if not shown:
         return None
-    if len(keys) == 1 and is_numeric(trials, keys[0]):
-        return line_figure(name, keys[0], shown)
-    return bar_figure(name, keys, shown)
+    configs = [key for key in keys if key != SEED]
+    if len(configs) == 1 and is_numeric(trials, configs[0]):
+        return line_figure(name, configs[0], shown)
+    return bar_figure(name, configs, shown)
 
 
 def mean_by_x(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -341,24 +346,36 @@ def line_figure(name: str, key: str, trials: list[dict]) -> Figure:
     return figure
 
 
-def trial_caption(trial: dict, keys: list[str]) -> str:
-    values = ", ".join(f"{key}={trial['params'][key]}" for key in keys if key in trial["params"])
-    return f"{trial_label(trial)}: {values}" if values else trial_label(trial)
+def config_groups(trials: list[dict], keys: list[str]) -> list[tuple[str, list[dict]]]:
+    """(caption, trials) per configuration of `keys`' values, in the trials' order: a configuration's
+    seeds (and repeated draws) make one group, so a figure grows with the configurations, not the runs."""
+    groups: dict[tuple, list[dict]] = {}
+    for trial in trials:
+        groups.setdefault(tuple(trial["params"].get(key) for key in keys), []).append(trial)
+    captions = []
+    for values, members in groups.items():
+        caption = ", ".join(f"{key}={value}" for key, value in zip(keys, values) if value is not None) or "every trial"
+        captions.append((caption + (f" ({len(members)} runs)" if len(members) > 1 else ""), members))
+    return captions
 
 
 def bar_figure(name: str, keys: list[str], trials: list[dict]) -> Figure:
-    """Horizontal grouped bars: a group per trial (top to bottom in table order), a bar per score."""
+    """Horizontal grouped bars: a group per configuration (top to bottom in table order), a bar per
+    score at the mean of its runs, with their spread (sd) as an error bar when there are several."""
     metrics = [(key, label) for key, label in FIGURE_METRICS if any(key in t["metrics"] for t in trials)]
-    figure = new_figure(7, 1.2 + 0.25 * len(trials) * len(metrics))
+    groups = config_groups(trials, keys)
+    figure = new_figure(7, 1.2 + 0.25 * len(groups) * len(metrics))
     axes = figure.add_subplot()
     height = 0.8 / len(metrics)
     for i, (metric, label) in enumerate(metrics):
         offset = (i - (len(metrics) - 1) / 2) * height
-        axes.barh([row + offset for row in range(len(trials))],
-                  [t["metrics"].get(metric, math.nan) for t in trials], height, label=label)
-    axes.set_yticks(range(len(trials)), [trial_caption(t, keys) for t in trials])
+        values = [[t["metrics"][metric] for t in members if metric in t["metrics"]] for _, members in groups]
+        means = [float(np.mean(v)) if v else math.nan for v in values]
+        spread = [float(np.std(v, ddof=1)) if len(v) > 1 else 0.0 for v in values]
+        axes.barh([row + offset for row in range(len(groups))], means, height, xerr=spread, capsize=2, label=label)
+    axes.set_yticks(range(len(groups)), [caption for caption, _ in groups])
     axes.invert_yaxis()
-    axes.set_xlabel("score")
+    axes.set_xlabel("score (mean over runs; bars: sd)")
     axes.set_title(f"sweep {name}")
     axes.grid(True, axis="x", alpha=0.3)
     add_legend(figure)

@@ -176,13 +176,19 @@ def test_lambda_figure_plots_finished_trials_on_a_symlog_axis(store):
     assert list(lines["zero-shot mean"].get_xdata()) == [0, 0.01]
 
 
+def bar_containers(axes):
+    from matplotlib.container import BarContainer
+
+    return [c for c in axes.containers if isinstance(c, BarContainer)]
+
+
 def test_a_non_numeric_sweep_gets_bars_per_trial(store, tmp_path):
     trials = sweep_trials(_children(store, "scope"))
     keys = swept_keys(trials)
     axes = sweep_figure("scope", sorted_trials(trials, keys), keys).axes[0]
     assert [t.get_text() for t in axes.get_yticklabels()] == [
-        "t001: train.scope=full", "t000: train.scope=layernorm", "t002: train.scope=unet_feature"]
-    assert [bar.get_width() for bar in axes.containers[0]] == [0.3, 0.2, 0.1]
+        "train.scope=full", "train.scope=layernorm", "train.scope=unet_feature"]
+    assert [bar.get_width() for bar in bar_containers(axes)[0]] == [0.3, 0.2, 0.1]
     written = write_sweep_report("scope", _children(store, "scope"), tmp_path)
     assert written[-1].read_bytes().startswith(PNG_MAGIC)
 
@@ -196,8 +202,29 @@ def test_two_swept_keys_get_bars_and_nothing_to_plot_gets_no_figure():
     keys = swept_keys(trials)
     assert keys == ["objective.lambda_sds", "train.lr"]
     axes = sweep_figure("optuna", trials, keys).axes[0]
-    assert axes.get_xscale() == "linear" and len(axes.containers) == 1  # bars of the one score present
+    assert axes.get_xscale() == "linear" and len(bar_containers(axes)) == 1  # bars of the one score present
     assert sweep_figure("optuna", [trial("t000", "1e-05", "0.1", "failed", {"aro/overall": 0.5})], keys) is None
+
+
+def test_seeds_of_a_configuration_make_one_bar_at_their_mean_with_their_spread():
+    """A sweep of students x seeds: the figure has a bar per student, not per run, so it does not
+    grow with the number of seeds (500 runs drew a 376-inch figure before)."""
+    def trial(label, student, seed, score):
+        return {"name": label, "params": {"train.student": student, "train.seed": str(seed)},
+                "tags": {"trial": label, "status": "finished"}, "metrics": {"winoground/text": score}}
+
+    trials = [trial(f"t{i}", student, seed, score) for i, (student, seed, score) in enumerate(
+        [("a", 0, 0.2), ("a", 1, 0.4), ("a", 2, 0.3), ("b", 0, 0.5), ("b", 1, 0.5)])]
+    keys = swept_keys(trials)
+    figure = sweep_figure("students", trials, keys)
+    axes = figure.axes[0]
+    assert [t.get_text() for t in axes.get_yticklabels()] == ["train.student=a (3 runs)", "train.student=b (2 runs)"]
+    [bars] = bar_containers(axes)
+    assert [bar.get_width() for bar in bars] == pytest.approx([0.3, 0.5])
+    errors = bars.errorbar.lines[2][0].get_segments()
+    assert [segment[1][0] - segment[0][0] for segment in errors] == pytest.approx([0.2, 0.0])   # 2 sd each
+    many = [trial(f"t{i}", "ab"[i % 2], i, 0.5) for i in range(200)]
+    assert sweep_figure("students", many, swept_keys(many)).get_size_inches()[1] == figure.get_size_inches()[1]
 
 
 def test_repeated_values_plot_as_their_mean():
