@@ -25,6 +25,7 @@ import numpy as np
 
 from pipeline.io import write_bytes, write_text
 from pipeline.metrics import PairedDifference, outcome_parts, paired_difference, seed_task_interval
+from pipeline.sweep_config import VARIANT
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -346,15 +347,29 @@ def line_figure(name: str, key: str, trials: list[dict]) -> Figure:
     return figure
 
 
+def caption_keys(trials: list[dict], keys: list[str]) -> list[str]:
+    """`keys` less those a swept variant fixes (one value within each variant's trials), the variant
+    first: its name already says them, and spelling them out makes captions too long for a figure."""
+    if VARIANT not in keys:
+        return keys
+    by_variant: dict[str, list[dict]] = defaultdict(list)
+    for trial in trials:
+        by_variant[trial["params"].get(VARIANT)].append(trial)
+    return [VARIANT] + [key for key in keys if key != VARIANT and any(
+        len({t["params"].get(key) for t in members}) > 1 for members in by_variant.values())]
+
+
 def config_groups(trials: list[dict], keys: list[str]) -> list[tuple[str, list[dict]]]:
     """(caption, trials) per configuration of `keys`' values, in the trials' order: a configuration's
     seeds (and repeated draws) make one group, so a figure grows with the configurations, not the runs."""
+    keys = caption_keys(trials, keys)
     groups: dict[tuple, list[dict]] = {}
     for trial in trials:
         groups.setdefault(tuple(trial["params"].get(key) for key in keys), []).append(trial)
     captions = []
     for values, members in groups.items():
-        caption = ", ".join(f"{key}={value}" for key, value in zip(keys, values) if value is not None) or "every trial"
+        caption = "\n".join(value if key == VARIANT else f"{key}={value}"
+                            for key, value in zip(keys, values) if value is not None) or "every trial"
         captions.append((caption + (f" ({len(members)} runs)" if len(members) > 1 else ""), members))
     return captions
 
@@ -439,8 +454,8 @@ def variant_trials(trials: list[dict]) -> dict[str, list[dict]]:
     groups: dict[str, list[dict]] = {}
     for trial in trials:
         config = trial.get("config") or {}
-        if trial.get("status") == "finished" and "variant" in config and trial.get("outcomes"):
-            groups.setdefault(config["variant"], []).append(trial)
+        if trial.get("status") == "finished" and VARIANT in config and trial.get("outcomes"):
+            groups.setdefault(config[VARIANT], []).append(trial)
     return {name: sorted(runs, key=lambda t: t["config"].get("train.seed", 0)) for name, runs in groups.items()}
 
 

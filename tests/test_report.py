@@ -227,6 +227,25 @@ def test_seeds_of_a_configuration_make_one_bar_at_their_mean_with_their_spread()
     assert sweep_figure("students", many, swept_keys(many)).get_size_inches()[1] == figure.get_size_inches()[1]
 
 
+def test_a_variant_names_its_bars_without_the_keys_it_fixes():
+    """A variant sweep: the keys each variant bundles are left out of its caption (spelled out,
+    they made captions too long for the figure, whose layout then collapsed); a key swept
+    across variants stays, on a line of its own."""
+    def trial(label, variant, method, lr, seed):
+        return {"name": label, "params": {"variant": variant, "objective.method": method, "train.lr": lr,
+                                          "train.seed": str(seed)},
+                "tags": {"trial": label, "status": "finished"}, "metrics": {"winoground/text": 0.5}}
+
+    fixed = [trial(f"t{i}", v, m, "0.1", s) for i, (v, m, s) in enumerate(
+        [("FT with L_CLIP", "clip", 0), ("FT with L_CLIP", "clip", 1), ("NegCLIP", "negclip", 0)])]
+    axes = sweep_figure("methods", fixed, swept_keys(fixed)).axes[0]
+    assert [t.get_text() for t in axes.get_yticklabels()] == ["FT with L_CLIP (2 runs)", "NegCLIP"]
+    crossed = fixed + [trial("t3", "NegCLIP", "negclip", "0.2", 0)]
+    axes = sweep_figure("methods", crossed, swept_keys(crossed)).axes[0]
+    assert [t.get_text() for t in axes.get_yticklabels()] == [
+        "FT with L_CLIP\ntrain.lr=0.1 (2 runs)", "NegCLIP\ntrain.lr=0.1", "NegCLIP\ntrain.lr=0.2"]
+
+
 def test_repeated_values_plot_as_their_mean():
     assert mean_by_x([(1.0, 0.2), (0.0, 0.5), (1.0, 0.4)]) == [(0.0, 0.5), (1.0, pytest.approx(0.3))]
 
