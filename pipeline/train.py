@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import json
 import logging
 import math
 import random
@@ -32,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from pipeline.cache import Table
-from pipeline.config import ComputeConfig, ConfigError, ObjectiveConfig, TrainConfig
+from pipeline.config import ComputeConfig, ConfigError, ObjectiveConfig, TrainConfig, flatten
 from pipeline.data.keys import image_key
 from pipeline.data.records import ImageCaption, load_image
 from pipeline.device import resolve_device
@@ -49,6 +50,11 @@ TRAINED = "trained.safetensors"
 
 class NonFiniteLoss(FloatingPointError):
     """The loss became NaN or infinite: the trial is stopped, not silently continued."""
+
+
+class StaleCheckpoint(ConfigError):
+    """A resume point written under other settings: resuming it would mix two trials' optimiser
+    states, and deleting it would throw away what may be the only copy of hours of training."""
 
 
 class TrialStopped(Exception):
@@ -448,6 +454,24 @@ def settings(trial: Trial) -> dict:
             "inputs": trial.inputs}
 
 
+_ABSENT = object()
+
+
+def _shown(value) -> str:
+    if value is _ABSENT:
+        return "(absent)"
+    if isinstance(value, list) and len(value) > 4:
+        return f"{len(value)} names"  # the trainable parameters: their count says enough
+    return repr(value)
+
+
+def changed_settings(saved: dict, current: dict) -> list[str]:
+    """'key: saved value -> current value' for each setting that differs, by dotted name."""
+    saved, current = flatten(saved), flatten(current)
+    return [f"{key}: {_shown(saved.get(key, _ABSENT))} -> {_shown(current.get(key, _ABSENT))}"
+            for key in sorted(saved.keys() | current.keys()) if saved.get(key, _ABSENT) != current.get(key, _ABSENT)]
+
+
 def save_checkpoint(trial: Trial, folder: Path) -> None:
     """Trained parameters, optimiser, scheduler, step and RNG states, written atomically."""
     state = {
@@ -465,12 +489,12 @@ def load_checkpoint(trial: Trial, folder: Path) -> bool:
     path = Path(folder) / CHECKPOINT
     if not path.is_file():
         return False
-    state = torch.load(path, weights_only=False, map_location=trial.device)
-    if state.get("settings") != settings(trial):
-        # Another configuration's optimiser state would silently mix two trials.
-        log.warning("%s was written under other settings; starting this trial from step 0", path)
-        path.unlink()
-        return False
+    # Tensors and plain containers only: a checkpoint may come from shared storage (Ray's).
+    state = torch.load(path, weights_only=True, map_location=trial.device)
+    changed = changed_settings(state.get("settings") or {}, settings(trial))
+    if changed:
+        raise StaleCheckpoint(f"{path} was written under other settings ({'; '.join(changed)}): "
+                              f"put them back to resume it, or remove it to train from step 0")
     tensors = trained_tensors(trial)
     with torch.no_grad():
         for name, value in state["params"].items():
@@ -486,16 +510,27 @@ def load_checkpoint(trial: Trial, folder: Path) -> bool:
     return True
 
 
+# The one metadata key of a trained file. safetensors writes its metadata map in a random order
+# per call, so several keys would give identical trials different bytes (and DVC a change).
+TRIAL_METADATA = "trial"
+
+
 def save_trained(trial: Trial, folder: Path) -> Path:
     """Only what the scope trained (safetensors), with the scope, the trainable count and, for LoRA,
     the adapters' rank and alpha in the metadata (what `load_trained` needs to rebuild them)."""
     path = Path(folder) / TRAINED
     path.parent.mkdir(parents=True, exist_ok=True)
-    metadata = {"scope": trial.cfg.scope, "trainable": str(trial.trainable_count)}
+    metadata = {"scope": trial.cfg.scope, "trainable": trial.trainable_count}
     if trial.cfg.scope == "lora":
-        metadata.update(lora_rank=str(trial.cfg.lora_rank), lora_alpha=str(trial.cfg.lora_alpha))
-    write_bytes(path, save(trained_state(trial), metadata=metadata))
+        metadata.update(lora_rank=trial.cfg.lora_rank, lora_alpha=trial.cfg.lora_alpha)
+    write_bytes(path, save(trained_state(trial), metadata={TRIAL_METADATA: json.dumps(metadata, sort_keys=True)}))
     return path
+
+
+def trained_metadata(path: Path) -> dict:
+    """What `save_trained` recorded beside the tensors: scope, trainable count, LoRA rank and alpha."""
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads((f.metadata() or {}).get(TRIAL_METADATA, "{}"))
 
 
 def discard_checkpoint(folder: Path) -> None:
@@ -507,10 +542,9 @@ def discard_checkpoint(folder: Path) -> None:
 def load_trained(student: Student, path: Path) -> None:
     """Apply a trial's trained parameters (and buffers) onto a freshly loaded student, injecting
     its LoRA adapters first when it trained some (h_w entries are skipped)."""
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
+    metadata = trained_metadata(path)
     if metadata.get("scope") == "lora":
-        add_lora(student.model, int(metadata["lora_rank"]), float(metadata["lora_alpha"]))
+        add_lora(student.model, metadata["lora_rank"], metadata["lora_alpha"])
     state = load_file(str(path))
     tensors = {**dict(student.model.named_parameters()), **dict(student.model.named_buffers())}
     with torch.no_grad():
