@@ -13,17 +13,18 @@ from pathlib import Path
 from typing import Callable
 
 from pipeline.config import PROFILES, Config, ConfigError, load
-from pipeline.data.errors import DataFormatError
+from pipeline.data.errors import DataFormatError, MissingInput
 
 # Bad input found before a stage's body runs: reported without importing torch.
-CONFIG_ERRORS = (ConfigError, DataFormatError, FileNotFoundError)
+CONFIG_ERRORS = (ConfigError, DataFormatError, MissingInput)
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    """Errors that mean "bad input": reported in one line, exit code 2, no traceback."""
+    """Errors that mean "bad input": reported in one line, exit code 2, no traceback. Only the
+    project's own: a library's FileNotFoundError or NotImplementedError is a bug to see whole."""
     from pipeline.cache import CacheError  # imports torch, so only once the arguments are parsed
 
-    return (*CONFIG_ERRORS, CacheError, NotImplementedError)
+    return (*CONFIG_ERRORS, CacheError)
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -40,6 +40,7 @@ from typing import Any
 
 from pipeline import cli, sweep_config
 from pipeline.config import PROFILES, ConfigError, TrackingConfig, deep_merge, flatten, from_dict, read_yaml, resolve
+from pipeline.data.errors import MissingInput
 from pipeline.tracking import failure_text
 
 log = logging.getLogger(__name__)
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         preflight(sweep, root)
         return Driver(sweep, specs, root, args).run()
-    except (ConfigError, FileNotFoundError, NotImplementedError) as err:
+    except (ConfigError, MissingInput) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
 
@@ -149,7 +150,7 @@ def preflight(sweep: sweep_config.Sweep, root: Path) -> None:
               (root / cfg.cache.root, "cache")]
     for path, stage in needed:
         if not path.exists():
-            raise FileNotFoundError(f"{path}: not found; build it first (`dvc repro {stage}` or "
+            raise MissingInput(f"{path}: not found; build it first (`dvc repro {stage}` or "
                                     f"`python -m stages.{stage} --params {root / 'params.yaml'}`)")
 
 

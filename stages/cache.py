@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from pipeline import cli
+from pipeline.data.errors import MissingInput
 
 
 def body(args, cfg, root):
@@ -35,7 +36,7 @@ def verify(folder: Path) -> None:
 
     names = sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
     if not names:
-        raise FileNotFoundError(f"{folder}: no cache tables; run the cache stage first")
+        raise MissingInput(f"{folder}: no cache tables; run the cache stage first")
     for table in verify_tables(folder, names):
         print(f"{table.name}: {len(table)} rows of {list(table.row_shape)} {table.dtype}: checksums match")
 

@@ -371,7 +371,7 @@ def test_unknown_tag_or_missing_folder_is_one_line_and_never_downloads(tmp_path)
     with pytest.raises(paper.PaperModelMissing, match=r"teacher.pretrained: './sd' not found"):
         paper.import_teacher(TeacherConfig(source="pretrained", pretrained="./sd"), tmp_path / "t", tmp_path)
     (tmp_path / "not-sd").mkdir()
-    with pytest.raises(paper.PaperModelMissing, match=r"cannot load 'not-sd' \(FileNotFoundError: .*no model_index.json"):
+    with pytest.raises(paper.PaperModelMissing, match=r"cannot load 'not-sd' \(MissingInput: .*no model_index.json"):
         paper.import_teacher(TeacherConfig(source="pretrained", pretrained="not-sd"), tmp_path / "t", tmp_path)
 
 

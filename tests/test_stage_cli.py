@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from pipeline import cli
+from pipeline.data.errors import MissingDataError, MissingInput
+
 REPO = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "diffusers", "open_clip", "mlflow", "ray")
 STAGES = {"data": [], "models": [], "cache": [], "baselines": [], "train": ["clip"], "report": [], "sweep": []}
@@ -57,3 +60,27 @@ def test_a_bad_option_is_one_line_and_exit_2_and_usage_names_the_command(command
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     usage = subprocess.run([sys.executable, "-m", command, "--help"], cwd=REPO, capture_output=True, text=True)
     assert usage.stdout.startswith(f"usage: python -m {command} "), usage.stdout[:80]
+
+
+@pytest.mark.parametrize("error, one_line", [
+    (MissingInput("models/students/x: no open_clip_config.json; run the models stage first"), True),
+    (MissingDataError("datasets/aro", "visual_genome_relation.json"), True),
+    (FileNotFoundError(2, "No such file or directory", "/tmp/scratch"), False),   # a bug, not bad input
+    (NotImplementedError("an operator a library lacks"), False),
+])
+def test_only_the_projects_own_input_errors_become_one_line(error, one_line, tmp_path, capsys):
+    """A bad input the project recognises is one line with exit 2; a FileNotFoundError or
+    NotImplementedError from anywhere else keeps its traceback (it would hide a bug's origin)."""
+    params = tmp_path / "params.yaml"
+    params.write_text((REPO / "params.yaml").read_text())
+
+    def body(args, cfg, root):
+        raise error
+
+    if not one_line:
+        with pytest.raises(type(error)):
+            cli.run("doc", body, ["--params", str(params)])
+        return
+    assert cli.run("doc", body, ["--params", str(params)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and str(error) in err

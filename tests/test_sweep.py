@@ -265,13 +265,13 @@ def test_raising_and_nan_trials_fail_alone_and_the_sweep_exits_nonzero(project, 
     for scale in ("1.0", "1e+300"):
         ghost = kids[("ghost", scale)]
         assert ghost["status"] == "FAILED" and ghost["tags"]["status"] == "failed"
-        assert ghost["tags"]["failure"].startswith("FileNotFoundError:") and "ghost" in ghost["tags"]["failure"]
+        assert ghost["tags"]["failure"].startswith("MissingInput:") and "ghost" in ghost["tags"]["failure"]
 
     table = out[out.index("sweep failing: 4 trials"):]
     assert "1 finished" in table and "3 failed" in table
     rows = {line.split()[0]: line for line in table.splitlines()[2:] if line.strip().startswith("t0")}
     assert "finished" in rows["t000"] and "failed" in rows["t001"] and "NonFiniteLoss" in rows["t001"]
-    assert "FileNotFoundError" in rows["t002"] and "FileNotFoundError" in rows["t003"]
+    assert "MissingInput" in rows["t002"] and "MissingInput" in rows["t003"]
 
 
 # --------------------------------------------------------------------------- SIGKILL the driver, then --resume

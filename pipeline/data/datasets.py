@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.data import aro, clevr, coco, mmvp, sugarcrepe, winoground, zeroshot
-from pipeline.data.errors import DataFormatError, load_json, require_record, str_list_field
+from pipeline.data.errors import DataFormatError, MissingInput, load_json, require_record, str_list_field
 from pipeline.data.mmvp import MMVPPair
 from pipeline.data.records import ChoiceCase, ImageCaption, WinogroundTask, ZeroShotSet
 
@@ -33,7 +33,7 @@ class Benchmarks:
 def read_index(root: Path) -> dict:
     path = Path(root) / INDEX_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found; run the data stage first")
+        raise MissingInput(f"{path}: not found; run the data stage first")
     return json.loads(path.read_text())
 
 

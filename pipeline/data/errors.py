@@ -32,7 +32,12 @@ class DataFormatError(ValueError):
         super().__init__(": ".join(parts))
 
 
-class MissingDataError(FileNotFoundError):
+class MissingInput(FileNotFoundError):
+    """An input the project needs is absent: reported in one line (exit 2). Any other
+    FileNotFoundError is a bug and keeps its traceback."""
+
+
+class MissingDataError(MissingInput):
     """A file or folder a dataset needs is absent (a FileNotFoundError, so callers can
     treat "not downloaded yet" apart from "downloaded but broken")."""
 

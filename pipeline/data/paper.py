@@ -39,7 +39,7 @@ from typing import Callable
 
 from pipeline.config import ConfigError, DataConfig, load
 from pipeline.data import clevr, mmvp
-from pipeline.data.errors import DataFormatError, load_json, require_list, require_record, str_list_field
+from pipeline.data.errors import DataFormatError, MissingInput, load_json, require_list, require_record, str_list_field
 from pipeline.io import atomic_dir, write_json
 
 README_HINT = "see README: Running the paper profile"
@@ -77,7 +77,7 @@ ZEROSHOT_FILES = {
 }
 
 
-class PaperDataMissing(FileNotFoundError):
+class PaperDataMissing(MissingInput):
     """Something the paper profile needs is absent; the message is one line ending in the README hint."""
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pipeline.data.errors import MissingInput
 from pipeline.config import StudentConfig, TeacherConfig
 from pipeline.models.student import CONFIG_NAME, Student, layernorm_parameters, load_student, save_student
 from pipeline.models.teacher import SD_SCHEDULE, Teacher, clip_bpe_tokenizer, load_teacher, save_teacher
@@ -73,7 +74,7 @@ TEACHER_CONFIGS = {
 }
 
 
-class PaperModelMissing(FileNotFoundError):
+class PaperModelMissing(MissingInput):
     """A model the paper profile names cannot be found or fetched; one line ending in the README hint."""
 
 

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from pipeline.data.errors import MissingInput
 from pipeline.config import StudentConfig
 from pipeline.io import atomic_dir, write_json
 
@@ -71,7 +72,7 @@ def load_student(folder: Path) -> Student:
     """A student saved by `save_student` (or any open_clip hub folder)."""
     folder = Path(folder)
     if not (folder / CONFIG_NAME).is_file():
-        raise FileNotFoundError(f"{folder}: no {CONFIG_NAME}; run the models stage first")
+        raise MissingInput(f"{folder}: no {CONFIG_NAME}; run the models stage first")
     name = f"local-dir:{folder.resolve()}"
     model, _, preprocess = open_clip.create_model_and_transforms(name)
     model_cfg = json.loads((folder / CONFIG_NAME).read_text())["model_cfg"]

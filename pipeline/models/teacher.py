@@ -16,6 +16,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from pipeline.data.errors import MissingInput
 from pipeline.config import TeacherConfig, norm_groups
 from pipeline.io import atomic_dir, write_json
 
@@ -130,7 +131,7 @@ def load_teacher(source: str | Path, dtype: torch.dtype = torch.float32) -> Teac
     """
     src = str(source)
     if Path(src).exists() and not (Path(src) / "model_index.json").is_file():
-        raise FileNotFoundError(f"{src}: not a diffusers folder (no model_index.json)")
+        raise MissingInput(f"{src}: not a diffusers folder (no model_index.json)")
     unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", torch_dtype=dtype)
     vae = AutoencoderKL.from_pretrained(src, subfolder="vae", torch_dtype=dtype)
     text_encoder = CLIPTextModel.from_pretrained(src, subfolder="text_encoder", torch_dtype=dtype)
