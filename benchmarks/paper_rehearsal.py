@@ -1,7 +1,7 @@
 """Rehearse the paper profile end to end: `dvc repro` from the data stage to the report, no download.
 
-    .venv/bin/python benchmarks/paper_rehearsal.py                   # SD v1-4 at 512 px (~1 h on 2 cores)
-    .venv/bin/python benchmarks/paper_rehearsal.py --sweep           # then sweeps/table1.yaml on it
+    .venv/bin/python benchmarks/paper_rehearsal.py                   # SD v1-4 at 512 px (~16 min on 2 cores)
+    .venv/bin/python benchmarks/paper_rehearsal.py --sweep           # then sweeps/table1.yaml on it (~12 min more)
     .venv/bin/python benchmarks/paper_rehearsal.py --size reduced    # the same chain at toy widths (CI)
 
 What it does, in a temporary folder (or --workdir):
@@ -189,12 +189,10 @@ class Memory:
         return max(r for r, _ in inside) / 2**30, max(p for _, p in inside) / 2**30
 
 
-def run_measured(command: str, ws: Path, label: str,
-                 env: dict | None = None) -> tuple[list[tuple[float, str]], int, Memory]:
+def run_measured(command: str, ws: Path, label: str) -> tuple[list[tuple[float, str]], int, Memory]:
     """Run `command` in `ws` with this interpreter first on PATH, echoing DVC's stage lines live;
-    its whole output, timestamped, goes to rehearsal-logs/<label>.log in `ws`. `env`: more environment variables."""
-    env = dict(os.environ, DVC_NO_ANALYTICS="1", PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-               **(env or {}))
+    its whole output, timestamped, goes to rehearsal-logs/<label>.log in `ws`."""
+    env = dict(os.environ, DVC_NO_ANALYTICS="1", PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
 
     def echo(seconds: float, line: str) -> None:
         if repro_time.STAGE_LINE.search(line) or line.startswith(("ERROR", "error:")):
@@ -279,9 +277,8 @@ def rehearse(ws: Path, args: argparse.Namespace) -> int:
     if not args.sweep:
         return 0
     command = "python -m pipeline.sweep sweeps/table1.yaml --profile paper --max-concurrent 1"
-    env = {"MALLOC_MMAP_THRESHOLD_": str(args.malloc_mmap_threshold)} if args.malloc_mmap_threshold else {}
-    print(f"\n{' '.join(f'{k}={v}' for k, v in env.items())} {command}".strip(), flush=True)
-    lines, code, memory = run_measured(command, ws, "sweep", env)
+    print(f"\n{command}", flush=True)
+    lines, code, memory = run_measured(command, ws, "sweep")
     wall, (rss, pss) = lines[-1][0], memory.peak(0.0, lines[-1][0])
     print("\n".join(line for _, line in lines if line.strip() and "pid=" not in line))
     print(f"sweep driver: exit {code}, {wall:.1f} s, peak RSS {rss:.2f} GiB, peak PSS {pss:.2f} GiB", flush=True)
@@ -295,10 +292,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-set", choices=("coco", "cc3m"), default="coco",
                    help="data.train_set: COCO 2017 captions or the CC-3M shards (default: coco)")
     p.add_argument("--sweep", action="store_true", help="then run sweeps/table1.yaml on the workspace")
-    p.add_argument("--malloc-mmap-threshold", type=int, metavar="BYTES",
-                   help="run the sweep driver, and so its Ray trials, with MALLOC_MMAP_THRESHOLD_=BYTES "
-                        "(e.g. 1048576): glibc then returns the buffers of a finished trial to the system, which "
-                        "a reused trial process otherwise keeps (several GB per SDS trial at full size)")
     p.add_argument("--workdir", type=Path,
                    help="build the workspace here (a new or empty folder; default: a temp folder)")
     p.add_argument("--rerun", action="store_true",
@@ -310,8 +303,6 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--rerun: needs --workdir naming the workspace of an earlier run")
     if not args.rerun and args.workdir is not None and args.workdir.exists() and any(args.workdir.iterdir()):
         p.error(f"--workdir: {args.workdir} is not empty (--rerun uses it as it is)")
-    if args.malloc_mmap_threshold is not None and args.malloc_mmap_threshold < 1:
-        p.error(f"--malloc-mmap-threshold: {args.malloc_mmap_threshold} is out of range; allowed: >= 1")
     ws = args.workdir or Path(tempfile.mkdtemp(prefix="paper-rehearsal-"))
     ws.mkdir(parents=True, exist_ok=True)
     try:

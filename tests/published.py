@@ -304,13 +304,14 @@ def sugarcrepe_release(root: Path, size=(8, 6)) -> tuple[Path, Path]:
     return root / "sugar-crepe" / "data", root / "coco" / "val2017"
 
 
-def mmvp_release(root: Path, folder: str = "MLLM_VLM Images", size=(4, 4)) -> Path:
-    """MMVP/MMVP_VLM: Questions.csv (135 pairs, Types in blocks of 15 pairs) + <folder>/<Type>/<id>.jpg."""
+def mmvp_release(root: Path, folder: str = "MLLM_VLM Images", size=(4, 4), pairs_per_type: int = 15) -> Path:
+    """MMVP/MMVP_VLM: Questions.csv (135 pairs, Types in blocks of 15 pairs; fewer with `pairs_per_type`)
+    + <folder>/<Type>/<id>.jpg."""
     types = ["Orientation", "Presence", "State", "Quantity", "Spatial", "Color", "Structural Character", "Text",
              "Camera Perspective"]
     rows = ["Question ID,Type,Statement"]
-    for qid in range(1, 271):
-        kind = types[(qid - 1) // 30]
+    for qid in range(1, 2 * pairs_per_type * len(types) + 1):
+        kind = types[(qid - 1) // (2 * pairs_per_type)]
         rows.append(f"{qid},{kind},\"The dog's face is {'up' if qid % 2 else 'down'}, seen from the front\"")
         put(root / folder / kind / f"{qid}.jpg", image_bytes(COLOURS[qid % 5], size=size))
     put(root / "Questions.csv", "\n".join(rows) + "\n")
@@ -335,7 +336,8 @@ def paper_datasets(root: Path, size=(8, 6), zeroshot_sets=ZEROSHOT_SETS) -> dict
     cc3m_webdataset(root / "cc3m", size)
     torchvision_root(root / "torchvision", zeroshot_sets)
     sugarcrepe_release(root, size)
-    mmvp_release(root / "MMVP_VLM", size=size)
+    # A pair per pattern: at 512 px every image costs a VAE encoding and its diffusion scores.
+    mmvp_release(root / "MMVP_VLM", size=size, pairs_per_type=1)
     clevr_release(root / "clevr", size)
     return dict(coco_annotations="coco/annotations/captions_train2017.json", coco_images="coco/train2017",
                 cc3m="cc3m", winoground="./winoground", aro_root="aro", coco_order_root="coco2014",

@@ -205,7 +205,7 @@ def test_data_stage_indexes_every_paper_dataset(tmp_path, md5_as_existence):
     assert index["counts"] == {"train_pairs": 4, "winoground": len(WINOGROUND_ROWS), "aro/vg_relation": 2,
                                "aro/vg_attribution": 1, "aro/coco_order": 2, "aro/flickr_order": 1,
                                **{f"zeroshot/{k}": len(v.images) for k, v in shots.items()},
-                               **{f"sugarcrepe/{k}": 2 for k in SUGARCREPE_SUBSETS}, "mmvp": 135,
+                               **{f"sugarcrepe/{k}": 2 for k in SUGARCREPE_SUBSETS}, "mmvp": 9,
                                **{f"clevr/{k}": 2 for k in CLEVR_SUBTASKS}}
 
 
