@@ -54,10 +54,11 @@ def test_lambda_sweep_is_the_five_lambdas():
     assert sweep.search.type == "grid" and sweep.scheduler.type == "fifo"
 
 
-def test_scope_sweep_covers_the_three_scopes_each_at_its_own_rate():
+def test_scope_sweep_covers_the_three_scopes_each_at_its_own_rate_and_full_at_the_collapsing_one():
     sweep = sc.load(REPO / "sweeps" / "scope.yaml", params())
     configs = [sweep.config(t.values) for t in sc.trials(sweep)]
-    assert [(c.train.scope, c.train.lr) for c in configs] == [("layernorm", 5e-3), ("full", 5e-4), ("lora", 5e-3)]
+    assert [(c.train.scope, c.train.lr) for c in configs] == [("layernorm", 5e-3), ("full", 5e-4), ("lora", 5e-3),
+                                                              ("full", 5e-3)]
 
 
 def test_methods_sweep_runs_every_method_with_three_seeds_on_the_same_scope():
