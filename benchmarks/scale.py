@@ -125,7 +125,8 @@ def trial_start(ws: Path) -> dict:
     from pipeline.experiment import run_finetune
     from pipeline.tracking import Tracker
 
-    cfg = config(ws, train={"steps": 2, "checkpoint_every": 100}, eval={"projected_score": False})
+    cfg = config(ws, objective={"method": "sds", "lambda_sds": 1e-3}, train={"steps": 2, "checkpoint_every": 100},
+                 eval={"projected_score": False})
     data, cache = ws / cfg.data.root, ws / cfg.cache.root
     parts = {}
     start = time.perf_counter()
@@ -140,7 +141,7 @@ def trial_start(ws: Path) -> dict:
     first: list[float] = []
     with tempfile.TemporaryDirectory(dir=ws) as folder:
         start = time.perf_counter()
-        run_finetune(cfg, data, ws / "models", cache, Path(folder), Tracker(cfg.tracking, ws), "scale trial", 1e-3,
+        run_finetune(cfg, data, ws / "models", cache, Path(folder), Tracker(cfg.tracking, ws), "scale trial",
                      progress=False, on_log=lambda step, values: first or first.append(time.perf_counter()))
     return {"rows": len(pairs), "start": first[0] - start, **parts}
 

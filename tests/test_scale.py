@@ -1,0 +1,28 @@
+"""benchmarks/scale.py on a tiny budget: the benchmark calls the pipeline's own entry points, so a
+change of their signatures must fail here rather than when someone next measures."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "scale.py"
+
+
+def test_bad_counts_are_one_line():
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--rows", "100", "10"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr == "error: --rows: 100 10 must be increasing counts of at least 10\n"
+
+
+@pytest.mark.slow
+def test_the_smallest_scale_run_prints_both_curves(tmp_path):
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--rows", "10", "--runs", "10", "--workdir", str(tmp_path / "ws")],
+                          cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    starts = proc.stdout.split("trial start against training rows", 1)[1].splitlines()
+    assert starts[1].split()[:2] == ["rows", "start"] and starts[2].split()[0] == "10"
+    assert float(starts[2].split()[1]) > 0
+    runs = proc.stdout.split("report stage and sweep driver against trial runs", 1)[1].splitlines()
+    assert runs[2].split()[0] == "10" and all(float(v) > 0 for v in runs[2].split()[1::2])
