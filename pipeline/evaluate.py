@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pipeline import fastpath, metrics
+from pipeline import fastpath, metrics, objectives
 from pipeline.cache import Table
 from pipeline.config import EvalConfig
 from pipeline.data.aro import excluded_vg_relations
@@ -122,8 +122,9 @@ def _score_mmvp(result: Evaluation, score: PairScorer, bench: Benchmarks) -> Non
     scores = score(images, captions).reshape(len(bench.mmvp), 2, 2)
     correct = metrics.mmvp_correct(scores, [(p.answer_1, p.answer_2) for p in bench.mmvp])
     patterns = [p.pattern for p in bench.mmvp]
+    of_pair = np.array(patterns)
     for pattern in dict.fromkeys(patterns):
-        result.add(metric_name(pattern), correct[np.array(patterns) == pattern])
+        result.add(metric_name(pattern), correct[of_pair == pattern])
     values = metrics.mmvp(correct, patterns)
     result.metrics.update({metric_name(name): values[name] for name in dict.fromkeys(patterns)})
     result.metrics["mmvp/mean"] = values["mean"]
@@ -325,12 +326,10 @@ def evaluate_feedback(student: Student, projector: FeedbackProjector, teacher: T
         pixels = torch.stack([student.preprocess(load_image(*parse_image_key(k))) for k in chunk]).to(device)
         if feedback_tokens:
             pooled, patches = image_tokens(student.model, pixels)
-            picks = torch.randint(0, patches.shape[1], (len(chunk), feedback_tokens), generator=generator)
-            rows = torch.arange(len(chunk), device=patches.device)[:, None]
-            tokens = torch.cat([pooled[:, None], patches[rows, picks.to(patches.device)]], 1)
         else:
-            tokens = student.model.encode_image(pixels)[:, None]
-        conditions = {"feedback/error": projector(tokens.float(), empty.to(device)),
+            pooled, patches = student.model.encode_image(pixels), None
+        tokens = objectives.feedback_tokens(pooled, patches, feedback_tokens, generator)
+        conditions = {"feedback/error": projector(tokens, empty.to(device)),
                       "feedback/error_empty": empty.to(device).expand(len(chunk), -1, -1)}
         lat = latents.get(chunk).to(device).repeat_interleave(n, 0)
         for name, cond in conditions.items():

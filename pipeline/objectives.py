@@ -52,6 +52,18 @@ class LatentProjection(nn.Module):
         return self.linear(embedding).view(-1, *self.shape)
 
 
+def feedback_tokens(pooled: torch.Tensor, patches: torch.Tensor | None, count: int,
+                    generator: torch.Generator | None) -> torch.Tensor:
+    """[B, 1 + count, D] float: the student's CLS embedding, then `count` of its patch tokens drawn at
+    random (with repeats) for every image, as DIVA draws them (none without `patches`)."""
+    tokens = pooled.float()[:, None]
+    if patches is None or not count:
+        return tokens
+    picks = torch.randint(0, patches.shape[1], (len(pooled), count), generator=generator)
+    rows = torch.arange(len(pooled), device=patches.device)[:, None]
+    return torch.cat([tokens, patches.float()[rows, picks.to(patches.device)]], dim=1)
+
+
 class FeedbackProjector(nn.Module):
     """Diffusion feedback's projector: the student's image tokens -> the teacher's conditioning.
 

@@ -160,7 +160,7 @@ def write_table1(runs: list[tuple[str, dict[str, float]]], out: Path, stem: str 
         csv_header.append("winoground/text/vs_reference")
         for row, (label, _) in zip(rows, runs):
             d = versus.get(label)
-            row.append(f"{_signed(d.difference)} [{_signed(d.low)}, {_signed(d.high)}] {_p(d.p_value)}" if d else "-")
+            row.append(_difference_cell(d) if d else "-")
     return write_tables(out, stem, header, csv_header, rows)
 
 
@@ -494,6 +494,11 @@ def _p(value: float) -> str:
     return "p<0.001" if value < 0.001 else f"p={value:.3f}"
 
 
+def _difference_cell(d: PairedDifference) -> str:
+    """'+0.031 [+0.010, +0.051] p=0.008': a paired difference as every comparison table prints it."""
+    return f"{_signed(d.difference)} [{_signed(d.low)}, {_signed(d.high)}] {_p(d.p_value)}"
+
+
 def variant_tables(rows: list[VariantRow], labels: dict[str, str]) -> dict[str, tuple[list[str], list[list[str]]]]:
     """The three tables of a variant comparison: scores, differences to the reference, diagnostics."""
     shown = [(title, key) for title, key in HEADLINE if any(key in row.scores for row in rows)]
@@ -501,8 +506,7 @@ def variant_tables(rows: list[VariantRow], labels: dict[str, str]) -> dict[str, 
               [f"{r.scores[k][0]:.3f} ± {r.scores[k][1]:.3f} [{r.scores[k][2]:.3f}, {r.scores[k][3]:.3f}]"
                if k in r.scores else "-" for _, k in shown] for r in rows]
     diffs = [[labels.get(r.name, r.name)] +
-             [f"{_signed(d.difference)} [{_signed(d.low)}, {_signed(d.high)}] {_p(d.p_value)}"
-              if (d := (r.versus or {}).get(k)) else "-" for _, k in shown] for r in rows[1:]]
+             [_difference_cell(d) if (d := (r.versus or {}).get(k)) else "-" for _, k in shown] for r in rows[1:]]
     kept = [(title, key) for title, key in DIAGNOSTICS if any(key in r.diagnostics for r in rows)]
     diagnostics = [[labels.get(r.name, r.name)] +
                    [(f"{r.diagnostics[k]:.0f}" if k in ("trainable_parameters", "time/train_seconds")

@@ -151,7 +151,7 @@ def preflight(sweep: sweep_config.Sweep, root: Path) -> None:
     for path, stage in needed:
         if not path.exists():
             raise MissingInput(f"{path}: not found; build it first (`dvc repro {stage}` or "
-                                    f"`python -m stages.{stage} --params {root / 'params.yaml'}`)")
+                               f"`python -m stages.{stage} --params {root / 'params.yaml'}`)")
 
 
 def check_fits_cluster(res: sweep_config.ResourcesSpec, have: dict[str, float], device: str) -> None:

@@ -340,12 +340,8 @@ def teacher_loss(trial: Trial, image_features: torch.Tensor, pooled: torch.Tenso
     if obj.method == "diffusion_feedback":
         x0 = trial.latents.rows(image_rows)
         noise = torch.randn(x0.shape, generator=trial.generator)
-        tokens = pooled.float()[:, None]          # the CLS embedding, before its normalisation
-        if patches is not None:
-            # DIVA draws its patch tokens at random (with repeats) for every image and step.
-            picks = torch.randint(0, patches.shape[1], (batch, obj.feedback_tokens), generator=trial.generator)
-            rows = torch.arange(batch, device=patches.device)[:, None]
-            tokens = torch.cat([tokens, patches.float()[rows, picks.to(patches.device)]], dim=1)
+        # The CLS embedding before its normalisation, and the patch tokens drawn anew every step.
+        tokens = objectives.feedback_tokens(pooled, patches, obj.feedback_tokens, trial.generator)
         cond = trial.projector(tokens, trial.empty)
         return "feedback", objectives.feedback_loss(x0.to(device), cond, unet, teacher.scheduler, t.to(device),
                                                     noise.to(device), obj.reduction)

@@ -1,4 +1,4 @@
-"""DVC stage `report`: tables and figures from the runs in MLflow, under reports/.
+"""DVC stage `report`: tables and figures from the stages' results files and the sweeps' runs in MLflow, under reports/.
 
     reports/table1.md, .tex, .csv   the paper's Table 1: pretrained student, FT with L_CLIP,
                                     FT with L_CLIP + lambda L_SDS, the teacher's diffusion score,
