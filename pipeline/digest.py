@@ -38,11 +38,13 @@ def fingerprint(folder: Path) -> str:
 
 
 def files_digest(paths: Iterable[Path | str]) -> str:
-    """sha256 over files' paths and bytes, in the given order (e.g. the images a table encodes)."""
+    """sha256 over files' bytes, in the given order (e.g. the images a table encodes). Not over their
+    paths, which name the folder the project lies in: the caller hashes the names it keys them by."""
     digest = hashlib.sha256()
     for path in paths:
-        digest.update(str(path).encode() + b"\0")
-        _update(digest, Path(path))
+        one = hashlib.sha256()       # each file's own digest: file boundaries count
+        _update(one, Path(path))
+        digest.update(one.digest())
     return digest.hexdigest()[:16]
 
 

@@ -1,8 +1,10 @@
 """The cache stage: teacher latents of every image and teacher conditioning of every text.
 
 Tables (see `pipeline.cache`): `train_images` / `bench_images` hold scaled VAE latent
-means keyed by `image_key`, `train_text` / `bench_text` hold the text encoder's last
-hidden states keyed by the caption itself ("" included, for the unconditional term).
+means keyed by `image_key` (a path relative to the data root or the project), `train_text` /
+`bench_text` hold the text encoder's last hidden states keyed by the caption itself ("" included,
+for the unconditional term). Nothing a table holds names the folder the project lies in, so
+checkouts in different folders build byte-identical tables.
 """
 from __future__ import annotations
 
@@ -61,7 +63,7 @@ def build_cache(cfg: Config, teacher: Teacher, teacher_id: str, data_root: Path,
     """Every table, rebuilt when what determines its rows changed (see `pipeline.cache`).
 
     Each table's meta holds `teacher_id` (a fingerprint of the teacher's weights and configs).
-    An image table's meta also holds a digest of its image files: rows are keyed by path, and
+    An image table's meta also holds a digest of its image files: rows are keyed by name, and
     the data stage writes the same names for other images (the toy world under another seed
     or size). A text table's keys are its captions.
     """
@@ -77,5 +79,7 @@ def build_cache(cfg: Config, teacher: Teacher, teacher_id: str, data_root: Path,
 
 
 def _images_meta(teacher_id: str, keys: list[str]) -> dict:
+    """The teacher and a digest of the image files' bytes in key order. Their names are the keys,
+    which the table's settings hold already; an absolute path here would differ between checkouts."""
     files = dict.fromkeys(parse_image_key(key)[0] for key in keys)   # crops share their image file
     return {"teacher": teacher_id, "images": files_digest(files)}

@@ -13,6 +13,7 @@ import torch
 from pipeline.cache import CacheError, open_table, verify_tables, write_table
 from pipeline.config import load
 from pipeline.data.build import build_toy
+from pipeline.data.keys import image_key
 from pipeline.digest import fingerprint
 from pipeline.latents import build_cache, image_latents
 from pipeline.models.teacher import build_toy_teacher, save_teacher
@@ -433,7 +434,8 @@ def test_the_cache_stage_rebuilds_image_latents_for_regenerated_data_and_for_ano
     table = open_table(cache, "train_images")
     assert key in table.keys
     assert not torch.equal(table.get([key]), first)
-    assert torch.allclose(table.get([key]), image_latents(teacher, teacher.vae.config.sample_size)([key]), atol=1e-5)
+    compute = image_latents(teacher, teacher.vae.config.sample_size)
+    assert torch.allclose(table.get([key]), compute([image_key(data / key)]), atol=1e-5)  # keys are under the data root
 
     teacher.vae.register_to_config(scaling_factor=2 * teacher.scaling_factor)
     save_teacher(teacher, tmp_path / "rescaled")

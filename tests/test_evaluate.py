@@ -1,4 +1,6 @@
 """The scorers against their definitions: raw cosine similarity, and eq. 1-2's diffusion score."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -184,8 +186,10 @@ def test_projected_score_is_zero_when_h_w_ignores_the_image(world):
 def test_image_keys_carry_the_crop_box_exactly():
     """The cache key is where the crop is read back from: a box must survive it bit for bit."""
     box = (1234.5049, 0.1, 7, 2.0000001)
-    assert parse_image_key(image_key("/aro/images/1.jpg", box)) == ("/aro/images/1.jpg", tuple(float(v) for v in box))
-    assert parse_image_key(image_key("/aro/images/1.jpg")) == ("/aro/images/1.jpg", None)
+    key = image_key("/aro/images/1.jpg", box)
+    for read in (key, str(key)):  # as made, and as a table stores it
+        assert parse_image_key(read) == (Path("/aro/images/1.jpg"), tuple(float(v) for v in box))
+    assert parse_image_key(image_key("/aro/images/1.jpg")) == (Path("/aro/images/1.jpg"), None)
 
 
 def test_feedback_diagnostic_is_one_when_the_projector_adds_nothing(world):
