@@ -14,11 +14,13 @@ What it does, in a temporary folder (or --workdir):
    2 steps, in this process after one warm-up trial, torch on one thread) is timed from its
    call to its first logged step; the parts of that start which read the data are timed
    apart: reading the training pairs, opening the tables, looking up every caption's row;
-3. runs against runs in MLflow: for each --runs N, an earlier launch of a sweep `scale` is
-   grown to N trial runs (each with a trial's params, tags and Table-1 metrics), and
+3. runs against trials: for each --runs N, an earlier launch of a sweep `scale` is grown to
+   N trial runs in MLflow (each with a trial's params, tags and Table-1 metrics) and its
+   results file, results/sweeps/scale.json, to N trials (the sweep stage's payload: config,
+   status, metrics and the per-case outcomes of the train_sds stage's run), and
    - report (N trials): `python -m stages.report` with that launch listed in
      results/sweeps.json, so its table has N rows;
-   - report (10 trials): the same with a 10-trial launch listed, the N runs beside it;
+   - report (10 trials): the same with a 10-trial sweep listed, the N-trial file beside it;
    - sweep driver: `python -m pipeline.sweep` of a 1-trial sweep file in the same MLflow
      experiment (a new launch beside the N runs), as a process; its wall time, its trial's
      own time (`time/trial_seconds`) and the rest (Ray, Tune, MLflow: the driver's share).
@@ -46,6 +48,7 @@ import paper_rehearsal  # noqa: E402
 from pipeline import cli  # noqa: E402
 
 SWEEP = "scale"
+LOSSES = {"loss/clip": 0.7, "loss/sds": 1.0, "loss/total": 0.701}   # each logged step of a trial
 LINKS_PER_FILE = 50_000  # ext4 allows 65,000 links to a file
 SWEEP_FILE = f"""# One trial: what the driver costs around it.
 name: {SWEEP}
@@ -123,7 +126,6 @@ def trial_start(ws: Path) -> dict:
     from pipeline.cache import open_table
     from pipeline.data.datasets import read_index, train_pairs
     from pipeline.experiment import run_finetune
-    from pipeline.tracking import Tracker
 
     cfg = config(ws, objective={"method": "sds", "lambda_sds": 1e-3}, train={"steps": 2, "checkpoint_every": 100},
                  eval={"projected_score": False})
@@ -141,49 +143,76 @@ def trial_start(ws: Path) -> dict:
     first: list[float] = []
     with tempfile.TemporaryDirectory(dir=ws) as folder:
         start = time.perf_counter()
-        run_finetune(cfg, data, ws / "models", cache, Path(folder), Tracker(cfg.tracking, ws), "scale trial",
-                     progress=False, on_log=lambda step, values: first or first.append(time.perf_counter()))
+        run_finetune(cfg, data, ws / "models", cache, Path(folder), progress=False,
+                     on_log=lambda step, values: first or first.append(time.perf_counter()))
     return {"rows": len(pairs), "start": first[0] - start, **parts}
 
 
-def add_trials(ws: Path, parent: str | None, count: int) -> str:
-    """`count` more trial runs under the launch `parent` of sweep `scale` (a new launch when None); its run id."""
+def add_trials(ws: Path, name: str, launch: dict | None, count: int) -> dict:
+    """`count` more finished trials of a launch of sweep `name` (a new launch when None): runs in
+    MLflow and the launch's results-file payload (`pipeline.sweep`'s), which is returned."""
     from pipeline.config import to_dict
     from pipeline.tracking import Tracker
 
     cfg = config(ws)
     tracker = Tracker(cfg.tracking, ws)
-    experiment = f"{cfg.tracking.experiment}/{SWEEP}"
-    metrics = json.loads((ws / "results" / "train-sds.json").read_text())["metrics"]
-    if parent is None:
-        run = tracker.start(f"{SWEEP} earlier launch", experiment=experiment,
-                            tags={"sweep": SWEEP, "sweep_role": "parent", "status": "finished", "profile": "paper"})
+    experiment = f"{cfg.tracking.experiment}/{name}"
+    sds = json.loads((ws / "results" / "train-sds.json").read_text())
+    if launch is None:
+        run = tracker.start(f"{name} earlier launch", experiment=experiment,
+                            tags={"sweep": name, "sweep_role": "parent", "status": "finished", "profile": "paper"})
         run.finish()
-        parent = run.run_id
-    done = len(tracker.find_runs(experiment, parent=parent))
-    for k in range(done, done + count):
-        lam = (0.0, 1e-4, 1e-3, 1e-2)[k % 4]
-        params = {**to_dict(cfg), "train": {**to_dict(cfg)["train"], "seed": k // 4, "lambda_sds": lam},
+        launch = {"sweep": name, "experiment": experiment, "tracking_uri": tracker.uri, "parent_run_id": run.run_id,
+                  "metric": "winoground/text", "mode": "max", "trials": []}
+    parent, trials = launch["parent_run_id"], launch["trials"]
+    for k in range(len(trials), len(trials) + count):
+        lam, seed, trial_id = (0.0, 1e-4, 1e-3, 1e-2)[k % 4], k // 4, f"{parent[:8]}_{k:05d}"
+        params = {**to_dict(cfg), "train": {**to_dict(cfg)["train"], "seed": seed},
                   "objective": {**to_dict(cfg)["objective"], "lambda_sds": lam}}
-        run = tracker.start(f"{SWEEP} t{k:03d}", params=params, parent=parent, experiment=experiment, tags={
-            "sweep": SWEEP, "sweep_role": "trial", "trial_id": f"{parent[:8]}_{k:05d}", "trial": f"t{k:03d}",
+        run = tracker.start(f"{name} t{k:03d}", params=params, parent=parent, experiment=experiment, tags={
+            "sweep": name, "sweep_role": "trial", "trial_id": trial_id, "trial": f"t{k:03d}",
             "profile": "paper", "stage": "sweep", "status": "finished"})
         for step in (1, 2):
-            run.log_metrics({"loss/clip": 0.7, "loss/sds": 1.0, "loss/total": 0.701}, step)
-        run.log_metrics(metrics)
+            run.log_metrics(LOSSES, step)
+        run.log_metrics(sds["metrics"])
         run.finish()
-    return parent
+        trials.append(result_trial(k, run.run_id, trial_id, {"objective.lambda_sds": lam, "train.seed": seed}, sds))
+    finished = [t for t in trials if t["status"] == "finished"]
+    counts = {s: sum(t["status"] == s for t in trials) for s in ("finished", "early_stopped", "failed", "interrupted")}
+    head = ("sweep", "experiment", "tracking_uri", "parent_run_id", "metric", "mode")
+    wall = 5.0 + sum(t["trial_seconds"] for t in trials) / 2   # two at a time
+    return {**{key: launch[key] for key in head},
+            "best": max(finished, key=lambda t: t["metric"])["run_id"] if finished else None, "counts": counts,
+            "wall_seconds": wall, "timing": {"ray_start_seconds": 3.0, "setup_seconds": 1.0,
+                                             "tune_seconds": wall - 4.0}, "trials": trials}
 
 
-def report_seconds(ws: Path, parent: str) -> float:
-    """`python -m stages.report`, in this process, with the launch `parent` listed as the sweep to report."""
+def result_trial(k: int, run_id: str, trial_id: str, values: dict, sds: dict) -> dict:
+    """Trial `k` as a sweep's results file lists it: the train_sds stage's scores and per-case outcomes,
+    spread a little per trial; every 25th stopped early by ASHA (losses only), every 50th failed."""
+    status = "failed" if k % 50 == 49 else "early_stopped" if k % 25 == 24 else "finished"
+    timing = {"time/trial_seconds": 40.0 + k % 7, "time/import_seconds": 2.0, "time/report_seconds": 0.4}
+    scores = {key: value + 0.001 * (k % 9) if isinstance(value, float) else value
+              for key, value in sds["metrics"].items()}
+    metrics = {**LOSSES, **timing, **(scores if status == "finished" else {})}
+    return {"trial": f"t{k:03d}", "trial_id": trial_id, "run_id": run_id, "config": values,
+            "status": status, "failure": "RuntimeError: loss/total is nan at step 2" if status == "failed" else "",
+            "metric": metrics["winoground/text"] if status == "finished" else None,
+            "trial_seconds": timing["time/trial_seconds"], "import_seconds": timing["time/import_seconds"],
+            "report_seconds": timing["time/report_seconds"], "metrics": metrics,
+            "outcomes": sds.get("outcomes", {}) if status == "finished" else {}}
+
+
+def report_seconds(ws: Path, launch: dict) -> float:
+    """`python -m stages.report`, in this process, with `launch` the one sweep listed: its results file
+    written where the sweep stage writes it, beside the other sweeps' files."""
     from pipeline.io import write_json
     from stages import report
+    from stages.sweep import listing
 
-    cfg = config(ws)
-    write_json(ws / "results" / "sweeps.json", {SWEEP: {"file": f"sweeps/{SWEEP}.yaml", "exit": 0,
-                                                        "experiment": f"{cfg.tracking.experiment}/{SWEEP}",
-                                                        "parent_run_id": parent}})
+    results = ws / "results"
+    write_json(report.sweep_file(results, launch["sweep"]), launch)
+    write_json(results / "sweeps.json", {launch["sweep"]: listing(f"sweeps/{launch['sweep']}.yaml", 0, launch)})
     start = time.perf_counter()
     code = report.main(["--params", str(ws / "params.yaml")])
     if code:
@@ -193,7 +222,7 @@ def report_seconds(ws: Path, parent: str) -> float:
 
 def driver(ws: Path) -> dict:
     """A 1-trial launch of sweep `scale` as a process: its wall seconds and its trial's own seconds."""
-    results = ws / "results" / f"sweep-{SWEEP}.json"
+    results = ws / f"driver-{SWEEP}.json"   # not the sweep stage's folder: the report reads that one
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     start = time.perf_counter()
     proc = subprocess.run(["python", "-m", "pipeline.sweep", f"sweeps/{SWEEP}.yaml", "--results", str(results)],
@@ -225,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", type=int, nargs="+", default=[1000, 10000, 100000],
                    help="training images and captions (default: 1000 10000 100000)")
     p.add_argument("--runs", type=int, nargs="+", default=[10, 100, 500],
-                   help="trial runs of the sweep in MLflow (default: 10 100 500)")
+                   help="trials of the sweep, in MLflow and its results file (default: 10 100 500)")
     p.add_argument("--workdir", type=Path,
                    help="build the workspace here (a new or empty folder; default: a temp folder)")
     args = p.parse_args(argv)
@@ -248,10 +277,11 @@ def main(argv: list[str] | None = None) -> int:
             grow_data(ws, rows)
             starts.append(trial_start(ws))
             print(f"  trial start at {rows} rows measured", file=sys.stderr, flush=True)
-        small = add_trials(ws, None, 10)
+        small = add_trials(ws, f"{SWEEP}10", None, 10)
+        report_seconds(ws, small)  # warm-up: first-use costs of the report's libraries
         big, runs = None, []
         for count in args.runs:
-            big = add_trials(ws, big, count - (runs[-1]["runs"] if runs else 0))
+            big = add_trials(ws, SWEEP, big, count - (runs[-1]["runs"] if runs else 0))
             runs.append({"runs": count, "report_n": report_seconds(ws, big), "report_10": report_seconds(ws, small),
                          **driver(ws)})
             runs[-1]["driver"] = runs[-1]["wall"] - runs[-1]["trial"]
@@ -263,11 +293,12 @@ def main(argv: list[str] | None = None) -> int:
                 [("start", "start"), ("pairs", "pairs"), ("open", "open"), ("lookup", "lookup")]))
     print("  start: run_finetune's call to its first logged step; pairs: reading the training pairs; open: opening\n"
           "  train_text; lookup: every caption's row in it\n")
-    print(curve("report stage and sweep driver against trial runs in MLflow (seconds on this machine)", runs, "runs",
+    print(curve("report stage and sweep driver against trials (seconds on this machine)", runs, "runs",
                 [("report N", "report_n"), ("report 10", "report_10"), ("driver", "wall"), ("its trial", "trial"),
                  ("driver-own", "driver")]))
-    print("  report N: reporting a sweep of N trials; report 10: a 10-trial sweep beside them; driver: a 1-trial\n"
-          "  launch from process start to exit; its trial: that trial's own seconds; driver-own: the difference")
+    print("  report N: reporting a sweep of N trials (its results file); report 10: a 10-trial sweep, the N-trial\n"
+          "  file beside it; driver: a 1-trial launch beside the N runs in MLflow, from process start to exit; its\n"
+          "  trial: that trial's own seconds; driver-own: the difference")
     return 0
 
 

@@ -64,18 +64,15 @@ def calibrate(root: Path, threads: int, steps: int = 60, every: int = 10) -> tup
 
     from pipeline.config import load
     from pipeline.experiment import run_finetune
-    from pipeline.tracking import Tracker
 
     torch.set_num_threads(threads)
     cfg = load(root / "params.yaml", {"profile": "smoke", "train": {"steps": steps, "checkpoint_every": 10**6,
                                                                      "log_every": every},
-                                      "objective": {"lambda_sds": 1e-3},
-                                      "tracking": {"uri": "sqlite:///calibration/mlflow.db"}})
+                                      "objective": {"lambda_sds": 1e-3}})
     stamps: list[float] = []
     start = time.perf_counter()
     run_finetune(cfg, root / cfg.data.root, root / "models", root / cfg.cache.root, root / "calibration" / "run",
-                 Tracker(cfg.tracking, root), "calibration", 1e-3, progress=False,
-                 on_log=lambda step, values: stamps.append(time.perf_counter()))
+                 progress=False, on_log=lambda step, values: stamps.append(time.perf_counter()))
     total = time.perf_counter() - start
     per_step = statistics.median(b - a for a, b in zip(stamps[1:], stamps[2:])) / every
     return per_step, total - per_step * steps
@@ -148,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  sweep wall time (process start-exit) {wall:7.1f} s")
         print(f"    driver: Ray start {timing['ray_start_seconds']:.1f} s, MLflow/Tuner set-up "
               f"{timing['setup_seconds']:.1f} s, Tuner.fit {timing['tune_seconds']:.1f} s, "
-              f"reconcile+summary {timing['reconcile_seconds']:.1f} s; rest (interpreter, imports, exit) "
+              f"summary {summary['wall_seconds'] - sum(timing.values()):.1f} s; rest (interpreter, imports, exit) "
               f"{wall - summary['wall_seconds']:.1f} s")
         over = wall - ideal
         print(f"  overhead = wall - own/{args.concurrent}: {over:.1f} s = {100 * over / ideal:.1f}% "

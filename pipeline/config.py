@@ -3,7 +3,8 @@
 `params.yaml` holds the toy world's values as its top-level sections and a `profiles`
 mapping of presets (`smoke`, `paper`) whose keys are deep-merged over those sections when
 `profile` names them; `profile: toy` uses the sections as they are (a null in a preset removes that key of the
-sections). Every key is checked
+sections). Every section must be in the file and every profile but toy needs its preset: a section or
+preset left out would otherwise run on built-in defaults. Every key is checked
 once, here: an unknown key, a wrong type or an out-of-range value raises `ConfigError`
 with one line naming the key, the value and what is allowed.
 """
@@ -11,15 +12,17 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
+import functools
 import re
-import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
+from annotated_types import Ge, Gt, Le, MinLen
+from pydantic import AllowInfNan, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr, TypeAdapter, ValidationError
+from pydantic.dataclasses import dataclass
 
 PROFILES = ("smoke", "toy", "paper")
 
@@ -28,21 +31,36 @@ class ConfigError(ValueError):
     """A bad configuration value; the message is one line naming the key."""
 
 
-def check(ge=None, gt=None, le=None, lt=None, doc: str = "") -> dict:
-    return {"ge": ge, "gt": gt, "le": le, "lt": lt, "doc": doc}
+# Every config dataclass refuses unknown keys. Strictness (no True or "3" for an integer, no "yes"
+# for true, no inf or nan) is in the field types, so a swept value checked against its field's type
+# alone gets it too; and a strict class would refuse a mapping for a nested section.
+validated = dataclass(config=ConfigDict(extra="forbid"))
+PosInt = Annotated[StrictInt, Gt(0)]
+NonNegInt = Annotated[StrictInt, Ge(0)]
+PosFloat = Annotated[StrictFloat, AllowInfNan(False), Gt(0)]
+NonNegFloat = Annotated[StrictFloat, AllowInfNan(False), Ge(0)]
 
-
-def positive(doc: str = "") -> dict:
-    return check(gt=0, doc=doc)
-
-
-def nonneg(doc: str = "") -> dict:
-    return check(ge=0, doc=doc)
-
+# Bounds that hold on any machine (a config does not depend on the one that reads it):
+# - steps: 10^9 steps of even 1 ms (a forward and backward pass of the smallest model here takes
+#   longer) are 11 days without a pause; the paper's run is 3,696 steps. A larger count is a typo.
+# - threads and worker processes: 1024 is above the hardware threads of the largest single machines
+#   (under a thousand); more only oversubscribes the cores, and a count like 10^9 makes torch try to
+#   start that many threads.
+# - loss weights: float32 keeps 24 significant bits, so past 2^24 (1.7e7) times the other term's
+#   weight a term's gradient is rounded away in their sum, and Adam squares the weighted gradient in
+#   float32, which overflows past 1.8e19. 10^6 keeps both clear; the weights in use are 1e-3 (the
+#   paper's lambda) to tens (the same weight under the other reduction, x256 on the toy's latent).
+MAX_STEPS = 10**9
+MAX_THREADS = 1024
+MAX_WEIGHT = 1e6
+Steps = Annotated[NonNegInt, Le(MAX_STEPS)]
+Threads = Annotated[NonNegInt, Le(MAX_THREADS)]
+Weight = Annotated[NonNegFloat, Le(MAX_WEIGHT)]
 
 # The last DDPM step of Stable Diffusion's 1000-step schedule (the toy teacher uses it too); a
 # teacher with a shorter schedule is checked against its own when it is loaded.
 LAST_STEP = 999
+DDPMStep = Annotated[StrictInt, Ge(0), Le(LAST_STEP)]
 ARO_SETS = ("vg_relation", "vg_attribution", "coco_order", "flickr_order")
 ZEROSHOT_SETS = ("imagenet", "cifar10", "cifar100", "mnist", "stl10", "food101", "pets", "flowers102", "dtd",
                  "fgvc_aircraft")
@@ -53,7 +71,7 @@ CLEVR_SUBTASKS = ("pair_binding_size", "pair_binding_color", "recognition_color"
                   "binding_color_shape", "binding_shape_color")
 
 
-@dataclass
+@validated
 class DataConfig:
     """Where the datasets come from and, for the toy world, how many of each to generate.
 
@@ -96,35 +114,35 @@ class DataConfig:
     """
 
     source: Literal["toy", "paper"] = "toy"
-    root: str = field(default="data", metadata=check(doc="folder the data stage writes"))
-    seed: int = 0
-    image_size: int = field(default=32, metadata=check(ge=16, le=1024))
-    n_train: int = field(default=4000, metadata=positive())
-    n_winoground: int = field(default=200, metadata=positive())
-    n_aro: int = field(default=300, metadata=positive(doc="cases per ARO-style set"))
-    n_zeroshot_per_class: int = field(default=20, metadata=positive())
-    n_sugarcrepe: int = field(default=30, metadata=positive(doc="cases per SugarCrepe-style subset"))
-    n_mmvp: int = field(default=15, metadata=positive(doc="pairs per MMVP-style pattern"))
-    n_clevr: int = field(default=15, metadata=positive(doc="CLEVR-style images (2 cases per image and subtask)"))
+    root: StrictStr = "data"                       # folder the data stage writes
+    seed: StrictInt = 0
+    image_size: Annotated[StrictInt, Ge(16), Le(1024)] = 32
+    n_train: PosInt = 4000
+    n_winoground: PosInt = 200
+    n_aro: PosInt = 300                            # cases per ARO-style set
+    n_zeroshot_per_class: PosInt = 20
+    n_sugarcrepe: PosInt = 30                      # cases per SugarCrepe-style subset
+    n_mmvp: PosInt = 15                            # pairs per MMVP-style pattern
+    n_clevr: PosInt = 15                           # CLEVR-style images (2 cases per image and subtask)
     # --- source: paper (see the docstring and the README section "Running the paper profile")
     train_set: Literal["coco", "cc3m"] = "coco"
-    coco_annotations: str = ""
-    coco_images: str = ""
+    coco_annotations: StrictStr = ""
+    coco_images: StrictStr = ""
     caption_choice: Literal["first", "random", "all"] = "first"
-    cc3m: str = ""
-    winoground: str = "facebook/winoground"
-    aro_root: str = ""
-    coco_order_root: str = ""
-    flickr_order_root: str = ""
+    cc3m: StrictStr = ""
+    winoground: StrictStr = "facebook/winoground"
+    aro_root: StrictStr = ""
+    coco_order_root: StrictStr = ""
+    flickr_order_root: StrictStr = ""
     aro_sets: list[Literal[ARO_SETS]] = field(default_factory=lambda: list(ARO_SETS))
-    order_tagger: str = "spacy:en_core_web_sm"
-    zeroshot_root: str = ""
+    order_tagger: StrictStr = "spacy:en_core_web_sm"
+    zeroshot_root: StrictStr = ""
     zeroshot_sets: list[Literal[ZEROSHOT_SETS]] = field(default_factory=lambda: list(ZEROSHOT_SETS))
-    sugarcrepe_root: str = ""
-    sugarcrepe_images: str = ""
+    sugarcrepe_root: StrictStr = ""
+    sugarcrepe_images: StrictStr = ""
     sugarcrepe_subsets: list[Literal[SUGARCREPE_SUBSETS]] = field(default_factory=lambda: list(SUGARCREPE_SUBSETS))
-    mmvp_root: str = ""
-    clevr_root: str = ""
+    mmvp_root: StrictStr = ""
+    clevr_root: StrictStr = ""
     clevr_subtasks: list[Literal[CLEVR_SUBTASKS]] = field(default_factory=lambda: list(CLEVR_SUBTASKS))
 
     def __post_init__(self) -> None:
@@ -144,7 +162,7 @@ class DataConfig:
             raise ConfigError("data.winoground: empty; expected a local folder or a hub id (facebook/winoground)")
 
 
-@dataclass
+@validated
 class TeacherConfig:
     """The text-to-image latent diffusion teacher (diffusers components).
 
@@ -153,40 +171,40 @@ class TeacherConfig:
     """
 
     source: Literal["toy", "pretrained"] = "toy"
-    name: str = "toy-ldm"
-    pretrained: str = ""
-    latent_channels: int = field(default=4, metadata=positive())
-    vae_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
-    unet_channels: list[int] = field(default_factory=lambda: [64, 128])
+    name: StrictStr = "toy-ldm"
+    pretrained: StrictStr = ""
+    latent_channels: PosInt = 4
+    vae_channels: list[StrictInt] = field(default_factory=lambda: [32, 64, 64])
+    unet_channels: list[StrictInt] = field(default_factory=lambda: [64, 128])
     # Attention heads of each UNet block (diffusers' `attention_head_dim`, which SD v1 configs use
     # as the head count). Few wide heads learn the toy world's colour-shape binding in fewer steps
     # than SD's 8 (4 channels each at this width), and each step runs faster on a CPU.
-    unet_heads: int = field(default=2, metadata=positive())
-    text_width: int = field(default=64, metadata=positive())
-    text_layers: int = field(default=2, metadata=positive())
-    text_heads: int = field(default=4, metadata=positive())
-    max_length: int = field(default=16, metadata=check(ge=8, le=77, doc="text tokens"))
-    vae_steps: int = field(default=600, metadata=nonneg())
-    unet_steps: int = field(default=1500, metadata=nonneg())
-    batch_size: int = field(default=64, metadata=positive(doc="UNet training batch"))
-    vae_batch_size: int = field(default=32, metadata=positive())
-    lr: float = field(default=1e-3, metadata=positive())
+    unet_heads: PosInt = 2
+    text_width: PosInt = 64
+    text_layers: PosInt = 2
+    text_heads: PosInt = 4
+    max_length: Annotated[StrictInt, Ge(8), Le(77)] = 16    # text tokens
+    vae_steps: Steps = 600
+    unet_steps: Steps = 1500
+    batch_size: PosInt = 64                                 # UNet training batch
+    vae_batch_size: PosInt = 32
+    lr: PosFloat = 1e-3
     # Min-SNR loss weighting (Hang et al., 2023): each step's loss times min(SNR(t), gamma) / SNR(t),
     # so the easy low-noise steps stop dominating the gradient; 0 = the plain mean over steps.
-    min_snr_gamma: float = field(default=0.0, metadata=nonneg())
+    min_snr_gamma: NonNegFloat = 0.0
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
-    seed: int = 0
+    seed: StrictInt = 0
     # Torch threads of the toy teacher's training. The trained weights depend on it (sums taken in
     # another order round differently, and 2000 steps amplify that), so it is set here, not taken
     # from the machine's core count: the same config trains the same teacher on any machine with
     # the same instruction set.
-    threads: int = field(default=1, metadata=positive())
+    threads: Annotated[Threads, Gt(0)] = 1
     # Pretrained teachers: the precision the models stage stores the weights in (the
     # prediction type then comes from the repo's scheduler config, not `prediction_type`).
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
 
 
-@dataclass
+@validated
 class StudentConfig:
     """One CLIP student: an open_clip model name (+ pretrained tag) or a small toy config.
 
@@ -197,39 +215,39 @@ class StudentConfig:
     """
 
     source: Literal["toy", "pretrained"] = "toy"
-    model: str = field(default="toy-vit", metadata=check(doc="open_clip model name"))
-    pretrained: str = ""
-    embed_dim: int = field(default=64, metadata=positive())
-    vision_width: int = field(default=128, metadata=positive())
-    vision_layers: int = field(default=3, metadata=positive())
-    vision_heads: int = field(default=4, metadata=positive())
-    patch_size: int = field(default=4, metadata=positive())
-    text_width: int = field(default=64, metadata=positive())
-    text_layers: int = field(default=2, metadata=positive())
-    text_heads: int = field(default=4, metadata=positive())
-    context_length: int = field(default=16, metadata=check(ge=8, le=77))
-    pretrain_steps: int = field(default=800, metadata=nonneg())
-    batch_size: int = field(default=128, metadata=positive())
-    lr: float = field(default=1e-3, metadata=positive())
-    seed: int = 0
+    model: StrictStr = "toy-vit"                   # open_clip model name
+    pretrained: StrictStr = ""
+    embed_dim: PosInt = 64
+    vision_width: PosInt = 128
+    vision_layers: PosInt = 3
+    vision_heads: PosInt = 4
+    patch_size: PosInt = 4
+    text_width: PosInt = 64
+    text_layers: PosInt = 2
+    text_heads: PosInt = 4
+    context_length: Annotated[StrictInt, Ge(8), Le(77)] = 16
+    pretrain_steps: Steps = 800
+    batch_size: PosInt = 128
+    lr: PosFloat = 1e-3
+    seed: StrictInt = 0
     # Torch threads of the toy student's pre-training: fixed for the reason `TeacherConfig.threads` is.
-    threads: int = field(default=1, metadata=positive())
+    threads: Annotated[Threads, Gt(0)] = 1
 
 
-@dataclass
+@validated
 class CacheConfig:
     """The latent/text-conditioning cache written once and read by every trial."""
 
-    root: str = "cache"
-    shard_size: int = field(default=1024, metadata=positive(doc="records per shard"))
-    batch_size: int = field(default=128, metadata=positive())
+    root: StrictStr = "cache"
+    shard_size: PosInt = 1024                      # records per shard
+    batch_size: PosInt = 128
 
 
 METHODS = ("clip", "sds", "unet_feature", "negclip", "diffusion_feedback")
 TEACHER_METHODS = ("sds", "unet_feature", "diffusion_feedback")
 
 
-@dataclass
+@validated
 class ObjectiveConfig:
     """What fine-tuning minimises: L = clip_weight L_CLIP (L_NegCLIP for negclip) + lambda_sds L_teacher.
 
@@ -280,22 +298,31 @@ class ObjectiveConfig:
     """
 
     method: Literal[METHODS] = "sds"
-    lambda_sds: float = field(default=1e-3, metadata=nonneg())
-    clip_weight: float = field(default=1.0, metadata=nonneg())
+    lambda_sds: Weight = 1e-3
+    clip_weight: Weight = 1.0
     reduction: Literal["mean", "sum"] = "mean"
-    projector_steps: int = field(default=0, metadata=nonneg())
-    projector_lr: float = field(default=0.0, metadata=nonneg(doc="0: train.lr"))
-    feedback_tokens: int = field(default=0, metadata=nonneg())
+    projector_steps: NonNegInt = 0
+    projector_lr: NonNegFloat = 0.0                # 0: train.lr
+    feedback_tokens: NonNegInt = 0
     noising: Literal["noise", "none"] = "noise"
     gradient: Literal["backprop", "sds"] = "backprop"
-    t_min: int = field(default=20, metadata=check(ge=0, le=LAST_STEP, doc="smallest DDPM step sampled"))
-    t_max: int = field(default=980, metadata=check(ge=1, le=LAST_STEP, doc="largest DDPM step sampled"))
-    latent_scale: float = field(default=1.0, metadata=positive(doc="factor on h_w's output"))
+    t_min: DDPMStep = 20                           # smallest DDPM step sampled
+    t_max: Annotated[DDPMStep, Ge(1)] = 980        # largest DDPM step sampled
+    latent_scale: PosFloat = 1.0                   # factor on h_w's output
 
     @property
     def teacher_loss(self) -> bool:
         """Whether the objective has a teacher term (and so an h_w or projector to train)."""
         return self.method in TEACHER_METHODS and self.lambda_sds > 0
+
+    @property
+    def reported_losses(self) -> set[str]:
+        """The losses every logged step of a trial reports (`train.loss_step`'s keys): the teacher
+        term under its method's name, and L_CLIP except while stage one trains the projector alone."""
+        names = {"total"} | ({"clip"} if self.projector_steps == 0 else set())
+        if self.teacher_loss:
+            names.add({"sds": "sds", "unet_feature": "unet_feature", "diffusion_feedback": "feedback"}[self.method])
+        return names
 
     def __post_init__(self) -> None:
         if self.method not in TEACHER_METHODS and self.lambda_sds != 0:
@@ -309,7 +336,7 @@ class ObjectiveConfig:
             raise ConfigError("objective.clip_weight: 0 leaves no loss (no teacher loss either); allowed: > 0")
 
 
-@dataclass
+@validated
 class TrainConfig:
     """One fine-tuning trial.
 
@@ -320,57 +347,63 @@ class TrainConfig:
                  projections) and MLP linears, rank `lora_rank`, scale lora_alpha / lora_rank
     """
 
-    student: str = "toy-vit"
+    student: StrictStr = "toy-vit"
     scope: Literal["layernorm", "full", "lora"] = "layernorm"
-    lora_rank: int = field(default=8, metadata=positive())
-    lora_alpha: float = field(default=8.0, metadata=positive())
-    lr: float = field(default=5e-5, metadata=positive())
-    weight_decay: float = field(default=0.0, metadata=nonneg())
-    warmup_steps: int = field(default=0, metadata=nonneg())
-    batch_size: int = field(default=32, metadata=positive())
-    steps: int = field(default=300, metadata=positive())
-    seed: int = 0
-    log_every: int = field(default=10, metadata=positive())
-    checkpoint_every: int = field(default=100, metadata=positive())
-    threads: int = field(default=0, metadata=nonneg(doc="torch threads, 0 = all cores"))
-    # Processes decoding the training images (0: in the training process, enough for the toy
-    # world; a GPU at the paper's sizes needs several to keep up).
-    workers: int = field(default=0, metadata=nonneg(doc="DataLoader worker processes"))
+    lora_rank: PosInt = 8
+    lora_alpha: PosFloat = 8.0
+    lr: PosFloat = 5e-5
+    weight_decay: NonNegFloat = 0.0
+    warmup_steps: NonNegInt = 0
+    batch_size: PosInt = 32
+    steps: Annotated[Steps, Gt(0)] = 300
+    seed: StrictInt = 0
+    log_every: PosInt = 10
+    checkpoint_every: PosInt = 100
+    threads: Threads = 0                           # torch threads, 0 = all cores
+    # DataLoader worker processes decoding the training images (0: in the training process, enough
+    # for the toy world; a GPU at the paper's sizes needs several to keep up).
+    workers: Threads = 0
+
+    def __post_init__(self) -> None:
+        # The rate would still be rising when training stops: train.lr is never reached.
+        if self.warmup_steps > self.steps:
+            raise ConfigError(f"train.warmup_steps: {self.warmup_steps} is longer than train.steps ({self.steps}), "
+                              f"so train.lr is never reached; allowed: <= {self.steps}")
 
 
-@dataclass
+@validated
 class EvalConfig:
     """Scoring of the benchmarks."""
 
-    diffusion_samples: int = field(default=16, metadata=positive(doc="(t, eps) pairs per caption"))
-    diffusion_t_min: int = field(default=50, metadata=check(ge=0, le=LAST_STEP))
-    diffusion_t_max: int = field(default=950, metadata=check(ge=1, le=LAST_STEP))
-    subtract_unconditional: bool = False
+    diffusion_samples: PosInt = 16                 # (t, eps) pairs per caption
+    diffusion_t_min: DDPMStep = 50
+    diffusion_t_max: Annotated[DDPMStep, Ge(1)] = 950
+    subtract_unconditional: StrictBool = False
     # The per-sample error averaged over the (t, eps) bank: "squared" (the paper's eq. 1, the mean
     # squared epsilon error) or "norm" (its L2 norm, as diffusion-itm averages it).
     error: Literal["squared", "norm"] = "squared"
     # Also score a trained h_w: the teacher's Winoground-style diffusion score with each image's
     # latent replaced by h_w(f(x)) (`projected/winoground/...`; `pipeline.evaluate.evaluate_projection`).
     # It tells whether L_SDS made the student's projected embedding carry what the teacher reads.
-    projected_score: bool = True
+    projected_score: StrictBool = True
     # The diagnostics of a trial (the projected score, diffusion feedback's error ratio) read the first
     # N Winoground-style tasks (0: all): they explain a result, so a few hundred tasks are enough,
     # and each costs as many teacher calls as the diffusion score of its tasks.
-    diagnostic_tasks: int = field(default=200, metadata=nonneg(doc="0 = every task"))
-    batch_size: int = field(default=128, metadata=positive())
-    bootstrap: int = field(default=1000, metadata=nonneg())
-    seed: int = 0
+    diagnostic_tasks: NonNegInt = 200              # 0 = every task
+    batch_size: PosInt = 128
+    bootstrap: NonNegInt = 1000
+    seed: StrictInt = 0
 
 
-@dataclass
+@validated
 class TrackingConfig:
     """MLflow: a local SQLite store by default (relative paths are under the repo root)."""
 
-    uri: str = "sqlite:///mlruns/mlflow.db"
-    experiment: str = "sds-clip"
+    uri: StrictStr = "sqlite:///mlruns/mlflow.db"
+    experiment: StrictStr = "sds-clip"
 
 
-@dataclass
+@validated
 class ComputeConfig:
     """Where the cache, the scorers and the trials run, and the fast path's options.
 
@@ -385,23 +418,24 @@ class ComputeConfig:
       gradient_checkpointing recompute activations in the backward pass (small GPUs)
     """
 
-    device: str = "auto"
+    device: StrictStr = "auto"
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     compile: Literal["auto", "off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "auto"
     channels_last: Literal["auto", True, False] = "auto"
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: StrictBool = False
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"compute.device: {self.device!r} is not allowed; expected auto, cpu, cuda or cuda:N")
 
 
-@dataclass
+@validated
 class Config:
-    profile: Literal["smoke", "toy", "paper"] = "toy"
+    profile: Literal[PROFILES] = "toy"
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    students: dict[str, StudentConfig] = field(default_factory=lambda: {"toy-vit": StudentConfig()})
+    students: Annotated[dict[StrictStr, StudentConfig], MinLen(1)] = field(
+        default_factory=lambda: {"toy-vit": StudentConfig()})
     cache: CacheConfig = field(default_factory=CacheConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -409,7 +443,7 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     compute: ComputeConfig = field(default_factory=ComputeConfig)
     # Sweep files (paths relative to params.yaml) the `sweep` stage runs on this profile.
-    sweeps: list[str] = field(default_factory=list)
+    sweeps: list[StrictStr] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for i, path in enumerate(self.sweeps):
@@ -442,6 +476,13 @@ class Config:
     def student(self) -> StudentConfig:
         """The student the train stage fine-tunes."""
         return self.students[self.train.student]
+
+
+# The sections params.yaml's top level must hold: Config's mapping-valued fields. A section left out
+# would run on the dataclass defaults instead of the file's values without a word; within a section a
+# key left out takes its documented default (presets and the paper's students set only what differs).
+SECTIONS = tuple(name for name, tp in typing.get_type_hints(Config).items()
+                 if dataclasses.is_dataclass(tp) or typing.get_origin(tp) is dict)
 
 
 def norm_groups(channels: list[int]) -> int:
@@ -480,90 +521,86 @@ def _check_pretrained_student(name: str, student: StudentConfig) -> None:
                           f"config {student.model + '-quickgelu'!r} (open_clip only warns, and the numbers drift)")
 
 
-def _type_name(tp: Any) -> str:
+def type_name(tp: Any) -> str:
+    """What a value of the (bare) type `tp` is, as an error message says it."""
     origin = typing.get_origin(tp)
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (list, tuple):
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
-    if origin is dict:
-        return "a mapping"
-    if dataclasses.is_dataclass(tp):
-        return "a mapping"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
-
-
-def convert(value: Any, tp: Any, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    bad = ConfigError(f"{key}: {value!r} is not allowed; expected {_type_name(tp)}")
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise bad
-        return build(tp, value, key)
-    if origin is Literal:
-        if value not in typing.get_args(tp):
-            raise bad
-        return value
     if origin is list:
-        if not isinstance(value, list):
-            raise bad
-        (item,) = typing.get_args(tp)
-        return [convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        return f"a list of {type_name(typing.get_args(tp)[0])}"
     if origin is dict:
-        if not isinstance(value, dict) or not value:
-            raise ConfigError(f"{key}: {value!r} is not allowed; expected a non-empty mapping")
-        _, item = typing.get_args(tp)
-        return {str(k): convert(v, item, f"{key}.{k}") for k, v in value.items()}
-    if origin in (types.UnionType, typing.Union):
-        raise TypeError("union types are not used in the config")
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise bad
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad
-        try:
-            number = float(value)
-        except OverflowError:
-            number = math.inf
-        if not math.isfinite(number):
-            raise ConfigError(f"{key}: {value!r} is not allowed; expected a finite number")
-        return number
-    if tp is str:
-        if not isinstance(value, str):
-            raise bad
-        return value
-    raise TypeError(f"unsupported config type {tp}")
+        return "a non-empty mapping"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[tp]
 
 
-def check_range(value: Any, meta: dict, key: str) -> None:
-    bounds = [("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
-              ("le", lambda v, b: v <= b, "<="), ("lt", lambda v, b: v < b, "<")]
-    for name, ok, sign in bounds:
-        bound = meta.get(name)
-        if bound is not None and not ok(value, bound):
-            raise ConfigError(f"{key}: {value!r} is out of range; allowed: {sign} {bound}")
+_adapter = functools.cache(TypeAdapter)
+_UNKNOWN = ("unexpected_keyword_argument", "extra_forbidden", "invalid_key")
+_SIGNS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
 
 
-def build(cls: type, data: dict, prefix: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(names))
-    if unknown:
-        where = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
-        raise ConfigError(f"{where}: unknown key; allowed keys: {', '.join(sorted(names))}")
-    kwargs = {}
-    for name, value in data.items():
-        key = f"{prefix}.{name}" if prefix else name
-        converted = convert(value, hints[name], key)
-        check_range(converted, names[name].metadata, key)
-        kwargs[name] = converted
-    return cls(**kwargs)
+def validate(tp: Any, data: Any, key: str = "") -> Any:
+    """`data` as `tp` (a config dataclass, or a field's type with its constraints), keys named from `key`.
+
+    pydantic finds every problem; the one reported is the first in `data`'s own order, unknown keys
+    of a mapping before its other keys, so the message does not depend on the order of the fields.
+    """
+    try:
+        return _adapter(tp).validate_python(data)
+    except ValidationError as err:
+        first = min(err.errors(include_url=False), key=lambda error: _position(error, data))
+        raise ConfigError(_message(first, tp, key)) from None
+
+
+def _position(error: dict, data: Any) -> list:
+    """A sort key: where `error` lies in `data`, an unknown key of a mapping before its other keys."""
+    loc, rank = error["loc"], []
+    for depth, part in enumerate(loc):
+        if error["type"] in _UNKNOWN and depth == len(loc) - 1:
+            return rank + [(0, str(part))]
+        keys = list(data) if isinstance(data, dict) else range(len(data)) if isinstance(data, list) else ()
+        if part not in keys:
+            break
+        rank.append((1, keys.index(part)))
+        data = data[part]
+    return rank
+
+
+def _bare(tp: Any) -> Any:
+    return typing.get_args(tp)[0] if typing.get_origin(tp) is Annotated else tp
+
+
+def _locate(tp: Any, loc: tuple, key: str) -> tuple[str, Any]:
+    """The name of the value at `loc` in a `tp` (after `key`; list items as [i]) and its bare type."""
+    for part in loc:
+        tp = _bare(tp)
+        if typing.get_origin(tp) is list:
+            key, tp = f"{key}[{part}]", typing.get_args(tp)[0]
+        else:
+            key = f"{key}.{part}" if key else str(part)
+            tp = typing.get_type_hints(tp).get(part) if dataclasses.is_dataclass(tp) else typing.get_args(tp)[-1]
+    return key, _bare(tp)
+
+
+def _message(error: dict, tp: Any, key: str) -> str:
+    kind, loc, value = error["type"], error["loc"], error["input"]
+    if kind == "value_error":               # a ConfigError of a __post_init__ check, naming its own keys
+        return str(error["ctx"]["error"])
+    if loc[-1:] == ("[key]",):              # a student's name that YAML read as a number
+        return f"{_locate(tp, loc[:-1], key)[0]}: {value!r} is not allowed as a name; expected a string"
+    where, tp_there = _locate(tp, loc, key)
+    if kind in _UNKNOWN:
+        fields = dataclasses.fields(_locate(tp, loc[:-1], key)[1])
+        return f"{where}: unknown key; allowed keys: {', '.join(sorted(f.name for f in fields))}"
+    if kind in _SIGNS:
+        (bound,) = error["ctx"].values()
+        shown = float(value) if tp_there is float else value       # the number as the field holds it
+        return f"{where}: {shown!r} is out of range; allowed: {_SIGNS[kind]} {bound:g}"
+    # An integer past the largest float is refused as not a float; it is an infinite number.
+    if kind == "finite_number" or (tp_there is float and type(value) is int):
+        return f"{where}: {value!r} is not allowed; expected a finite number"
+    return f"{where}: {value!r} is not allowed; expected {type_name(tp_there)}"
 
 
 def deep_merge(base: dict, override: dict, drop_null: bool = False) -> dict:
@@ -583,21 +620,36 @@ def deep_merge(base: dict, override: dict, drop_null: bool = False) -> dict:
     return merged
 
 
-def resolve(params: dict, overrides: dict | None = None) -> dict:
-    """The config mapping of params.yaml: its sections, then the profile's preset, then overrides."""
+def resolve(params: Any, overrides: dict | None = None, source: str = "params.yaml") -> dict:
+    """The config mapping of a params file (as read; `source` names it): its sections, then the
+    profile's preset, then overrides."""
+    if params is None or params == {}:
+        raise ConfigError(f"{source}: empty; a params file holds the sections {', '.join(SECTIONS)} "
+                          "(and a preset under `profiles` for each profile but toy)")
     if not isinstance(params, dict):
-        raise ConfigError("params.yaml: the top level must be a mapping")
+        raise ConfigError(f"{source}: the top level must be a mapping")
     overrides = overrides or {}
     presets = params.get("profiles") or {}
     if not isinstance(presets, dict):
         raise ConfigError(f"profiles: {presets!r} is not allowed; expected a mapping of profile name to preset")
     base = {key: value for key, value in params.items() if key != "profiles"}
+    # The keys besides the sections first: a misspelt section is named as unknown, not as missing.
+    from_dict({**{key: value for key, value in base.items() if key not in SECTIONS}, "profile": "toy"})
+    missing = [name for name in SECTIONS if name not in base]
+    if missing:
+        raise ConfigError(f"{missing[0]}: missing; {source} must hold every section the stages read: "
+                          f"{', '.join(SECTIONS)}")
     from_dict({**base, "profile": "toy"})  # the sections alone, so their errors carry their own names
     for name, preset in presets.items():
         if name not in PROFILES:
             raise ConfigError(f"profiles.{name}: unknown profile; allowed: {', '.join(PROFILES)}")
         if not isinstance(preset, dict):
             raise ConfigError(f"profiles.{name}: {preset!r} is not allowed; expected a mapping of sections")
+        # A null drops a key of the sections; a whole section dropped would run on the defaults.
+        dropped = [key for key in SECTIONS if key in preset and preset[key] is None]
+        if dropped:
+            raise ConfigError(f"profiles.{name}.{dropped[0]}: null would remove the whole section; "
+                              "allowed: a mapping of the keys the preset changes ({} for none)")
         # Every preset is checked, not only the selected one: a typo waits for nobody.
         try:
             from_dict(deep_merge(base, {**preset, "profile": name}, drop_null=True))
@@ -606,12 +658,16 @@ def resolve(params: dict, overrides: dict | None = None) -> dict:
     profile = overrides.get("profile", params.get("profile", "toy"))
     if profile not in PROFILES:
         raise ConfigError(f"profile: {profile!r} is not allowed; expected one of {', '.join(PROFILES)}")
+    # Without its preset a profile would silently run the toy world's sections.
+    if profile != "toy" and profile not in presets:
+        raise ConfigError(f"profiles.{profile}: missing; profile {profile!r} merges its preset over the sections "
+                          f"(only toy runs them alone); add it under `profiles` in {source}")
     return deep_merge(deep_merge(base, presets.get(profile) or {}, drop_null=True), overrides)
 
 
 def from_dict(data: dict) -> Config:
     """Validate a resolved mapping into a Config."""
-    return build(Config, data, "")
+    return validate(Config, data)
 
 
 # --------------------------------------------------------------------------- YAML
@@ -670,7 +726,7 @@ def read_yaml(path: str | Path) -> Any:
 
 def load(path: str | Path = "params.yaml", overrides: dict | None = None) -> Config:
     """Read, resolve and validate a params file."""
-    return from_dict(resolve(read_yaml(path) or {}, overrides))
+    return from_dict(resolve(read_yaml(path), overrides, str(path)))
 
 
 def to_dict(config: Config) -> dict:

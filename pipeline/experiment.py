@@ -17,7 +17,7 @@ from pipeline.device import resolve_device
 from pipeline.digest import fingerprint, text_digest
 from pipeline.evaluate import evaluate_feedback, evaluate_projection, evaluate_student, evaluate_teacher
 from pipeline.fastpath import FastPath
-from pipeline.models.build import student_dir, teacher_dir
+from pipeline.models import student_dir, teacher_dir
 from pipeline.models.student import load_student
 from pipeline.models.teacher import load_teacher
 from pipeline.tracking import Tracker
@@ -31,6 +31,7 @@ def run_baselines(cfg: Config, root: Path, data_root: Path, models: Path, cache:
     bench = benchmarks(data_root, read_index(data_root))
     device = resolve_device(cfg.compute.device)
     tags = {"profile": cfg.profile, "stage": "baselines"}
+    tracker.end_abandoned({"stage": "baselines"}, "killed; the baselines stage ran again")
     results = {}
     for name in cfg.students:
         with tracker.start(f"pretrained {name}", params=to_dict(cfg),
@@ -52,15 +53,16 @@ def run_baselines(cfg: Config, root: Path, data_root: Path, models: Path, cache:
     return results
 
 
-def run_finetune(cfg: Config, data_root: Path, models: Path, cache: Path, folder: Path, tracker: Tracker,
-                 run_name: str, tags: dict | None = None, parent: str | None = None,
-                 run_id: str | None = None, on_log: Callable[[int, dict], None] | None = None,
+def run_finetune(cfg: Config, data_root: Path, models: Path, cache: Path, folder: Path,
+                 on_log: Callable[[int, dict], None] | None = None,
                  on_checkpoint: Callable[[int, Path], None] | None = None, progress: bool = True) -> dict:
-    """Fine-tune `cfg.train.student` with `cfg.objective`, evaluate it, log it all to one run.
+    """Fine-tune `cfg.train.student` with `cfg.objective` and evaluate it: config in, events and results out.
 
-    `run_id` continues an existing run (a resumed sweep trial) instead of starting one;
-    `on_log` / `on_checkpoint` are passed on to `train.fit` (after the losses are logged).
-    A `train.TrialStopped` raised by them ends the run as KILLED rather than FAILED.
+    `on_log(step, losses)` sees every logged step, those replayed from a checkpoint `folder` held
+    first (so a new record of a resumed trial still starts at step 1); `on_checkpoint(step, folder)`
+    sees every checkpoint (`train.fit`). Returns the final `metrics`, the per-case `outcomes`, the
+    `trained` file and the step the training `resumed_from`. Nothing here records anything: the
+    caller's recorder does (`record_finetune` for the stages, the sweep's run recorder for trials).
     """
     student = load_student(student_dir(models, cfg.train.student))
     index = read_index(data_root)
@@ -71,70 +73,60 @@ def run_finetune(cfg: Config, data_root: Path, models: Path, cache: Path, folder
     reads_latents = objective.teacher_loss and objective.method in ("unet_feature", "diffusion_feedback")
     latents = open_table(cache, "train_images") if reads_latents else None
     negatives = train_negatives(data_root, index, pairs) if objective.method == "negclip" else None
-    params = to_dict(cfg)
-    run_tags = {"profile": cfg.profile, "stage": "train", "student": cfg.train.student, "method": objective.method,
-                **(tags or {})}
-    if run_id:
-        run = tracker.resume(run_id)
-        run.log_params(params)
-        run.set_tags(run_tags)
-    else:
-        run = tracker.start(run_name, params=params, parent=parent, tags=run_tags)
-
-    # A resumed run re-runs the steps after its last checkpoint; they were logged before the
-    # interruption (with the same values: the steps are deterministic), so they are not logged twice.
-    logged_until = max((step for step, _ in tracker.metric_history(run_id, "loss/total")), default=0) if run_id else 0
-
-    def loss_metrics(values: dict) -> dict:
-        return {f"loss/{k}" if k != "lr" else "lr": v for k, v in values.items() if k != "step"}
-
-    def log(step: int, values: dict) -> None:
-        if step > logged_until:
-            run.log_metrics(loss_metrics(values), step)
-        if on_log:
-            on_log(step, values)
-
-    try:
-        # What a checkpoint must have been trained from to be resumed: the pairs, the student's
-        # weights, and the teacher as the cache recorded it (no second hash of a multi-GB UNet).
-        inputs = {"pairs": text_digest(f"{p.image}\t{p.caption}" for p in pairs),
-                  "student": fingerprint(student_dir(models, cfg.train.student)),
-                  "teacher": conditioning.meta.get("teacher") if conditioning is not None else None}
-        trial = trainer.setup(cfg.train, objective, student, pairs, teacher, conditioning, latents, cfg.compute, inputs,
-                              negatives)
-        run.log_metrics({"trainable_parameters": trial.trainable_count})
-        if trainer.load_checkpoint(trial, folder) and not run_id:
-            # A new run that continues an interrupted trial (e.g. after a failed evaluation):
-            # its loss curve still starts at step 1.
-            for entry in trial.history:
-                run.log_metrics(loss_metrics(entry), entry["step"])
+    # The tables the evaluation reads are opened (checked) now, not found broken after the training.
+    projects = cfg.eval.projected_score and objective.teacher_loss and objective.method == "sds"
+    bench_text = open_table(cache, "bench_text") if projects else None
+    feedback = objective.teacher_loss and objective.method == "diffusion_feedback"
+    bench_images = open_table(cache, "bench_images") if feedback else None
+    log = on_log or (lambda step, values: None)
+    # What a checkpoint must have been trained from to be resumed: the pairs, the student's
+    # weights, and the teacher as the cache recorded it (no second hash of a multi-GB UNet).
+    inputs = {"pairs": text_digest(f"{p.image}\t{p.caption}" for p in pairs),
+              "student": fingerprint(student_dir(models, cfg.train.student)),
+              "teacher": conditioning.meta.get("teacher") if conditioning is not None else None}
+    trial = trainer.setup(cfg.train, objective, student, pairs, teacher, conditioning, latents, cfg.compute, inputs,
+                          negatives)
+    resumed_from = trial.step if trainer.load_checkpoint(trial, folder) else 0
+    for entry in trial.history:
+        log(entry["step"], {k: v for k, v in entry.items() if k != "step"})
+    start = time.perf_counter()
+    trainer.fit(trial, folder, on_log=log, progress=progress, on_checkpoint=on_checkpoint)
+    train_seconds = time.perf_counter() - start
+    trained = trainer.save_trained(trial, folder)
+    bench = benchmarks(data_root, index)
+    result = evaluate_student(student, bench, cfg.eval, trial.device)
+    if bench_text is not None:
         start = time.perf_counter()
-        trainer.fit(trial, folder, on_log=log, progress=progress, on_checkpoint=on_checkpoint)
-        train_seconds = time.perf_counter() - start
-        checkpoint = trainer.save_trained(trial, folder)
-        run.log_artifact(checkpoint)
-        bench = benchmarks(data_root, index)
-        result = evaluate_student(student, bench, cfg.eval, trial.device)
-        if cfg.eval.projected_score and trial.projector is not None and objective.method == "sds":
-            start = time.perf_counter()
-            result.update(evaluate_projection(student, trial.projector, objective.latent_scale, teacher,
-                                              open_table(cache, "bench_text"), bench, cfg.eval, trial.device,
-                                              trial.fast))
-            result.metrics["time/projected_seconds"] = time.perf_counter() - start
-        if trial.projector is not None and objective.method == "diffusion_feedback":
-            result.update(evaluate_feedback(student, trial.projector, teacher, open_table(cache, "bench_images"),
-                                            trial.empty, bench, cfg.eval, objective.feedback_tokens, trial.device))
-        metrics = result.metrics
-        metrics.update({"trainable_parameters": trial.trainable_count, "time/train_seconds": train_seconds})
-        run.log_metrics(metrics)
-        run.log_dict(result.outcomes, OUTCOMES)
-    except trainer.TrialStopped:
-        run.finish("KILLED")
-        raise
-    except BaseException as err:
-        run.fail(err)
-        raise
+        result.update(evaluate_projection(student, trial.projector, objective.latent_scale, teacher, bench_text, bench,
+                                          cfg.eval, trial.device, trial.fast))
+        result.metrics["time/projected_seconds"] = time.perf_counter() - start
+    if bench_images is not None:
+        result.update(evaluate_feedback(student, trial.projector, teacher, bench_images, trial.empty, bench, cfg.eval,
+                                        objective.feedback_tokens, trial.device))
+    result.metrics.update({"trainable_parameters": trial.trainable_count, "time/train_seconds": train_seconds})
+    return {"metrics": result.metrics, "outcomes": result.outcomes, "trained": trained, "resumed_from": resumed_from}
+
+
+def loss_metrics(losses: dict) -> dict:
+    """A logged step's losses under their metric names (`loss/<name>`; the learning rate as `lr`)."""
+    return {f"loss/{k}" if k != "lr" else "lr": v for k, v in losses.items()}
+
+
+def record_finetune(cfg: Config, data_root: Path, models: Path, cache: Path, folder: Path, tracker: Tracker,
+                    run_name: str, tags: dict | None = None, progress: bool = True) -> dict:
+    """`run_finetune` recorded as one MLflow run (the stages' recorder): params, every step's losses,
+    the final metrics, the outcomes and the trained file. The checkpoint in `folder` is kept until
+    all of it is recorded, so a stage that failed in its evaluation resumes from there."""
+    run_tags = {"profile": cfg.profile, "stage": "train", "student": cfg.train.student, "method": cfg.objective.method,
+                **(tags or {})}
+    tracker.end_abandoned({k: run_tags[k] for k in ("stage", "row") if k in run_tags},
+                          f"killed; continued by a later {run_name!r} run")
+    with tracker.start(run_name, params=to_dict(cfg), tags=run_tags) as run:
+        result = run_finetune(cfg, data_root, models, cache, folder, progress=progress,
+                              on_log=lambda step, losses: run.log_metrics(loss_metrics(losses), step))
+        run.log_metrics(result["metrics"])
+        run.log_dict(result["outcomes"], OUTCOMES)
+        run.log_artifact(result["trained"])
     trainer.discard_checkpoint(folder)
-    run.finish()
-    return {"run_id": run.run_id, "metrics": metrics, "outcomes": result.outcomes,
-            "trainable_parameters": trial.trainable_count}
+    return {"run_id": run.run_id, "metrics": result["metrics"], "outcomes": result["outcomes"],
+            "trainable_parameters": result["metrics"]["trainable_parameters"]}

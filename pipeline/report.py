@@ -1,4 +1,4 @@
-"""Tables and figures in the paper's layout, from the MLflow runs the stages logged.
+"""Tables and figures in the paper's layout, from the results files the stages and sweeps write.
 
 Table 1 rows: the pretrained student, FT with L_CLIP, FT with L_CLIP + lambda L_SDS, and the
 teacher's diffusion score. Columns: Winoground text score (overall, per collapsed tag,
@@ -6,10 +6,11 @@ per number of main predicates), image and group scores, ARO overall / relation /
 attribution / order, zero-shot mean, the teacher's text score on a trained h_w(f(x)) ("h_w text",
 `evaluate.evaluate_projection`; not in the paper) and the bootstrap interval of the text score.
 
-A sweep's table has one row per trial (the swept params, the trial's status, the same
-metric columns); its figure plots the headline scores against the swept param, or per
-trial when the sweep varied several params or a non-numeric one. The zero-shot figure is
-the paper's Fig. 2: accuracy per zero-shot set for each Table-1 run that has them.
+A sweep's table has one row per trial of its results file (the swept values, the trial's status,
+the same metric columns); its figure plots the headline scores against the swept key, or per
+configuration when the sweep varied several keys or a non-numeric one. The zero-shot figure is
+the paper's Fig. 2: accuracy per zero-shot set for each Table-1 run that has them. Nothing here
+reads the tracking store, so the report rebuilds from the results files alone.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import numpy as np
 
 from pipeline.io import write_bytes, write_text
 from pipeline.metrics import PairedDifference, outcome_parts, paired_difference, seed_task_interval
-from pipeline.sweep_config import VARIANT
+from pipeline.sweep.spec import VARIANT
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -49,8 +50,6 @@ TABLE1_CSV_HEADER = ["run"] + [key for _, key in COLUMNS] + ["winoground/text/ci
 # The scores a sweep figure plots, with their legend labels.
 FIGURE_METRICS = [("winoground/text", "Winoground text"), ("aro/overall", "ARO overall"),
                   ("zeroshot/mean", "zero-shot mean")]
-# Status tags the sweep driver gives child runs that are not one of its trials.
-NOT_TRIALS = {"duplicate", "orphaned"}
 ZEROSHOT_PREFIX = "zeroshot/"
 ZEROSHOT_MEAN = "zeroshot/mean"
 
@@ -165,11 +164,18 @@ def write_table1(runs: list[tuple[str, dict[str, float]]], out: Path, stem: str 
 
 
 # ----------------------------------------------------------------------------- sweeps
+#
+# A sweep's trials as its results file (`results/sweeps/<name>.json`, `pipeline.sweep`) lists them: each
+# {"trial": label, "config": {swept key: value}, "status": ..., "metrics": {key: value}, ...}.
 
 
-def sweep_trials(children: list[dict]) -> list[dict]:
-    """The child runs that are trials (run dicts as `Tracker.find_runs` gives them)."""
-    return [run for run in children if run["tags"].get("status") not in NOT_TRIALS]
+def table_trials(trials: list[dict]) -> list[dict]:
+    """A results file's trials as a sweep table and figure read them: each swept value as the text a
+    cell shows, and only the finite metrics (a NaN or a missing value is no score)."""
+    return [{"trial": trial["trial"], "status": trial["status"],
+             "config": {key: str(value) for key, value in (trial.get("config") or {}).items()},
+             "metrics": {key: value for key, value in (trial.get("metrics") or {}).items()
+                         if isinstance(value, (int, float)) and math.isfinite(value)}} for trial in trials]
 
 
 def _number(text: str) -> float | None:
@@ -179,34 +185,15 @@ def _number(text: str) -> float | None:
         return None
 
 
-def _mirrors(trials: list[dict], key: str, other: str) -> bool:
-    """Whether `key` holds `other`'s value in every trial that logged both."""
-    both = [trial["params"] for trial in trials if key in trial["params"] and other in trial["params"]]
-    return bool(both) and all(params[key] == params[other] for params in both)
-
-
 def swept_keys(trials: list[dict]) -> list[str]:
-    """The params whose logged values differ across trials, in name order.
-
-    A trial logs its whole config, where `train.lambda_sds` repeats `objective.lambda_sds`:
-    a key that holds an earlier key's value in every trial is the same sweep axis and is left
-    out. Keys a trial lacks (one that failed before logging its config) are not differences.
-    """
-    names = sorted({key for trial in trials for key in trial["params"]})
-    varying = [key for key in names if len({t["params"][key] for t in trials if key in t["params"]}) > 1]
-    kept: list[str] = []
-    for key in varying:
-        if not any(_mirrors(trials, key, other) for other in kept):
-            kept.append(key)
-    return kept
+    """The config keys whose values differ across trials: a named variant first, the others by name.
+    A key with one value is no axis of the table or the figure."""
+    names = sorted({key for trial in trials for key in trial["config"]}, key=lambda key: (key != VARIANT, key))
+    return [key for key in names if len({t["config"][key] for t in trials if key in t["config"]}) > 1]
 
 
 def is_numeric(trials: list[dict], key: str) -> bool:
-    return all(_number(trial["params"][key]) is not None for trial in trials if key in trial["params"])
-
-
-def trial_label(trial: dict) -> str:
-    return trial["tags"].get("trial") or trial["name"]
+    return all(_number(trial["config"][key]) is not None for trial in trials if key in trial["config"])
 
 
 def sorted_trials(trials: list[dict], keys: list[str]) -> list[dict]:
@@ -216,9 +203,9 @@ def sorted_trials(trials: list[dict], keys: list[str]) -> list[dict]:
     def order(trial: dict) -> tuple:
         parts = []
         for key in keys:
-            value = trial["params"].get(key)
+            value = trial["config"].get(key)
             parts.append((value is None, _number(value) if numeric[key] and value is not None else 0.0, value or ""))
-        return tuple(parts), trial_label(trial)
+        return tuple(parts), trial["trial"]
 
     return sorted(trials, key=order)
 
@@ -230,14 +217,15 @@ def sweep_header(keys: list[str]) -> tuple[list[str], list[str]]:
 
 
 def sweep_rows(trials: list[dict], keys: list[str]) -> list[list[str]]:
-    """[trial, swept values, status tag, value per `COLUMNS` metric], '-' for what a trial lacks."""
-    return [[trial_label(trial)] + [trial["params"].get(key, "-") for key in keys] +
-            [trial["tags"].get("status", "-")] + metric_cells(trial["metrics"]) for trial in trials]
+    """[trial, swept values, status, value per `COLUMNS` metric], '-' for what a trial lacks."""
+    return [[trial["trial"]] + [trial["config"].get(key, "-") for key in keys] + [trial["status"]] +
+            metric_cells(trial["metrics"]) for trial in trials]
 
 
-def write_sweep_report(name: str, children: list[dict], out: Path) -> list[Path]:
-    """`sweep-<name>.md/.tex/.csv`, and `.png` when a trial has a score to plot; the paths written."""
-    trials = sweep_trials(children)
+def write_sweep_report(name: str, trials: list[dict], out: Path) -> list[Path]:
+    """`sweep-<name>.md/.tex/.csv`, and `.png` when a trial has a score to plot, from the trials of the
+    sweep's results file; the paths written."""
+    trials = table_trials(trials)
     keys = swept_keys(trials)
     trials = sorted_trials(trials, keys)
     header, csv_header = sweep_header(keys)
@@ -294,7 +282,7 @@ def x_scale(values: list[float]) -> tuple[str, dict]:
 
 def plotted_trials(trials: list[dict]) -> list[dict]:
     """Trials with a score to plot: failed ones are left out even if they logged some."""
-    return [trial for trial in trials if trial["tags"].get("status") != "failed"
+    return [trial for trial in trials if trial["status"] != "failed"
             and any(key in trial["metrics"] for key, _ in FIGURE_METRICS)]
 
 
@@ -325,15 +313,15 @@ def line_figure(name: str, key: str, trials: list[dict]) -> Figure:
     """Each `FIGURE_METRICS` score against `key`: a line through the means, a dot per trial."""
     figure = new_figure(6, 4)
     axes = figure.add_subplot()
-    with_key = [trial for trial in trials if key in trial["params"]]
+    with_key = [trial for trial in trials if key in trial["config"]]
     for metric, label in FIGURE_METRICS:
-        points = [(float(t["params"][key]), t["metrics"][metric]) for t in with_key if metric in t["metrics"]]
+        points = [(float(t["config"][key]), t["metrics"][metric]) for t in with_key if metric in t["metrics"]]
         if not points:
             continue
         means = mean_by_x(points)
         (line,) = axes.plot([x for x, _ in means], [y for _, y in means], marker="o", label=label)
         axes.scatter([x for x, _ in points], [y for _, y in points], s=12, alpha=0.5, color=line.get_color())
-    scale, options = x_scale([float(t["params"][key]) for t in with_key])
+    scale, options = x_scale([float(t["config"][key]) for t in with_key])
     axes.set_xscale(scale, **options)
     caption = key
     if scale == "symlog":
@@ -347,25 +335,13 @@ def line_figure(name: str, key: str, trials: list[dict]) -> Figure:
     return figure
 
 
-def caption_keys(trials: list[dict], keys: list[str]) -> list[str]:
-    """`keys` less those a swept variant fixes (one value within each variant's trials), the variant
-    first: its name already says them, and spelling them out makes captions too long for a figure."""
-    if VARIANT not in keys:
-        return keys
-    by_variant: dict[str, list[dict]] = defaultdict(list)
-    for trial in trials:
-        by_variant[trial["params"].get(VARIANT)].append(trial)
-    return [VARIANT] + [key for key in keys if key != VARIANT and any(
-        len({t["params"].get(key) for t in members}) > 1 for members in by_variant.values())]
-
-
 def config_groups(trials: list[dict], keys: list[str]) -> list[tuple[str, list[dict]]]:
     """(caption, trials) per configuration of `keys`' values, in the trials' order: a configuration's
-    seeds (and repeated draws) make one group, so a figure grows with the configurations, not the runs."""
-    keys = caption_keys(trials, keys)
+    seeds (and repeated draws) make one group, so a figure grows with the configurations, not the runs.
+    A variant is captioned by its name alone, each other key on a line of its own."""
     groups: dict[tuple, list[dict]] = {}
     for trial in trials:
-        groups.setdefault(tuple(trial["params"].get(key) for key in keys), []).append(trial)
+        groups.setdefault(tuple(trial["config"].get(key) for key in keys), []).append(trial)
     captions = []
     for values, members in groups.items():
         caption = "\n".join(value if key == VARIANT else f"{key}={value}"

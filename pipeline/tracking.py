@@ -8,25 +8,49 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from pipeline.config import TrackingConfig, flatten
+from pipeline.config import ConfigError, TrackingConfig, flatten
 
 MAX_PARAM_LENGTH = 500
 log = logging.getLogger(__name__)
 
 
+# The stores MLflow's client opens: a local file store, an SQL database, a tracking server.
+URI_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssql", "databricks")
+
+
+def check_uri(uri: str) -> None:
+    """A tracking URI MLflow can open, refused in one line otherwise (MLflow's own error is a
+    traceback at the first run, after the work it was to record)."""
+    scheme = uri.split("://", 1)[0].split("+", 1)[0] if "://" in uri else "file"
+    if not uri or scheme not in URI_SCHEMES:
+        raise ConfigError(f"tracking.uri: {redact(uri)!r} is not allowed; expected sqlite:///PATH, a folder, "
+                          f"http(s)://HOST[:PORT] or a database URI ({', '.join(URI_SCHEMES)})")
+
+
 def resolve_uri(uri: str, root: Path) -> str:
     """Make a relative SQLite path absolute under `root` (MLflow needs absolute paths)."""
+    check_uri(uri)
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
         path = (Path(root) / uri[len(prefix):]).resolve()
         path.parent.mkdir(parents=True, exist_ok=True)
         return prefix + str(path)
     return uri
+
+
+_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")
+
+
+def redact(text: str) -> str:
+    """`text` with the user and password of every URI in it replaced by *** (a tracking server's
+    `http://user:pass@host` must not reach params, artifacts, stdout or logs)."""
+    return _CREDENTIALS.sub("***@", text)
 
 
 def git_commit(root: Path) -> str:
@@ -68,7 +92,7 @@ class Run:
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in flatten(params).items()]
+        items = [Param(k, redact(str(v))[:MAX_PARAM_LENGTH]) for k, v in flatten(params).items()]
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[i : i + 100])
 
@@ -91,7 +115,7 @@ class Run:
 
     def log_text(self, text: str, name: str) -> None:
         """A small text artifact (a summary, the sweep file) under `name`."""
-        self.client.log_text(self.run_id, text, name)
+        self.client.log_text(self.run_id, redact(text), name)
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status)
@@ -180,6 +204,14 @@ class Tracker:
             token = page.token
             if not token:
                 return out
+
+    def end_abandoned(self, tags: dict, reason: str) -> None:
+        """End as KILLED, with `reason`, the RUNNING runs with these tags: what an earlier attempt of
+        the same stage left when it was killed (DVC runs a project's stages one at a time)."""
+        for found in self.find_runs(tags=tags):
+            if found["status"] == "RUNNING":
+                self.run(found["run_id"]).set_tags({"status": "interrupted", "failure": reason})
+                self.run(found["run_id"]).finish("KILLED")
 
     def metric_history(self, run_id: str, key: str) -> list[tuple[int, float]]:
         return [(m.step, m.value) for m in self.client.get_metric_history(run_id, key)]

@@ -403,7 +403,8 @@ def fit(trial: Trial, folder: Path | None, on_log: Callable[[int, dict[str, floa
         losses = loss_step(trial, *next(batches))
         values = {k: float(v.detach()) for k, v in losses.items()}
         if not all(math.isfinite(v) for v in values.values()):
-            raise NonFiniteLoss(f"step {trial.step}: non-finite loss {values}")
+            raise NonFiniteLoss(f"step {trial.step}: non-finite loss {values}; lower train.lr or "
+                                f"objective.lambda_sds (or objective.latent_scale)")
         trial.optimizer.zero_grad(set_to_none=True)
         if trial.scaler is None:
             losses["total"].backward()

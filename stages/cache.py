@@ -23,7 +23,7 @@ def body(args, cfg, root):
     from pipeline.digest import fingerprint
     from pipeline.device import resolve_device
     from pipeline.latents import build_cache
-    from pipeline.models.build import teacher_dir
+    from pipeline.models import teacher_dir
     from pipeline.models.teacher import load_teacher
 
     folder = teacher_dir(root / "models")

@@ -4,25 +4,38 @@
     python -m stages.sweep sweeps/lambda.yaml      # or these
 
 The sweeps run on params.yaml's profile (the one the other stages use) unless --profile
-says otherwise. Every file is validated before the first one runs. Each sweep writes
-`results/sweep-<name>.json` (parent run id, child run ids, statuses, metrics) and the stage
-writes `results/sweeps.json` (sweep name -> file, MLflow experiment, parent run id, exit
-status), which the report stage reads to find the sweeps' runs in MLflow. Exit status: 0,
-or the worst of the sweeps' (1: a trial failed; 2: bad input; 130: interrupted).
+says otherwise. Every file is validated before the first one runs. Outputs, both DVC-cached,
+so that `dvc checkout` brings back what the report stage reads:
+
+    results/sweeps/<name>.json   per sweep that ran: its parent run, each trial's run id,
+                                 config, status, metrics and per-case outcomes
+    results/sweeps.json          sweep name -> file, exit status, MLflow experiment, parent
+                                 run id, trial counts, best run (the stage's DVC metrics)
+
+The folder holds this launch's sweeps only, and both appear when every sweep has run: the
+earlier ones are removed first, and an interrupted stage leaves neither. Exit status: 0, or
+the worst of the sweeps' (1: a trial failed; 2: bad input; 130: interrupted, then no further
+sweep runs).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Callable
 
-from pipeline import cli, config, sweep_config
-from pipeline import sweep as driver
+from pipeline import cli, config
+from pipeline.sweep import cli as sweep_cli
+from pipeline.sweep import spec
+from pipeline.sweep.driver import EXIT_INTERRUPTED, EXIT_USAGE
 from pipeline.config import Config, ConfigError, read_yaml
-from pipeline.io import write_json
+from pipeline.io import atomic_dir, write_json
+
+RESULTS = Path("results") / "sweeps"    # <name>.json per sweep: a DVC folder output, as sweep names vary
+SUMMARY = Path("results") / "sweeps.json"
 
 
 def sweep_files(cfg: Config, given: list[Path], root: Path) -> list[Path]:
@@ -43,7 +56,7 @@ def gpus_per_trial(asked: float, device_type: Callable[[], str], given: float | 
     return None
 
 
-def _device_type(sweep: sweep_config.Sweep) -> str:
+def _device_type(sweep: spec.Sweep) -> str:
     from pipeline.device import resolve_device   # imports torch: only where it decides the GPUs
 
     return resolve_device(sweep.base_config.compute.device).type
@@ -70,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         sweeps = []
         for path in files:                                                    # all checked before any runs
             try:
-                sweeps.append(sweep_config.load(path, params, profile))
+                sweeps.append(spec.load(path, params, profile))
             except ConfigError as err:
                 text = str(err)
                 raise ConfigError(text if text.startswith(str(path)) else f"{path}: {text}") from None
@@ -83,24 +96,49 @@ def main(argv: list[str] | None = None) -> int:
                 for s in sweeps]
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
-        return driver.EXIT_USAGE
+        return EXIT_USAGE
 
+    folder, listed = root / RESULTS, root / SUMMARY
+    # An earlier launch's files must not pass for this one's if it stops early (`dvc repro` removes them too).
+    listed.unlink(missing_ok=True)
+    shutil.rmtree(folder, ignore_errors=True)
+    try:
+        with atomic_dir(folder) as building:   # the folder appears whole, with every sweep's file
+            summary, worst = run_sweeps(files, sweeps, gpus, building, params_path, profile, args.address)
+    except KeyboardInterrupt:
+        print(f"interrupted: the stage wrote neither {SUMMARY} nor {RESULTS}/; run it again", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    write_json(listed, summary)   # last: without it the report reports no sweep
+    return worst
+
+
+def run_sweeps(files: list[Path], sweeps: list[spec.Sweep], gpus: list[float | None], folder: Path,
+               params_path: Path, profile: str, address: str | None) -> tuple[dict, int]:
+    """Run each sweep, its results file under `folder`; (the summary of each, the worst exit status).
+    Stops with KeyboardInterrupt when a sweep was interrupted: the rest must not start."""
+    root = params_path.parent
     summary, worst = {}, 0
     for path, sweep, gpu in zip(files, sweeps, gpus):
-        results = root / "results" / f"sweep-{sweep.name}.json"
-        results.unlink(missing_ok=True)   # a stale file must not pass for this launch's outcome
-        extra = ["--profile", profile] + (["--address", args.address] if args.address else [])
+        results = folder / f"{sweep.name}.json"
+        extra = ["--profile", profile] + (["--address", address] if address else [])
         extra += ["--gpus-per-trial", f"{gpu:g}"] if gpu is not None else []
-        code = driver.main([str(path), "--params", str(params_path), "--results", str(results), *extra])
-        entry = {"file": str(path.relative_to(root) if path.is_relative_to(root) else path), "exit": code}
-        if results.is_file():
-            done = json.loads(results.read_text())
-            entry.update({"experiment": done["experiment"], "parent_run_id": done["parent_run_id"],
-                          "counts": done["counts"], "best_run_id": done["best"]})
-        summary[sweep.name] = entry
+        code = sweep_cli.main([str(path), "--params", str(params_path), "--results", str(results), *extra])
+        if code == EXIT_INTERRUPTED:
+            raise KeyboardInterrupt
+        file = str(path.relative_to(root) if path.is_relative_to(root) else path)
+        summary[sweep.name] = listing(file, code, json.loads(results.read_text()) if results.is_file() else None)
         worst = max(worst, code)
-    write_json(root / "results" / "sweeps.json", summary)
-    return worst
+    return summary, worst
+
+
+def listing(file: str, code: int, payload: dict | None) -> dict:
+    """A sweep's results/sweeps.json entry: its file and exit status, and the launch its results
+    file (`payload`, `pipeline.sweep`'s) describes when it wrote one."""
+    entry = {"file": file, "exit": code}
+    if payload is not None:
+        entry.update({"experiment": payload["experiment"], "parent_run_id": payload["parent_run_id"],
+                      "counts": payload["counts"], "best_run_id": payload["best"]})
+    return entry
 
 
 if __name__ == "__main__":

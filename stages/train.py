@@ -21,14 +21,19 @@ def clip_only(cfg):
 
 
 def body(args, cfg, root):
-    from pipeline.experiment import run_finetune
+    from pipeline.config import ConfigError
+    from pipeline.experiment import record_finetune
     from pipeline.io import write_json
     from pipeline.tracking import Tracker
+    from pipeline.train import NonFiniteLoss
 
     run_cfg = clip_only(cfg) if args.variant == "clip" else cfg
-    result = run_finetune(run_cfg, root / cfg.data.root, root / "models", root / cfg.cache.root,
-                          root / "runs" / args.variant, Tracker(cfg.tracking, root), ROW_NAMES[args.variant],
-                          tags={"row": f"ft_{args.variant}"})
+    try:
+        result = record_finetune(run_cfg, root / cfg.data.root, root / "models", root / cfg.cache.root,
+                                 root / "runs" / args.variant, Tracker(cfg.tracking, root), ROW_NAMES[args.variant],
+                                 tags={"row": f"ft_{args.variant}"})
+    except NonFiniteLoss as err:            # what the settings made of the loss: said in one line
+        raise ConfigError(f"{type(err).__name__}: {err}") from None
     write_json(root / "results" / f"train-{args.variant}.json", result)
 
 

@@ -164,6 +164,21 @@ def test_bad_value_raises_one_line_naming_key_value_and_allowed(tmp_path, case):
         assert fragment in message, f"{fragment!r} not in {message!r}"
 
 
+def test_of_several_problems_the_first_in_the_file_is_reported_unknown_keys_first(tmp_path):
+    """The message does not depend on the order of the fields in pipeline/config.py: `steps` is
+    written before `lr` here (the dataclass declares lr first), and an unknown key goes first."""
+    params = raw_params()
+    params["train"] = {"steps": "many", **{k: v for k, v in params["train"].items() if k != "steps"}, "lr": -1}
+    with pytest.raises(ConfigError, match=r"^train\.steps: 'many' is not allowed; expected an integer$"):
+        load(write_params(tmp_path, params))
+    params["train"]["zz"] = 1
+    with pytest.raises(ConfigError, match=r"^train\.zz: unknown key; allowed keys: batch_size, "):
+        load(write_params(tmp_path, params))
+    params["data"]["n_train"] = 0               # data comes before train in the file
+    with pytest.raises(ConfigError, match=r"^data\.n_train: 0 is out of range; allowed: > 0$"):
+        load(write_params(tmp_path, params))
+
+
 def test_error_in_the_selected_preset_is_named_by_its_section_key(tmp_path):
     params = raw_params()
     params["profile"] = "smoke"
@@ -266,3 +281,162 @@ def test_projector_steps_need_a_teacher_loss_and_clip_weight_zero_needs_one_too(
         load(write_params(tmp_path, params))
     params["objective"].update(lambda_sds=0.1)
     assert load(write_params(tmp_path, params)).objective.clip_weight == 0
+
+
+# --------------------------------------------------------------------------- what a params file must hold
+
+ALL_SECTIONS = "data, teacher, students, cache, objective, train, eval, tracking, compute"
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "{}\n"], ids=["empty", "comment only", "empty mapping"])
+def test_a_params_file_with_no_sections_is_refused(tmp_path, text):
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    assert str(info.value) == (f"{path}: empty; a params file holds the sections {ALL_SECTIONS} "
+                               "(and a preset under `profiles` for each profile but toy)")
+
+
+@pytest.mark.parametrize("text", ["[]\n", "false\n", "0\n"])
+def test_a_params_file_whose_top_level_is_a_falsy_scalar_or_list_is_not_read_as_empty(tmp_path, text):
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    assert str(info.value) == f"{path}: the top level must be a mapping"
+
+
+@pytest.mark.parametrize("section", ALL_SECTIONS.split(", "))
+def test_a_missing_section_is_refused_by_name(tmp_path, section):
+    """Left out, `train` would train at the dataclass's lr (5e-5) instead of the file's."""
+    params = raw_params()
+    del params[section]
+    path = write_params(tmp_path, params)
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    assert str(info.value) == f"{section}: missing; {path} must hold every section the stages read: {ALL_SECTIONS}"
+
+
+def test_a_misspelt_section_is_named_as_unknown_and_a_key_left_out_of_a_section_takes_its_default(tmp_path):
+    params = raw_params()
+    params["trian"] = params.pop("train")
+    with pytest.raises(ConfigError, match=r"^trian: unknown key; allowed keys: cache, compute, data, "):
+        load(write_params(tmp_path, params))
+    params["train"] = params.pop("trian")
+    del params["train"]["weight_decay"]
+    assert load(write_params(tmp_path, params)).train.weight_decay == 0.0
+
+
+@pytest.mark.parametrize("profile", ["smoke", "paper"])
+def test_a_profile_without_its_preset_is_refused(tmp_path, profile):
+    params = raw_params()
+    del params["profiles"][profile]
+    path = write_params(tmp_path, params)
+    message = (f"profiles.{profile}: missing; profile {profile!r} merges its preset over the sections "
+               f"(only toy runs them alone); add it under `profiles` in {path}")
+    with pytest.raises(ConfigError) as info:
+        load(path, {"profile": profile})
+    assert str(info.value) == message
+    params["profile"] = profile
+    for presets in ("absent", None):                  # no `profiles:` at all, or `profiles:` left blank
+        if presets == "absent":
+            del params["profiles"]
+        else:
+            params["profiles"] = None
+        with pytest.raises(ConfigError) as info:
+            load(write_params(tmp_path, params))
+        assert str(info.value) == message
+    params["profile"] = "toy"                          # the toy world needs no preset
+    assert load(write_params(tmp_path, params)).profile == "toy"
+
+
+def test_a_preset_may_not_null_a_whole_section(tmp_path):
+    params = raw_params()
+    params["profiles"]["smoke"]["tracking"] = None
+    with pytest.raises(ConfigError) as info:
+        load(write_params(tmp_path, params))
+    assert str(info.value) == ("profiles.smoke.tracking: null would remove the whole section; "
+                               "allowed: a mapping of the keys the preset changes ({} for none)")
+
+
+# (dotted key, value refused, the exact message, the largest value allowed)
+BOUNDS = {
+    "warm-up longer than training": ("train.warmup_steps", 201, "train.warmup_steps: 201 is longer than train.steps "
+                                     "(200), so train.lr is never reached; allowed: <= 200", 200),
+    "training steps": ("train.steps", 10**12, "train.steps: 1000000000000 is out of range; allowed: <= 1e+09", 10**9),
+    "teacher steps": ("teacher.unet_steps", 10**9 + 1, "teacher.unet_steps: 1000000001 is out of range; "
+                      "allowed: <= 1e+09", 10**9),
+    "VAE steps": ("teacher.vae_steps", 10**12, "teacher.vae_steps: 1000000000000 is out of range; allowed: <= 1e+09",
+                  10**9),
+    "pre-training steps": ("students.toy-vit.pretrain_steps", 10**12, "students.toy-vit.pretrain_steps: "
+                           "1000000000000 is out of range; allowed: <= 1e+09", 10**9),
+    "lambda": ("objective.lambda_sds", 1e30, "objective.lambda_sds: 1e+30 is out of range; allowed: <= 1e+06", 1e6),
+    "clip weight": ("objective.clip_weight", 1e7, "objective.clip_weight: 10000000.0 is out of range; "
+                    "allowed: <= 1e+06", 1e6),
+    "train threads": ("train.threads", 1025, "train.threads: 1025 is out of range; allowed: <= 1024", 1024),
+    "teacher threads": ("teacher.threads", 10**9, "teacher.threads: 1000000000 is out of range; allowed: <= 1024",
+                        1024),
+    "student threads": ("students.toy-vit.threads", 1025, "students.toy-vit.threads: 1025 is out of range; "
+                        "allowed: <= 1024", 1024),
+    "workers": ("train.workers", 1025, "train.workers: 1025 is out of range; allowed: <= 1024", 1024),
+}
+
+
+@pytest.mark.parametrize("case", list(BOUNDS), ids=list(BOUNDS))
+def test_a_value_that_cannot_mean_anything_is_refused_and_the_bound_itself_is_allowed(tmp_path, case):
+    key, value, message, largest = BOUNDS[case]
+    params = raw_params()
+    _set(params, key, value)
+    with pytest.raises(ConfigError) as info:
+        load(write_params(tmp_path, params))
+    assert str(info.value) == message
+    _set(params, key, largest)
+    cfg = load(write_params(tmp_path, params))
+    node = cfg
+    for part in key.split("."):
+        node = node[part] if isinstance(node, dict) else getattr(node, part)
+    assert node == largest
+
+
+def test_a_preset_that_shortens_training_below_the_sections_warm_up_is_refused(tmp_path):
+    """The smoke preset sets its own warm-up: a preset (or a sweep) that shortens train.steps must."""
+    params = raw_params()
+    del params["profiles"]["smoke"]["train"]["warmup_steps"]
+    with pytest.raises(ConfigError) as info:
+        load(write_params(tmp_path, params))
+    assert str(info.value) == ("profiles.smoke.train.warmup_steps: 10 is longer than train.steps (3), so train.lr is "
+                               "never reached; allowed: <= 3")
+
+
+def test_fp16_on_the_cpu_is_allowed_because_torch_runs_it():
+    """Not refused: torch's CPU autocast computes in float16 (older releases fell back to fp32 with
+    a warning, and a config refusing fp16 there would then have been right)."""
+    import torch
+
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float16
+    cfg = load(PARAMS, {"compute": {"device": "cpu", "precision": "fp16"}})
+    assert (cfg.compute.device, cfg.compute.precision) == ("cpu", "fp16")
+
+
+@pytest.mark.parametrize("command", [["-m", "stages.data"],
+                                     ["-m", "pipeline.sweep", "sweeps/lambda.yaml", "--dry-run"]],
+                         ids=["data stage", "sweep dry run"])
+def test_a_params_file_missing_its_sections_stops_a_command_with_one_line_and_exit_2(tmp_path, command):
+    empty = tmp_path / "params.yaml"
+    empty.write_text("# every section forgotten\n")
+    no_train = raw_params()
+    del no_train["train"]
+    for path in (empty, write_params(tmp_path, no_train, "no-train.yaml")):
+        proc = subprocess.run([str(PYTHON), *command, "--params", str(path)], cwd=REPO, capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 2 and proc.stdout == "", proc.stdout + proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+        if path != empty:
+            assert lines[0].startswith("error: train: missing; "), lines[0]
+        elif command[1] == "stages.data":      # the sweep command checks the top level before config does
+            assert lines[0] == (f"error: {path}: empty; a params file holds the sections {ALL_SECTIONS} "
+                                "(and a preset under `profiles` for each profile but toy)")
+    assert not (tmp_path / "data").exists()

@@ -93,4 +93,22 @@ def test_reachability_follows_lazy_imports():
     # pipeline.models.build imports pipeline.models.paper inside a function, for pretrained models only
     files = {p.relative_to(REPO) for p in reachable_files("stages.models")}
     assert Path("pipeline/models/paper.py") in files
-    assert Path("pipeline/sweep.py") not in files
+    assert Path("pipeline/sweep/driver.py") not in files
+
+
+@pytest.mark.parametrize("stage", ["models", "cache"])
+def test_an_edit_of_the_scores_or_the_reports_reruns_neither_models_nor_cache(stage):
+    """The teacher (7 minutes on the toy profile, Stable Diffusion's import on the paper's) and its
+    cache depend on neither the metrics nor the report code, by import or by listed dep."""
+    code = {p.relative_to(REPO) for p in reachable_files(entry_module(STAGES[stage]["cmd"]))}
+    for module in ("pipeline/metrics.py", "pipeline/report.py", "pipeline/evaluate.py"):
+        assert Path(module) not in code, f"{stage} imports {module}"
+        assert not covered(REPO / module, STAGES[stage]["deps"]), f"{stage} lists {module}"
+
+
+def test_the_cache_does_not_rerun_for_the_trainer():
+    """The cache stage reads the models folder's layout (`pipeline.models`), not the code that builds
+    the models: an edit of the training loop re-encodes no latent."""
+    code = {p.relative_to(REPO) for p in reachable_files(entry_module(STAGES["cache"]["cmd"]))}
+    for module in ("pipeline/train.py", "pipeline/objectives.py", "pipeline/teacher_training.py"):
+        assert Path(module) not in code and not covered(REPO / module, STAGES["cache"]["deps"]), module

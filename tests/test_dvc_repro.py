@@ -11,6 +11,7 @@ import yaml
 
 from pipeline.config import load
 from pipeline.tracking import Tracker
+from worktree import copy_working_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -25,13 +26,7 @@ def _run(cmd, cwd, env):
 @pytest.fixture(scope="module")
 def clone(tmp_path_factory):
     """A git repo holding the working tree's tracked and untracked-not-ignored files, profile smoke."""
-    dest = tmp_path_factory.mktemp("clone")
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
-                           text=True, check=True).stdout.split()
-    for name in files:
-        if (ROOT / name).is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, dest / name)
+    dest = copy_working_tree(tmp_path_factory.mktemp("clone"))
     params = dest / "params.yaml"
     params.write_text(params.read_text().replace("profile: toy", "profile: smoke", 1))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
@@ -43,11 +38,14 @@ def clone(tmp_path_factory):
     return dest, env
 
 
+SWEEP_REPORTS = ("reports/sweep-methods.md", "reports/methods.md")   # what the report builds from the sweep
+
+
 def _ran(output: str) -> set[str]:
     return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
 
 
-def test_repro_writes_the_reports_then_is_up_to_date_then_reruns_only_lambda_dependents(clone):
+def test_repro_writes_the_reports_then_is_up_to_date_then_reruns_only_lambda_dependents_then_checks_out(clone):
     dest, env = clone
     dvc = [sys.executable, "-m", "dvc"]
     first = _run(dvc + ["repro"], dest, env)
@@ -60,6 +58,8 @@ def test_repro_writes_the_reports_then_is_up_to_date_then_reruns_only_lambda_dep
 
     _check_mlflow(dest)
     _check_sweep(dest)
+    first = {name: (dest / name).read_text() for name in ("dvc.lock", "params.yaml", *SWEEP_REPORTS)}
+    first_launch = json.loads((dest / "results" / "sweeps.json").read_text())["methods"]["parent_run_id"]
 
     assert _ran(_run(dvc + ["repro"], dest, env)) == set()
 
@@ -77,6 +77,22 @@ def test_repro_writes_the_reports_then_is_up_to_date_then_reruns_only_lambda_dep
     assert _ran(_run(dvc + ["repro"], dest, env)) == {"train_sds", "sweep", "report"}
     sds = json.loads((dest / "results" / "train-sds.json").read_text())
     assert "winoground/text" in sds["metrics"] and "projected/winoground/text" not in sds["metrics"]
+
+    # Back at the first repro's lock and params (as `git checkout` of its commit leaves them), with the
+    # sweep's results and the tracking store gone: `dvc checkout` restores that launch's results
+    # files and the report rebuilds its sweep tables from them alone.
+    for name in ("dvc.lock", "params.yaml"):
+        (dest / name).write_text(first[name])
+    shutil.rmtree(dest / "mlruns")
+    shutil.rmtree(dest / "results" / "sweeps")
+    (dest / "results" / "sweeps.json").unlink()
+    for name in SWEEP_REPORTS:
+        (dest / name).unlink()
+    _run(dvc + ["checkout"], dest, env)
+    assert json.loads((dest / "results" / "sweeps.json").read_text())["methods"]["parent_run_id"] == first_launch
+    _run([sys.executable, "-m", "stages.report"], dest, env)
+    assert {name: (dest / name).read_text() for name in SWEEP_REPORTS} == {name: first[name] for name in SWEEP_REPORTS}
+    assert not (dest / "mlruns").exists()
 
 
 def _check_mlflow(dest: Path) -> None:
@@ -107,8 +123,8 @@ def _check_mlflow(dest: Path) -> None:
 
 
 def _check_sweep(dest: Path) -> None:
-    """The params file's sweep (the methods side by side) ran on the smoke profile; the report wrote
-    its trial table from MLflow and its comparison of methods from the results file."""
+    """The params file's sweep (the methods side by side) ran on the smoke profile, its trials in
+    MLflow; the report wrote its trial table and its comparison of methods from its results file."""
     cfg = load(dest / "params.yaml")
     summary = json.loads((dest / "results" / "sweeps.json").read_text())
     assert cfg.sweeps == ["sweeps/methods.yaml"] and set(summary) == {"methods"}

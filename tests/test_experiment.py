@@ -14,8 +14,8 @@ from PIL import UnidentifiedImageError
 
 from pipeline.config import TrackingConfig, load
 from pipeline.data.build import build_toy
-from pipeline.experiment import run_baselines, run_finetune
-from pipeline.models.build import student_dir
+from pipeline.experiment import record_finetune, run_baselines
+from pipeline.models import student_dir
 from pipeline.models.student import build_toy_student, save_student
 from pipeline.tracking import Tracker
 from pipeline.train import CHECKPOINT, TRAINED
@@ -48,7 +48,7 @@ def test_a_failed_evaluation_keeps_the_resume_point_and_the_rerun_finishes_from_
     folder = root / "runs" / "clip"
     image, blob = break_a_benchmark_image(data)
     with pytest.raises(UnidentifiedImageError):
-        run_finetune(cfg, data, models, root / "cache", folder, tracker, "clip", progress=False)
+        record_finetune(cfg, data, models, root / "cache", folder, tracker, "clip", progress=False)
     [failed] = tracker.find_runs(EXPERIMENT)
     assert failed["status"] == "FAILED"
     assert failed["tags"]["failure"].startswith("UnidentifiedImageError") and image.name in failed["tags"]["failure"]
@@ -56,7 +56,7 @@ def test_a_failed_evaluation_keeps_the_resume_point_and_the_rerun_finishes_from_
 
     image.write_bytes(blob)
     with caplog.at_level(logging.INFO, logger="pipeline.train"):
-        result = run_finetune(cfg, data, models, root / "cache", folder, tracker, "clip", progress=False)
+        result = record_finetune(cfg, data, models, root / "cache", folder, tracker, "clip", progress=False)
     assert f"resumed {folder} at step 2" in caplog.text
     finished = tracker.runs([result["run_id"]])[0]
     assert finished["status"] == "FINISHED" and "winoground/text" in finished["metrics"]
@@ -83,3 +83,16 @@ def test_non_finite_metrics_are_left_out_and_named_in_a_warning(tmp_path, caplog
         run.log_metrics({"a": 1.0, "b": math.nan, "c": math.inf})
     assert "not logging non-finite b, c" in caplog.text
     assert tracker.runs([run.run_id])[0]["metrics"] == {"a": 1.0}
+
+
+def test_a_stage_run_left_running_by_a_kill_is_ended_by_the_next_run_of_that_stage(project):
+    """A killed stage cannot end its own run; the next run of the same stage row does, with the reason."""
+    cfg, data, models, tracker, root = project
+    left = tracker.start("FT with L_CLIP", tags={"stage": "train", "row": "ft_clip"})
+    other = tracker.start("FT with the configured objective", tags={"stage": "train", "row": "ft_sds"})
+    result = record_finetune(cfg, data, models, root / "cache", root / "runs" / "clip", tracker, "FT with L_CLIP",
+                             tags={"row": "ft_clip"}, progress=False)
+    ended, untouched, new = tracker.runs([left.run_id, other.run_id, result["run_id"]])
+    assert ended["status"] == "KILLED" and ended["tags"]["status"] == "interrupted"
+    assert ended["tags"]["failure"] == "killed; continued by a later 'FT with L_CLIP' run"
+    assert untouched["status"] == "RUNNING" and new["status"] == "FINISHED"

@@ -1,9 +1,10 @@
 """The fast path keeps the numbers: loss and gradients against the plain path, on the CPU at small size.
 
-Models: the bench's reduced UNet (Stable Diffusion v1-4's block structure: 3 cross-attention
-down blocks + 1 plain, mid block, 1 plain + 3 cross-attention up blocks, 2 layers each,
-8 heads; channels 32/64/64/64) at 8 x 8 latents with 77-token conditioning, and the
-project's toy open_clip student, put together by `pipeline.train.setup` (LayerNorm scope + h_w).
+Models: benchmarks/throughput.py's reduced UNet (Stable Diffusion v1-4's block structure:
+3 cross-attention down blocks + 1 plain, mid block, 1 plain + 3 cross-attention up blocks,
+2 layers each, 8 heads; channels 32/64/64/64) at 8 x 8 latents with 77-token conditioning,
+and the project's toy open_clip student, put together by `pipeline.train.setup` (LayerNorm
+scope + h_w) over cached latents and conditioning written as real cache tables.
 Lambda is 1 here (the paper's 1e-3 would hide the SDS term in the LayerNorm gradients).
 
 Tolerances, and why:
@@ -28,9 +29,7 @@ Tolerances, and why:
 """
 from __future__ import annotations
 
-import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
@@ -38,7 +37,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from pipeline import bench, objectives, train
+from pipeline import objectives, train
 from pipeline.cache import open_table, write_table
 from pipeline.config import ComputeConfig, ConfigError, EvalConfig, ObjectiveConfig, StudentConfig, TrainConfig
 from pipeline.data.records import ImageCaption
@@ -50,14 +49,19 @@ from pipeline.fastpath import (FastPath, batched_diffusion_errors, image_groups,
 from pipeline.models.student import build_toy_student
 from pipeline.models.teacher import SD_SCHEDULE, Teacher
 
+from cache_tables import cache_table
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+import throughput  # noqa: E402
+
 SIZE = 32
 N = 4  # batch
 STUDENT = StudentConfig(embed_dim=32, vision_width=64, vision_layers=2, vision_heads=2, text_width=32,
                         text_layers=1, text_heads=2)
-UNET = {**bench.REDUCED_UNET, "sample_size": 8}  # 8 GroupNorm groups: see bench.REDUCED_UNET
-TOKENS, WIDTH = bench.TEXT_TOKENS, UNET["cross_attention_dim"]
+REDUCED = throughput.sizes()["reduced"]  # 8 x 8 latents, 8 GroupNorm groups: see throughput.sizes
+UNET = REDUCED.unet
+TOKENS, WIDTH = REDUCED.text_tokens, UNET["cross_attention_dim"]
 
 # The bounds of the module docstring.
 FP32_LOSS_RTOL, FP32_GRAD_RTOL = 1e-5, 1e-4
@@ -65,7 +69,7 @@ BF16_LOSS_RTOL, BF16_GRAD_RTOL, BF16_MIN_COSINE = 1e-2, 0.1, 0.99
 
 
 def make_teacher(prediction_type: str = "epsilon") -> Teacher:
-    unet = bench.build_unet(UNET, "cpu", seed=1)
+    unet = throughput.build_unet(UNET, "cpu", seed=1)
     return Teacher(unet, None, None, None, DDPMScheduler(**SD_SCHEDULE, prediction_type=prediction_type))
 
 
@@ -75,7 +79,8 @@ def teacher() -> Teacher:
 
 
 @pytest.fixture(scope="module")
-def world():
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
     g = torch.Generator().manual_seed(0)
     captions = [f"caption {i}" for i in range(N)]
     pairs = [ImageCaption(Path(f"/bench/{i}.png"), c) for i, c in enumerate(captions)]
@@ -83,9 +88,10 @@ def world():
     return {
         "captions": captions,
         "pairs": pairs,
-        "latents": bench.MemoryTable([image_key(p.image) for p in pairs], torch.randn(N, *shape, generator=g)),
+        "latents": cache_table(root, "latents", [image_key(p.image) for p in pairs],
+                               torch.randn(N, *shape, generator=g)),
         # Row 0 is the empty caption's (diffusion feedback's); the captions' rows follow.
-        "conditioning": bench.MemoryTable(["", *captions], torch.randn(N + 1, TOKENS, WIDTH, generator=g)),
+        "conditioning": cache_table(root, "text", ["", *captions], torch.randn(N + 1, TOKENS, WIDTH, generator=g)),
         "images": torch.randn(N, 3, SIZE, SIZE, generator=g),
         "rows": torch.arange(N),
         "text_rows": torch.arange(1, N + 1),
@@ -312,48 +318,3 @@ def test_batched_errors_for_a_v_prediction_teacher():
                                             cond[c].expand(n, -1, -1), timesteps, noise).mean()
                 for i, c in ((0, 0), (0, 1), (1, 2))]
     assert got == pytest.approx(torch.stack(expected), rel=FP32_LOSS_RTOL)
-
-
-# --------------------------------------------------------------------------- the benchmark
-
-
-def test_bench_help():
-    done = subprocess.run([sys.executable, "-m", "pipeline.bench", "--help"], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    for flag in ("--student", "--batch", "--samples", "--size", "--device", "--steps", "--warmup", "--impl",
-                 "--peak-tflops"):
-        assert flag in done.stdout
-
-
-def test_bench_architectures_are_sd_v1_4():
-    cfg = bench.SD_V1_4_UNET
-    assert cfg["block_out_channels"] == (320, 640, 1280, 1280) and cfg["cross_attention_dim"] == 768
-    assert (cfg["attention_head_dim"], cfg["sample_size"], cfg["layers_per_block"]) == (8, 64, 2)
-    reduced = bench.REDUCED_UNET
-    for key in ("down_block_types", "up_block_types", "layers_per_block", "attention_head_dim"):
-        assert reduced[key] == cfg[key], key
-    # Shapes only (meta device): the full UNet has SD v1-4's 859.5M parameters.
-    unet = bench.build_unet(cfg, "meta", seed=0)
-    assert round(bench.parameter_count(unet) / 1e6, 1) == 859.5
-
-
-@pytest.mark.slow
-def test_bench_reduced_runs_and_prints_the_ratio(tmp_path, capsys):
-    """`python -m pipeline.bench --size reduced --steps 2 --warmup 1` (run in-process: the imports are paid already)."""
-    out = tmp_path / "bench.json"
-    assert bench.main(["--size", "reduced", "--steps", "2", "--warmup", "1", "--rounds", "1", "--device", "cpu",
-                       "--threads", "1", "--json", str(out)]) == 0
-    text = capsys.readouterr().out
-    assert "training step" in text and "diffusion score" in text and "vs plain" in text
-    for workload, ratio_column in (("training step", -1), ("diffusion score", -2)):
-        lines = text.split(workload, 1)[1].splitlines()
-        rows = {line.split()[0]: line.split() for line in lines[2:4]}
-        assert set(rows) == {"plain", "fast"}, lines
-        assert rows["plain"][ratio_column] == "1.00x"
-        assert rows["fast"][ratio_column].endswith("x") and float(rows["fast"][ratio_column][:-1]) > 0
-    results = json.loads(out.read_text())
-    for workload in ("train", "score"):
-        assert [r["impl"] for r in results[workload]] == ["plain", "fast"]
-        for r in results[workload]:
-            assert r["samples_per_s"] > 0 and r["flops_per_sample"] > 0, r

@@ -610,3 +610,18 @@ def test_stage_one_trains_the_projector_alone_and_stage_two_the_student_too(teac
     assert all(torch.equal(initial[n], two[n]) for n in student_names), "stage one moved the student"
     assert not torch.equal(initial["h_w.linear.weight"], two["h_w.linear.weight"])
     assert any(not torch.equal(two[n], after[n]) for n in student_names), "stage two must train the student"
+
+
+@pytest.mark.parametrize("method, lambda_sds, projector_steps", [
+    ("clip", 0.0, 0), ("negclip", 0.0, 0), ("sds", 0.5, 0), ("sds", 0.0, 0), ("unet_feature", 0.5, 0),
+    ("diffusion_feedback", 0.5, 0), ("sds", 0.5, 2)])
+def test_reported_losses_are_the_keys_every_step_of_loss_step_reports(teacher, world, method, lambda_sds,
+                                                                       projector_steps):
+    """What a sweep's ASHA scheduler may compare trials on is checked against `reported_losses`."""
+    trial = fresh_trial(teacher, world, method=method, lambda_sds=lambda_sds, projector_steps=projector_steps)
+    every_step = None
+    for at in range(3):                              # stage one (projector alone), then both terms
+        trial.step = at
+        keys = set(step(trial, world))
+        every_step = keys if every_step is None else every_step & keys
+    assert every_step == trial.objective.reported_losses

@@ -33,6 +33,7 @@ from pipeline.models.teacher import (SD_SCHEDULE, Teacher, build_toy_teacher, cl
 from pipeline.objectives import LatentProjection, sds_loss
 
 import tiny
+from cache_tables import cache_table
 from published import sd_hub_folder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -179,7 +180,6 @@ def test_trainer_step_through_coca_uses_its_contrastive_part(tmp_path):
     from PIL import Image
 
     from pipeline import train
-    from pipeline.bench import MemoryTable
     from pipeline.config import ObjectiveConfig, TrainConfig
     from pipeline.data.records import ImageCaption
     from pipeline.models.student import Student
@@ -200,7 +200,7 @@ def test_trainer_step_through_coca_uses_its_contrastive_part(tmp_path):
     pairs = [ImageCaption(tmp_path / "image.png", c) for c in captions]
     unet = small_sd_unet(24)
     teacher = Teacher(unet, None, None, None, DDPMScheduler(**SD_SCHEDULE))
-    conditioning = MemoryTable(captions, torch.randn(4, 77, 24))
+    conditioning = cache_table(tmp_path, "text", captions, torch.randn(4, 77, 24))
     trial = train.setup(TrainConfig(batch_size=4, steps=2), ObjectiveConfig(lambda_sds=1.0), student, pairs, teacher,
                         conditioning)
     images, tokens = torch.randn(4, 3, 32, 32), student.tokenizer(captions)
@@ -405,7 +405,6 @@ def test_one_full_size_sds_step_on_gpu(repo, tmp_path):
     from PIL import Image
 
     from pipeline import train
-    from pipeline.bench import MemoryTable
     from pipeline.config import ComputeConfig, ObjectiveConfig, TrainConfig
     from pipeline.data.records import ImageCaption
 
@@ -419,7 +418,7 @@ def test_one_full_size_sds_step_on_gpu(repo, tmp_path):
     with torch.no_grad():
         ids = teacher.tokenizer(captions, padding="max_length", max_length=77, truncation=True,
                                 return_tensors="pt").input_ids
-        conditioning = MemoryTable(captions, teacher.text_encoder(ids)[0])
+        conditioning = cache_table(tmp_path, "text", captions, teacher.text_encoder(ids)[0])
     trial = train.setup(TrainConfig(batch_size=batch, steps=10, lr=5e-5), ObjectiveConfig(lambda_sds=1e-3), student,
                         pairs, teacher, conditioning, compute=ComputeConfig(device="cuda"))
     tokens, rows = student.tokenizer(captions), torch.arange(batch)

@@ -1,4 +1,4 @@
-"""The report: Table 1, sweep tables and figures, the zero-shot figure, and the stage, over a real MLflow store."""
+"""The report: Table 1, sweep tables and figures, the zero-shot figure, and the stage, from results files."""
 import csv
 import io
 import json
@@ -7,12 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import load
 from pipeline.report import (COLUMNS, TABLE1_CSV_HEADER, TABLE1_HEADER, csv_text, latex, markdown, mean_by_x,
-                             sorted_trials, sweep_figure, sweep_trials, swept_keys, table_rows, write_sweep_report,
+                             sorted_trials, sweep_figure, swept_keys, table_rows, table_trials, write_sweep_report,
                              write_table1, x_scale, zeroshot_figure, zeroshot_sets)
-from pipeline.tracking import Tracker
 from stages import report as stage
+from stages.sweep import listing
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 KEYS = [key for _, key in COLUMNS]
@@ -23,24 +22,21 @@ RUNS = [
     ("diffusion score", {"winoground/text": 0.3}),
 ]
 
-# Trials of a lambda sweep, logged out of order. Each logs its whole config, where train.lambda_sds
-# mirrors objective.lambda_sds and train.lr is constant; t003 failed before logging more than the
-# swept value, yet logged a score the figure must not show. The `duplicate` run is no trial.
+# Trials of a lambda sweep, listed out of order: t003 failed yet reported a score the figure must not
+# show; t001's image score is NaN, which is no score.
 LAMBDA_TRIALS = [
     ("t003", {"objective.lambda_sds": 0.1}, "failed", {"winoground/text": 0.05}),
-    ("t001", {"objective.lambda_sds": 1e-5, "train.lambda_sds": 1e-5, "train.lr": 5e-4}, "finished",
-     {"winoground/text": 0.3, "aro/overall": 0.55}),
-    ("t001", {"objective.lambda_sds": 1e-5, "train.lambda_sds": 1e-5, "train.lr": 5e-4}, "duplicate",
-     {"winoground/text": 0.99}),
-    ("t000", {"objective.lambda_sds": 0, "train.lambda_sds": 0, "train.lr": 5e-4}, "finished",
+    ("t001", {"objective.lambda_sds": 1e-5}, "finished",
+     {"winoground/text": 0.3, "winoground/image": math.nan, "aro/overall": 0.55}),
+    ("t000", {"objective.lambda_sds": 0}, "finished",
      {"winoground/text": 0.25, "winoground/text/object": 0.12345, "aro/overall": 0.5, "zeroshot/mean": 0.3}),
-    ("t002", {"objective.lambda_sds": 0.01, "train.lambda_sds": 0.01, "train.lr": 5e-4}, "finished",
+    ("t002", {"objective.lambda_sds": 0.01}, "finished",
      {"winoground/text": 0.2876, "aro/overall": 0.61, "zeroshot/mean": 0.4}),
 ]
 SCOPE_TRIALS = [
-    ("t000", {"train.scope": "layernorm", "train.lr": 5e-4}, "finished", {"winoground/text": 0.2}),
-    ("t001", {"train.scope": "full", "train.lr": 5e-4}, "finished", {"winoground/text": 0.3}),
-    ("t002", {"train.scope": "unet_feature", "train.lr": 5e-4}, "finished", {"winoground/text": 0.1}),
+    ("t000", {"train.scope": "layernorm"}, "finished", {"winoground/text": 0.2}),
+    ("t001", {"train.scope": "full"}, "finished", {"winoground/text": 0.3}),
+    ("t002", {"train.scope": "unet_feature"}, "finished", {"winoground/text": 0.1}),
 ]
 ZEROSHOT = {
     "pretrained toy-vit": {"zeroshot/pets": 0.4, "zeroshot/cifar10": 0.5, "zeroshot/mean": 0.45},
@@ -55,49 +51,70 @@ TEXT_OUTCOMES = {"pretrained toy-vit": "10000000", "FT with L_CLIP": "11000000",
                  "FT with L_CLIP + 0.001 L_SDS": "11110000", "diffusion score (toy-ldm)": "11111111"}
 
 
-def _log_sweep(tracker: Tracker, name: str, trials) -> dict:
-    """A parent run and one child per trial, as pipeline.sweep logs them; the sweeps.json entry."""
-    experiment = f"x/{name}"
-    parent = tracker.start(f"{name} parent", experiment=experiment, tags={"sweep": name})
-    for label, params, status, metrics in trials:
-        child = tracker.start(f"{name} {label}", params=params, parent=parent.run_id, experiment=experiment,
-                              tags={"sweep": name, "trial": label, "trial_id": f"id_{label}", "status": status})
-        child.log_metrics(metrics)
-        child.finish("FAILED" if status == "failed" else "FINISHED")
-    parent.finish()
-    return {"file": f"sweeps/{name}.yaml", "exit": 1, "experiment": experiment, "parent_run_id": parent.run_id}
+def result_trial(label: str, config: dict, status: str, metrics: dict, outcomes: dict | None = None) -> dict:
+    """A trial as a sweep's results file lists it (`pipeline.sweep`'s payload)."""
+    index = int(label[1:]) if label[1:].isdigit() else 0
+    return {"trial": label, "trial_id": f"5e1f0_{index:05d}", "run_id": f"{index:032x}", "config": config,
+            "status": status, "failure": "RuntimeError: loss is NaN" if status == "failed" else "",
+            "metric": metrics.get("winoground/text") if status == "finished" else None,
+            "trial_seconds": 41.5, "import_seconds": 2.1, "report_seconds": 0.4,
+            "metrics": {"loss/clip": 0.61, "loss/total": 0.62, "time/trial_seconds": 41.5, **metrics},
+            "outcomes": outcomes or {}}
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    """A project folder: params.yaml, an MLflow SQLite store with Table-1 runs and two sweeps, results/."""
-    root = tmp_path_factory.mktemp("project")
-    params = root / "params.yaml"
-    params.write_text('tracking: {uri: "sqlite:///mlflow.db", experiment: x}\n')
-    cfg = load(params)
-    tracker = Tracker(cfg.tracking, root)
-    ids = {}
-    for label, metrics in ZEROSHOT.items():
-        run = tracker.start(label)
-        run.log_metrics(metrics)
-        run.finish()
-        ids[label] = run.run_id
-    results = root / "results"
-    results.mkdir()
-    entry = lambda label: {"run_id": ids[label], "metrics": ZEROSHOT[label],  # noqa: E731
+def sweep_results(name: str, trials: list[dict]) -> dict:
+    """The results file a launch of sweep `name` writes (results/sweeps/<name>.json)."""
+    counts = {s: sum(t["status"] == s for t in trials) for s in ("finished", "early_stopped", "failed", "interrupted")}
+    scored = [t for t in trials if t["metric"] is not None]
+    return {"sweep": name, "experiment": f"sds-clip/{name}", "tracking_uri": "sqlite:///gone/mlruns/mlflow.db",
+            "parent_run_id": f"{len(name):032x}", "metric": "winoground/text", "mode": "max",
+            "best": max(scored, key=lambda t: t["metric"])["run_id"] if scored else None, "counts": counts,
+            "wall_seconds": 90.0, "timing": {"ray_start_seconds": 3.0}, "trials": trials}
+
+
+def write_sweep(results: Path, name: str, trials: list[dict]) -> dict:
+    """`results/sweeps/<name>.json` and the sweep's results/sweeps.json entry, as stages.sweep writes them."""
+    payload = sweep_results(name, trials)
+    (results / "sweeps").mkdir(parents=True, exist_ok=True)
+    (results / "sweeps" / f"{name}.json").write_text(json.dumps(payload, indent=1))
+    return listing(f"sweeps/{name}.yaml", int(payload["counts"]["failed"] > 0), payload)
+
+
+def write_table1_results(results: Path) -> None:
+    """The baselines' and the two fine-tunings' results files of the `ZEROSHOT` runs."""
+    results.mkdir(parents=True, exist_ok=True)
+    entry = lambda label: {"run_id": f"{len(label):032x}", "metrics": ZEROSHOT[label],  # noqa: E731
                            "outcomes": {"winoground/text": {"correct": TEXT_OUTCOMES[label], "groups": None}}}
     (results / "baselines.json").write_text(json.dumps({
         "pretrained/toy-vit": entry("pretrained toy-vit"), "diffusion_score": entry("diffusion score (toy-ldm)")}))
     (results / "train-clip.json").write_text(json.dumps(entry("FT with L_CLIP")))
     (results / "train-sds.json").write_text(json.dumps(entry("FT with L_CLIP + 0.001 L_SDS")))
-    sweeps = {"lambda": _log_sweep(tracker, "lambda", LAMBDA_TRIALS),
-              "scope": _log_sweep(tracker, "scope", SCOPE_TRIALS)}
-    return {"root": root, "params": params, "tracker": tracker, "sweeps": sweeps}
 
 
-def _children(store, name: str) -> list[dict]:
-    entry = store["sweeps"][name]
-    return store["tracker"].find_runs(entry["experiment"], parent=entry["parent_run_id"])
+def write_params(root: Path) -> Path:
+    """The project's params.yaml with lambda 1e-3 (the Table-1 labels above), in `root`: its default
+    tracking store is sqlite under root/mlruns/."""
+    text = (Path(__file__).resolve().parents[1] / "params.yaml").read_text()
+    (root / "params.yaml").write_text(text.replace("  lambda_sds: 0.1\n", "  lambda_sds: 0.001\n", 1))
+    return root / "params.yaml"
+
+
+def trials_of(listed) -> list[dict]:
+    """Results-file trials, through JSON as the report reads them (NaN included)."""
+    return json.loads(json.dumps([result_trial(*trial) for trial in listed]))
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A project folder: params.yaml and results/ with the Table-1 runs and two sweeps; no tracking store."""
+    root = tmp_path_factory.mktemp("project")
+    params = write_params(root)
+    results = root / "results"
+    write_table1_results(results)
+    sweeps = {"lambda": write_sweep(results, "lambda", trials_of(LAMBDA_TRIALS)),
+              "scope": write_sweep(results, "scope", trials_of(SCOPE_TRIALS))}
+    write_sweep(results, "old", trials_of(SCOPE_TRIALS))   # a file results/sweeps.json does not list: never reported
+    return {"root": root, "params": params, "sweeps": sweeps}
 
 
 # ----------------------------------------------------------------------------- Table 1
@@ -130,23 +147,23 @@ def test_formats_agree_and_latex_is_escaped(tmp_path):
 # ----------------------------------------------------------------------------- sweeps
 
 
-def test_swept_key_is_the_param_that_differs_without_its_mirror_or_constants(store):
-    trials = sweep_trials(_children(store, "lambda"))
-    assert sorted(t["tags"]["trial"] for t in trials) == ["t000", "t001", "t002", "t003"]  # duplicate dropped
-    assert swept_keys(trials) == ["objective.lambda_sds"]
-    assert swept_keys(sweep_trials(_children(store, "scope"))) == ["train.scope"]
+def test_swept_keys_are_those_that_differ_a_variant_first():
+    assert swept_keys(table_trials(trials_of(LAMBDA_TRIALS))) == ["objective.lambda_sds"]
+    assert swept_keys(table_trials(trials_of(SCOPE_TRIALS))) == ["train.scope"]
+    crossed = table_trials(trials_of([("t000", {"variant": "b", "train.lr": 0.1, "train.seed": 0}, "finished", {}),
+                                      ("t001", {"variant": "a", "train.lr": 0.1, "train.seed": 1}, "finished", {})]))
+    assert swept_keys(crossed) == ["variant", "train.seed"]   # one value of train.lr: no axis
 
 
-def test_trials_sort_by_value_not_by_text(store):
-    trials = sweep_trials(_children(store, "lambda"))
-    ordered = sorted_trials(trials, ["objective.lambda_sds"])
-    assert [t["params"]["objective.lambda_sds"] for t in ordered] == ["0", "1e-05", "0.01", "0.1"]
-    scope = sorted_trials(sweep_trials(_children(store, "scope")), ["train.scope"])
-    assert [t["params"]["train.scope"] for t in scope] == ["full", "layernorm", "unet_feature"]
+def test_trials_sort_by_value_not_by_text():
+    ordered = sorted_trials(table_trials(trials_of(LAMBDA_TRIALS)), ["objective.lambda_sds"])
+    assert [t["config"]["objective.lambda_sds"] for t in ordered] == ["0", "1e-05", "0.01", "0.1"]
+    scope = sorted_trials(table_trials(trials_of(SCOPE_TRIALS)), ["train.scope"])
+    assert [t["config"]["train.scope"] for t in scope] == ["full", "layernorm", "unet_feature"]
 
 
-def test_sweep_table_rows_statuses_values_and_dashes(store, tmp_path):
-    written = write_sweep_report("lambda", _children(store, "lambda"), tmp_path)
+def test_sweep_table_rows_statuses_values_and_dashes(tmp_path):
+    written = write_sweep_report("lambda", trials_of(LAMBDA_TRIALS), tmp_path)
     assert [p.name for p in written] == ["sweep-lambda.md", "sweep-lambda.tex", "sweep-lambda.csv", "sweep-lambda.png"]
     header, *rows = list(csv.reader(io.StringIO((tmp_path / "sweep-lambda.csv").read_text())))
     assert header == ["trial", "objective.lambda_sds", "status"] + KEYS
@@ -156,6 +173,7 @@ def test_sweep_table_rows_statuses_values_and_dashes(store, tmp_path):
     assert [r[column["winoground/text"]] for r in rows] == ["0.250", "0.300", "0.288", "0.050"]
     assert rows[0][column["winoground/text/object"]] == "0.123"
     assert [r[column["zeroshot/mean"]] for r in rows] == ["0.300", "-", "0.400", "-"]
+    assert rows[1][column["winoground/image"]] == "-"     # NaN
     assert set(rows[3][3:]) == {"0.050", "-"}
     md = (tmp_path / "sweep-lambda.md").read_text().splitlines()
     assert md[0].startswith("| trial | objective.lambda_sds | status | Wino text |") and len(md) == 2 + 4
@@ -164,8 +182,8 @@ def test_sweep_table_rows_statuses_values_and_dashes(store, tmp_path):
     assert (tmp_path / "sweep-lambda.png").read_bytes().startswith(PNG_MAGIC)
 
 
-def test_lambda_figure_plots_finished_trials_on_a_symlog_axis(store):
-    trials = sweep_trials(_children(store, "lambda"))
+def test_lambda_figure_plots_finished_trials_on_a_symlog_axis():
+    trials = table_trials(trials_of(LAMBDA_TRIALS))
     keys = swept_keys(trials)
     axes = sweep_figure("lambda", sorted_trials(trials, keys), keys).axes[0]
     assert axes.get_xscale() == "symlog"  # 0 and positive values spanning 1000x
@@ -182,66 +200,67 @@ def bar_containers(axes):
     return [c for c in axes.containers if isinstance(c, BarContainer)]
 
 
-def test_a_non_numeric_sweep_gets_bars_per_trial(store, tmp_path):
-    trials = sweep_trials(_children(store, "scope"))
+def test_a_non_numeric_sweep_gets_bars_per_trial(tmp_path):
+    trials = table_trials(trials_of(SCOPE_TRIALS))
     keys = swept_keys(trials)
     axes = sweep_figure("scope", sorted_trials(trials, keys), keys).axes[0]
     assert [t.get_text() for t in axes.get_yticklabels()] == [
         "train.scope=full", "train.scope=layernorm", "train.scope=unet_feature"]
     assert [bar.get_width() for bar in bar_containers(axes)[0]] == [0.3, 0.2, 0.1]
-    written = write_sweep_report("scope", _children(store, "scope"), tmp_path)
+    written = write_sweep_report("scope", trials_of(SCOPE_TRIALS), tmp_path)
     assert written[-1].read_bytes().startswith(PNG_MAGIC)
 
 
 def test_two_swept_keys_get_bars_and_nothing_to_plot_gets_no_figure():
     def trial(label, lr, lam, status="finished", metrics=None):
-        return {"name": label, "params": {"train.lr": lr, "objective.lambda_sds": lam},
-                "tags": {"trial": label, "status": status}, "metrics": metrics or {}}
+        return (label, {"train.lr": lr, "objective.lambda_sds": lam}, status, metrics or {})
 
-    trials = [trial("t000", "1e-05", "0.1", metrics={"aro/overall": 0.5}), trial("t001", "0.001", "0.01")]
+    trials = table_trials(trials_of([trial("t000", 1e-5, 0.1, metrics={"aro/overall": 0.5}),
+                                     trial("t001", 1e-3, 0.01)]))
     keys = swept_keys(trials)
     assert keys == ["objective.lambda_sds", "train.lr"]
     axes = sweep_figure("optuna", trials, keys).axes[0]
     assert axes.get_xscale() == "linear" and len(bar_containers(axes)) == 1  # bars of the one score present
-    assert sweep_figure("optuna", [trial("t000", "1e-05", "0.1", "failed", {"aro/overall": 0.5})], keys) is None
+    failed = table_trials(trials_of([trial("t000", 1e-5, 0.1, "failed", {"aro/overall": 0.5})]))
+    assert sweep_figure("optuna", failed, keys) is None
 
 
 def test_seeds_of_a_configuration_make_one_bar_at_their_mean_with_their_spread():
     """A sweep of students x seeds: the figure has a bar per student, not per run, so it does not
     grow with the number of seeds (500 runs drew a 376-inch figure before)."""
-    def trial(label, student, seed, score):
-        return {"name": label, "params": {"train.student": student, "train.seed": str(seed)},
-                "tags": {"trial": label, "status": "finished"}, "metrics": {"winoground/text": score}}
+    def trials(listed):
+        return table_trials(trials_of([(f"t{i:03d}", {"train.student": student, "train.seed": seed}, "finished",
+                                        {"winoground/text": score})
+                                       for i, (student, seed, score) in enumerate(listed)]))
 
-    trials = [trial(f"t{i}", student, seed, score) for i, (student, seed, score) in enumerate(
-        [("a", 0, 0.2), ("a", 1, 0.4), ("a", 2, 0.3), ("b", 0, 0.5), ("b", 1, 0.5)])]
-    keys = swept_keys(trials)
-    figure = sweep_figure("students", trials, keys)
+    few = trials([("a", 0, 0.2), ("a", 1, 0.4), ("a", 2, 0.3), ("b", 0, 0.5), ("b", 1, 0.5)])
+    keys = swept_keys(few)
+    figure = sweep_figure("students", sorted_trials(few, keys), keys)
     axes = figure.axes[0]
     assert [t.get_text() for t in axes.get_yticklabels()] == ["train.student=a (3 runs)", "train.student=b (2 runs)"]
     [bars] = bar_containers(axes)
     assert [bar.get_width() for bar in bars] == pytest.approx([0.3, 0.5])
     errors = bars.errorbar.lines[2][0].get_segments()
     assert [segment[1][0] - segment[0][0] for segment in errors] == pytest.approx([0.2, 0.0])   # 2 sd each
-    many = [trial(f"t{i}", "ab"[i % 2], i, 0.5) for i in range(200)]
+    many = trials([("ab"[i % 2], i, 0.5) for i in range(200)])
     assert sweep_figure("students", many, swept_keys(many)).get_size_inches()[1] == figure.get_size_inches()[1]
 
 
-def test_a_variant_names_its_bars_without_the_keys_it_fixes():
-    """A variant sweep: the keys each variant bundles are left out of its caption (spelled out,
-    they made captions too long for the figure, whose layout then collapsed); a key swept
-    across variants stays, on a line of its own."""
-    def trial(label, variant, method, lr, seed):
-        return {"name": label, "params": {"variant": variant, "objective.method": method, "train.lr": lr,
-                                          "train.seed": str(seed)},
-                "tags": {"trial": label, "status": "finished"}, "metrics": {"winoground/text": 0.5}}
+def test_a_variant_captions_its_bars_by_its_name_and_other_keys_on_lines_of_their_own():
+    def trials(listed):
+        return table_trials(trials_of([(f"t{i:03d}", config, "finished", {"winoground/text": 0.5})
+                                       for i, config in enumerate(listed)]))
 
-    fixed = [trial(f"t{i}", v, m, "0.1", s) for i, (v, m, s) in enumerate(
-        [("FT with L_CLIP", "clip", 0), ("FT with L_CLIP", "clip", 1), ("NegCLIP", "negclip", 0)])]
-    axes = sweep_figure("methods", fixed, swept_keys(fixed)).axes[0]
+    seeds = trials([{"variant": "FT with L_CLIP", "train.seed": 0}, {"variant": "FT with L_CLIP", "train.seed": 1},
+                    {"variant": "NegCLIP", "train.seed": 0}])
+    keys = swept_keys(seeds)
+    axes = sweep_figure("methods", sorted_trials(seeds, keys), keys).axes[0]
     assert [t.get_text() for t in axes.get_yticklabels()] == ["FT with L_CLIP (2 runs)", "NegCLIP"]
-    crossed = fixed + [trial("t3", "NegCLIP", "negclip", "0.2", 0)]
-    axes = sweep_figure("methods", crossed, swept_keys(crossed)).axes[0]
+    crossed = trials([{"variant": v, "train.lr": lr, "train.seed": s} for v, lr, s in
+                      [("NegCLIP", 0.2, 0), ("FT with L_CLIP", 0.1, 0), ("FT with L_CLIP", 0.1, 1),
+                       ("NegCLIP", 0.1, 0)]])
+    keys = swept_keys(crossed)
+    axes = sweep_figure("methods", sorted_trials(crossed, keys), keys).axes[0]
     assert [t.get_text() for t in axes.get_yticklabels()] == [
         "FT with L_CLIP\ntrain.lr=0.1 (2 runs)", "NegCLIP\ntrain.lr=0.1", "NegCLIP\ntrain.lr=0.2"]
 
@@ -264,9 +283,8 @@ def test_x_scale(values, scale):
 # ----------------------------------------------------------------------------- zero-shot figure
 
 
-def test_zeroshot_figure_has_a_group_per_set_and_a_bar_per_run_with_sets(store):
-    tracker = store["tracker"]
-    runs = [(label, tracker.find_runs(tags={"mlflow.runName": label})[0]["metrics"]) for label in ZEROSHOT]
+def test_zeroshot_figure_has_a_group_per_set_and_a_bar_per_run_with_sets():
+    runs = list(ZEROSHOT.items())
     assert zeroshot_sets(runs) == ["cifar10", "pets"]
     figure = zeroshot_figure(runs)
     axes = figure.axes[0]
@@ -313,23 +331,43 @@ def test_stage_writes_tables_figures_and_removes_stale_sweep_outputs(store):
 
 
 def test_stage_writes_a_variant_sweeps_comparison_and_removes_it_when_the_sweep_is_gone(store):
-    root, reports = store["root"], store["root"] / "reports"
-    sweeps = dict(store["sweeps"])
-    (root / "results" / "sweeps.json").write_text(json.dumps(sweeps))
+    results, reports = store["root"] / "results", store["root"] / "reports"
     # The scope sweep's results file holds named variants and seeds only: its comparison is written.
-    (root / "results" / "sweep-scope.json").write_text(json.dumps({"trials": VARIANT_TRIALS}))
+    labelled = [{**trial, "trial": f"t{i:03d}"} for i, trial in enumerate(VARIANT_TRIALS)]
+    sweeps = {**store["sweeps"], "scope": write_sweep(results, "scope", labelled)}
+    (results / "sweeps.json").write_text(json.dumps(sweeps))
     try:
         assert stage.main(["--params", str(store["params"])]) == 0
         assert {p.name for p in reports.glob("scope.*")} == {"scope.md", "scope.tex", "scope.csv", "scope.png"}
         assert "| hard | 2 |" in (reports / "scope.md").read_text()
         # A variant sweep that also swept another key is pooled into no comparison.
-        mixed = [{**t, "config": {**t["config"], "train.lr": 0.1}} for t in VARIANT_TRIALS]
-        (root / "results" / "sweep-scope.json").write_text(json.dumps({"trials": mixed}))
+        mixed = [{**t, "config": {**t["config"], "train.lr": 0.1 * (i % 2 + 1)}} for i, t in enumerate(labelled)]
+        write_sweep(results, "scope", mixed)
         assert stage.main(["--params", str(store["params"])]) == 0
         assert not list(reports.glob("scope.*"))
     finally:
-        (root / "results" / "sweep-scope.json").unlink()
-        (root / "results" / "sweeps.json").unlink()
+        write_sweep(results, "scope", trials_of(SCOPE_TRIALS))
+        (results / "sweeps.json").unlink()
+
+
+def test_a_listed_sweep_without_its_results_file_is_a_one_line_error(store, capsys):
+    results = store["root"] / "results"
+    (results / "sweeps.json").write_text(json.dumps({**store["sweeps"], "gone": {**store["sweeps"]["scope"]}}))
+    try:
+        assert stage.main(["--params", str(store["params"])]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "sweeps/gone.json: missing results of sweep gone" in err
+        assert len(err.splitlines()) == 1
+        # A results file whose trial lacks its status: the file, the trial and the field are named.
+        broken = trials_of(SCOPE_TRIALS)
+        del broken[1]["status"]
+        (results / "sweeps" / "gone.json").write_text(json.dumps({**sweep_results("gone", trials_of(SCOPE_TRIALS)),
+                                                                 "trials": broken}))
+        assert stage.main(["--params", str(store["params"])]) == 2
+        assert capsys.readouterr().err.strip().endswith("sweeps/gone.json: trial 1: field 'status' is missing")
+    finally:
+        (results / "sweeps.json").unlink()
+        (results / "sweeps" / "gone.json").unlink(missing_ok=True)
 
 
 def test_stage_with_no_sweeps_listed_writes_no_sweep_outputs(store, tmp_path):
@@ -358,8 +396,7 @@ def variant_trial(name: str, seed: int, text: list[int], rel: list[int], status:
     rel_macro = (sum(rel[:2]) / 2 + sum(rel[2:]) / 2) / 2
     metrics = {"winoground/text": sum(text) / len(text), "aro/overall": (rel_macro + 0.5) / 2,
                "loss/clip": 0.5 + seed, "time/train_seconds": 10.0}
-    return {"trial": f"t{seed}", "config": {"variant": name, "train.seed": seed}, "status": status,
-            "metrics": metrics, "outcomes": outcomes}
+    return result_trial(f"t{seed:03d}", {"variant": name, "train.seed": seed}, status, metrics, outcomes)
 
 
 TEXT_A = [1, 0, 1, 0, 1, 0, 1, 0]

@@ -1,5 +1,6 @@
 """benchmarks/scale.py on a tiny budget: the benchmark calls the pipeline's own entry points, so a
 change of their signatures must fail here rather than when someone next measures."""
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -24,5 +25,11 @@ def test_the_smallest_scale_run_prints_both_curves(tmp_path):
     starts = proc.stdout.split("trial start against training rows", 1)[1].splitlines()
     assert starts[1].split()[:2] == ["rows", "start"] and starts[2].split()[0] == "10"
     assert float(starts[2].split()[1]) > 0
-    runs = proc.stdout.split("report stage and sweep driver against trial runs", 1)[1].splitlines()
+    runs = proc.stdout.split("report stage and sweep driver against trials", 1)[1].splitlines()
     assert runs[2].split()[0] == "10" and all(float(v) > 0 for v in runs[2].split()[1::2])
+    # The reported sweep is a results file as the sweep stage's driver writes one (its 1-trial launch: the same keys).
+    written = json.loads((tmp_path / "ws" / "results" / "sweeps" / "scale.json").read_text())
+    driven = json.loads((tmp_path / "ws" / "driver-scale.json").read_text())
+    assert list(written) == list(driven) and len(written["trials"]) == 10
+    assert all(list(trial) == list(driven["trials"][0]) for trial in written["trials"])
+    assert {t["status"] for t in written["trials"]} == {"finished"} and written["best"] is not None

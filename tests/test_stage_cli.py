@@ -1,7 +1,7 @@
 """Every stage answers `--help` and rejects a bad parameter file before importing torch & co.
 
 A stage imports its heavy modules (seconds of imports) inside its body, so what does not
-need them is answered at once.
+need them is answered at once. A sweep the sweep stage cannot run still leaves its outputs whole.
 """
 import json
 import subprocess
@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pipeline import cli
 from pipeline.data.errors import MissingDataError, MissingInput
@@ -52,14 +53,15 @@ def test_a_bad_params_file_is_one_line_and_exit_2_without_heavy_imports(stage, t
     assert not (tmp_path / "results").exists() and not (tmp_path / "data").exists()
 
 
-@pytest.mark.parametrize("command", [f"stages.{s}" for s in sorted(STAGES)] + ["pipeline.sweep", "pipeline.bench"])
+@pytest.mark.parametrize("command", [f"python -m stages.{s}" for s in sorted(STAGES)]
+                         + ["python -m pipeline.sweep", "benchmarks/throughput.py"])
 def test_a_bad_option_is_one_line_and_exit_2_and_usage_names_the_command(command):
-    proc = subprocess.run([sys.executable, "-m", command, "--no-such-option"], cwd=REPO, capture_output=True,
-                          text=True)
+    argv = [sys.executable, *command.removeprefix("python ").split()]  # the usage line's command, as run
+    proc = subprocess.run([*argv, "--no-such-option"], cwd=REPO, capture_output=True, text=True)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    usage = subprocess.run([sys.executable, "-m", command, "--help"], cwd=REPO, capture_output=True, text=True)
-    assert usage.stdout.startswith(f"usage: python -m {command} "), usage.stdout[:80]
+    usage = subprocess.run([*argv, "--help"], cwd=REPO, capture_output=True, text=True)
+    assert usage.stdout.startswith(f"usage: {command} "), usage.stdout[:80]
 
 
 @pytest.mark.parametrize("error, one_line", [
@@ -84,3 +86,26 @@ def test_only_the_projects_own_input_errors_become_one_line(error, one_line, tmp
     assert cli.run("doc", body, ["--params", str(params)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and str(error) in err
+
+
+def test_the_sweep_stage_rewrites_its_results_folder_and_lists_each_sweep(tmp_path, capsys):
+    """results/sweeps/ holds this launch's files only: an earlier launch's, of a sweep no longer
+    listed or of one that now writes none (no data built: exit 2 before any run), are gone."""
+    from stages import sweep as stage
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["sweeps"] = ["one.yaml"]
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(raw))
+    (tmp_path / "one.yaml").write_text("name: one\nspace: {train.lr: [0.1]}\n")
+    results = tmp_path / "results"
+    (results / "sweeps").mkdir(parents=True)
+    for name in ("gone", "one"):
+        (results / "sweeps" / f"{name}.json").write_text('{"trials": []}\n')
+    (results / "sweeps.json").write_text('{"gone": {"file": "gone.yaml", "exit": 0, "parent_run_id": "a1"}}\n')
+
+    assert stage.main(["--params", str(params)]) == 2
+    assert "data/index.json: not found; build it first" in capsys.readouterr().err
+    assert sorted(p.name for p in results.iterdir()) == ["sweeps", "sweeps.json"]   # no folder left half-built
+    assert not any((results / "sweeps").iterdir())
+    assert json.loads((results / "sweeps.json").read_text()) == {"one": {"file": "one.yaml", "exit": 2}}

@@ -2,14 +2,18 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
+import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
-from pipeline import sweep_config as sc
-from pipeline.config import ConfigError, load, parse_yaml
+from pipeline.sweep import spec as sc
+from pipeline.config import ARO_SETS, CLEVR_SUBTASKS, SUGARCREPE_SUBSETS, ConfigError, load, parse_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = REPO / "params.yaml"
@@ -75,7 +79,8 @@ def test_methods_sweep_runs_every_method_with_three_seeds_on_the_same_scope():
 
 
 def test_variants_are_bundles_of_values_and_their_names_label_the_trials():
-    sweep = parse("name: x\nspace:\n  variant:\n    plain: {objective.method: clip, objective.lambda_sds: 0}\n"
+    sweep = parse("name: x\nbase: {params: {train.warmup_steps: 0}}\n"
+                  "space:\n  variant:\n    plain: {objective.method: clip, objective.lambda_sds: 0}\n"
                   "    hard negatives: {objective.method: negclip, objective.lambda_sds: 0, train.lr: 0.01}\n"
                   "  train.steps: [2, 4]\nseeds: [0, 1]\n")
     specs = sc.trials(sweep)
@@ -84,7 +89,7 @@ def test_variants_are_bundles_of_values_and_their_names_label_the_trials():
     assert first == {"variant": "plain", "train.steps": 2, "train.seed": 0}
     config = sweep.config(specs[-1].values)
     assert (config.objective.method, config.train.lr, config.train.steps, config.train.seed) == ("negclip", 0.01, 4, 1)
-    assert sc.to_dict(sweep)["space"]["variant"] == {"grid": [{"plain": {"objective.method": "clip",
+    assert sweep.definition()["space"]["variant"] == {"grid": [{"plain": {"objective.method": "clip",
                                                                           "objective.lambda_sds": 0.0}},
                                                                 {"hard negatives": {"objective.method": "negclip",
                                                                                     "objective.lambda_sds": 0.0,
@@ -92,7 +97,8 @@ def test_variants_are_bundles_of_values_and_their_names_label_the_trials():
 
 
 def test_base_profiles_apply_to_their_profile_only():
-    text = "name: x\nbase: {params: {train.steps: 7}, profiles: {paper: {train.lr: 1e-6}}}\nspace: {train.seed: [0]}\n"
+    text = ("name: x\nbase: {params: {train.steps: 7, train.warmup_steps: 0}, profiles: {paper: {train.lr: 1e-6}}}\n"
+            "space: {train.seed: [0]}\n")
     assert parse(text).base_config.train.lr == load(PARAMS).train.lr
     paper = sc.parse(parse_yaml(text), params(), profile="paper")
     assert (paper.base_config.train.lr, paper.base_config.train.steps) == (1e-6, 7)
@@ -304,6 +310,19 @@ def test_malformed_sweep_is_one_line_naming_key_value_and_allowed(case):
         assert fragment in message, f"{fragment!r} not in {message!r}"
 
 
+@pytest.mark.parametrize("metric", [f"aro/{s}" for s in ARO_SETS] + [f"sugarcrepe/{s}" for s in SUGARCREPE_SUBSETS]
+                         + [f"clevr/{s}" for s in CLEVR_SUBTASKS])
+def test_every_benchmark_part_is_a_metric_a_sweep_may_name_and_the_error_lists_it(metric):
+    """The metric names follow pipeline.config's lists of ARO sets, SugarCrepe subsets and CLEVR
+    subtasks: a set added there can be optimised, and an unknown metric's error names it."""
+    assert parse(f"name: x\nmetric: {metric}\nspace: {{train.lr: [0.1]}}\n").metric == metric
+    with pytest.raises(ConfigError) as info:
+        parse("name: x\nmetric: nope\nspace: {train.lr: [0.1]}\n")
+    family, name = metric.split("/")
+    listed = re.search(rf"\b{family}/\{{([^}}]*)\}}", str(info.value))
+    assert listed and name in listed.group(1).split(","), str(info.value)
+
+
 def test_there_are_at_least_fifteen_kinds_of_malformed_file():
     assert len(BAD) >= 15
 
@@ -327,7 +346,7 @@ def test_file_level_problems_name_the_file(tmp_path):
 
 def _cli(*args, cwd=REPO):
     return subprocess.run([str(PYTHON), "-m", "pipeline.sweep", *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=120)
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=120)
 
 
 def test_help_explains_resume_address_dry_run_and_the_schema():
@@ -348,7 +367,7 @@ def test_malformed_file_on_the_command_line_exits_2_with_one_line(tmp_path):
 
 
 def test_dry_run_prints_the_trials_without_importing_ray_or_mlflow(tmp_path):
-    probe = ("import sys, time; t = time.perf_counter(); from pipeline.sweep import main; "
+    probe = ("import sys, time; t = time.perf_counter(); from pipeline.sweep.cli import main; "
              "rc = main(['sweeps/table1.yaml', '--dry-run']); "
              "print('RC', rc, 'RAY', 'ray' in sys.modules, 'MLFLOW', 'mlflow' in sys.modules, "
              "'TORCH', 'torch' in sys.modules, 'SECONDS', round(time.perf_counter() - t, 2))")
@@ -415,7 +434,7 @@ def test_gpus_per_trial_overrides_the_files_resources_and_is_checked():
 def test_a_trial_without_a_gpu_on_a_gpu_cluster_is_refused_unless_it_trains_on_the_cpu():
     """Ray empties CUDA_VISIBLE_DEVICES for a trial that asks for no GPU: with compute.device auto
     it would train on the CPU of a GPU machine without a word."""
-    from pipeline.sweep import check_fits_cluster
+    from pipeline.sweep.driver import check_fits_cluster
 
     none, one = sc.ResourcesSpec(cpu=1, gpu=0), sc.ResourcesSpec(cpu=1, gpu=1)
     with pytest.raises(ConfigError, match=r"^resources\.gpu: 0 per trial on a Ray cluster with 4 GPUs.*--gpus-per-trial 1"):
@@ -438,3 +457,105 @@ def test_the_sweep_stage_gives_a_gpu_to_trials_that_ask_for_none_where_the_stage
     assert gpus_per_trial(0.5, unasked, None, cluster=False) is None     # the file's own fraction stays
     assert gpus_per_trial(0, unasked, None, cluster=True) is None        # a named cluster: the driver decides
     assert gpus_per_trial(0, unasked, 2, cluster=True) == 2
+
+
+def _built_project(tmp_path: Path) -> Path:
+    """A project folder whose stage outputs exist (empty): what the driver checks before Ray starts."""
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    for folder in ("data", "models", "cache"):
+        (tmp_path / folder).mkdir()
+    (tmp_path / "data" / "index.json").write_text("{}")
+    sweep_file = tmp_path / "s.yaml"
+    sweep_file.write_text("name: s\nspace: {train.lr: [0.1, 0.2]}\n")
+    return sweep_file
+
+
+def test_resume_continues_only_a_launch_of_the_same_definition(tmp_path):
+    """`--resume` finds the launch by its folder, whose name carries the definition's hash: a launch of
+    a changed sweep file or params is refused in one line, before Ray starts."""
+    sweep_file = _built_project(tmp_path)
+    args = (sweep_file, "--params", tmp_path / "params.yaml", "--resume")
+    proc = _cli(*args, cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip() == f"error: --resume: no launch of sweep 's' under " \
+                                                           f"{tmp_path / 'ray_results'}", proc.stderr
+    launch = tmp_path / "ray_results" / f"s-20261205-093000-0042-{'0' * 16}"
+    launch.mkdir(parents=True)
+    (launch / "tuner.pkl").write_bytes(b"")
+    proc = _cli(*args, cwd=tmp_path)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"error: --resume: {sweep_file}, the params") and "spec hash differs" in lines[0]
+
+
+def test_an_address_where_no_cluster_answers_is_refused_in_one_line(tmp_path):
+    """Ray's own attempt retries for minutes and ignores SIGTERM meanwhile."""
+    sweep_file = _built_project(tmp_path)
+    with socket.socket() as s:                      # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = _cli(sweep_file, "--params", tmp_path / "params.yaml", "--address", f"127.0.0.1:{port}", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip() == (f"error: --address: nothing answers at 127.0.0.1:{port} (Connection refused); "
+                                   "start the cluster's head there first (`ray start --head`)"), proc.stderr
+
+
+def test_launch_lock_refuses_a_second_driver_on_the_same_launch(tmp_path):
+    """The lock is the system's (flock): held by a live process, let go when it dies, even by SIGKILL."""
+    from pipeline.sweep.driver import launch_lock
+
+    launch = tmp_path / "s-20261205-093000-0001-0000000000000000"
+    holder = subprocess.Popen([str(PYTHON), "-c", "import sys, time; from pipeline.sweep.driver import launch_lock\n"
+                               f"with launch_lock({str(launch)!r}):\n    print('held', flush=True); time.sleep(60)"],
+                              cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ConfigError, match=rf"launch {launch} is being run by another driver \(pid {holder.pid} on "):
+            with launch_lock(str(launch)):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with launch_lock(str(launch)):                 # the killed holder's lock is gone with it
+        assert (launch / "driver.lock").read_text().startswith(f"pid {os.getpid()} ")
+
+
+@pytest.mark.parametrize("body, refused", [
+    ("space: {objective.lambda_sds: {choice: [0, 1e-3]}}\nscheduler: {type: asha, metric: loss/sds}\n", "lambda_sds 0,"),
+    ("space: {objective.lambda_sds: {loguniform: [1e-4, 1e-1]}}\nscheduler: {type: asha, metric: loss/sds}\n", None),
+    ("base: {params: {objective.projector_steps: 5, objective.lambda_sds: 1e-3}}\n"
+     "space: {train.lr: {loguniform: [1e-5, 1e-3]}}\nscheduler: {type: asha, metric: loss/clip}\n", "projector_steps 5"),
+    ("space: {objective.method: {choice: [sds, unet_feature]}, objective.lambda_sds: {uniform: [1e-3, 1e-1]}}\n"
+     "scheduler: {type: asha, metric: loss/sds}\n", "'unet_feature'"),
+])
+@pytest.mark.parametrize("search", ["random", "optuna"])
+def test_an_asha_metric_some_trials_never_report_is_refused(body, refused, search):
+    from pipeline.sweep.cli import check_scheduler_metric
+
+    sweep = parse(f"name: x\nsearch: {{type: {search}, num_samples: 10}}\n{body}")
+    if refused is None:
+        check_scheduler_metric(sweep, sc.trials(sweep))
+    else:
+        with pytest.raises(ConfigError, match=r"^scheduler\.metric: '.*' is not reported at every step by trials"
+                                              rf".*{refused}.*so ASHA could not compare them; allowed: loss/"):
+            check_scheduler_metric(sweep, sc.trials(sweep))
+
+
+def test_a_tracking_uri_mlflow_cannot_open_is_refused_by_the_dry_run(tmp_path):
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["tracking"]["uri"] = "foo://user:secret@bar"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    proc = _cli("sweeps/lambda.yaml", "--params", tmp_path / "params.yaml", "--dry-run")
+    assert proc.returncode == 2 and proc.stdout == "", proc.stdout
+    assert proc.stderr.strip().splitlines() == [
+        "error: tracking.uri: 'foo://***@bar' is not allowed; expected sqlite:///PATH, a folder, http(s)://HOST[:PORT] "
+        "or a database URI (sqlite, file, http, https, postgresql, mysql, mssql, databricks)"], proc.stderr
+
+
+def test_a_storage_path_that_cannot_hold_a_launch_is_refused_before_ray_starts(tmp_path):
+    sweep_file = _built_project(tmp_path)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    proc = _cli(sweep_file, "--params", tmp_path / "params.yaml", "--storage", blocker / "ray", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip() == (f"error: storage_path: {blocker / 'ray'} cannot hold the launch's folder "
+                                   "(Not a directory); give a writable folder (--storage)"), proc.stderr

@@ -22,18 +22,11 @@ from pipeline.data.datasets import read_index, train_pairs
 from pipeline.data.records import load_image
 from pipeline.device import resolve_device
 from pipeline.io import write_json
+from pipeline.models import student_dir, teacher_dir
 from pipeline.models.student import build_toy_student, save_student
 from pipeline.models.teacher import build_toy_teacher, save_teacher
 from pipeline.teacher_training import train_unet, train_vae
 from pipeline import train as trainer
-
-
-def teacher_dir(models: Path) -> Path:
-    return Path(models) / "teacher"
-
-
-def student_dir(models: Path, name: str) -> Path:
-    return Path(models) / "students" / name
 
 
 def build_teacher(cfg: Config, data_root: Path, models: Path) -> dict:

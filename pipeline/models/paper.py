@@ -230,6 +230,14 @@ def _empty(factory):
         return factory()
 
 
+def text_encoder_config(fields: dict):
+    """transformers' CLIPTextConfig of a `TEACHER_CONFIGS[repo]["text_encoder"]` entry, or of one derived
+    from it, with the special tokens of CLIP's BPE vocabulary (start, end; the end token also pads)."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(**fields, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+
+
 def random_teacher(repo: str = SD_V1_4, device: str = "meta", sample_size: int | None = None, seed: int = 0,
                    parts: tuple[str, ...] = ("unet", "vae", "text_encoder")) -> Teacher:
     """A full-size SD teacher with random weights (no download).
@@ -238,14 +246,13 @@ def random_teacher(repo: str = SD_V1_4, device: str = "meta", sample_size: int |
     channels); on `device="cpu"` only `parts` get storage, the others stay on meta.
     """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
     spec = TEACHER_CONFIGS[repo]
     unet_cfg = {**spec["unet"], **({"sample_size": sample_size} if sample_size else {})}
     unet = _empty(lambda: UNet2DConditionModel(**unet_cfg))
     vae = _empty(lambda: AutoencoderKL(**spec["vae"]))
-    text = _empty(lambda: CLIPTextModel(CLIPTextConfig(**spec["text_encoder"], bos_token_id=49406,
-                                                       eos_token_id=49407, pad_token_id=49407)))
+    text = _empty(lambda: CLIPTextModel(text_encoder_config(spec["text_encoder"])))
     modules = {"unet": unet, "vae": vae, "text_encoder": text}
     if device != "meta":
         for k, part in enumerate(parts):

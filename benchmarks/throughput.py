@@ -1,9 +1,13 @@
-"""Benchmark of the SDS-CLIP training step and the diffusion score: plain path vs fast path.
+"""Throughput of the SDS-CLIP training step and of the diffusion score: plain path vs fast path.
 
-`python -m pipeline.bench --help`. Builds the real architectures with random weights and no
-download (Stable Diffusion v1-4's UNet config, written out below, at 64 x 64 latents with
-77-token text conditioning; an open_clip student by name, ViT-B-16 by default) and measures,
-after warm-up, for each implementation:
+    .venv/bin/python benchmarks/throughput.py --help
+    .venv/bin/python benchmarks/throughput.py --size reduced --steps 2 --warmup 1   # what a CPU can run
+
+Builds the real architectures with random weights and no download (Stable Diffusion v1-4's
+UNet and text encoder as `pipeline.models.paper` configures them, at 64 x 64 latents with
+77-token text conditioning; an open_clip student by name, ViT-B-16 by default), writes the
+cached latents and conditioning the trainer and the scorer read as real cache tables
+(`pipeline.cache`, in a temporary folder), and measures, after warm-up, for each implementation:
 
 - training step: L_CLIP + lambda L_SDS, LayerNorm scope + h_w, through
   `pipeline.train.loss_step` (the trainer's step, on the trial's device with its options),
@@ -39,12 +43,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import gc
 import json
 import math
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,43 +61,25 @@ from torch import nn
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
-from pipeline import cli
-from pipeline.io import write_text
+REPO = Path(__file__).resolve().parents[1]
+for folder in (REPO, REPO / "tests"):
+    sys.path.insert(0, str(folder))
+
+from cache_tables import cache_table  # noqa: E402
+from pipeline import cli  # noqa: E402
+from pipeline.io import write_text  # noqa: E402
 
 if TYPE_CHECKING:
+    from pipeline.cache import Table
     from pipeline.fastpath import FastPath
+    from pipeline.models.teacher import Teacher
 
-# pipeline.fastpath (diffusers, open_clip, the evaluation layer) is imported where it is
-# used, so that `--help` and argument errors answer after importing torch only.
+# pipeline.fastpath and pipeline.models (diffusers, open_clip, the evaluation layer) are
+# imported where they are used, so that `--help` and argument errors answer after importing
+# torch only.
 
 # --------------------------------------------------------------------------- architectures
 
-# Stable Diffusion v1-4's UNet (CompVis/stable-diffusion-v1-4, unet/config.json): 860M parameters.
-SD_V1_4_UNET = {
-    "sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
-    "block_out_channels": (320, 640, 1280, 1280),
-    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    "cross_attention_dim": 768, "attention_head_dim": 8, "norm_num_groups": 32, "norm_eps": 1e-5,
-    "act_fn": "silu", "center_input_sample": False, "downsample_padding": 1, "flip_sin_to_cos": True,
-    "freq_shift": 0, "mid_block_scale_factor": 1,
-}
-# Its text encoder (CLIP ViT-L/14's text tower, 123M): only the plain path runs it, per step.
-SD_V1_4_TEXT = {"vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
-                "num_attention_heads": 12, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
-                "projection_dim": 768}
-TEXT_TOKENS = 77
-
-# Reduced size: the same block structure (3 cross-attention down blocks + 1 plain, mid block,
-# 1 plain + 3 cross-attention up blocks, 2 layers per block, 8 heads), narrow and at 8 x 8
-# (--latent-size 16 for 16 x 16).
-# 8 GroupNorm groups instead of 32: SD normalises groups of 10-40 channels x 8x8 or more
-# positions; 32 groups of 1-2 channels at the 1x1 or 2x2 bottom would normalise 2-8 numbers,
-# which makes the network's gradients ill-conditioned (rounding differences blow up ~1000x).
-REDUCED_UNET = {**SD_V1_4_UNET, "sample_size": 8, "block_out_channels": (32, 64, 64, 64), "cross_attention_dim": 64,
-                "norm_num_groups": 8}
-REDUCED_TEXT = {**SD_V1_4_TEXT, "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2,
-                "num_attention_heads": 4, "projection_dim": 64}
 REDUCED_STUDENT = "reduced-vit"
 REDUCED_STUDENT_CFG = {
     "embed_dim": 64,
@@ -118,13 +106,37 @@ class Size:
     warmup: int
     score_rows: int
 
+    @property
+    def text_tokens(self) -> int:
+        """Tokens per caption of the teacher's text conditioning (77 for SD)."""
+        return self.text["max_position_embeddings"]
 
-SIZES = {
-    "full": Size("full", SD_V1_4_UNET, SD_V1_4_TEXT, "ViT-B-16", batch=32, samples=50, tasks=2, steps=10, warmup=3,
-                 score_rows=200),
-    "reduced": Size("reduced", REDUCED_UNET, REDUCED_TEXT, REDUCED_STUDENT, batch=8, samples=4, tasks=1, steps=3,
-                    warmup=1, score_rows=16),
-}
+
+SIZE_NAMES = ("full", "reduced")
+
+
+@functools.cache
+def sizes() -> dict[str, Size]:
+    """full: SD v1-4's UNet (860M parameters) and text encoder (CLIP ViT-L/14's text tower, 123M;
+    only the plain path runs it, per step); reduced: the same block structure (3 cross-attention
+    down blocks + 1 plain, mid block, 1 plain + 3 cross-attention up blocks, 2 layers per block,
+    8 heads), narrow and at 8 x 8 (--latent-size 16 for 16 x 16)."""
+    from pipeline.models.paper import SD_V1_4, TEACHER_CONFIGS
+
+    unet, text = TEACHER_CONFIGS[SD_V1_4]["unet"], TEACHER_CONFIGS[SD_V1_4]["text_encoder"]
+    # 8 GroupNorm groups instead of 32: SD normalises groups of 10-40 channels x 8x8 or more
+    # positions; 32 groups of 1-2 channels at the 1x1 or 2x2 bottom would normalise 2-8 numbers,
+    # which makes the network's gradients ill-conditioned (rounding differences blow up ~1000x).
+    reduced_unet = {**unet, "sample_size": 8, "block_out_channels": [32, 64, 64, 64], "cross_attention_dim": 64,
+                    "norm_num_groups": 8}
+    reduced_text = {**text, "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2,
+                    "num_attention_heads": 4, "projection_dim": 64}
+    return {
+        "full": Size("full", unet, text, "ViT-B-16", batch=32, samples=50, tasks=2, steps=10, warmup=3,
+                     score_rows=200),
+        "reduced": Size("reduced", reduced_unet, reduced_text, REDUCED_STUDENT, batch=8, samples=4, tasks=1, steps=3,
+                        warmup=1, score_rows=16),
+    }
 
 
 def build_unet(cfg: dict, device, seed: int) -> nn.Module:
@@ -136,12 +148,25 @@ def build_unet(cfg: dict, device, seed: int) -> nn.Module:
 
 
 def build_text_encoder(cfg: dict, device, seed: int) -> nn.Module:
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
+
+    from pipeline.models.paper import text_encoder_config
 
     torch.manual_seed(seed)
     with _init_device(device):
-        model = CLIPTextModel(CLIPTextConfig(**cfg, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
+        model = CLIPTextModel(text_encoder_config(cfg))
     return model.requires_grad_(False).eval()
+
+
+def build_teacher(unet: nn.Module, text_encoder: nn.Module | None) -> Teacher:
+    """SD v1-4's noise schedule and prediction type around `unet` (no VAE: the latents are cached)."""
+    from diffusers import DDPMScheduler
+
+    from pipeline.models.paper import SD_V1_4, TEACHER_CONFIGS
+    from pipeline.models.teacher import SD_SCHEDULE, Teacher
+
+    scheduler = DDPMScheduler(**SD_SCHEDULE, prediction_type=TEACHER_CONFIGS[SD_V1_4]["prediction_type"])
+    return Teacher(unet, None, text_encoder, None, scheduler)
 
 
 def build_student(name: str, device, seed: int):
@@ -173,40 +198,46 @@ def parameter_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-# --------------------------------------------------------------------------- in-memory cache tables
+# --------------------------------------------------------------------------- cached inputs
 
 
-class MemoryTable:
-    """The read interface of `pipeline.cache.Table` (rows, get, index) over one CPU tensor."""
+def tables_folder(args) -> Path:
+    """A new folder for one build's cache tables (a rebuild after out-of-memory writes other keys)."""
+    return Path(tempfile.mkdtemp(dir=args.tables))
 
-    def __init__(self, keys: Sequence[str], rows: torch.Tensor):
-        self.keys, self._rows = list(keys), rows
-        self._index = {k: i for i, k in enumerate(self.keys)}
+
+class RecomputedConditioning:
+    """The plain path's conditioning: the read interface of `pipeline.cache.Table` over a table of the
+    captions' token ids, running the teacher's text encoder on them at every read."""
+
+    def __init__(self, tokens: Table, text_encoder: nn.Module):
+        self.tokens, self.text_encoder = tokens, text_encoder
 
     def __len__(self) -> int:
-        return len(self.keys)
+        return len(self.tokens)
 
     def index(self, key: str) -> int:
-        return self._index[key]
-
-    def rows(self, indices) -> torch.Tensor:
-        return self._rows[torch.as_tensor(indices, dtype=torch.int64, device=self._rows.device)]
+        return self.tokens.index(key)
 
     def get(self, keys: Sequence[str]) -> torch.Tensor:
-        return self.rows([self._index[k] for k in keys])
-
-
-class RecomputedConditioning(MemoryTable):
-    """The plain path's conditioning: the teacher's text encoder run on the captions' tokens at every read."""
-
-    def __init__(self, keys: Sequence[str], tokens: torch.Tensor, text_encoder: nn.Module):
-        super().__init__(keys, tokens)
-        self.text_encoder = text_encoder
+        return self.rows([self.index(k) for k in keys])
 
     def rows(self, indices) -> torch.Tensor:
-        ids = super().rows(indices).to(next(self.text_encoder.parameters()).device)
+        ids = self.tokens.rows(indices).to(next(self.text_encoder.parameters()).device)
         with torch.no_grad():
             return self.text_encoder(ids)[0]
+
+
+def conditioning_table(args, size: Size, impl: Impl, keys: list[str], generator: torch.Generator):
+    """Random conditioning rows for `keys` (plain: token ids, encoded at every read, and the text encoder)."""
+    root = tables_folder(args)
+    if impl.naive:
+        text_encoder = build_text_encoder(size.text, args.device, args.seed + 3)
+        ids = torch.randint(1, 49000, (len(keys), size.text_tokens), generator=generator)
+        return RecomputedConditioning(cache_table(root, "tokens", keys, ids), text_encoder), text_encoder
+    width = size.unet["cross_attention_dim"]
+    rows = torch.randn(len(keys), size.text_tokens, width, generator=generator)
+    return cache_table(root, "text", keys, rows), None
 
 
 # --------------------------------------------------------------------------- implementations
@@ -323,9 +354,6 @@ class TrainingBench:
         from pipeline import objectives, train
         from pipeline.config import ObjectiveConfig, TrainConfig
         from pipeline.fastpath import adamw, prepare_student, prepare_teacher_unet
-        from pipeline.models.teacher import SD_SCHEDULE, Teacher
-
-        from diffusers import DDPMScheduler
 
         device, opts = args.device, impl.opts
         self.device, self.impl, self.batch = device, impl, batch
@@ -333,7 +361,6 @@ class TrainingBench:
         unet = build_unet(size.unet, device, args.seed + 1)
         prepare_teacher_unet(unet, opts, compile=False)
         prepare_student(student.model, opts)
-        text_encoder = None
         g = torch.Generator().manual_seed(args.seed + 2)
         context = int(student.model_cfg["text_cfg"].get("context_length", 77))
         image_size = student.model.visual.image_size
@@ -341,16 +368,8 @@ class TrainingBench:
         self.images = torch.randn(batch, 3, image_size, image_size, generator=g).to(device)
         self.tokens = torch.randint(1, 49000, (batch, context), generator=g).to(device)
         self.rows = torch.arange(batch)
-        keys = [f"caption {i}" for i in range(batch)]
-        text_width = size.unet["cross_attention_dim"]
-        if impl.naive:
-            text_encoder = build_text_encoder(size.text, device, args.seed + 3)
-            ids = torch.randint(1, 49000, (batch, TEXT_TOKENS), generator=g)
-            conditioning = RecomputedConditioning(keys, ids, text_encoder)
-        else:
-            conditioning = MemoryTable(keys, torch.randn(batch, TEXT_TOKENS, text_width, generator=g))
-        scheduler = DDPMScheduler(**SD_SCHEDULE, prediction_type="epsilon")
-        teacher = Teacher(unet, None, text_encoder, None, scheduler)
+        conditioning, text_encoder = conditioning_table(args, size, impl, [f"caption {i}" for i in range(batch)], g)
+        teacher = build_teacher(unet, text_encoder)
         latent_shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
         torch.manual_seed(args.seed + 5)
         projection = objectives.LatentProjection(int(student.model_cfg["embed_dim"]), latent_shape).to(device)
@@ -443,9 +462,6 @@ class ScoreBench:
         from pipeline.config import EvalConfig
         from pipeline.evaluate import DiffusionScorer
         from pipeline.fastpath import prepare_teacher_unet
-        from pipeline.models.teacher import SD_SCHEDULE, Teacher
-
-        from diffusers import DDPMScheduler
 
         device, opts = args.device, impl.opts
         self.device = device
@@ -456,16 +472,10 @@ class ScoreBench:
         latent_shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
         image_keys = [f"task{t}/image_{k}" for t in range(args.tasks) for k in range(2)]
         captions = [f"task{t} caption_{c}" for t in range(args.tasks) for c in range(2)]
-        latents = MemoryTable(image_keys, torch.randn(len(image_keys), *latent_shape, generator=g))
-        text_encoder = None
-        if impl.naive:
-            text_encoder = build_text_encoder(size.text, device, args.seed + 3)
-            ids = torch.randint(1, 49000, (len(captions), TEXT_TOKENS), generator=g)
-            conditioning = RecomputedConditioning(captions, ids, text_encoder)
-        else:
-            width = size.unet["cross_attention_dim"]
-            conditioning = MemoryTable(captions, torch.randn(len(captions), TEXT_TOKENS, width, generator=g))
-        teacher = Teacher(unet, None, text_encoder, None, DDPMScheduler(**SD_SCHEDULE, prediction_type="epsilon"))
+        latents = cache_table(tables_folder(args), "latents", image_keys,
+                              torch.randn(len(image_keys), *latent_shape, generator=g))
+        conditioning, text_encoder = conditioning_table(args, size, impl, captions, g)
+        teacher = build_teacher(unet, text_encoder)
         # The pairs in `winoground_pairs` order: (task, caption, image).
         self.images = [f"task{t}/image_{k}" for t in range(args.tasks) for _c in range(2) for k in range(2)]
         self.captions = [f"task{t} caption_{c}" for t in range(args.tasks) for c in range(2) for _k in range(2)]
@@ -474,18 +484,19 @@ class ScoreBench:
             cfg = dataclasses.replace(cfg, batch_size=args.samples)
         self.scorer = DiffusionScorer(teacher, latents, conditioning, cfg, device, opts)
         self.rows = len(self.images) * args.samples
-        self.text_encoder, self.latent_shape, self.width = text_encoder, latent_shape, size.unet["cross_attention_dim"]
+        self.text_encoder, self.latent_shape = text_encoder, latent_shape
+        self.text_shape = (size.text_tokens, size.unet["cross_attention_dim"])
 
     def count_meta(self) -> int:
         """FLOPs of one pass counted on the meta device (the scorers read results back, which meta cannot):
         rows x one UNet row, plus one text-encoder caption per pair for the plain path."""
         sample = torch.zeros(1, *self.latent_shape, device=self.device)
-        cond = torch.zeros(1, TEXT_TOKENS, self.width, device=self.device)
+        cond = torch.zeros(1, *self.text_shape, device=self.device)
         one = lambda: self.unet(sample, torch.tensor([500], device=self.device), encoder_hidden_states=cond)
         with torch.no_grad():
             flops = self.rows * count_flops(one)
             if self.text_encoder is not None:
-                ids = torch.zeros(1, TEXT_TOKENS, dtype=torch.int64, device=self.device)
+                ids = torch.zeros(1, self.text_shape[0], dtype=torch.int64, device=self.device)
                 flops += len(self.images) * count_flops(lambda: self.text_encoder(ids))
         return flops
 
@@ -624,7 +635,7 @@ def table(results: list[Result], peak: float | None, unit: str, extra: Callable[
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
     parser = cli.ArgumentParser(
-        prog="python -m pipeline.bench",
+        prog="benchmarks/throughput.py",
         description="Benchmark the SDS-CLIP training step and the diffusion score: plain vs fast path "
                     "(random weights, no download).",
         epilog="Implementations: plain (fp32, eager, classic attention, UNet weight gradients computed, "
@@ -632,7 +643,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                "fast path: fp32, SDPA, frozen UNet, cached conditioning), fast (FastPath.default_for(device)). "
                "Append ':key=value' to override FastPath fields, e.g. fast:compile=off, fast:ckpt=on, "
                "fast:autocast=bf16, fast:compile=max-autotune-no-cudagraphs.")
-    parser.add_argument("--size", choices=sorted(SIZES), default=None,
+    parser.add_argument("--size", choices=SIZE_NAMES, default=None,
                         help="full: SD v1-4 UNet at 64x64 latents + the open_clip student; reduced: SD's block "
                              "structure at channels (32,64,64,64), 8x8 latents, a small ViT (default: full on "
                              "CUDA, reduced otherwise)")
@@ -669,11 +680,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
-    size = SIZES[args.size or ("full" if torch.device(args.device).type == "cuda" else "reduced")]
+    _check(parser, args)
+    size = sizes()[args.size or ("full" if torch.device(args.device).type == "cuda" else "reduced")]
     args.size = size.name
     if args.latent_size is not None:
-        if args.latent_size < 8 or args.latent_size % 8:
-            parser.error("--latent-size must be a multiple of 8 (the UNet downsamples 3 times)")
         size = dataclasses.replace(size, unet={**size.unet, "sample_size": args.latent_size})
     args.spec = size
     for key in ("student", "batch", "samples", "tasks", "steps", "warmup", "score_rows"):
@@ -681,21 +691,37 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             setattr(args, key, getattr(size, key))
     if args.rounds is None:
         args.rounds = 1 if torch.device(args.device).type == "cuda" else 3
+    return args
+
+
+def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Reject bad values before the sizes import the models' configs (seconds); the defaults are valid."""
+    if args.latent_size is not None and (args.latent_size < 8 or args.latent_size % 8):
+        parser.error("--latent-size must be a multiple of 8 (the UNet downsamples 3 times)")
     for key in ("batch", "samples", "tasks", "steps", "score_rows", "rounds"):
-        if getattr(args, key) < 1:
+        if getattr(args, key) is not None and getattr(args, key) < 1:
             parser.error(f"--{key.replace('_', '-')} must be at least 1")
-    if args.warmup < 0:
+    if args.warmup is not None and args.warmup < 0:
         parser.error("--warmup must be at least 0")
     args.workloads = [w.strip() for w in args.workload.split(",") if w.strip()]
     if not args.workloads or set(args.workloads) - {"train", "score"}:
         parser.error("--workload: train, score or train,score")
-    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="throughput-tables-") as tables:
+        args.tables = tables
+        out = run(args)
+    if args.json:
+        write_text(Path(args.json), json.dumps(out, indent=2, default=str) + "\n")
+    return 0
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Measure, print the tables; the results as JSON-ready data."""
     size = args.spec
     impls = [Impl.parse(spec, args.device) for spec in args.impl.split(",") if spec.strip()]
     peak, peak_note = device_peak_tflops(args.device, args.peak_tflops)
@@ -703,7 +729,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     print(f"SDS-CLIP bench: size={args.size} device={args.device} ({device_name}), torch {torch.__version__}")
     print(f"  UNet: SD v1-4 block structure, channels {tuple(size.unet['block_out_channels'])}, "
-          f"{size.unet['sample_size']}x{size.unet['sample_size']} latents, {TEXT_TOKENS}-token conditioning "
+          f"{size.unet['sample_size']}x{size.unet['sample_size']} latents, {size.text_tokens}-token conditioning "
           f"(width {size.unet['cross_attention_dim']}); student: {args.student}; MFU: {peak_note}")
     out: dict = {"size": args.size, "device": args.device, "device_name": device_name, "torch": torch.__version__,
                  "student": args.student, "peak_tflops": peak}
@@ -728,9 +754,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 if math.isfinite(r.samples_per_s) else "n/a")
         print(table(results, peak, "row", winoground, f"min for {WINOGROUND_TASKS} tasks"))
         out["score"] = [r.__dict__ for r in results]
-    if args.json:
-        write_text(Path(args.json), json.dumps(out, indent=2, default=str) + "\n")
-    return 0
+    return out
 
 
 if __name__ == "__main__":

@@ -40,8 +40,8 @@ configs as the sweep runs (only sampled parameters; every config is repeated per
 whose every cell must fill a table.
 
 Every problem is a `pipeline.config.ConfigError` whose one line names the key, the value
-and what is allowed; the checks reuse `pipeline.config`'s own machinery (`build`,
-`convert`, `check_range`, `resolve`, `deep_merge`) so a parameter is valid in a sweep
+and what is allowed; the checks reuse `pipeline.config`'s own machinery (`validate` with
+the fields' own types, `resolve`, `deep_merge`) so a parameter is valid in a sweep
 exactly when it is valid in params.yaml.
 """
 from __future__ import annotations
@@ -56,10 +56,14 @@ import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pipeline.config import (PROFILES, Config, ConfigError, build, check, check_range, convert, deep_merge,
-                             from_dict, nonneg, positive, read_yaml, resolve)
+from annotated_types import Ge
+from pydantic import StrictInt, StrictStr
+
+from pipeline.config import (ARO_SETS, CLEVR_SUBTASKS, PROFILES, SUGARCREPE_SUBSETS, Config, ConfigError, NonNegFloat,
+                             NonNegInt, PosFloat, PosInt, deep_merge, from_dict, read_yaml, resolve, type_name,
+                             validate, validated)
 
 SWEEPABLE_SECTIONS = ("objective", "train", "eval")
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint")
@@ -68,19 +72,24 @@ SEARCHES = ("grid", "random", "optuna")
 TOP_KEYS = ("name", "base", "space", "search", "scheduler", "seeds", "resources", "max_concurrent", "metric",
             "mode", "storage_path")
 STEP_METRICS = ("loss/clip", "loss/total", "loss/sds", "loss/unet_feature", "loss/feedback")
+# The metric names the trials log, by benchmark, from the lists pipeline.config reads the benchmarks by
+# (SugarCrepe's groups are its subsets' prefixes); <...> stands for a name the benchmark's data has.
+_METRIC_NAMES = {
+    "aro": ("overall",) + ARO_SETS,
+    "zeroshot": ("mean", "<set>"),
+    "sugarcrepe": ("mean",) + tuple(dict.fromkeys(s.split("_")[0] for s in SUGARCREPE_SUBSETS)) + SUGARCREPE_SUBSETS,
+    "mmvp": ("mean", "<pattern>"),
+    "clevr": ("mean",) + CLEVR_SUBTASKS,
+    "loss": tuple(m.removeprefix("loss/") for m in STEP_METRICS),
+}
 _METRIC_PATTERNS = (
     r"winoground/(text|image|group)(/(object|relation|both|preds_\d+))?(/ci_(low|high))?",
-    r"aro/(overall|vg_relation|vg_attribution|coco_order|flickr_order)",
-    r"zeroshot/[A-Za-z0-9_.-]+",
-    r"sugarcrepe/(add|replace|swap|mean|add_obj|add_att|replace_obj|replace_att|replace_rel|swap_obj|swap_att)",
-    r"mmvp/[a-z0-9_]+", r"clevr/[a-z0-9_]+",
-    r"loss/(clip|total|sds|unet_feature|feedback)",
     r"time/train_seconds", r"trainable_parameters",
+    *(family + "/(" + "|".join(r"[A-Za-z0-9_.-]+" if n[0] == "<" else n for n in names) + ")"
+      for family, names in _METRIC_NAMES.items()),
 )
-METRICS_ALLOWED = ("winoground/{text,image,group}[/{object,relation,both,preds_1,preds_2}], "
-                   "aro/{overall,vg_relation,vg_attribution,coco_order}, zeroshot/{mean,<set>}, "
-                   "sugarcrepe/{mean,add,replace,swap,<subset>}, mmvp/{mean,<pattern>}, clevr/{mean,<subtask>}, "
-                   "loss/{clip,total,sds,unet_feature,feedback}")
+METRICS_ALLOWED = ", ".join(["winoground/{text,image,group}[/{object,relation,both,preds_1,preds_2}]"]
+                            + [f"{family}/{{{','.join(names)}}}" for family, names in _METRIC_NAMES.items()])
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _VARIANT_NAME = re.compile(r"[^\x00-\x1f\x7f ](?:[^\x00-\x1f\x7f]{0,62}[^\x00-\x1f\x7f ])?")
 # Keys of params.yaml no trial depends on (the `sweep` stage's list of sweep files): left out of trial configs.
@@ -96,53 +105,53 @@ class BaseSpec:
     of the active profile in `profiles`, e.g. a learning rate the toy world and the paper's models
     each need)."""
 
-    profile: Literal["", "smoke", "toy", "paper"] = ""
+    profile: Literal[("",) + PROFILES] = ""
     params: dict = field(default_factory=dict)
     profiles: dict = field(default_factory=dict)
 
 
-@dataclass
+@validated
 class SearchSpec:
     """How configs are chosen. num_samples: random draws (random) or Optuna trials (optuna)."""
 
-    type: Literal["grid", "random", "optuna"] = "grid"
-    num_samples: int = field(default=1, metadata=positive())
+    type: Literal[SEARCHES] = "grid"
+    num_samples: PosInt = 1
     sampler: Literal["tpe", "random"] = "tpe"
-    seed: int = 0
+    seed: StrictInt = 0
 
 
-@dataclass
+@validated
 class SchedulerSpec:
     """fifo runs every trial to the end; asha stops the weaker ones at rungs of `step`s."""
 
     type: Literal["fifo", "asha"] = "fifo"
-    metric: str = "loss/clip"
+    metric: StrictStr = "loss/clip"
     mode: Literal["min", "max"] = "min"
-    grace_period: int = field(default=1, metadata=positive(doc="training steps before a trial can be stopped"))
-    reduction_factor: int = field(default=2, metadata=check(ge=2))
+    grace_period: PosInt = 1                       # training steps before a trial can be stopped
+    reduction_factor: Annotated[StrictInt, Ge(2)] = 2
 
 
-@dataclass
+@validated
 class ResourcesSpec:
     """Ray resources of one trial; torch uses floor(cpu) threads (at least 1)."""
 
-    cpu: float = field(default=1.0, metadata=positive())
-    gpu: float = field(default=0.0, metadata=nonneg())
+    cpu: PosFloat = 1.0
+    gpu: NonNegFloat = 0.0
 
 
-@dataclass
+@validated
 class _Options:
-    """The plain top-level keys, validated by pipeline.config's `build`."""
+    """The plain top-level keys, validated by pipeline.config's `validate`."""
 
-    name: str = ""
+    name: StrictStr = ""
     search: SearchSpec = field(default_factory=SearchSpec)
     scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
-    seeds: list[int] = field(default_factory=list)
+    seeds: list[StrictInt] = field(default_factory=list)
     resources: ResourcesSpec = field(default_factory=ResourcesSpec)
-    max_concurrent: int = field(default=0, metadata=nonneg(doc="0: as many as the resources allow"))
-    metric: str = "winoground/text"
+    max_concurrent: NonNegInt = 0                  # 0: as many as the resources allow
+    metric: StrictStr = "winoground/text"
     mode: Literal["min", "max"] = "max"
-    storage_path: str = ""
+    storage_path: StrictStr = ""
 
 
 @dataclass(frozen=True)
@@ -161,10 +170,23 @@ class Dimension:
         if self.key == VARIANT:
             return "[" + ", ".join(name for name, _ in self.values) + "]"
         if self.kind == "grid":
-            return "[" + ", ".join(_fmt(v) for v in self.values) + "]"
+            return "[" + ", ".join(fmt(v) for v in self.values) + "]"
         if self.kind == "choice":
-            return "choice(" + ", ".join(_fmt(v) for v in self.values) + ")"
-        return f"{self.kind}({_fmt(self.values[0])}, {_fmt(self.values[1])})"
+            return "choice(" + ", ".join(fmt(v) for v in self.values) + ")"
+        return f"{self.kind}({fmt(self.values[0])}, {fmt(self.values[1])})"
+
+    def domain(self):
+        """Ray Tune's search domain of a sampled parameter (Optuna draws from it)."""
+        from ray import tune
+
+        if self.kind == "choice":
+            return tune.choice(list(self.values))
+        low, high = self.values
+        if self.kind == "uniform":
+            return tune.uniform(low, high)
+        if self.kind == "loguniform":
+            return tune.loguniform(low, high)
+        return tune.randint(low, high + 1)                  # Ray's upper bound is exclusive
 
 
 @dataclass
@@ -231,9 +253,19 @@ class Sweep:
         """The validated Config of a trial with these dotted-key values (a `variant` name among them)."""
         return from_dict(resolve(self.params, deep_merge(self.overrides, unflatten(expand(values, self.variants)))))
 
+    def definition(self) -> dict:
+        """The sweep's definition as plain data (what a launch records and its resume checks)."""
+        return {
+            "name": self.name, "profile": self.profile, "base": self.base.params, "base_profiles": self.base.profiles,
+            "space": {k: {d.kind: [dict([v]) if k == VARIANT else v for v in d.values]} for k, d in self.space.items()},
+            "search": dataclasses.asdict(self.search), "scheduler": dataclasses.asdict(self.scheduler),
+            "seeds": list(self.seeds), "resources": dataclasses.asdict(self.resources),
+            "max_concurrent": self.max_concurrent, "metric": self.metric, "mode": self.mode,
+        }
+
     def spec_hash(self) -> str:
         """Identifies the sweep definition and params a launch ran with (checked on --resume)."""
-        payload = {"sweep": to_dict(self), "params": self.params}
+        payload = {"sweep": self.definition(), "params": self.params}
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -263,7 +295,7 @@ def expand(values: dict[str, Any], variants: dict[str, dict]) -> dict[str, Any]:
     return out
 
 
-def _fmt(value: Any) -> str:
+def fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:g}"
     return str(value)
@@ -286,15 +318,14 @@ def unflatten(values: dict[str, Any]) -> dict:
     return out
 
 
-def _field_types() -> dict[str, tuple[Any, dict]]:
-    """Sweepable dotted key -> (type, field metadata)."""
+def _field_types() -> dict[str, tuple[Any, Any]]:
+    """Sweepable dotted key -> (type, the type with its constraints: what `validate` checks)."""
     out = {}
     sections = typing.get_type_hints(Config)
     for section in SWEEPABLE_SECTIONS:
         cls = sections[section]
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            out[f"{section}.{f.name}"] = (hints[f.name], dict(f.metadata))
+        bare, full = typing.get_type_hints(cls), typing.get_type_hints(cls, include_extras=True)
+        out.update({f"{section}.{f.name}": (bare[f.name], full[f.name]) for f in dataclasses.fields(cls)})
     return out
 
 
@@ -334,7 +365,7 @@ def parse(raw: Any, params: dict, profile: str | None = None, source: str = "") 
     for key in ("search", "scheduler", "resources"):
         if key in options and options[key] is None:
             options[key] = {}
-    opts: _Options = build(_Options, options, "")
+    opts: _Options = validate(_Options, options)
 
     if "name" not in raw:
         raise ConfigError("name: missing; a sweep needs a name (it names the MLflow experiment and Ray's folder)")
@@ -497,9 +528,8 @@ def _finite_domain(key: str, tp: Any, base: Config) -> list | None:
     return None
 
 
-def _value(key: str, tp: Any, meta: dict, value: Any, where: str, base: Config) -> Any:
-    converted = convert(value, tp, where)
-    check_range(converted, meta, where)
+def _value(key: str, value: Any, where: str, base: Config) -> Any:
+    converted = validate(FIELDS[key][1], value, where)
     if key == "train.student" and converted not in base.students:
         raise ConfigError(f"{where}: {converted!r} is not a student; allowed: {', '.join(base.students)}")
     return converted
@@ -526,17 +556,17 @@ def _variants(spec: Any, search: str, base: Config, others: list[str]) -> Dimens
         values = {}
         for key, value in bundle.items():
             key = str(key)
-            tp, meta = _sweepable(key)
+            _sweepable(key)
             if key in others:
                 raise ConfigError(f"{where}.{name}.{key}: also swept by space.{key}; a variant may set only keys "
                                   "no other entry of space sweeps")
-            values[key] = _value(key, tp, meta, value, f"{where}.{name}.{key}", base)
+            values[key] = _value(key, value, f"{where}.{name}.{key}", base)
         bundles.append((name, values))
     return Dimension(VARIANT, "grid", tuple(bundles))
 
 
 def _dimension(key: str, spec: Any, search: str, base: Config) -> Dimension:
-    tp, meta = _sweepable(key)
+    tp = _sweepable(key)[0]
     where = f"space.{key}"
     forms = "a list of values, {all: true}, {choice: [...]}, {uniform: [low, high]}, " \
             "{loguniform: [low, high]} or {randint: [low, high]}"
@@ -567,7 +597,7 @@ def _dimension(key: str, spec: Any, search: str, base: Config) -> Dimension:
     if kind in ("grid", "choice"):
         if not isinstance(body, list) or not body:
             raise ConfigError(f"{where}: {body!r} is not allowed; expected a non-empty list of values")
-        values = [_value(key, tp, meta, v, f"{where}[{i}]", base) for i, v in enumerate(body)]
+        values = [_value(key, v, f"{where}[{i}]", base) for i, v in enumerate(body)]
         for i, v in enumerate(values):
             if any(v == w and type(v) is type(w) for w in values[:i]):
                 raise ConfigError(f"{where}[{i}]: {v!r} is a duplicate; each value may appear once")
@@ -577,10 +607,10 @@ def _dimension(key: str, spec: Any, search: str, base: Config) -> Dimension:
                 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in body)):
             raise ConfigError(f"{where}: {body!r} is not allowed; expected [low, high] (two numbers)")
         if kind in ("uniform", "loguniform") and tp is not float:
-            raise ConfigError(f"{where}: {kind} draws real numbers but {key} expects {_kind_name(tp)}; "
+            raise ConfigError(f"{where}: {kind} draws real numbers but {key} expects {type_name(tp)}; "
                               f"allowed for {key}: " + ("randint, choice" if tp is int else "choice or a list"))
         if kind == "randint" and tp is not int:
-            raise ConfigError(f"{where}: randint draws integers but {key} expects {_kind_name(tp)}; "
+            raise ConfigError(f"{where}: randint draws integers but {key} expects {type_name(tp)}; "
                               f"allowed for {key}: " + ("uniform, loguniform, choice" if tp is float else "choice or a list"))
         low, high = body
         if kind == "randint" and not all(isinstance(v, int) for v in body):
@@ -589,7 +619,7 @@ def _dimension(key: str, spec: Any, search: str, base: Config) -> Dimension:
             raise ConfigError(f"{where}: {body!r} is not allowed; expected low < high")
         if kind == "loguniform" and low <= 0:
             raise ConfigError(f"{where}: {body!r} is not allowed; loguniform needs low > 0")
-        values = [_value(key, tp, meta, v, f"{where}[{i}]", base) for i, v in enumerate(body)]
+        values = [_value(key, v, f"{where}[{i}]", base) for i, v in enumerate(body)]
         dim = Dimension(key, kind, tuple(values))
 
     if search == "grid" and dim.sampled:
@@ -599,12 +629,6 @@ def _dimension(key: str, spec: Any, search: str, base: Config) -> Dimension:
         raise ConfigError(f"space.{key}: a grid list is not allowed with search.type 'optuna' (Optuna draws every "
                           "value); allowed: choice, uniform, loguniform, randint")
     return dim
-
-
-def _kind_name(tp: Any) -> str:
-    if typing.get_origin(tp) is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
 
 
 def _check_combination(sweep: Sweep, search_raw: dict) -> None:
@@ -664,15 +688,4 @@ def sample(dim: Dimension, rng) -> Any:
 
 
 def describe(values: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={_fmt(v)}" for k, v in values.items())
-
-
-def to_dict(sweep: Sweep) -> dict:
-    """The sweep's definition as plain data (what a launch logs and its resume checks)."""
-    return {
-        "name": sweep.name, "profile": sweep.profile, "base": sweep.base.params, "base_profiles": sweep.base.profiles,
-        "space": {k: {d.kind: [dict([v]) if k == VARIANT else v for v in d.values]} for k, d in sweep.space.items()},
-        "search": dataclasses.asdict(sweep.search), "scheduler": dataclasses.asdict(sweep.scheduler),
-        "seeds": list(sweep.seeds), "resources": dataclasses.asdict(sweep.resources),
-        "max_concurrent": sweep.max_concurrent, "metric": sweep.metric, "mode": sweep.mode,
-    }
+    return ", ".join(f"{k}={fmt(v)}" for k, v in values.items())

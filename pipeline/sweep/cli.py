@@ -1,0 +1,198 @@
+"""Run a sweep file's trials through Ray Tune and record every trial in MLflow.
+
+    python -m pipeline.sweep sweeps/lambda.yaml                  # on this machine
+    python -m pipeline.sweep sweeps/lambda.yaml --address HOST:PORT   # on a running Ray cluster
+    python -m pipeline.sweep sweeps/lambda.yaml --dry-run        # print the trials, run nothing
+    python -m pipeline.sweep sweeps/lambda.yaml --resume         # finish an interrupted launch
+
+A trial is the params.yaml config (profile of `base`, then `base.params`, then the trial's
+values) fine-tuned and evaluated by `pipeline.experiment.run_finetune`; it reads the `data/`,
+`models/` and `cache/` the DVC stages built next to the params file. A trial reports a checkpoint
+every `train.checkpoint_every` steps, so ASHA can stop it and `--resume` restarts it from there.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import logging
+import os
+import sys
+from pathlib import Path
+
+from pipeline import cli
+from pipeline.config import PROFILES, ConfigError, flatten, read_yaml
+from pipeline.data.errors import MissingInput
+from pipeline.sweep import driver, spec
+from pipeline.tracking import check_uri, redact
+
+EPILOG = f"""\
+sweep file (every key is checked before anything starts):
+{spec.__doc__.split("```yaml")[1].split("```")[0].rstrip()}
+
+where things go:
+  MLflow   experiment <tracking.experiment>/<name>: a parent run per launch, a child run per trial
+           (params: the trial's config; metrics: per-step losses, final scores; tags: trial, trial_id,
+           status, failure, attempts, git_commit, profile)
+  Ray      <storage_path or project/ray_results>/<name>-<launch time>-<spec hash>/
+
+resume: after the driver dies (even SIGKILL), `--resume` continues the newest launch of the sweep
+(or the launch folder given): finished trials are not run again, the others restart from their
+last checkpoint, and each trial keeps its one MLflow run.
+
+cluster: start Ray on the nodes (`ray start --head`, `ray start --address HEAD:6379`), put the
+project (code, data/, models/, cache/) on a path every node sees, point tracking.uri at an MLflow
+server and storage_path at shared storage, then pass --address or set RAY_ADDRESS.
+
+exit status: 0 all trials finished or were stopped early by ASHA; 1 a trial failed;
+2 bad sweep file or option (one line on stderr); 130 interrupted (continue with --resume).
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = cli.ArgumentParser(prog="python -m pipeline.sweep", description=__doc__.split("\n\n")[0],
+                           epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("sweep", type=Path, help="sweep file (e.g. sweeps/lambda.yaml)")
+    p.add_argument("--params", type=Path, default=Path("params.yaml"),
+                   help="parameter file; data/, models/, cache/ are read next to it (default: params.yaml)")
+    p.add_argument("--profile", choices=PROFILES, help="override the sweep's base.profile")
+    p.add_argument("--dry-run", action="store_true", help="validate and print the trials; run nothing")
+    p.add_argument("--resume", nargs="?", const="latest", metavar="LAUNCH",
+                   help="continue the newest launch of this sweep (or this launch folder, under the storage or a path)")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="with --resume: run failed trials again from their last checkpoint")
+    p.add_argument("--address", metavar="HOST:PORT",
+                   help="run on this Ray cluster (default: $RAY_ADDRESS, else a local Ray with every CPU)")
+    p.add_argument("--storage", metavar="PATH_OR_URI", help="override the sweep's storage_path")
+    p.add_argument("--max-concurrent", type=int, metavar="N", help="override the sweep's max_concurrent")
+    p.add_argument("--gpus-per-trial", type=float, metavar="N",
+                   help="override the sweep's resources.gpu (the shipped files ask for 0: give 1 on a GPU cluster)")
+    p.add_argument("--results", type=Path, metavar="FILE",
+                   help="also write the summary (run ids, statuses, metrics, outcomes) to this JSON file")
+    p.add_argument("--ray-temp-dir", type=Path, metavar="DIR",
+                   help="temp/session folder of a local Ray (default: Ray's, /tmp/ray)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=os.environ.get("LOGLEVEL", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        sweep, root = prepare(args)
+        specs = spec.trials(sweep)
+        check_scheduler_metric(sweep, specs)
+        check_uri(sweep.base_config.tracking.uri)
+        if args.dry_run:
+            print(dry_run_text(sweep, specs, root, args))
+            return 0
+        preflight(sweep, root)
+        return driver.run(sweep, specs, root, args)
+    except (ConfigError, MissingInput) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return driver.EXIT_USAGE
+
+
+def prepare(args: argparse.Namespace) -> tuple[spec.Sweep, Path]:
+    if args.retry_failed and not args.resume:
+        raise ConfigError("--retry-failed: only with --resume")
+    if args.max_concurrent is not None and args.max_concurrent < 0:
+        raise ConfigError(f"--max-concurrent: {args.max_concurrent} is out of range; allowed: >= 0")
+    params_path = args.params.resolve()
+    sweep = spec.load(args.sweep, read_yaml(params_path), args.profile)
+    if args.max_concurrent is not None:
+        sweep.max_concurrent = args.max_concurrent
+    if args.gpus_per_trial is not None:
+        if args.gpus_per_trial < 0:
+            raise ConfigError(f"--gpus-per-trial: {args.gpus_per_trial:g} is out of range; allowed: >= 0")
+        sweep.resources.gpu = args.gpus_per_trial
+        spec.check_resources(sweep.resources)
+    return sweep, params_path.parent
+
+
+def check_scheduler_metric(sweep: spec.Sweep, specs: list[spec.TrialSpec]) -> None:
+    """ASHA compares trials on a loss each of them reports at every logged step; one some trials
+    never report would stop nothing. Optuna's trials are stood for by each choice with every range
+    at its low end (a `loguniform` lambda never reaches 0)."""
+    if sweep.scheduler.type != "asha":
+        return
+    if specs:
+        configs = [sweep.config(t.values) for t in specs]
+    else:
+        dims = [[(d.key, v) for v in (d.values if d.kind == "choice" else d.values[:1])] for d in sweep.space.values()]
+        configs = [sweep.config(dict(values)) for values in itertools.product(*dims)]
+    metric = sweep.scheduler.metric
+    for cfg in configs:
+        if metric.removeprefix("loss/") not in cfg.objective.reported_losses:
+            reported = ", ".join(sorted(f"loss/{n}" for n in cfg.objective.reported_losses))
+            raise ConfigError(f"scheduler.metric: {metric!r} is not reported at every step by trials with "
+                              f"objective.method {cfg.objective.method!r}, lambda_sds {cfg.objective.lambda_sds:g}, "
+                              f"projector_steps {cfg.objective.projector_steps}, so ASHA could not compare them; "
+                              f"allowed: {reported}")
+
+
+def preflight(sweep: spec.Sweep, root: Path) -> None:
+    """The built inputs every trial reads: fail once, here, rather than in every trial."""
+    cfg = sweep.base_config
+    for path, stage in ((root / cfg.data.root / "index.json", "data"), (root / "models", "models"),
+                        (root / cfg.cache.root, "cache")):
+        if not path.exists():
+            raise MissingInput(f"{path}: not found; build it first (`dvc repro {stage}` or "
+                               f"`python -m stages.{stage} --params {root / 'params.yaml'}`)")
+
+
+def columns(sweep: spec.Sweep) -> list[str]:
+    return list(sweep.space) + (["train.seed"] if sweep.seeds else [])
+
+
+def table(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+
+
+def dry_run_text(sweep: spec.Sweep, specs: list[spec.TrialSpec], root: Path, args: argparse.Namespace) -> str:
+    s = sweep
+    search = s.search.type
+    if search == "random":
+        search += f" ({s.search.num_samples} draws, seed {s.search.seed})"
+    elif search == "optuna":
+        search += f" ({s.search.sampler}, seed {s.search.seed}, {s.search.num_samples} configs)"
+    sched = s.scheduler.type
+    if sched == "asha":
+        sched += (f" on {s.scheduler.metric} ({s.scheduler.mode}), grace period {s.scheduler.grace_period} steps, "
+                  f"reduction factor {s.scheduler.reduction_factor}, max {s.max_steps} steps")
+    lines = [
+        f"sweep {s.name} ({s.source}): {s.num_trials} trials, profile {s.profile}, search {search}",
+        f"  scheduler {sched}; optimises {s.metric} ({s.mode})",
+        f"  per trial: cpu {s.resources.cpu:g}, gpu {s.resources.gpu:g}; at most "
+        f"{s.max_concurrent or 'as many as fit'} at once; seeds {s.seeds or [s.base_config.train.seed]}",
+        f"  MLflow experiment {driver.experiment_name(s)!r} at {redact(s.base_config.tracking.uri)}; "
+        f"Ray storage {driver.storage_root(s, root, args.storage)}",
+    ]
+    base = {k: v for k, v in flatten(s.overrides).items() if k != "profile"}
+    if base:
+        lines.append(f"  base params ({s.profile}): {spec.describe(base)}")
+    lines.append("")
+    if specs:
+        keys = columns(s)
+        lines += table([["trial"] + keys] + [[t.label] + [spec.fmt(t.values[k]) for k in keys] for t in specs])
+    else:
+        lines.append(f"Optuna draws each config as the sweep runs ({s.search.num_samples} configs"
+                     + (f" x {len(s.seeds)} seeds" if len(s.seeds) > 1 else "") + ") from:")
+        lines += [f"  {d.key} ~ {d.describe()}" for d in s.space.values()]
+    return "\n".join(lines)
+
+
+def summary_text(sweep: spec.Sweep, rows: list[dict], counts: dict, best: dict | None, wall: float) -> str:
+    keys = columns(sweep)
+    cells = [["trial"] + keys + ["status", sweep.metric, "seconds", "failure"]]
+    for r in rows:
+        cells.append([r["trial"]] + [spec.fmt(r["config"].get(k, "")) for k in keys] +
+                     [r["status"], f"{r['metric']:.4f}" if r["metric"] is not None else "-",
+                      f"{r['trial_seconds']:.1f}" if r["trial_seconds"] is not None else "-", r["failure"][:100]])
+    head = (f"sweep {sweep.name}: {len(rows)} trials, {counts['finished']} finished, {counts['early_stopped']} "
+            f"stopped early, {counts['failed']} failed" + (f", {counts['interrupted']} interrupted"
+                                                             if counts["interrupted"] else "") + f" ({wall:.1f} s)")
+    lines = ["", head] + ["  " + line for line in table(cells)]
+    if best is not None:
+        lines.append(f"best: {best['trial']} {sweep.metric}={best['metric']:.4f} ({spec.describe(best['config'])}), "
+                     f"run {best['run_id']}")
+    return "\n".join(lines)

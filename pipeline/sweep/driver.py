@@ -1,0 +1,324 @@
+"""One launch of a sweep, or the resumption of one: Ray up, Ray Tune's run with the run recorder, the summary.
+
+A launch lives in Ray Tune's folder `<storage>/<name>-<launch time>-<spec hash>`: Ray's
+experiment state there is the record of its trials (and of the recorder's trial -> run map), so
+`--resume` continues it from that folder alone; the hash in its name refuses a resumption under
+a changed sweep file or params.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import math
+import os
+import re
+import socket
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import ConfigError
+from pipeline.sweep.spec import ResourcesSpec, Sweep, TrialSpec
+
+CODE_ROOT = Path(__file__).resolve().parents[2]
+EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+
+
+def storage_root(sweep: Sweep, root: Path, override: str | None) -> str:
+    value = override or sweep.storage_path or "ray_results"
+    if "://" in value:
+        return value.rstrip("/")
+    path = Path(value).expanduser()
+    return str(path if path.is_absolute() else (root / path).resolve())
+
+
+def experiment_name(sweep: Sweep) -> str:
+    return f"{sweep.base_config.tracking.experiment}/{sweep.name}"
+
+
+def find_launch(sweep: Sweep, storage: str, given: str) -> str:
+    """The launch folder `--resume` continues: the one named, else the newest of this sweep."""
+    import pyarrow.fs
+
+    fs, base = pyarrow.fs.FileSystem.from_uri(storage if "://" in storage else str(Path(storage).resolve()))
+    if given != "latest":
+        folder = given if "://" in given or Path(given).is_absolute() else f"{storage}/{given}"
+    else:
+        found = fs.get_file_info(pyarrow.fs.FileSelector(base, allow_not_found=True))
+        launch = re.compile(rf"{re.escape(sweep.name)}-\d{{8}}-\d{{6}}-\d{{4}}-[0-9a-f]{{16}}")
+        names = sorted(f.base_name for f in found if f.type == pyarrow.fs.FileType.Directory
+                       and launch.fullmatch(f.base_name))
+        if not names:
+            raise ConfigError(f"--resume: no launch of sweep {sweep.name!r} under {storage}")
+        folder = f"{storage}/{names[-1]}"
+    from ray import tune
+
+    if not tune.Tuner.can_restore(folder):
+        raise ConfigError(f"--resume: {folder} is not a launch Ray Tune can restore")
+    if not folder.rstrip("/").endswith(f"-{sweep.spec_hash()}"):
+        raise ConfigError(f"--resume: {sweep.source}, the params or --gpus-per-trial / --max-concurrent changed since "
+                          f"launch {folder} (its spec hash differs); restore them, or start a new launch without --resume")
+    return folder
+
+
+def check_fits_cluster(res: ResourcesSpec, have: dict[str, float], device: str) -> None:
+    """What Ray does not say: a trial asking for more than the cluster has waits forever, and one
+    asking for no GPU on a cluster with GPUs sees none (Ray empties CUDA_VISIBLE_DEVICES for
+    it): `compute.device` auto would quietly train on the CPU, cuda would fail in every trial."""
+    for name, key in (("cpu", "CPU"), ("gpu", "GPU")):
+        want = getattr(res, name)
+        if want > 0 and have.get(key, 0) < want:
+            raise ConfigError(f"resources.{name}: {want:g} per trial, but the Ray cluster has {have.get(key, 0):g} "
+                              f"{key}s; a trial asking for more would wait forever")
+    gpus = have.get("GPU", 0)
+    if res.gpu == 0 and gpus > 0 and device != "cpu":
+        raise ConfigError(f"resources.gpu: 0 per trial on a Ray cluster with {gpus:g} GPUs: Ray hides them from such "
+                          f"a trial, so with compute.device {device!r} it would not train on one; ask for GPUs "
+                          f"(--gpus-per-trial 1, or resources.gpu in the sweep file) or set compute.device: cpu")
+
+
+def start_ray(address: str | None, temp_dir: Path | None) -> bool:
+    """Ray on this machine, or the cluster at `address`, unless this process runs one already; whether
+    it started one. The variables set first are read by Ray when it is imported."""
+    if address and "RAY_AUTH_MODE" not in os.environ and (
+            os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+            or (Path.home() / ".ray" / "auth_token").is_file()):
+        # `ray start` turns token auth on, but a driver joining a cluster defaults to 'disabled' and is
+        # refused: present the token when there is one (a cluster without auth accepts it too).
+        os.environ["RAY_AUTH_MODE"] = "token"
+    # TensorBoard's logger costs ~3 s of imports before the first trial; the metrics are in MLflow.
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    # Results during training carry the losses, not the final metric the searcher optimises.
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")     # Ray's console tables: the recorder prints a line per trial
+    import ray
+
+    if ray.is_initialized():
+        return False
+    kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
+    if address:
+        check_reachable(address)
+        pythonpath = os.pathsep.join(p for p in (str(CODE_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+        ray.init(address=address, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **kwargs)
+    else:
+        ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False,
+                 _temp_dir=str(temp_dir.resolve()) if temp_dir else None, **kwargs)
+    return True
+
+
+def check_reachable(address: str, timeout: float = 10.0) -> None:
+    """Ray's own connection attempt to an address where nothing listens retries for minutes and
+    ignores SIGTERM meanwhile: refuse such an address first, in one line."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--address: {address!r} is not allowed; expected HOST:PORT (or ray://HOST:PORT)")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as err:
+        raise ConfigError(f"--address: nothing answers at {host}:{port} ({err.strerror or type(err).__name__}); "
+                          "start the cluster's head there first (`ray start --head`)") from None
+
+
+def tuner(sweep: Sweep, specs: list[TrialSpec], root: Path, recorder, ray_path: str, resume: bool, retry: bool):
+    from ray import tune
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+    from pipeline.sweep.recorder import dirname, label
+    from pipeline.sweep.trial import run_trial
+
+    resources = {"cpu": sweep.resources.cpu, **({"gpu": sweep.resources.gpu} if sweep.resources.gpu else {})}
+    trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=sweep, root=str(root)), resources)
+    if resume:
+        restored = tune.Tuner.restore(ray_path, trainable, resume_unfinished=True, resume_errored=retry)
+        try:
+            restored.get_results()
+        except RuntimeError:
+            # Killed between Ray Tune writing the launch's settings and its first snapshot: restoring
+            # would run a single trial with an empty config, so nothing is restored.
+            from pipeline.sweep.recorder import abandon_launch
+
+            abandon_launch(sweep, root, experiment_name(sweep), ray_path)
+            raise ConfigError(f"--resume: launch {ray_path} was stopped before Ray Tune recorded any trial, so "
+                              "there is nothing to continue; start a new launch (without --resume)") from None
+        return restored
+    search_alg, num_samples = None, 1
+    if sweep.search.type == "optuna":
+        import optuna
+        from ray.tune.search import Repeater
+        from ray.tune.search.optuna import OptunaSearch
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        sampler = (optuna.samplers.TPESampler if sweep.search.sampler == "tpe" else optuna.samplers.RandomSampler)
+        searcher = OptunaSearch(metric=sweep.metric, mode=sweep.mode, sampler=sampler(seed=sweep.search.seed))
+        # Every config once per seed; Optuna is told the mean over the seeds' final results.
+        search_alg = Repeater(searcher, repeat=len(sweep.repeats), set_index=True)
+        param_space = {d.key: d.domain() for d in sweep.space.values()}
+        num_samples = sweep.search.num_samples * len(sweep.repeats)
+    else:
+        param_space = {"trial": tune.grid_search([{"index": t.index, "values": t.values} for t in specs])}
+    scheduler = None
+    if sweep.scheduler.type == "asha":
+        from ray.tune.schedulers import ASHAScheduler
+
+        s = sweep.scheduler
+        scheduler = ASHAScheduler(time_attr="step", metric=s.metric, mode=s.mode, max_t=sweep.max_steps,
+                                  grace_period=s.grace_period, reduction_factor=s.reduction_factor)
+    storage, name = ray_path.rsplit("/", 1)
+    return tune.Tuner(
+        trainable, param_space=param_space,
+        tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=scheduler, num_samples=num_samples,
+                                    max_concurrent_trials=sweep.max_concurrent or None, reuse_actors=True,
+                                    trial_name_creator=label, trial_dirname_creator=dirname),
+        run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0,
+                                  callbacks=[recorder, CSVLoggerCallback(), JsonLoggerCallback()],
+                                  # One checkpoint kept per trial: Tune then snapshots its state at every
+                                  # checkpoint, which is what --resume restarts from.
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                                  failure_config=tune.FailureConfig(max_failures=0)))
+
+
+@contextmanager
+def launch_lock(ray_path: str):
+    """Held while a driver runs the launch, and let go by the system when it dies (even by SIGKILL):
+    a second driver on the same launch (two --resume at once) is refused rather than training
+    every unfinished trial twice."""
+    if "://" in ray_path:
+        print(f"note: {ray_path} is not on a file system, so a second driver on this launch cannot be refused",
+              file=sys.stderr)
+        yield
+        return
+    try:
+        Path(ray_path).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"storage_path: {Path(ray_path).parent} cannot hold the launch's folder "
+                          f"({err.strerror or type(err).__name__}); give a writable folder (--storage)") from None
+    with open(Path(ray_path) / "driver.lock", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            raise ConfigError(f"--resume: launch {ray_path} is being run by another driver ({lock.read().strip()}); "
+                              "wait for it to end, or stop it and resume again") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        lock.flush()
+        yield
+
+
+def run(sweep: Sweep, specs: list[TrialSpec], root: Path, args) -> int:
+    """Run a new launch, or resume the one `args.resume` names; the exit status."""
+    storage = storage_root(sweep, root, args.storage)
+    if args.resume:
+        ray_path = find_launch(sweep, storage, args.resume)
+    else:
+        stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid() % 10000:04d}"
+        ray_path = f"{storage}/{sweep.name}-{stamp}-{sweep.spec_hash()}"
+    with launch_lock(ray_path):
+        return run_locked(sweep, specs, root, args, ray_path)
+
+
+def run_locked(sweep: Sweep, specs: list[TrialSpec], root: Path, args, ray_path: str) -> int:
+    from pipeline.sweep.recorder import RunRecorder
+    from pipeline.tracking import git_commit, resolve_uri
+
+    t0 = time.perf_counter()
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    started = start_ray(address if address and address != "local" else None, args.ray_temp_dir)
+    import ray
+
+    timing = {"ray_start_seconds": time.perf_counter() - t0}
+
+    RunRecorder.active = recorder = None
+    grid, interrupted = None, False
+    try:
+        check_fits_cluster(sweep.resources, ray.cluster_resources(), sweep.base_config.compute.device)
+        if not args.resume:                         # a resumed launch: Tuner.restore brings its recorder back
+            commit = git_commit(CODE_ROOT)
+            recorder = RunRecorder(sweep, root, resolve_uri(sweep.base_config.tracking.uri, root),
+                                   experiment_name(sweep), commit if commit != "unknown" else git_commit(root))
+            recorder.open_launch(ray_path)
+        print(f"sweep {sweep.name}: {sweep.num_trials} trials; MLflow experiment {experiment_name(sweep)!r}; "
+              f"Ray {ray_path}", flush=True)
+        launch = tuner(sweep, specs, root, recorder, ray_path, bool(args.resume), args.retry_failed)
+        timing["setup_seconds"] = time.perf_counter() - t0 - timing["ray_start_seconds"]
+        grid = launch.fit()
+        timing["tune_seconds"] = time.perf_counter() - t0 - timing["ray_start_seconds"] - timing["setup_seconds"]
+    except KeyboardInterrupt:
+        interrupted = True
+    except BaseException as err:
+        if RunRecorder.active or recorder:
+            (RunRecorder.active or recorder).fail_launch(err)
+        raise
+    finally:
+        if started:
+            ray.shutdown()
+    recorder = RunRecorder.active
+    if recorder is None:
+        raise RuntimeError("Ray Tune ended the launch before setting its run recorder up")
+    if interrupted:
+        recorder.on_experiment_end(trials=[])
+    return finish(sweep, recorder, summary_rows(recorder, grid, sweep.metric), t0, timing, args.results)
+
+
+def summary_rows(recorder, grid, metric: str) -> list[dict]:
+    """One entry per trial (the results file's `trials`), from the recorder's records and Tune's final results."""
+    finals = {}
+    for result in grid or []:
+        last = result.metrics or {}
+        if last.get("final"):
+            finals[Path(result.path).name] = last
+    rows = []
+    for trial_id, rec in recorder.trials.items():
+        last = finals.get(f"{rec['label']}-{trial_id}", {})
+        metrics = {k: v for k, v in last.items() if isinstance(v, (int, float)) and ("/" in k or k == "trainable_parameters")}
+        value = metrics.get(metric) if rec["status"] == "finished" else None
+        rows.append({"trial": rec["label"], "trial_id": trial_id, "run_id": rec["run_id"], "config": rec["values"],
+                     "status": rec["status"], "failure": rec.get("failure", ""),
+                     "metric": float(value) if value is not None else None,
+                     "trial_seconds": metrics.get("time/trial_seconds"),
+                     "import_seconds": metrics.get("time/import_seconds"),
+                     "report_seconds": metrics.get("time/report_seconds"), "metrics": metrics,
+                     "outcomes": json.loads(last["outcomes"]) if last.get("outcomes") else {}})
+    return sorted(rows, key=lambda r: r["trial"])
+
+
+def finish(sweep: Sweep, recorder, rows: list[dict], t0: float, timing: dict, results: Path | None) -> int:
+    """Print the summary, write the results file, end the launch's run; the exit status. `timing`:
+    the driver's seconds in Ray's start, the set-up and Tune's run (`benchmarks/sweep_overhead.py`)."""
+    from pipeline.io import write_json
+    from pipeline.sweep.cli import summary_text
+    from pipeline.tracking import redact
+
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("finished", "early_stopped", "failed", "interrupted")}
+    done = [r for r in rows if r["metric"] is not None and math.isfinite(r["metric"])]
+    best = (max if sweep.mode == "max" else min)(done, key=lambda r: r["metric"]) if done else None
+    wall = time.perf_counter() - t0
+    text = summary_text(sweep, rows, counts, best, wall)
+    print(text, flush=True)
+    payload = {"sweep": sweep.name, "experiment": recorder.experiment, "tracking_uri": redact(recorder.uri),
+               "parent_run_id": recorder.parent, "metric": sweep.metric, "mode": sweep.mode,
+               "best": best["run_id"] if best else None, "counts": counts, "wall_seconds": wall, "timing": timing,
+               "trials": rows}
+    if results:
+        write_json(results, payload)
+    status = "interrupted" if counts["interrupted"] else "failed" if counts["failed"] else "finished"
+    if counts["finished"] and best is None:       # e.g. a benchmark this profile's data does not have
+        logged = sorted({k for r in rows for k in r["metrics"] if not k.startswith(("time/", "loss/"))})
+        print(f"error: metric: {sweep.metric!r} was logged by none of the {counts['finished']} finished trials, so "
+              f"nothing ranks them; they logged: {', '.join(logged)}", file=sys.stderr)
+        status = "failed"
+    if len(rows) < sweep.num_trials and status != "interrupted":       # a launch must run its whole list
+        print(f"error: {sweep.num_trials - len(rows)} of the launch's {sweep.num_trials} trials never ran",
+              file=sys.stderr)
+        status = "failed"
+    metrics = {**{f"trials/{k}": v for k, v in counts.items()}, "trials/total": len(rows), "time/sweep_seconds": wall,
+               **({f"best/{sweep.metric}": best["metric"]} if best else {})}
+    recorder.close_launch(status, metrics, {"summary.txt": text + "\n", "summary.json": json.dumps(payload, indent=2)})
+    if status == "interrupted":
+        print(f"interrupted: {counts['interrupted']} trials unfinished; continue with --resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return EXIT_FAILED if status == "failed" else 0

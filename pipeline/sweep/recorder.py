@@ -1,0 +1,216 @@
+"""The run recorder: the only code that creates, updates and ends a sweep's MLflow runs.
+
+It is a Ray Tune callback on the driver. Ray Tune's experiment state is the record of which
+trials exist and how they ended; the recorder's own state (trial -> run, saved and restored with
+it by `Tuner.restore`) is what lets a resumed launch keep one run per trial. MLflow layout: one
+parent run per launch, one child run per trial (params: the trial's whole config; metrics: every
+step's losses, the final scores and timings; artifacts: outcomes.json, trained.safetensors; tags
+below). Trials never see MLflow: they report results and checkpoints, which end up here.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import ClassVar
+
+import ray.cloudpickle
+from ray.tune import Callback
+
+from pipeline.config import TrackingConfig, to_dict
+from pipeline.experiment import OUTCOMES
+from pipeline.sweep.spec import Sweep, describe
+from pipeline.sweep.trial import STATE, trial_values
+from pipeline.tracking import Tracker, failure_text
+
+TRAINED = "trained.safetensors"
+# A run's `status` tag: running, finished, early_stopped (by ASHA), failed, interrupted (by the
+# user; --resume continues it). The MLflow status says the same in MLflow's words.
+ENDS = {"finished": "FINISHED", "early_stopped": "KILLED", "failed": "FAILED", "interrupted": "KILLED"}
+
+
+def abandon_launch(sweep: Sweep, root: Path, experiment: str, ray_path: str) -> None:
+    """End the parent run of a launch that was killed before Ray Tune recorded any trial (no
+    recorder state was saved to restore: its run is found by the launch folder it names)."""
+    tracker = Tracker(sweep.base_config.tracking, root)
+    for run in tracker.find_runs(experiment, tags={"sweep_role": "parent", "ray_path": ray_path}):
+        if run["status"] == "RUNNING":
+            tracker.run(run["run_id"]).set_tags({"status": "interrupted",
+                                                 "failure": "killed before Ray Tune recorded any trial"})
+            tracker.run(run["run_id"]).finish("KILLED")
+
+
+def label(trial) -> str:
+    """A trial's short name: t000, t001, ... (its index in a fixed list, else Ray's counter)."""
+    spec = trial.config.get("trial")
+    if isinstance(spec, dict):
+        return f"t{spec['index']:03d}"
+    tail = trial.trial_id.rsplit("_", 1)[-1]
+    return f"t{int(tail):03d}" if tail.isdigit() else trial.trial_id
+
+
+def dirname(trial) -> str:
+    return f"{label(trial)}-{trial.trial_id}"
+
+
+class RunRecorder(Callback):
+    """Records one launch of a sweep in MLflow (see the module docstring)."""
+
+    # The recorder of the Tune run in this process: `Tuner.restore` unpickles its own copy of the
+    # callback, which the driver reaches here once the run has set it up.
+    active: ClassVar["RunRecorder | None"] = None
+
+    def __init__(self, sweep: Sweep, root: Path, uri: str, experiment: str, commit: str):
+        self.sweep, self.root, self.uri, self.experiment, self.commit = sweep, str(root), uri, experiment, commit
+        self.parent = ""
+        self.trials: dict[str, dict] = {}
+        self.restored = False                                 # by Tuner.restore (set_state)
+        self._tracker: Tracker | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_tracker": None}           # the MLflow client stays in its process
+
+    @property
+    def tracker(self) -> Tracker:
+        if self._tracker is None:
+            self._tracker = Tracker(TrackingConfig(uri=self.uri, experiment=self.experiment), Path(self.root))
+        return self._tracker
+
+    def tags(self, **extra) -> dict:
+        return {"sweep": self.sweep.name, "profile": self.sweep.profile, "stage": "sweep",
+                "git_commit": self.commit, **extra}
+
+    # ----------------------------------------------------------------- the launch (parent run)
+
+    def open_launch(self, ray_path: str) -> None:
+        sweep = self.sweep
+        run = self.tracker.start(f"{sweep.name} {Path(ray_path).name}", params={"sweep": sweep.definition()},
+                                 tags=self.tags(sweep_role="parent", ray_path=ray_path, status="running",
+                                                sweep_file=sweep.source, trials=sweep.num_trials))
+        run.log_text(Path(sweep.source).read_text(), "sweep.yaml")
+        self.parent = run.run_id
+
+    def fail_launch(self, err: BaseException) -> None:
+        run = self.tracker.run(self.parent)
+        run.set_tags({"status": "failed"})
+        run.fail(err)
+
+    def close_launch(self, status: str, metrics: dict, files: dict[str, str]) -> None:
+        run = self.tracker.run(self.parent)
+        run.log_metrics(metrics)
+        for name, text in files.items():
+            run.log_text(text, name)
+        run.set_tags({"status": status})
+        run.finish(ENDS[status])
+
+    # ----------------------------------------------------------------- Tune's callbacks
+
+    def get_state(self) -> dict:
+        return {"trials": self.trials}
+
+    def set_state(self, state: dict) -> None:
+        self.trials, self.restored = state["trials"], True
+
+    def setup(self, **info) -> None:
+        RunRecorder.active = self
+        self.tracker.resume(self.parent).set_tags({"status": "running"})
+
+    def open(self, trial) -> dict:
+        """The trial's record, with its run: found, or opened for a trial seen for the first time."""
+        if trial.trial_id in self.trials:
+            return self.trials[trial.trial_id]
+        values = trial_values(trial.config, self.sweep)
+        if self.restored:
+            # Opened after Ray's last snapshot before the driver died: the same trial's run, kept.
+            found = self.tracker.find_runs(self.experiment, tags={"trial_id": trial.trial_id}, parent=self.parent)
+            if found:
+                rec = {"run_id": found[-1]["run_id"], "label": label(trial), "values": values, "status": "running",
+                       "attempts": int(found[-1]["tags"].get("attempts", "0")), "final": False, "logged_until": 0}
+                self.trials[trial.trial_id] = rec
+                return rec
+        cfg = self.sweep.config(values)
+        run = self.tracker.start(f"{self.sweep.name} {label(trial)}: {describe(values)}", params=to_dict(cfg),
+                                 parent=self.parent, tags=self.tags(
+            sweep_role="trial", trial=label(trial), trial_id=trial.trial_id, student=cfg.train.student,
+            method=cfg.objective.method, status="running", attempts=0,
+            **({"variant": values["variant"]} if "variant" in values else {})))
+        rec = {"run_id": run.run_id, "label": label(trial), "values": values, "status": "running", "attempts": 0,
+               "final": False, "logged_until": 0}
+        self.trials[trial.trial_id] = rec
+        return rec
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        rec = self.open(trial)
+        if rec["final"]:
+            # It finished after Ray's last snapshot before the driver died: it reports its result
+            # again, and a run already ended stays as it is.
+            if self.tracker.runs([rec["run_id"]])[0]["status"] == "FINISHED":
+                rec["status"] = "finished"
+            return
+        retried = {"failure": ""} if rec.pop("failure", "") else {}     # --retry-failed: cleared
+        rec.update(attempts=rec["attempts"] + 1, status="running", resumed_from=None)
+        history = self.tracker.metric_history(rec["run_id"], "loss/total")
+        rec["logged_until"] = max((step for step, _ in history), default=0)
+        self.tracker.resume(rec["run_id"]).set_tags({"status": "running", "attempts": rec["attempts"], **retried})
+        print(f"  {rec['label']} started", flush=True)
+
+    def on_trial_result(self, iteration, trials, trial, result: dict, **info) -> None:
+        rec = self.open(trial)
+        run = self.tracker.run(rec["run_id"])
+        if "resumed_from" in result and result["resumed_from"] != rec.get("resumed_from"):    # once an attempt
+            rec["resumed_from"] = result["resumed_from"]
+            run.set_tags({"resumed_from_step": rec["resumed_from"]})
+        step = int(result.get("step", 0))
+        if step > rec["logged_until"]:
+            run.log_metrics({k: v for k, v in result.items() if k.startswith("loss/") or k == "lr"}, step)
+            rec["logged_until"] = step
+        if result.get("final") and not rec["final"]:
+            run.log_metrics({k: v for k, v in result.items() if isinstance(v, (int, float)) and "/" in k
+                             and not k.startswith("loss/")} | {"trainable_parameters": result["trainable_parameters"]})
+            run.log_dict(json.loads(result["outcomes"]), OUTCOMES)
+            rec["final"] = True
+
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info) -> None:
+        rec = self.open(trial)
+        if rec.get("trained") or not rec["final"]:
+            return
+        with checkpoint.as_directory() as folder:
+            if json.loads((Path(folder) / STATE).read_text()).get("final"):
+                self.tracker.run(rec["run_id"]).log_artifact(Path(folder) / TRAINED)
+                rec["trained"] = True
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        rec = self.open(trial)
+        if rec["status"] == "finished":
+            return
+        self.end(rec, "finished" if rec["final"] else "early_stopped")
+        last = trial.last_result or {}
+        metric = self.sweep.metric
+        shown = f"{metric}={last[metric]:.4f}" if isinstance(last.get(metric), (int, float)) else "done"
+        print(f"  {rec['label']} finished: {shown}" if rec["final"] else
+              f"  {rec['label']} stopped at step {last.get('step', '?')}", flush=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        rec = self.open(trial)
+        # Ray has just written the error beside the trial's results here; its storage copy comes later.
+        pickled = Path(trial.pickled_error_file or "")
+        error = ray.cloudpickle.loads(pickled.read_bytes()) if pickled.is_file() else None
+        rec["failure"] = failure_text(error) if error is not None else f"failed (see {trial.error_file})"
+        self.end(rec, "failed")
+        print(f"  {rec['label']} failed: {rec['failure'][:200]}", flush=True)
+
+    def on_experiment_end(self, trials, **info) -> None:
+        for rec in self.trials.values():
+            if rec["status"] == "running":           # the launch was interrupted
+                self.end(rec, "interrupted")
+        known = {rec["run_id"] for rec in self.trials.values()}
+        for found in self.tracker.find_runs(self.experiment, parent=self.parent):
+            if found["status"] == "RUNNING" and found["run_id"] not in known:   # of a trial Ray never restored
+                self.tracker.run(found["run_id"]).set_tags({"status": "interrupted", "failure": "killed with the "
+                                                            "driver before Ray Tune saved its trial"})
+                self.tracker.run(found["run_id"]).finish("KILLED")
+
+    def end(self, rec: dict, status: str) -> None:
+        rec["status"] = status
+        run = self.tracker.run(rec["run_id"])
+        run.set_tags({"status": status, **({"failure": rec["failure"]} if status == "failed" else {})})
+        run.finish(ENDS[status])
