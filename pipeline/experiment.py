@@ -1,7 +1,8 @@
-"""Runs that end up in MLflow: the baselines, and one fine-tuning trial + its evaluation.
+"""The baselines and one fine-tuning trial + its evaluation.
 
-These are what the DVC stages and the sweep call; each returns the metrics it logged and
-writes a small JSON result (run id + metrics) for DVC to track.
+`run_finetune` is what the train stages and a sweep's trials run, and records nothing;
+`record_finetune` and `run_baselines` record the stages' runs in MLflow and return what the
+stages write to their results files (run id, metrics, per-case outcomes).
 """
 from __future__ import annotations
 
@@ -60,8 +61,8 @@ def run_finetune(cfg: Config, data_root: Path, models: Path, cache: Path, folder
 
     `on_log(step, losses)` sees every logged step, those replayed from a checkpoint `folder` held
     first (so a new record of a resumed trial still starts at step 1); `on_checkpoint(step, folder)`
-    sees every checkpoint (`train.fit`). Returns the final `metrics`, the per-case `outcomes`, the
-    `trained` file and the step the training `resumed_from`. Nothing here records anything: the
+    sees every checkpoint (`train.fit`). Returns the final `metrics`, the per-case `outcomes` and the
+    `trained` file. Nothing here records anything: the
     caller's recorder does (`record_finetune` for the stages, the sweep's run recorder for trials).
     """
     student = load_student(student_dir(models, cfg.train.student))
@@ -86,7 +87,7 @@ def run_finetune(cfg: Config, data_root: Path, models: Path, cache: Path, folder
               "teacher": conditioning.meta.get("teacher") if conditioning is not None else None}
     trial = trainer.setup(cfg.train, objective, student, pairs, teacher, conditioning, latents, cfg.compute, inputs,
                           negatives)
-    resumed_from = trial.step if trainer.load_checkpoint(trial, folder) else 0
+    trainer.load_checkpoint(trial, folder)
     for entry in trial.history:
         log(entry["step"], {k: v for k, v in entry.items() if k != "step"})
     start = time.perf_counter()
@@ -104,7 +105,7 @@ def run_finetune(cfg: Config, data_root: Path, models: Path, cache: Path, folder
         result.update(evaluate_feedback(student, trial.projector, teacher, bench_images, trial.empty, bench, cfg.eval,
                                         objective.feedback_tokens, trial.device))
     result.metrics.update({"trainable_parameters": trial.trainable_count, "time/train_seconds": train_seconds})
-    return {"metrics": result.metrics, "outcomes": result.outcomes, "trained": trained, "resumed_from": resumed_from}
+    return {"metrics": result.metrics, "outcomes": result.outcomes, "trained": trained}
 
 
 def loss_metrics(losses: dict) -> dict:

@@ -1,14 +1,16 @@
 """The only module that talks to MLflow.
 
-Runs are driven through `MlflowClient` with explicit run ids (no global active run), so
-a trial in a worker process, a resumed trial and the report stage all address runs the
-same way. mlflow is imported lazily: it costs seconds and most commands never need it.
+Runs are driven through `MlflowClient` with explicit run ids (no global active run), so the
+stages' recorder (`experiment.record_finetune`, `run_baselines`) and the sweep's run recorder
+address runs the same way. mlflow is imported lazily: it costs seconds and most commands never
+need it. Anything written to a run passes `redact` first: no credential of a URI reaches it.
 """
 from __future__ import annotations
 
 import logging
 import math
 import re
+import socket
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,7 +100,7 @@ class Run:
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         for key, value in tags.items():
-            self.client.set_tag(self.run_id, key, str(value))
+            self.client.set_tag(self.run_id, key, redact(str(value)))
 
     def log_artifact(self, path: Path, folder: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), folder)
@@ -106,12 +108,6 @@ class Run:
     def log_dict(self, value: dict, name: str) -> None:
         """A JSON artifact under `name`."""
         self.client.log_dict(self.run_id, value, name)
-
-    def load_dict(self, name: str) -> dict:
-        """A JSON artifact written by `log_dict`."""
-        import mlflow
-
-        return mlflow.artifacts.load_dict(f"{self.client.get_run(self.run_id).info.artifact_uri}/{name}")
 
     def log_text(self, text: str, name: str) -> None:
         """A small text artifact (a summary, the sweep file) under `name`."""
@@ -148,6 +144,8 @@ class Tracker:
         self.uri = resolve_uri(cfg.uri, root)
         self.experiment = cfg.experiment
         self.root = Path(root)
+        # Which checkout a run belongs to (this machine, this folder), so one never ends another's.
+        self.project = f"{socket.gethostname()}:{self.root.resolve()}"
         self._client = None
 
     @property
@@ -163,7 +161,8 @@ class Tracker:
 
     def start(self, name: str, params: dict | None = None, tags: dict | None = None,
               parent: str | None = None, experiment: str | None = None) -> Run:
-        all_tags = {"git_commit": git_commit(self.root), "mlflow.runName": name, **(tags or {})}
+        all_tags = {"git_commit": git_commit(self.root), "project": self.project, "mlflow.runName": name,
+                    **(tags or {})}
         if parent:
             all_tags["mlflow.parentRunId"] = parent
         created = self.client.create_run(self.experiment_id(experiment), run_name=name,
@@ -205,11 +204,13 @@ class Tracker:
             if not token:
                 return out
 
-    def end_abandoned(self, tags: dict, reason: str) -> None:
-        """End as KILLED, with `reason`, the RUNNING runs with these tags: what an earlier attempt of
-        the same stage left when it was killed (DVC runs a project's stages one at a time)."""
-        for found in self.find_runs(tags=tags):
-            if found["status"] == "RUNNING":
+    def end_abandoned(self, tags: dict, reason: str, experiment: str | None = None, parent: str | None = None,
+                      keep: set[str] = frozenset()) -> None:
+        """End as KILLED, with `reason`, the RUNNING runs with these tags (and parent) but those in
+        `keep`: what a killed process left, found by whoever takes its place (DVC runs one stage of a
+        project at a time; a sweep launch has one driver). Only this checkout's runs count."""
+        for found in self.find_runs(experiment, tags={**tags, "project": self.project}, parent=parent):
+            if found["status"] == "RUNNING" and found["run_id"] not in keep:
                 self.run(found["run_id"]).set_tags({"status": "interrupted", "failure": reason})
                 self.run(found["run_id"]).finish("KILLED")
 

@@ -57,10 +57,6 @@ class StaleCheckpoint(ConfigError):
     states, and deleting it would throw away what may be the only copy of hours of training."""
 
 
-class TrialStopped(Exception):
-    """The trial was stopped from outside (e.g. a sweep scheduler's early stop): not a failure."""
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)

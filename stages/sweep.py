@@ -77,13 +77,14 @@ def main(argv: list[str] | None = None) -> int:
     root = params_path.parent
     try:
         params = read_yaml(params_path)
-        cfg = config.from_dict(config.resolve(params or {}))   # the file read once, as config.load reads it
+        cfg = config.from_dict(config.resolve(params, source=str(params_path)))   # read once, as config.load does
         profile = args.profile or cfg.profile   # the sweeps run on the profile the rest of `dvc repro` uses
         files = sweep_files(cfg, args.files, root)
         sweeps = []
         for path in files:                                                    # all checked before any runs
             try:
                 sweeps.append(spec.load(path, params, profile))
+                sweep_cli.checked_trials(sweeps[-1])
             except ConfigError as err:
                 text = str(err)
                 raise ConfigError(text if text.startswith(str(path)) else f"{path}: {text}") from None

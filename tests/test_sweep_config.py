@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from pipeline.sweep import spec as sc
-from pipeline.config import ARO_SETS, CLEVR_SUBTASKS, SUGARCREPE_SUBSETS, ConfigError, load, parse_yaml
+from pipeline.config import ARO_SETS, CLEVR_SUBTASKS, SUGARCREPE_SUBSETS, ConfigError, load, parse_yaml, read_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = REPO / "params.yaml"
@@ -475,6 +475,9 @@ def test_resume_continues_only_a_launch_of_the_same_definition(tmp_path):
     a changed sweep file or params is refused in one line, before Ray starts."""
     sweep_file = _built_project(tmp_path)
     args = (sweep_file, "--params", tmp_path / "params.yaml", "--resume")
+    # A launch refused before Ray Tune wrote its settings (no tuner.pkl) is nothing to resume.
+    same = sc.load(sweep_file, read_yaml(tmp_path / "params.yaml")).spec_hash()
+    (tmp_path / "ray_results" / f"s-20261205-100000-0007-{same}").mkdir(parents=True)
     proc = _cli(*args, cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.strip() == f"error: --resume: no launch of sweep 's' under " \
                                                            f"{tmp_path / 'ray_results'}", proc.stderr
@@ -526,6 +529,8 @@ def test_launch_lock_refuses_a_second_driver_on_the_same_launch(tmp_path):
      "space: {train.lr: {loguniform: [1e-5, 1e-3]}}\nscheduler: {type: asha, metric: loss/clip}\n", "projector_steps 5"),
     ("space: {objective.method: {choice: [sds, unet_feature]}, objective.lambda_sds: {uniform: [1e-3, 1e-1]}}\n"
      "scheduler: {type: asha, metric: loss/sds}\n", "'unet_feature'"),
+    ("base: {params: {objective.lambda_sds: 1e-3}}\nspace: {objective.projector_steps: {randint: [0, 5]}}\n"
+     "scheduler: {type: asha, metric: loss/clip, grace_period: 1}\n", "projector_steps 5"),
 ])
 @pytest.mark.parametrize("search", ["random", "optuna"])
 def test_an_asha_metric_some_trials_never_report_is_refused(body, refused, search):

@@ -40,8 +40,8 @@ resume: after the driver dies (even SIGKILL), `--resume` continues the newest la
 last checkpoint, and each trial keeps its one MLflow run.
 
 cluster: start Ray on the nodes (`ray start --head`, `ray start --address HEAD:6379`), put the
-project (code, data/, models/, cache/) on a path every node sees, point tracking.uri at an MLflow
-server and storage_path at shared storage, then pass --address or set RAY_ADDRESS.
+project (code, data/, models/, cache/) on a path every node sees and storage_path on shared
+storage, then pass --address or set RAY_ADDRESS. Only the driver writes to MLflow.
 
 exit status: 0 all trials finished or were stopped early by ASHA; 1 a trial failed;
 2 bad sweep file or option (one line on stderr); 130 interrupted (continue with --resume).
@@ -78,9 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("LOGLEVEL", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
     try:
         sweep, root = prepare(args)
-        specs = spec.trials(sweep)
-        check_scheduler_metric(sweep, specs)
-        check_uri(sweep.base_config.tracking.uri)
+        specs = checked_trials(sweep)
         if args.dry_run:
             print(dry_run_text(sweep, specs, root, args))
             return 0
@@ -89,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, MissingInput) as err:
         print(f"error: {err}", file=sys.stderr)
         return driver.EXIT_USAGE
+    except KeyboardInterrupt:                       # before Ray Tune's run, which handles its own
+        print("interrupted; continue with --resume", file=sys.stderr)
+        return driver.EXIT_INTERRUPTED
 
 
 def prepare(args: argparse.Namespace) -> tuple[spec.Sweep, Path]:
@@ -108,16 +109,25 @@ def prepare(args: argparse.Namespace) -> tuple[spec.Sweep, Path]:
     return sweep, params_path.parent
 
 
+def checked_trials(sweep: spec.Sweep) -> list[spec.TrialSpec]:
+    """The sweep's fixed trial list (empty for Optuna), after every check that needs no Ray: what the
+    dry run and the sweep stage run before anything starts."""
+    specs = spec.trials(sweep)
+    check_scheduler_metric(sweep, specs)
+    check_uri(sweep.base_config.tracking.uri)
+    return specs
+
+
 def check_scheduler_metric(sweep: spec.Sweep, specs: list[spec.TrialSpec]) -> None:
     """ASHA compares trials on a loss each of them reports at every logged step; one some trials
-    never report would stop nothing. Optuna's trials are stood for by each choice with every range
-    at its low end (a `loguniform` lambda never reaches 0)."""
+    never report would stop nothing. Optuna's trials are stood for by each choice and both ends of
+    every range (a `loguniform` lambda never reaches 0; a `randint` projector_steps may)."""
     if sweep.scheduler.type != "asha":
         return
     if specs:
         configs = [sweep.config(t.values) for t in specs]
     else:
-        dims = [[(d.key, v) for v in (d.values if d.kind == "choice" else d.values[:1])] for d in sweep.space.values()]
+        dims = [[(d.key, v) for v in d.values] for d in sweep.space.values()]    # each choice, both bounds
         configs = [sweep.config(dict(values)) for values in itertools.product(*dims)]
     metric = sweep.scheduler.metric
     for cfg in configs:

@@ -42,6 +42,7 @@ def experiment_name(sweep: Sweep) -> str:
 def find_launch(sweep: Sweep, storage: str, given: str) -> str:
     """The launch folder `--resume` continues: the one named, else the newest of this sweep."""
     import pyarrow.fs
+    from ray import tune
 
     fs, base = pyarrow.fs.FileSystem.from_uri(storage if "://" in storage else str(Path(storage).resolve()))
     if given != "latest":
@@ -49,12 +50,12 @@ def find_launch(sweep: Sweep, storage: str, given: str) -> str:
     else:
         found = fs.get_file_info(pyarrow.fs.FileSelector(base, allow_not_found=True))
         launch = re.compile(rf"{re.escape(sweep.name)}-\d{{8}}-\d{{6}}-\d{{4}}-[0-9a-f]{{16}}")
+        # A launch refused before Ray Tune wrote its settings left a folder with nothing to restore.
         names = sorted(f.base_name for f in found if f.type == pyarrow.fs.FileType.Directory
-                       and launch.fullmatch(f.base_name))
+                       and launch.fullmatch(f.base_name) and tune.Tuner.can_restore(f"{storage}/{f.base_name}"))
         if not names:
             raise ConfigError(f"--resume: no launch of sweep {sweep.name!r} under {storage}")
         folder = f"{storage}/{names[-1]}"
-    from ray import tune
 
     if not tune.Tuner.can_restore(folder):
         raise ConfigError(f"--resume: {folder} is not a launch Ray Tune can restore")
@@ -80,7 +81,7 @@ def check_fits_cluster(res: ResourcesSpec, have: dict[str, float], device: str) 
                           f"(--gpus-per-trial 1, or resources.gpu in the sweep file) or set compute.device: cpu")
 
 
-def start_ray(address: str | None, temp_dir: Path | None) -> bool:
+def start_ray(address: str | None, temp_dir: Path | None, source: str = "--address") -> bool:
     """Ray on this machine, or the cluster at `address`, unless this process runs one already; whether
     it started one. The variables set first are read by Ray when it is imported."""
     if address and "RAY_AUTH_MODE" not in os.environ and (
@@ -100,7 +101,7 @@ def start_ray(address: str | None, temp_dir: Path | None) -> bool:
         return False
     kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
     if address:
-        check_reachable(address)
+        check_reachable(address, source)
         pythonpath = os.pathsep.join(p for p in (str(CODE_ROOT), os.environ.get("PYTHONPATH", "")) if p)
         ray.init(address=address, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **kwargs)
     else:
@@ -109,16 +110,20 @@ def start_ray(address: str | None, temp_dir: Path | None) -> bool:
     return True
 
 
-def check_reachable(address: str, timeout: float = 10.0) -> None:
+def check_reachable(address: str, source: str, timeout: float = 10.0) -> None:
     """Ray's own connection attempt to an address where nothing listens retries for minutes and
-    ignores SIGTERM meanwhile: refuse such an address first, in one line."""
+    ignores SIGTERM meanwhile: refuse such an address first, in one line naming where it came from
+    (`auto`, the cluster this machine joined, is Ray's to find)."""
+    if address == "auto":
+        return
     host, _, port = address.removeprefix("ray://").rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
     if not host or not port.isdigit():
-        raise ConfigError(f"--address: {address!r} is not allowed; expected HOST:PORT (or ray://HOST:PORT)")
+        raise ConfigError(f"{source}: {address!r} is not allowed; expected HOST:PORT, ray://HOST:PORT or auto")
     try:
         socket.create_connection((host, int(port)), timeout=timeout).close()
     except OSError as err:
-        raise ConfigError(f"--address: nothing answers at {host}:{port} ({err.strerror or type(err).__name__}); "
+        raise ConfigError(f"{source}: nothing answers at {address} ({err.strerror or type(err).__name__}); "
                           "start the cluster's head there first (`ray start --head`)") from None
 
 
@@ -227,13 +232,14 @@ def run_locked(sweep: Sweep, specs: list[TrialSpec], root: Path, args, ray_path:
 
     t0 = time.perf_counter()
     address = args.address or os.environ.get("RAY_ADDRESS")
-    started = start_ray(address if address and address != "local" else None, args.ray_temp_dir)
+    started = start_ray(address if address and address != "local" else None, args.ray_temp_dir,
+                        "--address" if args.address else "RAY_ADDRESS")
     import ray
 
     timing = {"ray_start_seconds": time.perf_counter() - t0}
 
     RunRecorder.active = recorder = None
-    grid, interrupted = None, False
+    interrupted = False
     try:
         check_fits_cluster(sweep.resources, ray.cluster_resources(), sweep.base_config.compute.device)
         if not args.resume:                         # a resumed launch: Tuner.restore brings its recorder back
@@ -245,7 +251,7 @@ def run_locked(sweep: Sweep, specs: list[TrialSpec], root: Path, args, ray_path:
               f"Ray {ray_path}", flush=True)
         launch = tuner(sweep, specs, root, recorder, ray_path, bool(args.resume), args.retry_failed)
         timing["setup_seconds"] = time.perf_counter() - t0 - timing["ray_start_seconds"]
-        grid = launch.fit()
+        launch.fit()
         timing["tune_seconds"] = time.perf_counter() - t0 - timing["ray_start_seconds"] - timing["setup_seconds"]
     except KeyboardInterrupt:
         interrupted = True
@@ -256,25 +262,20 @@ def run_locked(sweep: Sweep, specs: list[TrialSpec], root: Path, args, ray_path:
     finally:
         if started:
             ray.shutdown()
-    recorder = RunRecorder.active
-    if recorder is None:
-        raise RuntimeError("Ray Tune ended the launch before setting its run recorder up")
+    recorder = RunRecorder.active or recorder
+    if recorder is None:                            # interrupted while Ray Tune restored the launch
+        print("interrupted; continue with --resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
     if interrupted:
         recorder.on_experiment_end(trials=[])
-    return finish(sweep, recorder, summary_rows(recorder, grid, sweep.metric), t0, timing, args.results)
+    return finish(sweep, recorder, summary_rows(recorder, sweep.metric), t0, timing, args.results, interrupted)
 
 
-def summary_rows(recorder, grid, metric: str) -> list[dict]:
-    """One entry per trial (the results file's `trials`), from the recorder's records and Tune's final results."""
-    finals = {}
-    for result in grid or []:
-        last = result.metrics or {}
-        if last.get("final"):
-            finals[Path(result.path).name] = last
+def summary_rows(recorder, metric: str) -> list[dict]:
+    """One entry per trial (the results file's `trials`), from the recorder's records."""
     rows = []
     for trial_id, rec in recorder.trials.items():
-        last = finals.get(f"{rec['label']}-{trial_id}", {})
-        metrics = {k: v for k, v in last.items() if isinstance(v, (int, float)) and ("/" in k or k == "trainable_parameters")}
+        metrics = rec.get("metrics", {})
         value = metrics.get(metric) if rec["status"] == "finished" else None
         rows.append({"trial": rec["label"], "trial_id": trial_id, "run_id": rec["run_id"], "config": rec["values"],
                      "status": rec["status"], "failure": rec.get("failure", ""),
@@ -282,11 +283,12 @@ def summary_rows(recorder, grid, metric: str) -> list[dict]:
                      "trial_seconds": metrics.get("time/trial_seconds"),
                      "import_seconds": metrics.get("time/import_seconds"),
                      "report_seconds": metrics.get("time/report_seconds"), "metrics": metrics,
-                     "outcomes": json.loads(last["outcomes"]) if last.get("outcomes") else {}})
+                     "outcomes": rec.get("outcomes", {})})
     return sorted(rows, key=lambda r: r["trial"])
 
 
-def finish(sweep: Sweep, recorder, rows: list[dict], t0: float, timing: dict, results: Path | None) -> int:
+def finish(sweep: Sweep, recorder, rows: list[dict], t0: float, timing: dict, results: Path | None,
+           interrupted: bool = False) -> int:
     """Print the summary, write the results file, end the launch's run; the exit status. `timing`:
     the driver's seconds in Ray's start, the set-up and Tune's run (`benchmarks/sweep_overhead.py`)."""
     from pipeline.io import write_json
@@ -305,8 +307,8 @@ def finish(sweep: Sweep, recorder, rows: list[dict], t0: float, timing: dict, re
                "trials": rows}
     if results:
         write_json(results, payload)
-    status = "interrupted" if counts["interrupted"] else "failed" if counts["failed"] else "finished"
-    if counts["finished"] and best is None:       # e.g. a benchmark this profile's data does not have
+    status = "interrupted" if counts["interrupted"] or interrupted else "failed" if counts["failed"] else "finished"
+    if counts["finished"] and best is None and status != "interrupted":   # e.g. a benchmark the data lacks
         logged = sorted({k for r in rows for k in r["metrics"] if not k.startswith(("time/", "loss/"))})
         print(f"error: metric: {sweep.metric!r} was logged by none of the {counts['finished']} finished trials, so "
               f"nothing ranks them; they logged: {', '.join(logged)}", file=sys.stderr)
@@ -319,6 +321,7 @@ def finish(sweep: Sweep, recorder, rows: list[dict], t0: float, timing: dict, re
                **({f"best/{sweep.metric}": best["metric"]} if best else {})}
     recorder.close_launch(status, metrics, {"summary.txt": text + "\n", "summary.json": json.dumps(payload, indent=2)})
     if status == "interrupted":
-        print(f"interrupted: {counts['interrupted']} trials unfinished; continue with --resume", file=sys.stderr)
+        print(f"interrupted: {sweep.num_trials - counts['finished'] - counts['early_stopped'] - counts['failed']} "
+              "trials unfinished; continue with --resume", file=sys.stderr)
         return EXIT_INTERRUPTED
     return EXIT_FAILED if status == "failed" else 0

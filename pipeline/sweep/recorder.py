@@ -16,13 +16,13 @@ from typing import ClassVar
 import ray.cloudpickle
 from ray.tune import Callback
 
-from pipeline.config import TrackingConfig, to_dict
+from pipeline.config import ConfigError, TrackingConfig, to_dict
 from pipeline.experiment import OUTCOMES
-from pipeline.sweep.spec import Sweep, describe
+from pipeline.sweep.spec import Sweep, describe, trial_label
 from pipeline.sweep.trial import STATE, trial_values
 from pipeline.tracking import Tracker, failure_text
+from pipeline.train import TRAINED
 
-TRAINED = "trained.safetensors"
 # A run's `status` tag: running, finished, early_stopped (by ASHA), failed, interrupted (by the
 # user; --resume continues it). The MLflow status says the same in MLflow's words.
 ENDS = {"finished": "FINISHED", "early_stopped": "KILLED", "failed": "FAILED", "interrupted": "KILLED"}
@@ -31,21 +31,17 @@ ENDS = {"finished": "FINISHED", "early_stopped": "KILLED", "failed": "FAILED", "
 def abandon_launch(sweep: Sweep, root: Path, experiment: str, ray_path: str) -> None:
     """End the parent run of a launch that was killed before Ray Tune recorded any trial (no
     recorder state was saved to restore: its run is found by the launch folder it names)."""
-    tracker = Tracker(sweep.base_config.tracking, root)
-    for run in tracker.find_runs(experiment, tags={"sweep_role": "parent", "ray_path": ray_path}):
-        if run["status"] == "RUNNING":
-            tracker.run(run["run_id"]).set_tags({"status": "interrupted",
-                                                 "failure": "killed before Ray Tune recorded any trial"})
-            tracker.run(run["run_id"]).finish("KILLED")
+    Tracker(sweep.base_config.tracking, root).end_abandoned({"sweep_role": "parent", "ray_path": ray_path},
+                                                            "killed before Ray Tune recorded any trial", experiment)
 
 
 def label(trial) -> str:
     """A trial's short name: t000, t001, ... (its index in a fixed list, else Ray's counter)."""
     spec = trial.config.get("trial")
     if isinstance(spec, dict):
-        return f"t{spec['index']:03d}"
+        return trial_label(spec["index"])
     tail = trial.trial_id.rsplit("_", 1)[-1]
-    return f"t{int(tail):03d}" if tail.isdigit() else trial.trial_id
+    return trial_label(int(tail)) if tail.isdigit() else trial.trial_id
 
 
 def dirname(trial) -> str:
@@ -127,11 +123,14 @@ class RunRecorder(Callback):
                        "attempts": int(found[-1]["tags"].get("attempts", "0")), "final": False, "logged_until": 0}
                 self.trials[trial.trial_id] = rec
                 return rec
-        cfg = self.sweep.config(values)
-        run = self.tracker.start(f"{self.sweep.name} {label(trial)}: {describe(values)}", params=to_dict(cfg),
+        try:
+            cfg = self.sweep.config(values)
+            params, about = to_dict(cfg), {"student": cfg.train.student, "method": cfg.objective.method}
+        except ConfigError:       # an Optuna draw the config refuses: the trial fails alone, in its worker
+            params, about = values, {}
+        run = self.tracker.start(f"{self.sweep.name} {label(trial)}: {describe(values)}", params=params,
                                  parent=self.parent, tags=self.tags(
-            sweep_role="trial", trial=label(trial), trial_id=trial.trial_id, student=cfg.train.student,
-            method=cfg.objective.method, status="running", attempts=0,
+            sweep_role="trial", trial=label(trial), trial_id=trial.trial_id, status="running", attempts=0, **about,
             **({"variant": values["variant"]} if "variant" in values else {})))
         rec = {"run_id": run.run_id, "label": label(trial), "values": values, "status": "running", "attempts": 0,
                "final": False, "logged_until": 0}
@@ -164,10 +163,12 @@ class RunRecorder(Callback):
             run.log_metrics({k: v for k, v in result.items() if k.startswith("loss/") or k == "lr"}, step)
             rec["logged_until"] = step
         if result.get("final") and not rec["final"]:
-            run.log_metrics({k: v for k, v in result.items() if isinstance(v, (int, float)) and "/" in k
-                             and not k.startswith("loss/")} | {"trainable_parameters": result["trainable_parameters"]})
-            run.log_dict(json.loads(result["outcomes"]), OUTCOMES)
-            rec["final"] = True
+            metrics = {k: v for k, v in result.items()
+                       if isinstance(v, (int, float)) and ("/" in k or k == "trainable_parameters")}
+            run.log_metrics({k: v for k, v in metrics.items() if not k.startswith("loss/")})
+            outcomes = json.loads(result["outcomes"])
+            run.log_dict(outcomes, OUTCOMES)
+            rec.update(final=True, metrics=metrics, outcomes=outcomes)
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info) -> None:
         rec = self.open(trial)
@@ -193,7 +194,10 @@ class RunRecorder(Callback):
         rec = self.open(trial)
         # Ray has just written the error beside the trial's results here; its storage copy comes later.
         pickled = Path(trial.pickled_error_file or "")
-        error = ray.cloudpickle.loads(pickled.read_bytes()) if pickled.is_file() else None
+        try:
+            error = ray.cloudpickle.loads(pickled.read_bytes())
+        except Exception:         # none written, or an error class that cannot be rebuilt here
+            error = None
         rec["failure"] = failure_text(error) if error is not None else f"failed (see {trial.error_file})"
         self.end(rec, "failed")
         print(f"  {rec['label']} failed: {rec['failure'][:200]}", flush=True)
@@ -202,12 +206,9 @@ class RunRecorder(Callback):
         for rec in self.trials.values():
             if rec["status"] == "running":           # the launch was interrupted
                 self.end(rec, "interrupted")
-        known = {rec["run_id"] for rec in self.trials.values()}
-        for found in self.tracker.find_runs(self.experiment, parent=self.parent):
-            if found["status"] == "RUNNING" and found["run_id"] not in known:   # of a trial Ray never restored
-                self.tracker.run(found["run_id"]).set_tags({"status": "interrupted", "failure": "killed with the "
-                                                            "driver before Ray Tune saved its trial"})
-                self.tracker.run(found["run_id"]).finish("KILLED")
+        # Runs of trials Ray never restored (opened after its last snapshot before the driver died).
+        self.tracker.end_abandoned({}, "killed with the driver before Ray Tune saved its trial", self.experiment,
+                                   parent=self.parent, keep={rec["run_id"] for rec in self.trials.values()})
 
     def end(self, rec: dict, status: str) -> None:
         rec["status"] = status

@@ -278,13 +278,18 @@ class TrialSpec:
 
     @property
     def label(self) -> str:
-        return f"t{self.index:03d}"
+        return trial_label(self.index)
 
 
 # --------------------------------------------------------------------------- helpers
 
 
 VARIANT = "variant"
+
+
+def trial_label(index: int) -> str:
+    """A trial's short name in tables, MLflow and Ray's folders: t000, t001, ..."""
+    return f"t{index:03d}"
 
 
 def expand(values: dict[str, Any], variants: dict[str, dict]) -> dict[str, Any]:
