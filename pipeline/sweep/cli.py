@@ -7,8 +7,9 @@
 
 A trial is the params.yaml config (profile of `base`, then `base.params`, then the trial's
 values) fine-tuned and evaluated by `pipeline.experiment.run_finetune`; it reads the `data/`,
-`models/` and `cache/` the DVC stages built next to the params file. A trial reports a checkpoint
-every `train.checkpoint_every` steps, so ASHA can stop it and `--resume` restarts it from there.
+`models/` and `cache/` the DVC stages built next to the params file. A trial keeps a training
+checkpoint every `train.checkpoint_every` steps in `runs/sweeps/<launch>/<trial id>/` (with its
+trained file once done), so `--resume` restarts it from there.
 """
 from __future__ import annotations
 

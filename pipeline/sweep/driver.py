@@ -135,7 +135,8 @@ def tuner(sweep: Sweep, specs: list[TrialSpec], root: Path, recorder, ray_path: 
     from pipeline.sweep.trial import run_trial
 
     resources = {"cpu": sweep.resources.cpu, **({"gpu": sweep.resources.gpu} if sweep.resources.gpu else {})}
-    trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=sweep, root=str(root)), resources)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=sweep, root=str(root),
+                                                         launch=ray_path.rstrip("/").rsplit("/", 1)[-1]), resources)
     if resume:
         restored = tune.Tuner.restore(ray_path, trainable, resume_unfinished=True, resume_errored=retry)
         try:
@@ -179,9 +180,6 @@ def tuner(sweep: Sweep, specs: list[TrialSpec], root: Path, recorder, ray_path: 
                                     trial_name_creator=label, trial_dirname_creator=dirname),
         run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0,
                                   callbacks=[recorder, CSVLoggerCallback(), JsonLoggerCallback()],
-                                  # One checkpoint kept per trial: Tune then snapshots its state at every
-                                  # checkpoint, which is what --resume restarts from.
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                   failure_config=tune.FailureConfig(max_failures=0)))
 
 

@@ -5,7 +5,7 @@ trials exist and how they ended; the recorder's own state (trial -> run, saved a
 it by `Tuner.restore`) is what lets a resumed launch keep one run per trial. MLflow layout: one
 parent run per launch, one child run per trial (params: the trial's whole config; metrics: every
 step's losses, the final scores and timings; artifacts: outcomes.json, trained.safetensors; tags
-below). Trials never see MLflow: they report results and checkpoints, which end up here.
+below). Trials never see MLflow: they report results, which end up here.
 """
 from __future__ import annotations
 
@@ -19,9 +19,8 @@ from ray.tune import Callback
 from pipeline.config import ConfigError, TrackingConfig, to_dict
 from pipeline.experiment import OUTCOMES
 from pipeline.sweep.spec import Sweep, describe, trial_label
-from pipeline.sweep.trial import STATE, trial_values
+from pipeline.sweep.trial import trial_values
 from pipeline.tracking import Tracker, failure_text
-from pipeline.train import TRAINED
 
 # A run's `status` tag: running, finished, early_stopped (by ASHA), failed, interrupted (by the
 # user; --resume continues it). The MLflow status says the same in MLflow's words.
@@ -33,6 +32,11 @@ def abandon_launch(sweep: Sweep, root: Path, experiment: str, ray_path: str) -> 
     recorder state was saved to restore: its run is found by the launch folder it names)."""
     Tracker(sweep.base_config.tracking, root).end_abandoned({"sweep_role": "parent", "ray_path": ray_path},
                                                             "killed before Ray Tune recorded any trial", experiment)
+
+
+def final_metrics(result: dict) -> dict:
+    """The scores, losses and timings of a trial's final result (its numbers under a metric name)."""
+    return {k: v for k, v in result.items() if isinstance(v, (int, float)) and ("/" in k or k == "trainable_parameters")}
 
 
 def label(trial) -> str:
@@ -139,11 +143,10 @@ class RunRecorder(Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         rec = self.open(trial)
-        if rec["final"]:
+        if self.restored and self.tracker.runs([rec["run_id"]])[0]["status"] == "FINISHED":
             # It finished after Ray's last snapshot before the driver died: it reports its result
-            # again, and a run already ended stays as it is.
-            if self.tracker.runs([rec["run_id"]])[0]["status"] == "FINISHED":
-                rec["status"] = "finished"
+            # again (from its folder), and its run stays as it ended.
+            rec["status"] = "finished"
             return
         retried = {"failure": ""} if rec.pop("failure", "") else {}     # --retry-failed: cleared
         rec.update(attempts=rec["attempts"] + 1, status="running", resumed_from=None)
@@ -154,6 +157,10 @@ class RunRecorder(Callback):
 
     def on_trial_result(self, iteration, trials, trial, result: dict, **info) -> None:
         rec = self.open(trial)
+        if rec["status"] == "finished":                   # ended before: only its result is kept
+            if result.get("final"):
+                rec.update(final=True, metrics=final_metrics(result), outcomes=json.loads(result["outcomes"]))
+            return
         run = self.tracker.run(rec["run_id"])
         if "resumed_from" in result and result["resumed_from"] != rec.get("resumed_from"):    # once an attempt
             rec["resumed_from"] = result["resumed_from"]
@@ -163,21 +170,12 @@ class RunRecorder(Callback):
             run.log_metrics({k: v for k, v in result.items() if k.startswith("loss/") or k == "lr"}, step)
             rec["logged_until"] = step
         if result.get("final") and not rec["final"]:
-            metrics = {k: v for k, v in result.items()
-                       if isinstance(v, (int, float)) and ("/" in k or k == "trainable_parameters")}
+            metrics = final_metrics(result)
             run.log_metrics({k: v for k, v in metrics.items() if not k.startswith("loss/")})
             outcomes = json.loads(result["outcomes"])
             run.log_dict(outcomes, OUTCOMES)
+            run.log_artifact(Path(result["trained"]))      # in the trial's folder, which the driver sees too
             rec.update(final=True, metrics=metrics, outcomes=outcomes)
-
-    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info) -> None:
-        rec = self.open(trial)
-        if rec.get("trained") or not rec["final"]:
-            return
-        with checkpoint.as_directory() as folder:
-            if json.loads((Path(folder) / STATE).read_text()).get("final"):
-                self.tracker.run(rec["run_id"]).log_artifact(Path(folder) / TRAINED)
-                rec["trained"] = True
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         rec = self.open(trial)

@@ -1,9 +1,9 @@
-"""One trial, in a Ray worker: its config in; step events, checkpoints and the final result out to Ray Tune.
+"""One trial, in a Ray worker: its config in; step events and the final result out to Ray Tune.
 
 A trial records nothing itself: every result it reports reaches the driver, whose run recorder
-(`pipeline.sweep.recorder`) writes MLflow. A checkpoint holds the training state (and the step it
-was taken at); the last one also holds the trained file and the final result, so a trial that Ray
-restarts after it finished reports that result again instead of training again.
+(`pipeline.sweep.recorder`) writes MLflow. Its training state, trained file and final result stay
+in its own folder (`trial_folder`), so a trial Ray restarts resumes from its last training
+checkpoint, and one that had finished reports its result again instead of training again.
 """
 from __future__ import annotations
 
@@ -11,18 +11,15 @@ import ctypes
 import gc
 import json
 import logging
-import os
-import shutil
 import sys
-import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from pipeline.sweep.spec import Sweep
 
-STATE = "trial.json"     # in a checkpoint: {"step"} of a training checkpoint, {"final": result} of the last one
+STATE = "trial.json"     # in a trial's folder: {"step"} of its last training checkpoint
+FINAL = "final.json"     # in a trial's folder: its final result, written before it is reported
 
 
 def trial_values(config: dict, sweep: Sweep) -> dict:
@@ -43,30 +40,19 @@ def release_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-@contextmanager
-def _staged(files: dict[str, Path], state: dict):
-    """A folder holding `files` (hard links where possible) and the trial state, for a Tune checkpoint."""
-    from ray import tune
-
-    stage = Path(tempfile.mkdtemp(prefix="ckpt-", dir=os.getcwd()))
-    try:
-        for name, source in files.items():
-            try:
-                os.link(source, stage / name)
-            except OSError:
-                shutil.copy2(source, stage / name)
-        (stage / STATE).write_text(json.dumps(state))
-        yield tune.Checkpoint.from_directory(str(stage))
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+def trial_folder(root: Path, launch: str, trial_id: str) -> Path:
+    """Where a trial keeps its training state and, once done, its trained file and final result:
+    under the project, which every node of a cluster sees, and apart from Ray Tune's checkpoints,
+    which Ray deletes at its own pace (a snapshot taken before the deletion would point at one gone)."""
+    return Path(root) / "runs" / "sweeps" / launch / trial_id
 
 
-def run_trial(config: dict, sweep: Sweep, root: str) -> None:
-    """Fine-tune and evaluate one trial, resuming from Ray's checkpoint.
+def run_trial(config: dict, sweep: Sweep, root: str, launch: str) -> None:
+    """Fine-tune and evaluate one trial, resuming from the training state in its folder.
 
     Timings it reports: time/trial_seconds (entry to the final report, imports included),
     time/import_seconds (the imports: only a fresh worker pays them) and time/report_seconds
-    (blocked in tune.report: Ray's share, checkpoint uploads included).
+    (blocked in tune.report: Ray's share).
     """
     entered = time.perf_counter()
     release_memory()
@@ -77,54 +63,44 @@ def run_trial(config: dict, sweep: Sweep, root: str) -> None:
 
     from pipeline import train as trainer
     from pipeline.experiment import loss_metrics, run_finetune
+    from pipeline.io import write_json
 
     imported = time.perf_counter()
     waited = [0.0]
 
-    def report(metrics: dict, checkpoint=None) -> None:
+    def report(metrics: dict) -> None:
         start = time.perf_counter()
         try:
-            tune.report(metrics, checkpoint=checkpoint)
+            tune.report(metrics)
         finally:
             waited[0] += time.perf_counter() - start
 
-    folder = Path(tempfile.mkdtemp(prefix="train-", dir=os.getcwd()))
-    try:
-        resumed_from, saved = 0, tune.get_checkpoint()
-        if saved is not None:
-            with saved.as_directory() as where:
-                state = json.loads((Path(where) / STATE).read_text())
-                if "final" in state:                 # finished before the driver recorded it
-                    with _staged({trainer.TRAINED: Path(where) / trainer.TRAINED}, state) as checkpoint:
-                        report(state["final"], checkpoint)
-                    return
-                shutil.copy2(Path(where) / trainer.CHECKPOINT, folder / trainer.CHECKPOINT)
-                resumed_from = state["step"]
-        cfg = sweep.config(trial_values(config, sweep))
-        torch.set_num_threads(cfg.train.threads or max(1, int(sweep.resources.cpu)))
-        steps, every = cfg.train.steps, cfg.train.checkpoint_every
-        latest: dict[str, Any] = {}
+    folder = trial_folder(Path(root), launch, tune.get_context().get_trial_id())
+    folder.mkdir(parents=True, exist_ok=True)
+    if (folder / FINAL).is_file():                 # finished before the driver recorded it
+        report(json.loads((folder / FINAL).read_text()))
+        return
+    resumed_from = json.loads((folder / STATE).read_text())["step"] if (folder / STATE).is_file() else 0
+    cfg = sweep.config(trial_values(config, sweep))
+    torch.set_num_threads(cfg.train.threads or max(1, int(sweep.resources.cpu)))
+    steps = cfg.train.steps
+    latest: dict[str, Any] = {}
 
-        def on_log(step: int, losses: dict) -> None:
-            latest.clear()
-            latest.update({**loss_metrics(losses), "step": step, "resumed_from": resumed_from})
-            # Steps up to the checkpoint were reported before; checkpoint steps report with their
-            # checkpoint, the last step with the final result.
-            if resumed_from < step < steps and step % every:
-                report(dict(latest))
+    def on_log(step: int, losses: dict) -> None:
+        latest.clear()
+        latest.update({**loss_metrics(losses), "step": step, "resumed_from": resumed_from})
+        if resumed_from < step < steps:            # steps up to the resume point were reported before
+            report(dict(latest))
 
-        def on_checkpoint(step: int, train_folder: Path) -> None:
-            metrics = dict(latest) if latest.get("step") == step else {"step": step, "resumed_from": resumed_from}
-            with _staged({trainer.CHECKPOINT: Path(train_folder) / trainer.CHECKPOINT}, {"step": step}) as checkpoint:
-                report(metrics, checkpoint)
+    def on_checkpoint(step: int, train_folder: Path) -> None:
+        write_json(folder / STATE, {"step": step})
 
-        project = Path(root)
-        result = run_finetune(cfg, project / cfg.data.root, project / "models", project / cfg.cache.root, folder,
-                              on_log=on_log, on_checkpoint=on_checkpoint, progress=False)
-        final = {**latest, **result["metrics"], "step": steps, "final": 1, "outcomes": json.dumps(result["outcomes"]),
-                 "time/import_seconds": imported - entered, "time/report_seconds": waited[0]}
-        final["time/trial_seconds"] = time.perf_counter() - entered
-        with _staged({trainer.TRAINED: result["trained"]}, {"final": final}) as checkpoint:
-            report(final, checkpoint)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+    result = run_finetune(cfg, Path(root) / cfg.data.root, Path(root) / "models", Path(root) / cfg.cache.root, folder,
+                          on_log=on_log, on_checkpoint=on_checkpoint, progress=False)
+    final = {**latest, **result["metrics"], "step": steps, "final": 1, "outcomes": json.dumps(result["outcomes"]),
+             "trained": str(result["trained"]), "time/import_seconds": imported - entered,
+             "time/report_seconds": waited[0]}
+    final["time/trial_seconds"] = time.perf_counter() - entered
+    write_json(folder / FINAL, final)
+    trainer.discard_checkpoint(folder)             # the trained file and the result are what is left
+    report(final)
