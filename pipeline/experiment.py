@@ -21,10 +21,7 @@ from pipeline.fastpath import FastPath
 from pipeline.models import student_dir, teacher_dir
 from pipeline.models.student import load_student
 from pipeline.models.teacher import load_teacher
-from pipeline.tracking import Tracker
-
-# The MLflow artifact holding a run's per-case correctness (`evaluate.Evaluation.outcomes`).
-OUTCOMES = "outcomes.json"
+from pipeline.tracking import OUTCOMES, Tracker
 
 
 def run_baselines(cfg: Config, root: Path, data_root: Path, models: Path, cache: Path, tracker: Tracker) -> dict:
@@ -62,8 +59,7 @@ def run_finetune(cfg: Config, data_root: Path, models: Path, cache: Path, folder
     `on_log(step, losses)` sees every logged step, those replayed from a checkpoint `folder` held
     first (so a new record of a resumed trial still starts at step 1); `on_checkpoint(step, folder)`
     sees every checkpoint (`train.fit`). Returns the final `metrics`, the per-case `outcomes` and the
-    `trained` file. Nothing here records anything: the
-    caller's recorder does (`record_finetune` for the stages, the sweep's run recorder for trials).
+    `trained` file. Nothing here records anything: the caller's recorder does (`record_finetune` for the stages, the sweep's run recorder for trials).
     """
     student = load_student(student_dir(models, cfg.train.student))
     index = read_index(data_root)

@@ -19,6 +19,8 @@ from typing import Any, Iterable
 from pipeline.config import ConfigError, TrackingConfig, flatten
 
 MAX_PARAM_LENGTH = 500
+# The artifact holding a run's per-case correctness (`evaluate.Evaluation.outcomes`).
+OUTCOMES = "outcomes.json"
 log = logging.getLogger(__name__)
 
 

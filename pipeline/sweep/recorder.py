@@ -17,10 +17,9 @@ import ray.cloudpickle
 from ray.tune import Callback
 
 from pipeline.config import ConfigError, TrackingConfig, to_dict
-from pipeline.experiment import OUTCOMES
 from pipeline.sweep.spec import Sweep, describe, trial_label
 from pipeline.sweep.trial import trial_values
-from pipeline.tracking import Tracker, failure_text
+from pipeline.tracking import OUTCOMES, Tracker, failure_text
 
 # A run's `status` tag: running, finished, early_stopped (by ASHA), failed, interrupted (by the
 # user; --resume continues it). The MLflow status says the same in MLflow's words.
