@@ -131,7 +131,7 @@ def write_params(ws: Path, data: dict, teacher: dict, student: dict, samples: in
     paper["data"].update({key: f"./datasets/{value.removeprefix('./')}" if isinstance(value, str) else value
                           for key, value in data.items()}, train_set=train_set)
     paper["teacher"].update(teacher)
-    paper["students"] = {"toy-vit": None, STUDENT: student}
+    paper["students"] = {**dict.fromkeys(params["students"]), STUDENT: student}    # no toy student
     paper["cache"].update(batch_size=4)
     paper["train"].update(student=STUDENT, steps=2, batch_size=2, log_every=1, checkpoint_every=1, warmup_steps=0)
     paper["eval"].update(diffusion_samples=samples)
@@ -223,8 +223,12 @@ def report_problems(ws: Path) -> list[str]:
     path = ws / "reports" / "table1.csv"
     if not path.is_file():
         return [f"{path} was not written"]
-    rows = list(csv.DictReader(path.read_text().splitlines()))
+    # The measured rows; on the paper profile each is followed by the paper's own ("... (paper)").
+    every = list(csv.DictReader(path.read_text().splitlines()))
+    rows = [row for row in every if not row["run"].endswith(" (paper)")]
     problems = [f"column {key} missing" for key in PAPER_COLUMNS if rows and key not in rows[0]]
+    if f"{STUDENT} pretrained (paper)" not in {row["run"] for row in every}:
+        problems.append(f"no published row beside {STUDENT} pretrained")
     for row in rows:
         teacher = row["run"].startswith("diffusion score")
         for key in PAPER_COLUMNS:

@@ -52,6 +52,15 @@ def parser(doc: str, prog: str | None = None) -> argparse.ArgumentParser:
     return p
 
 
+def check_device(device: str) -> None:
+    """A CUDA device this machine lacks, refused before a run is opened or a model loaded (torch is
+    imported only to ask, and only when a CUDA device is named)."""
+    if device.startswith("cuda"):
+        from pipeline.device import resolve_device
+
+        resolve_device(device)
+
+
 def run(doc: str, body: Callable[[argparse.Namespace, Config, Path], None],
         argv: list[str] | None = None, extend: Callable[[argparse.ArgumentParser], None] | None = None) -> int:
     """Parse arguments, load the config, run `body(args, config, root)`; map bad input to exit 2.
@@ -65,6 +74,7 @@ def run(doc: str, body: Callable[[argparse.Namespace, Config, Path], None],
     logging.basicConfig(level=os.environ.get("LOGLEVEL", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg = load(args.params, {"profile": args.profile} if args.profile else None)
+        check_device(cfg.compute.device)
     except CONFIG_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -402,6 +402,11 @@ class TrackingConfig:
     uri: StrictStr = "sqlite:///mlruns/mlflow.db"
     experiment: StrictStr = "sds-clip"
 
+    def __post_init__(self) -> None:
+        # MLflow refuses an empty name only when the first run is created, after the work it records.
+        if not self.experiment.strip():
+            raise ConfigError(f"tracking.experiment: {self.experiment!r} is not allowed; expected an MLflow experiment name")
+
 
 @validated
 class ComputeConfig:

@@ -12,7 +12,7 @@ from typing import Callable
 
 from pipeline import train as trainer
 from pipeline.cache import open_table
-from pipeline.config import Config, to_dict
+from pipeline.config import Config, ConfigError, to_dict
 from pipeline.data.datasets import benchmarks, read_index, train_negatives, train_pairs
 from pipeline.device import resolve_device
 from pipeline.digest import fingerprint, text_digest
@@ -25,20 +25,24 @@ from pipeline.tracking import OUTCOMES, Tracker
 
 
 def run_baselines(cfg: Config, root: Path, data_root: Path, models: Path, cache: Path, tracker: Tracker) -> dict:
-    """Every pretrained student and the teacher's diffusion score on every benchmark."""
+    """Every pretrained student and the teacher's diffusion score on every benchmark, each entry with
+    the Winoground scoring's time per pair (`metrics.TIME_PER_PAIR`), the diffusion score's with
+    its sample count (`diffusion_samples`)."""
     bench = benchmarks(data_root, read_index(data_root))
     device = resolve_device(cfg.compute.device)
     tags = {"profile": cfg.profile, "stage": "baselines"}
     tracker.end_abandoned({"stage": "baselines"}, "killed; the baselines stage ran again")
     results = {}
     for name in cfg.students:
-        with tracker.start(f"pretrained {name}", params=to_dict(cfg),
+        # Nothing trains it: the config's fine-tuning keys would describe another run (its student is a tag).
+        with tracker.start(f"pretrained {name}", params=to_dict(cfg), compared=("profile",),
                            tags={**tags, "row": "pretrained", "student": name}) as run:
             result = evaluate_student(load_student(student_dir(models, name)), bench, cfg.eval, device)
             run.log_metrics(result.metrics)
             run.log_dict(result.outcomes, OUTCOMES)
         results[f"pretrained/{name}"] = {"run_id": run.run_id, "metrics": result.metrics, "outcomes": result.outcomes}
     with tracker.start(f"diffusion score {cfg.teacher.name}", params=to_dict(cfg),
+                       compared=("profile", "teacher.name", "eval.diffusion_samples"),
                        tags={**tags, "row": "diffusion_score"}) as run:
         start = time.perf_counter()
         result = evaluate_teacher(load_teacher(teacher_dir(models)), open_table(cache, "bench_images"),
@@ -47,7 +51,9 @@ def run_baselines(cfg: Config, root: Path, data_root: Path, models: Path, cache:
         result.metrics["time/eval_seconds"] = time.perf_counter() - start
         run.log_metrics(result.metrics)
         run.log_dict(result.outcomes, OUTCOMES)
-    results["diffusion_score"] = {"run_id": run.run_id, "metrics": result.metrics, "outcomes": result.outcomes}
+    # The sample count sets the score's cost (Fig. 1 labels the point with it); MLflow has it among the params.
+    results["diffusion_score"] = {"run_id": run.run_id, "diffusion_samples": cfg.eval.diffusion_samples,
+                                  "metrics": result.metrics, "outcomes": result.outcomes}
     return results
 
 
@@ -61,9 +67,9 @@ def run_finetune(cfg: Config, data_root: Path, models: Path, cache: Path, folder
     sees every checkpoint (`train.fit`). Returns the final `metrics`, the per-case `outcomes` and the
     `trained` file. Nothing here records anything: the caller's recorder does (`record_finetune` for the stages, the sweep's run recorder for trials).
     """
-    student = load_student(student_dir(models, cfg.train.student))
     index = read_index(data_root)
-    pairs = train_pairs(data_root, index)
+    pairs = checked_pairs(cfg, data_root, index)
+    student = load_student(student_dir(models, cfg.train.student))
     objective = cfg.objective
     teacher = load_teacher(teacher_dir(models)) if objective.teacher_loss else None
     conditioning = open_table(cache, "train_text") if objective.teacher_loss else None
@@ -104,6 +110,16 @@ def run_finetune(cfg: Config, data_root: Path, models: Path, cache: Path, folder
     return {"metrics": result.metrics, "outcomes": result.outcomes, "trained": trained}
 
 
+def checked_pairs(cfg: Config, data_root: Path, index: dict | None = None) -> list:
+    """The training pairs, refused in one line when `train.batch_size` exceeds them: a batch larger
+    than the data cannot be drawn, and the run would record a size it never trained with."""
+    pairs = train_pairs(data_root, index if index is not None else read_index(data_root))
+    if cfg.train.batch_size > len(pairs):
+        raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is more than the {len(pairs)} training pairs "
+                          f"of {data_root}; allowed: <= {len(pairs)}")
+    return pairs
+
+
 def loss_metrics(losses: dict) -> dict:
     """A logged step's losses under their metric names (`loss/<name>`; the learning rate as `lr`)."""
     return {f"loss/{k}" if k != "lr" else "lr": v for k, v in losses.items()}
@@ -116,6 +132,7 @@ def record_finetune(cfg: Config, data_root: Path, models: Path, cache: Path, fol
     all of it is recorded, so a stage that failed in its evaluation resumes from there."""
     run_tags = {"profile": cfg.profile, "stage": "train", "student": cfg.train.student, "method": cfg.objective.method,
                 **(tags or {})}
+    checked_pairs(cfg, data_root)     # before the store is opened: a refused config leaves nothing
     tracker.end_abandoned({k: run_tags[k] for k in ("stage", "row") if k in run_tags},
                           f"killed; continued by a later {run_name!r} run")
     with tracker.start(run_name, params=to_dict(cfg), tags=run_tags) as run:

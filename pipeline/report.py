@@ -1,22 +1,26 @@
-"""Tables and figures in the paper's layout, from the results files the stages and sweeps write.
+"""Tables and figures from the results files the stages and sweeps write.
 
-Table 1 rows: the pretrained student, FT with L_CLIP, FT with L_CLIP + lambda L_SDS, and the
-teacher's diffusion score. Columns: Winoground text score (overall, per collapsed tag,
-per number of main predicates), image and group scores, ARO overall / relation /
-attribution / order, zero-shot mean, the teacher's text score on a trained h_w(f(x)) ("h_w text",
-`evaluate.evaluate_projection`; not in the paper) and the bootstrap interval of the text score.
+The columns every table shares (`COLUMNS`): Winoground text score (overall, per collapsed tag, per
+number of main predicates), image and group scores, ARO overall / relation / attribution / order,
+zero-shot mean, the teacher's text score on a trained h_w(f(x)) ("h_w text",
+`evaluate.evaluate_projection`; not in the paper) and the later benchmarks. The paper's Tables 1-3
+are `pipeline.paper_tables`'.
 
-A sweep's table has one row per trial of its results file (the swept values, the trial's status,
-the same metric columns); its figure plots the headline scores against the swept key, or per
-configuration when the sweep varied several keys or a non-numeric one. The zero-shot figure is
-the paper's Fig. 2: accuracy per zero-shot set for each Table-1 run that has them. Nothing here
-reads the tracking store, so the report rebuilds from the results files alone.
+A sweep's table has one row per trial of its results (the swept values, the trial's status, the
+same metric columns); its figure has a panel per headline score that differs between the trials,
+against the swept key, or per configuration when the sweep varied several keys or a non-numeric
+one, each point with its 95% interval (`pipeline.figures`). The library reads results files only,
+so the report stage rebuilds from them alone; `main` (`python -m pipeline.report`) also finds a
+hand-run sweep's results in the tracking store.
 """
 from __future__ import annotations
 
 import csv
 import io
+import json
 import math
+import os
+import sys
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,11 +28,18 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipeline.io import write_bytes, write_text
+from pipeline.config import ConfigError
+from pipeline.data.errors import (DataFormatError, MissingInput, field_value, load_json, require_list, require_record,
+                                   str_field)
+from pipeline.figures import (dot_figure, figure_title, group_scores, interval_note, line_figure, new_figure, panels,
+                              plotted_trials, style, varying_metrics, write_figure)
+from pipeline.io import write_text
 from pipeline.metrics import PairedDifference, outcome_parts, paired_difference, seed_task_interval
 from pipeline.sweep.spec import VARIANT
 
 if TYPE_CHECKING:
+    import argparse
+
     from matplotlib.figure import Figure
 
 COLUMNS = [
@@ -43,15 +54,6 @@ COLUMNS = [
     # Benchmarks after the paper, and its appendix J's CLEVR (GDBench's tasks).
     ("SugarCrepe", "sugarcrepe/mean"), ("MMVP", "mmvp/mean"), ("CLEVR", "clevr/mean"),
 ]
-INTERVAL = "Wino text 95% CI"
-TABLE1_HEADER = ["run"] + [name for name, _ in COLUMNS] + [INTERVAL]
-TABLE1_CSV_HEADER = ["run"] + [key for _, key in COLUMNS] + ["winoground/text/ci95"]
-
-# The scores a sweep figure plots, with their legend labels.
-FIGURE_METRICS = [("winoground/text", "Winoground text"), ("aro/overall", "ARO overall"),
-                  ("zeroshot/mean", "zero-shot mean")]
-ZEROSHOT_PREFIX = "zeroshot/"
-ZEROSHOT_MEAN = "zeroshot/mean"
 
 
 # ----------------------------------------------------------------------------- tables
@@ -75,17 +77,6 @@ def objective_label(objective) -> str:
 def metric_cells(metrics: dict[str, float]) -> list[str]:
     """The value of each `COLUMNS` metric to 3 decimals, '-' where the run lacks it."""
     return [f"{metrics[key]:.3f}" if key in metrics else "-" for _, key in COLUMNS]
-
-
-def table_rows(runs: list[tuple[str, dict[str, float]]]) -> list[list[str]]:
-    """[row label, value per column, text-score 95% interval] with '-' where a run lacks a metric."""
-    rows = []
-    for label, metrics in runs:
-        interval = "-"
-        if "winoground/text/ci_low" in metrics:
-            interval = f"[{metrics['winoground/text/ci_low']:.3f}, {metrics['winoground/text/ci_high']:.3f}]"
-        rows.append([label] + metric_cells(metrics) + [interval])
-    return rows
 
 
 def markdown(header: list[str], rows: list[list[str]]) -> str:
@@ -133,49 +124,47 @@ def write_tables(out: Path, stem: str, header: list[str], csv_header: list[str],
     return paths
 
 
-VERSUS_METRIC = "winoground/text"
-
-
-def versus_reference(outcomes: dict[str, dict], reference: str, n_resamples: int = 1000,
-                     seed: int = 0) -> dict[str, PairedDifference]:
-    """Each row's Winoground text score minus the `reference` row's, on the same tasks: the
-    paired interval and McNemar's exact p (one run a row), from the rows' stored outcomes
-    ({label: outcomes}); rows without the metric's outcomes are left out."""
-    scored = {label: o for label, o in outcomes.items() if VERSUS_METRIC in o}
-    if reference not in scored:
-        return {}
-    base = outcome_parts([scored[reference]])[VERSUS_METRIC]
-    return {label: paired_difference(outcome_parts([o])[VERSUS_METRIC], base, n_resamples, seed=seed)
-            for label, o in scored.items() if label != reference}
-
-
-def write_table1(runs: list[tuple[str, dict[str, float]]], out: Path, stem: str = "table1",
-                 versus: dict[str, PairedDifference] | None = None, reference: str = "") -> list[Path]:
-    """Table 1; with `versus` (`versus_reference`), a last column comparing each row with `reference`."""
-    rows = table_rows(runs)
-    header, csv_header = list(TABLE1_HEADER), list(TABLE1_CSV_HEADER)
-    if versus is not None:
-        header.append(f"Wino text vs {reference}")
-        csv_header.append("winoground/text/vs_reference")
-        for row, (label, _) in zip(rows, runs):
-            d = versus.get(label)
-            row.append(_difference_cell(d) if d else "-")
-    return write_tables(out, stem, header, csv_header, rows)
-
-
 # ----------------------------------------------------------------------------- sweeps
 #
-# A sweep's trials as its results file (`results/sweeps/<name>.json`, `pipeline.sweep`) lists them: each
-# {"trial": label, "config": {swept key: value}, "status": ..., "metrics": {key: value}, ...}.
+# A sweep's trials as its results list them (`pipeline.sweep`'s payload: `results/sweeps/<name>.json`, a
+# `--results` file, or the `summary.json` of the launch's MLflow parent run): each {"trial": label,
+# "config": {swept key: value}, "status": ..., "metrics": {key: value}, "outcomes": {...}, ...}.
+
+SEED = "train.seed"
+
+
+def payload_trials(payload, source: Path | str) -> list[dict]:
+    """The trials of a sweep's results payload, each checked for its label and status (what every row
+    shows); `source` names where the payload came from in an error."""
+    payload = require_record(payload, source, "")
+    trials = require_list(field_value(payload, "trials", source, ""), source, "", "trials")
+    for i, trial in enumerate(trials):
+        for key in ("trial", "status"):
+            str_field(require_record(trial, source, f"trial {i}"), key, source, f"trial {i}")
+    return trials
+
+
+def read_trials(path: Path, what: str) -> list[dict]:
+    """The trials of a sweep's results file (`what` it is, for the error when it is missing)."""
+    return payload_trials(load_json(path, what), path)
+
+
+def parse_payload(text: str, source: str):
+    """A sweep's results payload kept as text (a run's `summary.json` artifact)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataFormatError(source, "", None, f"invalid JSON: {err}") from None
 
 
 def table_trials(trials: list[dict]) -> list[dict]:
     """A results file's trials as a sweep table and figure read them: each swept value as the text a
-    cell shows, and only the finite metrics (a NaN or a missing value is no score)."""
+    cell shows, only the finite metrics (a NaN or a missing value is no score), and the outcomes."""
     return [{"trial": trial["trial"], "status": trial["status"],
              "config": {key: str(value) for key, value in (trial.get("config") or {}).items()},
              "metrics": {key: value for key, value in (trial.get("metrics") or {}).items()
-                         if isinstance(value, (int, float)) and math.isfinite(value)}} for trial in trials]
+                         if isinstance(value, (int, float)) and math.isfinite(value)},
+             "outcomes": trial.get("outcomes") or {}} for trial in trials]
 
 
 def _number(text: str) -> float | None:
@@ -222,117 +211,52 @@ def sweep_rows(trials: list[dict], keys: list[str]) -> list[list[str]]:
             metric_cells(trial["metrics"]) for trial in trials]
 
 
-def write_sweep_report(name: str, trials: list[dict], out: Path) -> list[Path]:
+def write_sweep_report(name: str, trials: list[dict], out: Path, n_resamples: int = 1000, seed: int = 0) -> list[Path]:
     """`sweep-<name>.md/.tex/.csv`, and `.png` when a trial has a score to plot, from the trials of the
-    sweep's results file; the paths written."""
+    sweep's results; the paths written. `n_resamples`, `seed`: the figure's bootstrap intervals."""
     trials = table_trials(trials)
     keys = swept_keys(trials)
     trials = sorted_trials(trials, keys)
     header, csv_header = sweep_header(keys)
     written = write_tables(out, f"sweep-{name}", header, csv_header, sweep_rows(trials, keys))
-    figure = sweep_figure(name, trials, keys)
+    figure = sweep_figure(name, trials, keys, n_resamples, seed)
     if figure is not None:
         written.append(write_figure(Path(out) / f"sweep-{name}.png", figure))
     return written
 
 
-# ----------------------------------------------------------------------------- figures
+def variant_rows(name: str, trials: list[dict], cfg) -> list[VariantRow]:
+    """The variants' rows (`compare_variants`) when the sweep's trials hold named variants and no
+    other swept key than the seed; [] otherwise."""
+    configs = [trial.get("config") or {} for trial in trials]
+    if not any(VARIANT in c for c in configs) or any(set(c) - {VARIANT, SEED} for c in configs):
+        return []
+    order = list(dict.fromkeys(c[VARIANT] for c in configs if VARIANT in c))
+    rows = compare_variants(trials, order, cfg.eval.bootstrap or 1000, cfg.eval.seed)
+    if not rows:
+        print(f"sweep {name}: no finished trial with outcomes; no {name} report", file=sys.stderr)
+    return rows
 
 
-def new_figure(width: float, height: float) -> Figure:
-    """A figure on the Agg canvas (no pyplot state, no display needed)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(figure)
-    return figure
-
-
-def png_bytes(figure: Figure) -> bytes:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=150)
-    return buffer.getvalue()
+def sweep_report(name: str, trials: list[dict], rows: list[VariantRow], cfg, out: Path) -> list[Path]:
+    """Everything the report writes for one sweep from its trials: its table and figure, and the
+    comparison of its variant rows (`variant_rows`) for a sweep of named variants; the paths written."""
+    if not trials:
+        print(f"sweep {name}: no trials in its results", file=sys.stderr)
+    written = write_sweep_report(name, trials, out, cfg.eval.bootstrap or 1000, cfg.eval.seed)
+    if rows:
+        written += write_variant_report(name, rows, {}, out, cfg.eval.bootstrap or 1000, caption=f"sweep {name}")
+    return written
 
 
-def write_figure(path: Path, figure: Figure) -> Path:
-    write_bytes(path, png_bytes(figure))
-    return path
-
-
-def add_legend(figure: Figure) -> None:
-    """The legend below the axes, where it covers no data."""
-    handles, labels = figure.axes[0].get_legend_handles_labels()
-    figure.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 3))
-
-
-def x_scale(values: list[float]) -> tuple[str, dict]:
-    """Matplotlib x scale for swept values: log when positive and spanning over 10x.
-
-    With a 0 among such values (lambda = 0: no SDS) the axis is symlog, linear from 0 up to
-    the smallest positive value and logarithmic above it, so 0 sits at its true place.
-    """
-    positive = [v for v in values if v > 0]
-    if not positive or min(values) < 0 or max(positive) <= 10 * min(positive):
-        return "linear", {}
-    if len(positive) == len(values):
-        return "log", {}
-    return "symlog", {"linthresh": min(positive), "linscale": 0.5}
-
-
-def plotted_trials(trials: list[dict]) -> list[dict]:
-    """Trials with a score to plot: failed ones are left out even if they logged some."""
-    return [trial for trial in trials if trial["status"] != "failed"
-            and any(key in trial["metrics"] for key, _ in FIGURE_METRICS)]
-
-
-SEED = "train.seed"
-
-
-def sweep_figure(name: str, trials: list[dict], keys: list[str]) -> Figure | None:
-    """Scores against the swept param when one numeric param (besides seeds) was swept, else per
-    configuration, its seeds pooled; None: nothing to plot."""
-    shown = plotted_trials(trials)
-    if not shown:
-        return None
-    configs = [key for key in keys if key != SEED]
-    if len(configs) == 1 and is_numeric(trials, configs[0]):
-        return line_figure(name, configs[0], shown)
-    return bar_figure(name, configs, shown)
-
-
-def mean_by_x(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """(x, mean of y at x), by x: repeated values (seeds, repeated draws) make one point."""
-    groups: dict[float, list[float]] = defaultdict(list)
-    for x, y in points:
-        groups[x].append(y)
-    return sorted((x, sum(ys) / len(ys)) for x, ys in groups.items())
-
-
-def line_figure(name: str, key: str, trials: list[dict]) -> Figure:
-    """Each `FIGURE_METRICS` score against `key`: a line through the means, a dot per trial."""
-    figure = new_figure(6, 4)
-    axes = figure.add_subplot()
-    with_key = [trial for trial in trials if key in trial["config"]]
-    for metric, label in FIGURE_METRICS:
-        points = [(float(t["config"][key]), t["metrics"][metric]) for t in with_key if metric in t["metrics"]]
-        if not points:
-            continue
-        means = mean_by_x(points)
-        (line,) = axes.plot([x for x, _ in means], [y for _, y in means], marker="o", label=label)
-        axes.scatter([x for x, _ in points], [y for _, y in points], s=12, alpha=0.5, color=line.get_color())
-    scale, options = x_scale([float(t["config"][key]) for t in with_key])
-    axes.set_xscale(scale, **options)
-    caption = key
-    if scale == "symlog":
-        caption += f" (linear from 0 to {options['linthresh']:g}, log above)"
-        axes.set_xlim(left=-0.2 * options["linthresh"])
-    axes.set_xlabel(caption)
-    axes.set_ylabel("score")
-    axes.set_title(f"sweep {name}")
-    axes.grid(True, alpha=0.3)
-    add_legend(figure)
-    return figure
+def by_value(trials: list[dict], key: str) -> list[tuple[float, list[dict]]]:
+    """(value, trials) per value of numeric `key`, by value: repeated values (seeds, repeated draws)
+    make one group."""
+    groups: dict[float, list[dict]] = defaultdict(list)
+    for trial in trials:
+        if key in trial["config"]:
+            groups[float(trial["config"][key])].append(trial)
+    return sorted(groups.items())
 
 
 def config_groups(trials: list[dict], keys: list[str]) -> list[tuple[str, list[dict]]]:
@@ -350,53 +274,32 @@ def config_groups(trials: list[dict], keys: list[str]) -> list[tuple[str, list[d
     return captions
 
 
-def bar_figure(name: str, keys: list[str], trials: list[dict]) -> Figure:
-    """Horizontal grouped bars: a group per configuration (top to bottom in table order), a bar per
-    score at the mean of its runs, with their spread (sd) as an error bar when there are several."""
-    metrics = [(key, label) for key, label in FIGURE_METRICS if any(key in t["metrics"] for t in trials)]
-    groups = config_groups(trials, keys)
-    figure = new_figure(7, 1.2 + 0.25 * len(groups) * len(metrics))
-    axes = figure.add_subplot()
-    height = 0.8 / len(metrics)
-    for i, (metric, label) in enumerate(metrics):
-        offset = (i - (len(metrics) - 1) / 2) * height
-        values = [[t["metrics"][metric] for t in members if metric in t["metrics"]] for _, members in groups]
-        means = [float(np.mean(v)) if v else math.nan for v in values]
-        spread = [float(np.std(v, ddof=1)) if len(v) > 1 else 0.0 for v in values]
-        axes.barh([row + offset for row in range(len(groups))], means, height, xerr=spread, capsize=2, label=label)
-    axes.set_yticks(range(len(groups)), [caption for caption, _ in groups])
-    axes.invert_yaxis()
-    axes.set_xlabel("score (mean over runs; bars: sd)")
-    axes.set_title(f"sweep {name}")
-    axes.grid(True, axis="x", alpha=0.3)
-    add_legend(figure)
-    return figure
-
-
-def zeroshot_sets(runs: list[tuple[str, dict[str, float]]]) -> list[str]:
-    """The zero-shot sets any run has an accuracy for (`zeroshot/<set>`, the mean excluded), by name."""
-    return sorted({key[len(ZEROSHOT_PREFIX):] for _, metrics in runs for key in metrics
-                   if key.startswith(ZEROSHOT_PREFIX) and key != ZEROSHOT_MEAN})
-
-
-def zeroshot_figure(runs: list[tuple[str, dict[str, float]]]) -> Figure | None:
-    """Fig. 2: grouped bars of accuracy per zero-shot set, a bar per run that has any; None: no run has one."""
-    sets = zeroshot_sets(runs)
-    shown = [(label, metrics) for label, metrics in runs if any(ZEROSHOT_PREFIX + s in metrics for s in sets)]
+def sweep_figure(name: str, trials: list[dict], keys: list[str], n_resamples: int = 1000,
+                 seed: int = 0) -> Figure | None:
+    """A panel per headline score that differs between the trials (`figures.varying_metrics`; those the
+    same in all are named in the title): against the swept param when one numeric param (besides seeds)
+    was swept, else a row per configuration, its seeds pooled. Each point is the mean of its runs with
+    its 95% interval over cases and seeds. None: nothing to plot."""
+    shown = plotted_trials(trials)
     if not shown:
         return None
-    figure = new_figure(max(6.0, 0.9 * len(sets) + 2), 4)
-    axes = figure.add_subplot()
-    width = 0.8 / len(shown)
-    for i, (label, metrics) in enumerate(shown):
-        offset = (i - (len(shown) - 1) / 2) * width
-        axes.bar([x + offset for x in range(len(sets))],
-                 [metrics.get(ZEROSHOT_PREFIX + s, math.nan) for s in sets], width, label=label)
-    axes.set_xticks(range(len(sets)), sets, rotation=30, ha="right")
-    axes.set_ylabel("zero-shot accuracy")
-    axes.set_title("Zero-shot accuracy per dataset")
-    axes.grid(True, axis="y", alpha=0.3)
-    add_legend(figure)
+    metrics, constant = varying_metrics(shown)
+    configs = [key for key in keys if key != SEED]
+    numeric = len(configs) == 1 and is_numeric(shown, configs[0])
+    groups = by_value(shown, configs[0]) if numeric else config_groups(shown, configs)
+    scores = [group_scores(members, [key for key, _ in metrics], n_resamples, seed) for _, members in groups]
+    if numeric:
+        figure = line_figure(configs[0], [x for x, _ in groups], scores, metrics)
+    else:
+        figure = dot_figure([caption for caption, _ in groups], scores, metrics)
+    notes = [interval_note(scores, n_resamples, seeds=any(len(members) > 1 for _, members in groups))]
+    if constant:
+        notes.append("not plotted, the same in every trial that has it: " + ", ".join(constant))
+    left_out = [trial for trial in trials if not any(trial is kept for kept in shown)]
+    if left_out:
+        notes.append("not plotted (failed, or no final scores): " +
+                     ", ".join(f"{trial['trial']} ({trial['status']})" for trial in left_out))
+    figure_title(figure, f"sweep {name}", notes)
     return figure
 
 
@@ -470,7 +373,7 @@ def _p(value: float) -> str:
     return "p<0.001" if value < 0.001 else f"p={value:.3f}"
 
 
-def _difference_cell(d: PairedDifference) -> str:
+def difference_cell(d: PairedDifference) -> str:
     """'+0.031 [+0.010, +0.051] p=0.008': a paired difference as every comparison table prints it."""
     return f"{_signed(d.difference)} [{_signed(d.low)}, {_signed(d.high)}] {_p(d.p_value)}"
 
@@ -482,7 +385,7 @@ def variant_tables(rows: list[VariantRow], labels: dict[str, str]) -> dict[str, 
               [f"{r.scores[k][0]:.3f} ± {r.scores[k][1]:.3f} [{r.scores[k][2]:.3f}, {r.scores[k][3]:.3f}]"
                if k in r.scores else "-" for _, k in shown] for r in rows]
     diffs = [[labels.get(r.name, r.name)] +
-             [_difference_cell(d) if (d := (r.versus or {}).get(k)) else "-" for _, k in shown] for r in rows[1:]]
+             [difference_cell(d) if (d := (r.versus or {}).get(k)) else "-" for _, k in shown] for r in rows[1:]]
     kept = [(title, key) for title, key in DIAGNOSTICS if any(key in r.diagnostics for r in rows)]
     diagnostics = [[labels.get(r.name, r.name)] +
                    [(f"{r.diagnostics[k]:.0f}" if k in ("trainable_parameters", "time/train_seconds")
@@ -554,12 +457,10 @@ def variant_figure(rows: list[VariantRow], labels: dict[str, str], title: str) -
         return None
     columns = min(4, len(keys))
     lines = -(-len(keys) // columns)
-    figure = new_figure(2.6 * columns + 1.5, (0.45 * len(compared) + 1.3) * lines + 0.4)
-    grid = figure.subplots(lines, columns, sharey=True, squeeze=False)
-    axes = [ax for line in grid for ax in line]
-    for ax in axes[len(keys):]:
-        ax.set_visible(False)
+    figure = new_figure(2.6 * columns + 1.5, (0.45 * len(compared) + 1.3) * lines + 0.6)
+    axes = panels(figure, len(keys), columns, sharey=True)
     ys = list(range(len(compared)))
+    reference = labels.get(rows[0].name, rows[0].name)
     for ax, (name, key) in zip(axes, keys):
         for y, row in zip(ys, compared):
             d = row.versus.get(key)
@@ -567,13 +468,95 @@ def variant_figure(rows: list[VariantRow], labels: dict[str, str], title: str) -
                 continue
             colour = "tab:green" if d.low > 0 else "tab:red" if d.high < 0 else "tab:gray"
             ax.errorbar([d.difference], [y], xerr=[[d.difference - d.low], [d.high - d.difference]], fmt="o",
-                        color=colour, capsize=3)
+                        color=colour, capsize=3, markersize=4)
         ax.axvline(0, color="black", linewidth=0.8)
-        ax.set_title(name, fontsize=9)
-        ax.set_xlabel(f"Δ vs {labels.get(rows[0].name, rows[0].name)}", fontsize=8)
-        ax.grid(True, axis="x", alpha=0.3)
-    for line in grid:
-        line[0].set_yticks(ys, [labels.get(row.name, row.name) for row in compared])
-    axes[0].invert_yaxis()
-    figure.suptitle(f"{title}: paired 95% intervals over seeds and cases (green/red: excludes 0)", fontsize=9)
+        style(ax, name, f"Δ accuracy vs {reference}", grid="x")
+    axes[0].set_yticks(ys, [labels.get(row.name, row.name) for row in compared])
+    axes[0].set_ylim(len(compared) - 0.5, -0.5)
+    figure_title(figure, title, ["paired 95% intervals over seeds and cases (green/red: the interval excludes 0)"])
     return figure
+
+
+# ----------------------------------------------------------------------------- python -m pipeline.report
+
+COMMAND_DOC = """Write one sweep's report: its table (md, tex, csv), its figure and, for a sweep of named variants,
+the variants' comparison; the same files the report stage writes for the sweeps it ran.
+
+    python -m pipeline.report lambda                     # the newest launch of sweep lambda, from MLflow
+    python -m pipeline.report lambda --results FILE      # from a results file (pipeline.sweep --results)
+    python -m pipeline.report methods --out /tmp/methods
+
+SWEEP is the sweep's name (`name` in its sweep file). Without --results the results are the
+summary.json of the newest launch that finished writing one: the parent run in MLflow experiment
+<tracking.experiment>/SWEEP of the params file's tracking store (a launch still running, or killed,
+has none yet and is passed over).
+
+Written under --out (default: reports/ next to the params file):
+    sweep-<name>.md, .tex, .csv    a row per trial: its swept values, status and scores
+    sweep-<name>.png               a panel per headline score that differs between the trials, against
+                                   the swept key (or per configuration), with 95% intervals
+    <name>.md, .tex, .csv, .png    for a sweep of named variants (and seeds): each variant's scores over
+                                   its seeds, its difference to the first variant, diagnostics
+
+`dvc repro` of the report stage removes the sweep-* files in reports/ of sweeps results/sweeps.json
+does not list.
+"""
+SUMMARY = "summary.json"    # the results on a launch's parent run (`pipeline.sweep.driver.finish`)
+
+
+def launch_trials(cfg, root: Path, name: str) -> list[dict]:
+    """The trials of sweep `name`'s newest launch with results in the tracking store, whatever its end."""
+    from pipeline.tracking import Tracker, redact     # the library itself reads results files only
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")   # it would print over the notes
+    tracker = Tracker(cfg.tracking, root)
+    experiment = f"{cfg.tracking.experiment}/{name}"
+    launches = tracker.find_runs(experiment, tags={"sweep_role": "parent"})
+    if not launches:
+        prefix = f"{cfg.tracking.experiment}/"
+        known = [found[len(prefix):] for found in tracker.experiment_names(prefix)]
+        raise MissingInput(f"sweep {name!r}: no launch in MLflow experiment {experiment!r} at {redact(tracker.uri)}; "
+                           f"sweeps there: {', '.join(known) or 'none'}")
+    for launch in launches:
+        text = tracker.artifact_text(launch["run_id"], SUMMARY)
+        if text is not None:
+            print(f"sweep {name}: launch {launch['name']!r} ({launch['status']}, run {launch['run_id']})",
+                  file=sys.stderr)
+            source = f"{experiment} run {launch['run_id']} {SUMMARY}"
+            return payload_trials(parse_payload(text, source), source)
+        print(f"note: launch {launch['name']!r} ({launch['status']}) has no {SUMMARY} yet", file=sys.stderr)
+    raise MissingInput(f"sweep {name!r}: none of the {len(launches)} launches in MLflow experiment {experiment!r} "
+                       f"has written its results ({SUMMARY}) yet; wait for one to end, or pass --results FILE")
+
+
+def results_trials(path: Path, name: str) -> list[dict]:
+    """The trials of a results file, which must be sweep `name`'s."""
+    payload = load_json(path, f"results of sweep {name} (--results)")
+    if isinstance(payload, dict) and payload.get("sweep", name) != name:
+        raise ConfigError(f"--results: {path} holds the results of sweep {payload['sweep']!r}, not {name!r}")
+    return payload_trials(payload, path)
+
+
+def command_body(args: argparse.Namespace, cfg, root: Path) -> None:
+    trials = results_trials(args.results, args.sweep) if args.results else launch_trials(cfg, root, args.sweep)
+    for path in sweep_report(args.sweep, trials, variant_rows(args.sweep, trials, cfg), cfg, args.out or root / "reports"):
+        print(path)
+
+
+def command_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("sweep", metavar="SWEEP", help="the sweep's name (`name` in its sweep file, e.g. lambda)")
+    p.add_argument("--out", type=Path, metavar="DIR",
+                   help="folder to write to (default: reports/ next to the params file)")
+    p.add_argument("--results", type=Path, metavar="FILE",
+                   help="read the sweep's results from this file (`python -m pipeline.sweep ... --results FILE`) "
+                        "instead of the tracking store")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pipeline import cli
+
+    return cli.run(COMMAND_DOC, command_body, argv, command_arguments)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

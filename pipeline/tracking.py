@@ -4,11 +4,14 @@ Runs are driven through `MlflowClient` with explicit run ids (no global active r
 stages' recorder (`experiment.record_finetune`, `run_baselines`) and the sweep's run recorder
 address runs the same way. mlflow is imported lazily: it costs seconds and most commands never
 need it. Anything written to a run passes `redact` first: no credential of a URI reaches it.
+A run's params are the few keys runs are compared by; its whole config is its CONFIG artifact.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import re
 import socket
 import subprocess
@@ -21,6 +24,15 @@ from pipeline.config import ConfigError, TrackingConfig, flatten
 MAX_PARAM_LENGTH = 500
 # The artifact holding a run's per-case correctness (`evaluate.Evaluation.outcomes`).
 OUTCOMES = "outcomes.json"
+# The artifact holding a run's whole config (what `config.from_dict` reads back).
+CONFIG = "config.json"
+# A training run's params: what a comparison of runs reads. MLflow's Compare page and run table list
+# every param, so the whole config (~100 keys) would bury these; the rest of it is in CONFIG.
+COMPARED = ("profile", "objective.method", "objective.lambda_sds", "train.lr", "train.scope", "train.seed",
+            "train.student", "train.steps")
+# MLflow's record of an experiment's kind: "custom_model_development" is its "Model training" kind
+# (GenAI's is "genai_development"), the value its UI gives the experiments it creates in that view.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 log = logging.getLogger(__name__)
 
 
@@ -35,20 +47,53 @@ def check_uri(uri: str) -> None:
     if not uri or scheme not in URI_SCHEMES:
         raise ConfigError(f"tracking.uri: {redact(uri)!r} is not allowed; expected sqlite:///PATH, a folder, "
                           f"http(s)://HOST[:PORT] or a database URI ({', '.join(URI_SCHEMES)})")
+    if _PASSWORD.search(uri):
+        # params.yaml is versioned with the study, and the config travels to Ray Tune's saved state.
+        raise ConfigError(f"tracking.uri: {redact(uri)!r} holds a password, which would be written wherever the "
+                          "params go; give it in MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (a tracking "
+                          "server) or the database's own password file (e.g. ~/.pgpass)")
+
+
+def local_store(uri: str, root: Path) -> Path | None:
+    """The file a local SQLite store lives in, or the folder of a file store; None for a server or
+    a database elsewhere. Relative paths are under `root`."""
+    if uri.startswith("sqlite:///"):
+        return (Path(root) / uri[len("sqlite:///"):]).resolve()
+    if "://" not in uri or uri.startswith("file://"):
+        return (Path(root) / uri.removeprefix("file://")).resolve()
+    return None
+
+
+def check_store(uri: str, root: Path) -> None:
+    """`check_uri`, and that a local store can be created and written where it goes (MLflow's error
+    is a traceback at the first run, after the work it was to record). Creates nothing."""
+    check_uri(uri)
+    store = local_store(uri, root)
+    if store is None:
+        return
+    existing = store
+    while not existing.exists():
+        existing = existing.parent
+    if existing != store and not existing.is_dir():
+        raise ConfigError(f"tracking.uri: {existing} is a file, so {store} cannot be created")
+    writable = existing if existing != store else store
+    if not os.access(writable, os.W_OK):
+        raise ConfigError(f"tracking.uri: {writable} is not writable, so the store {store} cannot be written")
 
 
 def resolve_uri(uri: str, root: Path) -> str:
-    """Make a relative SQLite path absolute under `root` (MLflow needs absolute paths)."""
-    check_uri(uri)
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        path = (Path(root) / uri[len(prefix):]).resolve()
+    """The URI checked (`check_store`), with a relative SQLite path made absolute under `root` (MLflow
+    needs absolute paths) and its folder created."""
+    check_store(uri, root)
+    if uri.startswith("sqlite:///"):
+        path = local_store(uri, root)
         path.parent.mkdir(parents=True, exist_ok=True)
-        return prefix + str(path)
+        return "sqlite:///" + str(path)
     return uri
 
 
 _CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")
+_PASSWORD = re.compile(r"://[^/@\s:]*:[^/@\s]*@")
 
 
 def redact(text: str) -> str:
@@ -66,6 +111,9 @@ def git_commit(root: Path) -> str:
 
 
 def _client(uri: str):
+    # MLflow prints each ended run's link to stdout, with the server URI as given (a user name in it
+    # included): the stages print their own summary, so no link.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -99,6 +147,13 @@ class Run:
         items = [Param(k, redact(str(v))[:MAX_PARAM_LENGTH]) for k, v in flatten(params).items()]
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def log_config(self, config: dict, compared: Iterable[str]) -> None:
+        """`config` (nested) whole as the CONFIG artifact, and those of its dotted keys in `compared`
+        as the run's params: each value is read from `config`, so the two cannot disagree."""
+        flat = flatten(config)
+        self.log_params({key: flat[key] for key in dict.fromkeys(compared) if key in flat})
+        self.log_text(json.dumps(config, indent=2, default=str) + "\n", CONFIG)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         for key, value in tags.items():
@@ -157,12 +212,21 @@ class Tracker:
         return self._client
 
     def experiment_id(self, name: str | None = None) -> str:
+        """The experiment's id, created with its kind (EXPERIMENT_KIND) if new; one made before the
+        kind was recorded gets it, one given another kind (in MLflow's UI) keeps that."""
         name = name or self.experiment
+        key, kind = EXPERIMENT_KIND
         found = self.client.get_experiment_by_name(name)
-        return found.experiment_id if found else self.client.create_experiment(name)
+        if found is None:
+            return self.client.create_experiment(name, tags={key: kind})
+        if key not in found.tags:
+            self.client.set_experiment_tag(found.experiment_id, key, kind)
+        return found.experiment_id
 
     def start(self, name: str, params: dict | None = None, tags: dict | None = None,
-              parent: str | None = None, experiment: str | None = None) -> Run:
+              parent: str | None = None, experiment: str | None = None, compared: Iterable[str] = COMPARED) -> Run:
+        """A new run. `params` is the run's whole config (nested): its `compared` keys become the
+        run's params, all of it the CONFIG artifact (`Run.log_config`)."""
         all_tags = {"git_commit": git_commit(self.root), "project": self.project, "mlflow.runName": name,
                     **(tags or {})}
         if parent:
@@ -171,7 +235,7 @@ class Tracker:
                                          tags={k: str(v) for k, v in all_tags.items()})
         run = Run(self.client, created.info.run_id)
         if params:
-            run.log_params(params)
+            run.log_config(params, compared)
         return run
 
     def resume(self, run_id: str) -> Run:
@@ -218,6 +282,26 @@ class Tracker:
 
     def metric_history(self, run_id: str, key: str) -> list[tuple[int, float]]:
         return [(m.step, m.value) for m in self.client.get_metric_history(run_id, key)]
+
+    def experiment_names(self, prefix: str = "") -> list[str]:
+        """The names of the store's experiments that start with `prefix`, sorted (e.g. a project's sweeps)."""
+        names, token = [], None
+        while True:
+            page = self.client.search_experiments(max_results=1000, page_token=token)
+            names += [found.name for found in page if found.name.startswith(prefix)]
+            token = page.token
+            if not token:
+                return sorted(names)
+
+    def artifact_text(self, run_id: str, name: str) -> str | None:
+        """A run's text artifact at the top of its artifacts (e.g. a sweep launch's summary.json); None when
+        the run has none by that name."""
+        import tempfile
+
+        if name not in {found.path for found in self.client.list_artifacts(run_id)}:
+            return None
+        with tempfile.TemporaryDirectory() as folder:
+            return Path(self.client.download_artifacts(run_id, name, folder)).read_text(encoding="utf-8")
 
 
 def _run_dict(run) -> dict:

@@ -1,24 +1,42 @@
 """DVC stage `report`: tables and figures from the stages' and the sweeps' results files, under reports/.
 
-    reports/table1.md, .tex, .csv   the paper's Table 1: pretrained student, FT with L_CLIP,
-                                    FT with L_CLIP + lambda L_SDS, the teacher's diffusion score,
-                                    and each row's Winoground text score against FT with L_CLIP
-                                    on the same tasks (paired interval, McNemar's exact p)
-    reports/zeroshot.png            the paper's Fig. 2: accuracy per zero-shot set of the
-                                    Table-1 runs that have one (not written when none has)
+    reports/table1.md, .tex, .csv   the paper's Table 1 (`pipeline.paper_tables`): every student
+                                    pretrained, FT with L_CLIP and FT with L_CLIP + lambda L_SDS
+                                    (sweeps/table1.yaml's seeds when it ran, else the train_clip /
+                                    train_sds runs of train.student), the teacher's diffusion score;
+                                    means over seeds, seed spread, 95% interval, and each row's
+                                    Winoground text score against its student's FT with L_CLIP on
+                                    the same tasks (paired interval, p-value); on the paper profile
+                                    each row followed by the published one ("(paper)")
+    reports/table2.*, table3.*, table-coca.*
+                                    the same for the students the paper reports in its Tables 2
+                                    and 3 (LAION ViT-B/16) and appendix L (CoCa), paper profile
+    reports/zeroshot.png            the paper's Fig. 2: accuracy per zero-shot set of
+                                    train.student's rows, with 95% intervals over seeds and the
+                                    set's cases (not written when none has a set)
+    reports/inference.png           the paper's Fig. 1: each pretrained student's and the
+                                    diffusion score's Winoground text score against its time
+                                    per image-caption pair (log scale), as the baselines measured
     reports/sweep-<name>.md, .tex, .csv
                                     per sweep in results/sweeps.json that ran (has a parent
                                     run), from its results/sweeps/<name>.json: a row per trial,
                                     its swept values, status and scores
-    reports/sweep-<name>.png        that sweep's scores against the swept key (or per
-                                    configuration when several or non-numeric keys were
-                                    swept); not written when no trial has a score
+    reports/sweep-<name>.png        a panel per headline score that differs between that
+                                    sweep's trials, against the swept key (or per configuration
+                                    when several or non-numeric keys were swept), with 95%
+                                    intervals; not written when no trial has a score
     reports/<name>.md, .tex, .csv, .png
                                     per sweep that ran named variants (and nothing else but
                                     seeds), e.g. sweeps/methods.yaml: each variant's headline
                                     scores over its seeds with intervals, its difference to the
                                     first variant with a paired interval and p-value, diagnostics,
                                     and a figure of the differences (`pipeline.report`)
+
+    metrics/*.json                  the headline scores of train.student's Table-1 rows and of each
+                                    variant of a variant sweep, one file each with the same keys
+                                    (`pipeline.headline`): the study's DVC metrics
+
+The sweep outputs are those `python -m pipeline.report SWEEP` writes for a sweep run by hand.
 
 Only results files are read, never the tracking store (MLflow): after `dvc checkout` of another
 commit, or with mlruns/ deleted, the report rebuilds the same. Without results/sweeps.json there
@@ -31,23 +49,24 @@ import json
 import sys
 from pathlib import Path
 
-from pipeline import cli
-from pipeline.data.errors import field_value, load_json, require_list, require_record, str_field
+from pipeline import cli, paper_tables
+from pipeline.data.errors import load_json
 from pipeline.io import write_json
-from pipeline.report import (compare_variants, objective_label, versus_reference, write_figure, write_sweep_report,
-                             write_table1, write_variant_report, zeroshot_figure)
+from pipeline.figures import inference_figure, write_figure, zeroshot_figure
+from pipeline.headline import FOLDER, headline_files, write_headline
+from pipeline.report import read_trials, sweep_report, variant_rows
+
+TABLE1 = "table1"     # the sweep whose seeds make the Table-1 rows (sweeps/table1.yaml)
 
 
-def table1_runs(cfg, results: Path) -> list[tuple[str, dict[str, float], dict]]:
-    """(row label, metrics, per-case outcomes) of the Table-1 runs, in the table's order, from the
-    stages' results files."""
+def table_rows(cfg, results: Path, sweeps: list[str]) -> list[paper_tables.Row]:
+    """The paper tables' rows from the stages' results files, with sweeps/table1.yaml's seeds when it ran."""
     baselines = load_json(results / "baselines.json", "results of the baselines stage")
-    ordered = [(f"pretrained {name}", baselines[f"pretrained/{name}"]) for name in cfg.students
-               if name == cfg.train.student]
-    for variant, label in (("clip", FT_CLIP), ("sds", objective_label(cfg.objective))):
-        ordered.append((label, load_json(results / f"train-{variant}.json", f"results of the train_{variant} stage")))
-    ordered.append((f"diffusion score ({cfg.teacher.name})", baselines["diffusion_score"]))
-    return [(label, entry["metrics"], entry.get("outcomes", {})) for label, entry in ordered]
+    trials = read_trials(sweep_file(results, TABLE1), f"results of sweep {TABLE1}") if TABLE1 in sweeps else None
+    stage_runs = None if trials is not None else {
+        variant: load_json(results / f"train-{variant}.json", f"results of the train_{variant} stage")
+        for variant in ("clip", "sds")}
+    return paper_tables.rows(cfg, baselines, stage_runs, trials)
 
 
 def ran_sweeps(results: Path) -> list[str]:
@@ -57,7 +76,6 @@ def ran_sweeps(results: Path) -> list[str]:
     return [name for name, entry in sweeps.items() if entry.get("parent_run_id")]
 
 
-FT_CLIP = "FT with L_CLIP"   # Table 1's reference row: every other row is compared with it
 OUTPUTS = ".outputs.json"   # what the last report wrote, so what it no longer writes can go
 
 
@@ -66,7 +84,8 @@ def stale_outputs(reports: Path, written: list[Path]) -> list[Path]:
     last report listed, every sweep-* file and the zero-shot figure; other files stay."""
     listed = reports / OUTPUTS
     previous = [reports / name for name in json.loads(listed.read_text())] if listed.is_file() else []
-    candidates = [*previous, *reports.glob("sweep-*"), reports / "zeroshot.png"]
+    candidates = [*previous, *reports.glob("sweep-*"), reports / "zeroshot.png", reports / "inference.png",
+                  *(reports / f"{stem}.{suffix}" for stem in paper_tables.TABLES.values() for suffix in ("md", "tex", "csv"))]
     return [path for path in dict.fromkeys(candidates) if path.is_file() and path not in written]
 
 
@@ -75,50 +94,28 @@ def sweep_file(results: Path, name: str) -> Path:
     return results / "sweeps" / f"{name}.json"
 
 
-def sweep_trials(results: Path, name: str) -> list[dict]:
-    """The trials of the sweep's results file, each with its label and status."""
-    path = sweep_file(results, name)
-    listed = results / "sweeps.json"
-    payload = require_record(load_json(path, f"results of sweep {name} (listed in {listed})"), path, "")
-    trials = require_list(field_value(payload, "trials", path, ""), path, "", "trials")
-    for i, trial in enumerate(trials):
-        for key in ("trial", "status"):     # what every row shows
-            str_field(require_record(trial, path, f"trial {i}"), key, path, f"trial {i}")
-    return trials
-
-
-def variant_report(name: str, trials: list[dict], cfg, reports: Path) -> list[Path]:
-    """`reports/<name>.*` when the sweep's trials hold named variants and no other swept key."""
-    configs = [trial.get("config") or {} for trial in trials]
-    if not any("variant" in c for c in configs) or any(set(c) - {"variant", "train.seed"} for c in configs):
-        return []
-    order = list(dict.fromkeys(c["variant"] for c in configs if "variant" in c))
-    rows = compare_variants(trials, order, cfg.eval.bootstrap or 1000, cfg.eval.seed)
-    if not rows:
-        print(f"sweep {name}: no finished trial with outcomes; no {name} report", file=sys.stderr)
-        return []
-    return write_variant_report(name, rows, {}, reports, cfg.eval.bootstrap or 1000, caption=f"sweep {name}")
-
-
 def body(args, cfg, root):
     results, reports = root / "results", root / "reports"
-    rows = table1_runs(cfg, results)
-    runs = [(label, metrics) for label, metrics, _ in rows]
-    versus = versus_reference({label: outcomes for label, _, outcomes in rows}, FT_CLIP,
-                              cfg.eval.bootstrap or 1000, cfg.eval.seed)
-    written = write_table1(runs, reports, versus=versus, reference=FT_CLIP)
-    figure = zeroshot_figure(runs)
-    if figure is not None:
-        written.append(write_figure(reports / "zeroshot.png", figure))
-    for name in ran_sweeps(results):
-        trials = sweep_trials(results, name)
-        if not trials:
-            print(f"sweep {name}: no trials in {sweep_file(results, name)}", file=sys.stderr)
-        written += write_sweep_report(name, trials, reports)
-        written += variant_report(name, trials, cfg, reports)
+    resamples = cfg.eval.bootstrap or 1000
+    sweeps = ran_sweeps(results)
+    rows = table_rows(cfg, results, sweeps)
+    written = paper_tables.write(cfg, rows, reports, resamples, cfg.eval.seed)
+    main_student = [(r.label, r.runs) for r in rows if r.student == cfg.train.student]
+    points = paper_tables.inference_points(rows)
+    for path, figure in ((reports / "zeroshot.png", zeroshot_figure(main_student, resamples, cfg.eval.seed)),
+                         (reports / "inference.png", inference_figure(points) if points else None)):
+        if figure is not None:
+            written.append(write_figure(path, figure))
+    variants = {}
+    for name in sweeps:
+        listed = f"results of sweep {name} (listed in {results / 'sweeps.json'})"
+        trials = read_trials(sweep_file(results, name), listed)
+        variants[name] = variant_rows(name, trials, cfg)
+        written += sweep_report(name, trials, variants[name], cfg, reports)
     for path in stale_outputs(reports, written):
         path.unlink()
     write_json(reports / OUTPUTS, sorted(path.name for path in written))
+    write_headline(headline_files(paper_tables.headline_rows(cfg, rows), variants), root / FOLDER)
 
 
 def main(argv=None) -> int:

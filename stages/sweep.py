@@ -10,10 +10,12 @@ so that `dvc checkout` brings back what the report stage reads:
     results/sweeps/<name>.json   per sweep that ran: its parent run, each trial's run id,
                                  config, status, metrics and per-case outcomes
     results/sweeps.json          sweep name -> file, exit status, MLflow experiment, parent
-                                 run id, trial counts, best run (the stage's DVC metrics)
+                                 run id, trial counts, best run
 
 The folder holds this launch's sweeps only, and both appear when every sweep has run: the
-earlier ones are removed first, and an interrupted stage leaves neither. Exit status: 0, or
+earlier ones are removed first, and an interrupted stage leaves neither. A sweep whose launch
+was stopped (the stage killed or interrupted) with the same definition is resumed by the next
+run of the stage: finished trials are kept, the others continue from their checkpoints. Exit status: 0, or
 the worst of the sweeps' (1: a trial failed; 2: bad input; 130: interrupted, then no further
 sweep runs).
 """
@@ -21,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -29,8 +30,8 @@ from typing import Callable
 
 from pipeline import cli, config
 from pipeline.sweep import cli as sweep_cli
-from pipeline.sweep import spec
-from pipeline.sweep.driver import EXIT_INTERRUPTED, EXIT_USAGE
+from pipeline.sweep import driver, spec
+from pipeline.sweep.driver import EXIT_INTERRUPTED, EXIT_USAGE, ray_address
 from pipeline.config import Config, ConfigError, read_yaml
 from pipeline.io import atomic_dir, write_json
 
@@ -80,11 +81,14 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config.from_dict(config.resolve(params, source=str(params_path)))   # read once, as config.load does
         profile = args.profile or cfg.profile   # the sweeps run on the profile the rest of `dvc repro` uses
         files = sweep_files(cfg, args.files, root)
+        cluster = ray_address(args.address) is not None
         sweeps = []
         for path in files:                                                    # all checked before any runs
             try:
                 sweeps.append(spec.load(path, params, profile))
-                sweep_cli.checked_trials(sweeps[-1])
+                sweep_cli.checked_trials(sweeps[-1], root)
+                if not cluster:
+                    sweep_cli.check_fits_here(sweeps[-1].resources)
             except ConfigError as err:
                 text = str(err)
                 raise ConfigError(text if text.startswith(str(path)) else f"{path}: {text}") from None
@@ -92,7 +96,6 @@ def main(argv: list[str] | None = None) -> int:
         if len(set(names)) != len(names):
             dup = next(n for n in names if names.count(n) > 1)
             raise ConfigError(f"sweeps: two sweep files are named {dup!r}; each sweep needs its own name")
-        cluster = bool(args.address or os.environ.get("RAY_ADDRESS"))
         gpus = [gpus_per_trial(s.resources.gpu, lambda s=s: _device_type(s), args.gpus_per_trial, cluster)
                 for s in sweeps]
     except ConfigError as err:
@@ -123,6 +126,11 @@ def run_sweeps(files: list[Path], sweeps: list[spec.Sweep], gpus: list[float | N
         results = folder / f"{sweep.name}.json"
         extra = ["--profile", profile] + (["--address", address] if address else [])
         extra += ["--gpus-per-trial", f"{gpu:g}"] if gpu is not None else []
+        # A launch of this sweep killed with the stage (same definition) is finished, not started again.
+        unfinished = driver.unfinished_launch(sweep, driver.storage_root(sweep, root, None))
+        if unfinished:
+            print(f"sweep {sweep.name}: resuming launch {unfinished}", flush=True)
+            extra += ["--resume", unfinished]
         code = sweep_cli.main([str(path), "--params", str(params_path), "--results", str(results), *extra])
         if code == EXIT_INTERRUPTED:
             raise KeyboardInterrupt

@@ -85,7 +85,10 @@ def test_stage_code_deps_exist_and_are_used(stage):
     for dep in spec["deps"]:
         path = Path(dep)
         assert (REPO / path).exists() or path.parts[0] not in PACKAGES, f"{stage}: dep {dep} does not exist"
-        if path.parts[0] in PACKAGES:   # a code dep the stage never imports re-runs it for nothing
+        if path.parts[0] in PACKAGES and path.suffix not in ("", ".py"):   # data a module beside it reads
+            assert any(p.parent == path.parent and path.name in (REPO / p).read_text() for p in code), \
+                f"{stage}: dep {dep} is read by no module the stage imports"
+        elif path.parts[0] in PACKAGES:   # a code dep the stage never imports re-runs it for nothing
             assert any(p == path or path in p.parents for p in code), f"{stage}: dep {dep} is not imported"
 
 
@@ -112,3 +115,10 @@ def test_the_cache_does_not_rerun_for_the_trainer():
     code = {p.relative_to(REPO) for p in reachable_files(entry_module(STAGES["cache"]["cmd"]))}
     for module in ("pipeline/train.py", "pipeline/objectives.py", "pipeline/teacher_training.py"):
         assert Path(module) not in code and not covered(REPO / module, STAGES["cache"]["deps"]), module
+
+
+def test_every_sweep_file_is_a_dep_of_the_sweep_stage():
+    """The files are listed one by one (a `sweeps` folder dep beside the `sweeps` param breaks `dvc exp
+    show --only-changed`), so a new one must be added to the list to re-run the stage when it changes."""
+    files = {str(p.relative_to(REPO)) for p in (REPO / "sweeps").glob("*.yaml")}
+    assert files and files <= set(STAGES["sweep"]["deps"]), sorted(files - set(STAGES["sweep"]["deps"]))

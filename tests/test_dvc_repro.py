@@ -52,7 +52,13 @@ def test_repro_writes_the_reports_then_is_up_to_date_then_reruns_only_lambda_dep
     assert _ran(first) == {"data", "models", "cache", "baselines", "train_clip", "train_sds", "sweep", "report"}
     table = (dest / "reports" / "table1.md").read_text().splitlines()
     labels = [row.split("|")[1].strip() for row in table[2:]]
-    assert labels == ["pretrained toy-vit", "FT with L_CLIP", "FT with L_CLIP + 0.1 L_SDS", "diffusion score (toy-ldm)"]
+    # The fine-tuned rows are sweeps/table1.yaml's (params.yaml's `sweeps` lists it), over its seeds.
+    assert labels == ["toy-vit pretrained", "toy-vit FT with L_CLIP", "toy-vit FT with L_CLIP + 0.1 L_SDS",
+                      "diffusion score (toy-ldm)"]
+    assert {row.split("|")[-5].strip() for row in table[2:4]} == {"1", "3"}     # seeds: pretrained 1, FT 3
+    metrics = _run(dvc + ["metrics", "show"], dest, env)
+    assert max(len(line) for line in metrics.splitlines()) < 200, metrics
+    assert "metrics/ft-sds.json" in metrics and "wino_text" in metrics
     for suffix in ("tex", "csv"):
         assert (dest / "reports" / f"table1.{suffix}").is_file()
 
@@ -127,7 +133,8 @@ def _check_sweep(dest: Path) -> None:
     MLflow; the report wrote its trial table and its comparison of methods from its results file."""
     cfg = load(dest / "params.yaml")
     summary = json.loads((dest / "results" / "sweeps.json").read_text())
-    assert cfg.sweeps == ["sweeps/methods.yaml"] and set(summary) == {"methods"}
+    assert cfg.sweeps == ["sweeps/methods.yaml", "sweeps/table1.yaml"] and set(summary) == {"methods", "table1"}
+    assert summary["table1"]["exit"] == 0 and summary["table1"]["counts"]["finished"] == 6   # 2 rows x 3 seeds
     entry = summary["methods"]
     assert entry["exit"] == 0 and entry["counts"]["finished"] == 15
     children = Tracker(cfg.tracking, dest).find_runs(entry["experiment"], parent=entry["parent_run_id"])

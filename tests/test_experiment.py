@@ -96,3 +96,16 @@ def test_a_stage_run_left_running_by_a_kill_is_ended_by_the_next_run_of_that_sta
     assert ended["status"] == "KILLED" and ended["tags"]["status"] == "interrupted"
     assert ended["tags"]["failure"] == "killed; continued by a later 'FT with L_CLIP' run"
     assert untouched["status"] == "RUNNING" and new["status"] == "FINISHED"
+
+
+def test_a_batch_larger_than_the_training_pairs_is_refused_before_a_run_is_opened(project):
+    import dataclasses
+
+    from pipeline.config import ConfigError
+
+    cfg, data, models, tracker, root = project
+    big = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=100_000))
+    with pytest.raises(ConfigError, match=r"^train\.batch_size: 100000 is more than the 96 training pairs of .*; "
+                                          r"allowed: <= 96$"):
+        record_finetune(big, data, models, root / "cache", root / "runs" / "big", tracker, "big", progress=False)
+    assert tracker.find_runs(EXPERIMENT) == [] and not (root / "runs" / "big").exists()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest

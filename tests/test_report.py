@@ -6,10 +6,14 @@ import math
 from pathlib import Path
 
 import pytest
+import yaml
 
-from pipeline.report import (COLUMNS, TABLE1_CSV_HEADER, TABLE1_HEADER, csv_text, latex, markdown, mean_by_x,
-                             sorted_trials, sweep_figure, swept_keys, table_rows, table_trials, write_sweep_report,
-                             write_table1, x_scale, zeroshot_figure, zeroshot_sets)
+from pipeline.figures import x_scale, zeroshot_figure, zeroshot_sets
+from pipeline.metrics import encode_correct, outcome_parts, seed_task_interval
+from pipeline.report import (COLUMNS, by_value, sorted_trials, sweep_figure, swept_keys, table_trials,
+                             write_sweep_report)
+from pipeline import paper_tables
+from pipeline.config import load
 from stages import report as stage
 from stages.sweep import listing
 
@@ -39,7 +43,7 @@ SCOPE_TRIALS = [
     ("t002", {"train.scope": "unet_feature"}, "finished", {"winoground/text": 0.1}),
 ]
 ZEROSHOT = {
-    "pretrained toy-vit": {"zeroshot/pets": 0.4, "zeroshot/cifar10": 0.5, "zeroshot/mean": 0.45},
+    "pretrained toy-vit": {"zeroshot/pets": 0.4, "zeroshot/cifar10": 0.5, "zeroshot/mean": 0.45, "winoground/text": 0.125},
     "FT with L_CLIP": {"zeroshot/cifar10": 0.6, "zeroshot/mean": 0.6},
     "FT with L_CLIP + 0.001 L_SDS": {"zeroshot/pets": 0.42, "zeroshot/cifar10": 0.7, "zeroshot/mean": 0.56},
     "diffusion score (toy-ldm)": {"winoground/text": 0.3},
@@ -85,17 +89,23 @@ def write_table1_results(results: Path) -> None:
     results.mkdir(parents=True, exist_ok=True)
     entry = lambda label: {"run_id": f"{len(label):032x}", "metrics": ZEROSHOT[label],  # noqa: E731
                            "outcomes": {"winoground/text": {"correct": TEXT_OUTCOMES[label], "groups": None}}}
+    timed = lambda label, seconds: {**entry(label), "metrics": {**ZEROSHOT[label],  # noqa: E731
+                                                                 "time/winoground_pair_s": seconds}}
     (results / "baselines.json").write_text(json.dumps({
-        "pretrained/toy-vit": entry("pretrained toy-vit"), "diffusion_score": entry("diffusion score (toy-ldm)")}))
+        "pretrained/toy-vit": timed("pretrained toy-vit", 0.001),
+        "diffusion_score": {**timed("diffusion score (toy-ldm)", 0.05), "diffusion_samples": 16}}))
     (results / "train-clip.json").write_text(json.dumps(entry("FT with L_CLIP")))
     (results / "train-sds.json").write_text(json.dumps(entry("FT with L_CLIP + 0.001 L_SDS")))
 
 
 def write_params(root: Path) -> Path:
-    """The project's params.yaml with lambda 1e-3 (the Table-1 labels above), in `root`: its default
-    tracking store is sqlite under root/mlruns/."""
-    text = (Path(__file__).resolve().parents[1] / "params.yaml").read_text()
-    (root / "params.yaml").write_text(text.replace("  lambda_sds: 0.1\n", "  lambda_sds: 0.001\n", 1))
+    """The project's params.yaml with lambda 1e-3 (the Table-1 labels above) and only the toy-vit
+    student (the results above hold its baselines), in `root`: its default tracking store is sqlite
+    under root/mlruns/."""
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    params["objective"]["lambda_sds"] = 0.001
+    params["students"] = {"toy-vit": params["students"]["toy-vit"]}
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return root / "params.yaml"
 
 
@@ -115,33 +125,6 @@ def store(tmp_path_factory):
               "scope": write_sweep(results, "scope", trials_of(SCOPE_TRIALS))}
     write_sweep(results, "old", trials_of(SCOPE_TRIALS))   # a file results/sweeps.json does not list: never reported
     return {"root": root, "params": params, "sweeps": sweeps}
-
-
-# ----------------------------------------------------------------------------- Table 1
-
-
-def test_rows_hold_values_dashes_and_the_interval():
-    rows = table_rows(RUNS)
-    assert rows[0][0] == "pretrained"
-    assert rows[0][1 + KEYS.index("winoground/text")] == "0.240"
-    assert rows[0][1 + KEYS.index("aro/overall")] == "0.573"  # 3 decimals, rounded
-    assert rows[0][1 + KEYS.index("aro/vg_relation")] == "-"
-    assert rows[0][-1] == "[0.200, 0.285]"
-    assert rows[1][-1] == "-"
-
-
-def test_formats_agree_and_latex_is_escaped(tmp_path):
-    rows = table_rows(RUNS)
-    md = markdown(TABLE1_HEADER, rows).splitlines()
-    assert len(md) == 2 + len(RUNS) and md[2].startswith("| pretrained | 0.240 |")
-    tex = latex(TABLE1_HEADER, rows)
-    assert r"95\% CI" in tex and "95% CI" not in tex.replace(r"\%", "")
-    assert tex.count(r"\\") == 1 + len(RUNS)
-    assert tex.startswith(r"\begin{tabular}{l" + "r" * len(COLUMNS) + "l}")  # label and interval left
-    parsed = list(csv.reader(io.StringIO(csv_text(TABLE1_CSV_HEADER, rows))))
-    assert parsed[0][1] == "winoground/text" and parsed[1][1] == "0.240"
-    write_table1(RUNS, tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["table1.csv", "table1.md", "table1.tex"]
 
 
 # ----------------------------------------------------------------------------- sweeps
@@ -182,36 +165,100 @@ def test_sweep_table_rows_statuses_values_and_dashes(tmp_path):
     assert (tmp_path / "sweep-lambda.png").read_bytes().startswith(PNG_MAGIC)
 
 
-def test_lambda_figure_plots_finished_trials_on_a_symlog_axis():
+def title_of(figure) -> str:
+    """The figure's title and notes, unwrapped."""
+    return " ".join(figure.get_suptitle().split())
+
+
+def panel_titles(figure) -> list[str]:
+    return [ax.get_title() for ax in figure.axes if ax.get_visible()]
+
+
+def panel(figure, title: str):
+    [ax] = [ax for ax in figure.axes if ax.get_visible() and ax.get_title() == title]
+    return ax
+
+
+def error_bars(ax):
+    """The (means, [(low, high)] intervals) of the panel's error bar, along x or y as the panel draws it;
+    a point without an interval has no bar."""
+    from matplotlib.container import ErrorbarContainer
+
+    [bars] = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    line, _, (segments, *_) = bars.lines
+    along_y = bars.has_yerr
+    means = list(line.get_ydata() if along_y else line.get_xdata())
+    ends = [(seg[0][1], seg[1][1]) if along_y else (seg[0][0], seg[1][0]) for seg in segments.get_segments()
+            if len(seg)]
+    return means, [tuple(sorted(end)) for end in ends]
+
+
+def test_lambda_figure_has_a_panel_per_score_that_varies_on_a_shared_symlog_axis():
     trials = table_trials(trials_of(LAMBDA_TRIALS))
     keys = swept_keys(trials)
-    axes = sweep_figure("lambda", sorted_trials(trials, keys), keys).axes[0]
-    assert axes.get_xscale() == "symlog"  # 0 and positive values spanning 1000x
-    lines = {line.get_label(): line for line in axes.get_lines()}
-    assert set(lines) == {"Winoground text", "ARO overall", "zero-shot mean"}
-    assert list(lines["Winoground text"].get_xdata()) == [0, 1e-5, 0.01]  # failed t003 (0.1) left out
-    assert list(lines["Winoground text"].get_ydata()) == [0.25, 0.3, 0.2876]
-    assert list(lines["zero-shot mean"].get_xdata()) == [0, 0.01]
+    figure = sweep_figure("lambda", sorted_trials(trials, keys), keys)
+    assert panel_titles(figure) == ["Winoground text", "ARO overall", "zero-shot mean"]
+    assert {ax.get_xscale() for ax in figure.axes} == {"symlog"}  # 0 and positive values spanning 1000x
+    assert figure.get_supxlabel() == "objective.lambda_sds (log scale; linear from 0 to 1e-05)"
+    assert panel(figure, "Winoground text").get_ylabel() == "accuracy"
+    line = panel(figure, "Winoground text").containers[0].lines[0]
+    assert list(line.get_xdata()) == [0, 1e-5, 0.01]  # failed t003 (0.1) left out
+    assert list(line.get_ydata()) == [0.25, 0.3, 0.2876]
+    assert list(panel(figure, "zero-shot mean").containers[0].lines[0].get_xdata()) == [0, 0.01]
+    title = title_of(figure)
+    assert "t003 (failed)" in title and "a point without a bar: its runs' results hold no per-case outcomes" in title
 
 
-def bar_containers(axes):
-    from matplotlib.container import BarContainer
+def varied(index: int, text: list[int], hw: list[int]) -> dict:
+    """A lambda trial with real outcomes: Winoground text and h_w text vary, ARO is the same in every trial."""
+    outcomes = {"winoground/text": {"correct": encode_correct(text), "groups": None},
+                "projected/winoground/text": {"correct": encode_correct(hw), "groups": None},
+                "aro/vg_relation": {"correct": "1100", "groups": ["on", "on", "under", "under"]},
+                "aro/vg_attribution": {"correct": "1010", "groups": None}}
+    metrics = {"winoground/text": sum(text) / len(text), "projected/winoground/text": sum(hw) / len(hw),
+               "aro/overall": 0.5}
+    return result_trial(f"t{index:03d}", {"objective.lambda_sds": [1e-4, 1e-3, 1e-2][index]}, "finished", metrics,
+                        outcomes)
 
-    return [c for c in axes.containers if isinstance(c, BarContainer)]
+
+def test_a_score_that_varies_is_plotted_with_its_interval_and_a_constant_one_is_named_instead():
+    """What moved across a lambda sweep (here h_w text) gets a panel with each trial's bootstrap interval
+    over its cases; a score the same in every trial (ARO) gets none, and the title says its value."""
+    listed = [varied(0, [1, 0, 1, 0, 1, 0, 1, 0], [0] * 6 + [1, 1]),
+              varied(1, [1, 1, 0, 0, 1, 0, 1, 0], [0, 0] + [1] * 6),
+              varied(2, [1, 0, 1, 1, 1, 0, 1, 0], [1] * 8)]
+    trials = table_trials(json.loads(json.dumps(listed)))
+    keys = swept_keys(trials)
+    figure = sweep_figure("lambda", sorted_trials(trials, keys), keys, n_resamples=200, seed=3)
+    assert panel_titles(figure) == ["Winoground text", "h_w text"]
+    assert "ARO overall 0.500" in title_of(figure) and "ARO overall" not in panel_titles(figure)
+    assert {ax.get_xscale() for ax in figure.axes} == {"log"}
+    assert figure.get_supxlabel() == "objective.lambda_sds (log scale)"
+    assert [ax.get_ylabel() for ax in figure.axes] == ["accuracy", ""]     # the first column's
+    means, intervals = error_bars(panel(figure, "h_w text"))
+    assert means == [0.25, 0.75, 1.0] and len(intervals) == 3
+    for trial, (low, high) in zip(listed, intervals):
+        parts = outcome_parts([trial["outcomes"]])["projected/winoground/text"]
+        assert (low, high) == pytest.approx(seed_task_interval(parts, 200, seed=3)[1:])
+    assert intervals[0][1] - intervals[0][0] > 0.2    # 8 cases: a wide interval, drawn
+    assert "bars: 95% bootstrap interval over cases (200 resamples)" in title_of(figure)
 
 
-def test_a_non_numeric_sweep_gets_bars_per_trial(tmp_path):
+def test_a_non_numeric_sweep_gets_a_row_per_configuration(tmp_path):
     trials = table_trials(trials_of(SCOPE_TRIALS))
     keys = swept_keys(trials)
-    axes = sweep_figure("scope", sorted_trials(trials, keys), keys).axes[0]
-    assert [t.get_text() for t in axes.get_yticklabels()] == [
+    figure = sweep_figure("scope", sorted_trials(trials, keys), keys)
+    assert panel_titles(figure) == ["Winoground text"]
+    ax = figure.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == [
         "train.scope=full", "train.scope=layernorm", "train.scope=unet_feature"]
-    assert [bar.get_width() for bar in bar_containers(axes)[0]] == [0.3, 0.2, 0.1]
+    assert error_bars(ax)[0] == [0.3, 0.2, 0.1]
+    assert ax.get_xlabel() == "accuracy"
     written = write_sweep_report("scope", trials_of(SCOPE_TRIALS), tmp_path)
     assert written[-1].read_bytes().startswith(PNG_MAGIC)
 
 
-def test_two_swept_keys_get_bars_and_nothing_to_plot_gets_no_figure():
+def test_two_swept_keys_get_rows_and_nothing_to_plot_gets_no_figure():
     def trial(label, lr, lam, status="finished", metrics=None):
         return (label, {"train.lr": lr, "objective.lambda_sds": lam}, status, metrics or {})
 
@@ -219,36 +266,47 @@ def test_two_swept_keys_get_bars_and_nothing_to_plot_gets_no_figure():
                                      trial("t001", 1e-3, 0.01)]))
     keys = swept_keys(trials)
     assert keys == ["objective.lambda_sds", "train.lr"]
-    axes = sweep_figure("optuna", trials, keys).axes[0]
-    assert axes.get_xscale() == "linear" and len(bar_containers(axes)) == 1  # bars of the one score present
+    figure = sweep_figure("optuna", trials, keys)
+    # One trial has a score: nothing varies, so what it has is plotted, a row for its configuration.
+    assert panel_titles(figure) == ["ARO overall"]
+    assert [t.get_text() for t in figure.axes[0].get_yticklabels()] == ["objective.lambda_sds=0.1\ntrain.lr=1e-05"]
     failed = table_trials(trials_of([trial("t000", 1e-5, 0.1, "failed", {"aro/overall": 0.5})]))
     assert sweep_figure("optuna", failed, keys) is None
 
 
-def test_seeds_of_a_configuration_make_one_bar_at_their_mean_with_their_spread():
-    """A sweep of students x seeds: the figure has a bar per student, not per run, so it does not
-    grow with the number of seeds (500 runs drew a 376-inch figure before)."""
-    def trials(listed):
-        return table_trials(trials_of([(f"t{i:03d}", {"train.student": student, "train.seed": seed}, "finished",
-                                        {"winoground/text": score})
-                                       for i, (student, seed, score) in enumerate(listed)]))
+def test_seeds_of_a_configuration_make_one_point_at_their_mean_with_their_seed_and_case_interval():
+    """A sweep of students x seeds: a row per student, not per run, so the figure does not grow with
+    the seeds (500 runs drew a 376-inch figure before); the interval is the seeds-and-cases bootstrap."""
+    def trials(listed, outcomes=True):
+        rows = []
+        for i, (student, seed, correct) in enumerate(listed):
+            kept = {"winoground/text": {"correct": correct, "groups": None}} if outcomes else None
+            rows.append((f"t{i:03d}", {"train.student": student, "train.seed": seed}, "finished",
+                         {"winoground/text": correct.count("1") / len(correct)}, kept))
+        return table_trials(json.loads(json.dumps([result_trial(*row) for row in rows])))
 
-    few = trials([("a", 0, 0.2), ("a", 1, 0.4), ("a", 2, 0.3), ("b", 0, 0.5), ("b", 1, 0.5)])
+    runs = [("a", 0, "1100000000"), ("a", 1, "1111000000"), ("a", 2, "1110000000"),
+            ("b", 0, "1111100000"), ("b", 1, "0000011111")]
+    few = trials(runs)
     keys = swept_keys(few)
-    figure = sweep_figure("students", sorted_trials(few, keys), keys)
-    axes = figure.axes[0]
-    assert [t.get_text() for t in axes.get_yticklabels()] == ["train.student=a (3 runs)", "train.student=b (2 runs)"]
-    [bars] = bar_containers(axes)
-    assert [bar.get_width() for bar in bars] == pytest.approx([0.3, 0.5])
-    errors = bars.errorbar.lines[2][0].get_segments()
-    assert [segment[1][0] - segment[0][0] for segment in errors] == pytest.approx([0.2, 0.0])   # 2 sd each
-    many = trials([("ab"[i % 2], i, 0.5) for i in range(200)])
+    figure = sweep_figure("students", sorted_trials(few, keys), keys, n_resamples=300)
+    ax = figure.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["train.student=a (3 runs)", "train.student=b (2 runs)"]
+    means, intervals = error_bars(ax)
+    assert means == pytest.approx([0.3, 0.5]) and len(intervals) == 2
+    for student, (low, high) in zip("ab", intervals):
+        correct = [{"winoground/text": {"correct": c, "groups": None}} for s, _, c in runs if s == student]
+        assert (low, high) == pytest.approx(seed_task_interval(outcome_parts(correct)["winoground/text"], 300)[1:])
+    [dots] = ax.collections[-1:]
+    assert sorted(dots.get_offsets()[:, 0]) == pytest.approx([0.2, 0.3, 0.4, 0.5, 0.5])   # each run
+    assert "over seeds and cases" in title_of(figure)
+    many = trials([("ab"[i % 2], i, "10") for i in range(200)], outcomes=False)
     assert sweep_figure("students", many, swept_keys(many)).get_size_inches()[1] == figure.get_size_inches()[1]
 
 
-def test_a_variant_captions_its_bars_by_its_name_and_other_keys_on_lines_of_their_own():
+def test_a_variant_captions_its_row_by_its_name_and_other_keys_on_lines_of_their_own():
     def trials(listed):
-        return table_trials(trials_of([(f"t{i:03d}", config, "finished", {"winoground/text": 0.5})
+        return table_trials(trials_of([(f"t{i:03d}", config, "finished", {"winoground/text": 0.5 + i / 10})
                                        for i, config in enumerate(listed)]))
 
     seeds = trials([{"variant": "FT with L_CLIP", "train.seed": 0}, {"variant": "FT with L_CLIP", "train.seed": 1},
@@ -265,8 +323,11 @@ def test_a_variant_captions_its_bars_by_its_name_and_other_keys_on_lines_of_thei
         "FT with L_CLIP\ntrain.lr=0.1 (2 runs)", "NegCLIP\ntrain.lr=0.1", "NegCLIP\ntrain.lr=0.2"]
 
 
-def test_repeated_values_plot_as_their_mean():
-    assert mean_by_x([(1.0, 0.2), (0.0, 0.5), (1.0, 0.4)]) == [(0.0, 0.5), (1.0, pytest.approx(0.3))]
+def test_repeated_values_make_one_group():
+    trials = table_trials(trials_of([("t000", {"x": 1.0}, "finished", {}), ("t001", {"x": 0}, "finished", {}),
+                                     ("t002", {"x": 1}, "finished", {})]))
+    assert [(x, [t["trial"] for t in members]) for x, members in by_value(trials, "x")] == [
+        (0.0, ["t001"]), (1.0, ["t000", "t002"])]
 
 
 @pytest.mark.parametrize("values, scale", [
@@ -286,14 +347,42 @@ def test_x_scale(values, scale):
 def test_zeroshot_figure_has_a_group_per_set_and_a_bar_per_run_with_sets():
     runs = list(ZEROSHOT.items())
     assert zeroshot_sets(runs) == ["cifar10", "pets"]
-    figure = zeroshot_figure(runs)
+    figure = zeroshot_figure([(label, [{"metrics": metrics}]) for label, metrics in runs])
     axes = figure.axes[0]
     assert [t.get_text() for t in axes.get_xticklabels()] == ["cifar10", "pets"]
     assert [t.get_text() for t in figure.legends[0].get_texts()] == list(ZEROSHOT)[:3]  # no diffusion score
-    heights = [[bar.get_height() for bar in bars] for bars in axes.containers]
+    heights = [[bar.get_height() for bar in bars] for bars in bar_containers(axes)]
     assert heights[0] == [0.5, 0.4] and heights[2] == [0.7, 0.42]
     assert heights[1][0] == 0.6 and math.isnan(heights[1][1])  # FT L_CLIP has no pets accuracy
-    assert zeroshot_figure([("diffusion score", {"winoground/text": 0.3})]) is None
+    assert axes.get_ylabel() == "top-1 accuracy"
+    assert zeroshot_figure([("diffusion score", [{"metrics": {"winoground/text": 0.3}}])]) is None
+
+
+def bar_containers(axes):
+    from matplotlib.container import BarContainer
+
+    return [c for c in axes.containers if isinstance(c, BarContainer)]
+
+
+def test_zeroshot_bars_carry_the_bootstrap_interval_over_the_sets_cases():
+    """Each bar's error bar is the 95% bootstrap interval over that set's cases, from the run's outcomes;
+    a run whose results hold none gets no bar, and the title says which."""
+    cases = {"pretrained toy-vit": {"pets": "1100", "cifar10": "10101010"},
+             "FT with L_CLIP + 0.001 L_SDS": {"pets": "1110", "cifar10": "11101110"}}
+    outcomes = {label: {f"zeroshot/{name}": {"correct": c, "groups": None} for name, c in sets.items()}
+                for label, sets in cases.items()}
+    groups = [(label, [{"metrics": metrics, "outcomes": outcomes.get(label, {})}]) for label, metrics in ZEROSHOT.items()]
+    figure = zeroshot_figure(groups, n_resamples=200, seed=1)
+    axes = figure.axes[0]
+    for bars, label in zip(bar_containers(axes), ZEROSHOT):
+        segments = bars.errorbar.lines[2][0].get_segments()
+        for segment, name in zip(segments, ["cifar10", "pets"]):
+            if label not in cases:
+                assert all(math.isnan(y) for _, y in segment)       # no outcomes: no interval
+                continue
+            parts = outcome_parts([outcomes[label]])[f"zeroshot/{name}"]
+            assert (segment[0][1], segment[1][1]) == pytest.approx(seed_task_interval(parts, 200, seed=1)[1:])
+    assert segments and "no interval for FT with L_CLIP: no per-case outcomes in the results" in title_of(figure)
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -309,12 +398,16 @@ def test_stage_writes_tables_figures_and_removes_stale_sweep_outputs(store):
     (reports / "notes.txt").write_text("not the report's\n")
     assert stage.main(["--params", str(store["params"])]) == 0
     names = sorted(p.name for p in reports.iterdir())
-    assert names == [".outputs.json", "notes.txt"] + \
-        sorted(f"sweep-{n}.{s}" for n in ("lambda", "scope") for s in ("csv", "md", "png", "tex")) \
-        + ["table1.csv", "table1.md", "table1.tex", "zeroshot.png"]
+    assert names == sorted([".outputs.json", "notes.txt", "inference.png", "table1.csv", "table1.md", "table1.tex",
+                            "zeroshot.png"] + [f"sweep-{n}.{s}" for n in ("lambda", "scope") for s in ("csv", "md", "png", "tex")])
     assert (reports / "zeroshot.png").read_bytes().startswith(PNG_MAGIC)
+    assert (reports / "inference.png").read_bytes().startswith(PNG_MAGIC)
+    points = paper_tables.inference_points(stage.table_rows(load(store["params"]), root / "results", []))
+    assert [(label, seconds) for label, seconds, _, _ in points] == [
+        ("toy-vit pretrained", 0.001), ("diffusion score (toy-ldm), 16 samples", 0.05)]
     table = (reports / "table1.md").read_text().splitlines()
-    assert [row.split("|")[1].strip() for row in table[2:]] == list(ZEROSHOT)
+    assert [row.split("|")[1].strip() for row in table[2:]] == [
+        "toy-vit pretrained", "toy-vit FT with L_CLIP", "toy-vit FT with L_CLIP + 0.001 L_SDS", "diffusion score (toy-ldm)"]
     # The last column: each row against FT with L_CLIP on the same tasks, McNemar's exact p (discordant
     # 1 and 0: p = 1; 2 and 0: p = 0.5; 6 and 0: p = 2 / 64).
     assert table[0].rstrip(" |").endswith("Wino text vs FT with L_CLIP")
@@ -324,10 +417,39 @@ def test_stage_writes_tables_figures_and_removes_stale_sweep_outputs(store):
     assert versus[2].startswith("+0.250 [") and versus[2].endswith("p=0.500")
     assert versus[3].startswith("+0.750 [") and versus[3].endswith("p=0.031")
 
+    # The headline scores for `dvc metrics show`: a file per Table-1 row, each with the same keys.
+    headline = {p.name: json.loads(p.read_text()) for p in (root / "metrics").iterdir()}
+    assert sorted(headline) == ["diffusion-score.json", "ft-clip.json", "ft-sds.json", "pretrained.json"]
+    assert {tuple(h) for h in headline.values()} == {("wino_text", "wino_image", "wino_group", "aro", "zeroshot")}
+    assert headline["ft-sds.json"]["zeroshot"] == 0.56 and headline["diffusion-score.json"]["zeroshot"] is None
+
     (root / "results" / "sweeps.json").unlink()
     assert stage.main(["--params", str(store["params"])]) == 0
     assert not list(reports.glob("sweep-*"))
     assert (reports / "table1.md").is_file() and (reports / "zeroshot.png").is_file()
+
+
+def test_stage_fills_table1_from_the_table1_sweeps_seeds_when_it_ran(store):
+    results, reports = store["root"] / "results", store["root"] / "reports"
+    correct = {("FT with L_CLIP", 0): "11000000", ("FT with L_CLIP", 1): "11100000",
+               ("FT with L_CLIP + L_SDS", 0): "11110000", ("FT with L_CLIP + L_SDS", 1): "11111100"}
+    trials = [result_trial(f"t{i:03d}", {"train.student": "toy-vit", "variant": v, "train.seed": seed}, "finished",
+                           {"winoground/text": c.count("1") / 8},
+                           {"winoground/text": {"correct": c, "groups": None}})
+              for i, ((v, seed), c) in enumerate(correct.items())]
+    (results / "sweeps.json").write_text(json.dumps({"table1": write_sweep(results, "table1", trials)}))
+    try:
+        assert stage.main(["--params", str(store["params"])]) == 0
+        table = {row.split("|")[1].strip(): [c.strip() for c in row.split("|")[2:-1]]
+                 for row in (reports / "table1.md").read_text().splitlines()[2:]}
+        sds = "toy-vit FT with L_CLIP + 0.001 L_SDS"     # the profile's lambda (write_params)
+        assert list(table) == ["toy-vit pretrained", "toy-vit FT with L_CLIP", sds, "diffusion score (toy-ldm)"]
+        assert table[sds][0] == "0.625" and table["toy-vit FT with L_CLIP"][0] == "0.312"
+        assert table[sds][-4] == "2"            # seeds
+        ft_sds = json.loads((store["root"] / "metrics" / "ft-sds.json").read_text())
+        assert ft_sds["wino_text"] == 0.625
+    finally:
+        (results / "sweeps.json").unlink()
 
 
 def test_stage_writes_a_variant_sweeps_comparison_and_removes_it_when_the_sweep_is_gone(store):
@@ -383,7 +505,7 @@ def test_stage_with_no_sweeps_listed_writes_no_sweep_outputs(store, tmp_path):
 
 # ----------------------------------------------------------------------------- variants side by side
 
-from pipeline.metrics import encode_correct, paired_difference, outcome_parts  # noqa: E402
+from pipeline.metrics import paired_difference  # noqa: E402
 from pipeline.report import compare_variants, objective_label, variant_tables, write_variant_report  # noqa: E402
 
 

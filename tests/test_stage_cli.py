@@ -53,6 +53,21 @@ def test_a_bad_params_file_is_one_line_and_exit_2_without_heavy_imports(stage, t
     assert not (tmp_path / "results").exists() and not (tmp_path / "data").exists()
 
 
+@pytest.mark.parametrize("stage", ["models", "cache", "baselines", "train"])
+def test_a_cuda_device_this_machine_lacks_is_one_line_before_any_run_or_model(stage, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    params = tmp_path / "params.yaml"
+    params.write_text((REPO / "params.yaml").read_text().replace("  device: auto", "  device: cuda:0", 1))
+    result, proc = probe(stage, [*STAGES[stage], "--params", str(params)])
+    assert result == {"code": 2, "heavy": ["torch"]}, proc.stderr    # torch only to ask for the device
+    assert proc.stderr.strip().splitlines() == [
+        "error: compute.device: 'cuda:0' but no CUDA device is available here; use auto or cpu"], proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]     # no store, no run, no output
+
+
 @pytest.mark.parametrize("command", [f"python -m stages.{s}" for s in sorted(STAGES)]
                          + ["python -m pipeline.sweep", "benchmarks/throughput.py"])
 def test_a_bad_option_is_one_line_and_exit_2_and_usage_names_the_command(command):

@@ -414,6 +414,94 @@ def test_sigkill_of_the_driver_then_resume_finishes_with_one_run_per_trial(proje
         assert sorted(steps) == list(range(1, KILL_STEPS + 1)) and "winoground/text" in kid["metrics"], steps
 
 
+def test_a_broken_table_the_evaluation_reads_stops_a_trial_before_its_first_step(project, tmp_path):
+    """The tables scored after training (the projected score's `bench_text`) are opened before it: a
+    truncated shard stops the trial at once, not after every step was trained."""
+    from pipeline.cache import CacheError
+    from pipeline.config import load
+    from pipeline.experiment import run_finetune
+
+    cache = shutil.copytree(project / "cache", tmp_path / "cache")
+    shard = next((cache / "bench_text").glob("shard-*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:-16])
+    cfg = load(project / "params.yaml", {"objective": {"method": "sds"}, "eval": {"projected_score": True}})
+    steps = []
+    with pytest.raises(CacheError, match="bench_text"):
+        run_finetune(cfg, project / "data", project / "models", cache, tmp_path / "trial",
+                     on_log=lambda step, losses: steps.append(step), progress=False)
+    assert steps == [] and not (tmp_path / "trial").exists()
+
+
+SECRET = "aws-secret-3f9a7c1e"
+STAGE_KILL = """
+name: stagekill
+base:
+  profile: smoke
+  params: {train.steps: 24, train.checkpoint_every: 4}
+space:
+  objective.lambda_sds: [0, 1e-3, 1e-2]
+max_concurrent: 1
+"""
+
+
+def test_the_sweep_stage_killed_mid_launch_resumes_that_launch_when_run_again(project):
+    """`dvc repro` re-runs a killed stage: the sweep it was running continues its launch (finished
+    trials kept, one MLflow run per trial) instead of starting from step 0."""
+    sweep_file = write(project, "stagekill.yaml", STAGE_KILL)
+    tr = tracker(project, "stagekill")
+    temp = tempfile.mkdtemp(prefix="rs-", dir="/tmp")     # the stage's Ray lives here (RAY_TMPDIR), to stop it
+    command = [str(PYTHON), "-m", "stages.sweep", str(sweep_file), "--params", str(project / "params.yaml")]
+    # A credential in the environment (as a cloud storage_path needs) must reach no log or file.
+    stage_env = {**env(), "RAY_TMPDIR": temp, "AWS_SECRET_ACCESS_KEY": SECRET}
+    stage = subprocess.Popen(command, cwd=project, env=stage_env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    leftovers: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 300
+        while True:                                      # killed once the first trial has finished
+            assert stage.poll() is None, "the stage ended before the test could kill it"
+            assert time.monotonic() < deadline, "no trial finished"
+            time.sleep(0.3)
+            parents = launches(tr) if tr.client.get_experiment_by_name("sds-clip/stagekill") else []
+            if parents and any(k["status"] == "FINISHED" for k in children(tr, parents[0]["run_id"])):
+                break
+        leftovers = psutil.Process(stage.pid).children(recursive=True)
+        stage.send_signal(signal.SIGKILL)
+        stage.wait()
+    finally:
+        if stage.poll() is None:
+            stage.kill()
+            stage.wait()
+        stop(processes_under(temp, leftovers))
+    (parent,) = launches(tr)
+    finished_before = {k["tags"]["trial_id"]: k for k in children(tr, parent["run_id"]) if k["status"] == "FINISHED"}
+    assert not (project / "results" / "sweeps.json").exists()
+
+    try:
+        again = subprocess.run(command, cwd=project, env=stage_env, capture_output=True, text=True, timeout=400)
+        stop(processes_under(temp))
+        ray_logs = [p for p in Path(temp).rglob("*.log") if p.is_file()]
+        assert len(ray_logs) > 5, ray_logs              # Ray's own logs are among the files scanned
+        written = [p for folder in (Path(temp), project / "ray_results", project / "mlruns", project / "runs",
+                                    project / "results") for p in folder.rglob("*") if p.is_file()]
+        leaks = [str(p) for p in written if SECRET.encode() in p.read_bytes()]
+        assert leaks == [] and SECRET not in again.stdout + again.stderr, leaks
+    finally:
+        stop(processes_under(temp))
+        shutil.rmtree(temp, ignore_errors=True)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert "sweep stagekill: resuming launch " in again.stdout
+    (after,) = launches(tr)                              # the same launch, finished: no second one
+    assert after["run_id"] == parent["run_id"] and after["status"] == "FINISHED"
+    kids = children(tr, parent["run_id"])
+    assert len(kids) == 3 and {k["status"] for k in kids} == {"FINISHED"}
+    for trial_id, before in finished_before.items():     # not trained again
+        (now,) = [k for k in kids if k["tags"]["trial_id"] == trial_id]
+        assert now["end_time"] == before["end_time"] and now["tags"]["attempts"] == "1"
+    listed = json.loads((project / "results" / "sweeps.json").read_text())
+    assert listed["stagekill"]["counts"]["finished"] == 3 and listed["stagekill"]["parent_run_id"] == parent["run_id"]
+
+
 # --------------------------------------------------------------------------- a separate Ray head
 
 

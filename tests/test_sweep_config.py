@@ -104,14 +104,26 @@ def test_base_profiles_apply_to_their_profile_only():
     assert (paper.base_config.train.lr, paper.base_config.train.steps) == (1e-6, 7)
 
 
-def test_table1_is_every_student_by_two_lambdas_by_seed():
+def test_table1_is_every_student_by_its_two_table_rows_by_seed():
+    from pipeline.paper_tables import TABLE1_VARIANTS
+
     raw = params()
     raw["students"]["toy-vit-b"] = dict(raw["students"]["toy-vit"])
     sweep = sc.load(REPO / "sweeps" / "table1.yaml", raw)
     specs = sc.trials(sweep)
-    combos = {(t.values["train.student"], t.values["objective.lambda_sds"], t.values["train.seed"]) for t in specs}
-    assert combos == {(s, lam, seed) for s in ("toy-vit", "toy-vit-b") for lam in (0.0, 1e-3) for seed in sweep.seeds}
+    combos = {(t.values["train.student"], t.values["variant"], t.values["train.seed"]) for t in specs}
+    assert combos == {(s, v, seed) for s in raw["students"] for v in TABLE1_VARIANTS for seed in (0, 1, 2)}
     assert len(specs) == len(combos)
+    by_variant = {t.values["variant"]: sweep.config(t.values).objective for t in specs}
+    assert {v: o.method for v, o in by_variant.items()} == TABLE1_VARIANTS
+    assert (by_variant["FT with L_CLIP"].method, by_variant["FT with L_CLIP"].lambda_sds) == ("clip", 0)
+    # L_SDS at the profile's lambda: the paper's 0.001 on the paper profile.
+    assert by_variant["FT with L_CLIP + L_SDS"].method == "sds"
+    assert by_variant["FT with L_CLIP + L_SDS"].lambda_sds == raw["objective"]["lambda_sds"]
+    paper = sc.load(REPO / "sweeps" / "table1.yaml", params(), "paper")
+    assert {sweep_values["train.student"] for sweep_values in (t.values for t in sc.trials(paper))} == \
+        {k for k, v in params()["profiles"]["paper"]["students"].items() if v is not None}
+    assert paper.config(sc.trials(paper)[-1].values).objective.lambda_sds == 0.001
 
 
 def test_optuna_sweep_is_tpe_over_log_lambda_and_log_lr_with_asha():
@@ -375,8 +387,8 @@ def test_dry_run_prints_the_trials_without_importing_ray_or_mlflow(tmp_path):
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "RC 0 RAY False MLFLOW False TORCH False" in out, out
-    assert "sweep table1" in out and "6 trials" in out and "t005" in out
-    assert "train.student" in out and "objective.lambda_sds" in out and "train.seed" in out
+    assert "sweep table1" in out and "18 trials" in out and "t017" in out
+    assert "train.student" in out and "variant" in out and "train.seed" in out
 
 
 def test_dry_run_of_optuna_lists_the_distributions():
@@ -423,7 +435,8 @@ def test_the_params_files_sweep_list_is_not_part_of_a_trials_config():
 
 
 def test_gpus_per_trial_overrides_the_files_resources_and_is_checked():
-    proc = _cli("sweeps/lambda.yaml", "--dry-run", "--gpus-per-trial", "1")
+    # On a cluster (given by address, not reached by a dry run) the GPUs are the cluster's.
+    proc = _cli("sweeps/lambda.yaml", "--dry-run", "--gpus-per-trial", "1", "--address", "10.0.0.1:6379")
     assert proc.returncode == 0 and "per trial: cpu 1, gpu 1;" in proc.stdout, proc.stdout
     for value, fragments in (("-1", ["--gpus-per-trial", "-1", ">= 0"]), ("1.5", ["resources.gpu", "1.5", "fractions"])):
         proc = _cli("sweeps/lambda.yaml", "--dry-run", "--gpus-per-trial", value)
@@ -554,6 +567,39 @@ def test_a_tracking_uri_mlflow_cannot_open_is_refused_by_the_dry_run(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         "error: tracking.uri: 'foo://***@bar' is not allowed; expected sqlite:///PATH, a folder, http(s)://HOST[:PORT] "
         "or a database URI (sqlite, file, http, https, postgresql, mysql, mssql, databricks)"], proc.stderr
+
+
+def test_a_local_sweep_asking_for_more_than_this_machine_has_is_refused_by_the_dry_run(tmp_path):
+    import torch
+
+    cpus, gpus = os.cpu_count(), torch.cuda.device_count()
+    for resources, refused in ((f"{{cpu: {cpus + 1}, gpu: 0}}", f"resources.cpu: {cpus + 1} is more than this "
+                                f"machine's {cpus} CPUs"),
+                               (f"{{cpu: 1, gpu: {gpus + 1}}}", f"resources.gpu: {gpus + 1} is more than this "
+                                f"machine's {gpus} GPUs")):
+        path = tmp_path / "big.yaml"
+        path.write_text(f"name: big\nspace: {{train.lr: [1e-3]}}\nresources: {resources}\n")
+        proc = _cli(path, "--dry-run")
+        assert proc.returncode == 2 and proc.stdout == "", proc.stdout
+        assert proc.stderr.strip().splitlines() == [f"error: {refused}, so no trial could start; ask for fewer or "
+                                                    "run on a cluster (--address)"], proc.stderr
+    path.write_text(f"name: big\nspace: {{train.lr: [1e-3]}}\nresources: {{cpu: {cpus}, gpu: {gpus}}}\n")
+    assert _cli(path, "--dry-run").returncode == 0            # all of the machine is allowed
+
+
+def test_an_unwritable_tracking_store_or_an_empty_experiment_is_refused_by_the_dry_run(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for section, error in (({"uri": "sqlite:///a-file/mlruns/mlflow.db"},
+                            f"tracking.uri: {blocker} is a file, so {blocker}/mlruns/mlflow.db cannot be created"),
+                           ({"experiment": ""}, "tracking.experiment: '' is not allowed; expected an MLflow "
+                                                "experiment name")):
+        params = yaml.safe_load((REPO / "params.yaml").read_text())
+        params["tracking"].update(section)
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        proc = _cli("sweeps/lambda.yaml", "--params", tmp_path / "params.yaml", "--dry-run")
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [f"error: {error}"], proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "params.yaml"]      # the dry run made nothing
 
 
 def test_a_storage_path_that_cannot_hold_a_launch_is_refused_before_ray_starts(tmp_path):

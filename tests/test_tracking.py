@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline.config import ConfigError, TrackingConfig
-from pipeline.tracking import Tracker, check_uri, redact
+from pipeline.tracking import CONFIG, Tracker, check_store, check_uri, redact, resolve_uri
 
 SECRET = "s3cr3t-pa55"
 
@@ -23,18 +23,44 @@ def test_a_credential_in_the_config_reaches_neither_params_nor_artifacts(tmp_pat
     monkeypatch.chdir(tmp_path)                         # the store keeps artifacts under the working folder
     tracker = Tracker(TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="secrets"), tmp_path)
     uri = f"http://alice:{SECRET}@mlflow.example:5000"
-    with tracker.start("run", params={"tracking": {"uri": uri}, "train": {"lr": 0.1}}) as run:
+    with tracker.start("run", params={"tracking": {"uri": uri}, "train": {"lr": 0.1}},
+                       compared=("tracking.uri", "train.lr")) as run:
         run.log_text(f"tracking_uri: {uri}\n", "summary.txt")
     [found] = tracker.find_runs()
     assert found["params"]["tracking.uri"] == "http://***@mlflow.example:5000"
     import mlflow
 
-    stored = mlflow.artifacts.load_text(f"{tracker.client.get_run(found['run_id']).info.artifact_uri}/summary.txt")
-    assert stored == "tracking_uri: http://***@mlflow.example:5000\n"
-    assert SECRET.encode() not in (tmp_path / "mlflow.db").read_bytes()
+    artifacts = tracker.client.get_run(found["run_id"]).info.artifact_uri
+    assert mlflow.artifacts.load_text(f"{artifacts}/summary.txt") == "tracking_uri: http://***@mlflow.example:5000\n"
+    assert mlflow.artifacts.load_dict(f"{artifacts}/{CONFIG}")["tracking"]["uri"] == "http://***@mlflow.example:5000"
+    stored = [path for path in tmp_path.rglob("*") if path.is_file()]
+    assert len(stored) >= 3 and not [path for path in stored if SECRET.encode() in path.read_bytes()]
 
 
 @pytest.mark.parametrize("uri", ["foo://bar", "", "s3://bucket/path"])
 def test_a_tracking_uri_mlflow_cannot_open_is_one_line(uri):
     with pytest.raises(ConfigError, match=r"^tracking\.uri: .* is not allowed; expected sqlite:///PATH"):
         check_uri(uri)
+
+
+def test_a_local_store_that_cannot_be_written_is_one_line_naming_the_key_and_nothing_is_created(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    for uri in ("sqlite:///a-file/mlflow.db", "sqlite:///a-file/deeper/mlflow.db", "a-file/store", "file://a-file/x"):
+        with pytest.raises(ConfigError, match=rf"^tracking\.uri: {tmp_path}/a-file is a file, so .* cannot be created$"):
+            check_store(uri, tmp_path)
+    check_store("sqlite:///new/folder/mlflow.db", tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]          # checking creates nothing
+    assert resolve_uri("sqlite:///new/folder/mlflow.db", tmp_path) == f"sqlite:///{tmp_path}/new/folder/mlflow.db"
+    assert (tmp_path / "new" / "folder").is_dir()
+    check_store("http://tracking.example:5000", tmp_path)                    # a server's store is its own
+
+
+@pytest.mark.parametrize("uri", [f"http://alice:{SECRET}@mlflow.example:5000",
+                                 f"postgresql://mlflow:{SECRET}@db.example:5432/mlflow"])
+def test_a_password_in_the_tracking_uri_is_refused_in_one_line_without_showing_it(uri):
+    with pytest.raises(ConfigError) as info:
+        check_uri(uri)
+    text = str(info.value)
+    assert text.startswith("tracking.uri: ") and "holds a password" in text and "MLFLOW_TRACKING_PASSWORD" in text
+    assert SECRET not in text and "\n" not in text
+    check_uri("postgresql://mlflow@db.example:5432/mlflow")          # a user name alone is no secret

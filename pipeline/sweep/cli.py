@@ -17,6 +17,7 @@ import argparse
 import itertools
 import logging
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from pipeline import cli
 from pipeline.config import PROFILES, ConfigError, flatten, read_yaml
 from pipeline.data.errors import MissingInput
 from pipeline.sweep import driver, spec
-from pipeline.tracking import check_uri, redact
+from pipeline.tracking import check_store, redact
 
 EPILOG = f"""\
 sweep file (every key is checked before anything starts):
@@ -32,8 +33,8 @@ sweep file (every key is checked before anything starts):
 
 where things go:
   MLflow   experiment <tracking.experiment>/<name>: a parent run per launch, a child run per trial
-           (params: the trial's config; metrics: per-step losses, final scores; tags: trial, trial_id,
-           status, failure, attempts, git_commit, profile)
+           (params: the compared and swept keys, the whole config as config.json; metrics: per-step
+           losses, final scores; tags: trial, trial_id, status, failure, attempts, git_commit, profile)
   Ray      <storage_path or project/ray_results>/<name>-<launch time>-<spec hash>/
 
 resume: after the driver dies (even SIGKILL), `--resume` continues the newest launch of the sweep
@@ -79,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("LOGLEVEL", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
     try:
         sweep, root = prepare(args)
-        specs = checked_trials(sweep)
+        specs = checked_trials(sweep, root)
+        if driver.ray_address(args.address) is None:
+            check_fits_here(sweep.resources)
         if args.dry_run:
             print(dry_run_text(sweep, specs, root, args))
             return 0
@@ -110,13 +113,27 @@ def prepare(args: argparse.Namespace) -> tuple[spec.Sweep, Path]:
     return sweep, params_path.parent
 
 
-def checked_trials(sweep: spec.Sweep) -> list[spec.TrialSpec]:
+def checked_trials(sweep: spec.Sweep, root: Path) -> list[spec.TrialSpec]:
     """The sweep's fixed trial list (empty for Optuna), after every check that needs no Ray: what the
     dry run and the sweep stage run before anything starts."""
     specs = spec.trials(sweep)
     check_scheduler_metric(sweep, specs)
-    check_uri(sweep.base_config.tracking.uri)
+    check_store(sweep.base_config.tracking.uri, root)
     return specs
+
+
+def check_fits_here(resources: spec.ResourcesSpec) -> None:
+    """A local Ray has this machine's CPUs and GPUs: a trial asking for more would wait for ever."""
+    cpus = os.cpu_count() or 1
+    if resources.cpu > cpus:
+        raise ConfigError(f"resources.cpu: {resources.cpu:g} is more than this machine's {cpus} CPUs, so no trial "
+                          "could start; ask for fewer or run on a cluster (--address)")
+    if resources.gpu > 0:
+        import torch     # only here: a CPU sweep's check stays free of it
+
+        if resources.gpu > (gpus := torch.cuda.device_count()):
+            raise ConfigError(f"resources.gpu: {resources.gpu:g} is more than this machine's {gpus} GPUs, so no "
+                              "trial could start; ask for fewer or run on a cluster (--address)")
 
 
 def check_scheduler_metric(sweep: spec.Sweep, specs: list[spec.TrialSpec]) -> None:
@@ -192,7 +209,10 @@ def dry_run_text(sweep: spec.Sweep, specs: list[spec.TrialSpec], root: Path, arg
     return "\n".join(lines)
 
 
-def summary_text(sweep: spec.Sweep, rows: list[dict], counts: dict, best: dict | None, wall: float) -> str:
+def summary_text(sweep: spec.Sweep, rows: list[dict], counts: dict, best: dict | None, wall: float,
+                 params: Path | None = None) -> str:
+    """The launch's summary, ending with the command that writes its report (table and figure) from
+    the tracking store; `params`: the parameter file the sweep ran with."""
     keys = columns(sweep)
     cells = [["trial"] + keys + ["status", sweep.metric, "seconds", "failure"]]
     for r in rows:
@@ -206,4 +226,6 @@ def summary_text(sweep: spec.Sweep, rows: list[dict], counts: dict, best: dict |
     if best is not None:
         lines.append(f"best: {best['trial']} {sweep.metric}={best['metric']:.4f} ({spec.describe(best['config'])}), "
                      f"run {best['run_id']}")
+    given = f" --params {shlex.quote(str(params))}" if params is not None and params != Path("params.yaml") else ""
+    lines.append(f"report (table and figure): python -m pipeline.report {shlex.quote(sweep.name)}{given}")
     return "\n".join(lines)

@@ -39,24 +39,71 @@ def experiment_name(sweep: Sweep) -> str:
     return f"{sweep.base_config.tracking.experiment}/{sweep.name}"
 
 
-def find_launch(sweep: Sweep, storage: str, given: str) -> str:
-    """The launch folder `--resume` continues: the one named, else the newest of this sweep."""
+ENDED = "ended.json"      # in a launch folder: its driver ran it to the end (exit status 0 or 1)
+SNAPSHOT = re.compile(r"experiment_state-.*\.json")   # Ray Tune's record of the launch's trials
+
+
+def _folder(uri_or_path: str):
+    import pyarrow.fs
+
+    return pyarrow.fs.FileSystem.from_uri(uri_or_path if "://" in uri_or_path else str(Path(uri_or_path).resolve()))
+
+
+def _entries(folder: str) -> list:
+    import pyarrow.fs
+
+    fs, base = _folder(folder)
+    return fs.get_file_info(pyarrow.fs.FileSelector(base, allow_not_found=True))
+
+
+def launches(sweep: Sweep, storage: str) -> list[str]:
+    """The launch folders of this sweep under `storage` that Ray Tune can restore, oldest first (a
+    launch refused before Ray Tune wrote its settings left a folder with nothing to restore)."""
     import pyarrow.fs
     from ray import tune
 
-    fs, base = pyarrow.fs.FileSystem.from_uri(storage if "://" in storage else str(Path(storage).resolve()))
+    launch = re.compile(rf"{re.escape(sweep.name)}-\d{{8}}-\d{{6}}-\d{{4}}-[0-9a-f]{{16}}")
+    names = sorted(f.base_name for f in _entries(storage)
+                   if f.type == pyarrow.fs.FileType.Directory and launch.fullmatch(f.base_name))
+    return [f"{storage}/{name}" for name in names if tune.Tuner.can_restore(f"{storage}/{name}")]
+
+
+def snapshotted(folder: str) -> bool:
+    """Whether Ray Tune recorded the launch's trials: a driver killed between writing the launch's
+    settings and its first snapshot leaves a folder that restoring would run as one empty trial."""
+    return any(SNAPSHOT.fullmatch(f.base_name) for f in _entries(folder))
+
+
+def ended(folder: str) -> bool:
+    return any(f.base_name == ENDED for f in _entries(folder))
+
+
+def mark_ended(folder: str, code: int) -> None:
+    fs, base = _folder(folder)
+    with fs.open_output_stream(f"{base}/{ENDED}") as out:
+        out.write(json.dumps({"exit": code}).encode())
+
+
+def unfinished_launch(sweep: Sweep, storage: str) -> str | None:
+    """The newest launch of this sweep under this definition (spec hash) that was stopped before its
+    end with its trials recorded: the one to resume rather than start again."""
+    for folder in reversed(launches(sweep, storage)):
+        if folder.endswith(f"-{sweep.spec_hash()}") and snapshotted(folder) and not ended(folder):
+            return folder
+    return None
+
+
+def find_launch(sweep: Sweep, storage: str, given: str) -> str:
+    """The launch folder `--resume` continues: the one named, else the newest of this sweep."""
+    from ray import tune
+
     if given != "latest":
         folder = given if "://" in given or Path(given).is_absolute() else f"{storage}/{given}"
     else:
-        found = fs.get_file_info(pyarrow.fs.FileSelector(base, allow_not_found=True))
-        launch = re.compile(rf"{re.escape(sweep.name)}-\d{{8}}-\d{{6}}-\d{{4}}-[0-9a-f]{{16}}")
-        # A launch refused before Ray Tune wrote its settings left a folder with nothing to restore.
-        names = sorted(f.base_name for f in found if f.type == pyarrow.fs.FileType.Directory
-                       and launch.fullmatch(f.base_name) and tune.Tuner.can_restore(f"{storage}/{f.base_name}"))
-        if not names:
+        found = launches(sweep, storage)
+        if not found:
             raise ConfigError(f"--resume: no launch of sweep {sweep.name!r} under {storage}")
-        folder = f"{storage}/{names[-1]}"
-
+        folder = found[-1]
     if not tune.Tuner.can_restore(folder):
         raise ConfigError(f"--resume: {folder} is not a launch Ray Tune can restore")
     if not folder.rstrip("/").endswith(f"-{sweep.spec_hash()}"):
@@ -81,6 +128,12 @@ def check_fits_cluster(res: ResourcesSpec, have: dict[str, float], device: str) 
                           f"(--gpus-per-trial 1, or resources.gpu in the sweep file) or set compute.device: cpu")
 
 
+def ray_address(given: str | None) -> str | None:
+    """The cluster a sweep runs on: --address, else $RAY_ADDRESS; None for a Ray on this machine."""
+    address = given or os.environ.get("RAY_ADDRESS")
+    return address if address and address != "local" else None
+
+
 def start_ray(address: str | None, temp_dir: Path | None, source: str = "--address") -> bool:
     """Ray on this machine, or the cluster at `address`, unless this process runs one already; whether
     it started one. The variables set first are read by Ray when it is imported."""
@@ -95,6 +148,9 @@ def start_ray(address: str | None, temp_dir: Path | None, source: str = "--addre
     # Results during training carry the losses, not the final metric the searcher optimises.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")     # Ray's console tables: the recorder prints a line per trial
+    # Ray Tune hands the driver's AWS credentials to every trial in its runtime env, which the
+    # runtime-env agent of a local Ray logs at INFO, in plain text: its processes log warnings only.
+    os.environ.setdefault("RAY_LOGGER_LEVEL", "warning")
     import ray
 
     if ray.is_initialized():
@@ -138,18 +194,7 @@ def tuner(sweep: Sweep, specs: list[TrialSpec], root: Path, recorder, ray_path: 
     trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=sweep, root=str(root),
                                                          launch=ray_path.rstrip("/").rsplit("/", 1)[-1]), resources)
     if resume:
-        restored = tune.Tuner.restore(ray_path, trainable, resume_unfinished=True, resume_errored=retry)
-        try:
-            restored.get_results()
-        except RuntimeError:
-            # Killed between Ray Tune writing the launch's settings and its first snapshot: restoring
-            # would run a single trial with an empty config, so nothing is restored.
-            from pipeline.sweep.recorder import abandon_launch
-
-            abandon_launch(sweep, root, experiment_name(sweep), ray_path)
-            raise ConfigError(f"--resume: launch {ray_path} was stopped before Ray Tune recorded any trial, so "
-                              "there is nothing to continue; start a new launch (without --resume)") from None
-        return restored
+        return tune.Tuner.restore(ray_path, trainable, resume_unfinished=True, resume_errored=retry)
     search_alg, num_samples = None, 1
     if sweep.search.type == "optuna":
         import optuna
@@ -217,11 +262,20 @@ def run(sweep: Sweep, specs: list[TrialSpec], root: Path, args) -> int:
     storage = storage_root(sweep, root, args.storage)
     if args.resume:
         ray_path = find_launch(sweep, storage, args.resume)
+        if not snapshotted(ray_path):
+            from pipeline.sweep.recorder import abandon_launch
+
+            abandon_launch(sweep, root, experiment_name(sweep), ray_path)
+            raise ConfigError(f"--resume: launch {ray_path} was stopped before Ray Tune recorded any trial, so "
+                              "there is nothing to continue; start a new launch (without --resume)")
     else:
         stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid() % 10000:04d}"
         ray_path = f"{storage}/{sweep.name}-{stamp}-{sweep.spec_hash()}"
     with launch_lock(ray_path):
-        return run_locked(sweep, specs, root, args, ray_path)
+        code = run_locked(sweep, specs, root, args, ray_path)
+        if code != EXIT_INTERRUPTED:
+            mark_ended(ray_path, code)
+    return code
 
 
 def run_locked(sweep: Sweep, specs: list[TrialSpec], root: Path, args, ray_path: str) -> int:
@@ -229,9 +283,7 @@ def run_locked(sweep: Sweep, specs: list[TrialSpec], root: Path, args, ray_path:
     from pipeline.tracking import git_commit, resolve_uri
 
     t0 = time.perf_counter()
-    address = args.address or os.environ.get("RAY_ADDRESS")
-    started = start_ray(address if address and address != "local" else None, args.ray_temp_dir,
-                        "--address" if args.address else "RAY_ADDRESS")
+    started = start_ray(ray_address(args.address), args.ray_temp_dir, "--address" if args.address else "RAY_ADDRESS")
     import ray
 
     timing = {"ray_start_seconds": time.perf_counter() - t0}
@@ -266,7 +318,8 @@ def run_locked(sweep: Sweep, specs: list[TrialSpec], root: Path, args, ray_path:
         return EXIT_INTERRUPTED
     if interrupted:
         recorder.on_experiment_end(trials=[])
-    return finish(sweep, recorder, summary_rows(recorder, sweep.metric), t0, timing, args.results, interrupted)
+    return finish(sweep, recorder, summary_rows(recorder, sweep.metric), t0, timing, args.results, interrupted,
+                  args.params)
 
 
 def summary_rows(recorder, metric: str) -> list[dict]:
@@ -286,9 +339,10 @@ def summary_rows(recorder, metric: str) -> list[dict]:
 
 
 def finish(sweep: Sweep, recorder, rows: list[dict], t0: float, timing: dict, results: Path | None,
-           interrupted: bool = False) -> int:
+           interrupted: bool = False, params: Path | None = None) -> int:
     """Print the summary, write the results file, end the launch's run; the exit status. `timing`:
-    the driver's seconds in Ray's start, the set-up and Tune's run (`benchmarks/sweep_overhead.py`)."""
+    the driver's seconds in Ray's start, the set-up and Tune's run (`benchmarks/sweep_overhead.py`);
+    `params`: the parameter file, for the report command the summary ends with."""
     from pipeline.io import write_json
     from pipeline.sweep.cli import summary_text
     from pipeline.tracking import redact
@@ -297,7 +351,7 @@ def finish(sweep: Sweep, recorder, rows: list[dict], t0: float, timing: dict, re
     done = [r for r in rows if r["metric"] is not None and math.isfinite(r["metric"])]
     best = (max if sweep.mode == "max" else min)(done, key=lambda r: r["metric"]) if done else None
     wall = time.perf_counter() - t0
-    text = summary_text(sweep, rows, counts, best, wall)
+    text = summary_text(sweep, rows, counts, best, wall, params)
     print(text, flush=True)
     payload = {"sweep": sweep.name, "experiment": recorder.experiment, "tracking_uri": redact(recorder.uri),
                "parent_run_id": recorder.parent, "metric": sweep.metric, "mode": sweep.mode,

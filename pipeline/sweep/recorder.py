@@ -3,9 +3,10 @@
 It is a Ray Tune callback on the driver. Ray Tune's experiment state is the record of which
 trials exist and how they ended; the recorder's own state (trial -> run, saved and restored with
 it by `Tuner.restore`) is what lets a resumed launch keep one run per trial. MLflow layout: one
-parent run per launch, one child run per trial (params: the trial's whole config; metrics: every
-step's losses, the final scores and timings; artifacts: outcomes.json, trained.safetensors; tags
-below). Trials never see MLflow: they report results, which end up here.
+parent run per launch, one child run per trial (params: `tracking.COMPARED` and the keys the sweep
+varies; metrics: every step's losses, the final scores and timings; artifacts: config.json (the
+trial's whole config), outcomes.json, trained.safetensors; tags below). Trials never see MLflow:
+they report results, which end up here.
 """
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ import ray.cloudpickle
 from ray.tune import Callback
 
 from pipeline.config import ConfigError, TrackingConfig, to_dict
-from pipeline.sweep.spec import Sweep, describe, trial_label
+from pipeline.sweep.spec import Sweep, describe, expand, trial_label
 from pipeline.sweep.trial import trial_values
-from pipeline.tracking import OUTCOMES, Tracker, failure_text
+from pipeline.tracking import COMPARED, OUTCOMES, Tracker, failure_text
 
 # A run's `status` tag: running, finished, early_stopped (by ASHA), failed, interrupted (by the
 # user; --resume continues it). The MLflow status says the same in MLflow's words.
@@ -132,6 +133,7 @@ class RunRecorder(Callback):
         except ConfigError:       # an Optuna draw the config refuses: the trial fails alone, in its worker
             params, about = values, {}
         run = self.tracker.start(f"{self.sweep.name} {label(trial)}: {describe(values)}", params=params,
+                                 compared=[*COMPARED, *expand(values, self.sweep.variants)],   # + what it sweeps
                                  parent=self.parent, tags=self.tags(
             sweep_role="trial", trial=label(trial), trial_id=trial.trial_id, status="running", attempts=0, **about,
             **({"variant": values["variant"]} if "variant" in values else {})))

@@ -1,0 +1,155 @@
+"""The paper's published numbers (`published.yaml`, cited per table) beside the measured ones.
+
+`table(id)` and `lookup(id, student, run)` read the file, validated once (a bad entry is a one-line
+`ConfigError` naming the file and the entry). `beside` lays measured and published values out as
+one table: under each measured run's row, a "<run> (paper)" row with the published values in the
+same columns. A row under a row, not a paper column after each measured one: Table 1 already has
+some twenty columns, and doubling them makes a Markdown table wrap; in one column the eye compares
+the two numbers by reading down, the header stays the metric names (and the CSV header the metric
+keys), and a run the paper has nothing on adds no row of dashes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Literal
+
+from annotated_types import Ge, Le, MinLen
+from pydantic import AllowInfNan, StrictFloat, StrictStr
+
+from pipeline.config import ConfigError, read_yaml, validate, validated
+
+PUBLISHED = Path(__file__).with_name("published.yaml")
+
+# ft_<x>: fine-tuned with objective.method x; the diffusion score is the teacher's and has no student.
+Run = Literal["pretrained", "ft_clip", "ft_sds", "ft_unet_feature", "diffusion_score"]
+DIFFUSION_SCORE = "diffusion_score"
+Text = Annotated[StrictStr, MinLen(1)]
+Score = Annotated[StrictFloat, AllowInfNan(False), Ge(0), Le(1)]
+
+MISSING = "-"            # as report.metric_cells marks a metric a run lacks (and LaTeX right-aligns it)
+PAPER = " (paper)"       # appended to a run's label on its published row
+
+
+@validated
+class PublishedRow:
+    """One run of a published table. `values`: the config keys (dotted) whose setting differs from
+    the paper profile, as text as a sweep table shows them (e.g. {"data.train_set": "cc3m"})."""
+
+    run: Run
+    metrics: Annotated[dict[Text, Score], MinLen(1)]
+    student: Text = ""   # absent only for the diffusion score
+    values: dict[Text, Text] = dataclasses.field(default_factory=dict)
+
+
+@validated
+class PublishedTable:
+    source: Text         # paper version and table / section, e.g. "arXiv 2307.09233 v3, Table 1"
+    caption: Text
+    rows: list[PublishedRow]
+
+
+def _check_keys(tp: type, data: object, where: str) -> None:
+    """An unknown or missing key of a `tp` mapping, named as config errors name keys (pydantic's
+    message for a missing key would print the whole mapping, and a misspelt key would read as missing)."""
+    if not isinstance(data, dict):
+        return
+    fields = dataclasses.fields(tp)
+    unknown = [key for key in data if key not in {f.name for f in fields}]
+    if unknown:
+        allowed = ", ".join(sorted(f.name for f in fields))
+        raise ConfigError(f"{where}.{unknown[0]}: unknown key; allowed keys: {allowed}")
+    required = [f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [name for name in required if name not in data]
+    if missing:
+        raise ConfigError(f"{where}.{missing[0]}: missing; required keys: {', '.join(required)}")
+
+
+def _check_shape(data: dict) -> None:
+    for table_id, entry in data.items():
+        _check_keys(PublishedTable, entry, str(table_id))
+        rows = entry.get("rows") if isinstance(entry, dict) else None
+        for i, row in enumerate(rows if isinstance(rows, list) else []):
+            _check_keys(PublishedRow, row, f"{table_id}.rows[{i}]")
+
+
+def _check_rows(table_id: str, rows: list[PublishedRow]) -> None:
+    """What the types cannot say: a row at least, a student on every run but the diffusion score, one
+    row per (student, run)."""
+    if not rows:
+        raise ConfigError(f"{table_id}.rows: empty; list at least one row")
+    seen: dict[tuple[str, str], int] = {}
+    for i, row in enumerate(rows):
+        where = f"{table_id}.rows[{i}]"
+        if row.run == DIFFUSION_SCORE and row.student:
+            raise ConfigError(f"{where}.student: {row.student!r} with run {DIFFUSION_SCORE}, which has no student; "
+                              "leave it out")
+        if row.run != DIFFUSION_SCORE and not row.student:
+            raise ConfigError(f"{where}.student: missing; run {row.run} needs the paper profile's student")
+        first = seen.setdefault((row.student, row.run), i)
+        if first != i:
+            raise ConfigError(f"{where}: student {row.student!r}, run {row.run} repeats rows[{first}]; "
+                              "one row per student and run")
+
+
+def load(path: Path | str = PUBLISHED) -> dict[str, PublishedTable]:
+    """Every table of the file by id, validated once per file."""
+    return _load(Path(path))
+
+
+@functools.cache
+def _load(path: Path) -> dict[str, PublishedTable]:
+    data = read_yaml(path)
+    if not isinstance(data, dict) or not data:
+        raise ConfigError(f"{path}: expected a mapping of table id to its source, caption and rows")
+    try:
+        _check_shape(data)
+        tables = validate(dict[Text, PublishedTable], data)
+        for table_id, entry in tables.items():
+            _check_rows(table_id, entry.rows)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    return tables
+
+
+def table(table_id: str, path: Path | str = PUBLISHED) -> PublishedTable:
+    tables = load(path)
+    if table_id not in tables:
+        raise ConfigError(f"{path}: no table {table_id!r}; tables: {', '.join(tables)}")
+    return tables[table_id]
+
+
+def lookup(table_id: str, student: str | None, run: str, path: Path | str = PUBLISHED) -> dict[str, float] | None:
+    """The published metrics of `student`'s `run` in the table (student None for the diffusion score);
+    None when the table has no such row."""
+    for row in table(table_id, path).rows:
+        if row.student == (student or "") and row.run == run:
+            return dict(row.metrics)
+    return None
+
+
+def number(value: float) -> str:
+    """A value as `report.metric_cells` prints it."""
+    return f"{value:.3f}"
+
+
+def _cells(values: dict[str, float], keys: list[str], fmt: Callable[[float], str]) -> list[str]:
+    return [fmt(values[key]) if key in values else MISSING for key in keys]
+
+
+def beside(header: list[str], keys: list[str], rows: list[tuple[str, dict[str, float]]],
+           published: list[dict[str, float] | None],
+           fmt: Callable[[float], str] = number) -> tuple[list[str], list[list[str]]]:
+    """(header, cells): each measured row (label, then `fmt` of each of `keys`, MISSING where absent),
+    followed by its "<label> (paper)" row from `published` (one entry per row, e.g. `lookup`'s) when
+    the paper has any of `keys` for it. `header` is the label column's name and one name per key."""
+    if len(header) != len(keys) + 1:
+        raise ValueError(f"header has {len(header)} names for {len(keys)} keys; expected the label's and one per key")
+    cells = []
+    for (label, measured), paper in zip(rows, published, strict=True):
+        cells.append([label] + _cells(measured, keys, fmt))
+        if paper and any(key in paper for key in keys):
+            cells.append([label + PAPER] + _cells(paper, keys, fmt))
+    return list(header), cells

@@ -1,0 +1,134 @@
+"""Inference time per image-caption pair (the paper's Fig. 1): measured where the scorers score the
+Winoground tasks, recorded with every baseline, and plotted against the text score."""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.config import DataConfig, TrackingConfig, load
+from pipeline.data.build import build_toy
+from pipeline.data.datasets import benchmarks, read_index
+from pipeline.data.keys import winoground_pairs
+from pipeline.evaluate import score_benchmarks
+from pipeline.experiment import run_baselines
+from pipeline.latents import build_cache
+from pipeline.metrics import TIME_PER_PAIR, TIMED_PAIRS
+from pipeline.models import student_dir, teacher_dir
+from pipeline.models.student import build_toy_student, save_student
+from pipeline.models.teacher import build_toy_teacher, save_teacher
+from pipeline.figures import inference_figure, write_figure
+from pipeline.tracking import Tracker
+
+PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+EXPERIMENT = "inference-time-tests"
+
+
+def test_only_the_winoground_scoring_is_timed_per_pair(tmp_path):
+    """A scorer that sleeps 20 ms per Winoground pair and half a second per call on any other set:
+    the time per pair is the Winoground call's alone, divided by its pairs (4 per task)."""
+    build_toy(DataConfig(n_train=4, n_winoground=2, n_aro=2, n_zeroshot_per_class=1), tmp_path / "data")
+    bench = benchmarks(tmp_path / "data", read_index(tmp_path / "data"))
+    wino_pairs = winoground_pairs(bench.winoground)
+    per_pair, other_call = 0.02, 0.5
+    rng = np.random.default_rng(0)
+
+    def slow(images: list[str], captions: list[str]) -> np.ndarray:
+        time.sleep(per_pair * len(images) if (images, captions) == wino_pairs else other_call)
+        return rng.standard_normal(len(images))
+
+    metrics = score_benchmarks(slow, bench).metrics
+    assert metrics[TIMED_PAIRS] == 4 * len(bench.winoground) == 8
+    assert per_pair <= metrics[TIME_PER_PAIR] < per_pair + 0.04
+
+
+@pytest.fixture(scope="module")
+def baselines(tmp_path_factory):
+    """The baselines stage's runs on the smoke profile: toy students, a toy teacher saved and its
+    cache written as the models and cache stages do, a real MLflow store."""
+    root = tmp_path_factory.mktemp("baselines")
+    cfg = load(PARAMS, {"profile": "smoke"})
+    data, models, cache = root / "data", root / "models", root / "cache"
+    build_toy(cfg.data, data)
+    for name, student in cfg.students.items():
+        save_student(build_toy_student(student, cfg.data.image_size), student_dir(models, name))
+    teacher = build_toy_teacher(cfg.teacher, cfg.data.image_size)
+    save_teacher(teacher, teacher_dir(models))
+    build_cache(cfg, teacher, "toy", data, cache)
+    tracker = Tracker(TrackingConfig(uri=f"sqlite:///{root}/mlflow.db", experiment=EXPERIMENT), root)
+    return cfg, run_baselines(cfg, root, data, models, cache, tracker), tracker
+
+
+def test_every_baseline_records_its_winoground_time_per_pair(baselines):
+    cfg, results, tracker = baselines
+    assert set(results) == {*(f"pretrained/{name}" for name in cfg.students), "diffusion_score"}
+    for name, entry in results.items():
+        metrics = entry["metrics"]
+        assert math.isfinite(metrics[TIME_PER_PAIR]) and metrics[TIME_PER_PAIR] > 0, name
+        assert metrics[TIMED_PAIRS] == 4 * cfg.data.n_winoground, name
+        logged = tracker.runs([entry["run_id"]])[0]["metrics"]
+        assert logged[TIME_PER_PAIR] == pytest.approx(metrics[TIME_PER_PAIR]), name
+    diffusion = results["diffusion_score"]
+    assert diffusion["diffusion_samples"] == cfg.eval.diffusion_samples
+    # The Winoground scoring is a part of the whole evaluation the stage also times.
+    metrics = diffusion["metrics"]
+    assert metrics[TIME_PER_PAIR] * metrics[TIMED_PAIRS] < metrics["time/eval_seconds"]
+
+
+POINTS = [("pretrained ViT-B-16", 0.002, 0.24, (0.20, 0.29)), ("pretrained RN50", 0.0019, 0.245, (0.21, 0.29)),
+          ("diffusion score (50 samples)", 0.036, 0.34, None)]
+
+
+def test_the_figure_plots_each_score_against_its_time_on_a_log_axis(tmp_path):
+    """The paper's layout: the text score across with its interval as a bar, the time up on a log
+    scale, one labelled point per scorer; the title gives the slowest over the fastest."""
+    figure = inference_figure(POINTS)
+    [axes] = figure.axes
+    assert axes.get_yscale() == "log" and axes.get_xscale() == "linear"
+    assert axes.get_xlabel() == "Winoground text score"
+    assert axes.get_ylabel() == "inference time per image-caption pair (s)"
+    assert len(axes.containers) == len(POINTS)
+    for container, (label, seconds, score, interval) in zip(axes.containers, POINTS):
+        line, _, bars = container.lines
+        assert line.get_xydata().tolist() == [[score, seconds]], label
+        if interval is None:
+            assert not container.has_xerr, label
+        else:
+            [segment] = bars[0].get_segments()
+            assert segment.tolist() == [[interval[0], seconds], [interval[1], seconds]], label
+    assert sorted(text.get_text() for text in axes.texts) == sorted(label for label, *_ in POINTS)
+    assert "18.9x" in axes.get_title()
+    assert write_figure(tmp_path / "inference.png", figure).read_bytes().startswith(b"\x89PNG")
+
+
+# Placed as they are, the first label would cover the second point's marker.
+UNDER_A_LABEL = [POINTS[0], ("pretrained RN50", 0.0024, 0.25, (0.21, 0.29)), POINTS[2]]
+
+
+@pytest.mark.parametrize("points", [POINTS, UNDER_A_LABEL], ids=["labels-collide", "label-over-a-point"])
+def test_labels_of_scorers_that_score_and_run_alike_cover_no_label_and_no_point(points):
+    from matplotlib.transforms import Bbox
+
+    figure = inference_figure(points)
+    [axes] = figure.axes
+    renderer = figure.canvas.get_renderer()
+    boxes = [text.get_window_extent(renderer) for text in axes.texts]
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    radius = 3 * figure.dpi / 72   # half the marker's 6 points
+    for x, y in axes.transData.transform([(score, seconds) for _, seconds, score, _ in points]):
+        marker = Bbox([[x - radius, y - radius], [x + radius, y + radius]])
+        assert not any(box.overlaps(marker) for box in boxes), (x, y)
+
+
+@pytest.mark.parametrize("points, message", [
+    ([], "no scorer to plot"),
+    ([("ViT-B-16", 0.0, 0.24, None)], "ViT-B-16: seconds per pair 0.0 is not a positive number"),
+    ([("ViT-B-16", math.nan, 0.24, None)], "ViT-B-16: seconds per pair nan is not a positive number"),
+    ([("ViT-B-16", 0.002, 0.3, (0.1, 0.2))], r"ViT-B-16: text score 0.3 is outside its interval \(0.1, 0.2\)"),
+])
+def test_the_figure_refuses_points_it_cannot_plot(points, message):
+    with pytest.raises(ValueError, match=message):
+        inference_figure(points)

@@ -1,0 +1,125 @@
+"""The paper's tables (pipeline.paper_tables): seeds aggregated, every student, the published numbers beside."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline import paper_tables, published
+from pipeline.config import load
+from pipeline.metrics import outcome_parts, paired_difference, seed_task_interval
+from pipeline.report import COLUMNS, difference_cell
+
+PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+TEXT = "winoground/text"
+COLUMN = {key: i for i, (_, key) in enumerate(COLUMNS)}
+
+
+def run(text: float, correct: str, **metrics) -> dict:
+    return {"metrics": {TEXT: text, **metrics}, "outcomes": {TEXT: {"correct": correct, "groups": None}}}
+
+
+def trial(student: str, variant: str, seed: int, text: float, correct: str, status: str = "finished") -> dict:
+    return {"config": {"train.student": student, "variant": variant, "train.seed": seed}, "status": status,
+            **run(text, correct, **{"aro/overall": 0.5 + seed / 10})}
+
+
+def cells(path: Path) -> dict[str, list[str]]:
+    """A Markdown table's rows by their label."""
+    rows = [line.strip("|").split("|") for line in path.read_text().splitlines()[2:]]
+    return {row[0].strip(): [c.strip() for c in row[1:]] for row in rows}
+
+
+def header(path: Path) -> list[str]:
+    return [c.strip() for c in path.read_text().splitlines()[0].strip("|").split("|")]
+
+
+@pytest.fixture
+def toy():
+    cfg = load(PARAMS, {"profile": "toy"})
+    students = list(cfg.students)[:2]
+    baselines = {f"pretrained/{s}": run(0.25, "10000000") for s in cfg.students}
+    baselines["diffusion_score"] = run(0.5, "11110000")
+    trials = [trial(students[0], "FT with L_CLIP", 0, 0.250, "11000000"),
+              trial(students[0], "FT with L_CLIP", 1, 0.375, "11100000"),
+              trial(students[0], "FT with L_CLIP + L_SDS", 1, 0.750, "11111100"),
+              trial(students[0], "FT with L_CLIP + L_SDS", 0, 0.500, "11110000"),
+              trial(students[0], "FT with L_CLIP + L_SDS", 2, 0.9, "11111111", status="failed"),
+              trial(students[1], "FT with L_CLIP", 0, 0.125, "10000000")]
+    return cfg, students, baselines, trials
+
+
+def test_rows_pool_each_students_seeds_in_the_tables_order(toy):
+    cfg, (first, second), baselines, trials = toy
+    rows = paper_tables.rows(cfg, baselines, {}, trials)
+    labels = [r.label for r in rows]
+    lam = f"{cfg.objective.lambda_sds:g}"
+    assert labels[:4] == [f"{first} pretrained", f"{first} FT with L_CLIP", f"{first} FT with L_CLIP + {lam} L_SDS",
+                          f"{second} pretrained"]
+    assert labels[-1] == f"diffusion score ({cfg.teacher.name})"
+    sds = rows[2]
+    assert sds.run == "ft_sds" and len(sds.runs) == 2              # the failed seed is left out
+    assert [r["metrics"]["aro/overall"] for r in sds.runs] == [0.5, 0.6]   # by seed
+    assert sds.metrics[TEXT] == pytest.approx(0.625) and sds.metrics["aro/overall"] == pytest.approx(0.55)
+    # A student with no finished FT-with-L_CLIP + L_SDS seed has no such row.
+    assert [r.run for r in rows if r.student == second] == ["pretrained", "ft_clip"]
+
+
+def test_the_table_carries_seed_count_spread_interval_and_the_paired_comparison(toy, tmp_path):
+    cfg, (first, _), baselines, trials = toy
+    rows = paper_tables.rows(cfg, baselines, {}, trials)
+    written = paper_tables.write(cfg, rows, tmp_path, n_resamples=200, seed=3)
+    assert sorted(p.name for p in written) == ["table1.csv", "table1.md", "table1.tex"]
+    table, names = cells(tmp_path / "table1.md"), header(tmp_path / "table1.md")
+    assert names[-4:] == ["seeds", "Wino text seed sd", "Wino text 95% CI", "Wino text vs FT with L_CLIP"]
+    sds = table[f"{first} FT with L_CLIP + {cfg.objective.lambda_sds:g} L_SDS"]
+    assert sds[COLUMN[TEXT]] == "0.625" and sds[-4] == "2"
+    assert sds[-3] == f"{np.std([0.75, 0.5], ddof=1):.3f}" == "0.177"
+    parts = {label: outcome_parts([{TEXT: {"correct": c, "groups": None}} for c in correct])[TEXT]
+             for label, correct in (("sds", ["11110000", "11111100"]), ("clip", ["11000000", "11100000"]))}
+    _, low, high = seed_task_interval(parts["sds"], 200, seed=3)
+    assert sds[-2] == f"[{low:.3f}, {high:.3f}]"
+    versus = paired_difference(parts["sds"], parts["clip"], 200, seed=3)
+    assert versus.difference == pytest.approx(0.625 - 0.3125) and sds[-1] == difference_cell(versus)
+    assert table[f"{first} FT with L_CLIP"][-1] == "-"             # the reference itself
+    # One run: no seed spread; the diffusion score is compared with train.student's FT with L_CLIP.
+    assert table[f"{first} pretrained"][-4:-2] == ["1", "-"]
+    assert table[f"diffusion score ({cfg.teacher.name})"][-1].startswith("+0.188 [")
+    assert not any(label.endswith("(paper)") for label in table)    # the toy profile has no published numbers
+
+
+def test_without_the_table1_sweep_the_stages_runs_of_train_student_fill_the_table(toy):
+    cfg, _, baselines, _ = toy
+    stage_runs = {"clip": run(0.3, "11100000"), "sds": run(0.4, "11110000")}
+    rows = paper_tables.rows(cfg, baselines, stage_runs, None)
+    student = cfg.train.student
+    assert [(r.student, r.run) for r in rows if r.run != "pretrained"] == [
+        (student, "ft_clip"), (student, "ft_sds"), (None, "diffusion_score")]
+    assert rows[2].label == f"{student} FT with L_CLIP + {cfg.objective.lambda_sds:g} L_SDS"
+
+
+def test_on_the_paper_profile_each_student_goes_to_its_published_table_beside_the_papers_numbers(tmp_path):
+    cfg = load(PARAMS, {"profile": "paper"})
+    baselines = {f"pretrained/{s}": run(0.25, "10000000") for s in cfg.students}
+    baselines["diffusion_score"] = run(0.5, "11110000")
+    trials = [trial(s, v, seed, 0.3, "11100000") for s in cfg.students for v in paper_tables.TABLE1_VARIANTS
+              for seed in (0, 1)]
+    written = paper_tables.write(cfg, paper_tables.rows(cfg, baselines, {}, trials), tmp_path, 50)
+    assert {p.stem for p in written} == {"table1", "table2", "table3", "table-coca"}
+    for table_id, stem in paper_tables.TABLES.items():
+        table = cells(tmp_path / f"{stem}.md")
+        for row in published.table(table_id).rows:
+            label = {"pretrained": f"{row.student} pretrained", "ft_clip": f"{row.student} FT with L_CLIP",
+                     "ft_sds": f"{row.student} FT with L_CLIP + 0.001 L_SDS"}[row.run]
+            shown = table[label + published.PAPER]
+            for key, value in row.metrics.items():           # the published number, under the measured row
+                assert shown[COLUMN[key]] == f"{value:.3f}", (table_id, label, key)
+            assert table[label][COLUMN[TEXT]] == ("0.300" if row.run.startswith("ft_") else "0.250")
+    table1 = cells(tmp_path / "table1.md")
+    assert table1["vit-b-16 FT with L_CLIP + 0.001 L_SDS (paper)"][COLUMN[TEXT]] == "0.310"
+    assert table1["vit-b-16 FT with L_CLIP + 0.001 L_SDS (paper)"][COLUMN["aro/vg_relation"]] == "0.535"
+    assert "vit-b-16-laion400m pretrained" in cells(tmp_path / "table2.md")
+    assert not any(label.startswith("vit-b-16-laion") for label in table1)
+    # The diffusion score's published row (the paper's Winoground and ARO of SD's score).
+    assert f"diffusion score ({cfg.teacher.name}){published.PAPER}" in table1

@@ -1,0 +1,175 @@
+"""`python -m pipeline.report SWEEP`: a hand-run sweep's report, from the results its launch left in a real
+MLflow store (the driver's `finish` ends each launch here, as after a run of `python -m pipeline.sweep`),
+or from a results file, writing what the report stage writes for the sweeps it ran."""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline import report
+from pipeline.config import TrackingConfig, load, read_yaml
+from pipeline.sweep import driver, spec
+from pipeline.tracking import Tracker, resolve_uri
+from stages import report as stage
+from test_report import (PNG_MAGIC, VARIANT_TRIALS, result_trial, write_params, write_sweep,
+                         write_table1_results)
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = REPO / ".venv" / "bin" / "python"
+LAMBDAS = [0, 1e-4, 1e-3, 1e-2, 1e-1]       # sweeps/lambda.yaml's grid
+
+
+def lambda_rows(failed: int | None = None) -> list[dict]:
+    """A launch's trials (`driver.summary_rows`) of sweeps/lambda.yaml: the student's scores flat, h_w text
+    rising with lambda (none at 0), with their per-case outcomes; trial `failed` failed."""
+    rows = []
+    for i, lam in enumerate(LAMBDAS):
+        text = [1, 0] * 4
+        hw = [1] * (i + 1) + [0] * (7 - i)
+        outcomes = {"winoground/text": {"correct": "".join(map(str, text)), "groups": None}}
+        metrics = {"winoground/text": 0.5, "aro/overall": 0.6}
+        if lam:
+            outcomes["projected/winoground/text"] = {"correct": "".join(map(str, hw)), "groups": None}
+            metrics["projected/winoground/text"] = sum(hw) / 8
+        status = "failed" if i == failed else "finished"
+        rows.append(result_trial(f"t{i:03d}", {"objective.lambda_sds": lam}, status, metrics,
+                                 outcomes if status == "finished" else None))
+    return rows
+
+
+def end_launch(root: Path, rows: list[dict] | None, capsys) -> str:
+    """A launch of sweeps/lambda.yaml in the project's store: its parent run opened by the run recorder
+    and, given its trials, ended by the driver's `finish` (summary printed, summary.json logged); None
+    leaves it running. The summary printed."""
+    from pipeline.sweep.recorder import RunRecorder   # imports Ray Tune: only the tests that launch
+
+    params = root / "params.yaml"
+    sweep = spec.load(REPO / "sweeps" / "lambda.yaml", read_yaml(params))
+    recorder = RunRecorder(sweep, root, resolve_uri(sweep.base_config.tracking.uri, root),
+                           driver.experiment_name(sweep), "0" * 40)
+    recorder.open_launch(str(root / "ray_results" / f"lambda-{time.time_ns()}"))
+    time.sleep(0.01)            # the launches' start times order them
+    if rows is not None:
+        driver.finish(sweep, recorder, rows, time.perf_counter(), {}, None, params=params)
+    return capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    root = tmp_path_factory.mktemp("report-cli")
+    write_params(root)
+    return root
+
+
+@pytest.fixture()
+def in_project(project, monkeypatch):
+    monkeypatch.chdir(project)      # a SQLite store keeps its artifacts under the working folder
+    return project
+
+
+def test_a_hand_run_sweep_prints_the_command_that_writes_its_report_from_the_newest_launch(in_project, capsys):
+    root = in_project
+    end_launch(root, lambda_rows(), capsys)                     # an older launch, finished
+    summary = end_launch(root, lambda_rows(failed=4), capsys)   # the newest with results: a trial failed
+    end_launch(root, None, capsys)                              # the newest of all, still running
+    [line] = [line for line in summary.splitlines() if "python -m pipeline.report" in line]
+    command = shlex.split(line.split(": ", 1)[1])
+    assert command == ["python", "-m", "pipeline.report", "lambda", "--params", str(root / "params.yaml")]
+
+    done = subprocess.run([str(PYTHON), *command[1:]], cwd=root, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr
+    reports = root / "reports"
+    assert done.stdout.split() == [str(reports / f"sweep-lambda.{suffix}") for suffix in ("md", "tex", "csv", "png")]
+    assert "has no summary.json yet" in done.stderr and "(FAILED, run " in done.stderr
+    rows = (reports / "sweep-lambda.csv").read_text().splitlines()
+    assert [row.split(",")[:3] for row in rows[1:]] == [
+        ["t000", "0", "finished"], ["t001", "0.0001", "finished"], ["t002", "0.001", "finished"],
+        ["t003", "0.01", "finished"], ["t004", "0.1", "failed"]]
+    assert (reports / "sweep-lambda.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_the_command_draws_what_moved_with_intervals_and_names_what_did_not(in_project, capsys):
+    """The figure the command writes, from the launch's results in the store (as read back by it)."""
+    end_launch(in_project, lambda_rows(), capsys)
+    trials = report.table_trials(report.launch_trials(load(in_project / "params.yaml"), in_project, "lambda"))
+    keys = report.swept_keys(trials)
+    figure = report.sweep_figure("lambda", report.sorted_trials(trials, keys), keys, n_resamples=100)
+    titles = [ax.get_title() for ax in figure.axes if ax.get_visible()]
+    assert titles == ["h_w text"]
+    title = " ".join(figure.get_suptitle().split())
+    assert "Winoground text 0.500" in title and "ARO overall 0.600" in title
+    [ax] = figure.axes
+    assert ax.get_ylabel() == "accuracy" and figure.get_supxlabel().startswith("objective.lambda_sds (log scale")
+    [bars] = ax.containers
+    assert len(bars.lines[2][0].get_segments()) == 4           # an interval per trial that has h_w text
+    assert all(abs(seg[1][1] - seg[0][1]) > 0.1 for seg in bars.lines[2][0].get_segments())   # 8 cases: wide
+
+
+def test_an_unknown_sweep_is_one_line_naming_the_experiment_and_the_sweeps_there(in_project, capsys):
+    end_launch(in_project, lambda_rows(), capsys)
+    code = report.main(["nope", "--params", str(in_project / "params.yaml")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert err.startswith("error: sweep 'nope': no launch in MLflow experiment 'sds-clip/nope' at sqlite:///")
+    assert err.rstrip().endswith("sweeps there: lambda")
+
+
+def test_a_sweep_whose_launches_have_no_results_yet_is_one_line(in_project, capsys):
+    tracker = Tracker(TrackingConfig(uri="sqlite:///mlruns/mlflow.db", experiment="sds-clip"), in_project)
+    tracker.start("scope launch", tags={"sweep_role": "parent"}, experiment="sds-clip/scope")   # still running
+    code = report.main(["scope", "--params", str(in_project / "params.yaml")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1] == (
+        "error: sweep 'scope': none of the 1 launches in MLflow experiment 'sds-clip/scope' has written its results "
+        "(summary.json) yet; wait for one to end, or pass --results FILE")
+    assert not (in_project / "reports" / "sweep-scope.md").exists()
+
+
+def test_from_a_results_file_it_writes_what_the_stage_writes(tmp_path, capsys):
+    """A variant sweep: its table and figure and the variants' comparison, byte for byte the stage's."""
+    params = write_params(tmp_path)
+    results = tmp_path / "results"
+    write_table1_results(results)
+    labelled = [{**trial, "trial": f"t{i:03d}"} for i, trial in enumerate(VARIANT_TRIALS)]
+    (results / "sweeps.json").write_text(json.dumps({"methods": write_sweep(results, "methods", labelled)}))
+    assert stage.main(["--params", str(params)]) == 0
+    out = tmp_path / "by-hand"
+    assert report.main(["methods", "--params", str(params), "--out", str(out),
+                        "--results", str(results / "sweeps" / "methods.json")]) == 0
+    written = sorted(path.name for path in out.iterdir())
+    assert written == sorted(f"{stem}.{suffix}" for stem in ("sweep-methods", "methods")
+                             for suffix in ("md", "tex", "csv", "png"))
+    for name in written:
+        assert (out / name).read_bytes() == (tmp_path / "reports" / name).read_bytes(), name
+    assert not (tmp_path / "mlruns").exists()           # a results file needs no tracking store
+
+    assert report.main(["lambda", "--params", str(params), "--results", str(results / "sweeps" / "methods.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    given = results / "sweeps" / "methods.json"
+    assert err[-1] == f"error: --results: {given} holds the results of sweep 'methods', not 'lambda'"
+
+
+def test_help_names_the_command_and_its_sources(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        report.main(["--help"])
+    text = capsys.readouterr().out
+    assert exit_.value.code == 0 and text.startswith("usage: python -m pipeline.report ")
+    assert "<tracking.experiment>/SWEEP" in text and "--results FILE" in text
+
+
+def test_the_summary_names_the_params_file_only_when_it_is_not_the_default():
+    from pipeline.sweep.cli import summary_text
+
+    sweep = spec.load(REPO / "sweeps" / "lambda.yaml", read_yaml(REPO / "params.yaml"))
+    counts = {"finished": 0, "early_stopped": 0, "failed": 0, "interrupted": 0}
+    last = lambda params: summary_text(sweep, [], counts, None, 1.0, params).splitlines()[-1]  # noqa: E731
+    assert last(None) == "report (table and figure): python -m pipeline.report lambda"
+    assert last(Path("params.yaml")) == last(None)
+    assert last(Path("my params.yaml")).endswith("python -m pipeline.report lambda --params 'my params.yaml'")
