@@ -72,7 +72,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.sweep_overhead import build_project  # noqa: E402
 from tests.test_config import BAD as BAD_PARAMS, _set  # noqa: E402
-from tests.test_sweep import env, free_port, last_logged_step, processes_under, stop  # noqa: E402
+from tests.test_sweep import env, free_port, last_logged_step, processes_under, sigkill_when, stop  # noqa: E402
 from tests.test_sweep_config import BAD as BAD_SWEEPS  # noqa: E402
 
 PYTHON = sys.executable
@@ -376,27 +376,11 @@ class Kills:
         return [PYTHON, "-m", "pipeline.sweep", str(path), "--params", str(self.params), *extra]
 
     def crash_when(self, proc: subprocess.Popen, ready: Callable[[], bool], temp: str | None, what: str) -> None:
-        """SIGKILL `proc` alone (as a crash of it would) once `ready()`, then stop what it started: its
-        child processes and, given its Ray temp dir, that Ray's."""
-        import psutil
-
-        deadline = time.monotonic() + self.timeout
-        leftovers: list[psutil.Process] = []
+        """SIGKILL `proc` alone once `ready()`, then stop what it started (tests/test_sweep.py's `sigkill_when`)."""
         try:
-            while not self.holds(ready):
-                if proc.poll() is not None:
-                    raise Failed(f"it ended (exit {proc.returncode}) before {what}")
-                if time.monotonic() > deadline:
-                    raise Failed(f"no {what} within {self.timeout:g} s")
-                time.sleep(0.5)
-            leftovers = psutil.Process(proc.pid).children(recursive=True)
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            stop(processes_under(temp, leftovers) if temp else [p for p in leftovers if p.is_running()])
+            sigkill_when(proc, lambda: self.holds(ready), temp, self.timeout, what)
+        except AssertionError as err:
+            raise Failed(str(err)) from None
 
     @staticmethod
     def holds(condition: Callable[[], bool]) -> bool:

@@ -127,6 +127,26 @@ def stop(procs: list[psutil.Process]) -> None:
     psutil.wait_procs(alive, timeout=10)
 
 
+def sigkill_when(proc: subprocess.Popen, ready, temp: str | None, timeout: float, what: str) -> None:
+    """SIGKILL `proc` alone (as a crash of it would) once `ready()`, then stop what it started: its
+    child processes and, given its Ray temp dir, that Ray's."""
+    leftovers: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            assert proc.poll() is None, f"it ended (exit {proc.returncode}) before {what}"
+            assert time.monotonic() < deadline, f"no {what} within {timeout:g} s"
+            time.sleep(0.3)
+        leftovers = psutil.Process(proc.pid).children(recursive=True)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        stop(processes_under(temp, leftovers) if temp else [p for p in leftovers if p.is_running()])
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -336,31 +356,18 @@ def test_sigkill_of_the_driver_then_resume_finishes_with_one_run_per_trial(proje
                                str(project / "params.yaml"), "--ray-temp-dir", temp],
                               cwd=project, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)
-    leftovers: list[psutil.Process] = []
+    def finished_and_midway() -> bool:
+        """A trial has finished and another is mid-way, past several checkpoints."""
+        parents = launches(tr) if tr.client.get_experiment_by_name("sds-clip/killed") else []
+        if not parents:
+            return False
+        kids = children(tr, parents[0]["run_id"])
+        return any(k["status"] == "FINISHED" for k in kids) and any(
+            k["status"] == "RUNNING" and KILL_AFTER_STEP <= last_logged_step(tr, k) <= KILL_BEFORE_STEP for k in kids)
+
     try:
-        # Kill once a trial has finished and another is mid-way, past several checkpoints.
-        deadline = time.monotonic() + 400
-        while True:
-            assert driver.poll() is None, "the sweep ended before the test could kill it"
-            assert time.monotonic() < deadline, "no trial got far enough to kill the driver mid-sweep"
-            time.sleep(0.3)
-            parents = launches(tr) if tr.client.get_experiment_by_name("sds-clip/killed") else []
-            if not parents:
-                continue
-            kids = children(tr, parents[0]["run_id"])
-            done = [k for k in kids if k["status"] == "FINISHED"]
-            midway = [k for k in kids if k["status"] == "RUNNING"
-                      and KILL_AFTER_STEP <= last_logged_step(tr, k) <= KILL_BEFORE_STEP]
-            if done and midway:
-                break
-        leftovers = psutil.Process(driver.pid).children(recursive=True)
-        driver.send_signal(signal.SIGKILL)
-        driver.wait()
+        sigkill_when(driver, finished_and_midway, temp, 400, "a trial got far enough to kill the driver mid-sweep")
     finally:
-        if driver.poll() is None:
-            driver.kill()
-            driver.wait()
-        stop(processes_under(temp, leftovers))
         shutil.rmtree(temp, ignore_errors=True)
 
     (parent,) = launches(tr)
@@ -455,24 +462,11 @@ def test_the_sweep_stage_killed_mid_launch_resumes_that_launch_when_run_again(pr
     stage_env = {**env(), "RAY_TMPDIR": temp, "AWS_SECRET_ACCESS_KEY": SECRET}
     stage = subprocess.Popen(command, cwd=project, env=stage_env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, start_new_session=True)
-    leftovers: list[psutil.Process] = []
-    try:
-        deadline = time.monotonic() + 300
-        while True:                                      # killed once the first trial has finished
-            assert stage.poll() is None, "the stage ended before the test could kill it"
-            assert time.monotonic() < deadline, "no trial finished"
-            time.sleep(0.3)
-            parents = launches(tr) if tr.client.get_experiment_by_name("sds-clip/stagekill") else []
-            if parents and any(k["status"] == "FINISHED" for k in children(tr, parents[0]["run_id"])):
-                break
-        leftovers = psutil.Process(stage.pid).children(recursive=True)
-        stage.send_signal(signal.SIGKILL)
-        stage.wait()
-    finally:
-        if stage.poll() is None:
-            stage.kill()
-            stage.wait()
-        stop(processes_under(temp, leftovers))
+    def a_trial_finished() -> bool:
+        parents = launches(tr) if tr.client.get_experiment_by_name("sds-clip/stagekill") else []
+        return bool(parents) and any(k["status"] == "FINISHED" for k in children(tr, parents[0]["run_id"]))
+
+    sigkill_when(stage, a_trial_finished, temp, 300, "a finished trial")
     (parent,) = launches(tr)
     finished_before = {k["tags"]["trial_id"]: k for k in children(tr, parent["run_id"]) if k["status"] == "FINISHED"}
     assert not (project / "results" / "sweeps.json").exists()
