@@ -59,10 +59,9 @@ from pipeline.report import read_trials, sweep_report, variant_rows
 TABLE1 = "table1"     # the sweep whose seeds make the Table-1 rows (sweeps/table1.yaml)
 
 
-def table_rows(cfg, results: Path, sweeps: list[str]) -> list[paper_tables.Row]:
-    """The paper tables' rows from the stages' results files, with sweeps/table1.yaml's seeds when it ran."""
+def table_rows(cfg, results: Path, trials: list[dict] | None) -> list[paper_tables.Row]:
+    """The paper tables' rows from the stages' results files, with sweeps/table1.yaml's trials when it ran."""
     baselines = load_json(results / "baselines.json", "results of the baselines stage")
-    trials = read_trials(sweep_file(results, TABLE1), f"results of sweep {TABLE1}") if TABLE1 in sweeps else None
     stage_runs = None if trials is not None else {
         variant: load_json(results / f"train-{variant}.json", f"results of the train_{variant} stage")
         for variant in ("clip", "sds")}
@@ -97,8 +96,10 @@ def sweep_file(results: Path, name: str) -> Path:
 def body(args, cfg, root):
     results, reports = root / "results", root / "reports"
     resamples = cfg.eval.bootstrap or 1000
-    sweeps = ran_sweeps(results)
-    rows = table_rows(cfg, results, sweeps)
+    sweeps = {name: read_trials(sweep_file(results, name), f"results of sweep {name} (listed in "
+                                                             f"{results / 'sweeps.json'})")
+              for name in ran_sweeps(results)}
+    rows = table_rows(cfg, results, sweeps.get(TABLE1))
     written = paper_tables.write(cfg, rows, reports, resamples, cfg.eval.seed)
     main_student = [(r.label, r.runs) for r in rows if r.student == cfg.train.student]
     points = paper_tables.inference_points(rows)
@@ -107,9 +108,7 @@ def body(args, cfg, root):
         if figure is not None:
             written.append(write_figure(path, figure))
     variants = {}
-    for name in sweeps:
-        listed = f"results of sweep {name} (listed in {results / 'sweeps.json'})"
-        trials = read_trials(sweep_file(results, name), listed)
+    for name, trials in sweeps.items():
         variants[name] = variant_rows(name, trials, cfg)
         written += sweep_report(name, trials, variants[name], cfg, reports)
     for path in stale_outputs(reports, written):

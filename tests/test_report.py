@@ -402,7 +402,7 @@ def test_stage_writes_tables_figures_and_removes_stale_sweep_outputs(store):
                             "zeroshot.png"] + [f"sweep-{n}.{s}" for n in ("lambda", "scope") for s in ("csv", "md", "png", "tex")])
     assert (reports / "zeroshot.png").read_bytes().startswith(PNG_MAGIC)
     assert (reports / "inference.png").read_bytes().startswith(PNG_MAGIC)
-    points = paper_tables.inference_points(stage.table_rows(load(store["params"]), root / "results", []))
+    points = paper_tables.inference_points(stage.table_rows(load(store["params"]), root / "results", None))
     assert [(label, seconds) for label, seconds, _, _ in points] == [
         ("toy-vit pretrained", 0.001), ("diffusion score (toy-ldm), 16 samples", 0.05)]
     table = (reports / "table1.md").read_text().splitlines()
