@@ -14,6 +14,7 @@ followed by the paper's numbers (`published.beside`).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -21,10 +22,8 @@ import numpy as np
 
 from pipeline import published
 from pipeline.metrics import TIME_PER_PAIR, outcome_parts, paired_difference, seed_task_interval
-from pipeline.report import COLUMNS, VARIANT, difference_cell, objective_label, write_tables
+from pipeline.report import COLUMNS, SEED, difference_cell, objective_label, write_tables
 
-# sweeps/table1.yaml's variants, by the objective.method each sets (at the profile's lambda for L_SDS).
-TABLE1_VARIANTS = {"FT with L_CLIP": "clip", "FT with L_CLIP + L_SDS": "sds"}
 STUDENT = "train.student"
 TEXT = "winoground/text"
 # The published tables of students, by the file stem the report writes each to; the first holds
@@ -53,26 +52,38 @@ def ft_run(objective) -> str:
     return f"ft_{objective.method}"
 
 
+def trial_rows(cfg, trials: list[dict]) -> list[Row]:
+    """A row per configuration of a sweep's finished trials with outcomes (their whole config, as the
+    results file's `params` hold it, but the seed), in first-seen order, its runs by seed; labelled
+    by student and objective, e.g. "toy-vit FT with L_CLIP + 0.1 L_SDS"."""
+    groups: dict[tuple, list[dict]] = {}
+    for trial in trials:
+        if trial.get("status") == "finished" and trial.get("outcomes"):
+            config = tuple(sorted((k, repr(v)) for k, v in trial["params"].items() if k != SEED))
+            groups.setdefault(config, []).append(trial)
+    out = []
+    for runs in groups.values():
+        runs.sort(key=lambda t: t["params"][SEED])
+        params = runs[0]["params"]
+        objective = replace(cfg.objective, **{key.removeprefix("objective."): value for key, value in params.items()
+                                              if key.startswith("objective.")})
+        out.append(Row(params[STUDENT], ft_run(objective), f"{params[STUDENT]} {objective_label(objective)}", runs))
+    return out
+
+
 def rows(cfg, baselines: dict, stage_runs: dict[str, dict], table1_trials: list[dict] | None) -> list[Row]:
-    """Every row, students in the profile's order: pretrained, FT with L_CLIP, FT with the objective;
-    then the diffusion score. `stage_runs`: the train_clip / train_sds results ({"clip": ..., "sds":
-    ...}), read when `table1_trials` (sweeps/table1.yaml's results) is None."""
+    """Every row, students in the profile's order: pretrained, then its fine-tuned rows (sweeps/table1.yaml's,
+    or FT with L_CLIP and with the objective from the train_clip / train_sds results `stage_runs`
+    ({"clip": ..., "sds": ...}) when `table1_trials` is None); then the diffusion score."""
+    fine_tuned = trial_rows(cfg, table1_trials) if table1_trials is not None else []
     out = []
     for student in cfg.students:
         out.append(Row(student, "pretrained", f"{student} pretrained", [baselines[f"pretrained/{student}"]]))
-        if table1_trials is None:
-            if student == cfg.train.student:
-                out.append(Row(student, "ft_clip", f"{student} FT with L_CLIP", [stage_runs["clip"]]))
-                out.append(Row(student, ft_run(cfg.objective), f"{student} {objective_label(cfg.objective)}",
-                               [stage_runs["sds"]]))
-            continue
-        for variant, method in TABLE1_VARIANTS.items():
-            seeds = sorted((t for t in table1_trials if t.get("status") == "finished" and t.get("outcomes")
-                            and t["config"].get(STUDENT) == student and t["config"].get(VARIANT) == variant),
-                           key=lambda t: t["config"].get("train.seed", 0))
-            objective = replace(cfg.objective, method=method, **({"lambda_sds": 0.0} if method == "clip" else {}))
-            if seeds:
-                out.append(Row(student, ft_run(objective), f"{student} {objective_label(objective)}", seeds))
+        if table1_trials is None and student == cfg.train.student:
+            out.append(Row(student, "ft_clip", f"{student} FT with L_CLIP", [stage_runs["clip"]]))
+            out.append(Row(student, ft_run(cfg.objective), f"{student} {objective_label(cfg.objective)}",
+                           [stage_runs["sds"]]))
+        out += [row for row in fine_tuned if row.student == student]
     out.append(Row(None, published.DIFFUSION_SCORE, f"diffusion score ({cfg.teacher.name})",
                    [baselines[published.DIFFUSION_SCORE]]))
     return out
@@ -87,37 +98,67 @@ def table_of(student: str | None, profile: str) -> str:
     return "table1"
 
 
-def _text_interval(row: Row, n_resamples: int, seed: int) -> str:
-    runs = [r["outcomes"] for r in row.runs if TEXT in r.get("outcomes", {})]
-    if len(runs) != len(row.runs) or not runs:
+def _parts(row: Row, key: str):
+    """`key`'s per-case outcomes over the row's seeds (None when a seed lacks them)."""
+    return outcome_parts([r.get("outcomes") or {} for r in row.runs]).get(key)
+
+
+def _interval(row: Row, key: str, n_resamples: int, seed: int) -> str:
+    if (parts := _parts(row, key)) is None:
         return "-"
-    _, low, high = seed_task_interval(outcome_parts(runs)[TEXT], n_resamples, seed=seed)
+    _, low, high = seed_task_interval(parts, n_resamples, seed=seed)
     return f"[{low:.3f}, {high:.3f}]"
 
 
-def _seed_sd(row: Row) -> str:
-    values = [r["metrics"][TEXT] for r in row.runs if TEXT in r["metrics"]]
+def _seed_sd(row: Row, key: str) -> str:
+    values = [r["metrics"][key] for r in row.runs if key in r["metrics"]]
     return f"{np.std(values, ddof=1):.3f}" if len(values) > 1 else "-"
 
 
-def _versus(row: Row, reference: Row | None, n_resamples: int, seed: int) -> str:
+def _versus(row: Row, reference: Row | None, key: str, n_resamples: int, seed: int) -> str:
     if reference is None or row is reference:
         return "-"
-    a = [r.get("outcomes", {}) for r in row.runs]
-    b = [r.get("outcomes", {}) for r in reference.runs]
-    if not all(TEXT in o for o in a + b):
-        return "-"
-    return difference_cell(paired_difference(outcome_parts(a)[TEXT], outcome_parts(b)[TEXT], n_resamples, seed=seed))
+    a, b = _parts(row, key), _parts(reference, key)
+    return "-" if a is None or b is None else difference_cell(paired_difference(a, b, n_resamples, seed=seed))
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """The metric a table's last columns are about: seed spread, 95% interval and the paired difference
+    to each row's reference row (named `against`, e.g. "FT with L_CLIP"), on the same cases."""
+
+    name: str                 # as the table shows the metric, e.g. "Wino text"
+    key: str                  # its metric key
+    against: str
+    against_key: str          # the reference in the CSV header, e.g. "ft_clip"
+
+
+TEXT_VS_FT_CLIP = Comparison("Wino text", TEXT, "FT with L_CLIP", "ft_clip")
+
+
+def write_table(out: Path, stem: str, table_rows: list[Row], paper: list[dict[str, float] | None],
+                columns: list[tuple[str, str]], comparison: Comparison, reference: Callable[[Row], Row | None],
+                n_resamples: int = 1000, seed: int = 0) -> list[Path]:
+    """`<stem>.md/.tex/.csv`: a row per measured row (`columns`' metrics, its seed count and the
+    comparison's columns), each followed by its published row from `paper` (one entry per row, None
+    where the paper has none)."""
+    keys = [key for _, key in columns]
+    c = comparison
+    extra = ["seeds", f"{c.name} seed sd", f"{c.name} 95% CI", f"{c.name} vs {c.against}"]
+    extra_keys = ["seeds", f"{c.key}/seed_sd", f"{c.key}/ci95", f"{c.key}/vs_{c.against_key}"]
+    header, cells = published.beside(["run"] + [name for name, _ in columns], keys,
+                                     [(r.label, r.metrics) for r in table_rows], paper)
+    by_label = {r.label: [str(len(r.runs)), _seed_sd(r, c.key), _interval(r, c.key, n_resamples, seed),
+                          _versus(r, reference(r), c.key, n_resamples, seed)] for r in table_rows}
+    cells = [row + by_label.get(row[0], ["-"] * len(extra)) for row in cells]
+    return write_tables(out, stem, header + extra, ["run"] + keys + extra_keys, cells)
 
 
 def write(cfg, table_rows: list[Row], out: Path, n_resamples: int = 1000, seed: int = 0) -> list[Path]:
     """Each table that has rows, as `<stem>.md/.tex/.csv` under `out` (the paper's numbers under the
-    measured ones on the paper profile)."""
+    measured ones on the paper profile), each row against its student's FT with L_CLIP."""
     references = {r.student: r for r in table_rows if r.run == "ft_clip"}
     references[None] = references.get(cfg.train.student)
-    keys = [key for _, key in COLUMNS]
-    extra = ["seeds", "Wino text seed sd", "Wino text 95% CI", "Wino text vs FT with L_CLIP"]
-    extra_keys = ["seeds", "winoground/text/seed_sd", "winoground/text/ci95", "winoground/text/vs_ft_clip"]
     written = []
     for table_id, stem in TABLES.items():
         chosen = [r for r in table_rows if table_of(r.student, cfg.profile) == table_id]
@@ -125,12 +166,8 @@ def write(cfg, table_rows: list[Row], out: Path, n_resamples: int = 1000, seed: 
             continue
         paper = [published.lookup(table_id if r.student else "appendix_diffusion_score", r.student, r.run)
                  if cfg.profile == "paper" else None for r in chosen]
-        header, cells = published.beside(["run"] + [name for name, _ in COLUMNS], keys,
-                                         [(r.label, r.metrics) for r in chosen], paper)
-        by_label = {r.label: [str(len(r.runs)), _seed_sd(r), _text_interval(r, n_resamples, seed),
-                              _versus(r, references.get(r.student), n_resamples, seed)] for r in chosen}
-        cells = [row + by_label.get(row[0], ["-"] * len(extra)) for row in cells]
-        written += write_tables(out, stem, header + extra, ["run"] + keys + extra_keys, cells)
+        written += write_table(out, stem, chosen, paper, COLUMNS, TEXT_VS_FT_CLIP,
+                               lambda r: references.get(r.student), n_resamples, seed)
     return written
 
 

@@ -76,9 +76,8 @@ def check_store(uri: str, root: Path) -> None:
         existing = existing.parent
     if existing != store and not existing.is_dir():
         raise ConfigError(f"tracking.uri: {existing} is a file, so {store} cannot be created")
-    writable = existing if existing != store else store
-    if not os.access(writable, os.W_OK):
-        raise ConfigError(f"tracking.uri: {writable} is not writable, so the store {store} cannot be written")
+    if not os.access(existing, os.W_OK):     # the store itself, or the folder it would be created in
+        raise ConfigError(f"tracking.uri: {existing} is not writable, so the store {store} cannot be written")
 
 
 def resolve_uri(uri: str, root: Path) -> str:

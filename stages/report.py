@@ -11,6 +11,13 @@
     reports/table2.*, table3.*, table-coca.*
                                     the same for the students the paper reports in its Tables 2
                                     and 3 (LAION ViT-B/16) and appendix L (CoCa), paper profile
+    reports/appendix-*.md, .tex, .csv
+                                    the paper's appendix tables (`pipeline.appendix`): UNet-feature
+                                    distillation (A.2, from the sweep that ran it), the diffusion
+                                    score on ARO and the order sets, CLEVR (J), and on the paper
+                                    profile SD v2-1 (G) and CC-3M (H) when the study ran them;
+                                    appendix F's lambda and learning-rate ablations are the
+                                    sweep-lambda and sweep-lr outputs below
     reports/zeroshot.png            the paper's Fig. 2: accuracy per zero-shot set of
                                     train.student's rows, with 95% intervals over seeds and the
                                     set's cases (not written when none has a set)
@@ -49,7 +56,7 @@ import json
 import sys
 from pathlib import Path
 
-from pipeline import cli, paper_tables
+from pipeline import appendix, cli, paper_tables
 from pipeline.data.errors import load_json
 from pipeline.io import write_json
 from pipeline.figures import inference_figure, write_figure, zeroshot_figure
@@ -84,7 +91,8 @@ def stale_outputs(reports: Path, written: list[Path]) -> list[Path]:
     listed = reports / OUTPUTS
     previous = [reports / name for name in json.loads(listed.read_text())] if listed.is_file() else []
     candidates = [*previous, *reports.glob("sweep-*"), reports / "zeroshot.png", reports / "inference.png",
-                  *(reports / f"{stem}.{suffix}" for stem in paper_tables.TABLES.values() for suffix in ("md", "tex", "csv"))]
+                  *(reports / f"{stem}.{suffix}" for stem in (*paper_tables.TABLES.values(), *appendix.STEMS)
+                    for suffix in ("md", "tex", "csv"))]
     return [path for path in dict.fromkeys(candidates) if path.is_file() and path not in written]
 
 
@@ -101,6 +109,7 @@ def body(args, cfg, root):
               for name in ran_sweeps(results)}
     rows = table_rows(cfg, results, sweeps.get(TABLE1))
     written = paper_tables.write(cfg, rows, reports, resamples, cfg.eval.seed)
+    written += appendix.write(cfg, rows, sweeps, reports, resamples, cfg.eval.seed)
     main_student = [(r.label, r.runs) for r in rows if r.student == cfg.train.student]
     points = paper_tables.inference_points(rows)
     for path, figure in ((reports / "zeroshot.png", zeroshot_figure(main_student, resamples, cfg.eval.seed)),

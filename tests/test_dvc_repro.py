@@ -1,6 +1,7 @@
 """`dvc repro` of the smoke profile in a temporary clone of the working tree (real DVC, MLflow)."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -28,7 +29,11 @@ def clone(tmp_path_factory):
     """A git repo holding the working tree's tracked and untracked-not-ignored files, profile smoke."""
     dest = copy_working_tree(tmp_path_factory.mktemp("clone"))
     params = dest / "params.yaml"
-    params.write_text(params.read_text().replace("profile: toy", "profile: smoke", 1))
+    # The methods and Table 1's sweeps: appendix F's ablations (the other sweeps the toy study lists)
+    # would add ten trials to each of the test's three sweep stages, and run through the same code.
+    text = re.sub(r"\nsweeps: \[.*\]\n", "\nsweeps: [sweeps/methods.yaml, sweeps/table1.yaml]\n", params.read_text())
+    assert "sweeps/lambda.yaml, sweeps/lr.yaml]" in params.read_text() and text != params.read_text()
+    params.write_text(text.replace("profile: toy", "profile: smoke", 1))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@localhost",
            "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@localhost"}
@@ -61,6 +66,9 @@ def test_repro_writes_the_reports_then_is_up_to_date_then_reruns_only_lambda_dep
     assert "metrics/ft-sds.json" in metrics and "wino_text" in metrics
     for suffix in ("tex", "csv"):
         assert (dest / "reports" / f"table1.{suffix}").is_file()
+    # Appendix A.2 from the methods sweep; the diffusion score's ARO and CLEVR from the baselines.
+    for stem in ("appendix-unet-feature", "appendix-diffusion-score", "appendix-clevr"):
+        assert (dest / "reports" / f"{stem}.md").is_file(), stem
 
     _check_mlflow(dest)
     _check_sweep(dest)

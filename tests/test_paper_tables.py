@@ -20,8 +20,15 @@ def run(text: float, correct: str, **metrics) -> dict:
     return {"metrics": {TEXT: text, **metrics}, "outcomes": {TEXT: {"correct": correct, "groups": None}}}
 
 
+# sweeps/table1.yaml's variants: the objective keys each sets (L_SDS at the profile's lambda).
+VARIANTS = {"FT with L_CLIP": {"objective.method": "clip", "objective.lambda_sds": 0.0},
+            "FT with L_CLIP + L_SDS": {"objective.method": "sds"}}
+
+
 def trial(student: str, variant: str, seed: int, text: float, correct: str, status: str = "finished") -> dict:
+    """A results-file trial; its `params` (the whole config in a real one) hold the keys rows are grouped by."""
     return {"config": {"train.student": student, "variant": variant, "train.seed": seed}, "status": status,
+            "params": {"train.student": student, "train.seed": seed, **VARIANTS[variant]},
             **run(text, correct, **{"aro/overall": 0.5 + seed / 10})}
 
 
@@ -103,7 +110,7 @@ def test_on_the_paper_profile_each_student_goes_to_its_published_table_beside_th
     cfg = load(PARAMS, {"profile": "paper"})
     baselines = {f"pretrained/{s}": run(0.25, "10000000") for s in cfg.students}
     baselines["diffusion_score"] = run(0.5, "11110000")
-    trials = [trial(s, v, seed, 0.3, "11100000") for s in cfg.students for v in paper_tables.TABLE1_VARIANTS
+    trials = [trial(s, v, seed, 0.3, "11100000") for s in cfg.students for v in VARIANTS
               for seed in (0, 1)]
     written = paper_tables.write(cfg, paper_tables.rows(cfg, baselines, {}, trials), tmp_path, 50)
     assert {p.stem for p in written} == {"table1", "table2", "table3", "table-coca"}

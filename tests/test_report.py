@@ -55,10 +55,13 @@ TEXT_OUTCOMES = {"pretrained toy-vit": "10000000", "FT with L_CLIP": "11000000",
                  "FT with L_CLIP + 0.001 L_SDS": "11110000", "diffusion score (toy-ldm)": "11111111"}
 
 
-def result_trial(label: str, config: dict, status: str, metrics: dict, outcomes: dict | None = None) -> dict:
-    """A trial as a sweep's results file lists it (`pipeline.sweep`'s payload)."""
+def result_trial(label: str, config: dict, status: str, metrics: dict, outcomes: dict | None = None,
+                 params: dict | None = None) -> dict:
+    """A trial as a sweep's results file lists it (`pipeline.sweep`'s payload); `params` stand for its
+    whole config (default: its swept values)."""
     index = int(label[1:]) if label[1:].isdigit() else 0
     return {"trial": label, "trial_id": f"5e1f0_{index:05d}", "run_id": f"{index:032x}", "config": config,
+            "params": params if params is not None else dict(config),
             "status": status, "failure": "RuntimeError: loss is NaN" if status == "failed" else "",
             "metric": metrics.get("winoground/text") if status == "finished" else None,
             "trial_seconds": 41.5, "import_seconds": 2.1, "report_seconds": 0.4,
@@ -396,10 +399,12 @@ def test_stage_writes_tables_figures_and_removes_stale_sweep_outputs(store):
     reports.mkdir(exist_ok=True)
     (reports / "sweep-old.md").write_text("an earlier sweep\n")
     (reports / "notes.txt").write_text("not the report's\n")
+    (reports / "appendix-unet-feature.md").write_text("from a study whose sweeps ran the UNet-feature loss\n")
     assert stage.main(["--params", str(store["params"])]) == 0
     names = sorted(p.name for p in reports.iterdir())
     assert names == sorted([".outputs.json", "notes.txt", "inference.png", "table1.csv", "table1.md", "table1.tex",
-                            "zeroshot.png"] + [f"sweep-{n}.{s}" for n in ("lambda", "scope") for s in ("csv", "md", "png", "tex")])
+                            "zeroshot.png"] + [f"sweep-{n}.{s}" for n in ("lambda", "scope") for s in ("csv", "md", "png", "tex")]
+                           + [f"appendix-diffusion-score.{s}" for s in ("csv", "md", "tex")])
     assert (reports / "zeroshot.png").read_bytes().startswith(PNG_MAGIC)
     assert (reports / "inference.png").read_bytes().startswith(PNG_MAGIC)
     points = paper_tables.inference_points(stage.table_rows(load(store["params"]), root / "results", None))
@@ -433,9 +438,12 @@ def test_stage_fills_table1_from_the_table1_sweeps_seeds_when_it_ran(store):
     results, reports = store["root"] / "results", store["root"] / "reports"
     correct = {("FT with L_CLIP", 0): "11000000", ("FT with L_CLIP", 1): "11100000",
                ("FT with L_CLIP + L_SDS", 0): "11110000", ("FT with L_CLIP + L_SDS", 1): "11111100"}
+    objectives = {"FT with L_CLIP": {"objective.method": "clip", "objective.lambda_sds": 0.0},
+                  "FT with L_CLIP + L_SDS": {"objective.method": "sds"}}
     trials = [result_trial(f"t{i:03d}", {"train.student": "toy-vit", "variant": v, "train.seed": seed}, "finished",
                            {"winoground/text": c.count("1") / 8},
-                           {"winoground/text": {"correct": c, "groups": None}})
+                           {"winoground/text": {"correct": c, "groups": None}},
+                           {"train.student": "toy-vit", "train.seed": seed, **objectives[v]})
               for i, ((v, seed), c) in enumerate(correct.items())]
     (results / "sweeps.json").write_text(json.dumps({"table1": write_sweep(results, "table1", trials)}))
     try:

@@ -200,6 +200,11 @@ def test_grid_sweep_logs_one_parent_and_a_child_per_trial(project, local_ray, mo
     assert summary["parent_run_id"] == parent["run_id"]
     assert {t["run_id"] for t in summary["trials"]} == {k["run_id"] for k in kids}
     assert all(t["status"] == "finished" and t["metric"] is not None for t in summary["trials"])
+    # Each trial's whole config, as its MLflow run holds it, for the report to group and label rows by.
+    by_run = {k["run_id"]: k["params"] for k in kids}
+    for t in summary["trials"]:
+        assert {k: str(t["params"][k]) for k in by_run[t["run_id"]]} == by_run[t["run_id"]]
+        assert t["params"]["train.steps"] == 4 and t["params"]["objective.method"] == "sds"
 
     trial_dirs = [d for d in (project / "ray_results").glob("grid4-*/t*") if d.is_dir()]
     assert len(trial_dirs) == 4

@@ -68,14 +68,15 @@ def launches(sweep: Sweep, storage: str) -> list[str]:
     return [f"{storage}/{name}" for name in names if tune.Tuner.can_restore(f"{storage}/{name}")]
 
 
-def snapshotted(folder: str) -> bool:
-    """Whether Ray Tune recorded the launch's trials: a driver killed between writing the launch's
-    settings and its first snapshot leaves a folder that restoring would run as one empty trial."""
-    return any(SNAPSHOT.fullmatch(f.base_name) for f in _entries(folder))
+def snapshotted(names: set[str]) -> bool:
+    """Whether Ray Tune recorded the trials of the launch whose folder holds `names`: a driver killed
+    between writing the launch's settings and its first snapshot leaves a folder that restoring would
+    run as one empty trial."""
+    return any(SNAPSHOT.fullmatch(name) for name in names)
 
 
-def ended(folder: str) -> bool:
-    return any(f.base_name == ENDED for f in _entries(folder))
+def names_in(folder: str) -> set[str]:
+    return {f.base_name for f in _entries(folder)}
 
 
 def mark_ended(folder: str, code: int) -> None:
@@ -88,7 +89,7 @@ def unfinished_launch(sweep: Sweep, storage: str) -> str | None:
     """The newest launch of this sweep under this definition (spec hash) that was stopped before its
     end with its trials recorded: the one to resume rather than start again."""
     for folder in reversed(launches(sweep, storage)):
-        if folder.endswith(f"-{sweep.spec_hash()}") and snapshotted(folder) and not ended(folder):
+        if folder.endswith(f"-{sweep.spec_hash()}") and snapshotted(names := names_in(folder)) and ENDED not in names:
             return folder
     return None
 
@@ -262,7 +263,7 @@ def run(sweep: Sweep, specs: list[TrialSpec], root: Path, args) -> int:
     storage = storage_root(sweep, root, args.storage)
     if args.resume:
         ray_path = find_launch(sweep, storage, args.resume)
-        if not snapshotted(ray_path):
+        if not snapshotted(names_in(ray_path)):
             from pipeline.sweep.recorder import abandon_launch
 
             abandon_launch(sweep, root, experiment_name(sweep), ray_path)
@@ -329,6 +330,7 @@ def summary_rows(recorder, metric: str) -> list[dict]:
         metrics = rec.get("metrics", {})
         value = metrics.get(metric) if rec["status"] == "finished" else None
         rows.append({"trial": rec["label"], "trial_id": trial_id, "run_id": rec["run_id"], "config": rec["values"],
+                     "params": rec["params"],
                      "status": rec["status"], "failure": rec.get("failure", ""),
                      "metric": float(value) if value is not None else None,
                      "trial_seconds": metrics.get("time/trial_seconds"),

@@ -17,7 +17,7 @@ from typing import ClassVar
 import ray.cloudpickle
 from ray.tune import Callback
 
-from pipeline.config import ConfigError, TrackingConfig, to_dict
+from pipeline.config import ConfigError, TrackingConfig, flatten, to_dict
 from pipeline.sweep.spec import Sweep, describe, expand, trial_label
 from pipeline.sweep.trial import trial_values
 from pipeline.tracking import COMPARED, OUTCOMES, Tracker, failure_text
@@ -119,26 +119,27 @@ class RunRecorder(Callback):
         if trial.trial_id in self.trials:
             return self.trials[trial.trial_id]
         values = trial_values(trial.config, self.sweep)
-        if self.restored:
-            # Opened after Ray's last snapshot before the driver died: the same trial's run, kept.
-            found = self.tracker.find_runs(self.experiment, tags={"trial_id": trial.trial_id}, parent=self.parent)
-            if found:
-                rec = {"run_id": found[-1]["run_id"], "label": label(trial), "values": values, "status": "running",
-                       "attempts": int(found[-1]["tags"].get("attempts", "0")), "final": False, "logged_until": 0}
-                self.trials[trial.trial_id] = rec
-                return rec
         try:
             cfg = self.sweep.config(values)
             params, about = to_dict(cfg), {"student": cfg.train.student, "method": cfg.objective.method}
         except ConfigError:       # an Optuna draw the config refuses: the trial fails alone, in its worker
             params, about = values, {}
+        # The trial's whole config, dotted, in the results file: what a report groups and labels rows by.
+        record = {"label": label(trial), "values": values, "params": flatten(params), "status": "running"}
+        if self.restored:
+            # Opened after Ray's last snapshot before the driver died: the same trial's run, kept.
+            found = self.tracker.find_runs(self.experiment, tags={"trial_id": trial.trial_id}, parent=self.parent)
+            if found:
+                rec = {"run_id": found[-1]["run_id"], **record, "attempts": int(found[-1]["tags"].get("attempts", "0")),
+                       "final": False, "logged_until": 0}
+                self.trials[trial.trial_id] = rec
+                return rec
         run = self.tracker.start(f"{self.sweep.name} {label(trial)}: {describe(values)}", params=params,
                                  compared=[*COMPARED, *expand(values, self.sweep.variants)],   # + what it sweeps
                                  parent=self.parent, tags=self.tags(
             sweep_role="trial", trial=label(trial), trial_id=trial.trial_id, status="running", attempts=0, **about,
             **({"variant": values["variant"]} if "variant" in values else {})))
-        rec = {"run_id": run.run_id, "label": label(trial), "values": values, "status": "running", "attempts": 0,
-               "final": False, "logged_until": 0}
+        rec = {"run_id": run.run_id, **record, "attempts": 0, "final": False, "logged_until": 0}
         self.trials[trial.trial_id] = rec
         return rec
 
