@@ -12,9 +12,9 @@ on the paper profile (`published.yaml`).
     appendix-clevr          J: CLEVR per subtask of the diffusion score and of every Table-1 row that
                             has CLEVR, each row's mean against its student's FT with L_CLIP
     appendix-sd21, appendix-cc3m
-                            G and H: Table 1's FT with L_CLIP + L_SDS rows when the study ran the
-                            appendix's setting (teacher.name and teacher.pretrained: Stable Diffusion
-                            v2-1; data.train_set: cc3m), which only the paper profile has
+                            G and H: Table 1's FT with L_CLIP + L_SDS rows of a study run in the
+                            appendix's setting (teacher.name stable-diffusion-v2-1; data.train_set
+                            cc3m), which only the paper profile has
 
 The lambda and learning-rate ablations (appendix F) are the sweep reports of sweeps/lambda.yaml and
 sweeps/lr.yaml (`pipeline.report`); the paper publishes no numbers for them. Appendix L's CoCa is a
@@ -23,18 +23,20 @@ student of `pipeline.paper_tables`.
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from pipeline import published
-from pipeline.config import CLEVR_SUBTASKS, flatten, to_dict
-from pipeline.paper_tables import TEXT_VS_FT_CLIP, Comparison, Row, table_of, trial_rows, write_table
+from pipeline.config import CLEVR_SUBTASKS
+from pipeline.paper_tables import (TEXT_VS_FT_CLIP, Comparison, Row, ft_clip_references, own_numbers, paper_numbers,
+                                   trial_rows, write_table)
 from pipeline.report import COLUMNS
 
 NAMES = dict((key, name) for name, key in COLUMNS)
 UNET_FEATURE = "unet_feature"
 # Which of a sweep's rows A.2 shows, by objective.method: the reference first.
 UNET_FEATURE_RUNS = ("ft_clip", "ft_sds", f"ft_{UNET_FEATURE}")
-# The setting of each appendix that changes the whole study (its stages before the sweeps), by table id.
+# The appendices whose setting is a whole study's (its stages before the sweeps): their file stems by table id.
 STUDY_SETTINGS = {"appendix_sd21": "appendix-sd21", "appendix_cc3m": "appendix-cc3m"}
 STEMS = ("appendix-unet-feature", "appendix-diffusion-score", "appendix-clevr", *STUDY_SETTINGS.values())
 
@@ -43,22 +45,15 @@ def _columns(*keys: str) -> list[tuple[str, str]]:
     return [(NAMES.get(key, key.split("/", 1)[1]), key) for key in keys]
 
 
-def _paper(cfg, table_id: str, table_rows: list[Row]) -> list[dict[str, float] | None]:
-    """The published row of each row in `table_id` (none off the paper profile)."""
-    if cfg.profile != "paper":
-        return [None] * len(table_rows)
-    return [published.lookup(table_id, r.student, r.run) for r in table_rows]
-
-
 def unet_feature_rows(cfg, table1: list[Row], sweeps: dict[str, list[dict]]) -> list[Row]:
     """A.2's rows: train.student's pretrained row and its FT rows of the first sweep (in `sweeps`' order)
-    that ran objective.method unet_feature; [] when none did."""
+    with a finished UNet-feature trial; [] when none has one."""
     for name, trials in sweeps.items():
-        if any(t.get("params", {}).get("objective.method") == UNET_FEATURE for t in trials):
-            ran = [r for r in trial_rows(cfg, trials) if r.student == cfg.train.student and r.run in UNET_FEATURE_RUNS]
+        ran = [r for r in trial_rows(cfg, trials, name) if r.student == cfg.train.student and r.run in UNET_FEATURE_RUNS]
+        if any(r.run == f"ft_{UNET_FEATURE}" for r in ran):
             ran.sort(key=lambda r: UNET_FEATURE_RUNS.index(r.run))
             pretrained = [r for r in table1 if r.student == cfg.train.student and r.run == "pretrained"]
-            return pretrained + [Row(r.student, r.run, f"{r.label} (sweep {name})", r.runs) for r in ran]
+            return pretrained + [replace(r, label=f"{r.label} (sweep {name})") for r in ran]
     return []
 
 
@@ -67,24 +62,22 @@ def write(cfg, table1: list[Row], sweeps: dict[str, list[dict]], out: Path, n_re
     """Every appendix table the results allow, under `out`; `table1`: `paper_tables.rows`, `sweeps`: the
     trials of each sweep that ran, by name."""
     written = []
+    references = ft_clip_references(table1)
     a2 = unet_feature_rows(cfg, table1, sweeps)
     if a2:
-        reference = next((r for r in a2 if r.run == "ft_clip"), None)
-        written += write_table(out, "appendix-unet-feature", a2, _paper(cfg, "appendix_unet_feature", a2),
+        reference = ft_clip_references(a2).get(cfg.train.student)
+        written += write_table(out, "appendix-unet-feature", a2, [paper_numbers("appendix_unet_feature", r) for r in a2],
                                _columns("winoground/text", "winoground/text/object", "winoground/text/relation",
                                         "winoground/text/both", "winoground/image", "winoground/group",
                                         "aro/overall", "zeroshot/mean"),
                                TEXT_VS_FT_CLIP, lambda r: reference, n_resamples, seed)
     else:
-        print("appendix A.2: no sweep ran objective.method unet_feature (sweeps/methods.yaml does); "
-              "no appendix-unet-feature table", file=sys.stderr)
+        print("appendix A.2: no sweep has a finished trial of objective.method unet_feature (sweeps/methods.yaml "
+              "runs it); no appendix-unet-feature table", file=sys.stderr)
 
     score = next(r for r in table1 if r.run == published.DIFFUSION_SCORE)
-    students = [r for r in table1 if r.run == "pretrained"]
-    paper = [published.lookup("appendix_diffusion_score", None, score.run) if cfg.profile == "paper" else None]
-    paper += [published.lookup(table_of(r.student, cfg.profile), r.student, r.run) if cfg.profile == "paper"
-              else None for r in students]
-    written += write_table(out, "appendix-diffusion-score", [score, *students], paper,
+    aro = [score, *(r for r in table1 if r.run == "pretrained")]
+    written += write_table(out, "appendix-diffusion-score", aro, [own_numbers(r, cfg.profile) for r in aro],
                            _columns("winoground/text", "aro/overall", "aro/vg_relation", "aro/vg_attribution",
                                     "aro/coco_order", "aro/flickr_order"),
                            Comparison("ARO", "aro/overall", "diffusion score", "diffusion_score"),
@@ -92,22 +85,20 @@ def write(cfg, table1: list[Row], sweeps: dict[str, list[dict]], out: Path, n_re
 
     clevr = [r for r in [score, *(r for r in table1 if r is not score)] if "clevr/mean" in r.metrics]
     if clevr:
-        references = {r.student: r for r in table1 if r.run == "ft_clip"}
-        written += write_table(out, "appendix-clevr", clevr, _paper(cfg, "appendix_clevr", clevr),
+        written += write_table(out, "appendix-clevr", clevr, [paper_numbers("appendix_clevr", r) for r in clevr],
                                _columns("clevr/mean", *(f"clevr/{task}" for task in CLEVR_SUBTASKS)),
                                Comparison("CLEVR", "clevr/mean", "FT with L_CLIP", "ft_clip"),
                                lambda r: references.get(r.student), n_resamples, seed)
 
-    settings = flatten(to_dict(cfg))
     for table_id, stem in STUDY_SETTINGS.items():
-        values = published.table(table_id).rows[0].values
-        if all(str(settings.get(key)) == value for key, value in values.items()):
-            chosen = [r for r in table1 if r.run == "ft_sds"]
-            references = {r.student: r for r in table1 if r.run == "ft_clip"}
-            written += write_table(out, stem, chosen, _paper(cfg, table_id, chosen), _columns("winoground/text"),
-                                   TEXT_VS_FT_CLIP, lambda r: references.get(r.student), n_resamples, seed)
+        chosen = [r for r in table1 if r.run == "ft_sds" and paper_numbers(table_id, r) is not None]
+        if chosen:
+            written += write_table(out, stem, chosen, [paper_numbers(table_id, r) for r in chosen],
+                                   _columns("winoground/text"), TEXT_VS_FT_CLIP, lambda r: references.get(r.student),
+                                   n_resamples, seed)
         elif cfg.profile == "paper":
+            values = published.table(table_id).rows[0].values
             setting = " ".join(f"-S profiles.paper.{key}={value}" for key, value in values.items())
-            print(f"{published.table(table_id).source}: no {stem} table; its setting is a study of its own: "
-                  f"dvc exp run {setting}", file=sys.stderr)
+            print(f"{published.table(table_id).source}: no {stem} table; it needs a study of its own, "
+                  f"e.g. dvc exp run {setting} (README: Running the paper profile)", file=sys.stderr)
     return written

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import published
+from pipeline.config import ConfigError, flatten, to_dict
 from pipeline.metrics import TIME_PER_PAIR, outcome_parts, paired_difference, seed_task_interval
 from pipeline.report import COLUMNS, SEED, difference_cell, objective_label, write_tables
 
@@ -39,6 +40,7 @@ class Row:
     run: str                  # published.yaml's run names: pretrained | ft_<method> | diffusion_score
     label: str
     runs: list[dict]          # per seed: {"metrics": {...}, "outcomes": {...}}
+    config: dict              # the run's whole config, dotted: which published row it stands beside
 
     @property
     def metrics(self) -> dict[str, float]:
@@ -52,22 +54,37 @@ def ft_run(objective) -> str:
     return f"ft_{objective.method}"
 
 
-def trial_rows(cfg, trials: list[dict]) -> list[Row]:
-    """A row per configuration of a sweep's finished trials with outcomes (their whole config, as the
-    results file's `params` hold it, but the seed), in first-seen order, its runs by seed; labelled
-    by student and objective, e.g. "toy-vit FT with L_CLIP + 0.1 L_SDS"."""
+def _text(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def trial_rows(cfg, trials: list[dict], sweep: str) -> list[Row]:
+    """A row per configuration of sweep `sweep`'s finished trials with outcomes (their whole config, as
+    the results file's `params` hold it, but the seed), in first-seen order, its runs by seed; labelled
+    by student and objective, e.g. "toy-vit FT with L_CLIP + 0.1 L_SDS", and by any other key in which
+    the configurations differ, e.g. "(train.lr=0.0001)"."""
     groups: dict[tuple, list[dict]] = {}
     for trial in trials:
         if trial.get("status") == "finished" and trial.get("outcomes"):
+            if not isinstance(trial.get("params"), dict):
+                raise ConfigError(f"results of sweep {sweep}: trial {trial.get('trial')} has no params (its whole "
+                                  "config, which the tables group and label rows by); run the sweep again")
             config = tuple(sorted((k, repr(v)) for k, v in trial["params"].items() if k != SEED))
             groups.setdefault(config, []).append(trial)
+    configs = [runs[0]["params"] for runs in groups.values()]
+    named = (SEED, STUDENT)
+    differ = sorted({k for c in configs for k in c if not k.startswith("objective.") and k not in named
+                     and any(o.get(k) != c[k] for o in configs)})
     out = []
     for runs in groups.values():
         runs.sort(key=lambda t: t["params"][SEED])
         params = runs[0]["params"]
         objective = replace(cfg.objective, **{key.removeprefix("objective."): value for key, value in params.items()
                                               if key.startswith("objective.")})
-        out.append(Row(params[STUDENT], ft_run(objective), f"{params[STUDENT]} {objective_label(objective)}", runs))
+        label = f"{params[STUDENT]} {objective_label(objective)}"
+        if differ:
+            label += " (" + ", ".join(f"{key}={_text(params.get(key))}" for key in differ) + ")"
+        out.append(Row(params[STUDENT], ft_run(objective), label, runs, params))
     return out
 
 
@@ -75,18 +92,35 @@ def rows(cfg, baselines: dict, stage_runs: dict[str, dict], table1_trials: list[
     """Every row, students in the profile's order: pretrained, then its fine-tuned rows (sweeps/table1.yaml's,
     or FT with L_CLIP and with the objective from the train_clip / train_sds results `stage_runs`
     ({"clip": ..., "sds": ...}) when `table1_trials` is None); then the diffusion score."""
-    fine_tuned = trial_rows(cfg, table1_trials) if table1_trials is not None else []
+    fine_tuned = trial_rows(cfg, table1_trials, "table1") if table1_trials is not None else []
+    study = flatten(to_dict(cfg))
     out = []
     for student in cfg.students:
-        out.append(Row(student, "pretrained", f"{student} pretrained", [baselines[f"pretrained/{student}"]]))
+        out.append(Row(student, "pretrained", f"{student} pretrained", [baselines[f"pretrained/{student}"]], study))
         if table1_trials is None and student == cfg.train.student:
-            out.append(Row(student, "ft_clip", f"{student} FT with L_CLIP", [stage_runs["clip"]]))
+            # stages/train.py's L_CLIP-only run: objective.method clip, lambda 0.
+            clip = {**study, "objective.method": "clip", "objective.lambda_sds": 0.0}
+            out.append(Row(student, "ft_clip", f"{student} FT with L_CLIP", [stage_runs["clip"]], clip))
             out.append(Row(student, ft_run(cfg.objective), f"{student} {objective_label(cfg.objective)}",
-                           [stage_runs["sds"]]))
+                           [stage_runs["sds"]], study))
         out += [row for row in fine_tuned if row.student == student]
     out.append(Row(None, published.DIFFUSION_SCORE, f"diffusion score ({cfg.teacher.name})",
-                   [baselines[published.DIFFUSION_SCORE]]))
+                   [baselines[published.DIFFUSION_SCORE]], study))
     return out
+
+
+def ft_clip_references(table_rows: list[Row]) -> dict[str | None, Row]:
+    """Each student's first FT-with-L_CLIP row: what its other rows are compared with."""
+    references: dict[str | None, Row] = {}
+    for row in table_rows:
+        if row.run == "ft_clip":
+            references.setdefault(row.student, row)
+    return references
+
+
+def paper_numbers(table_id: str, row: Row) -> dict[str, float] | None:
+    """The published numbers printed under `row` from `table_id` (`published.beside_measured`)."""
+    return published.beside_measured(table_id, row.student, row.run, row.config)
 
 
 def table_of(student: str | None, profile: str) -> str:
@@ -96,6 +130,12 @@ def table_of(student: str | None, profile: str) -> str:
             if any(r.student == student for r in published.table(table_id).rows):
                 return table_id
     return "table1"
+
+
+def own_numbers(row: Row, profile: str) -> dict[str, float] | None:
+    """The published numbers of a Table-1 kind of row: from its student's table, or the diffusion
+    score's appendix for the teacher's."""
+    return paper_numbers(table_of(row.student, profile) if row.student else "appendix_diffusion_score", row)
 
 
 def _parts(row: Row, key: str):
@@ -157,15 +197,14 @@ def write_table(out: Path, stem: str, table_rows: list[Row], paper: list[dict[st
 def write(cfg, table_rows: list[Row], out: Path, n_resamples: int = 1000, seed: int = 0) -> list[Path]:
     """Each table that has rows, as `<stem>.md/.tex/.csv` under `out` (the paper's numbers under the
     measured ones on the paper profile), each row against its student's FT with L_CLIP."""
-    references = {r.student: r for r in table_rows if r.run == "ft_clip"}
+    references = ft_clip_references(table_rows)
     references[None] = references.get(cfg.train.student)
     written = []
     for table_id, stem in TABLES.items():
         chosen = [r for r in table_rows if table_of(r.student, cfg.profile) == table_id]
         if not chosen:
             continue
-        paper = [published.lookup(table_id if r.student else "appendix_diffusion_score", r.student, r.run)
-                 if cfg.profile == "paper" else None for r in chosen]
+        paper = [own_numbers(r, cfg.profile) for r in chosen]
         written += write_table(out, stem, chosen, paper, COLUMNS, TEXT_VS_FT_CLIP,
                                lambda r: references.get(r.student), n_resamples, seed)
     return written

@@ -1,6 +1,6 @@
 """The paper's published numbers (`published.yaml`, cited per table) beside the measured ones.
 
-`table(id)` and `lookup(id, student, run)` read the file, validated once (a bad entry is a one-line
+`table(id)`, `lookup(id, student, run)` and `beside_measured` read the file, validated once (a bad entry is a one-line
 `ConfigError` naming the file and the entry). `beside` lays measured and published values out as
 one table: under each measured run's row, a "<run> (paper)" row with the published values in the
 same columns. A row under a row, not a paper column after each measured one: Table 1 already has
@@ -29,6 +29,10 @@ DIFFUSION_SCORE = "diffusion_score"
 Text = Annotated[StrictStr, MinLen(1)]
 Score = Annotated[StrictFloat, AllowInfNan(False), Ge(0), Le(1)]
 
+# The paper's setting of every published row but where the row's `values` differ: its profile here,
+# Stable Diffusion v1-4 as the teacher (by name: a local copy of the weights is the same teacher) and
+# MS-COCO as the training corpus (appendix F).
+SETTING = {"profile": "paper", "teacher.name": "stable-diffusion-v1-4", "data.train_set": "coco"}
 MISSING = "-"            # as report.metric_cells marks a metric a run lacks (and LaTeX right-aligns it)
 PAPER = " (paper)"       # appended to a run's label on its published row
 
@@ -121,13 +125,30 @@ def table(table_id: str, path: Path | str = PUBLISHED) -> PublishedTable:
     return tables[table_id]
 
 
+def row_of(table_id: str, student: str | None, run: str, path: Path | str = PUBLISHED) -> PublishedRow | None:
+    """`student`'s `run` in the table (student None for the diffusion score); None when it has no such row."""
+    return next((row for row in table(table_id, path).rows if row.student == (student or "") and row.run == run), None)
+
+
 def lookup(table_id: str, student: str | None, run: str, path: Path | str = PUBLISHED) -> dict[str, float] | None:
-    """The published metrics of `student`'s `run` in the table (student None for the diffusion score);
-    None when the table has no such row."""
-    for row in table(table_id, path).rows:
-        if row.student == (student or "") and row.run == run:
-            return dict(row.metrics)
-    return None
+    """The published metrics of `student`'s `run` in the table; None when the table has no such row."""
+    row = row_of(table_id, student, run, path)
+    return dict(row.metrics) if row else None
+
+
+def setting(row: PublishedRow) -> dict[str, str]:
+    """The config keys a measured row must have to stand beside `row`: the paper's, with the row's own over them."""
+    return {**SETTING, **row.values}
+
+
+def beside_measured(table_id: str, student: str | None, run: str, config: dict) -> dict[str, float] | None:
+    """The published metrics to print under a measured run of `student` whose whole config (dotted keys)
+    is `config`: the table's row of that student and run when the config has its `setting`, else None
+    (another profile, teacher or corpus than the row's)."""
+    row = row_of(table_id, student, run)
+    if row is None or any(str(config.get(key)) != value for key, value in setting(row).items()):
+        return None
+    return dict(row.metrics)
 
 
 def number(value: float) -> str:

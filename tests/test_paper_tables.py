@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from pipeline import paper_tables, published
-from pipeline.config import load
+from pipeline.config import flatten, load, to_dict
 from pipeline.metrics import outcome_parts, paired_difference, seed_task_interval
 from pipeline.report import COLUMNS, difference_cell
 
@@ -25,10 +25,10 @@ VARIANTS = {"FT with L_CLIP": {"objective.method": "clip", "objective.lambda_sds
             "FT with L_CLIP + L_SDS": {"objective.method": "sds"}}
 
 
-def trial(student: str, variant: str, seed: int, text: float, correct: str, status: str = "finished") -> dict:
-    """A results-file trial; its `params` (the whole config in a real one) hold the keys rows are grouped by."""
+def trial(cfg, student: str, variant: str, seed: int, text: float, correct: str, status: str = "finished") -> dict:
+    """A results-file trial of sweeps/table1.yaml on `cfg`'s study; `params`: its whole config, dotted."""
     return {"config": {"train.student": student, "variant": variant, "train.seed": seed}, "status": status,
-            "params": {"train.student": student, "train.seed": seed, **VARIANTS[variant]},
+            "params": {**flatten(to_dict(cfg)), "train.student": student, "train.seed": seed, **VARIANTS[variant]},
             **run(text, correct, **{"aro/overall": 0.5 + seed / 10})}
 
 
@@ -48,12 +48,12 @@ def toy():
     students = list(cfg.students)[:2]
     baselines = {f"pretrained/{s}": run(0.25, "10000000") for s in cfg.students}
     baselines["diffusion_score"] = run(0.5, "11110000")
-    trials = [trial(students[0], "FT with L_CLIP", 0, 0.250, "11000000"),
-              trial(students[0], "FT with L_CLIP", 1, 0.375, "11100000"),
-              trial(students[0], "FT with L_CLIP + L_SDS", 1, 0.750, "11111100"),
-              trial(students[0], "FT with L_CLIP + L_SDS", 0, 0.500, "11110000"),
-              trial(students[0], "FT with L_CLIP + L_SDS", 2, 0.9, "11111111", status="failed"),
-              trial(students[1], "FT with L_CLIP", 0, 0.125, "10000000")]
+    trials = [trial(cfg, students[0], "FT with L_CLIP", 0, 0.250, "11000000"),
+              trial(cfg, students[0], "FT with L_CLIP", 1, 0.375, "11100000"),
+              trial(cfg, students[0], "FT with L_CLIP + L_SDS", 1, 0.750, "11111100"),
+              trial(cfg, students[0], "FT with L_CLIP + L_SDS", 0, 0.500, "11110000"),
+              trial(cfg, students[0], "FT with L_CLIP + L_SDS", 2, 0.9, "11111111", status="failed"),
+              trial(cfg, students[1], "FT with L_CLIP", 0, 0.125, "10000000")]
     return cfg, students, baselines, trials
 
 
@@ -110,7 +110,7 @@ def test_on_the_paper_profile_each_student_goes_to_its_published_table_beside_th
     cfg = load(PARAMS, {"profile": "paper"})
     baselines = {f"pretrained/{s}": run(0.25, "10000000") for s in cfg.students}
     baselines["diffusion_score"] = run(0.5, "11110000")
-    trials = [trial(s, v, seed, 0.3, "11100000") for s in cfg.students for v in VARIANTS
+    trials = [trial(cfg, s, v, seed, 0.3, "11100000") for s in cfg.students for v in VARIANTS
               for seed in (0, 1)]
     written = paper_tables.write(cfg, paper_tables.rows(cfg, baselines, {}, trials), tmp_path, 50)
     assert {p.stem for p in written} == {"table1", "table2", "table3", "table-coca"}

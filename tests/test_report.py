@@ -13,11 +13,13 @@ from pipeline.metrics import encode_correct, outcome_parts, seed_task_interval
 from pipeline.report import (COLUMNS, by_value, sorted_trials, sweep_figure, swept_keys, table_trials,
                              write_sweep_report)
 from pipeline import paper_tables
-from pipeline.config import load
+from pipeline.config import flatten, load, to_dict
 from stages import report as stage
 from stages.sweep import listing
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# The config of the study `write_params` writes (lambda 1e-3), dotted, as a trial's results hold it.
+STUDY = flatten(to_dict(load(Path(__file__).resolve().parents[1] / "params.yaml", {"objective": {"lambda_sds": 0.001}})))
 KEYS = [key for _, key in COLUMNS]
 
 RUNS = [
@@ -57,11 +59,11 @@ TEXT_OUTCOMES = {"pretrained toy-vit": "10000000", "FT with L_CLIP": "11000000",
 
 def result_trial(label: str, config: dict, status: str, metrics: dict, outcomes: dict | None = None,
                  params: dict | None = None) -> dict:
-    """A trial as a sweep's results file lists it (`pipeline.sweep`'s payload); `params` stand for its
-    whole config (default: its swept values)."""
+    """A trial as a sweep's results file lists it (`pipeline.sweep`'s payload); `params`: its whole config,
+    dotted (default: the toy study's with its swept values, the variant's name aside, over it)."""
     index = int(label[1:]) if label[1:].isdigit() else 0
     return {"trial": label, "trial_id": f"5e1f0_{index:05d}", "run_id": f"{index:032x}", "config": config,
-            "params": params if params is not None else dict(config),
+            "params": params if params is not None else {**STUDY, **{k: v for k, v in config.items() if k != "variant"}},
             "status": status, "failure": "RuntimeError: loss is NaN" if status == "failed" else "",
             "metric": metrics.get("winoground/text") if status == "finished" else None,
             "trial_seconds": 41.5, "import_seconds": 2.1, "report_seconds": 0.4,
@@ -443,7 +445,7 @@ def test_stage_fills_table1_from_the_table1_sweeps_seeds_when_it_ran(store):
     trials = [result_trial(f"t{i:03d}", {"train.student": "toy-vit", "variant": v, "train.seed": seed}, "finished",
                            {"winoground/text": c.count("1") / 8},
                            {"winoground/text": {"correct": c, "groups": None}},
-                           {"train.student": "toy-vit", "train.seed": seed, **objectives[v]})
+                           {**STUDY, "train.student": "toy-vit", "train.seed": seed, **objectives[v]})
               for i, ((v, seed), c) in enumerate(correct.items())]
     (results / "sweeps.json").write_text(json.dumps({"table1": write_sweep(results, "table1", trials)}))
     try:

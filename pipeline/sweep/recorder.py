@@ -109,23 +109,29 @@ class RunRecorder(Callback):
 
     def set_state(self, state: dict) -> None:
         self.trials, self.restored = state["trials"], True
+        for rec in self.trials.values():     # recorded by a version whose results held no trial config
+            rec.setdefault("params", flatten(self.configured(rec["values"])[0]))
 
     def setup(self, **info) -> None:
         RunRecorder.active = self
         self.tracker.resume(self.parent).set_tags({"status": "running"})
+
+    def configured(self, values: dict) -> tuple[dict, dict]:
+        """A trial's whole config (flattened, what the results file holds and a report groups and labels
+        rows by) and the tags naming its student and method."""
+        try:
+            cfg = self.sweep.config(values)
+        except ConfigError:       # an Optuna draw the config refuses: the trial fails alone, in its worker
+            return values, {}
+        return to_dict(cfg), {"student": cfg.train.student, "method": cfg.objective.method}
 
     def open(self, trial) -> dict:
         """The trial's record, with its run: found, or opened for a trial seen for the first time."""
         if trial.trial_id in self.trials:
             return self.trials[trial.trial_id]
         values = trial_values(trial.config, self.sweep)
-        try:
-            cfg = self.sweep.config(values)
-            params, about = to_dict(cfg), {"student": cfg.train.student, "method": cfg.objective.method}
-        except ConfigError:       # an Optuna draw the config refuses: the trial fails alone, in its worker
-            params, about = values, {}
-        # The trial's whole config, dotted, in the results file: what a report groups and labels rows by.
-        record = {"label": label(trial), "values": values, "params": flatten(params), "status": "running"}
+        config, about = self.configured(values)
+        record = {"label": label(trial), "values": values, "params": flatten(config), "status": "running"}
         if self.restored:
             # Opened after Ray's last snapshot before the driver died: the same trial's run, kept.
             found = self.tracker.find_runs(self.experiment, tags={"trial_id": trial.trial_id}, parent=self.parent)
@@ -134,7 +140,7 @@ class RunRecorder(Callback):
                        "final": False, "logged_until": 0}
                 self.trials[trial.trial_id] = rec
                 return rec
-        run = self.tracker.start(f"{self.sweep.name} {label(trial)}: {describe(values)}", params=params,
+        run = self.tracker.start(f"{self.sweep.name} {label(trial)}: {describe(values)}", params=config,
                                  compared=[*COMPARED, *expand(values, self.sweep.variants)],   # + what it sweeps
                                  parent=self.parent, tags=self.tags(
             sweep_role="trial", trial=label(trial), trial_id=trial.trial_id, status="running", attempts=0, **about,
