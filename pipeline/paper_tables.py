@@ -9,8 +9,10 @@ metrics are the means over its seeds; its Winoground text interval resamples see
 compared with its student's FT-with-L_CLIP row on the same tasks (`metrics.paired_difference`).
 
 A student goes to the table the paper reports it in (`published.yaml`: the LAION students to
-Tables 2 and 3, CoCa to appendix L), any other to Table 1. On the paper profile every row is
-followed by the paper's numbers (`published.beside`).
+Tables 2 and 3, CoCa to appendix L), any other to Table 1. A row is followed by the paper's numbers
+when its config has the published row's setting (`published.beside_measured`: the paper profile,
+SD v1-4, MS-COCO), so only on the paper profile, and not in a study of another teacher or corpus.
+`write_table` is the layout every such table shares, `pipeline.appendix`'s included.
 """
 from __future__ import annotations
 

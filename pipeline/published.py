@@ -1,7 +1,8 @@
 """The paper's published numbers (`published.yaml`, cited per table) beside the measured ones.
 
-`table(id)`, `lookup(id, student, run)` and `beside_measured` read the file, validated once (a bad entry is a one-line
-`ConfigError` naming the file and the entry). `beside` lays measured and published values out as
+`table(id)`, `lookup(id, student, run)` and `beside_measured(id, student, run, config)` read the
+file, validated once (a bad entry is a one-line `ConfigError` naming the file and the entry);
+`beside_measured` gives a published row only to a measured run of its setting. `beside` lays measured and published values out as
 one table: under each measured run's row, a "<run> (paper)" row with the published values in the
 same columns. A row under a row, not a paper column after each measured one: Table 1 already has
 some twenty columns, and doubling them makes a Markdown table wrap; in one column the eye compares
