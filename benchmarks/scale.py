@@ -151,7 +151,7 @@ def trial_start(ws: Path) -> dict:
 def add_trials(ws: Path, name: str, launch: dict | None, count: int) -> dict:
     """`count` more finished trials of a launch of sweep `name` (a new launch when None): runs in
     MLflow and the launch's results-file payload (`pipeline.sweep`'s), which is returned."""
-    from pipeline.config import to_dict
+    from pipeline.config import flatten, to_dict
     from pipeline.tracking import Tracker
 
     cfg = config(ws)
@@ -176,7 +176,8 @@ def add_trials(ws: Path, name: str, launch: dict | None, count: int) -> dict:
             run.log_metrics(LOSSES, step)
         run.log_metrics(sds["metrics"])
         run.finish()
-        trials.append(result_trial(k, run.run_id, trial_id, {"objective.lambda_sds": lam, "train.seed": seed}, sds))
+        trials.append(result_trial(k, run.run_id, trial_id, {"objective.lambda_sds": lam, "train.seed": seed},
+                                   flatten(params), sds))
     finished = [t for t in trials if t["status"] == "finished"]
     counts = {s: sum(t["status"] == s for t in trials) for s in ("finished", "early_stopped", "failed", "interrupted")}
     head = ("sweep", "experiment", "tracking_uri", "parent_run_id", "metric", "mode")
@@ -187,15 +188,16 @@ def add_trials(ws: Path, name: str, launch: dict | None, count: int) -> dict:
                                              "tune_seconds": wall - 4.0}, "trials": trials}
 
 
-def result_trial(k: int, run_id: str, trial_id: str, values: dict, sds: dict) -> dict:
-    """Trial `k` as a sweep's results file lists it: the train_sds stage's scores and per-case outcomes,
-    spread a little per trial; every 25th stopped early by ASHA (losses only), every 50th failed."""
+def result_trial(k: int, run_id: str, trial_id: str, values: dict, params: dict, sds: dict) -> dict:
+    """Trial `k` as a sweep's results file lists it (`params`: its whole config, dotted): the train_sds
+    stage's scores and per-case outcomes, spread a little per trial; every 25th stopped early by ASHA
+    (losses only), every 50th failed."""
     status = "failed" if k % 50 == 49 else "early_stopped" if k % 25 == 24 else "finished"
     timing = {"time/trial_seconds": 40.0 + k % 7, "time/import_seconds": 2.0, "time/report_seconds": 0.4}
     scores = {key: value + 0.001 * (k % 9) if isinstance(value, float) else value
               for key, value in sds["metrics"].items()}
     metrics = {**LOSSES, **timing, **(scores if status == "finished" else {})}
-    return {"trial": f"t{k:03d}", "trial_id": trial_id, "run_id": run_id, "config": values,
+    return {"trial": f"t{k:03d}", "trial_id": trial_id, "run_id": run_id, "config": values, "params": params,
             "status": status, "failure": "RuntimeError: loss/total is nan at step 2" if status == "failed" else "",
             "metric": metrics["winoground/text"] if status == "finished" else None,
             "trial_seconds": timing["time/trial_seconds"], "import_seconds": timing["time/import_seconds"],
