@@ -225,6 +225,11 @@ def write_sweep_report(name: str, trials: list[dict], out: Path, n_resamples: in
     return written
 
 
+def resamples(cfg) -> int:
+    """The report's bootstrap resamples: `eval.bootstrap`, or 1,000 where the evaluation draws none (0)."""
+    return cfg.eval.bootstrap or 1000
+
+
 def variant_rows(name: str, trials: list[dict], cfg) -> list[VariantRow]:
     """The variants' rows (`compare_variants`) when the sweep's trials hold named variants and no
     other swept key than the seed; [] otherwise."""
@@ -232,7 +237,7 @@ def variant_rows(name: str, trials: list[dict], cfg) -> list[VariantRow]:
     if not any(VARIANT in c for c in configs) or any(set(c) - {VARIANT, SEED} for c in configs):
         return []
     order = list(dict.fromkeys(c[VARIANT] for c in configs if VARIANT in c))
-    rows = compare_variants(trials, order, cfg.eval.bootstrap or 1000, cfg.eval.seed)
+    rows = compare_variants(trials, order, resamples(cfg), cfg.eval.seed)
     if not rows:
         print(f"sweep {name}: no finished trial with outcomes; no {name} report", file=sys.stderr)
     return rows
@@ -243,9 +248,9 @@ def sweep_report(name: str, trials: list[dict], rows: list[VariantRow], cfg, out
     comparison of its variant rows (`variant_rows`) for a sweep of named variants; the paths written."""
     if not trials:
         print(f"sweep {name}: no trials in its results", file=sys.stderr)
-    written = write_sweep_report(name, trials, out, cfg.eval.bootstrap or 1000, cfg.eval.seed)
+    written = write_sweep_report(name, trials, out, resamples(cfg), cfg.eval.seed)
     if rows:
-        written += write_variant_report(name, rows, {}, out, cfg.eval.bootstrap or 1000, caption=f"sweep {name}")
+        written += write_variant_report(name, rows, {}, out, resamples(cfg), caption=f"sweep {name}")
     return written
 
 
@@ -295,7 +300,8 @@ def sweep_figure(name: str, trials: list[dict], keys: list[str], n_resamples: in
     notes = [interval_note(scores, n_resamples, seeds=any(len(members) > 1 for _, members in groups))]
     if constant:
         notes.append("not plotted, the same in every trial that has it: " + ", ".join(constant))
-    left_out = [trial for trial in trials if not any(trial is kept for kept in shown)]
+    plotted = {id(trial) for trial in shown}
+    left_out = [trial for trial in trials if id(trial) not in plotted]
     if left_out:
         notes.append("not plotted (failed, or no final scores): " +
                      ", ".join(f"{trial['trial']} ({trial['status']})" for trial in left_out))

@@ -61,7 +61,7 @@ from pipeline.data.errors import load_json
 from pipeline.io import write_json
 from pipeline.figures import inference_figure, write_figure, zeroshot_figure
 from pipeline.headline import FOLDER, headline_files, write_headline
-from pipeline.report import read_trials, sweep_report, variant_rows
+from pipeline.report import read_trials, resamples, sweep_report, variant_rows
 
 TABLE1 = "table1"     # the sweep whose seeds make the Table-1 rows (sweeps/table1.yaml)
 
@@ -103,16 +103,16 @@ def sweep_file(results: Path, name: str) -> Path:
 
 def body(args, cfg, root):
     results, reports = root / "results", root / "reports"
-    resamples = cfg.eval.bootstrap or 1000
+    n_resamples = resamples(cfg)
     sweeps = {name: read_trials(sweep_file(results, name), f"results of sweep {name} (listed in "
                                                              f"{results / 'sweeps.json'})")
               for name in ran_sweeps(results)}
     rows = table_rows(cfg, results, sweeps.get(TABLE1))
-    written = paper_tables.write(cfg, rows, reports, resamples, cfg.eval.seed)
-    written += appendix.write(cfg, rows, sweeps, reports, resamples, cfg.eval.seed)
+    written = paper_tables.write(cfg, rows, reports, n_resamples, cfg.eval.seed)
+    written += appendix.write(cfg, rows, sweeps, reports, n_resamples, cfg.eval.seed)
     main_student = [(r.label, r.runs) for r in rows if r.student == cfg.train.student]
     points = paper_tables.inference_points(rows)
-    for path, figure in ((reports / "zeroshot.png", zeroshot_figure(main_student, resamples, cfg.eval.seed)),
+    for path, figure in ((reports / "zeroshot.png", zeroshot_figure(main_student, n_resamples, cfg.eval.seed)),
                          (reports / "inference.png", inference_figure(points) if points else None)):
         if figure is not None:
             written.append(write_figure(path, figure))
