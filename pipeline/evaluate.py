@@ -54,8 +54,6 @@ class Evaluation:
         return self
 
 
-
-
 def _synchronize() -> None:
     """Wait for the queued CUDA work, so that a clock reading comes after the work and not after its launch."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():

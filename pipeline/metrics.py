@@ -76,11 +76,11 @@ __all__ = [
     "clevr",
 ]
 
-# SugarCrepe's hard-negative types and their subsets (the paper's ADD / REPLACE / SWAP).
 # Inference time (the paper's Fig. 1): wall seconds of a scorer's Winoground scoring per image-caption
 # pair, and how many pairs that call scored (4 per task); `evaluate.score_benchmarks` measures them.
 TIME_PER_PAIR = "time/winoground_pair_s"
 TIMED_PAIRS = "time/winoground_pairs"
+# SugarCrepe's hard-negative types and their subsets (the paper's ADD / REPLACE / SWAP).
 SUGARCREPE_CATEGORIES = {"add": ("add_obj", "add_att"), "replace": ("replace_obj", "replace_att", "replace_rel"),
                          "swap": ("swap_obj", "swap_att")}
 WINOGROUND_TAGS = ("Object", "Relation", "Both")

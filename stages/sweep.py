@@ -15,9 +15,9 @@ so that `dvc checkout` brings back what the report stage reads:
 The folder holds this launch's sweeps only, and both appear when every sweep has run: the
 earlier ones are removed first, and an interrupted stage leaves neither. A sweep whose launch
 was stopped (the stage killed or interrupted) with the same definition is resumed by the next
-run of the stage: finished trials are kept, the others continue from their checkpoints. Exit status: 0, or
-the worst of the sweeps' (1: a trial failed; 2: bad input; 130: interrupted, then no further
-sweep runs).
+run of the stage: finished trials are kept, the others continue from their checkpoints. Exit
+status: 0, or the worst of the sweeps' (1: a trial failed; 2: bad input; 130: interrupted, then
+no further sweep runs).
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ from typing import Callable
 from pipeline import cli, config
 from pipeline.sweep import cli as sweep_cli
 from pipeline.sweep import driver, spec
-from pipeline.sweep.driver import EXIT_INTERRUPTED, EXIT_USAGE, ray_address
+from pipeline.sweep.driver import EXIT_INTERRUPTED, EXIT_USAGE
 from pipeline.config import Config, ConfigError, read_yaml
 from pipeline.io import atomic_dir, write_json
 
@@ -81,14 +81,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config.from_dict(config.resolve(params, source=str(params_path)))   # read once, as config.load does
         profile = args.profile or cfg.profile   # the sweeps run on the profile the rest of `dvc repro` uses
         files = sweep_files(cfg, args.files, root)
-        cluster = ray_address(args.address) is not None
         sweeps = []
         for path in files:                                                    # all checked before any runs
             try:
                 sweeps.append(spec.load(path, params, profile))
-                sweep_cli.checked_trials(sweeps[-1], root)
-                if not cluster:
-                    sweep_cli.check_fits_here(sweeps[-1].resources)
+                sweep_cli.checked_trials(sweeps[-1], root, args.address)
             except ConfigError as err:
                 text = str(err)
                 raise ConfigError(text if text.startswith(str(path)) else f"{path}: {text}") from None
@@ -96,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         if len(set(names)) != len(names):
             dup = next(n for n in names if names.count(n) > 1)
             raise ConfigError(f"sweeps: two sweep files are named {dup!r}; each sweep needs its own name")
+        cluster = driver.ray_address(args.address) is not None
         gpus = [gpus_per_trial(s.resources.gpu, lambda s=s: _device_type(s), args.gpus_per_trial, cluster)
                 for s in sweeps]
     except ConfigError as err:

@@ -80,9 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("LOGLEVEL", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
     try:
         sweep, root = prepare(args)
-        specs = checked_trials(sweep, root)
-        if driver.ray_address(args.address) is None:
-            check_fits_here(sweep.resources)
+        specs = checked_trials(sweep, root, args.address)
         if args.dry_run:
             print(dry_run_text(sweep, specs, root, args))
             return 0
@@ -113,12 +111,15 @@ def prepare(args: argparse.Namespace) -> tuple[spec.Sweep, Path]:
     return sweep, params_path.parent
 
 
-def checked_trials(sweep: spec.Sweep, root: Path) -> list[spec.TrialSpec]:
+def checked_trials(sweep: spec.Sweep, root: Path, address: str | None) -> list[spec.TrialSpec]:
     """The sweep's fixed trial list (empty for Optuna), after every check that needs no Ray: what the
-    dry run and the sweep stage run before anything starts."""
+    dry run and the sweep stage run before anything starts. `address`: --address (a local Ray, whose
+    resources are this machine's, when neither it nor $RAY_ADDRESS names a cluster)."""
     specs = spec.trials(sweep)
     check_scheduler_metric(sweep, specs)
     check_store(sweep.base_config.tracking.uri, root)
+    if driver.ray_address(address) is None:
+        check_fits_here(sweep.resources)
     return specs
 
 
