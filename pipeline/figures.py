@@ -317,7 +317,7 @@ def inference_figure(points: list[tuple[str, float, float, tuple[float, float] |
     for i, (label, seconds, score, interval) in enumerate(points):
         xerr = None if interval is None else [[score - interval[0]], [interval[1] - score]]
         axes.errorbar([score], [seconds], xerr=xerr, fmt="o", color=f"C{i % 10}", capsize=3)
-        labels.append(axes.annotate(label, (score, seconds), xytext=(6, 5), textcoords="offset points",
+        labels.append(axes.annotate(label, (score, seconds), xytext=(6, 7), textcoords="offset points",
                                     fontsize=8, color=f"C{i % 10}"))
     axes.set_yscale("log")
     # Room above the highest point and right of the rightmost for their labels.
@@ -325,22 +325,28 @@ def inference_figure(points: list[tuple[str, float, float, tuple[float, float] |
     times = [seconds for _, seconds, _, _ in points]
     style(axes, f"Winoground text score against inference time (slowest / fastest: {max(times) / min(times):.1f}x)",
           "Winoground text score", "inference time per image-caption pair (s)")
-    _separate_labels(figure, labels)
+    bars = [(interval, seconds) for _, seconds, _, interval in points if interval is not None]
+    _separate_labels(figure, labels, bars)
     return figure
 
 
-def _separate_labels(figure: Figure, labels: list) -> None:
-    """Move each point label that overlaps a point or a label placed before it down by a line until
-    none does: students of one size score and run alike, so their labels would print over each other."""
+def _separate_labels(figure: Figure, labels: list, bars: list[tuple[tuple[float, float], float]]) -> None:
+    """Move each point label that overlaps a point, an interval bar (`bars`: ((low, high), y) in data
+    units) or a label placed before it down by a line until none does: students of one size score and
+    run alike, so their labels would print over each other and over each other's bars."""
     from matplotlib.transforms import Bbox
 
     figure.canvas.draw()   # lays the figure out, so that the labels have their final extents
     renderer = figure.canvas.get_renderer()
-    radius = 4 * figure.dpi / 72   # a marker's half width (6 points) and a little
-    points = [label.axes.transData.transform(label.xy) for label in labels]
+    radius = 4 * figure.dpi / 72   # a marker's half width (6 points) and a little; a bar's caps are 3 points
+    to_window = labels[0].axes.transData.transform
+    points = [to_window(label.xy) for label in labels]
     placed = [Bbox([[x - radius, y - radius], [x + radius, y + radius]]) for x, y in points]
+    for (low, high), y in bars:
+        (x0, y0), (x1, _) = to_window([(low, y), (high, y)])
+        placed.append(Bbox([[x0 - radius, y0 - radius], [x1 + radius, y0 + radius]]))
     for label in sorted(labels, key=lambda a: -a.get_window_extent(renderer).y0):
-        for _ in range(len(labels)):
+        for _ in range(2 * len(placed)):    # a move clears one line: enough to pass every box placed
             box = label.get_window_extent(renderer)
             if not any(box.overlaps(other) for other in placed):
                 break

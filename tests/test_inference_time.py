@@ -108,8 +108,17 @@ def test_the_figure_plots_each_score_against_its_time_on_a_log_axis(tmp_path):
 UNDER_A_LABEL = [POINTS[0], ("pretrained RN50", 0.0024, 0.25, (0.21, 0.29)), POINTS[2]]
 
 
-@pytest.mark.parametrize("points", [POINTS, UNDER_A_LABEL], ids=["labels-collide", "label-over-a-point"])
-def test_labels_of_scorers_that_score_and_run_alike_cover_no_label_and_no_point(points):
+# The toy study's students as its reference run measured them: placed as it is, the last label
+# would run along its own interval bar (the third student's).
+OVER_ITS_BAR = [("toy-vit pretrained", 5.2e-4, 0.537, (0.504, 0.571)),
+                ("toy-vit-s pretrained", 2.05e-4, 0.510, (0.479, 0.540)),
+                ("toy-vit-p8 pretrained", 1.77e-4, 0.454, (0.424, 0.484)),
+                ("diffusion score (toy-ldm), 16 samples", 6.5e-3, 0.722, (0.690, 0.746))]
+
+
+@pytest.mark.parametrize("points", [POINTS, UNDER_A_LABEL, OVER_ITS_BAR],
+                         ids=["labels-collide", "label-over-a-point", "label-over-a-bar"])
+def test_labels_of_scorers_that_score_and_run_alike_cover_no_label_point_or_bar(points):
     from matplotlib.transforms import Bbox
 
     figure = inference_figure(points)
@@ -117,10 +126,15 @@ def test_labels_of_scorers_that_score_and_run_alike_cover_no_label_and_no_point(
     renderer = figure.canvas.get_renderer()
     boxes = [text.get_window_extent(renderer) for text in axes.texts]
     assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
-    radius = 3 * figure.dpi / 72   # half the marker's 6 points
+    radius = 3 * figure.dpi / 72   # half the marker's 6 points, and the bars' caps (capsize 3)
     for x, y in axes.transData.transform([(score, seconds) for _, seconds, score, _ in points]):
         marker = Bbox([[x - radius, y - radius], [x + radius, y + radius]])
         assert not any(box.overlaps(marker) for box in boxes), (x, y)
+    for container in axes.containers:
+        for bar in container.lines[2]:
+            [[(x0, y), (x1, _)]] = [axes.transData.transform(segment) for segment in bar.get_segments()]
+            span = Bbox([[x0, y - radius], [x1, y + radius]])
+            assert not any(box.overlaps(span) for box in boxes), (x0, x1, y)
 
 
 @pytest.mark.parametrize("points, message", [
