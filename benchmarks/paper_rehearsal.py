@@ -16,7 +16,8 @@ What it does, in a temporary folder (or --workdir):
    config with SD's betas) and open_clip's ViT-B-16-quickgelu / openai repo;
 4. writes params.yaml: `profile: paper`, its roots pointing at those folders, the one
    student present, and CPU budgets (2 training steps of batch 2, 1 diffusion sample at full
-   size and 2 reduced, cache batches of 4 images, no sweep in `dvc repro`);
+   size and 2 reduced, cache batches of 4 images, no sweep in `dvc repro`), and the size and
+   training set it was built with in rehearsal.json;
 5. runs `dvc repro` and prints each stage's wall time and peak memory, then checks that
    reports/table1.csv has every paper column filled;
 6. with --sweep, runs `python -m pipeline.sweep sweeps/table1.yaml --profile paper
@@ -39,6 +40,7 @@ from __future__ import annotations
 import argparse
 import csv
 import gc
+import json
 import os
 import shutil
 import subprocess
@@ -59,6 +61,7 @@ from pipeline import cli  # noqa: E402
 
 ZEROSHOT = ("mnist", "dtd")  # two sets torchvision reads without an md5 check of the real release
 STUDENT = "vit-b-16"
+MARKER = "rehearsal.json"  # the size and training set a workspace was built with (benchmarks/scale.py reads it)
 SIZES = {
     "full": {"image": (640, 480), "samples": 1,
              "what": "SD v1-4 (UNet 860M) at 512 px, latent 4x64x64, 77-token conditioning; "
@@ -146,6 +149,7 @@ def build_workspace(ws: Path, size: str, train_set: str) -> None:
     data = paper_datasets(ws / "datasets", size=SIZES[size]["image"], zeroshot_sets=ZEROSHOT)
     teacher, student = write_models(ws / "hub", size)
     write_params(ws, data, teacher, student, SIZES[size]["samples"], train_set)
+    (ws / MARKER).write_text(json.dumps({"size": size, "train_set": train_set}) + "\n")
 
 
 # ---------------------------------------------------------------- measuring

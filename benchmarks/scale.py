@@ -5,8 +5,9 @@
 
 What it does, in a temporary folder (or --workdir):
 1. builds the paper rehearsal's reduced workspace (benchmarks/paper_rehearsal.py --size
-   reduced: the paper profile's layouts at toy widths) and runs `dvc repro` on it, so every
-   stage's output and the Table-1 runs in MLflow are real;
+   reduced: the paper profile's layouts at toy widths), or takes the one such a rehearsal left
+   in --workdir, and runs `dvc repro` on it, so every stage's output and the Table-1 runs in
+   MLflow are real;
 2. trial start against rows: for each --rows N, the COCO captions file is rewritten with N
    images (links to one drawn image) and N captions, and the cache's training tables
    (`train_text`: 77 x 64 per caption, `train_images`: 4 x 8 x 8 per image) with N random
@@ -65,11 +66,21 @@ max_concurrent: 1
 
 
 def build(ws: Path) -> None:
-    paper_rehearsal.build_workspace(ws, "reduced", "coco")
+    """The reduced workspace built in `ws`, or the one a rehearsal left there brought up to date."""
+    if not (ws / "params.yaml").is_file():
+        paper_rehearsal.build_workspace(ws, "reduced", "coco")
     lines, code, _ = paper_rehearsal.run_measured("dvc repro", ws, "dvc repro")
     if code:
         raise RuntimeError(f"dvc repro exited with {code}:\n{paper_rehearsal.tail(lines)}")
     (ws / "sweeps" / f"{SWEEP}.yaml").write_text(SWEEP_FILE)
+
+
+def rehearsed(ws: Path) -> bool:
+    """Whether `ws` holds a workspace `paper_rehearsal.py --size reduced` built on COCO captions."""
+    try:
+        return json.loads((ws / paper_rehearsal.MARKER).read_text()) == {"size": "reduced", "train_set": "coco"}
+    except (OSError, ValueError):
+        return False
 
 
 def config(ws: Path, **overrides):
@@ -258,13 +269,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, nargs="+", default=[10, 100, 500],
                    help="trials of the sweep, in MLflow and its results file (default: 10 100 500)")
     p.add_argument("--workdir", type=Path,
-                   help="build the workspace here (a new or empty folder; default: a temp folder)")
+                   help="build the workspace here (a new or empty folder; default: a temp folder), or measure in "
+                        "the one `benchmarks/paper_rehearsal.py --size reduced --workdir DIR` left there (it is "
+                        "changed: data and cache tables rewritten, runs added)")
     args = p.parse_args(argv)
     for option, values in (("--rows", args.rows), ("--runs", args.runs)):
         if values != sorted(set(values)) or values[0] < 10:
             p.error(f"{option}: {' '.join(map(str, values))} must be increasing counts of at least 10")
     if args.workdir is not None and args.workdir.exists() and any(args.workdir.iterdir()):
-        p.error(f"--workdir: {args.workdir} is not empty")
+        if not rehearsed(args.workdir):
+            p.error(f"--workdir: {args.workdir} is neither empty nor a reduced paper rehearsal's workspace")
     ws = (args.workdir or Path(tempfile.mkdtemp(prefix="scale-"))).resolve()
     ws.mkdir(parents=True, exist_ok=True)
     try:

@@ -50,6 +50,11 @@ def _ran(output: str) -> set[str]:
     return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
 
 
+def _stale(dest: Path, env: dict) -> set[str]:
+    """The stages `dvc status` finds out of date (those whose own deps changed, not those after them)."""
+    return set(json.loads(_run([sys.executable, "-m", "dvc", "status", "--json"], dest, env)))
+
+
 def test_repro_writes_the_reports_then_is_up_to_date_then_reruns_only_lambda_dependents_then_checks_out(clone):
     dest, env = clone
     dvc = [sys.executable, "-m", "dvc"]
@@ -77,18 +82,21 @@ def test_repro_writes_the_reports_then_is_up_to_date_then_reruns_only_lambda_dep
 
     assert _ran(_run(dvc + ["repro"], dest, env)) == set()
 
-    params = yaml.safe_load((dest / "params.yaml").read_text())
-    text = (dest / "params.yaml").read_text().replace(
-        f"lambda_sds: {params['objective']['lambda_sds']}", "lambda_sds: 0.05", 1)
-    (dest / "params.yaml").write_text(text)
+    # Which stages each edit makes stale (`dvc status`), then one repro of both edits: every stage a
+    # change reaches re-runs, and no other.
+    original = (dest / "params.yaml").read_text()
+    lambda_edit = original.replace(f"lambda_sds: {yaml.safe_load(original)['objective']['lambda_sds']}", "lambda_sds: 0.05", 1)
+    # Only the runs that train an h_w read eval.projected_score.
+    projected_edit = original.replace("  projected_score: true", "  projected_score: false", 1)
+    assert original != lambda_edit and original != projected_edit
+    (dest / "params.yaml").write_text(projected_edit)
+    assert _stale(dest, env) == {"train_sds", "sweep"}
     # The sweep stage depends on the whole objective section: a sweep file may leave lambda at its base value.
+    (dest / "params.yaml").write_text(lambda_edit)
+    assert _stale(dest, env) == {"train_sds", "sweep", "report"}
+    (dest / "params.yaml").write_text(lambda_edit.replace("  projected_score: true", "  projected_score: false", 1))
     assert _ran(_run(dvc + ["repro"], dest, env)) == {"train_sds", "sweep", "report"}
     assert "0.05 L_SDS" in (dest / "reports" / "table1.md").read_text()
-
-    # Only the runs that train an h_w read eval.projected_score.
-    text = (dest / "params.yaml").read_text().replace("  projected_score: true", "  projected_score: false", 1)
-    (dest / "params.yaml").write_text(text)
-    assert _ran(_run(dvc + ["repro"], dest, env)) == {"train_sds", "sweep", "report"}
     sds = json.loads((dest / "results" / "train-sds.json").read_text())
     assert "winoground/text" in sds["metrics"] and "projected/winoground/text" not in sds["metrics"]
 

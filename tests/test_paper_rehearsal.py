@@ -31,11 +31,11 @@ def test_help_and_a_bad_workdir_are_answered_in_one_line(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_reduced_rehearsal_runs_every_stage_and_fills_every_paper_column(tmp_path):
-    proc = rehearse("--size", "reduced", "--workdir", str(tmp_path / "ws"))
+def test_the_reduced_rehearsal_runs_every_stage_and_fills_every_paper_column(reduced_rehearsal):
+    proc, ws = reduced_rehearsal
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     table = proc.stdout.split("stage          wall s  peak RSS GiB  peak PSS GiB\n", 1)[1].splitlines()
     assert [line.split()[0] for line in table[:len(STAGES)]] == list(STAGES)
     assert all(float(line.split()[1]) > 0 for line in table[:len(STAGES)])
     assert "reports/table1.csv has every paper column" in proc.stdout
-    assert (tmp_path / "ws" / "reports" / "table1.md").is_file()
+    assert (ws / "reports" / "table1.md").is_file()
