@@ -67,7 +67,7 @@ max_concurrent: 1
 
 def build(ws: Path) -> None:
     """The reduced workspace built in `ws`, or the one a rehearsal left there brought up to date."""
-    if not (ws / "params.yaml").is_file():
+    if not rehearsed(ws):
         paper_rehearsal.build_workspace(ws, "reduced", "coco")
     lines, code, _ = paper_rehearsal.run_measured("dvc repro", ws, "dvc repro")
     if code:

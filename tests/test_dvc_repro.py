@@ -85,7 +85,8 @@ def test_repro_writes_the_reports_then_is_up_to_date_then_reruns_only_lambda_dep
     # Which stages each edit makes stale (`dvc status`), then one repro of both edits: every stage a
     # change reaches re-runs, and no other.
     original = (dest / "params.yaml").read_text()
-    lambda_edit = original.replace(f"lambda_sds: {yaml.safe_load(original)['objective']['lambda_sds']}", "lambda_sds: 0.05", 1)
+    lambda_sds = yaml.safe_load(original)["objective"]["lambda_sds"]
+    lambda_edit = original.replace(f"lambda_sds: {lambda_sds}", "lambda_sds: 0.05", 1)
     # Only the runs that train an h_w read eval.projected_score.
     projected_edit = original.replace("  projected_score: true", "  projected_score: false", 1)
     assert original != lambda_edit and original != projected_edit
