@@ -1,6 +1,6 @@
 """One launch of a sweep, or the resumption of one: Ray up, Ray Tune's run with the run recorder, the summary.
 
-A launch lives in Ray Tune's folder `<storage>/<name>-<launch time>-<spec hash>`: Ray's
+A launch lives in Ray Tune's folder `<storage>/<name>-<launch time>-<pid>-<spec hash>`: Ray's
 experiment state there is the record of its trials (and of the recorder's trial -> run map), so
 `--resume` continues it from that folder alone; the hash in its name refuses a resumption under
 a changed sweep file or params.

@@ -131,22 +131,22 @@ class RunRecorder(Callback):
             return self.trials[trial.trial_id]
         values = trial_values(trial.config, self.sweep)
         config, about = self.configured(values)
-        record = {"label": label(trial), "values": values, "params": flatten(config), "status": "running"}
-        if self.restored:
-            # Opened after Ray's last snapshot before the driver died: the same trial's run, kept.
-            found = self.tracker.find_runs(self.experiment, tags={"trial_id": trial.trial_id}, parent=self.parent)
-            if found:
-                rec = {"run_id": found[-1]["run_id"], **record, "attempts": int(found[-1]["tags"].get("attempts", "0")),
-                       "final": False, "logged_until": 0}
-                self.trials[trial.trial_id] = rec
-                return rec
-        run = self.tracker.start(f"{self.sweep.name} {label(trial)}: {describe(values)}", params=config,
-                                 compared=[*COMPARED, *expand(values, self.sweep.variants)],   # + what it sweeps
-                                 parent=self.parent, tags=self.tags(
-            sweep_role="trial", trial=label(trial), trial_id=trial.trial_id, status="running", attempts=0, **about,
-            **({"variant": values["variant"]} if "variant" in values else {})))
-        rec = {"run_id": run.run_id, **record, "attempts": 0, "final": False, "logged_until": 0}
-        self.trials[trial.trial_id] = rec
+        # Opened after Ray's last snapshot before the driver died: the same trial's run, kept.
+        found = self.restored and self.tracker.find_runs(self.experiment, tags={"trial_id": trial.trial_id},
+                                                         parent=self.parent)
+        if found:
+            run_id, attempts = found[-1]["run_id"], int(found[-1]["tags"].get("attempts", "0"))
+        else:
+            attempts = 0
+            run_id = self.tracker.start(
+                f"{self.sweep.name} {label(trial)}: {describe(values)}", params=config,
+                compared=[*COMPARED, *expand(values, self.sweep.variants)],   # + what it sweeps
+                parent=self.parent, tags=self.tags(
+                    sweep_role="trial", trial=label(trial), trial_id=trial.trial_id, status="running", attempts=0,
+                    **about, **({"variant": values["variant"]} if "variant" in values else {}))).run_id
+        rec = self.trials[trial.trial_id] = {
+            "run_id": run_id, "label": label(trial), "values": values, "params": flatten(config), "status": "running",
+            "attempts": attempts, "final": False, "logged_until": 0}
         return rec
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:

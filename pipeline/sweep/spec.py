@@ -611,12 +611,11 @@ def _dimension(key: str, spec: Any, search: str, base: Config) -> Dimension:
         if not (isinstance(body, list) and len(body) == 2
                 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in body)):
             raise ConfigError(f"{where}: {body!r} is not allowed; expected [low, high] (two numbers)")
-        if kind in ("uniform", "loguniform") and tp is not float:
-            raise ConfigError(f"{where}: {kind} draws real numbers but {key} expects {type_name(tp)}; "
-                              f"allowed for {key}: " + ("randint, choice" if tp is int else "choice or a list"))
-        if kind == "randint" and tp is not int:
-            raise ConfigError(f"{where}: randint draws integers but {key} expects {type_name(tp)}; "
-                              f"allowed for {key}: " + ("uniform, loguniform, choice" if tp is float else "choice or a list"))
+        drawn = int if kind == "randint" else float
+        if tp is not drawn:
+            allowed = {int: "randint, choice", float: "uniform, loguniform, choice"}.get(tp, "choice or a list")
+            raise ConfigError(f"{where}: {kind} draws {'integers' if drawn is int else 'real numbers'} but {key} "
+                              f"expects {type_name(tp)}; allowed for {key}: {allowed}")
         low, high = body
         if kind == "randint" and not all(isinstance(v, int) for v in body):
             raise ConfigError(f"{where}: {body!r} is not allowed; randint bounds must be integers")
@@ -687,9 +686,7 @@ def sample(dim: Dimension, rng) -> Any:
         return float(rng.uniform(low, high))
     if dim.kind == "loguniform":
         return float(math.exp(rng.uniform(math.log(low), math.log(high))))
-    if dim.kind == "randint":
-        return int(rng.integers(low, high + 1))
-    raise ValueError(dim.kind)
+    return int(rng.integers(low, high + 1))      # randint, the last of DISTRIBUTIONS
 
 
 def describe(values: dict[str, Any]) -> str:
