@@ -91,11 +91,12 @@ def write(cfg, table1: list[Row], sweeps: dict[str, list[dict]], out: Path, n_re
                                lambda r: references.get(r.student), n_resamples, seed)
 
     for table_id, stem in STUDY_SETTINGS.items():
-        chosen = [r for r in table1 if r.run == "ft_sds" and paper_numbers(table_id, r) is not None]
-        if chosen:
-            written += write_table(out, stem, chosen, [paper_numbers(table_id, r) for r in chosen],
-                                   _columns("winoground/text"), TEXT_VS_FT_CLIP, lambda r: references.get(r.student),
-                                   n_resamples, seed)
+        beside = [(r, numbers) for r in table1
+                  if r.run == "ft_sds" and (numbers := paper_numbers(table_id, r)) is not None]
+        if beside:
+            chosen, paper = map(list, zip(*beside))
+            written += write_table(out, stem, chosen, paper, _columns("winoground/text"), TEXT_VS_FT_CLIP,
+                                   lambda r: references.get(r.student), n_resamples, seed)
         elif cfg.profile == "paper":
             values = published.table(table_id).rows[0].values
             setting = " ".join(f"-S profiles.paper.{key}={value}" for key, value in values.items())

@@ -26,6 +26,7 @@ from pipeline import published
 from pipeline.config import ConfigError, flatten, to_dict
 from pipeline.metrics import TIME_PER_PAIR, outcome_parts, paired_difference, seed_task_interval
 from pipeline.report import COLUMNS, SEED, difference_cell, objective_label, write_tables
+from pipeline.sweep.spec import fmt
 
 STUDENT = "train.student"
 TEXT = "winoground/text"
@@ -56,10 +57,6 @@ def ft_run(objective) -> str:
     return f"ft_{objective.method}"
 
 
-def _text(value) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
 def trial_rows(cfg, trials: list[dict], sweep: str) -> list[Row]:
     """A row per configuration of sweep `sweep`'s finished trials with outcomes (their whole config, as
     the results file's `params` hold it, but the seed), in first-seen order, its runs by seed; labelled
@@ -85,7 +82,7 @@ def trial_rows(cfg, trials: list[dict], sweep: str) -> list[Row]:
                                               if key.startswith("objective.")})
         label = f"{params[STUDENT]} {objective_label(objective)}"
         if differ:
-            label += " (" + ", ".join(f"{key}={_text(params.get(key))}" for key in differ) + ")"
+            label += " (" + ", ".join(f"{key}={fmt(params.get(key))}" for key in differ) + ")"
         out.append(Row(params[STUDENT], ft_run(objective), label, runs, params))
     return out
 
