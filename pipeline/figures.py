@@ -20,6 +20,7 @@ import numpy as np
 
 from pipeline.io import write_bytes
 from pipeline.metrics import outcome_parts, seed_task_interval
+from pipeline.sweep.spec import fmt
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -37,6 +38,7 @@ ZEROSHOT_MEAN = "zeroshot/mean"
 COLOUR = "tab:blue"
 PANEL = (3.4, 2.5)                      # inches per panel of a small-multiples figure
 MIN_WIDTH = 6.4                         # inches: room for the title's notes above a single panel
+VALUE_TICKS = 8                         # up to this many swept values, each is a labelled x tick
 NO_INTERVAL = "its runs' results hold no per-case outcomes"
 
 
@@ -229,6 +231,14 @@ def line_figure(key: str, xs: list[float], scores: list[dict[str, Score]], metri
         style(ax, title, ylabel="accuracy" if i % columns == 0 else "")
     if scale == "symlog":
         figure.axes[0].set_xlim(left=-0.3 * options["linthresh"])
+    values = sorted(set(xs))
+    if len(values) <= VALUE_TICKS:
+        # A log axis labels only its decades (5e-05 and 5e-03 would be bare ticks): name each swept
+        # value as the sweep's table prints it. The panels share x, so one axis sets them all.
+        from matplotlib.ticker import NullLocator
+
+        figure.axes[0].set_xticks(values, [fmt(v) for v in values])
+        figure.axes[0].xaxis.set_minor_locator(NullLocator())
     figure.supxlabel(x_caption(key, scale, options), fontsize=9)     # one caption for the shared x
     return figure
 

@@ -198,6 +198,15 @@ def error_bars(ax):
     return means, [tuple(sorted(end)) for end in ends]
 
 
+def x_ticks(figure) -> list[str]:
+    """The labels of the shared x axis's ticks, the same on every panel, with no unlabelled minor ticks
+    (a log axis's default labels only its decades)."""
+    figure.canvas.draw()
+    labels = {tuple(t.get_text() for t in ax.get_xticklabels()) for ax in figure.axes}
+    assert len(labels) == 1 and not any(ax.get_xticks(minor=True).size for ax in figure.axes)
+    return list(labels.pop())
+
+
 def test_lambda_figure_has_a_panel_per_score_that_varies_on_a_shared_symlog_axis():
     trials = table_trials(trials_of(LAMBDA_TRIALS))
     keys = swept_keys(trials)
@@ -205,6 +214,7 @@ def test_lambda_figure_has_a_panel_per_score_that_varies_on_a_shared_symlog_axis
     assert panel_titles(figure) == ["Winoground text", "ARO overall", "zero-shot mean"]
     assert {ax.get_xscale() for ax in figure.axes} == {"symlog"}  # 0 and positive values spanning 1000x
     assert figure.get_supxlabel() == "objective.lambda_sds (log scale; linear from 0 to 1e-05)"
+    assert x_ticks(figure) == ["0", "1e-05", "0.01"]     # the plotted values, as the table prints them
     assert panel(figure, "Winoground text").get_ylabel() == "accuracy"
     line = panel(figure, "Winoground text").containers[0].lines[0]
     assert list(line.get_xdata()) == [0, 1e-5, 0.01]  # failed t003 (0.1) left out
@@ -239,6 +249,7 @@ def test_a_score_that_varies_is_plotted_with_its_interval_and_a_constant_one_is_
     assert "ARO overall 0.500" in title_of(figure) and "ARO overall" not in panel_titles(figure)
     assert {ax.get_xscale() for ax in figure.axes} == {"log"}
     assert figure.get_supxlabel() == "objective.lambda_sds (log scale)"
+    assert x_ticks(figure) == ["0.0001", "0.001", "0.01"]
     assert [ax.get_ylabel() for ax in figure.axes] == ["accuracy", ""]     # the first column's
     means, intervals = error_bars(panel(figure, "h_w text"))
     assert means == [0.25, 0.75, 1.0] and len(intervals) == 3
