@@ -10,11 +10,31 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# The process's umask, read once (there is no call that reads it without setting it). mkstemp and
+# mkdtemp make owner-only entries (0600, 0700); what is renamed into place gets the permissions an
+# ordinary write would have given it, so a study's outputs are as readable as the umask allows.
+UMASK = _umask()
+
+
+def temp_dir(parent: Path, prefix: str, suffix: str = "") -> Path:
+    """A new folder in `parent` to fill and rename into place, with the permissions mkdir would give it."""
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=prefix, suffix=suffix))
+    tmp.chmod(0o777 & ~UMASK)
+    return tmp
+
+
 def write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~UMASK)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -44,7 +64,7 @@ def atomic_dir(folder: Path) -> Iterator[Path]:
     """Yield a temp folder beside `folder`; on success it replaces `folder` in one rename."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
+    tmp = temp_dir(folder.parent, f".{folder.name}.", ".tmp")
     try:
         yield tmp
         if folder.exists():

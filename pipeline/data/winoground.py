@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-import tempfile
 import zipfile
 from io import BytesIO
 from pathlib import Path
 
 from PIL import Image
 
-from pipeline.io import write_bytes, write_jsonl
+from pipeline.io import temp_dir, write_bytes, write_jsonl
 from .errors import (
     DataFormatError,
     MissingDataError,
@@ -191,7 +190,7 @@ def _extracted(archive: Path, fingerprint: str) -> Path:
     target = cache / fingerprint
     if not target.is_dir():
         cache.mkdir(exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=cache, prefix=".extract-"))
+        tmp = temp_dir(cache, ".extract-")
         try:
             with zipfile.ZipFile(archive) as z:
                 z.extractall(tmp)

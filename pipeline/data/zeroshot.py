@@ -18,7 +18,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from pipeline.io import write_json
+from pipeline.io import temp_dir, write_json
 from .errors import (
     DataFormatError,
     field_value,
@@ -86,7 +86,7 @@ def write_image_folder_set(
     folders = [f"{label:0{width}d}_{_slug(classname)}" for label, classname in enumerate(classnames)]
     image_width = len(str(len(images) - 1))
     root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.tmp-"))
+    staging = temp_dir(root.parent, f".{root.name}.tmp-")
     try:
         for folder in folders:
             (staging / folder).mkdir()
