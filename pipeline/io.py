@@ -10,6 +10,23 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
+def check_writable(path: Path, key: str, folder: bool = False) -> None:
+    """Refuse, before any work, an output `path` (a file, or a `folder`) that could not be written: a
+    file in the way, the wrong kind of entry there, no write permission. Found at the end, it would
+    cost the run it was to record. Creates nothing; `key` is the option or setting that named it."""
+    from pipeline.config import ConfigError
+
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        raise ConfigError(f"{key}: {path} is a {'file' if folder else 'folder'}; expected a "
+                          f"{'folder' if folder else 'file'} there")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if existing != path and not existing.is_dir():
+        raise ConfigError(f"{key}: {existing} is a file, so {path} cannot be created")
+    if not os.access(existing, os.W_OK):     # the entry itself, or the folder it would be created in
+        raise ConfigError(f"{key}: {existing} is not writable, so {path} cannot be written")
+
+
 def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)

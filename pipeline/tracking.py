@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from pipeline.config import ConfigError, TrackingConfig, flatten
+from pipeline.io import check_writable
 
 MAX_PARAM_LENGTH = 500
 # The artifact holding a run's per-case correctness (`evaluate.Evaluation.outcomes`).
@@ -69,15 +70,8 @@ def check_store(uri: str, root: Path) -> None:
     is a traceback at the first run, after the work it was to record). Creates nothing."""
     check_uri(uri)
     store = local_store(uri, root)
-    if store is None:
-        return
-    existing = store
-    while not existing.exists():
-        existing = existing.parent
-    if existing != store and not existing.is_dir():
-        raise ConfigError(f"tracking.uri: {existing} is a file, so {store} cannot be created")
-    if not os.access(existing, os.W_OK):     # the store itself, or the folder it would be created in
-        raise ConfigError(f"tracking.uri: {existing} is not writable, so the store {store} cannot be written")
+    if store is not None:
+        check_writable(store, "tracking.uri", folder=not uri.startswith("sqlite:///"))
 
 
 def resolve_uri(uri: str, root: Path) -> str:

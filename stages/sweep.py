@@ -83,12 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         files = sweep_files(cfg, args.files, root)
         sweeps = []
         for path in files:                                                    # all checked before any runs
-            try:
+            with sweep_cli.naming(path):
                 sweeps.append(spec.load(path, params, profile))
-                sweep_cli.checked_trials(sweeps[-1], root, args.address)
-            except ConfigError as err:
-                text = str(err)
-                raise ConfigError(text if text.startswith(str(path)) else f"{path}: {text}") from None
+            sweep_cli.checked_trials(sweeps[-1], root, args.address)
         names = [s.name for s in sweeps]
         if len(set(names)) != len(names):
             dup = next(n for n in names if names.count(n) > 1)

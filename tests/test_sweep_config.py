@@ -40,7 +40,6 @@ def test_the_five_sweep_files_are_shipped():
 @pytest.mark.parametrize("profile", [None, "paper"])
 def test_shipped_sweep_validates_on_toy_and_one_override_from_paper(path, profile):
     sweep = sc.load(path, params(), profile)
-    assert sweep.base.profile == "toy" or profile
     assert sweep.profile == (profile or "toy")
     specs = sc.trials(sweep)
     if sweep.search.type == "optuna":
@@ -50,6 +49,15 @@ def test_shipped_sweep_validates_on_toy_and_one_override_from_paper(path, profil
         for spec in specs:
             cfg = sweep.config(spec.values)
             assert cfg.profile == sweep.profile
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.stem)
+def test_a_shipped_sweep_runs_on_the_profile_of_the_params_file(path):
+    """As the sweep stage runs it: run by hand with `profile: paper` in params.yaml, a file that named
+    the toy profile would train the toy models."""
+    raw = params()
+    raw["profile"] = "paper"
+    assert sc.load(path, raw).profile == "paper"
 
 
 def test_lambda_sweep_is_the_five_lambdas():
@@ -215,7 +223,7 @@ BAD = {
     "variant bundle empty": ("name: x\nspace: {variant: {a: {}}}\n", ["space.variant.a", "non-empty mapping"]),
     "variant bad value": ("name: x\nspace: {variant: {a: {train.scope: wide}}}\n",
                           ["space.variant.a.train.scope", "'wide'", "'lora'"]),
-    "variant unknown key": ("name: x\nspace: {variant: {a: {train.lrr: 1}}}\n", ["space.train.lrr", "unknown parameter"]),
+    "variant unknown key": ("name: x\nspace: {variant: {a: {train.lrr: 1}}}\n", ["space.variant.a.train.lrr: unknown parameter"]),
     "variant key swept too": ("name: x\nspace: {variant: {a: {train.lr: 0.1}}, train.lr: [0.2]}\n",
                               ["space.variant.a.train.lr", "also swept by space.train.lr"]),
     "variant under optuna": ("name: x\nsearch: optuna\nspace: {variant: {a: {train.lr: 0.1}}}\n",
@@ -374,7 +382,7 @@ def test_malformed_file_on_the_command_line_exits_2_with_one_line(tmp_path):
     proc = _cli(path, "--dry-run")
     assert proc.returncode == 2 and proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: space.train.lr[1]: -1"), proc.stderr
+    assert len(lines) == 1 and lines[0].startswith(f"error: {path}: space.train.lr[1]: -1"), proc.stderr
 
 
 def test_dry_run_prints_the_trials_without_importing_ray_or_mlflow(tmp_path):
@@ -502,6 +510,23 @@ def test_resume_continues_only_a_launch_of_the_same_definition(tmp_path):
     assert lines[0].startswith(f"error: --resume: {sweep_file}, the params") and "spec hash differs" in lines[0]
 
 
+def test_resume_of_a_launch_that_ran_to_its_end_is_refused_unless_it_retries_failed_trials(tmp_path):
+    sweep_file = _built_project(tmp_path)
+    same = sc.load(sweep_file, read_yaml(tmp_path / "params.yaml")).spec_hash()
+    launch = tmp_path / "ray_results" / f"s-20261205-100000-0007-{same}"
+    launch.mkdir(parents=True)
+    for name in ("tuner.pkl", "experiment_state-2026-12-05_10-00-00.json"):
+        (launch / name).write_bytes(b"")
+    args = (sweep_file, "--params", tmp_path / "params.yaml", "--resume")
+    for code, extra, error in ((0, (), "ran to its end with every trial finished; nothing to resume"),
+                               (0, ("--retry-failed",), "ran to its end with every trial finished; nothing to resume"),
+                               (1, (), "ran to its end with failed trials; add --retry-failed to run them again")):
+        (launch / "ended.json").write_text(json.dumps({"exit": code}))
+        proc = _cli(*args, *extra, cwd=tmp_path)
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+            f"error: --resume: launch {launch} {error}"], proc.stderr
+
+
 def test_an_address_where_no_cluster_answers_is_refused_in_one_line(tmp_path):
     """Ray's own attempt retries for minutes and ignores SIGTERM meanwhile."""
     sweep_file = _built_project(tmp_path)
@@ -609,3 +634,16 @@ def test_a_storage_path_that_cannot_hold_a_launch_is_refused_before_ray_starts(t
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip() == (f"error: storage_path: {blocker / 'ray'} cannot hold the launch's folder "
                                    "(Not a directory); give a writable folder (--storage)"), proc.stderr
+
+
+def test_a_results_file_that_cannot_be_written_is_refused_by_the_dry_run(tmp_path):
+    """Written after the last trial: a path that cannot take it would cost the whole launch."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for results, error in ((blocker / "out.json", f"{blocker} is a file, so {blocker / 'out.json'} cannot be created"),
+                           (tmp_path, f"{tmp_path} is a folder; expected a file there")):
+        proc = _cli("sweeps/lambda.yaml", "--results", results, "--dry-run")
+        assert proc.returncode == 2 and proc.stdout == "", proc.stdout
+        assert proc.stderr.strip().splitlines() == [f"error: --results: {error}"], proc.stderr
+    assert _cli("sweeps/lambda.yaml", "--results", tmp_path / "new" / "out.json", "--dry-run").returncode == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]       # the dry run made nothing

@@ -19,11 +19,13 @@ import logging
 import os
 import shlex
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from pipeline import cli
 from pipeline.config import PROFILES, ConfigError, flatten, read_yaml
 from pipeline.data.errors import MissingInput
+from pipeline.io import check_writable
 from pipeline.sweep import driver, spec
 from pipeline.tracking import check_store, redact
 
@@ -39,7 +41,8 @@ where things go:
 
 resume: after the driver dies (even SIGKILL), `--resume` continues the newest launch of the sweep
 (or the launch folder given): finished trials are not run again, the others restart from their
-last checkpoint, and each trial keeps its one MLflow run.
+last checkpoint, and each trial keeps its one MLflow run. A launch that ran to its end has nothing
+to resume, unless some of its trials failed: --retry-failed runs those again.
 
 cluster: start Ray on the nodes (`ray start --head`, `ray start --address HEAD:6379`), put the
 project (code, data/, models/, cache/) on a path every node sees and storage_path on shared
@@ -99,8 +102,11 @@ def prepare(args: argparse.Namespace) -> tuple[spec.Sweep, Path]:
         raise ConfigError("--retry-failed: only with --resume")
     if args.max_concurrent is not None and args.max_concurrent < 0:
         raise ConfigError(f"--max-concurrent: {args.max_concurrent} is out of range; allowed: >= 0")
+    if args.results is not None:
+        check_writable(args.results, "--results")
     params_path = args.params.resolve()
-    sweep = spec.load(args.sweep, read_yaml(params_path), args.profile)
+    with naming(args.sweep):
+        sweep = spec.load(args.sweep, read_yaml(params_path), args.profile)
     if args.max_concurrent is not None:
         sweep.max_concurrent = args.max_concurrent
     if args.gpus_per_trial is not None:
@@ -111,12 +117,25 @@ def prepare(args: argparse.Namespace) -> tuple[spec.Sweep, Path]:
     return sweep, params_path.parent
 
 
+@contextmanager
+def naming(path: Path | str):
+    """An error in a sweep file's content names the file (the params file's own are said as the stages say them)."""
+    try:
+        yield
+    except spec.ParamsError:
+        raise
+    except ConfigError as err:
+        text = str(err)
+        raise ConfigError(text if text.startswith(str(path)) else f"{path}: {text}") from None
+
+
 def checked_trials(sweep: spec.Sweep, root: Path, address: str | None) -> list[spec.TrialSpec]:
     """The sweep's fixed trial list (empty for Optuna), after every check that needs no Ray: what the
     dry run and the sweep stage run before anything starts. `address`: --address (a local Ray, whose
     resources are this machine's, when neither it nor $RAY_ADDRESS names a cluster)."""
-    specs = spec.trials(sweep)
-    check_scheduler_metric(sweep, specs)
+    with naming(sweep.source):
+        specs = spec.trials(sweep)
+        check_scheduler_metric(sweep, specs)
     check_store(sweep.base_config.tracking.uri, root)
     if driver.ray_address(address) is None:
         check_fits_here(sweep.resources)

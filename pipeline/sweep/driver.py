@@ -94,6 +94,22 @@ def unfinished_launch(sweep: Sweep, storage: str) -> str | None:
     return None
 
 
+def check_unended(folder: str, names: set[str], retry: bool) -> None:
+    """A launch its driver ran to the end has nothing to continue: every trial finished, or the
+    failed ones, which only --retry-failed runs again. (Restored, Ray Tune would start nothing
+    and the launch's summary would be written again with the restore's time.)"""
+    if ENDED not in names:
+        return
+    fs, base = _folder(folder)
+    with fs.open_input_stream(f"{base}/{ENDED}") as f:
+        failed = json.loads(f.read())["exit"] != 0
+    if not failed:
+        raise ConfigError(f"--resume: launch {folder} ran to its end with every trial finished; nothing to resume")
+    if not retry:
+        raise ConfigError(f"--resume: launch {folder} ran to its end with failed trials; add --retry-failed to "
+                          "run them again")
+
+
 def find_launch(sweep: Sweep, storage: str, given: str) -> str:
     """The launch folder `--resume` continues: the one named, else the newest of this sweep."""
     from ray import tune
@@ -263,7 +279,9 @@ def run(sweep: Sweep, specs: list[TrialSpec], root: Path, args) -> int:
     storage = storage_root(sweep, root, args.storage)
     if args.resume:
         ray_path = find_launch(sweep, storage, args.resume)
-        if not snapshotted(names_in(ray_path)):
+        names = names_in(ray_path)
+        check_unended(ray_path, names, args.retry_failed)
+        if not snapshotted(names):
             from pipeline.sweep.recorder import abandon_launch
 
             abandon_launch(sweep, root, experiment_name(sweep), ray_path)

@@ -5,7 +5,7 @@ A sweep file names a search over the parameters of `params.yaml`:
 ```yaml
 name: lambda                      # MLflow experiment "<tracking.experiment>/<name>"
 base:                             # what every trial starts from
-  profile: toy                    # smoke | toy | paper (omitted: params.yaml's `profile`)
+  profile: paper                  # pins one: smoke | toy | paper (omitted, as in the shipped files: params.yaml's)
   params:                         # overrides of params.yaml: dotted keys or nested mappings
     train.steps: 200
   profiles:                       # more overrides for one profile (after params)
@@ -94,6 +94,10 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _VARIANT_NAME = re.compile(r"[^\x00-\x1f\x7f ](?:[^\x00-\x1f\x7f]{0,62}[^\x00-\x1f\x7f ])?")
 # Keys of params.yaml no trial depends on (the `sweep` stage's list of sweep files): left out of trial configs.
 NOT_CONFIG_KEYS = ("sweeps",)
+
+
+class ParamsError(ConfigError):
+    """A problem of the params file itself, found while reading a sweep file against it."""
 
 
 # --------------------------------------------------------------------------- the typed file
@@ -434,7 +438,10 @@ def _base_config(base: BaseSpec, params: dict) -> tuple[dict, Config]:
     if not isinstance(params, dict):
         raise ConfigError("params.yaml: the top level must be a mapping")
     profile = base.profile or params.get("profile", "toy")
-    from_dict(resolve(params, {"profile": profile}))            # params.yaml's own errors, as the stages say them
+    try:
+        from_dict(resolve(params, {"profile": profile}))
+    except ConfigError as err:                                  # as the stages say them
+        raise ParamsError(str(err)) from None
     common = _base_overrides(base.params, {}, "base.params", params, profile)[0]
     for name, preset in base.profiles.items():    # every preset checked, not only the active one
         _base_overrides(preset, common, f"base.profiles.{name}", params, name)
@@ -509,7 +516,8 @@ def _space(raw: Any, search: str, base: Config) -> dict[str, Dimension]:
     return space
 
 
-def _sweepable(key: str) -> tuple[Any, dict]:
+def _sweepable(key: str, where: str = "") -> tuple[Any, dict]:
+    """The key's (type, type with constraints); `where` names it in an error (default: space.<key>)."""
     if key in FIELDS:
         return FIELDS[key]
     section = key.split(".")[0]
@@ -520,7 +528,7 @@ def _sweepable(key: str) -> tuple[Any, dict]:
     else:
         reason = "unknown parameter"
     allowed = ", ".join(sorted(FIELDS))
-    raise ConfigError(f"space.{key}: {reason}; allowed: {allowed}")
+    raise ConfigError(f"{where or 'space.' + key}: {reason}; allowed: {allowed}")
 
 
 def _finite_domain(key: str, tp: Any, base: Config) -> list | None:
@@ -561,7 +569,7 @@ def _variants(spec: Any, search: str, base: Config, others: list[str]) -> Dimens
         values = {}
         for key, value in bundle.items():
             key = str(key)
-            _sweepable(key)
+            _sweepable(key, f"{where}.{name}.{key}")
             if key in others:
                 raise ConfigError(f"{where}.{name}.{key}: also swept by space.{key}; a variant may set only keys "
                                   "no other entry of space sweeps")
