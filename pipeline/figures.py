@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,8 +39,13 @@ ZEROSHOT_MEAN = "zeroshot/mean"
 COLOUR = "tab:blue"
 PANEL = (3.4, 2.5)                      # inches per panel of a small-multiples figure
 MIN_WIDTH = 6.4                         # inches: room for the title's notes above a single panel
+LABEL_OFFSET = (6, 7)                   # points right of and above its point: where a point's label goes first
 VALUE_TICKS = 8                         # up to this many swept values, each is a labelled x tick
 NO_INTERVAL = "its runs' results hold no per-case outcomes"
+NBSP = "\u00a0"
+# What a wrapped note keeps on one line: a short parenthesised group ("(1000 resamples)") and a value
+# with its unit ("16 samples", "0.5 ms").
+UNBROKEN = re.compile(r"\([^()]{1,24}\)|\b\d[\d.]*(?:e[+-]?\d+)?%? [a-zµ]\w*", re.IGNORECASE)
 
 
 # ----------------------------------------------------------------------------- the style
@@ -66,10 +72,16 @@ def style(ax: Axes, title: str = "", xlabel: str = "", ylabel: str = "", grid: s
     ax.spines[["top", "right"]].set_visible(False)
 
 
+def unbroken(text: str) -> str:
+    """`text` with no-break spaces inside each `UNBROKEN` group, so that wrapping keeps it whole."""
+    return UNBROKEN.sub(lambda match: match.group().replace(" ", NBSP), text)
+
+
 def figure_title(figure: Figure, title: str, notes: list[str]) -> None:
-    """The figure's title, and below it the notes a reader needs (what the bars are, what is not shown)."""
+    """The figure's title, and below it the notes a reader needs (what the bars are, what is not shown),
+    wrapped at spaces only: never inside a hyphenated word ("zero-shot") or an `unbroken` group."""
     width = max(40, int(figure.get_figwidth() * 12))   # characters of 10 pt text a line holds
-    lines = [line for note in notes for line in textwrap.wrap(note, width)]
+    lines = [line for note in notes for line in textwrap.wrap(unbroken(note), width, break_on_hyphens=False)]
     figure.suptitle("\n".join([title, *lines]), fontsize=10)
 
 
@@ -307,12 +319,25 @@ def zeroshot_figure(groups: list[tuple[str, list[dict]]], n_resamples: int = 100
 # ----------------------------------------------------------------------------- inference time (Fig. 1)
 
 
+def duration(seconds: float, digits: int | None = None) -> str:
+    """A time in the largest of s, ms and µs it is at least a tenth of ("0.18 ms", "6.5 ms", "1 s"),
+    to `digits` significant digits (None: as short as the value allows, for round tick values)."""
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):
+        if seconds >= 0.1 * scale:
+            break
+    value = seconds / scale
+    text = f"{value:g}" if digits is None else f"{value:.0f}" if value >= 10 ** digits - 0.5 \
+        else f"{value:#.{digits}g}".rstrip(".")
+    return f"{text}{NBSP}{unit}"
+
+
 def inference_figure(points: list[tuple[str, float, float, tuple[float, float] | None]]) -> Figure:
     """Fig. 1: each scorer's Winoground text score against its inference time per image-caption pair.
 
     `points`: (label, seconds per pair, text score, its 95% interval (low, high) or None). Laid out
     as the paper's figure: the score across (with the interval as a bar), the time up on a log
-    scale, each point labelled; the title gives the slowest scorer's time over the fastest's.
+    scale, each point labelled with its time (the log axis names only its decades); the title gives
+    the slowest scorer's time over the fastest's.
     """
     if not points:
         raise ValueError("inference figure: no scorer to plot")
@@ -327,27 +352,33 @@ def inference_figure(points: list[tuple[str, float, float, tuple[float, float] |
     for i, (label, seconds, score, interval) in enumerate(points):
         xerr = None if interval is None else [[score - interval[0]], [interval[1] - score]]
         axes.errorbar([score], [seconds], xerr=xerr, fmt="o", color=f"C{i % 10}", capsize=3)
-        labels.append(axes.annotate(label, (score, seconds), xytext=(6, 7), textcoords="offset points",
-                                    fontsize=8, color=f"C{i % 10}"))
+        labels.append(axes.annotate(f"{label}: {duration(seconds, 2)}", (score, seconds), xytext=LABEL_OFFSET,
+                                    textcoords="offset points", fontsize=8, color=f"C{i % 10}"))
     axes.set_yscale("log")
+    axes.yaxis.set_major_formatter(lambda seconds, _: duration(seconds))
     # Room above the highest point and right of the rightmost for their labels.
     axes.margins(x=0.25, y=0.3)
     times = [seconds for _, seconds, _, _ in points]
     style(axes, f"Winoground text score against inference time (slowest / fastest: {max(times) / min(times):.1f}x)",
-          "Winoground text score", "inference time per image-caption pair (s)")
+          "Winoground text score", "inference time per image-caption pair (log scale)")
     bars = [(interval, seconds) for _, seconds, _, interval in points if interval is not None]
     _separate_labels(figure, labels, bars)
     return figure
 
 
 def _separate_labels(figure: Figure, labels: list, bars: list[tuple[tuple[float, float], float]]) -> None:
-    """Move each point label that overlaps a point, an interval bar (`bars`: ((low, high), y) in data
-    units) or a label placed before it down by a line until none does: students of one size score and
-    run alike, so their labels would print over each other and over each other's bars."""
+    """Place each point label inside the axes where it overlaps no point, no interval bar (`bars`:
+    ((low, high), y) in data units) and no label placed before it: right of its point, else left of
+    it (a long label near the right edge), moved down, then up, a line at a time until such a place
+    is found. Students of one size score and run alike, so their labels would print over each other
+    and over each other's bars."""
     from matplotlib.transforms import Bbox
 
+    for label in labels:
+        label.set_in_layout(False)   # kept inside the axes: the layout need not make room, nor change once placed
     figure.canvas.draw()   # lays the figure out, so that the labels have their final extents
     renderer = figure.canvas.get_renderer()
+    frame = labels[0].axes.get_window_extent(renderer)
     radius = 4 * figure.dpi / 72   # a marker's half width (6 points) and a little; a bar's caps are 3 points
     to_window = labels[0].axes.transData.transform
     points = [to_window(label.xy) for label in labels]
@@ -355,11 +386,22 @@ def _separate_labels(figure: Figure, labels: list, bars: list[tuple[tuple[float,
     for (low, high), y in bars:
         (x0, y0), (x1, _) = to_window([(low, y), (high, y)])
         placed.append(Bbox([[x0 - radius, y0 - radius], [x1 + radius, y0 + radius]]))
+
+    def place(label, side: int, lines: int, free: bool) -> bool:
+        """Put `label` on `side` (1: right, -1: left) of its point, `lines` lines up; whether it lies
+        inside the axes and, if `free`, overlaps nothing placed."""
+        label.set_horizontalalignment("left" if side > 0 else "right")
+        line = label.get_window_extent(renderer).height * 72 / figure.dpi + 1
+        label.xyann = (side * LABEL_OFFSET[0], LABEL_OFFSET[1] + lines * line)
+        box = label.get_window_extent(renderer)
+        inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+        return inside and not (free and any(box.overlaps(other) for other in placed))
+
+    steps = 2 * len(placed)     # a move clears one line: enough to pass every box placed
+    places = [(side, lines) for lines in [*range(0, -steps, -1), *range(1, steps)] for side in (1, -1)]
     for label in sorted(labels, key=lambda a: -a.get_window_extent(renderer).y0):
-        for _ in range(2 * len(placed)):    # a move clears one line: enough to pass every box placed
-            box = label.get_window_extent(renderer)
-            if not any(box.overlaps(other) for other in placed):
-                break
-            x, y = label.xyann
-            label.xyann = (x, y - box.height * 72 / figure.dpi - 1)
+        # A crowded axes may leave no free place: then the first inside it; failing that, the first place.
+        if not any(place(label, *where, free=True) for where in places) and \
+                not any(place(label, *where, free=False) for where in places):
+            place(label, 1, 0, free=False)
         placed.append(label.get_window_extent(renderer))

@@ -25,7 +25,7 @@ import numpy as np
 from pipeline import published
 from pipeline.config import ConfigError, flatten, to_dict
 from pipeline.metrics import TIME_PER_PAIR, outcome_parts, paired_difference, seed_task_interval
-from pipeline.report import COLUMNS, SEED, difference_cell, objective_label, write_tables
+from pipeline.report import COLUMNS, SEED, difference_cell, objective_label, sd_cell, seed_sd, write_tables
 from pipeline.sweep.spec import fmt
 
 STUDENT = "train.student"
@@ -151,7 +151,7 @@ def _interval(row: Row, key: str, n_resamples: int, seed: int) -> str:
 
 def _seed_sd(row: Row, key: str) -> str:
     values = [r["metrics"][key] for r in row.runs if key in r["metrics"]]
-    return f"{np.std(values, ddof=1):.3f}" if len(values) > 1 else "-"
+    return sd_cell(seed_sd(values))
 
 
 def _versus(row: Row, reference: Row | None, key: str, n_resamples: int, seed: int) -> str:

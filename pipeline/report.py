@@ -74,6 +74,16 @@ def objective_label(objective) -> str:
     return f"FT with {contrastive} + {teacher}" if contrastive else f"FT with {teacher}"
 
 
+def seed_sd(values: list[float]) -> float | None:
+    """The standard deviation of a row's values over its seeds; None for one seed, which has no spread."""
+    return float(np.std(values, ddof=1)) if len(values) > 1 else None
+
+
+def sd_cell(sd: float | None) -> str:
+    """A seed spread as every table prints it: '-' where a row ran with one seed."""
+    return "-" if sd is None else f"{sd:.3f}"
+
+
 def metric_cells(metrics: dict[str, float]) -> list[str]:
     """The value of each `COLUMNS` metric to 3 decimals, '-' where the run lacks it."""
     return [f"{metrics[key]:.3f}" if key in metrics else "-" for _, key in COLUMNS]
@@ -185,18 +195,26 @@ def is_numeric(trials: list[dict], key: str) -> bool:
     return all(_number(trial["config"][key]) is not None for trial in trials if key in trial["config"])
 
 
+def trial_index(trial: dict) -> float:
+    """A trial's place in its sweep (`spec.trial_label`: t012 is 12th); a label without one sorts last."""
+    label = trial["trial"]
+    return int(label[1:]) if label[:1] == "t" and label[1:].isdigit() else math.inf
+
+
+def value_axis(trials: list[dict], keys: list[str]) -> str | None:
+    """The swept key a sweep's figure puts along x: the one swept besides seeds, when it is numeric."""
+    configs = [key for key in keys if key != SEED]
+    return configs[0] if len(configs) == 1 and is_numeric(trials, configs[0]) else None
+
+
 def sorted_trials(trials: list[dict], keys: list[str]) -> list[dict]:
-    """Trials by their swept values (numbers by value, text by name, missing last), then label."""
-    numeric = {key: is_numeric(trials, key) for key in keys}
-
-    def order(trial: dict) -> tuple:
-        parts = []
-        for key in keys:
-            value = trial["config"].get(key)
-            parts.append((value is None, _number(value) if numeric[key] and value is not None else 0.0, value or ""))
-        return tuple(parts), trial["trial"]
-
-    return sorted(trials, key=order)
+    """Trials in their sweep's order, by trial index: a grid's follows the sweep file (its first variant,
+    the reference, first), so a sweep's rows read in the same order in every table and figure of it.
+    A sweep along a numeric key is read by its value (the figure's x axis), then by index."""
+    ordered = sorted(trials, key=trial_index)
+    if (axis := value_axis(trials, keys)) is None:
+        return ordered
+    return sorted(ordered, key=lambda trial: (axis not in trial["config"], _number(trial["config"].get(axis, "0"))))
 
 
 def sweep_header(keys: list[str]) -> tuple[list[str], list[str]]:
@@ -289,12 +307,11 @@ def sweep_figure(name: str, trials: list[dict], keys: list[str], n_resamples: in
     if not shown:
         return None
     metrics, constant = varying_metrics(shown)
-    configs = [key for key in keys if key != SEED]
-    numeric = len(configs) == 1 and is_numeric(shown, configs[0])
-    groups = by_value(shown, configs[0]) if numeric else config_groups(shown, configs)
+    axis = value_axis(shown, keys)
+    groups = by_value(shown, axis) if axis else config_groups(shown, [key for key in keys if key != SEED])
     scores = [group_scores(members, [key for key, _ in metrics], n_resamples, seed) for _, members in groups]
-    if numeric:
-        figure = line_figure(configs[0], [x for x, _ in groups], scores, metrics)
+    if axis:
+        figure = line_figure(axis, [x for x, _ in groups], scores, metrics)
     else:
         figure = dot_figure([caption for caption, _ in groups], scores, metrics)
     notes = [interval_note(scores, n_resamples, seeds=any(len(members) > 1 for _, members in groups))]
@@ -329,7 +346,7 @@ class VariantRow:
 
     name: str
     seeds: list[int]
-    scores: dict[str, tuple[float, float, float, float]]       # metric -> (mean, sd over seeds, low, high)
+    scores: dict[str, tuple[float, float | None, float, float]]   # metric -> (mean, `seed_sd`, low, high)
     versus: dict[str, PairedDifference] | None
     diagnostics: dict[str, float]
 
@@ -360,7 +377,7 @@ def compare_variants(trials: list[dict], order: list[str], n_resamples: int = 10
                 continue
             values = [t["metrics"][key] for t in runs if key in t["metrics"]]
             mean, low, high = seed_task_interval(parts[name][key], n_resamples, seed=seed)
-            scores[key] = (mean, float(np.std(values, ddof=1)) if len(values) > 1 else 0.0, low, high)
+            scores[key] = (mean, seed_sd(values), low, high)
         versus = None
         if name != names[0]:
             versus = {key: paired_difference(parts[name][key], parts[names[0]][key], n_resamples, seed=seed)
@@ -388,7 +405,7 @@ def variant_tables(rows: list[VariantRow], labels: dict[str, str]) -> dict[str, 
     """The three tables of a variant comparison: scores, differences to the reference, diagnostics."""
     shown = [(title, key) for title, key in HEADLINE if any(key in row.scores for row in rows)]
     scores = [[labels.get(r.name, r.name), str(len(r.seeds))] +
-              [f"{r.scores[k][0]:.3f} ± {r.scores[k][1]:.3f} [{r.scores[k][2]:.3f}, {r.scores[k][3]:.3f}]"
+              [f"{r.scores[k][0]:.3f} ± {sd_cell(r.scores[k][1])} [{r.scores[k][2]:.3f}, {r.scores[k][3]:.3f}]"
                if k in r.scores else "-" for _, k in shown] for r in rows]
     diffs = [[labels.get(r.name, r.name)] +
              [difference_cell(d) if (d := (r.versus or {}).get(k)) else "-" for _, k in shown] for r in rows[1:]]
@@ -415,7 +432,7 @@ def variant_csv(rows: list[VariantRow], labels: dict[str, str]) -> str:
         line = [r.name, labels.get(r.name, r.name), " ".join(map(str, r.seeds))]
         for _, key in HEADLINE:
             score = r.scores.get(key)
-            line += [f"{v:.6f}" for v in score] if score else [""] * 4
+            line += ["" if v is None else f"{v:.6f}" for v in score] if score else [""] * 4
             d = (r.versus or {}).get(key)
             line += [f"{d.difference:.6f}", f"{d.low:.6f}", f"{d.high:.6f}", f"{d.p_value:.6g}"] if d else [""] * 4
         line += [f"{r.diagnostics[k]:.6g}" if k in r.diagnostics else "" for _, k in DIAGNOSTICS]
@@ -429,7 +446,8 @@ def write_variant_report(name: str, rows: list[VariantRow], labels: dict[str, st
     tables = variant_tables(rows, labels)
     reference = labels.get(rows[0].name, rows[0].name)
     notes = {
-        "scores": f"Mean ± sd over seeds [95% interval over seeds and cases, {n_resamples} resamples].",
+        "scores": f"Mean ± sd over seeds ('-': one seed) [95% interval over seeds and cases, {n_resamples} "
+                  "resamples].",
         "versus": f"Difference to {reference} on the same cases [paired 95% interval] and its two-sided "
                   "p-value: McNemar's exact test when each row has one run, else the same bootstrap's "
                   "(cases resampled for both rows together, each row's seeds on their own).",
@@ -472,6 +490,7 @@ def variant_figure(rows: list[VariantRow], labels: dict[str, str], title: str) -
             d = row.versus.get(key)
             if d is None:
                 continue
+            # Every headline metric is an accuracy: above the reference is better.
             colour = "tab:green" if d.low > 0 else "tab:red" if d.high < 0 else "tab:gray"
             ax.errorbar([d.difference], [y], xerr=[[d.difference - d.low], [d.high - d.difference]], fmt="o",
                         color=colour, capsize=3, markersize=4)
@@ -479,7 +498,8 @@ def variant_figure(rows: list[VariantRow], labels: dict[str, str], title: str) -
         style(ax, name, f"Δ accuracy vs {reference}", grid="x")
     axes[0].set_yticks(ys, [labels.get(row.name, row.name) for row in compared])
     axes[0].set_ylim(len(compared) - 0.5, -0.5)
-    figure_title(figure, title, ["paired 95% intervals over seeds and cases (green/red: the interval excludes 0)"])
+    figure_title(figure, title, [f"paired 95% intervals over seeds and cases; green: better than {reference}, red: "
+                                 "worse, both with the interval excluding 0 (grey: including 0)"])
     return figure
 
 

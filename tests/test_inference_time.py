@@ -20,7 +20,7 @@ from pipeline.metrics import TIME_PER_PAIR, TIMED_PAIRS
 from pipeline.models import student_dir, teacher_dir
 from pipeline.models.student import build_toy_student, save_student
 from pipeline.models.teacher import build_toy_teacher, save_teacher
-from pipeline.figures import inference_figure, write_figure
+from pipeline.figures import duration, inference_figure, write_figure
 from pipeline.tracking import Tracker
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
@@ -84,12 +84,13 @@ POINTS = [("pretrained ViT-B-16", 0.002, 0.24, (0.20, 0.29)), ("pretrained RN50"
 
 def test_the_figure_plots_each_score_against_its_time_on_a_log_axis(tmp_path):
     """The paper's layout: the text score across with its interval as a bar, the time up on a log
-    scale, one labelled point per scorer; the title gives the slowest over the fastest."""
+    scale, one point per scorer labelled with its time (the axis names only its decades, in the same
+    units); the title gives the slowest over the fastest."""
     figure = inference_figure(POINTS)
     [axes] = figure.axes
     assert axes.get_yscale() == "log" and axes.get_xscale() == "linear"
     assert axes.get_xlabel() == "Winoground text score"
-    assert axes.get_ylabel() == "inference time per image-caption pair (s)"
+    assert axes.get_ylabel() == "inference time per image-caption pair (log scale)"
     assert len(axes.containers) == len(POINTS)
     for container, (label, seconds, score, interval) in zip(axes.containers, POINTS):
         line, _, bars = container.lines
@@ -99,7 +100,11 @@ def test_the_figure_plots_each_score_against_its_time_on_a_log_axis(tmp_path):
         else:
             [segment] = bars[0].get_segments()
             assert segment.tolist() == [[interval[0], seconds], [interval[1], seconds]], label
-    assert sorted(text.get_text() for text in axes.texts) == sorted(label for label, *_ in POINTS)
+    assert [text.get_text() for text in axes.texts] == [
+        "pretrained ViT-B-16: 2.0\u00a0ms", "pretrained RN50: 1.9\u00a0ms", "diffusion score (50 samples): 36\u00a0ms"]
+    figure.canvas.draw()
+    ticks = {tick.get_text() for tick in axes.get_yticklabels()}
+    assert {"1\u00a0ms", "10\u00a0ms"} <= ticks and not any("10^" in tick or "{" in tick for tick in ticks)
     assert "18.9x" in axes.get_title()
     assert write_figure(tmp_path / "inference.png", figure).read_bytes().startswith(b"\x89PNG")
 
@@ -123,9 +128,13 @@ def test_labels_of_scorers_that_score_and_run_alike_cover_no_label_point_or_bar(
 
     figure = inference_figure(points)
     [axes] = figure.axes
+    figure.canvas.draw()     # the layout the figure is saved with
     renderer = figure.canvas.get_renderer()
     boxes = [text.get_window_extent(renderer) for text in axes.texts]
     assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    frame = axes.get_window_extent(renderer)
+    for box, text in zip(boxes, axes.texts):     # inside the axes (the diffusion score's ran off its right)
+        assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1, text
     radius = 3 * figure.dpi / 72   # half the marker's 6 points, and the bars' caps (capsize 3)
     for x, y in axes.transData.transform([(score, seconds) for _, seconds, score, _ in points]):
         marker = Bbox([[x - radius, y - radius], [x + radius, y + radius]])
@@ -135,6 +144,14 @@ def test_labels_of_scorers_that_score_and_run_alike_cover_no_label_point_or_bar(
             [[(x0, y), (x1, _)]] = [axes.transData.transform(segment) for segment in bar.get_segments()]
             span = Bbox([[x0, y - radius], [x1, y + radius]])
             assert not any(box.overlaps(span) for box in boxes), (x0, x1, y)
+
+
+@pytest.mark.parametrize("seconds, digits, text", [
+    (1.77e-4, 2, "0.18 ms"), (2.06e-4, 2, "0.21 ms"), (6.5e-3, 2, "6.5 ms"), (0.002, 2, "2.0 ms"), (2.0, 2, "2.0 s"),
+    (5e-6, 2, "5.0 µs"), (150.0, 2, "150 s"), (1e-4, None, "0.1 ms"), (1e-3, None, "1 ms"), (0.01, None, "10 ms"),
+])
+def test_a_time_reads_in_the_unit_that_suits_it(seconds, digits, text):
+    assert duration(seconds, digits) == text.replace(" ", "\u00a0")
 
 
 @pytest.mark.parametrize("points, message", [

@@ -143,11 +143,41 @@ def test_swept_keys_are_those_that_differ_a_variant_first():
     assert swept_keys(crossed) == ["variant", "train.seed"]   # one value of train.lr: no axis
 
 
-def test_trials_sort_by_value_not_by_text():
-    ordered = sorted_trials(table_trials(trials_of(LAMBDA_TRIALS)), ["objective.lambda_sds"])
-    assert [t["config"]["objective.lambda_sds"] for t in ordered] == ["0", "1e-05", "0.01", "0.1"]
-    scope = sorted_trials(table_trials(trials_of(SCOPE_TRIALS)), ["train.scope"])
-    assert [t["config"]["train.scope"] for t in scope] == ["full", "layernorm", "unet_feature"]
+def ordered(listed) -> list[dict]:
+    trials = table_trials(trials_of(listed))
+    return sorted_trials(trials, swept_keys(trials))
+
+
+def test_trials_keep_their_sweeps_order_by_trial_index():
+    """The sweep file's (grid) order everywhere: the reference variant first, not the alphabet's."""
+    assert [t["config"]["train.scope"] for t in ordered(SCOPE_TRIALS)] == ["layernorm", "full", "unet_feature"]
+    labels = ["t010", "late", "t002", "t000", "t1000", "t001"]    # "late": no index, after every indexed trial
+    assert [t["trial"] for t in ordered([(label, {}, "finished", {}) for label in labels])] == \
+        ["t000", "t001", "t002", "t010", "t1000", "late"]
+
+
+def test_a_sweep_along_a_numeric_key_reads_by_value_as_its_figures_x_axis():
+    lrs = [("t000", {"train.lr": 5e-3}, "finished", {}), ("t001", {"train.lr": 5e-5}, "finished", {}),
+           ("t002", {"train.lr": 5e-3, "train.seed": 1}, "finished", {})]
+    assert [t["trial"] for t in ordered(lrs)] == ["t001", "t000", "t002"]
+    assert [t["config"]["objective.lambda_sds"] for t in ordered(LAMBDA_TRIALS)] == ["0", "1e-05", "0.01", "0.1"]
+
+
+def test_a_student_by_variant_grid_keeps_each_students_rows_together_in_table_and_figure(tmp_path):
+    """sweeps/table1.yaml's grid, students x variants x seeds, listed out of order: the table and the
+    figure follow the trial index, so each student's rows stay together, its reference variant first."""
+    grid = [(student, variant, seed) for student in ("vit", "rn50") for variant in ("FT with L_CLIP", "NegCLIP")
+            for seed in (0, 1)]
+    listed = [(f"t{i:03d}", {"train.student": s, "variant": v, "train.seed": seed}, "finished",
+               {"winoground/text": 0.1 * (i + 1)}) for i, (s, v, seed) in enumerate(grid)]
+    write_sweep_report("table1", trials_of(listed[::-1]), tmp_path)
+    _, *rows = list(csv.reader(io.StringIO((tmp_path / "sweep-table1.csv").read_text())))
+    assert [(r[1], r[3]) for r in rows] == [(v, s) for s, v, _ in grid]
+    trials = table_trials(trials_of(listed[::-1]))
+    keys = swept_keys(trials)
+    figure = sweep_figure("table1", sorted_trials(trials, keys), keys)
+    assert [t.get_text() for t in figure.axes[0].get_yticklabels()] == [
+        f"{v}\ntrain.student={s} (2 runs)" for s, v in dict.fromkeys((s, v) for s, v, _ in grid)]
 
 
 def test_sweep_table_rows_statuses_values_and_dashes(tmp_path):
@@ -267,8 +297,8 @@ def test_a_non_numeric_sweep_gets_a_row_per_configuration(tmp_path):
     assert panel_titles(figure) == ["Winoground text"]
     ax = figure.axes[0]
     assert [t.get_text() for t in ax.get_yticklabels()] == [
-        "train.scope=full", "train.scope=layernorm", "train.scope=unet_feature"]
-    assert error_bars(ax)[0] == [0.3, 0.2, 0.1]
+        "train.scope=layernorm", "train.scope=full", "train.scope=unet_feature"]
+    assert error_bars(ax)[0] == [0.2, 0.3, 0.1]
     assert ax.get_xlabel() == "accuracy"
     written = write_sweep_report("scope", trials_of(SCOPE_TRIALS), tmp_path)
     assert written[-1].read_bytes().startswith(PNG_MAGIC)
@@ -336,7 +366,7 @@ def test_a_variant_captions_its_row_by_its_name_and_other_keys_on_lines_of_their
     keys = swept_keys(crossed)
     axes = sweep_figure("methods", sorted_trials(crossed, keys), keys).axes[0]
     assert [t.get_text() for t in axes.get_yticklabels()] == [
-        "FT with L_CLIP\ntrain.lr=0.1 (2 runs)", "NegCLIP\ntrain.lr=0.1", "NegCLIP\ntrain.lr=0.2"]
+        "NegCLIP\ntrain.lr=0.2", "FT with L_CLIP\ntrain.lr=0.1 (2 runs)", "NegCLIP\ntrain.lr=0.1"]
 
 
 def test_repeated_values_make_one_group():
@@ -355,6 +385,21 @@ def test_repeated_values_make_one_group():
 ])
 def test_x_scale(values, scale):
     assert x_scale(values) == scale
+
+
+def test_notes_wrap_at_spaces_keeping_hyphenated_words_short_groups_and_values_with_units_whole():
+    from pipeline.figures import figure_title, new_figure, unbroken
+
+    figure = new_figure(3.4, 2.0)       # 40 characters a line: "zero-" and "(1000" would end one
+    notes = ["same in every trial that has it: zero-shot mean 0.690, ARO overall 0.577, MMVP 0.650",
+             "points: mean; bars: 95% bootstrap interval over seeds and cases (1000 resamples)"]
+    figure_title(figure, "sweep lambda", notes)
+    lines = [" ".join(line.split()) for line in figure.get_suptitle().splitlines()]
+    assert len(lines) > 3 and " ".join(lines) == " ".join(["sweep lambda", *notes])
+    assert not any(line.endswith("-") for line in lines) and any("zero-shot mean" in line for line in lines)
+    assert any("(1000 resamples)" in line for line in lines)
+    assert unbroken("took 16 samples, 6.5 ms (slowest / fastest)") == \
+        "took 16\u00a0samples, 6.5\u00a0ms (slowest\u00a0/\u00a0fastest)"
 
 
 # ----------------------------------------------------------------------------- zero-shot figure
@@ -527,7 +572,8 @@ def test_stage_with_no_sweeps_listed_writes_no_sweep_outputs(store, tmp_path):
 # ----------------------------------------------------------------------------- variants side by side
 
 from pipeline.metrics import paired_difference  # noqa: E402
-from pipeline.report import compare_variants, objective_label, variant_tables, write_variant_report  # noqa: E402
+from pipeline.report import (compare_variants, objective_label, variant_figure, variant_tables,  # noqa: E402
+                             write_variant_report)
 
 
 def variant_trial(name: str, seed: int, text: list[int], rel: list[int], status: str = "finished") -> dict:
@@ -589,6 +635,37 @@ def test_a_variant_table_leaves_out_what_no_row_has():
     tables = variant_tables(rows, {})
     assert tables["versus"][1] == []
     assert "h_w text" not in tables["diagnostics"][0] and "final L_CLIP" in tables["diagnostics"][0]
+
+
+def test_a_variant_with_one_seed_has_no_seed_spread_as_table1_prints_it(tmp_path):
+    """One seed has no spread: '-' as Table 1's seed sd column prints it, not a spread of 0.000; the CSV
+    leaves it empty."""
+    one = [variant_trial("plain", 0, TEXT_A, [1, 0, 1, 0]), variant_trial("hard", 0, [1] * 8, [1, 1, 1, 0])]
+    rows = compare_variants(one, ["plain", "hard"], n_resamples=50)
+    assert rows[1].scores["winoground/text"][1] is None
+    assert [cells[2].split(" [")[0] for cells in variant_tables(rows, {})["scores"][1]] == ["0.500 ± -", "1.000 ± -"]
+    two = compare_variants(VARIANT_TRIALS, ["plain", "hard"], n_resamples=50)
+    assert variant_tables(two, {})["scores"][1][0][2].startswith("0.500 ± 0.000 [")    # two seeds that agree
+    write_variant_report("scope", rows, {}, tmp_path, 50)
+    table = list(csv.DictReader(io.StringIO((tmp_path / "scope.csv").read_text())))
+    assert [r["winoground/text/sd"] for r in table] == ["", ""] and table[0]["winoground/text/mean"] == "0.500000"
+    table1 = paper_tables.Row("toy-vit", "ft_clip", "one seed", [one[0]], {})
+    assert paper_tables._seed_sd(table1, "winoground/text") == "-"
+
+
+def test_the_differences_figure_says_which_colour_is_better():
+    """green: above the reference (every headline metric is an accuracy), red: below, each with its
+    interval excluding 0."""
+    from matplotlib.colors import to_hex
+
+    worse = [variant_trial("worse", seed, [0] * 8, [0, 0, 0, 0]) for seed in (0, 1)]
+    rows = compare_variants(VARIANT_TRIALS + worse, ["plain", "hard", "worse"], n_resamples=200)
+    figure = variant_figure(rows, {"plain": "FT with L_CLIP"}, "sweep methods")
+    assert "green: better than FT with L_CLIP, red: worse, both with the interval excluding 0" in title_of(figure)
+    [text] = [ax for ax in figure.axes if ax.get_title() == "Wino text"]
+    hard, worse_row = [c.lines[0].get_color() for c in text.containers]
+    assert rows[1].versus["winoground/text"].low > 0 and rows[2].versus["winoground/text"].high < 0
+    assert (to_hex(hard), to_hex(worse_row)) == (to_hex("tab:green"), to_hex("tab:red"))
 
 
 def test_objective_labels_name_the_method_and_its_weights():
