@@ -79,7 +79,8 @@ def calibrate(root: Path, threads: int, steps: int = 60, every: int = 10) -> tup
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="benchmarks/sweep_overhead.py", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", type=Path, help="an already built smoke project (default: build one in a temp dir)")
     p.add_argument("--trial-seconds", type=float, default=30.0, help="target length of one trial (default 30)")
     p.add_argument("--concurrent", type=int, default=1, help="trials at once (default 1)")
