@@ -724,9 +724,20 @@ def read_yaml(path: str | Path) -> Any:
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}:{where} is not valid YAML") from None
+        raise ConfigError(f"{path}: {yaml_problem(err)}") from None
+
+
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """Where and why a text is not YAML, in one line: "line 3 is not valid YAML: expected ',' or ']', but got
+    '<stream end>' (in a flow sequence from line 2)" (an unclosed bracket is found where the text ends)."""
+    mark, context, start = (getattr(err, name, None) for name in ("problem_mark", "context", "context_mark"))
+    text = f"line {mark.line + 1} is not valid YAML" if mark else "not valid YAML"
+    if getattr(err, "problem", None):
+        text += f": {err.problem}"
+    if context and start and (not mark or start.line != mark.line):
+        what = context.removeprefix("while parsing ").removeprefix("while scanning ")
+        text += f" (in {what} from line {start.line + 1})"
+    return text
 
 
 def load(path: str | Path = "params.yaml", overrides: dict | None = None) -> Config:

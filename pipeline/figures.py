@@ -45,7 +45,7 @@ NO_INTERVAL = "its runs' results hold no per-case outcomes"
 NBSP = "\u00a0"
 # What a wrapped note keeps on one line: a short parenthesised group ("(1000 resamples)") and a value
 # with its unit ("16 samples", "0.5 ms").
-UNBROKEN = re.compile(r"\([^()]{1,24}\)|\b\d[\d.]*(?:e[+-]?\d+)?%? [a-zµ]\w*", re.IGNORECASE)
+UNBROKEN = re.compile(r"\([^()]{1,24}\)|\b\d+(?:\.\d+)?(?:e[+-]?\d+)?%? [a-zµ]+\b")
 
 
 # ----------------------------------------------------------------------------- the style
@@ -81,7 +81,8 @@ def figure_title(figure: Figure, title: str, notes: list[str]) -> None:
     """The figure's title, and below it the notes a reader needs (what the bars are, what is not shown),
     wrapped at spaces only: never inside a hyphenated word ("zero-shot") or an `unbroken` group."""
     width = max(40, int(figure.get_figwidth() * 12))   # characters of 10 pt text a line holds
-    lines = [line for note in notes for line in textwrap.wrap(unbroken(note), width, break_on_hyphens=False)]
+    lines = [line for note in notes for line in textwrap.wrap(unbroken(note), width, break_on_hyphens=False,
+                                                                 break_long_words=False)]
     figure.suptitle("\n".join([title, *lines]), fontsize=10)
 
 
@@ -346,6 +347,8 @@ def inference_figure(points: list[tuple[str, float, float, tuple[float, float] |
             raise ValueError(f"inference figure: {label}: seconds per pair {seconds!r} is not a positive number")
         if interval is not None and not interval[0] <= score <= interval[1]:
             raise ValueError(f"inference figure: {label}: text score {score!r} is outside its interval {interval!r}")
+    from matplotlib.ticker import NullFormatter
+
     figure = new_figure(6.4, 4.4)
     axes = figure.add_subplot()
     labels = []
@@ -356,6 +359,7 @@ def inference_figure(points: list[tuple[str, float, float, tuple[float, float] |
                                     textcoords="offset points", fontsize=8, color=f"C{i % 10}"))
     axes.set_yscale("log")
     axes.yaxis.set_major_formatter(lambda seconds, _: duration(seconds))
+    axes.yaxis.set_minor_formatter(NullFormatter())   # a short span's minor ticks would read in bare seconds
     # Room above the highest point and right of the rightmost for their labels.
     axes.margins(x=0.25, y=0.3)
     times = [seconds for _, seconds, _, _ in points]
@@ -397,7 +401,7 @@ def _separate_labels(figure: Figure, labels: list, bars: list[tuple[tuple[float,
         inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
         return inside and not (free and any(box.overlaps(other) for other in placed))
 
-    steps = 2 * len(placed)     # a move clears one line: enough to pass every box placed
+    steps = 2 * (len(placed) + len(labels))     # a move clears one line: enough to pass every box placed
     places = [(side, lines) for lines in [*range(0, -steps, -1), *range(1, steps)] for side in (1, -1)]
     for label in sorted(labels, key=lambda a: -a.get_window_extent(renderer).y0):
         # A crowded axes may leave no free place: then the first inside it; failing that, the first place.

@@ -12,18 +12,21 @@ from typing import Any, Iterator
 
 def check_writable(path: Path, key: str, folder: bool = False) -> None:
     """Refuse, before any work, an output `path` (a file, or a `folder`) that could not be written: a
-    file in the way, the wrong kind of entry there, no write permission. Found at the end, it would
-    cost the run it was to record. Creates nothing; `key` is the option or setting that named it."""
+    file in the way, the wrong kind of entry there, a folder it cannot be created or renamed into. Found
+    at the end, it would cost the run it was to record. Creates nothing; `key` names the option or setting.
+    """
     from pipeline.config import ConfigError
 
     path = Path(path)
     if path.exists() and path.is_dir() != folder:
         raise ConfigError(f"{key}: {path} is a {'file' if folder else 'folder'}; expected a "
                           f"{'folder' if folder else 'file'} there")
-    existing = next(p for p in (path, *path.parents) if p.exists())
-    if existing != path and not existing.is_dir():
+    # A file is written as a temp file renamed over it (`write_bytes`): its folder must take new entries.
+    target = path if folder else path.parent
+    existing = next(p for p in (target, *target.parents) if p.exists())
+    if not existing.is_dir():
         raise ConfigError(f"{key}: {existing} is a file, so {path} cannot be created")
-    if not os.access(existing, os.W_OK):     # the entry itself, or the folder it would be created in
+    if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"{key}: {existing} is not writable, so {path} cannot be written")
 
 
@@ -51,7 +54,7 @@ def write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(fd, 0o666 & ~UMASK)
+        os.chmod(tmp, 0o666 & ~UMASK)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -33,9 +33,9 @@ from pipeline.data.errors import (DataFormatError, MissingInput, field_value, lo
                                    str_field)
 from pipeline.figures import (dot_figure, figure_title, group_scores, interval_note, line_figure, new_figure, panels,
                               plotted_trials, style, varying_metrics, write_figure)
-from pipeline.io import write_text
+from pipeline.io import check_writable, write_text
 from pipeline.metrics import PairedDifference, outcome_parts, paired_difference, seed_task_interval
-from pipeline.sweep.spec import VARIANT
+from pipeline.sweep.spec import VARIANT, trial_index
 
 if TYPE_CHECKING:
     import argparse
@@ -195,23 +195,23 @@ def is_numeric(trials: list[dict], key: str) -> bool:
     return all(_number(trial["config"][key]) is not None for trial in trials if key in trial["config"])
 
 
-def trial_index(trial: dict) -> float:
-    """A trial's place in its sweep (`spec.trial_label`: t012 is 12th); a label without one sorts last."""
-    label = trial["trial"]
-    return int(label[1:]) if label[:1] == "t" and label[1:].isdigit() else math.inf
-
-
 def value_axis(trials: list[dict], keys: list[str]) -> str | None:
     """The swept key a sweep's figure puts along x: the one swept besides seeds, when it is numeric."""
     configs = [key for key in keys if key != SEED]
     return configs[0] if len(configs) == 1 and is_numeric(trials, configs[0]) else None
 
 
+def _place(trial: dict) -> tuple[bool, int]:
+    """A trial's place in its sweep: its index (`spec.trial_label`), a label it did not make last."""
+    index = trial_index(trial["trial"])
+    return index is None, index or 0
+
+
 def sorted_trials(trials: list[dict], keys: list[str]) -> list[dict]:
     """Trials in their sweep's order, by trial index: a grid's follows the sweep file (its first variant,
     the reference, first), so a sweep's rows read in the same order in every table and figure of it.
     A sweep along a numeric key is read by its value (the figure's x axis), then by index."""
-    ordered = sorted(trials, key=trial_index)
+    ordered = sorted(trials, key=_place)
     if (axis := value_axis(trials, keys)) is None:
         return ordered
     return sorted(ordered, key=lambda trial: (axis not in trial["config"], _number(trial["config"].get(axis, "0"))))
@@ -564,15 +564,18 @@ def results_trials(path: Path, name: str) -> list[dict]:
 
 
 def command_body(args: argparse.Namespace, cfg, root: Path) -> None:
+    out = args.out or root / "reports"
+    check_writable(out, "--out", folder=True)
     trials = results_trials(args.results, args.sweep) if args.results else launch_trials(cfg, root, args.sweep)
-    for path in sweep_report(args.sweep, trials, variant_rows(args.sweep, trials, cfg), cfg, args.out or root / "reports"):
+    for path in sweep_report(args.sweep, trials, variant_rows(args.sweep, trials, cfg), cfg, out):
         print(path)
 
 
 def command_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("sweep", metavar="SWEEP", help="the sweep's name (`name` in its sweep file, e.g. lambda)")
     p.add_argument("--out", type=Path, metavar="DIR",
-                   help="folder to write to (default: reports/ next to the params file)")
+                   help="folder to write to (default: reports/ next to the params file, the report stage's "
+                        "output, which its next run rewrites: give a folder of your own for a hand-run sweep)")
     p.add_argument("--results", type=Path, metavar="FILE",
                    help="read the sweep's results from this file (`python -m pipeline.sweep ... --results FILE`) "
                         "instead of the tracking store")

@@ -70,8 +70,11 @@ def check_store(uri: str, root: Path) -> None:
     is a traceback at the first run, after the work it was to record). Creates nothing."""
     check_uri(uri)
     store = local_store(uri, root)
-    if store is not None:
-        check_writable(store, "tracking.uri", folder=not uri.startswith("sqlite:///"))
+    if store is None:
+        return
+    check_writable(store, "tracking.uri", folder=not uri.startswith("sqlite:///"))
+    if store.is_file() and not os.access(store, os.W_OK):     # SQLite writes the file itself, in place
+        raise ConfigError(f"tracking.uri: {store} is not writable, so the store cannot be written")
 
 
 def resolve_uri(uri: str, root: Path) -> str:

@@ -133,7 +133,7 @@ def test_labels_of_scorers_that_score_and_run_alike_cover_no_label_point_or_bar(
     boxes = [text.get_window_extent(renderer) for text in axes.texts]
     assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
     frame = axes.get_window_extent(renderer)
-    for box, text in zip(boxes, axes.texts):     # inside the axes (the diffusion score's ran off its right)
+    for box, text in zip(boxes, axes.texts):     # inside the axes, also for a point near its right edge
         assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1, text
     radius = 3 * figure.dpi / 72   # half the marker's 6 points, and the bars' caps (capsize 3)
     for x, y in axes.transData.transform([(score, seconds) for _, seconds, score, _ in points]):

@@ -155,6 +155,11 @@ def test_from_a_results_file_it_writes_what_the_stage_writes(tmp_path, capsys):
     given = results / "sweeps" / "methods.json"
     assert err[-1] == f"error: --results: {given} holds the results of sweep 'methods', not 'lambda'"
 
+    for where, error in ((params, f"{params} is a file; expected a folder there"),
+                         (params / "reports", f"{params} is a file, so {params / 'reports'} cannot be created")):
+        assert report.main(["methods", "--params", str(params), "--out", str(where), "--results", str(given)]) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [f"error: --out: {error}"]
+
 
 def test_help_names_the_command_and_its_sources(capsys):
     with pytest.raises(SystemExit) as exit_:

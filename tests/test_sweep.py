@@ -404,6 +404,8 @@ def test_sigkill_of_the_driver_then_resume_finishes_with_one_run_per_trial(proje
     assert "is being run by another driver (pid %d" % first.pid in second.stderr
     assert first.returncode == 0, out[-3000:] + err[-3000:]
     assert "4 trials, 4 finished" in out
+    # Trials side by side draw no progress bars, which the driver's output would interleave.
+    assert "diffusion score:" not in err and "Loading weights" not in err, err[-3000:]
 
     (after_parent,) = launches(tr)                       # the same launch, now finished
     assert after_parent["run_id"] == parent["run_id"] and after_parent["status"] == "FINISHED"

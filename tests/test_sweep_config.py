@@ -7,6 +7,7 @@ import re
 import shutil
 import socket
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -352,7 +353,8 @@ def test_file_level_problems_name_the_file(tmp_path):
         sc.load(missing, params())
     broken = tmp_path / "broken.yaml"
     broken.write_text("name: x\nspace: {train.lr: [0.1\n")
-    with pytest.raises(ConfigError, match=r"broken\.yaml: line \d+ is not valid YAML$"):
+    with pytest.raises(ConfigError, match=r"broken\.yaml: line 3 is not valid YAML: expected ',' or '\]', but got "
+                                          r"'<stream end>' \(in a flow sequence from line 2\)$"):
         sc.load(broken, params())
     dup = tmp_path / "dup.yaml"
     dup.write_text("name: x\nspace: {train.lr: [0.1]}\nname: y\n")
@@ -525,6 +527,14 @@ def test_resume_of_a_launch_that_ran_to_its_end_is_refused_unless_it_retries_fai
         proc = _cli(*args, *extra, cwd=tmp_path)
         assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
             f"error: --resume: launch {launch} {error}"], proc.stderr
+    # Failed trials run again: the launch is unfinished until it ends again (here Ray Tune cannot restore
+    # the empty state, so it never does), and a plain --resume may continue it.
+    temp = tempfile.mkdtemp(prefix="rt-", dir="/tmp")
+    try:
+        proc = _cli(*args, "--retry-failed", "--ray-temp-dir", temp, cwd=tmp_path)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    assert proc.returncode not in (0, 2) and not (launch / "ended.json").exists(), proc.stderr[-2000:]
 
 
 def test_an_address_where_no_cluster_answers_is_refused_in_one_line(tmp_path):
@@ -605,8 +615,8 @@ def test_a_local_sweep_asking_for_more_than_this_machine_has_is_refused_by_the_d
         path.write_text(f"name: big\nspace: {{train.lr: [1e-3]}}\nresources: {resources}\n")
         proc = _cli(path, "--dry-run")
         assert proc.returncode == 2 and proc.stdout == "", proc.stdout
-        assert proc.stderr.strip().splitlines() == [f"error: {refused}, so no trial could start; ask for fewer or "
-                                                    "run on a cluster (--address)"], proc.stderr
+        assert proc.stderr.strip().splitlines() == [f"error: {path}: {refused}, so no trial could start; ask for "
+                                                    "fewer or run on a cluster (--address)"], proc.stderr
     path.write_text(f"name: big\nspace: {{train.lr: [1e-3]}}\nresources: {{cpu: {cpus}, gpu: {gpus}}}\n")
     assert _cli(path, "--dry-run").returncode == 0            # all of the machine is allowed
 

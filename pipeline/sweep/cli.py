@@ -5,8 +5,8 @@
     python -m pipeline.sweep sweeps/lambda.yaml --dry-run        # print the trials, run nothing
     python -m pipeline.sweep sweeps/lambda.yaml --resume         # finish an interrupted launch
 
-A trial is the params.yaml config (profile of `base`, then `base.params`, then the trial's
-values) fine-tuned and evaluated by `pipeline.experiment.run_finetune`; it reads the `data/`,
+A trial is the params.yaml config (the profile `base` names, else the file's own; then
+`base.params`, then the trial's values) fine-tuned and evaluated by `pipeline.experiment.run_finetune`; it reads the `data/`,
 `models/` and `cache/` the DVC stages built next to the params file. A trial keeps a training
 checkpoint every `train.checkpoint_every` steps in `runs/sweeps/<launch>/<trial id>/` (with its
 trained file once done), so `--resume` restarts it from there.
@@ -36,7 +36,8 @@ sweep file (every key is checked before anything starts):
 where things go:
   MLflow   experiment <tracking.experiment>/<name>: a parent run per launch, a child run per trial
            (params: the compared and swept keys, the whole config as config.json; metrics: per-step
-           losses, final scores; tags: trial, trial_id, status, failure, attempts, git_commit, profile)
+           losses, final scores; tags: trial, trial_id, variant, status, failure, attempts, git_commit,
+           profile)
   Ray      <storage_path or project/ray_results>/<name>-<launch time>-<pid>-<spec hash>/
 
 resume: after the driver dies (even SIGKILL), `--resume` continues the newest launch of the sweep
@@ -59,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sweep", type=Path, help="sweep file (e.g. sweeps/lambda.yaml)")
     p.add_argument("--params", type=Path, default=Path("params.yaml"),
                    help="parameter file; data/, models/, cache/ are read next to it (default: params.yaml)")
-    p.add_argument("--profile", choices=PROFILES, help="override the sweep's base.profile")
+    p.add_argument("--profile", choices=PROFILES,
+                   help="the profile to run (default: the sweep's base.profile, else the params file's `profile`)")
     p.add_argument("--dry-run", action="store_true", help="validate and print the trials; run nothing")
     p.add_argument("--resume", nargs="?", const="latest", metavar="LAUNCH",
                    help="continue the newest launch of this sweep (or this launch folder, under the storage or a path)")
@@ -126,19 +128,19 @@ def naming(path: Path | str):
         raise
     except ConfigError as err:
         text = str(err)
-        raise ConfigError(text if text.startswith(str(path)) else f"{path}: {text}") from None
+        raise ConfigError(text if text.startswith(f"{path}: ") else f"{path}: {text}") from None
 
 
 def checked_trials(sweep: spec.Sweep, root: Path, address: str | None) -> list[spec.TrialSpec]:
     """The sweep's fixed trial list (empty for Optuna), after every check that needs no Ray: what the
     dry run and the sweep stage run before anything starts. `address`: --address (a local Ray, whose
     resources are this machine's, when neither it nor $RAY_ADDRESS names a cluster)."""
+    check_store(sweep.base_config.tracking.uri, root)
     with naming(sweep.source):
         specs = spec.trials(sweep)
         check_scheduler_metric(sweep, specs)
-    check_store(sweep.base_config.tracking.uri, root)
-    if driver.ray_address(address) is None:
-        check_fits_here(sweep.resources)
+        if driver.ray_address(address) is None:
+            check_fits_here(sweep.resources)
     return specs
 
 

@@ -101,8 +101,11 @@ def check_unended(folder: str, names: set[str], retry: bool) -> None:
     if ENDED not in names:
         return
     fs, base = _folder(folder)
-    with fs.open_input_stream(f"{base}/{ENDED}") as f:
-        failed = json.loads(f.read())["exit"] != 0
+    try:
+        with fs.open_input_stream(f"{base}/{ENDED}") as f:
+            failed = json.loads(f.read())["exit"] != 0
+    except (ValueError, KeyError, TypeError):
+        raise ConfigError(f"--resume: {folder}/{ENDED} cannot be read; remove it to resume the launch") from None
     if not failed:
         raise ConfigError(f"--resume: launch {folder} ran to its end with every trial finished; nothing to resume")
     if not retry:
@@ -145,6 +148,12 @@ def check_fits_cluster(res: ResourcesSpec, have: dict[str, float], device: str) 
                           f"(--gpus-per-trial 1, or resources.gpu in the sweep file) or set compute.device: cpu")
 
 
+# Trials draw no progress bars (tqdm's own, and Hugging Face's weight loading): Ray forwards every
+# worker's output to the driver, where bars of trials side by side interleave into noise. A trial's
+# progress is its run's logged steps and the driver's line per trial.
+QUIET_WORKERS = {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+
+
 def ray_address(given: str | None) -> str | None:
     """The cluster a sweep runs on: --address, else $RAY_ADDRESS; None for a Ray on this machine."""
     address = given or os.environ.get("RAY_ADDRESS")
@@ -176,10 +185,11 @@ def start_ray(address: str | None, temp_dir: Path | None, source: str = "--addre
     if address:
         check_reachable(address, source)
         pythonpath = os.pathsep.join(p for p in (str(CODE_ROOT), os.environ.get("PYTHONPATH", "")) if p)
-        ray.init(address=address, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **kwargs)
+        ray.init(address=address, runtime_env={"env_vars": {**QUIET_WORKERS, "PYTHONPATH": pythonpath}}, **kwargs)
     else:
         ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False,
-                 _temp_dir=str(temp_dir.resolve()) if temp_dir else None, **kwargs)
+                 _temp_dir=str(temp_dir.resolve()) if temp_dir else None,
+                 runtime_env={"env_vars": QUIET_WORKERS}, **kwargs)
     return True
 
 
@@ -277,6 +287,7 @@ def launch_lock(ray_path: str):
 def run(sweep: Sweep, specs: list[TrialSpec], root: Path, args) -> int:
     """Run a new launch, or resume the one `args.resume` names; the exit status."""
     storage = storage_root(sweep, root, args.storage)
+    names: set[str] = set()
     if args.resume:
         ray_path = find_launch(sweep, storage, args.resume)
         names = names_in(ray_path)
@@ -291,6 +302,9 @@ def run(sweep: Sweep, specs: list[TrialSpec], root: Path, args) -> int:
         stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid() % 10000:04d}"
         ray_path = f"{storage}/{sweep.name}-{stamp}-{sweep.spec_hash()}"
     with launch_lock(ray_path):
+        if ENDED in names:                        # running again: until it ends, it is unfinished
+            fs, base = _folder(ray_path)
+            fs.delete_file(f"{base}/{ENDED}")
         code = run_locked(sweep, specs, root, args, ray_path)
         if code != EXIT_INTERRUPTED:
             mark_ended(ray_path, code)

@@ -296,6 +296,11 @@ def trial_label(index: int) -> str:
     return f"t{index:03d}"
 
 
+def trial_index(label: str) -> int | None:
+    """The index `trial_label` made `label` from (None for a label it did not make)."""
+    return int(label[1:]) if re.fullmatch(r"t\d{3,}", label) else None
+
+
 def expand(values: dict[str, Any], variants: dict[str, dict]) -> dict[str, Any]:
     """A trial's dotted-key values with its `variant` name replaced by that bundle's values."""
     out = {k: v for k, v in values.items() if k != VARIANT}
@@ -436,7 +441,7 @@ def _base(raw: Any, profile: str | None) -> BaseSpec:
 
 def _base_config(base: BaseSpec, params: dict) -> tuple[dict, Config]:
     if not isinstance(params, dict):
-        raise ConfigError("params.yaml: the top level must be a mapping")
+        raise ParamsError("params.yaml: the top level must be a mapping")
     profile = base.profile or params.get("profile", "toy")
     try:
         from_dict(resolve(params, {"profile": profile}))
