@@ -4,6 +4,7 @@ compares them with a committed run, and the sweep plots of dvc.yaml render."""
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -163,6 +164,7 @@ def repo(tmp_path_factory):
     for cmd in (["git", "init", "-q"], dvc + ["init", "-q"], dvc + ["repro", "-q"], ["git", "add", "-A"],
                 ["git", "commit", "-qm", "reference run"]):
         run(cmd, dest, env)
+    shutil.copytree(ROOT / ".dvc" / "plots", dest / ".dvc" / "plots")     # the project's plot templates
     return dest, env, dvc
 
 
@@ -225,6 +227,10 @@ def test_the_sweep_plots_of_dvc_yaml_render_from_the_report_tables(repo):
         points = content["data"]["values"]
         assert points and all(props["x"] in p and props["y"] in p for p in points), name
         assert content["encoding"]["x"]["field"] == props["x"].replace(".", "\\.")   # a dotted key is no path
+    for name in ("reports/sweep-lambda.csv", "reports/sweep-lr.csv"):
+        x = shown["data"][name][0]["content"]["encoding"]["x"]
+        # A tick per swept value, in the table's order (by value), however the values are spaced.
+        assert x["type"] == "ordinal" and x["sort"] is None, x
     lambdas = [(float(p["objective.lambda_sds"]), float(p["winoground/text"]))
                for p in shown["data"]["reports/sweep-lambda.csv"][0]["content"]["data"]["values"]]
     assert lambdas == [(0.0, 0.375), (1e-3, 0.5), (0.1, 0.25)]
