@@ -17,7 +17,6 @@ ratios to the first row count are the measure.
 """
 from __future__ import annotations
 
-import argparse
 import shutil
 import statistics
 import sys
@@ -83,8 +82,7 @@ def row_shape(text: str) -> tuple[int, ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = cli.ArgumentParser(prog="benchmarks/cache_open.py", description=__doc__.split("\n\n")[0],
-                           epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.doc_parser(__doc__, "benchmarks/cache_open.py")
     p.add_argument("--rows", type=int, nargs="+", default=[1000, 10000, 100000],
                    help="row counts (default: 1k 10k 100k)")
     p.add_argument("--row-shape", default="77,64", help="shape of one row, comma-separated (default: 77,64)")

@@ -46,7 +46,6 @@ every count is as it should be: all refused, 5/5 survived, 0 duplicates, orphans
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
@@ -71,6 +70,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.sweep_overhead import build_project  # noqa: E402
+from pipeline import cli  # noqa: E402
 from tests.test_config import BAD as BAD_PARAMS, _set  # noqa: E402
 from tests.test_sweep import env, free_port, last_logged_step, processes_under, sigkill_when, stop  # noqa: E402
 from tests.test_sweep_config import BAD as BAD_SWEEPS  # noqa: E402
@@ -676,9 +676,7 @@ def probe_kills(project: Path, work: Path, timeout: float) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="benchmarks/fault_probes.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = cli.doc_parser(__doc__, "benchmarks/fault_probes.py")
     p.add_argument("--project", type=Path, help="a built smoke project to use (default: build one in a temp dir); "
                                                 "the kills add their sweep and params files, runs and store to it")
     p.add_argument("--only", choices=["inputs", "kills"], help="run one part (kills: with the counts after them)")

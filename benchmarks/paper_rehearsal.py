@@ -294,8 +294,7 @@ def rehearse(ws: Path, args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = cli.ArgumentParser(prog="benchmarks/paper_rehearsal.py", description=__doc__.split("\n\n")[0],
-                           epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.doc_parser(__doc__, "benchmarks/paper_rehearsal.py")
     p.add_argument("--size", choices=sorted(SIZES), default="full", help="model and image sizes (default: full)")
     p.add_argument("--train-set", choices=("coco", "cc3m"), default="coco",
                    help="data.train_set: COCO 2017 captions or the CC-3M shards (default: coco)")

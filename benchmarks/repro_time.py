@@ -20,7 +20,6 @@ MLflow and Ray cost seconds per process, and each DVC stage is a process.
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import os
 import re
@@ -125,8 +124,7 @@ def report(profile: str, before: float, stages: dict[str, dict], install: bool) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = cli.ArgumentParser(prog="benchmarks/repro_time.py", description=__doc__.split("\n\n")[0],
-                           epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.doc_parser(__doc__, "benchmarks/repro_time.py")
     p.add_argument("--profile", default="smoke", choices=PROFILES, help="the params.yaml profile to run (default: smoke)")
     p.add_argument("--install", action="store_true",
                    help="run the README's first command (fresh venv + pip install + dvc repro), not this venv's dvc")

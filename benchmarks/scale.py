@@ -31,7 +31,6 @@ ratios to the smallest N, the curves to read.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -262,8 +261,7 @@ def curve(title: str, rows: list[dict], key: str, columns: list[tuple[str, str]]
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = cli.ArgumentParser(prog="benchmarks/scale.py", description=__doc__.split("\n\n")[0],
-                           epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.doc_parser(__doc__, "benchmarks/scale.py")
     p.add_argument("--rows", type=int, nargs="+", default=[1000, 10000, 100000],
                    help="training images and captions (default: 1000 10000 100000)")
     p.add_argument("--runs", type=int, nargs="+", default=[10, 100, 500],

@@ -23,7 +23,6 @@ overhead = wall - (sum of own times) / concurrency.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -37,6 +36,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from pipeline import cli  # noqa: E402
 
 
 def build_project(root: Path) -> None:
@@ -79,8 +80,7 @@ def calibrate(root: Path, threads: int, steps: int = 60, every: int = 10) -> tup
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="benchmarks/sweep_overhead.py", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.doc_parser(__doc__, "benchmarks/sweep_overhead.py")
     p.add_argument("--root", type=Path, help="an already built smoke project (default: build one in a temp dir)")
     p.add_argument("--trial-seconds", type=float, default=30.0, help="target length of one trial (default 30)")
     p.add_argument("--concurrent", type=int, default=1, help="trials at once (default 1)")

@@ -34,6 +34,13 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message}\n")
 
 
+def doc_parser(doc: str, prog: str | None, **kwargs) -> ArgumentParser:
+    """A parser whose --help is `doc` whole: its first paragraph above the options, the rest below them."""
+    head, _, rest = doc.partition("\n\n")
+    return ArgumentParser(prog=prog, description=head, epilog=rest or None,
+                          formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+
+
 def module_prog(module: str) -> str | None:
     """How a command is typed: `python -m stages.data`, also when it runs as __main__ (None, i.e.
     argparse's file name, for a script run by its path)."""

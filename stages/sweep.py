@@ -21,7 +21,6 @@ no further sweep runs).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -64,8 +63,7 @@ def _device_type(sweep: spec.Sweep) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = cli.ArgumentParser(prog=cli.module_prog(__name__), description=__doc__.split("\n\n")[0],
-                           formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p = cli.doc_parser(__doc__, cli.module_prog(__name__))
     p.add_argument("files", nargs="*", type=Path, help="sweep files (default: params.yaml's `sweeps`)")
     p.add_argument("--params", type=Path, default=Path("params.yaml"), help="parameter file (default: params.yaml)")
     p.add_argument("--profile", choices=config.PROFILES, help="override every sweep's base.profile")

@@ -3,6 +3,7 @@
 A stage imports its heavy modules (seconds of imports) inside its body, so what does not
 need them is answered at once. A sweep the sweep stage cannot run still leaves its outputs whole.
 """
+import ast
 import json
 import subprocess
 import sys
@@ -68,8 +69,11 @@ def test_a_cuda_device_this_machine_lacks_is_one_line_before_any_run_or_model(st
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]     # no store, no run, no output
 
 
+BENCHMARKS = sorted(p.name for p in (REPO / "benchmarks").glob("*.py") if not p.name.startswith("_"))
+
+
 @pytest.mark.parametrize("command", [f"python -m stages.{s}" for s in sorted(STAGES)]
-                         + ["python -m pipeline.sweep", "benchmarks/throughput.py"])
+                         + ["python -m pipeline.sweep"] + [f"benchmarks/{name}" for name in BENCHMARKS])
 def test_a_bad_option_is_one_line_and_exit_2_and_usage_names_the_command(command):
     argv = [sys.executable, *command.removeprefix("python ").split()]  # the usage line's command, as run
     proc = subprocess.run([*argv, "--no-such-option"], cwd=REPO, capture_output=True, text=True)
@@ -77,6 +81,16 @@ def test_a_bad_option_is_one_line_and_exit_2_and_usage_names_the_command(command
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     usage = subprocess.run([*argv, "--help"], cwd=REPO, capture_output=True, text=True)
     assert usage.stdout.startswith(f"usage: {command} "), usage.stdout[:80]
+
+
+@pytest.mark.parametrize("name", [name for name in BENCHMARKS if name != "throughput.py"])   # its own text
+def test_a_benchmarks_help_is_its_whole_docstring(name):
+    """What it measures, how to run it and what it prints: the examples and notes below the options too."""
+    doc = ast.get_docstring(ast.parse((REPO / "benchmarks" / name).read_text()))
+    shown = subprocess.run([sys.executable, f"benchmarks/{name}", "--help"], cwd=REPO, capture_output=True,
+                           text=True).stdout
+    lines = [line.strip() for line in doc.splitlines() if line.strip()]
+    assert lines[0] in shown and lines[-1] in shown, shown
 
 
 @pytest.mark.parametrize("error, one_line", [
