@@ -39,7 +39,7 @@ PairScorer = Callable[[list[str], list[str]], np.ndarray]
 class Evaluation:
     """Scores of one model on the benchmarks: `metrics` by their MLflow names, and `outcomes`,
     each case's correctness behind a metric, so two runs scored on the same cases can be compared
-    case by case (`metrics.paired_difference`): name -> {"correct": "0110...", "groups": [...]},
+    case by case (`comparison.paired_difference`): name -> {"correct": "0110...", "groups": [...]},
     `groups` only for a macro mean (the cases of groups the benchmark drops are left out)."""
 
     metrics: dict[str, float] = field(default_factory=dict)
@@ -138,7 +138,7 @@ def _choice_scores(score: PairScorer, cases) -> np.ndarray:
 def _score_sets(result: Evaluation, prefix: str, score: PairScorer, sets: dict, correct_of: Callable,
                 aggregate: Callable) -> None:
     """A benchmark of two-option subsets (SugarCrepe, CLEVR): each subset's cases and the release's
-    aggregates (`<prefix>/<subset>`, and the composites `metrics.outcome_parts` rebuilds from them)."""
+    aggregates (`<prefix>/<subset>`, and the composites `comparison.outcome_parts` rebuilds from them)."""
     correct = {name: correct_of(_choice_scores(score, cases)) for name, cases in sets.items()}
     for name, right in correct.items():
         result.add(f"{prefix}/{name}", right)

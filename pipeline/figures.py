@@ -3,7 +3,7 @@ panel per score that differs between its trials, each point with its 95% interva
 (`pipeline.report.sweep_figure` picks the layout); the paper's Fig. 1, each scorer's Winoground text
 score against its inference time; and its Fig. 2, zero-shot accuracy per set with each bar's interval.
 
-Intervals come from the runs' per-case outcomes (`metrics.seed_task_interval`): over the cases for one
+Intervals come from the runs' per-case outcomes (`comparison.seed_task_interval`): over the cases for one
 run, over seeds and cases where a configuration ran with several seeds. A point without outcomes is
 drawn without an interval, and the figure says so.
 """
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pipeline.io import write_bytes
-from pipeline.metrics import outcome_parts, seed_task_interval
+from pipeline.comparison import outcome_parts, seed_task_interval
 from pipeline.sweep.spec import fmt
 
 if TYPE_CHECKING:
@@ -201,9 +201,14 @@ def varying_metrics(trials: list[dict]) -> tuple[list[tuple[str, str]], list[str
     return varying, [note for _, note in constant]
 
 
+# How a row with seeds gets its interval (`comparison.seed_task_interval`; one run: the case bootstrap's).
+INTERVAL_OVER_SEEDS = "seeds and cases (t of the seeds' variance plus the case bootstrap's)"
+
+
 def interval_note(scores: list[dict[str, Score]], n_resamples: int, seeds: bool) -> str:
-    note = f"points: mean; bars: 95% bootstrap interval over {'seeds and cases' if seeds else 'cases'} " \
-           f"({n_resamples} resamples)" + ("; grey dots: each run" if seeds else "")
+    note = "points: mean; bars: " + (f"95% interval over {INTERVAL_OVER_SEEDS} ({n_resamples} resamples)"
+                                     "; grey dots: each run" if seeds else
+                                     f"95% bootstrap interval over cases ({n_resamples} resamples)")
     if any(score.low is None for group in scores for score in group.values()):
         note += f"; a point without a bar: {NO_INTERVAL}"
     return note
@@ -309,7 +314,7 @@ def zeroshot_figure(groups: list[tuple[str, list[dict]]], n_resamples: int = 100
     ax.set_xticks(range(len(sets)), sets, rotation=30 if crowded else 0, ha="right" if crowded else "center")
     ax.set_ylim(0, 1.05)
     style(ax, "", "zero-shot set", "top-1 accuracy", grid="y")
-    notes = [f"bars: 95% bootstrap interval over the seeds and the set's cases ({n_resamples} resamples)"]
+    notes = [f"bars: 95% interval over {INTERVAL_OVER_SEEDS} ({n_resamples} resamples)"]
     if lacking:
         notes.append(f"no interval for {', '.join(lacking)}: no per-case outcomes in the results")
     figure_title(figure, "Zero-shot accuracy per set, pretrained and fine-tuned", notes)

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Collection, Hashable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -56,15 +55,8 @@ __all__ = [
     "zeroshot_accuracy",
     "macro_kept",
     "bootstrap_interval",
-    "CaseOutcomes",
-    "metric_value",
-    "seed_task_interval",
-    "PairedDifference",
-    "paired_difference",
-    "mcnemar_exact",
     "encode_correct",
     "decode_correct",
-    "outcome_parts",
     "WINOGROUND_TAGS",
     "WINOGROUND_NUM_MAIN_PREDS",
     "sugarcrepe_correct",
@@ -501,180 +493,6 @@ def bootstrap_interval(
     return float(lo), float(hi)
 
 
-# --------------------------------------------------------------------------- paired statistics
-#
-# A metric is computed from per-case correctness. To compare two rows on the same cases, or to
-# put seeds together, the report keeps each run's per-case outcomes (`CaseOutcomes`): a 0/1
-# matrix [seeds, cases] and, for a macro-averaged metric, the group of each case. A headline
-# metric made of several benchmarks (ARO overall = the mean of VG-Relation and VG-Attribution;
-# the zero-shot mean over sets) is a sequence of parts whose values are averaged; resampling is
-# stratified: each part's cases are resampled within that part.
-
-
-class CaseOutcomes:
-    """Per-case correctness of S seeds (rows) on N cases (columns) of one benchmark part.
-
-    `groups` (one key per case) makes the part's value the macro mean over groups, as ARO's
-    VG sets are scored; cases of groups the benchmark drops (excluded relations, pairs under the
-    minimum count) must be left out by the caller, so every group given counts. None: micro mean.
-    """
-
-    def __init__(self, correct, groups: Sequence[Hashable] | None = None):
-        c = np.asarray(correct)
-        if c.ndim == 1:
-            c = c[None, :]
-        if c.ndim != 2 or c.shape[0] < 1 or c.shape[1] < 1:
-            raise ValueError(f"correct must have shape [seeds, cases] with both >= 1, got {c.shape}")
-        if c.dtype != bool and not np.isin(c, (0, 1)).all():
-            raise ValueError("correct must hold booleans or 0/1 values")
-        self.correct = c.astype(np.float64)
-        self.groups = None
-        if groups is not None:
-            keys = list(groups)
-            if len(keys) != c.shape[1]:
-                raise ValueError(f"groups has {len(keys)} entries for {c.shape[1]} cases")
-            _, self.groups = np.unique(np.array(keys, dtype=object).astype(str), return_inverse=True)
-
-    @property
-    def seeds(self) -> int:
-        return self.correct.shape[0]
-
-    @property
-    def cases(self) -> int:
-        return self.correct.shape[1]
-
-    def value(self, seeds: np.ndarray | None = None, cases: np.ndarray | None = None) -> float:
-        """The metric averaged over `seeds` (row indices, repeats allowed) on `cases` (column indices)."""
-        rows = self.correct if seeds is None else self.correct[seeds]
-        per_case = rows.mean(axis=0)
-        if cases is not None:
-            per_case = per_case[cases]
-        if self.groups is None:
-            return float(per_case.mean())
-        groups = self.groups if cases is None else self.groups[cases]
-        counts = np.bincount(groups)
-        hits = np.bincount(groups, weights=per_case, minlength=counts.size)
-        present = counts > 0
-        return float(np.mean(hits[present] / counts[present]))
-
-
-def _parts(parts) -> list[CaseOutcomes]:
-    parts = [parts] if isinstance(parts, CaseOutcomes) else list(parts)
-    if not parts or not all(isinstance(p, CaseOutcomes) for p in parts):
-        raise ValueError("expected one or more CaseOutcomes")
-    return parts
-
-
-def metric_value(parts) -> float:
-    """A headline metric: the mean of its parts' values, each averaged over its seeds."""
-    return float(np.mean([p.value() for p in _parts(parts)]))
-
-
-def _check_resampling(n_resamples: int, confidence: float) -> None:
-    if isinstance(n_resamples, bool) or not isinstance(n_resamples, numbers.Integral) or n_resamples < 1:
-        raise ValueError(f"n_resamples must be an integer >= 1, got {n_resamples!r}")
-    if not 0.0 < float(confidence) < 1.0:
-        raise ValueError(f"confidence must lie in (0, 1), got {confidence!r}")
-
-
-def _percentiles(values: np.ndarray, confidence: float) -> tuple[float, float]:
-    alpha = 1.0 - float(confidence)
-    lo, hi = np.quantile(values, [alpha / 2.0, 1.0 - alpha / 2.0])
-    return float(lo), float(hi)
-
-
-def seed_task_interval(parts, n_resamples: int = 1000, confidence: float = 0.95,
-                       seed: int = 0) -> tuple[float, float, float]:
-    """(mean over seeds, low, high): a two-level percentile bootstrap that resamples the runs (seeds)
-    and, independently, each part's cases, so the interval counts both the spread between seeds
-    and the finite number of cases. With one seed it is the case bootstrap alone."""
-    parts = _parts(parts)
-    seeds = _seed_count(parts)
-    _check_resampling(n_resamples, confidence)
-    rng = np.random.default_rng(seed)
-    draws = np.empty(int(n_resamples))
-    for r in range(int(n_resamples)):
-        runs = rng.integers(0, seeds, seeds)      # whole runs: every part of a run goes together
-        draws[r] = np.mean([p.value(runs, rng.integers(0, p.cases, p.cases)) for p in parts])
-    return (metric_value(parts), *_percentiles(draws, confidence))
-
-
-def _seed_count(parts: list[CaseOutcomes]) -> int:
-    if len({p.seeds for p in parts}) != 1:
-        raise ValueError("the parts of a metric must come from the same runs (their seed counts differ)")
-    return parts[0].seeds
-
-
-@dataclass(frozen=True)
-class PairedDifference:
-    """Row A minus row B on the same cases: the difference, its percentile interval and a two-sided
-    p-value, by `test`: "McNemar" (exact; one run a row) or "bootstrap" (several seeds a row)."""
-
-    difference: float
-    low: float
-    high: float
-    p_value: float
-    test: str
-    discordant: int  # cases (summed over pairs of runs) where exactly one of the two rows is right
-
-
-def paired_difference(parts_a, parts_b, n_resamples: int = 1000, confidence: float = 0.95,
-                      seed: int = 0) -> PairedDifference:
-    """Compare two rows scored on the same cases (A minus B).
-
-    Interval: percentile bootstrap of the difference in which both rows are evaluated on the SAME
-    resampled cases (the pairing), and each row's runs (seeds) are resampled independently of the
-    other row's (its seed spread).
-
-    p-value: with one run a row, McNemar's exact test on the per-case correctness, pooled over the
-    parts. With seeds, the same bootstrap's two-sided p, 2 (1 + #{draws on the far side of 0}) /
-    (1 + n_resamples): an exact test that conditions on the runs (McNemar's on seed-averaged
-    cases) would ignore how much a whole run moves with its seed and call differences of that
-    size significant; this one agrees with the interval (p < 0.05 about when it excludes 0).
-    """
-    parts_a, parts_b = _parts(parts_a), _parts(parts_b)
-    if len(parts_a) != len(parts_b) or any(a.cases != b.cases for a, b in zip(parts_a, parts_b)):
-        raise ValueError("the two rows must be scored on the same cases (parts and case counts differ)")
-    seeds = (_seed_count(parts_a), _seed_count(parts_b))
-    _check_resampling(n_resamples, confidence)
-    rng = np.random.default_rng(seed)
-    draws = np.empty(int(n_resamples))
-    for r in range(int(n_resamples)):
-        runs_a, runs_b = rng.integers(0, seeds[0], seeds[0]), rng.integers(0, seeds[1], seeds[1])
-        values = []
-        for a, b in zip(parts_a, parts_b):
-            cases = rng.integers(0, a.cases, a.cases)
-            values.append(a.value(runs_a, cases) - b.value(runs_b, cases))
-        draws[r] = np.mean(values)
-    discordant = sum(int((a.correct[:, None, :] != b.correct[None, :, :]).sum()) for a, b in zip(parts_a, parts_b))
-    if seeds == (1, 1):
-        pooled = [np.concatenate([p.correct[0] for p in parts]).astype(bool) for parts in (parts_a, parts_b)]
-        p_value, test = mcnemar_exact(*pooled), "McNemar"
-    else:
-        far = min(int((draws <= 0).sum()), int((draws >= 0).sum()))
-        p_value, test = min(1.0, 2.0 * (1 + far) / (1 + len(draws))), "bootstrap"
-    return PairedDifference(metric_value(parts_a) - metric_value(parts_b), *_percentiles(draws, confidence),
-                            p_value, test, discordant)
-
-
-def mcnemar_exact(correct_a, correct_b) -> float:
-    """Two-sided exact McNemar p-value for two classifiers' correctness on the same cases.
-
-    With b = cases only A gets right and c = cases only B gets right, under H0 b ~ Binomial(b + c,
-    1/2); p = min(1, 2 P(X <= min(b, c))). No discordant case: p = 1.
-    """
-    a, b = _bool_array(correct_a, "correct_a"), _bool_array(correct_b, "correct_b")
-    if a.shape != b.shape:
-        raise ValueError(f"correct_a and correct_b must have the same length, got {a.size} and {b.size}")
-    only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
-    n = only_a + only_b
-    if n == 0:
-        return 1.0
-    from scipy.stats import binom
-
-    return float(min(1.0, 2.0 * binom.cdf(min(only_a, only_b), n, 0.5)))
-
-
 def encode_correct(correct) -> str:
     """Per-case correctness as a string of '0' and '1' (how results files keep outcomes)."""
     return "".join("1" if v else "0" for v in _bool_array(correct, "correct").tolist())
@@ -684,48 +502,3 @@ def decode_correct(text: str) -> np.ndarray:
     if not isinstance(text, str) or set(text) - {"0", "1"}:
         raise ValueError("per-case correctness must be a string of '0' and '1'")
     return np.frombuffer(text.encode(), dtype=np.uint8) == ord("1")
-
-
-def outcome_parts(runs: Sequence[dict[str, dict]]) -> dict[str, list[CaseOutcomes]]:
-    """The stored outcomes of one row's runs (one per seed; {name: {"correct": "0110...", "groups":
-    [...] or None}}, as results files keep them) as the parts `paired_difference` and
-    `seed_task_interval` take, by metric name, plus the composites: aro/overall (VG-Relation and
-    VG-Attribution) and zeroshot/mean (every set). Only metrics every run has are kept."""
-    runs = list(runs)
-    if not runs:
-        raise ValueError("outcome_parts needs at least one run")
-    names = [name for name in runs[0] if all(name in run for run in runs[1:])]
-    parts = {}
-    for name in names:
-        groups = runs[0][name].get("groups")
-        if any(run[name].get("groups") != groups for run in runs[1:]):
-            raise ValueError(f"{name}: the runs were scored on different cases (their groups differ)")
-        rows = [decode_correct(run[name]["correct"]) for run in runs]
-        if len({row.size for row in rows}) != 1:
-            raise ValueError(f"{name}: the runs were scored on different numbers of cases")
-        parts[name] = [CaseOutcomes(np.stack(rows), groups)]
-    if "aro/vg_relation" in parts and "aro/vg_attribution" in parts:
-        parts["aro/overall"] = parts["aro/vg_relation"] + parts["aro/vg_attribution"]
-    sets = [name for name in parts if name.startswith("zeroshot/") and name != "zeroshot/mean"]
-    if sets:
-        parts["zeroshot/mean"] = [p for name in sets for p in parts[name]]
-    categories = {category: [f"sugarcrepe/{n}" for n in names if f"sugarcrepe/{n}" in parts]
-                  for category, names in SUGARCREPE_CATEGORIES.items()}
-    for category, present in categories.items():
-        if present:
-            parts[f"sugarcrepe/{category}"] = [_pooled_part(parts, present)]
-    every = [name for present in categories.values() for name in present]
-    if every:
-        parts["sugarcrepe/mean"] = [_pooled_part(parts, every)]
-    patterns = [name for name in parts if name.startswith("mmvp/") and name != "mmvp/mean"]
-    if patterns:
-        parts["mmvp/mean"] = [p for name in patterns for p in parts[name]]
-    subtasks = [name for name in parts if name.startswith("clevr/") and name != "clevr/mean"]
-    if subtasks:
-        parts["clevr/mean"] = [_pooled_part(parts, subtasks)]
-    return parts
-
-
-def _pooled_part(parts: dict[str, list[CaseOutcomes]], names: list[str]) -> CaseOutcomes:
-    """One part holding the cases of several micro-averaged parts: their pooled (micro) mean."""
-    return CaseOutcomes(np.concatenate([p.correct for name in names for p in parts[name]], axis=1))

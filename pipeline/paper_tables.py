@@ -4,9 +4,9 @@ rows' points of its Fig. 1.
 Rows: every student of the profile pretrained (the baselines stage), fine-tuned with L_CLIP and with
 L_CLIP + lambda L_SDS (each seed of sweeps/table1.yaml, or the train_clip / train_sds stages' one
 run of `train.student` when that sweep did not run), and the teacher's diffusion score. A row's
-metrics are the means over its seeds; its Winoground text interval resamples seeds and cases
-(`metrics.seed_task_interval`), its seed spread is the standard deviation over seeds, and it is
-compared with its student's FT-with-L_CLIP row on the same tasks (`metrics.paired_difference`).
+metrics are the means over its seeds; its Winoground text interval counts the seeds and the cases
+(`comparison.seed_task_interval`), its seed spread is the standard deviation over seeds, and it is
+compared with its student's FT-with-L_CLIP row on the same tasks (`comparison.paired_difference`).
 
 A student goes to the table the paper reports it in (`published.yaml`: the LAION students to
 Tables 2 and 3, CoCa to appendix L), any other to Table 1. A row is followed by the paper's numbers
@@ -24,7 +24,8 @@ import numpy as np
 
 from pipeline import published
 from pipeline.config import ConfigError, flatten, to_dict
-from pipeline.metrics import TIME_PER_PAIR, outcome_parts, paired_difference, seed_task_interval
+from pipeline.comparison import outcome_parts, paired_difference, seed_task_interval
+from pipeline.metrics import TIME_PER_PAIR
 from pipeline.report import COLUMNS, SEED, difference_cell, objective_label, sd_cell, seed_sd, write_tables
 from pipeline.sweep.spec import fmt
 

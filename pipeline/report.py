@@ -34,7 +34,7 @@ from pipeline.data.errors import (DataFormatError, MissingInput, field_value, lo
 from pipeline.figures import (dot_figure, figure_title, group_scores, interval_note, line_figure, new_figure, panels,
                               plotted_trials, style, varying_metrics, write_figure)
 from pipeline.io import check_writable, write_text
-from pipeline.metrics import PairedDifference, outcome_parts, paired_difference, seed_task_interval
+from pipeline.comparison import PairedDifference, outcome_parts, paired_difference, seed_task_interval
 from pipeline.sweep.spec import VARIANT, trial_index
 
 if TYPE_CHECKING:
@@ -392,13 +392,15 @@ def _signed(value: float) -> str:
     return f"{value:+.3f}"
 
 
-def _p(value: float) -> str:
-    return "p<0.001" if value < 0.001 else f"p={value:.3f}"
+def _p(d: PairedDifference) -> str:
+    if d.p_bound:               # every bootstrap draw on one side of 0: the p is at most its floor
+        return f"p≤{d.p_value:.3f}"
+    return "p<0.001" if d.p_value < 0.001 else f"p={d.p_value:.3f}"
 
 
 def difference_cell(d: PairedDifference) -> str:
     """'+0.031 [+0.010, +0.051] p=0.008': a paired difference as every comparison table prints it."""
-    return f"{_signed(d.difference)} [{_signed(d.low)}, {_signed(d.high)}] {_p(d.p_value)}"
+    return f"{_signed(d.difference)} [{_signed(d.low)}, {_signed(d.high)}] {_p(d)}"
 
 
 def variant_tables(rows: list[VariantRow], labels: dict[str, str]) -> dict[str, tuple[list[str], list[list[str]]]]:
@@ -446,11 +448,12 @@ def write_variant_report(name: str, rows: list[VariantRow], labels: dict[str, st
     tables = variant_tables(rows, labels)
     reference = labels.get(rows[0].name, rows[0].name)
     notes = {
-        "scores": f"Mean ± sd over seeds ('-': one seed) [95% interval over seeds and cases, {n_resamples} "
-                  "resamples].",
+        "scores": f"Mean ± sd over seeds ('-': one seed) [95% interval over seeds and cases: t of the case "
+                  f"bootstrap's variance ({n_resamples} resamples) plus the seeds'].",
         "versus": f"Difference to {reference} on the same cases [paired 95% interval] and its two-sided "
-                  "p-value: McNemar's exact test when each row has one run, else the same bootstrap's "
-                  "(cases resampled for both rows together, each row's seeds on their own).",
+                  "p-value: with seeds, Student's t of the case variance (cases resampled for both rows "
+                  "together) plus each row's seed variance; one run a row, the case bootstrap's percentile "
+                  "interval with McNemar's exact test (the bootstrap's p for a macro or composite metric).",
         "diagnostics": "Means over seeds. h_w text: the teacher's text score on h_w(f(x)) (SDS); feedback error "
                        "ratio: the teacher's epsilon error with the student's projected tokens over that with the "
                        "empty caption (diffusion feedback; 1 = the tokens tell the teacher nothing).",

@@ -8,7 +8,7 @@ import pytest
 
 from pipeline import appendix, paper_tables, published
 from pipeline.config import ConfigError, flatten, load, to_dict
-from pipeline.metrics import outcome_parts, paired_difference
+from pipeline.comparison import outcome_parts, paired_difference
 from pipeline.report import difference_cell
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"

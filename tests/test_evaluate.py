@@ -15,7 +15,7 @@ from pipeline.data.keys import image_key, parse_image_key, winoground_pairs
 from pipeline.evaluate import (ClipScorer, DiffusionScorer, ProjectedLatents, evaluate_projection, evaluate_student,
                                evaluate_teacher)
 from pipeline.latents import image_latents, text_conditioning
-from pipeline.metrics import metric_value, outcome_parts
+from pipeline.comparison import metric_value, outcome_parts
 from pipeline.models.student import build_toy_student
 from pipeline.models.teacher import build_toy_teacher
 from pipeline.objectives import LatentProjection
@@ -124,7 +124,7 @@ def test_evaluate_student_names_every_metric(world):
 def test_outcomes_give_back_every_metric_they_stand_for(world):
     """Each case's correctness, kept for paired comparisons, recomputes the metric it came from:
     micro means directly, ARO's macro means through the stored groups, the composites through
-    `metrics.outcome_parts`."""
+    `comparison.outcome_parts`."""
     bench, student, _, _ = world
     result = evaluate_student(student, bench, EvalConfig(bootstrap=0))
     parts = outcome_parts([result.outcomes])

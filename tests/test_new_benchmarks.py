@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import metrics
+from pipeline import comparison, metrics
 from pipeline.config import CLEVR_SUBTASKS, SUGARCREPE_SUBSETS
 from pipeline.data import clevr, mmvp, sugarcrepe
 from pipeline.data.errors import DataFormatError, MissingDataError
@@ -501,18 +501,18 @@ def test_outcome_parts_rebuild_the_composites_from_their_parts():
                     "clevr/spatial": rng.random(4) < 0.5, "clevr/recognition_color": rng.random(2) < 0.5})
         runs.append(run)
     stored = [{name: {"correct": metrics.encode_correct(c), "groups": None} for name, c in run.items()} for run in runs]
-    parts = metrics.outcome_parts(stored)
+    parts = comparison.outcome_parts(stored)
     for seed, run in enumerate(runs):
-        one = metrics.outcome_parts([stored[seed]])
+        one = comparison.outcome_parts([stored[seed]])
         expected = metrics.sugarcrepe({n[len("sugarcrepe/"):]: c for n, c in run.items() if n.startswith("sugarcrepe/")})
         for key in ("add", "replace", "swap", "mean"):
-            assert metrics.metric_value(one[f"sugarcrepe/{key}"]) == pytest.approx(expected[key]), key
+            assert comparison.metric_value(one[f"sugarcrepe/{key}"]) == pytest.approx(expected[key]), key
         mm = metrics.mmvp(np.concatenate([run["mmvp/a"], run["mmvp/b"]]), ["a"] * 3 + ["b"] * 6)
-        assert metrics.metric_value(one["mmvp/mean"]) == pytest.approx(mm["mean"])
+        assert comparison.metric_value(one["mmvp/mean"]) == pytest.approx(mm["mean"])
         cl = metrics.clevr({"spatial": run["clevr/spatial"], "recognition_color": run["clevr/recognition_color"]})
-        assert metrics.metric_value(one["clevr/mean"]) == pytest.approx(cl["mean"])
+        assert comparison.metric_value(one["clevr/mean"]) == pytest.approx(cl["mean"])
     pooled = np.concatenate([np.concatenate([run[f"sugarcrepe/{s}"] for s in sizes]) for run in runs]).mean()
-    assert metrics.metric_value(parts["sugarcrepe/mean"]) == pytest.approx(pooled)
+    assert comparison.metric_value(parts["sugarcrepe/mean"]) == pytest.approx(pooled)
     assert "sugarcrepe/swap" in parts and parts["sugarcrepe/swap"][0].cases == 2
 
 
@@ -558,9 +558,9 @@ def test_every_row_reports_the_new_sets_and_their_outcomes_give_them_back(scored
     result = {"student": student, "diffusion": diffusion}[row]
     assert set(NAMES) <= set(result.metrics)
     assert not {n for n in result.metrics if n.startswith(("sugarcrepe/", "mmvp/", "clevr/"))} - set(NAMES)
-    parts = metrics.outcome_parts([result.outcomes])
+    parts = comparison.outcome_parts([result.outcomes])
     for name in NAMES:
-        assert metrics.metric_value(parts[name]) == pytest.approx(result.metrics[name]), name
+        assert comparison.metric_value(parts[name]) == pytest.approx(result.metrics[name]), name
     assert len(result.outcomes["sugarcrepe/add_obj"]["correct"]) == 3
     assert len(result.outcomes["mmvp/size"]["correct"]) == 2 and len(result.outcomes["clevr/spatial"]["correct"]) == 4
     composites = {"sugarcrepe/add", "sugarcrepe/replace", "sugarcrepe/swap", "sugarcrepe/mean", "mmvp/mean", "clevr/mean"}

@@ -8,7 +8,7 @@ import pytest
 
 from pipeline import paper_tables, published
 from pipeline.config import flatten, load, to_dict
-from pipeline.metrics import outcome_parts, paired_difference, seed_task_interval
+from pipeline.comparison import outcome_parts, paired_difference, seed_task_interval
 from pipeline.report import COLUMNS, difference_cell
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"

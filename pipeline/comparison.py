@@ -1,0 +1,280 @@
+"""Statistics across runs: a row's interval over its seeds and cases, and two rows compared on the same cases.
+
+A metric is computed from per-case correctness. To compare two rows on the same cases, or to put
+seeds together, the report keeps each run's per-case outcomes (`CaseOutcomes`): a 0/1 matrix
+[seeds, cases] and, for a macro-averaged metric, the group of each case. A headline metric made of
+several benchmarks (ARO overall = the mean of VG-Relation and VG-Attribution; the zero-shot mean
+over sets) is a sequence of parts whose values are averaged; resampling is stratified: each part's
+cases are resampled within that part.
+
+A row's value is the mean over its seeds on the benchmark's fixed cases. Its error has two
+sources that add: the cases (another benchmark of the same kind) and, for a fine-tuned row, the
+seeds (other training runs):
+
+- one run: the percentile bootstrap of its cases. A pretrained student or the teacher's score
+  has no training seed; a fine-tuned row of one seed has a seed spread nothing measures, and its
+  interval counts the cases only.
+- seeds: estimate ± t sqrt(v_cases + sd² / S), where v_cases is the variance of the case
+  bootstrap of the seed-averaged outcomes, sd the sample standard deviation (ddof 1) of the S
+  per-seed values, and t Student's quantile with Welch-Satterthwaite's degrees of freedom (S - 1
+  for the seed term, cases - parts for the case term). The seed term's sd also holds the seeds'
+  disagreement case by case, which v_cases counts once more: the interval errs wide, by that
+  interaction's share. A bootstrap that resamples 3 seeds is not used: its interval can never
+  be wider than the seeds' range and its variance is 2/3 of theirs; in simulation its 95%
+  interval held the true mean about 75% of the time, and its paired test called about 12% of
+  null differences significant at 0.05 (tests/test_comparison.py holds the calibration).
+"""
+from __future__ import annotations
+
+import numbers
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats
+
+from pipeline.metrics import SUGARCREPE_CATEGORIES, decode_correct
+
+
+class CaseOutcomes:
+    """Per-case correctness of S seeds (rows) on N cases (columns) of one benchmark part.
+
+    `groups` (one key per case) makes the part's value the macro mean over groups, as ARO's
+    VG sets are scored; cases of groups the benchmark drops (excluded relations, pairs under the
+    minimum count) must be left out by the caller, so every group given counts. None: micro mean.
+    """
+
+    def __init__(self, correct, groups: Sequence[Hashable] | None = None):
+        c = np.asarray(correct)
+        if c.ndim == 1:
+            c = c[None, :]
+        if c.ndim != 2 or c.shape[0] < 1 or c.shape[1] < 1:
+            raise ValueError(f"correct must have shape [seeds, cases] with both >= 1, got {c.shape}")
+        if c.dtype != bool and not np.isin(c, (0, 1)).all():
+            raise ValueError("correct must hold booleans or 0/1 values")
+        self.correct = c.astype(np.float64)
+        self.groups = None
+        if groups is not None:
+            keys = list(groups)
+            if len(keys) != c.shape[1]:
+                raise ValueError(f"groups has {len(keys)} entries for {c.shape[1]} cases")
+            _, self.groups = np.unique(np.array(keys, dtype=object).astype(str), return_inverse=True)
+
+    @property
+    def seeds(self) -> int:
+        return self.correct.shape[0]
+
+    @property
+    def cases(self) -> int:
+        return self.correct.shape[1]
+
+    def value(self, seeds: np.ndarray | None = None, cases: np.ndarray | None = None) -> float:
+        """The metric averaged over `seeds` (row indices, repeats allowed) on `cases` (column indices)."""
+        rows = self.correct if seeds is None else self.correct[seeds]
+        per_case = rows.mean(axis=0)
+        if cases is not None:
+            per_case = per_case[cases]
+        if self.groups is None:
+            return float(per_case.mean())
+        groups = self.groups if cases is None else self.groups[cases]
+        counts = np.bincount(groups)
+        hits = np.bincount(groups, weights=per_case, minlength=counts.size)
+        present = counts > 0
+        return float(np.mean(hits[present] / counts[present]))
+
+
+def _parts(parts) -> list[CaseOutcomes]:
+    parts = [parts] if isinstance(parts, CaseOutcomes) else list(parts)
+    if not parts or not all(isinstance(p, CaseOutcomes) for p in parts):
+        raise ValueError("expected one or more CaseOutcomes")
+    if len({p.seeds for p in parts}) != 1:
+        raise ValueError("the parts of a metric must come from the same runs (their seed counts differ)")
+    return parts
+
+
+def metric_value(parts) -> float:
+    """A headline metric: the mean of its parts' values, each averaged over its seeds."""
+    return float(np.mean([p.value() for p in _parts(parts)]))
+
+
+def seed_values(parts) -> np.ndarray:
+    """The metric of each seed (run) on its own."""
+    parts = _parts(parts)
+    return np.array([np.mean([p.value(np.array([k])) for p in parts]) for k in range(parts[0].seeds)])
+
+
+def _check_resampling(n_resamples: int, confidence: float) -> None:
+    if isinstance(n_resamples, bool) or not isinstance(n_resamples, numbers.Integral) or n_resamples < 1:
+        raise ValueError(f"n_resamples must be an integer >= 1, got {n_resamples!r}")
+    if not 0.0 < float(confidence) < 1.0:
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence!r}")
+
+
+def _percentiles(values: np.ndarray, confidence: float) -> tuple[float, float]:
+    alpha = 1.0 - float(confidence)
+    lo, hi = np.quantile(values, [alpha / 2.0, 1.0 - alpha / 2.0])
+    return float(lo), float(hi)
+
+
+def _case_draws(rows: list[list[CaseOutcomes]], signs: Sequence[float], n_resamples: int, seed: int) -> np.ndarray:
+    """Bootstrap draws of sum(sign * row's metric), every row's seeds averaged, each part's cases
+    resampled within the part and the same resample used for every row (the pairing)."""
+    rng = np.random.default_rng(seed)
+    draws = np.empty(int(n_resamples))
+    for r in range(int(n_resamples)):
+        values = []
+        for column in zip(*rows):
+            cases = rng.integers(0, column[0].cases, column[0].cases)
+            values.append(sum(sign * part.value(cases=cases) for sign, part in zip(signs, column)))
+        draws[r] = np.mean(values)
+    return draws
+
+
+@dataclass(frozen=True)
+class _Error:
+    """The standard error of an estimate and its degrees of freedom (Welch-Satterthwaite)."""
+
+    se: float
+    df: float
+
+    def half_width(self, confidence: float) -> float:
+        return float(stats.t.ppf(0.5 + float(confidence) / 2.0, self.df) * self.se) if self.se > 0 else 0.0
+
+    def p_value(self, estimate: float) -> float:
+        if self.se == 0:
+            return 1.0 if estimate == 0 else 0.0
+        return float(min(1.0, 2.0 * stats.t.sf(abs(estimate) / self.se, self.df)))
+
+
+def _error(rows: list[list[CaseOutcomes]], case_draws: np.ndarray) -> _Error:
+    """Case variance (the draws') plus each row's seed variance over its seed count (rows of one run add none)."""
+    cases = sum(p.cases for p in rows[0]) - len(rows[0])
+    terms = [(float(np.var(case_draws, ddof=1)) if len(case_draws) > 1 else 0.0, max(cases, 1))]
+    terms += [(float(np.var(seed_values(parts), ddof=1)) / parts[0].seeds, parts[0].seeds - 1)
+              for parts in rows if parts[0].seeds > 1]
+    variance = sum(v for v, _ in terms)
+    denominator = sum(v * v / df for v, df in terms)
+    return _Error(variance ** 0.5, variance * variance / denominator if denominator > 0 else np.inf)
+
+
+def seed_task_interval(parts, n_resamples: int = 1000, confidence: float = 0.95,
+                       seed: int = 0) -> tuple[float, float, float]:
+    """(mean over seeds, low, high): the case bootstrap's percentile interval for one run; with
+    seeds, the t interval of the case and seed variances together (see the module docstring)."""
+    parts = _parts(parts)
+    _check_resampling(n_resamples, confidence)
+    mean = metric_value(parts)
+    draws = _case_draws([parts], [1.0], n_resamples, seed)
+    if parts[0].seeds == 1:
+        return (mean, *_percentiles(draws, confidence))
+    half = _error([parts], draws).half_width(confidence)
+    return mean, mean - half, mean + half
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """Row A minus row B on the same cases: the difference, its 95% interval and a two-sided
+    p-value, by `test`: "McNemar" (exact; one run a row, one micro-averaged part), "bootstrap"
+    (one run a row, a macro-averaged or composite metric) or "t" (seeds in either row)."""
+
+    difference: float
+    low: float
+    high: float
+    p_value: float
+    test: str
+    discordant: int  # cases (summed over pairs of runs) where exactly one of the two rows is right
+    p_bound: bool = False  # the bootstrap's p is its resolution floor: the p is at most it
+
+
+def paired_difference(parts_a, parts_b, n_resamples: int = 1000, confidence: float = 0.95,
+                      seed: int = 0) -> PairedDifference:
+    """Compare two rows scored on the same cases (A minus B).
+
+    Every interval resamples the cases once for both rows (the pairing: a hard case is hard for
+    both). One run a row: the percentile interval of those draws, and as p-value McNemar's exact
+    test on a micro-averaged metric of one part (its difference is the discordant cases' balance),
+    else the same bootstrap's two-sided p, 2 (1 + #{draws on the far side of 0}) / (1 + n_resamples),
+    whose floor is `p_bound`: McNemar's test on pooled cases would test the pooled difference,
+    not a macro mean's or a composite's, and can point the other way. Seeds in either row: the
+    t interval and t test of the case variance plus each row's seed variance (module docstring).
+    """
+    parts_a, parts_b = _parts(parts_a), _parts(parts_b)
+    if len(parts_a) != len(parts_b) or any(a.cases != b.cases for a, b in zip(parts_a, parts_b)):
+        raise ValueError("the two rows must be scored on the same cases (parts and case counts differ)")
+    _check_resampling(n_resamples, confidence)
+    difference = metric_value(parts_a) - metric_value(parts_b)
+    draws = _case_draws([parts_a, parts_b], [1.0, -1.0], n_resamples, seed)
+    discordant = sum(int((a.correct[:, None, :] != b.correct[None, :, :]).sum()) for a, b in zip(parts_a, parts_b))
+    if parts_a[0].seeds == parts_b[0].seeds == 1:
+        low, high = _percentiles(draws, confidence)
+        if len(parts_a) == 1 and parts_a[0].groups is None:
+            p_value = mcnemar_exact(parts_a[0].correct[0].astype(bool), parts_b[0].correct[0].astype(bool))
+            return PairedDifference(difference, low, high, p_value, "McNemar", discordant)
+        far = min(int((draws <= 0).sum()), int((draws >= 0).sum()))
+        return PairedDifference(difference, low, high, min(1.0, 2.0 * (1 + far) / (1 + len(draws))), "bootstrap",
+                                discordant, p_bound=far == 0)
+    error = _error([parts_a, parts_b], draws)
+    half = error.half_width(confidence)
+    return PairedDifference(difference, difference - half, difference + half, error.p_value(difference), "t",
+                            discordant)
+
+
+def mcnemar_exact(correct_a, correct_b) -> float:
+    """Two-sided exact McNemar p-value for two classifiers' correctness on the same cases.
+
+    With b = cases only A gets right and c = cases only B gets right, under H0 b ~ Binomial(b + c,
+    1/2); p = min(1, 2 P(X <= min(b, c))). No discordant case: p = 1.
+    """
+    a, b = (CaseOutcomes(c).correct for c in (correct_a, correct_b))
+    if a.shape[0] != 1 or a.shape != b.shape:
+        raise ValueError(f"correct_a and correct_b must be 1-D of the same length, got {a.shape} and {b.shape}")
+    only_a, only_b = int(((a == 1) & (b == 0)).sum()), int(((a == 0) & (b == 1)).sum())
+    n = only_a + only_b
+    if n == 0:
+        return 1.0
+    return float(min(1.0, 2.0 * stats.binom.cdf(min(only_a, only_b), n, 0.5)))
+
+
+def outcome_parts(runs: Sequence[dict[str, dict]]) -> dict[str, list[CaseOutcomes]]:
+    """The stored outcomes of one row's runs (one per seed; {name: {"correct": "0110...", "groups":
+    [...] or None}}, as results files keep them) as the parts `paired_difference` and
+    `seed_task_interval` take, by metric name, plus the composites: aro/overall (VG-Relation and
+    VG-Attribution) and zeroshot/mean (every set). Only metrics every run has are kept."""
+    runs = list(runs)
+    if not runs:
+        raise ValueError("outcome_parts needs at least one run")
+    names = [name for name in runs[0] if all(name in run for run in runs[1:])]
+    parts = {}
+    for name in names:
+        groups = runs[0][name].get("groups")
+        if any(run[name].get("groups") != groups for run in runs[1:]):
+            raise ValueError(f"{name}: the runs were scored on different cases (their groups differ)")
+        rows = [decode_correct(run[name]["correct"]) for run in runs]
+        if len({row.size for row in rows}) != 1:
+            raise ValueError(f"{name}: the runs were scored on different numbers of cases")
+        parts[name] = [CaseOutcomes(np.stack(rows), groups)]
+    if "aro/vg_relation" in parts and "aro/vg_attribution" in parts:
+        parts["aro/overall"] = parts["aro/vg_relation"] + parts["aro/vg_attribution"]
+    sets = [name for name in parts if name.startswith("zeroshot/") and name != "zeroshot/mean"]
+    if sets:
+        parts["zeroshot/mean"] = [p for name in sets for p in parts[name]]
+    categories = {category: [f"sugarcrepe/{n}" for n in names if f"sugarcrepe/{n}" in parts]
+                  for category, names in SUGARCREPE_CATEGORIES.items()}
+    for category, present in categories.items():
+        if present:
+            parts[f"sugarcrepe/{category}"] = [_pooled_part(parts, present)]
+    every = [name for present in categories.values() for name in present]
+    if every:
+        parts["sugarcrepe/mean"] = [_pooled_part(parts, every)]
+    patterns = [name for name in parts if name.startswith("mmvp/") and name != "mmvp/mean"]
+    if patterns:
+        parts["mmvp/mean"] = [p for name in patterns for p in parts[name]]
+    subtasks = [name for name in parts if name.startswith("clevr/") and name != "clevr/mean"]
+    if subtasks:
+        parts["clevr/mean"] = [_pooled_part(parts, subtasks)]
+    return parts
+
+
+def _pooled_part(parts: dict[str, list[CaseOutcomes]], names: list[str]) -> CaseOutcomes:
+    """One part holding the cases of several micro-averaged parts: their pooled (micro) mean."""
+    return CaseOutcomes(np.concatenate([p.correct for name in names for p in parts[name]], axis=1))

@@ -1,0 +1,194 @@
+"""Statistics across runs (`pipeline.comparison`): hand-computed cases, and calibration in simulation
+(an interval holds the true value about as often as it says; a test keeps its level under the null)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.comparison import (CaseOutcomes, PairedDifference, mcnemar_exact, metric_value, outcome_parts,
+                                 paired_difference, seed_task_interval, seed_values)
+from pipeline.metrics import decode_correct, encode_correct
+from pipeline.report import difference_cell
+
+
+def two_by_two(both: int, only_a: int, only_b: int, neither: int) -> tuple[np.ndarray, np.ndarray]:
+    a = np.array([1] * both + [1] * only_a + [0] * only_b + [0] * neither, dtype=bool)
+    b = np.array([1] * both + [0] * only_a + [1] * only_b + [0] * neither, dtype=bool)
+    return a, b
+
+
+def test_mcnemar_exact_on_a_known_table():
+    """Discordant cells 10 and 2: p = 2 P(Bin(12, 1/2) <= 2) = 2 (1 + 12 + 66) / 4096 = 158 / 4096."""
+    a, b = two_by_two(both=50, only_a=10, only_b=2, neither=30)
+    assert mcnemar_exact(a, b) == pytest.approx(158 / 4096, rel=1e-12)
+    assert mcnemar_exact(b, a) == pytest.approx(158 / 4096, rel=1e-12)
+    # Balanced discordance: p is 1 (capped), not above it; no discordant case: p = 1.
+    assert mcnemar_exact(*two_by_two(5, 3, 3, 5)) == 1.0
+    assert mcnemar_exact(*two_by_two(5, 0, 0, 5)) == 1.0
+    # Concordant cells do not matter.
+    assert mcnemar_exact(*two_by_two(0, 10, 2, 0)) == mcnemar_exact(a, b)
+
+
+def test_one_run_a_row_gets_mcnemars_exact_p_and_seeds_the_t_test():
+    a, b = two_by_two(both=50, only_a=10, only_b=2, neither=30)
+    single = paired_difference(CaseOutcomes(a), CaseOutcomes(b), n_resamples=300)
+    assert (single.test, single.p_value, single.discordant) == ("McNemar", mcnemar_exact(a, b), 12)
+    assert single.difference == pytest.approx(8 / 92)
+    # A composite of parts is its parts' mean, which McNemar's test on the pooled cases does not test.
+    parts = paired_difference([CaseOutcomes(a[:40]), CaseOutcomes(a[40:])], [CaseOutcomes(b[:40]), CaseOutcomes(b[40:])],
+                              n_resamples=300)
+    assert parts.test == "bootstrap"
+    seeds = paired_difference(CaseOutcomes(np.stack([a, a])), CaseOutcomes(np.stack([b, b])), n_resamples=300)
+    assert seeds.test == "t" and seeds.low > 0 and seeds.p_value < 0.05
+
+
+def test_a_macro_mean_of_one_run_is_tested_as_the_macro_mean_not_as_pooled_cases():
+    """VG-Relation-like: relation x has 2 cases, y 100. A gets x 2/2 and y 50/100, B x 0/2 and y 70/100.
+    The macro difference is (1 - 0) / 2 + (0.5 - 0.7) / 2 = +0.4, carried by x's 2 cases alone, so it is
+    uncertain; the pooled cases (52/102 against 70/102, McNemar p = 1.2e-4) favour B instead."""
+    groups = ["x"] * 2 + ["y"] * 100
+    a = np.array([1, 1] + [1] * 50 + [0] * 50, dtype=bool)
+    b = np.array([0, 0] + [1] * 50 + [1] * 20 + [0] * 30, dtype=bool)
+    result = paired_difference(CaseOutcomes(a, groups), CaseOutcomes(b, groups), n_resamples=1000)
+    assert result.difference == pytest.approx(0.4)
+    assert mcnemar_exact(a, b) < 0.001
+    assert result.test == "bootstrap" and result.low < 0 < result.high and result.p_value > 0.05
+
+
+def test_a_bootstrap_p_at_its_floor_is_printed_as_a_bound():
+    """One run a row on a composite, every draw above 0: p = 2 / (1 + 1000), which is the resolution of
+    1,000 resamples, not the p: the cell says p≤0.002."""
+    a, b = two_by_two(both=0, only_a=300, only_b=0, neither=100)
+    result = paired_difference([CaseOutcomes(a[:200]), CaseOutcomes(a[200:])],
+                               [CaseOutcomes(b[:200]), CaseOutcomes(b[200:])], n_resamples=1000)
+    assert result.p_bound and result.p_value == pytest.approx(2 / 1001)
+    assert difference_cell(result).endswith("p≤0.002")
+    assert difference_cell(PairedDifference(0.1, 0.05, 0.15, 0.002, "t", 10)).endswith("p=0.002")
+    assert difference_cell(PairedDifference(0.1, 0.05, 0.15, 2e-5, "McNemar", 10)).endswith("p<0.001")
+
+
+def test_the_t_interval_adds_the_seed_variance_to_the_case_variance():
+    """Hand-computed: 3 seeds, the case variance from the bootstrap's draws, the seed term sd^2 / 3,
+    Welch-Satterthwaite's degrees of freedom."""
+    from scipy import stats
+
+    from pipeline.comparison import _case_draws
+
+    rng = np.random.default_rng(7)
+    correct = np.stack([rng.uniform(size=200) < p for p in (0.4, 0.5, 0.6)])
+    part = CaseOutcomes(correct)
+    per_seed = correct.mean(axis=1)
+    assert seed_values(part) == pytest.approx(per_seed)
+    v_case = np.var(_case_draws([[part]], [1.0], 500, 0), ddof=1)
+    v_seed = np.var(per_seed, ddof=1) / 3
+    df = (v_case + v_seed) ** 2 / (v_case ** 2 / 199 + v_seed ** 2 / 2)
+    half = stats.t.ppf(0.975, df) * np.sqrt(v_case + v_seed)
+    mean, low, high = seed_task_interval(part, n_resamples=500)
+    assert mean == pytest.approx(per_seed.mean())
+    assert (low, high) == pytest.approx((mean - half, mean + half))
+
+
+def _seeded_rows(rng, tasks: int, seeds: int, seed_sd: float, rows: int) -> list[CaseOutcomes]:
+    """Rows from one process: each task's chance of being right p_i ~ U(0.3, 0.7) and its draw u_i
+    shared by every run (a hard task is hard for all), each run shifting every task by its own
+    N(0, seed_sd). The expected value over tasks and seeds is 0.5 for every row."""
+    p, u = rng.uniform(0.3, 0.7, tasks), rng.uniform(size=tasks)
+    return [CaseOutcomes(np.stack([u < p + rng.normal(0, seed_sd) for _ in range(seeds)])) for _ in range(rows)]
+
+
+def test_a_three_seed_interval_holds_the_mean_at_its_level_in_simulation():
+    """Seeds moving a run by sd 0.05 on 400 tasks: the 95% interval holds the expected value 0.5 in at
+    least 90% of 300 simulated studies (resampling the 3 seeds held it in about 75%)."""
+    rng = np.random.default_rng(0)
+    sims = 300
+    covered = 0
+    for sim in range(sims):
+        (row,) = _seeded_rows(rng, 400, 3, 0.05, 1)
+        _, low, high = seed_task_interval(row, n_resamples=200, seed=sim)
+        covered += low <= 0.5 <= high
+    assert 0.90 <= covered / sims <= 0.995
+
+
+def test_a_three_seed_paired_test_keeps_its_level_under_the_null():
+    """Two rows of the same process on the same tasks, 3 seeds each: p < 0.05 in at most 8% of 300
+    simulated comparisons (resampling the seeds gave about 12%), and the interval holds 0 as often."""
+    rng = np.random.default_rng(1)
+    sims = 300
+    rejected = covered = 0
+    for sim in range(sims):
+        a, b = _seeded_rows(rng, 400, 3, 0.05, 2)
+        result = paired_difference(a, b, n_resamples=200, seed=sim)
+        assert result.test == "t"
+        rejected += result.p_value < 0.05
+        covered += result.low <= 0 <= result.high
+    assert rejected / sims <= 0.08
+    assert covered / sims >= 0.92
+
+
+def test_a_t_p_agrees_with_the_interval_where_runs_move_with_their_seed():
+    """Three runs a row, each run shifting every task together: the tasks alone would make a small
+    run-level difference look certain; the t test counts the runs, as the interval does."""
+    rng = np.random.default_rng(3)
+    p = rng.uniform(0.3, 0.7, 300)
+    rows = []
+    for shift in ((0.00, 0.10, -0.10), (0.02, 0.12, -0.08)):
+        rows.append(CaseOutcomes(np.stack([rng.uniform(size=300) < np.clip(p + s, 0, 1) for s in shift])))
+    result = paired_difference(rows[1], rows[0], n_resamples=600)
+    assert result.test == "t"
+    assert (result.p_value < 0.05) == (result.low > 0 or result.high < 0)
+
+
+def test_case_outcomes_give_micro_and_macro_means_over_seeds():
+    correct = np.array([[1, 0, 1, 1], [0, 0, 1, 1]])
+    assert CaseOutcomes(correct).value() == pytest.approx(np.mean([0.5, 0, 1, 1]))
+    # Groups a = cases 0, 1 and b = cases 2, 3: macro = mean(0.25, 1.0).
+    assert CaseOutcomes(correct, ["a", "a", "b", "b"]).value() == pytest.approx(0.625)
+    assert metric_value([CaseOutcomes(correct[:1]), CaseOutcomes(correct[1:])]) == pytest.approx((0.75 + 0.5) / 2)
+    assert decode_correct(encode_correct([True, False, True])).tolist() == [True, False, True]
+
+
+def test_paired_interval_covers_a_known_difference_in_simulation():
+    """Row A is right on each case with probability p + 0.08, row B with p (p varies across cases,
+    and both rows share each case's difficulty). Over 200 simulated benchmarks of 300 cases, the
+    paired 95% interval holds the true difference 0.08 in about 95% of them, and a p-value below
+    0.05 comes with an interval excluding 0."""
+    rng = np.random.default_rng(0)
+    covered, agree = 0, 0
+    sims = 200
+    for sim in range(sims):
+        p = rng.uniform(0.2, 0.8, 300)
+        u = rng.uniform(size=300)          # shared difficulty: the pairing the interval exploits
+        a, b = u < p + 0.08, u < p
+        noise = rng.uniform(size=300) < 0.1
+        a = np.where(noise, rng.uniform(size=300) < p + 0.08, a)
+        result = paired_difference(CaseOutcomes(a), CaseOutcomes(b), n_resamples=400, seed=sim)
+        covered += result.low <= 0.08 <= result.high
+        agree += (result.p_value < 0.05) == (result.low > 0 or result.high < 0)
+    assert 0.90 <= covered / sims <= 0.99
+    assert agree / sims >= 0.9    # McNemar's exact p (one run a row) and the bootstrap interval mostly agree
+
+
+def test_seed_task_interval_widens_with_the_seed_spread():
+    """Three seeds that agree give the case bootstrap's width; three that disagree by 0.2 widen it."""
+    rng = np.random.default_rng(1)
+    base = rng.uniform(size=400) < 0.6
+    same = CaseOutcomes(np.stack([base, base, base]))
+    shifted = np.stack([base, base | (rng.uniform(size=400) < 0.3), base & (rng.uniform(size=400) < 0.7)])
+    spread = CaseOutcomes(shifted)
+    m0, lo0, hi0 = seed_task_interval(same, n_resamples=500)
+    m1, lo1, hi1 = seed_task_interval(spread, n_resamples=500)
+    assert lo0 <= m0 <= hi0 and lo1 <= m1 <= hi1
+    assert (hi1 - lo1) > 1.5 * (hi0 - lo0)
+
+
+def test_outcome_parts_stacks_seeds_and_builds_the_composites():
+    run = lambda text, rel, attr: {"winoground/text": {"correct": text, "groups": None},
+                                   "aro/vg_relation": {"correct": rel, "groups": ["on", "on", "under"]},
+                                   "aro/vg_attribution": {"correct": attr, "groups": None}}
+    parts = outcome_parts([run("10", "110", "01"), run("11", "011", "11")])
+    assert parts["winoground/text"][0].correct.tolist() == [[1, 0], [1, 1]]
+    assert metric_value(parts["aro/overall"]) == pytest.approx((np.mean([0.75, 0.5]) + 0.75) / 2)
+    with pytest.raises(ValueError, match="different numbers of cases"):
+        outcome_parts([run("10", "110", "01"), run("101", "011", "11")])
+    with pytest.raises(ValueError, match="same cases"):
+        paired_difference(parts["winoground/text"], parts["aro/overall"])
