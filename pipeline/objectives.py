@@ -218,7 +218,9 @@ def unet_features(unet: UNet2DConditionModel, noisy: torch.Tensor, timesteps: to
     handle = unet.mid_block.register_forward_hook(lambda _m, _i, out: captured.append(out))
     try:
         with torch.no_grad():
-            unet(noisy, timesteps, encoder_hidden_states=conditioning)
+            # Eager `forward`, not the call: a UNet compiled in place (`fastpath`) reuses a graph traced
+            # without this hook, which then never fires.
+            unet.forward(noisy, timesteps, encoder_hidden_states=conditioning)
     finally:
         handle.remove()
     return captured[0]

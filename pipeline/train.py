@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import io
 import json
 import logging
@@ -133,6 +134,12 @@ def add_lora(model: nn.Module, rank: int, alpha: float) -> list[str]:
 
     inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(LORA_TARGETS)), model)
     return [name for name, _ in model.named_parameters() if "lora_" in name]
+
+
+def is_decayed(name: str, param: nn.Parameter) -> bool:
+    """Whether weight decay applies, as open_clip's training decides: not to gains, biases and other
+    one-dimensional tensors, norms, nor the temperature (decay would pull logit_scale down)."""
+    return param.ndim >= 2 and not any(part in name for part in ("bn", "ln", "bias", "logit_scale"))
 
 
 def trainable_parameters(student: Student, projector: nn.Module | None, cfg: TrainConfig) -> dict[str, nn.Parameter]:
@@ -258,11 +265,13 @@ def setup(cfg: TrainConfig, objective: ObjectiveConfig, student: Student, pairs:
         p.requires_grad_(True)
     # A fresh projector starts from random weights and may need another rate than the pretrained
     # student (`objective.projector_lr`); one schedule scales both groups.
-    student_params = [p for name, p in params.items() if not name.startswith("h_w.")]
-    projector_params = [p for name, p in params.items() if name.startswith("h_w.")]
-    groups = [{"params": student_params, "lr": cfg.lr}]
-    if projector_params:
-        groups.append({"params": projector_params, "lr": objective.projector_lr or cfg.lr})
+    groups = []
+    for projected, lr in ((False, cfg.lr), (True, objective.projector_lr or cfg.lr)):
+        chosen = {name: p for name, p in params.items() if name.startswith("h_w.") == projected}
+        for decayed in (True, False):
+            group = [p for name, p in chosen.items() if is_decayed(name, p) == decayed]
+            if group:
+                groups.append({"params": group, "lr": lr, "weight_decay": cfg.weight_decay if decayed else 0.0})
     optimizer = fastpath.adamw(groups, cfg.lr, cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup_steps, cfg.steps))
     by_caption = projector is not None and method in ("sds", "unet_feature")
@@ -356,9 +365,17 @@ def teacher_loss(trial: Trial, image_features: torch.Tensor, pooled: torch.Tenso
     return "sds", sds.loss
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The generator seed of one epoch's order. A hash of the pair, not seed + epoch, which would
+    give seed s's epoch e + 1 the order of seed s + 1's epoch e: neighbouring seeds would train on
+    the same batches for all but their first epoch."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{epoch}".encode(), digest_size=8).digest(), "little")
+
+
 class StepSampler(Sampler):
-    """Batches as a pure function of (seed, step): epoch e is randperm(seed + e); each item is
-    (pair index, step), so what a dataset draws per item can depend on the step too.
+    """Batches as a pure function of (seed, step): epoch e is a permutation drawn from
+    `epoch_seed(seed, e)`; each item is (pair index, step), so what a dataset draws per item can
+    depend on the step too.
 
     A resumed trial sets `start` to its step and sees exactly the batches an uninterrupted
     run would have seen, with no sampler state to checkpoint.
@@ -372,7 +389,7 @@ class StepSampler(Sampler):
         step = self.start
         while True:
             epoch, k = divmod(step, self.per_epoch)
-            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(epoch_seed(self.seed, epoch)))
             yield [(i, step) for i in order[k * self.batch_size : (k + 1) * self.batch_size].tolist()]
             step += 1
 
@@ -409,11 +426,12 @@ def fit(trial: Trial, folder: Path | None, on_log: Callable[[int, dict[str, floa
             trial.scaler.scale(losses["total"]).backward()
             trial.scaler.step(trial.optimizer)
             trial.scaler.update()
+        lr = trial.scheduler.get_last_lr()[0]        # the rate this step used, before the schedule moves on
         trial.scheduler.step()
         trial.step += 1
         bar.update(1)
         if trial.step % cfg.log_every == 0 or trial.step == cfg.steps:
-            values["lr"] = trial.scheduler.get_last_lr()[0]
+            values["lr"] = lr
             trial.history.append({"step": trial.step, **values})
             bar.set_postfix(loss=f"{values['total']:.4f}")
             if on_log:

@@ -389,6 +389,24 @@ def test_unet_features_are_the_mid_block_output(teacher, world):
                           atol=1e-6)
 
 
+def test_unet_features_of_a_compiled_unet_are_its_mid_block_output(teacher, world):
+    """A UNet compiled in place (CUDA's default) and called once without the hook: its traced graph
+    would be reused and the hook would never fire."""
+    import copy
+
+    x0, eps, t, cond = batch(teacher, world)
+    noisy = hand_noised(x0, eps, t)
+    expected = mid_block_output(teacher.unet, noisy, t, cond)
+    unet = copy.deepcopy(teacher.unet)
+    unet.compile(backend="eager")
+    try:
+        with torch.no_grad():
+            unet(noisy, t, encoder_hidden_states=cond)
+        assert torch.allclose(objectives.unet_features(unet, noisy, t, cond), expected, atol=1e-6)
+    finally:
+        torch._dynamo.reset()
+
+
 def test_loss_step_unet_feature_regresses_h_w_onto_features_of_cached_latents(teacher, world):
     trial = fresh_trial(teacher, world, method="unet_feature", lambda_sds=0.5, latent_scale=2.0)
     g = torch.Generator()

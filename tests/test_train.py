@@ -246,3 +246,41 @@ def test_loader_workers_give_the_same_trial(env, uninterrupted):
     assert trial.history == reference.history
     want, got = trained_state(reference), trained_state(trial)
     assert all(torch.equal(want[name], got[name]) for name in want)
+
+
+# --------------------------------------------------------------------------- (d) data order and optimiser
+
+
+def test_seeds_draw_different_batches_in_every_epoch():
+    """Epoch orders seeded by seed + epoch would give seed 0's second epoch the order of seed 1's
+    first (at the toy's sizes, 75 of 200 steps repeated between neighbouring seeds)."""
+    from pipeline.train import StepSampler
+
+    def batches(seed: int) -> list[tuple[int, ...]]:
+        sampler = iter(StepSampler(64, 8, seed))
+        return [tuple(i for i, _ in next(sampler)) for _ in range(3 * 8)]   # 3 epochs of 8 batches
+
+    drawn = {seed: batches(seed) for seed in (0, 1, 2)}
+    for seed, mine in drawn.items():
+        others = {b for other, theirs in drawn.items() if other != seed for b in theirs}
+        assert not others & set(mine), seed
+        assert sorted(i for b in mine[:8] for i in b) == list(range(64))      # an epoch is a permutation
+    assert batches(1) == drawn[1]                                            # and a pure function of the seed
+
+
+def test_weight_decay_spares_gains_biases_and_the_temperature(env):
+    """open_clip's recipe: decay on matrices, none on LayerNorm gains, biases or logit_scale."""
+    trial = new_trial(env, train_cfg(scope="full", weight_decay=0.1))
+    decay = {id(p): group["weight_decay"] for group in trial.optimizer.param_groups for p in group["params"]}
+    params = trial.params
+    assert decay[id(params["logit_scale"])] == 0.0 and decay[id(params["visual.ln_post.weight"])] == 0.0
+    assert decay[id(params["visual.transformer.resblocks.0.attn.out_proj.bias"])] == 0.0
+    assert decay[id(params["visual.transformer.resblocks.0.attn.out_proj.weight"])] == 0.1
+    assert decay[id(params["h_w.linear.weight"])] == 0.1 and decay[id(params["h_w.linear.bias"])] == 0.0
+    assert len(decay) == len(params)
+
+
+def test_each_logged_rate_is_the_one_its_step_used(env, uninterrupted):
+    """Warm-up 1 of 4 steps at 1e-2, then cosine: steps 1-4 train at 1e-2 x (1, 1, 0.75, 0.25)."""
+    trial, _ = uninterrupted
+    assert [entry["lr"] for entry in trial.history] == pytest.approx([1e-2, 1e-2, 7.5e-3, 2.5e-3])

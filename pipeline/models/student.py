@@ -79,9 +79,17 @@ def load_student(folder: Path) -> Student:
     return Student(model, open_clip.get_tokenizer(name), preprocess, model_cfg)
 
 
+# Parts of a student its contrastive embeddings never run: CoCa's captioning decoder. A LayerNorm
+# there would count as trained (half of CoCa's) and never get a gradient.
+NOT_CONTRASTIVE = ("text_decoder",)
+
+
 def layernorm_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Every LayerNorm weight and bias of both towers (the paper's fine-tuned set)."""
-    return [p for m in model.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters(recurse=False)]
+    skipped = {id(m) for name in NOT_CONTRASTIVE if isinstance(getattr(model, name, None), nn.Module)
+               for m in getattr(model, name).modules()}
+    return [p for m in model.modules() if isinstance(m, nn.LayerNorm) and id(m) not in skipped
+            for p in m.parameters(recurse=False)]
 
 
 def embed_dim(student: Student) -> int:
