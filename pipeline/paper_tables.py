@@ -155,11 +155,19 @@ def _seed_sd(row: Row, key: str) -> str:
     return sd_cell(seed_sd(values))
 
 
+def _seeds(row: Row) -> list:
+    return [run.get("params", {}).get(SEED) for run in row.runs]
+
+
 def _versus(row: Row, reference: Row | None, key: str, n_resamples: int, seed: int) -> str:
     if reference is None or row is reference:
         return "-"
     a, b = _parts(row, key), _parts(reference, key)
-    return "-" if a is None or b is None else difference_cell(paired_difference(a, b, n_resamples, seed=seed))
+    if a is None or b is None:
+        return "-"
+    # Fine-tuned rows of one student that ran the same seeds: each seed the same data order and start.
+    paired = len(row.runs) > 1 and None not in _seeds(row) and _seeds(row) == _seeds(reference)
+    return difference_cell(paired_difference(a, b, n_resamples, seed=seed, pair_seeds=paired))
 
 
 @dataclass(frozen=True)

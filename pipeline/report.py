@@ -361,6 +361,10 @@ def variant_trials(trials: list[dict]) -> dict[str, list[dict]]:
     return {name: sorted(runs, key=lambda t: t["config"].get("train.seed", 0)) for name, runs in groups.items()}
 
 
+def seeds_of(trials: list[dict]) -> list[int]:
+    return [t["config"].get(SEED, 0) for t in trials]
+
+
 def compare_variants(trials: list[dict], order: list[str], n_resamples: int = 1000, seed: int = 0) -> list[VariantRow]:
     """A `VariantRow` per variant with finished seeds, in `order`; the first is the reference row."""
     groups = variant_trials(trials)
@@ -380,11 +384,14 @@ def compare_variants(trials: list[dict], order: list[str], n_resamples: int = 10
             scores[key] = (mean, seed_sd(values), low, high)
         versus = None
         if name != names[0]:
-            versus = {key: paired_difference(parts[name][key], parts[names[0]][key], n_resamples, seed=seed)
+            # The variants of a sweep ran the same seeds, each the same data order and starting weights.
+            paired = len(runs) > 1 and seeds_of(runs) == seeds_of(groups[names[0]])
+            versus = {key: paired_difference(parts[name][key], parts[names[0]][key], n_resamples, seed=seed,
+                                             pair_seeds=paired)
                       for _, key in HEADLINE if key in parts[name] and key in parts[names[0]]}
         diagnostics = {key: float(np.mean([t["metrics"][key] for t in runs if key in t["metrics"]]))
                        for _, key in DIAGNOSTICS if any(key in t["metrics"] for t in runs)}
-        rows.append(VariantRow(name, [t["config"].get("train.seed", 0) for t in runs], scores, versus, diagnostics))
+        rows.append(VariantRow(name, seeds_of(runs), scores, versus, diagnostics))
     return rows
 
 
@@ -452,8 +459,9 @@ def write_variant_report(name: str, rows: list[VariantRow], labels: dict[str, st
                   f"bootstrap's variance ({n_resamples} resamples) plus the seeds'].",
         "versus": f"Difference to {reference} on the same cases [paired 95% interval] and its two-sided "
                   "p-value: with seeds, Student's t of the case variance (cases resampled for both rows "
-                  "together) plus each row's seed variance; one run a row, the case bootstrap's percentile "
-                  "interval with McNemar's exact test (the bootstrap's p for a macro or composite metric).",
+                  "together) plus the seeds' (of the per-seed differences: the variants ran the same seeds); "
+                  "one run a row, the case bootstrap's percentile interval with McNemar's exact test (the "
+                  "bootstrap's p for a macro or composite metric).",
         "diagnostics": "Means over seeds. h_w text: the teacher's text score on h_w(f(x)) (SDS); feedback error "
                        "ratio: the teacher's epsilon error with the student's projected tokens over that with the "
                        "empty caption (diffusion feedback; 1 = the tokens tell the teacher nothing).",

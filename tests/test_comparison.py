@@ -192,3 +192,47 @@ def test_outcome_parts_stacks_seeds_and_builds_the_composites():
         outcome_parts([run("10", "110", "01"), run("101", "011", "11")])
     with pytest.raises(ValueError, match="same cases"):
         paired_difference(parts["winoground/text"], parts["aro/overall"])
+
+
+def _seed_paired_rows(rng, tasks: int, seeds: int, seed_sd: float, shared: bool) -> list[CaseOutcomes]:
+    """Two rows of one process on the same tasks; with `shared`, seed k shifts both rows alike (the
+    same data order and start), else each row's runs shift on their own."""
+    p, u = rng.uniform(0.3, 0.7, tasks), rng.uniform(size=tasks)
+    shifts = rng.normal(0, seed_sd, seeds)
+    rows = []
+    for _ in range(2):
+        own = shifts if shared else rng.normal(0, seed_sd, seeds)
+        rows.append(CaseOutcomes(np.stack([u < p + s + rng.normal(0, 0.01) for s in own])))
+    return rows
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_seed_pairing_keeps_its_level_and_narrows_what_the_seeds_share(shared):
+    """Paired by seed, the test keeps its level whether or not the seeds really move both rows alike;
+    where they do, its interval is narrower than the unpaired one (which counts the shared moves twice)."""
+    rng = np.random.default_rng(2)
+    sims, rejected, narrower = 200, 0, 0
+    for sim in range(sims):
+        a, b = _seed_paired_rows(rng, 400, 3, 0.05, shared)
+        paired = paired_difference(a, b, n_resamples=200, seed=sim, pair_seeds=True)
+        unpaired = paired_difference(a, b, n_resamples=200, seed=sim)
+        rejected += paired.p_value < 0.05
+        narrower += paired.high - paired.low < unpaired.high - unpaired.low
+    assert rejected / sims <= 0.08
+    if shared:
+        assert narrower / sims >= 0.95
+
+
+def test_seed_pairing_takes_the_variance_of_per_seed_differences():
+    """Hand-computed: seeds whose differences are (0.1, 0.1, 0.1) add no seed variance at all, however
+    far apart the seeds themselves are."""
+    base = np.zeros((3, 100), dtype=bool)
+    base[0, :20], base[1, :50], base[2, :80] = True, True, True       # per seed 0.2, 0.5, 0.8
+    better = base.copy()
+    better[:, 90:] = True                                            # every seed +0.1 on the same cases
+    result = paired_difference(CaseOutcomes(better), CaseOutcomes(base), n_resamples=300, pair_seeds=True)
+    assert result.difference == pytest.approx(0.1)
+    unpaired = paired_difference(CaseOutcomes(better), CaseOutcomes(base), n_resamples=300)
+    assert result.high - result.low < (unpaired.high - unpaired.low) / 4
+    with pytest.raises(ValueError, match="same number of seeds"):
+        paired_difference(CaseOutcomes(better[:2]), CaseOutcomes(base), pair_seeds=True)

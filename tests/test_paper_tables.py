@@ -87,7 +87,7 @@ def test_the_table_carries_seed_count_spread_interval_and_the_paired_comparison(
              for label, correct in (("sds", ["11110000", "11111100"]), ("clip", ["11000000", "11100000"]))}
     _, low, high = seed_task_interval(parts["sds"], 200, seed=3)
     assert sds[-2] == f"[{low:.3f}, {high:.3f}]"
-    versus = paired_difference(parts["sds"], parts["clip"], 200, seed=3)
+    versus = paired_difference(parts["sds"], parts["clip"], 200, seed=3, pair_seeds=True)   # the same seeds
     assert versus.difference == pytest.approx(0.625 - 0.3125) and sds[-1] == difference_cell(versus)
     assert table[f"{first} FT with L_CLIP"][-1] == "-"             # the reference itself
     # One run: no seed spread; the diffusion score is compared with train.student's FT with L_CLIP.

@@ -616,6 +616,25 @@ def test_variant_rows_aggregate_seeds_and_compare_each_with_the_first():
     assert hard.diagnostics["loss/clip"] == pytest.approx(1.0)   # the mean over its two finished seeds
 
 
+def test_variants_that_ran_the_same_seeds_are_compared_seed_by_seed():
+    """Seed 0 and seed 1 move both variants alike (per seed 0.25 / 0.75 and 0.5 / 1.0): paired by seed,
+    the seed term is the spread of the differences (none), not each row's own."""
+    trials = [variant_trial(name, seed, text, [1, 0, 1, 0]) for name, seed, text in
+              (("plain", 0, [1, 1, 0, 0, 0, 0, 0, 0]), ("plain", 1, [1, 1, 1, 1, 1, 1, 0, 0]),
+               ("better", 0, [1, 1, 1, 1, 0, 0, 0, 0]), ("better", 1, [1, 1, 1, 1, 1, 1, 1, 1]))]
+    parts = {name: outcome_parts([t["outcomes"] for t in trials if t["config"]["variant"] == name])["winoground/text"]
+             for name in ("plain", "better")}
+    _, better = compare_variants(trials, ["plain", "better"], n_resamples=200)
+    paired = paired_difference(parts["better"], parts["plain"], 200, pair_seeds=True)
+    assert better.versus["winoground/text"] == paired
+    unpaired = paired_difference(parts["better"], parts["plain"], 200)
+    assert paired.high - paired.low < (unpaired.high - unpaired.low) / 2
+    # A variant missing one of the reference's seeds is compared row against row.
+    _, short = compare_variants(trials[:3], ["plain", "better"], n_resamples=200)
+    one = outcome_parts([trials[2]["outcomes"]])["winoground/text"]
+    assert short.versus["winoground/text"] == paired_difference(one, parts["plain"], 200)
+
+
 def test_variant_report_files_hold_the_three_tables_the_csv_and_the_figure(tmp_path):
     rows = compare_variants(VARIANT_TRIALS, ["plain", "hard"], n_resamples=200)
     paths = write_variant_report("methods", rows, {}, tmp_path, 200, caption="methods")
