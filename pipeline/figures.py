@@ -201,13 +201,14 @@ def varying_metrics(trials: list[dict]) -> tuple[list[tuple[str, str]], list[str
     return varying, [note for _, note in constant]
 
 
-# How a row with seeds gets its interval (`comparison.seed_task_interval`; one run: the case bootstrap's).
-INTERVAL_OVER_SEEDS = "seeds and cases (t of the seeds' variance plus the case bootstrap's)"
+def seeds_interval_note(n_resamples: int) -> str:
+    """How a row with seeds gets its interval (`comparison.seed_task_interval`)."""
+    return (f"95% interval over seeds and cases: t of the seeds' variance plus a {n_resamples}-resample case "
+            "bootstrap's (one run: the bootstrap's percentiles)")
 
 
 def interval_note(scores: list[dict[str, Score]], n_resamples: int, seeds: bool) -> str:
-    note = "points: mean; bars: " + (f"95% interval over {INTERVAL_OVER_SEEDS} ({n_resamples} resamples)"
-                                     "; grey dots: each run" if seeds else
+    note = "points: mean; bars: " + (seeds_interval_note(n_resamples) + "; grey dots: each run" if seeds else
                                      f"95% bootstrap interval over cases ({n_resamples} resamples)")
     if any(score.low is None for group in scores for score in group.values()):
         note += f"; a point without a bar: {NO_INTERVAL}"
@@ -314,7 +315,7 @@ def zeroshot_figure(groups: list[tuple[str, list[dict]]], n_resamples: int = 100
     ax.set_xticks(range(len(sets)), sets, rotation=30 if crowded else 0, ha="right" if crowded else "center")
     ax.set_ylim(0, 1.05)
     style(ax, "", "zero-shot set", "top-1 accuracy", grid="y")
-    notes = [f"bars: 95% interval over {INTERVAL_OVER_SEEDS} ({n_resamples} resamples)"]
+    notes = ["bars: " + seeds_interval_note(n_resamples)]
     if lacking:
         notes.append(f"no interval for {', '.join(lacking)}: no per-case outcomes in the results")
     figure_title(figure, "Zero-shot accuracy per set, pretrained and fine-tuned", notes)
