@@ -17,7 +17,8 @@ seeds (other training runs):
 - seeds: estimate ± t sqrt(v_cases + sd² / S), where v_cases is the variance of the case
   bootstrap of the seed-averaged outcomes, sd the sample standard deviation (ddof 1) of the S
   per-seed values, and t Student's quantile with Welch-Satterthwaite's degrees of freedom (S - 1
-  for the seed term, cases - parts for the case term). The seed term's sd also holds the seeds'
+  for the seed term; for the case term, cases - 1 of each micro-averaged part and groups - 1 of
+  each macro-averaged one). The seed term's sd also holds the seeds'
   disagreement case by case, which v_cases counts once more: the interval errs wide, by that
   interaction's share. A bootstrap that resamples 3 seeds is not used: its interval can never
   be wider than the seeds' range and its variance is 2/3 of theirs; in the simulation of
@@ -105,9 +106,16 @@ def seed_values(parts) -> np.ndarray:
     return np.array([np.mean([p.value(np.array([k])) for p in parts]) for k in range(parts[0].seeds)])
 
 
+def same_seeds(seeds_a: Sequence, seeds_b: Sequence) -> bool:
+    """Whether two rows' runs pair up seed by seed (`paired_difference`'s `pair_seeds`): both ran the
+    same two or more seeds, each known, in the same order."""
+    return len(seeds_a) > 1 and None not in seeds_a and list(seeds_a) == list(seeds_b)
+
+
 def _check_resampling(n_resamples: int, confidence: float) -> None:
-    if isinstance(n_resamples, bool) or not isinstance(n_resamples, numbers.Integral) or n_resamples < 1:
-        raise ValueError(f"n_resamples must be an integer >= 1, got {n_resamples!r}")
+    # One draw has no spread: the case variance would be 0 and a one-run interval a point.
+    if isinstance(n_resamples, bool) or not isinstance(n_resamples, numbers.Integral) or n_resamples < 2:
+        raise ValueError(f"n_resamples must be an integer >= 2, got {n_resamples!r}")
     if not 0.0 < float(confidence) < 1.0:
         raise ValueError(f"confidence must lie in (0, 1), got {confidence!r}")
 
@@ -151,8 +159,9 @@ class _Error:
 def _error(rows: list[list[CaseOutcomes]], case_draws: np.ndarray, pair_seeds: bool = False) -> _Error:
     """Case variance (the draws') plus each row's seed variance over its seed count (rows of one run add
     none), or for two rows whose seeds pair up, the variance of their per-seed differences."""
-    cases = sum(p.cases for p in rows[0]) - len(rows[0])
-    terms = [(float(np.var(case_draws, ddof=1)) if len(case_draws) > 1 else 0.0, max(cases, 1))]
+    # A macro mean rests on its groups, however many cases each holds: a part's df is its groups' count - 1.
+    df = sum((p.cases if p.groups is None else int(p.groups.max()) + 1) - 1 for p in rows[0])
+    terms = [(float(np.var(case_draws, ddof=1)), max(df, 1))]
     if pair_seeds:
         a, b = rows
         terms.append((float(np.var(seed_values(a) - seed_values(b), ddof=1)) / a[0].seeds, a[0].seeds - 1))
@@ -182,7 +191,8 @@ def seed_task_interval(parts, n_resamples: int = 1000, confidence: float = 0.95,
 class PairedDifference:
     """Row A minus row B on the same cases: the difference, its 95% interval and a two-sided
     p-value, by `test`: "McNemar" (exact; one run a row, one micro-averaged part), "bootstrap"
-    (one run a row, a macro-averaged or composite metric) or "t" (seeds in either row)."""
+    (one run a row, a macro-averaged or composite metric) or "t" (seeds in either row; `seeds_paired`:
+    compared seed by seed)."""
 
     difference: float
     low: float
@@ -191,6 +201,7 @@ class PairedDifference:
     test: str
     discordant: int  # cases (summed over pairs of runs) where exactly one of the two rows is right
     p_bound: bool = False  # the bootstrap's p is its resolution floor: the p is at most it
+    seeds_paired: bool = False
 
 
 def paired_difference(parts_a, parts_b, n_resamples: int = 1000, confidence: float = 0.95,
@@ -231,7 +242,7 @@ def paired_difference(parts_a, parts_b, n_resamples: int = 1000, confidence: flo
     error = _error([parts_a, parts_b], draws, pair_seeds)
     half = error.half_width(confidence)
     return PairedDifference(difference, difference - half, difference + half, error.p_value(difference), "t",
-                            discordant)
+                            discordant, seeds_paired=pair_seeds)
 
 
 def mcnemar_exact(correct_a, correct_b) -> float:

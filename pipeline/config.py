@@ -391,8 +391,12 @@ class EvalConfig:
     # and each costs as many teacher calls as the diffusion score of its tasks.
     diagnostic_tasks: NonNegInt = 200              # 0 = every task
     batch_size: PosInt = 128
-    bootstrap: NonNegInt = 1000
+    bootstrap: NonNegInt = 1000                    # resamples of every interval; 0: none in the evaluation
     seed: StrictInt = 0
+
+    def __post_init__(self) -> None:
+        if self.bootstrap == 1:     # one draw has no spread: every interval would be a point
+            raise ConfigError("eval.bootstrap: 1 is not allowed; expected 0 (no intervals) or at least 2 resamples")
 
 
 @validated

@@ -24,7 +24,7 @@ import numpy as np
 
 from pipeline import published
 from pipeline.config import ConfigError, flatten, to_dict
-from pipeline.comparison import outcome_parts, paired_difference, seed_task_interval
+from pipeline.comparison import outcome_parts, paired_difference, same_seeds, seed_task_interval
 from pipeline.metrics import TIME_PER_PAIR
 from pipeline.report import COLUMNS, SEED, difference_cell, objective_label, sd_cell, seed_sd, write_tables
 from pipeline.sweep.spec import fmt
@@ -165,8 +165,8 @@ def _versus(row: Row, reference: Row | None, key: str, n_resamples: int, seed: i
     a, b = _parts(row, key), _parts(reference, key)
     if a is None or b is None:
         return "-"
-    # Fine-tuned rows of one student that ran the same seeds: each seed the same data order and start.
-    paired = len(row.runs) > 1 and None not in _seeds(row) and _seeds(row) == _seeds(reference)
+    # Fine-tuned rows of one student that ran the same seeds drew, seed by seed, the same data order and start.
+    paired = same_seeds(_seeds(row), _seeds(reference))
     return difference_cell(paired_difference(a, b, n_resamples, seed=seed, pair_seeds=paired))
 
 

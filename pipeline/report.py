@@ -32,9 +32,9 @@ from pipeline.config import ConfigError
 from pipeline.data.errors import (DataFormatError, MissingInput, field_value, load_json, require_list, require_record,
                                    str_field)
 from pipeline.figures import (dot_figure, figure_title, group_scores, interval_note, line_figure, new_figure, panels,
-                              plotted_trials, style, varying_metrics, write_figure)
+                              plotted_trials, seeds_interval_note, style, varying_metrics, write_figure)
 from pipeline.io import check_writable, write_text
-from pipeline.comparison import PairedDifference, outcome_parts, paired_difference, seed_task_interval
+from pipeline.comparison import PairedDifference, outcome_parts, paired_difference, same_seeds, seed_task_interval
 from pipeline.sweep.spec import VARIANT, trial_index
 
 if TYPE_CHECKING:
@@ -358,11 +358,7 @@ def variant_trials(trials: list[dict]) -> dict[str, list[dict]]:
         config = trial.get("config") or {}
         if trial.get("status") == "finished" and VARIANT in config and trial.get("outcomes"):
             groups.setdefault(config[VARIANT], []).append(trial)
-    return {name: sorted(runs, key=lambda t: t["config"].get("train.seed", 0)) for name, runs in groups.items()}
-
-
-def seeds_of(trials: list[dict]) -> list[int]:
-    return [t["config"].get(SEED, 0) for t in trials]
+    return {name: sorted(runs, key=lambda t: t["config"].get(SEED, 0)) for name, runs in groups.items()}
 
 
 def compare_variants(trials: list[dict], order: list[str], n_resamples: int = 1000, seed: int = 0) -> list[VariantRow]:
@@ -384,14 +380,14 @@ def compare_variants(trials: list[dict], order: list[str], n_resamples: int = 10
             scores[key] = (mean, seed_sd(values), low, high)
         versus = None
         if name != names[0]:
-            # The variants of a sweep ran the same seeds, each the same data order and starting weights.
-            paired = len(runs) > 1 and seeds_of(runs) == seeds_of(groups[names[0]])
+            # The variants of a sweep that ran the same seeds drew, seed by seed, the same data order and start.
+            paired = same_seeds(*([t["config"].get(SEED) for t in group] for group in (runs, groups[names[0]])))
             versus = {key: paired_difference(parts[name][key], parts[names[0]][key], n_resamples, seed=seed,
                                              pair_seeds=paired)
                       for _, key in HEADLINE if key in parts[name] and key in parts[names[0]]}
         diagnostics = {key: float(np.mean([t["metrics"][key] for t in runs if key in t["metrics"]]))
                        for _, key in DIAGNOSTICS if any(key in t["metrics"] for t in runs)}
-        rows.append(VariantRow(name, seeds_of(runs), scores, versus, diagnostics))
+        rows.append(VariantRow(name, [t["config"].get(SEED, 0) for t in runs], scores, versus, diagnostics))
     return rows
 
 
@@ -449,19 +445,48 @@ def variant_csv(rows: list[VariantRow], labels: dict[str, str]) -> str:
     return csv_text(header, lines)
 
 
+def interval_kinds(rows: list[VariantRow], n_resamples: int) -> str:
+    """How the rows' intervals were made, for those the table has."""
+    seeded = [len(r.seeds) > 1 for r in rows]
+    kinds = [seeds_interval_note(n_resamples)] if any(seeded) else []
+    if not all(seeded):
+        kinds.append(f"95% bootstrap interval over cases, {n_resamples} resamples, for a row of one run")
+    return "; ".join(kinds)
+
+
+# What each kind of comparison (`PairedDifference.test`) is, as the table notes say it.
+TEST_NOTES = {
+    "t": "with seeds, Student's t of the case variance (cases resampled for both rows together) plus the seeds'",
+    "McNemar": "one run a row, the case bootstrap's percentile interval and McNemar's exact test",
+    "bootstrap": "one run a row on a macro-averaged or composite metric, the case bootstrap's percentile interval "
+                 "and p",
+}
+
+
+def test_kinds(rows: list[VariantRow]) -> list[str]:
+    """The notes of the kinds of comparison the rows hold, seed pairing said where there was some."""
+    found = [d for r in rows[1:] for d in (r.versus or {}).values()]
+    notes = []
+    for test, note in TEST_NOTES.items():
+        tests = [d for d in found if d.test == test]
+        if tests and test == "t":
+            paired = sum(d.seeds_paired for d in tests)
+            note += (" (of the per-seed differences: the rows ran the same seeds)" if paired == len(tests) else
+                     " (of the per-seed differences where both rows ran the same seeds)" if paired else "")
+        if tests:
+            notes.append(note)
+    return notes
+
+
 def write_variant_report(name: str, rows: list[VariantRow], labels: dict[str, str], out: Path,
                          n_resamples: int, caption: str = "") -> list[Path]:
     """`<name>.md` / `.tex` (the three tables), `.csv` and `.png` (the differences with their intervals)."""
     tables = variant_tables(rows, labels)
     reference = labels.get(rows[0].name, rows[0].name)
     notes = {
-        "scores": f"Mean ± sd over seeds ('-': one seed) [95% interval over seeds and cases: t of the case "
-                  f"bootstrap's variance ({n_resamples} resamples) plus the seeds'].",
-        "versus": f"Difference to {reference} on the same cases [paired 95% interval] and its two-sided "
-                  "p-value: with seeds, Student's t of the case variance (cases resampled for both rows "
-                  "together) plus the seeds' (of the per-seed differences: the variants ran the same seeds); "
-                  "one run a row, the case bootstrap's percentile interval with McNemar's exact test (the "
-                  "bootstrap's p for a macro or composite metric).",
+        "scores": f"Mean ± sd over seeds ('-': one seed) [{interval_kinds(rows, n_resamples)}].",
+        "versus": f"Difference to {reference} on the same cases [paired 95% interval] and its two-sided p-value: "
+                  + "; ".join(test_kinds(rows)) + ".",
         "diagnostics": "Means over seeds. h_w text: the teacher's text score on h_w(f(x)) (SDS); feedback error "
                        "ratio: the teacher's epsilon error with the student's projected tokens over that with the "
                        "empty caption (diffusion feedback; 1 = the tokens tell the teacher nothing).",

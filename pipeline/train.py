@@ -458,11 +458,16 @@ def trained_state(trial: Trial) -> dict[str, torch.Tensor]:
 RUN_ONLY_KEYS = ("threads", "workers", "log_every", "checkpoint_every")
 
 
+# What a checkpoint resumes into beyond its settings: raised whenever the loop changes what the same
+# settings train (2: epoch orders from a hash of (seed, epoch), open_clip's weight-decay groups).
+TRAINER_VERSION = 2
+
+
 def settings(trial: Trial) -> dict:
     """What a checkpoint must have been trained under, and from, to be resumed by this trial."""
     train = {k: v for k, v in dataclasses.asdict(trial.cfg).items() if k not in RUN_ONLY_KEYS}
-    return {"train": train, "objective": dataclasses.asdict(trial.objective), "trainable": sorted(trial.params),
-            "inputs": trial.inputs}
+    return {"trainer": TRAINER_VERSION, "train": train, "objective": dataclasses.asdict(trial.objective),
+            "trainable": sorted(trial.params), "inputs": trial.inputs}
 
 
 _ABSENT = object()

@@ -126,6 +126,7 @@ BAD = {
     "bad reduction": ("objective.reduction", "max", ["objective.reduction", "'max'", "'mean'", "'sum'"]),
     "zero lora rank": ("train.lora_rank", 0, ["train.lora_rank", "0", "> 0"]),
     "bad error": ("eval.error", "l1", ["eval.error", "'l1'", "'squared'", "'norm'"]),
+    "one bootstrap resample": ("eval.bootstrap", 1, ["eval.bootstrap", "1", "0 (no intervals) or at least 2"]),
     "bad noising": ("objective.noising", "some", ["objective.noising", "'some'", "'noise'", "'none'"]),
     "bad profile": ("profile", "huge", ["profile", "'huge'", "smoke", "toy", "paper"]),
     "unknown profile preset": ("profiles.huge", {"train": {"steps": 1}}, ["profiles.huge", "unknown profile", "smoke"]),

@@ -609,7 +609,8 @@ def test_variant_rows_aggregate_seeds_and_compare_each_with_the_first():
     assert hard.scores["winoground/text"][1] == pytest.approx(math.sqrt(((0.75 - 0.8125) ** 2 + (0.875 - 0.8125) ** 2)))
     assert plain.versus is None
     expected = paired_difference(outcome_parts([t["outcomes"] for t in VARIANT_TRIALS[2:4][::-1]])["winoground/text"],
-                                 outcome_parts([t["outcomes"] for t in VARIANT_TRIALS[:2]])["winoground/text"], 200)
+                                 outcome_parts([t["outcomes"] for t in VARIANT_TRIALS[:2]])["winoground/text"], 200,
+                                 pair_seeds=True)                # both ran seeds 0 and 1
     assert hard.versus["winoground/text"] == expected
     assert hard.versus["aro/overall"].difference == pytest.approx(hard.scores["aro/overall"][0] -
                                                                  plain.scores["aro/overall"][0])
@@ -629,10 +630,30 @@ def test_variants_that_ran_the_same_seeds_are_compared_seed_by_seed():
     assert better.versus["winoground/text"] == paired
     unpaired = paired_difference(parts["better"], parts["plain"], 200)
     assert paired.high - paired.low < (unpaired.high - unpaired.low) / 2
+    # Seeds 0 and 2 against 0 and 1: as many, not the same ones, so row against row.
+    other = variant_trial("better", 2, [1] * 8, [1, 0, 1, 0])            # seed 1's outcomes, as seed 2
+    _, unmatched = compare_variants(trials[:3] + [other], ["plain", "better"], n_resamples=200)
+    assert unmatched.seeds == [0, 2] and not unmatched.versus["winoground/text"].seeds_paired
+    assert unmatched.versus["winoground/text"] == unpaired
     # A variant missing one of the reference's seeds is compared row against row.
     _, short = compare_variants(trials[:3], ["plain", "better"], n_resamples=200)
     one = outcome_parts([trials[2]["outcomes"]])["winoground/text"]
     assert short.versus["winoground/text"] == paired_difference(one, parts["plain"], 200)
+
+
+def test_variant_notes_say_how_the_rows_intervals_and_tests_were_made(tmp_path):
+    """Seeds paired: t with the per-seed differences; one run a variant (a sweep without seeds): the
+    case bootstrap and McNemar's test, and no word of seeds."""
+    rows = compare_variants(VARIANT_TRIALS, ["plain", "hard"], n_resamples=200)
+    write_variant_report("seeded", rows, {}, tmp_path, 200)
+    seeded = (tmp_path / "seeded.md").read_text()
+    assert "Student's t" in seeded and "(of the per-seed differences: the rows ran the same seeds)" in seeded
+    assert "for a row of one run" not in seeded
+    one = [t for t in VARIANT_TRIALS if t["config"]["train.seed"] == 0]
+    write_variant_report("single", compare_variants(one, ["plain", "hard"], n_resamples=200), {}, tmp_path, 200)
+    single = (tmp_path / "single.md").read_text()
+    assert "95% bootstrap interval over cases, 200 resamples, for a row of one run" in single
+    assert "McNemar's exact test" in single and "Student's t" not in single and "t of the seeds'" not in single
 
 
 def test_variant_report_files_hold_the_three_tables_the_csv_and_the_figure(tmp_path):

@@ -149,6 +149,26 @@ def test_checkpoint_from_other_settings_is_refused_in_one_line_and_kept(env):
     assert (folder / CHECKPOINT).read_bytes() == before
 
 
+def test_checkpoint_of_an_earlier_trainer_is_refused_in_one_line_and_kept(env):
+    """Written before the loop changed what the same settings train (its settings lack `trainer`), a
+    checkpoint would resume into other data orders and optimiser groups: refused, not mixed."""
+    import io
+
+    from pipeline.train import TRAINER_VERSION
+
+    folder = env["root"] / "earlier"
+    with pytest.raises(Interrupt):
+        fit(new_trial(env), folder, on_log=interrupt_at(3), progress=False)
+    state = torch.load(folder / CHECKPOINT, weights_only=True)
+    del state["settings"]["trainer"]
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    (folder / CHECKPOINT).write_bytes(buffer.getvalue())
+    with pytest.raises(StaleCheckpoint, match=f"trainer: \\(absent\\) -> {TRAINER_VERSION}") as error:
+        fit(new_trial(env), folder, progress=False)
+    assert "\n" not in str(error.value) and (folder / CHECKPOINT).read_bytes() == buffer.getvalue()
+
+
 def test_changed_settings_names_added_and_removed_keys_and_counts_long_lists():
     saved = {"train": {"lr": 0.1, "old": 1}, "trainable": [f"p{i}" for i in range(10)]}
     current = {"train": {"lr": 0.1, "new": 2}, "trainable": [f"p{i}" for i in range(12)]}
