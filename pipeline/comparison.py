@@ -169,7 +169,7 @@ def _error(rows: list[list[CaseOutcomes]], case_draws: np.ndarray, pair_seeds: b
         terms += [(float(np.var(seed_values(parts), ddof=1)) / parts[0].seeds, parts[0].seeds - 1)
                   for parts in rows if parts[0].seeds > 1]
     variance = sum(v for v, _ in terms)
-    denominator = sum(v * v / df for v, df in terms)
+    denominator = sum(v * v / dof for v, dof in terms)
     return _Error(variance ** 0.5, variance * variance / denominator if denominator > 0 else np.inf)
 
 

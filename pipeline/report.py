@@ -469,12 +469,12 @@ def test_kinds(rows: list[VariantRow]) -> list[str]:
     notes = []
     for test, note in TEST_NOTES.items():
         tests = [d for d in found if d.test == test]
-        if tests and test == "t":
-            paired = sum(d.seeds_paired for d in tests)
-            note += (" (of the per-seed differences: the rows ran the same seeds)" if paired == len(tests) else
-                     " (of the per-seed differences where both rows ran the same seeds)" if paired else "")
-        if tests:
-            notes.append(note)
+        if not tests:
+            continue
+        paired = sum(d.seeds_paired for d in tests)          # only t comparisons pair seeds
+        note += (" (of the per-seed differences: the rows ran the same seeds)" if paired == len(tests) else
+                 " (of the per-seed differences where both rows ran the same seeds)" if paired else "")
+        notes.append(note)
     return notes
 
 
