@@ -119,12 +119,15 @@ def run_sweeps(files: list[Path], sweeps: list[spec.Sweep], gpus: list[float | N
         results = folder / f"{sweep.name}.json"
         extra = ["--profile", profile] + (["--address", address] if address else [])
         extra += ["--gpus-per-trial", f"{gpu:g}"] if gpu is not None else []
-        # A launch of this sweep killed with the stage (same definition) is finished, not started again.
-        unfinished = driver.unfinished_launch(sweep, driver.storage_root(sweep, root, None))
+        argv = [str(path), "--params", str(params_path), "--results", str(results), *extra]
+        # A launch of this sweep killed with the stage is finished, not started again: found by the
+        # definition the command runs (--gpus-per-trial is part of it), which its own options make.
+        launched, _ = sweep_cli.prepare(sweep_cli.build_parser().parse_args(argv))
+        unfinished = driver.unfinished_launch(launched, driver.storage_root(launched, root, None))
         if unfinished:
             print(f"sweep {sweep.name}: resuming launch {unfinished}", flush=True)
-            extra += ["--resume", unfinished]
-        code = sweep_cli.main([str(path), "--params", str(params_path), "--results", str(results), *extra])
+            argv += ["--resume", unfinished]
+        code = sweep_cli.main(argv)
         if code == EXIT_INTERRUPTED:
             raise KeyboardInterrupt
         file = str(path.relative_to(root) if path.is_relative_to(root) else path)

@@ -569,10 +569,24 @@ def test_a_launch_killed_before_ray_recorded_a_trial_is_refused_and_its_run_ende
     sweep = spec.load(sweep_file, read_yaml(project / "params.yaml"))
     tr = tracker(project, "early")
     ray_path = f"{project}/ray_results/early-20261205-093000-0001-{sweep.spec_hash()}"
-    recorder = RunRecorder(sweep, project, tr.uri, "sds-clip/early", "test")
+    recorder = RunRecorder(sweep, project, tr.uri, "sds-clip/early")
     recorder.open_launch(ray_path)
     driver.tuner(sweep, spec.trials(sweep), project, recorder, ray_path, resume=False, retry=False)   # the kill: no fit()
 
+    # While its driver still starts (it holds the launch's lock; no snapshot yet), a resume is refused
+    # as another driver's launch, and the launch's run is left to that driver.
+    holder = subprocess.Popen([str(PYTHON), "-c", "import time; from pipeline.sweep.driver import launch_lock\n"
+                               f"with launch_lock({ray_path!r}):\n    print('held', flush=True); time.sleep(60)"],
+                              cwd=REPO, env=env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert run_main(project, sweep_file, "--resume") == 2
+        assert "is being run by another driver" in capsys.readouterr().err
+        (parent,) = launches(tr)
+        assert parent["status"] == "RUNNING"
+    finally:
+        holder.kill()
+        holder.wait()
     assert run_main(project, sweep_file, "--resume") == 2
     err = [line for line in capsys.readouterr().err.splitlines() if "mlflow.store.db" not in line]  # a new store's notes
     assert len(err) == 1 and "was stopped before Ray Tune recorded any trial" in err[0], err

@@ -295,6 +295,12 @@ BAD = {
     "empty seeds": ("name: x\nseeds: []\nspace: {train.lr: [0.1]}\n", ["seeds", "[]", "non-empty"]),
     "duplicate seeds": ("name: x\nseeds: [1, 1]\nspace: {train.lr: [0.1]}\n", ["seeds", "[1, 1]", "distinct"]),
     "seeds and train.seed": ("name: x\nseeds: [1, 2]\nspace: {train.seed: [0, 1]}\n", ["space.train.seed", "seeds"]),
+    "seeds and a variant's train.seed": ("name: x\nseeds: [0, 1]\nspace: {variant: {a: {train.seed: 5}, "
+                                         "b: {train.lr: 0.1}}}\n",
+                                         ["space.variant.a.train.seed", "seeds"]),
+    "seeds with optuna and asha": ("name: x\nseeds: [0, 1]\nsearch: optuna\nscheduler: asha\n"
+                                   "space: {train.lr: {loguniform: [1e-5, 1e-2]}}\n",
+                                   ["seeds", "[0, 1]", "'asha'", "'optuna'", "one seed, or scheduler.type fifo"]),
     "negative cpu": ("name: x\nresources: {cpu: -1}\nspace: {train.lr: [0.1]}\n", ["resources.cpu", "-1", "> 0"]),
     "fractional cpu above one": ("name: x\nresources: {cpu: 1.5}\nspace: {train.lr: [0.1]}\n",
                                  ["resources.cpu", "1.5", "whole numbers"]),
@@ -590,6 +596,60 @@ def test_an_asha_metric_some_trials_never_report_is_refused(body, refused, searc
         with pytest.raises(ConfigError, match=r"^scheduler\.metric: '.*' is not reported at every step by trials"
                                               rf".*{refused}.*so ASHA could not compare them; allowed: loss/"):
             check_scheduler_metric(sweep, sc.trials(sweep))
+
+
+def test_an_optuna_draw_the_config_refuses_does_not_refuse_asha():
+    """Such a draw fails alone when the sweep runs (tests/test_sweep.py); with ASHA the same space is
+    checked on the corners the config takes, not refused for the one it refuses."""
+    from pipeline.sweep.cli import check_scheduler_metric
+
+    sweep = parse("name: x\nsearch: {type: optuna, num_samples: 4}\nscheduler: {type: asha, metric: loss/total}\n"
+                  "space: {objective.method: {choice: [clip, sds]}, objective.lambda_sds: {loguniform: [1e-4, 1e-2]}}")
+    check_scheduler_metric(sweep, sc.trials(sweep))
+
+
+def _launch(storage: Path, stamp: str, spec_hash: str, *names: str) -> Path:
+    """A launch folder as Ray Tune leaves it (`tuner.pkl`: restorable) with these files too."""
+    folder = storage / f"s-{stamp}-0001-{spec_hash}"
+    folder.mkdir(parents=True)
+    for name in ("tuner.pkl", *names):
+        (folder / name).write_bytes(b"{}")
+    return folder
+
+
+def test_the_sweep_stage_resumes_only_the_newest_launch_of_a_definition(tmp_path):
+    """A launch killed with the stage is continued when the stage runs again; one that a later launch of
+    the same definition superseded (which ran to its end) is not brought back."""
+    from pipeline.sweep.driver import unfinished_launch
+
+    sweep_file = _built_project(tmp_path)
+    sweep = sc.load(sweep_file, read_yaml(tmp_path / "params.yaml"))
+    storage, state = tmp_path / "ray_results", "experiment_state-2026-12-05_10-00-00.json"
+    killed = _launch(storage, "20261205-093000", sweep.spec_hash(), state)
+    assert unfinished_launch(sweep, str(storage)) == str(killed)
+    _launch(storage, "20261205-100000", sweep.spec_hash(), state, "ended.json")
+    assert unfinished_launch(sweep, str(storage)) is None
+    _launch(storage, "20261205-110000", "0" * 16, state)              # another definition's
+    assert unfinished_launch(sweep, str(storage)) is None
+
+
+def test_the_sweep_stage_finds_its_killed_launch_by_the_definition_it_ran_with_its_gpus(tmp_path, capsys):
+    """On a GPU machine the stage gives each trial a GPU (--gpus-per-trial), which is part of the launch's
+    definition: the launch killed with the stage is found under that definition, not the file's."""
+    from stages.sweep import run_sweeps
+
+    sweep_file = _built_project(tmp_path)
+    sweep = sc.load(sweep_file, read_yaml(tmp_path / "params.yaml"))
+    sweep.resources.gpu = 1.0
+    killed = _launch(tmp_path / "ray_results", "20261205-093000", sweep.spec_hash(),
+                     "experiment_state-2026-12-05_10-00-00.json")
+    file_sweep = sc.load(sweep_file, read_yaml(tmp_path / "params.yaml"))
+    (tmp_path / "results").mkdir()
+    # This machine has no GPU: the command then refuses the trials' GPU, after the stage chose the launch.
+    summary, worst = run_sweeps([sweep_file], [file_sweep], [1.0], tmp_path / "results", tmp_path / "params.yaml",
+                                "toy", None)
+    assert f"sweep s: resuming launch {killed}" in capsys.readouterr().out
+    assert worst == 2
 
 
 def test_a_tracking_uri_mlflow_cannot_open_is_refused_by_the_dry_run(tmp_path):

@@ -168,7 +168,12 @@ def check_scheduler_metric(sweep: spec.Sweep, specs: list[spec.TrialSpec]) -> No
         configs = [sweep.config(t.values) for t in specs]
     else:
         dims = [[(d.key, v) for v in d.values] for d in sweep.space.values()]    # each choice, both bounds
-        configs = [sweep.config(dict(values)) for values in itertools.product(*dims)]
+        configs = []
+        for values in itertools.product(*dims):
+            try:
+                configs.append(sweep.config(dict(values)))
+            except ConfigError:        # a draw the config refuses fails alone, as it would without ASHA
+                pass
     metric = sweep.scheduler.metric
     for cfg in configs:
         if metric.removeprefix("loss/") not in cfg.objective.reported_losses:

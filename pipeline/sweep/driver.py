@@ -89,8 +89,9 @@ def unfinished_launch(sweep: Sweep, storage: str) -> str | None:
     """The newest launch of this sweep under this definition (spec hash) that was stopped before its
     end with its trials recorded: the one to resume rather than start again."""
     for folder in reversed(launches(sweep, storage)):
-        if folder.endswith(f"-{sweep.spec_hash()}") and snapshotted(names := names_in(folder)) and ENDED not in names:
-            return folder
+        if folder.endswith(f"-{sweep.spec_hash()}"):     # the newest only: an older one was superseded
+            names = names_in(folder)
+            return folder if snapshotted(names) and ENDED not in names else None
     return None
 
 
@@ -224,15 +225,9 @@ def tuner(sweep: Sweep, specs: list[TrialSpec], root: Path, recorder, ray_path: 
         return tune.Tuner.restore(ray_path, trainable, resume_unfinished=True, resume_errored=retry)
     search_alg, num_samples = None, 1
     if sweep.search.type == "optuna":
-        import optuna
-        from ray.tune.search import Repeater
-        from ray.tune.search.optuna import OptunaSearch
+        from pipeline.sweep.search import optuna_search
 
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        sampler = (optuna.samplers.TPESampler if sweep.search.sampler == "tpe" else optuna.samplers.RandomSampler)
-        searcher = OptunaSearch(metric=sweep.metric, mode=sweep.mode, sampler=sampler(seed=sweep.search.seed))
-        # Every config once per seed; Optuna is told the mean over the seeds' final results.
-        search_alg = Repeater(searcher, repeat=len(sweep.repeats), set_index=True)
+        search_alg = optuna_search(sweep)
         param_space = {d.key: d.domain() for d in sweep.space.values()}
         num_samples = sweep.search.num_samples * len(sweep.repeats)
     else:
@@ -292,16 +287,17 @@ def run(sweep: Sweep, specs: list[TrialSpec], root: Path, args) -> int:
         ray_path = find_launch(sweep, storage, args.resume)
         names = names_in(ray_path)
         check_unended(ray_path, names, args.retry_failed)
-        if not snapshotted(names):
+    else:
+        stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid() % 10000:04d}"
+        ray_path = f"{storage}/{sweep.name}-{stamp}-{sweep.spec_hash()}"
+    with launch_lock(ray_path):
+        # Under the lock: a launch whose driver is still starting has no snapshot yet either.
+        if args.resume and not snapshotted(names):
             from pipeline.sweep.recorder import abandon_launch
 
             abandon_launch(sweep, root, experiment_name(sweep), ray_path)
             raise ConfigError(f"--resume: launch {ray_path} was stopped before Ray Tune recorded any trial, so "
                               "there is nothing to continue; start a new launch (without --resume)")
-    else:
-        stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid() % 10000:04d}"
-        ray_path = f"{storage}/{sweep.name}-{stamp}-{sweep.spec_hash()}"
-    with launch_lock(ray_path):
         if ENDED in names:                        # running again: until it ends, it is unfinished
             fs, base = _folder(ray_path)
             fs.delete_file(f"{base}/{ENDED}")
@@ -313,7 +309,7 @@ def run(sweep: Sweep, specs: list[TrialSpec], root: Path, args) -> int:
 
 def run_locked(sweep: Sweep, specs: list[TrialSpec], root: Path, args, ray_path: str) -> int:
     from pipeline.sweep.recorder import RunRecorder
-    from pipeline.tracking import git_commit, resolve_uri
+    from pipeline.tracking import resolve_uri
 
     t0 = time.perf_counter()
     started = start_ray(ray_address(args.address), args.ray_temp_dir, "--address" if args.address else "RAY_ADDRESS")
@@ -326,9 +322,8 @@ def run_locked(sweep: Sweep, specs: list[TrialSpec], root: Path, args, ray_path:
     try:
         check_fits_cluster(sweep.resources, ray.cluster_resources(), sweep.base_config.compute.device)
         if not args.resume:                         # a resumed launch: Tuner.restore brings its recorder back
-            commit = git_commit(CODE_ROOT)
             recorder = RunRecorder(sweep, root, resolve_uri(sweep.base_config.tracking.uri, root),
-                                   experiment_name(sweep), commit if commit != "unknown" else git_commit(root))
+                                   experiment_name(sweep))
             recorder.open_launch(ray_path)
         print(f"sweep {sweep.name}: {sweep.num_trials} trials; MLflow experiment {experiment_name(sweep)!r}; "
               f"Ray {ray_path}", flush=True)
@@ -381,6 +376,7 @@ def finish(sweep: Sweep, recorder, rows: list[dict], t0: float, timing: dict, re
     from pipeline.sweep.cli import summary_text
     from pipeline.tracking import redact
 
+    interrupted = interrupted or recorder.interrupted       # by the user: Ctrl-C, or Ray's first SIGINT
     counts = {s: sum(r["status"] == s for r in rows) for s in ("finished", "early_stopped", "failed", "interrupted")}
     done = [r for r in rows if r["metric"] is not None and math.isfinite(r["metric"])]
     best = (max if sweep.mode == "max" else min)(done, key=lambda r: r["metric"]) if done else None

@@ -20,7 +20,8 @@ from ray.tune import Callback
 from pipeline.config import ConfigError, TrackingConfig, flatten, to_dict
 from pipeline.sweep.spec import Sweep, describe, expand, trial_label
 from pipeline.sweep.trial import trial_values
-from pipeline.tracking import COMPARED, OUTCOMES, Tracker, failure_text
+from pipeline.sweep.driver import CODE_ROOT
+from pipeline.tracking import COMPARED, OUTCOMES, Tracker, failure_text, git_commit
 
 # A run's `status` tag: running, finished, early_stopped (by ASHA), failed, interrupted (by the
 # user; --resume continues it). The MLflow status says the same in MLflow's words.
@@ -40,12 +41,18 @@ def final_metrics(result: dict) -> dict:
 
 
 def label(trial) -> str:
-    """A trial's short name: t000, t001, ... (its index in a fixed list, else Ray's counter)."""
+    """A trial's short name: t000, t001, ... (its index in a fixed list, else the searcher's count of
+    the trials it made, 1 for the first, which leads Ray's `experiment_tag`)."""
     spec = trial.config.get("trial")
     if isinstance(spec, dict):
         return trial_label(spec["index"])
-    tail = trial.trial_id.rsplit("_", 1)[-1]
-    return trial_label(int(tail)) if tail.isdigit() else trial.trial_id
+    return trial_label(int(trial.experiment_tag.split("_", 1)[0]) - 1)
+
+
+def code_commit(root: Path) -> str:
+    """The commit of the code that runs (this checkout's), else that of the project's folder."""
+    commit = git_commit(CODE_ROOT)
+    return commit if commit != "unknown" else git_commit(root)
 
 
 def dirname(trial) -> str:
@@ -58,9 +65,13 @@ class RunRecorder(Callback):
     # The recorder of the Tune run in this process: `Tuner.restore` unpickles its own copy of the
     # callback, which the driver reaches here once the run has set it up.
     active: ClassVar["RunRecorder | None"] = None
+    # Whether the run ended with trials Ray never started or ended (on_experiment_end); a class default,
+    # so that a recorder unpickled from a launch recorded before it existed has it too.
+    interrupted = False
 
-    def __init__(self, sweep: Sweep, root: Path, uri: str, experiment: str, commit: str):
-        self.sweep, self.root, self.uri, self.experiment, self.commit = sweep, str(root), uri, experiment, commit
+    def __init__(self, sweep: Sweep, root: Path, uri: str, experiment: str):
+        self.sweep, self.root, self.uri, self.experiment = sweep, str(root), uri, experiment
+        self.commit = code_commit(Path(root))
         self.parent = ""
         self.trials: dict[str, dict] = {}
         self.restored = False                                 # by Tuner.restore (set_state)
@@ -109,11 +120,10 @@ class RunRecorder(Callback):
 
     def set_state(self, state: dict) -> None:
         self.trials, self.restored = state["trials"], True
-        for rec in self.trials.values():     # recorded by a version whose results held no trial config
-            rec.setdefault("params", flatten(self.configured(rec["values"])[0]))
 
     def setup(self, **info) -> None:
         RunRecorder.active = self
+        self.commit = code_commit(Path(self.root))    # a resumed launch's new runs: the code resuming it
         self.tracker.resume(self.parent).set_tags({"status": "running"})
 
     def configured(self, values: dict) -> tuple[dict, dict]:
@@ -209,6 +219,9 @@ class RunRecorder(Callback):
         print(f"  {rec['label']} failed: {rec['failure'][:200]}", flush=True)
 
     def on_experiment_end(self, trials, **info) -> None:
+        # Ray's first Ctrl-C ends the run as if it were done: a trial it never started or never ended
+        # means an interrupted launch, which --resume continues, not trials that failed.
+        self.interrupted = any(t.status not in (t.TERMINATED, t.ERROR) for t in trials)
         for rec in self.trials.values():
             if rec["status"] == "running":           # the launch was interrupted
                 self.end(rec, "interrupted")

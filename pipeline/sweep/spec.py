@@ -35,9 +35,10 @@ of its names (each name sets its bundle's values; a bundle may not set a key ano
 `num_samples` values of the sampled parameters (seeded by `search.seed`) and crosses
 each draw with the lists (x seeds), so both are a fixed trial list known before the
 sweep starts (`--dry-run` prints it); `optuna` lets Optuna's sampler draw `num_samples`
-configs as the sweep runs (only sampled parameters; every config is repeated per seed).
-`asha` stops trials early on a per-step metric (a `loss/...`), so it is refused for a grid,
-whose every cell must fill a table.
+configs as the sweep runs (only sampled parameters; every config is repeated per seed, and
+Optuna told the mean over its seeds). `asha` stops trials early on a per-step metric (a
+`loss/...`), so it is refused for a grid, whose every cell must fill a table, and for Optuna
+with several seeds, whose mean would count only the seeds ASHA let finish.
 
 Every problem is a `pipeline.config.ConfigError` whose one line names the key, the value
 and what is allowed; the checks reuse `pipeline.config`'s own machinery (`validate` with
@@ -404,11 +405,15 @@ def parse(raw: Any, params: dict, profile: str | None = None, source: str = "") 
     space = _space(space_raw, opts.search.type, base_config)
     if opts.seeds and "train.seed" in space:
         raise ConfigError("space.train.seed: cannot be swept together with `seeds`; use one or the other")
+    for name, bundle in (space[VARIANT].values if opts.seeds and VARIANT in space else ()):
+        if "train.seed" in bundle:     # it would stand in for every seed's: the repeats would train alike
+            raise ConfigError(f"space.{VARIANT}.{name}.train.seed: cannot be set together with `seeds`; "
+                              "use one or the other")
     sweep = Sweep(name=opts.name, base=base, space=space, search=opts.search, scheduler=opts.scheduler,
                   seeds=list(opts.seeds), resources=opts.resources, max_concurrent=opts.max_concurrent,
                   metric=opts.metric, mode=opts.mode, storage_path=opts.storage_path, source=source,
                   params=params, overrides=overrides, base_config=base_config)
-    _check_combination(sweep, search_raw)
+    _check_combination(sweep)
     return sweep
 
 
@@ -648,7 +653,7 @@ def _dimension(key: str, spec: Any, search: str, base: Config) -> Dimension:
     return dim
 
 
-def _check_combination(sweep: Sweep, search_raw: dict) -> None:
+def _check_combination(sweep: Sweep) -> None:
     if sweep.search.type == "random" and not sweep.sampled:
         raise ConfigError("search.type: 'random' needs at least one choice/uniform/loguniform/randint entry in "
                           "space; allowed for lists only: grid")
@@ -657,6 +662,10 @@ def _check_combination(sweep: Sweep, search_raw: dict) -> None:
         if sweep.scheduler.grace_period >= steps:
             raise ConfigError(f"scheduler.grace_period: {sweep.scheduler.grace_period} is not allowed; ASHA could "
                               f"never stop a trial of {steps} steps (train.steps); allowed: < {steps}")
+        if sweep.search.type == "optuna" and len(sweep.seeds) > 1:
+            raise ConfigError(f"seeds: {sweep.seeds!r} are not allowed with scheduler.type 'asha' and search.type "
+                              "'optuna': ASHA stops a config's seeds apart, and Optuna would be told the mean of "
+                              "those it let finish; allowed: one seed, or scheduler.type fifo")
 
 
 # --------------------------------------------------------------------------- trials

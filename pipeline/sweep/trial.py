@@ -27,7 +27,7 @@ def trial_values(config: dict, sweep: Sweep) -> dict:
     if "trial" in config:                              # grid / random: one entry of the fixed trial list
         return dict(config["trial"]["values"])
     values = {k: (v.item() if hasattr(v, "item") else v) for k, v in config.items() if k in sweep.space}
-    seed = sweep.repeats[int(config.get("__trial_index__", 0)) % len(sweep.repeats)]   # Repeater's index
+    seed = sweep.repeats[int(config["__trial_index__"]) % len(sweep.repeats)]   # Repeater's index
     return values if seed is None else {**values, "train.seed": seed}
 
 
