@@ -62,10 +62,10 @@ def write(cfg, table1: list[Row], sweeps: dict[str, list[dict]], out: Path, n_re
     """Every appendix table the results allow, under `out`; `table1`: `paper_tables.rows`, `sweeps`: the
     trials of each sweep that ran, by name."""
     written = []
-    references = ft_clip_references(table1)
+    references = ft_clip_references(cfg, table1)
     a2 = unet_feature_rows(cfg, table1, sweeps)
     if a2:
-        reference = ft_clip_references(a2).get(cfg.train.student)
+        reference = ft_clip_references(cfg, a2).get(cfg.train.student)
         written += write_table(out, "appendix-unet-feature", a2, [paper_numbers("appendix_unet_feature", r) for r in a2],
                                _columns("winoground/text", "winoground/text/object", "winoground/text/relation",
                                         "winoground/text/both", "winoground/image", "winoground/group",

@@ -97,9 +97,9 @@ def write_figure(path: Path, figure: Figure) -> Path:
     return path
 
 
-def add_legend(figure: Figure, ax: Axes | None = None) -> None:
-    """The legend below the axes, where it covers no data."""
-    handles, labels = (ax or figure.axes[0]).get_legend_handles_labels()
+def add_legend(figure: Figure, ax: Axes) -> None:
+    """`ax`'s legend below the axes, where it covers no data."""
+    handles, labels = ax.get_legend_handles_labels()
     figure.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 3), fontsize=8, frameon=False)
 
 
@@ -315,7 +315,7 @@ def zeroshot_figure(groups: list[tuple[str, list[dict]]], n_resamples: int = 100
     ax.set_xticks(range(len(sets)), sets, rotation=30 if crowded else 0, ha="right" if crowded else "center")
     ax.set_ylim(0, 1.05)
     style(ax, "", "zero-shot set", "top-1 accuracy", grid="y")
-    notes = ["bars: " + seeds_interval_note(n_resamples)]
+    notes = ["error bars: " + seeds_interval_note(n_resamples)]
     if lacking:
         notes.append(f"no interval for {', '.join(lacking)}: no per-case outcomes in the results")
     figure_title(figure, "Zero-shot accuracy per set, pretrained and fine-tuned", notes)
@@ -369,8 +369,10 @@ def inference_figure(points: list[tuple[str, float, float, tuple[float, float] |
     # Room above the highest point and right of the rightmost for their labels.
     axes.margins(x=0.25, y=0.3)
     times = [seconds for _, seconds, _, _ in points]
-    style(axes, f"Winoground text score against inference time (slowest / fastest: {max(times) / min(times):.1f}x)",
-          "Winoground text score", "inference time per image-caption pair (log scale)")
+    style(axes, "", "Winoground text score", "inference time per image-caption pair (log scale)")
+    figure_title(figure, f"Winoground text score against inference time (slowest / fastest: "
+                         f"{max(times) / min(times):.1f}x)",
+                 ["bars: the evaluation's 95% bootstrap interval over tasks"] if any(p[3] for p in points) else [])
     bars = [(interval, seconds) for _, seconds, _, interval in points if interval is not None]
     _separate_labels(figure, labels, bars)
     return figure

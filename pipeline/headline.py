@@ -4,7 +4,8 @@ committed run (the folder is git-tracked, not cached).
 
     pretrained.json                the pretrained student        } Table 1's rows, each named by its
     ft-clip.json                   FT with L_CLIP                } place in the table, not by its label,
-    ft-sds.json                    FT with the params' objective } so a file keeps its name when a param
+    ft-sds.json                    FT with L_SDS (table1 sweep), } so a file keeps its name when a param
+                                   else the params' objective    }
     diffusion-score.json           the teacher's diffusion score } (lambda, the teacher) changes the label
     <sweep>.<variant>.json         per variant of a sweep of named variants (e.g. sweeps/methods.yaml):
                                    the mean over its finished seeds, as its report shows it

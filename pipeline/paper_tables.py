@@ -109,12 +109,15 @@ def rows(cfg, baselines: dict, stage_runs: dict[str, dict], table1_trials: list[
     return out
 
 
-def ft_clip_references(table_rows: list[Row]) -> dict[str | None, Row]:
-    """Each student's first FT-with-L_CLIP row: what its other rows are compared with."""
+def ft_clip_references(cfg, table_rows: list[Row]) -> dict[str | None, Row]:
+    """Each student's first FT-with-L_CLIP row: what its other rows are compared with; the diffusion
+    score's (student None): train.student's."""
     references: dict[str | None, Row] = {}
     for row in table_rows:
         if row.run == "ft_clip":
             references.setdefault(row.student, row)
+    if cfg.train.student in references:
+        references[None] = references[cfg.train.student]
     return references
 
 
@@ -167,7 +170,9 @@ def _versus(row: Row, reference: Row | None, key: str, n_resamples: int, seed: i
         return "-"
     # Fine-tuned rows of one student that ran the same seeds drew, seed by seed, the same data order and start.
     paired = same_seeds(_seeds(row), _seeds(reference))
-    return difference_cell(paired_difference(a, b, n_resamples, seed=seed, pair_seeds=paired))
+    cell = difference_cell(paired_difference(a, b, n_resamples, seed=seed, pair_seeds=paired))
+    # A row with no student of its own (the diffusion score) says whose reference row it is set against.
+    return cell if row.student or not reference.student else f"{cell} (vs {reference.student})"
 
 
 @dataclass(frozen=True)
@@ -205,8 +210,7 @@ def write_table(out: Path, stem: str, table_rows: list[Row], paper: list[dict[st
 def write(cfg, table_rows: list[Row], out: Path, n_resamples: int = 1000, seed: int = 0) -> list[Path]:
     """Each table that has rows, as `<stem>.md/.tex/.csv` under `out` (the paper's numbers under the
     measured ones on the paper profile), each row against its student's FT with L_CLIP."""
-    references = ft_clip_references(table_rows)
-    references[None] = references.get(cfg.train.student)
+    references = ft_clip_references(cfg, table_rows)
     written = []
     for table_id, stem in TABLES.items():
         chosen = [r for r in table_rows if table_of(r.student, cfg.profile) == table_id]

@@ -1,6 +1,6 @@
 """The paper's published numbers (`published.yaml`, cited per table) beside the measured ones.
 
-`table(id)`, `lookup(id, student, run)` and `beside_measured(id, student, run, config)` read the
+`table(id)`, `row_of(id, student, run)` and `beside_measured(id, student, run, config)` read the
 file, validated once (a bad entry is a one-line `ConfigError` naming the file and the entry);
 `beside_measured` gives a published row only to a measured run of its setting. `beside` lays measured and published values out as
 one table: under each measured run's row, a "<run> (paper)" row with the published values in the
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -34,6 +33,10 @@ Score = Annotated[StrictFloat, AllowInfNan(False), Ge(0), Le(1)]
 # Stable Diffusion v1-4 as the teacher (by name: a local copy of the weights is the same teacher) and
 # MS-COCO as the training corpus (appendix F).
 SETTING = {"profile": "paper", "teacher.name": "stable-diffusion-v1-4", "data.train_set": "coco"}
+# A fine-tuned row's too (appendix F): LayerNorms (+ h_w) at 5e-5, batch 32, and for L_SDS lambda 0.001.
+# The paper gives no lambda for the UNet-feature loss (A.2): that row's is not checked.
+FINE_TUNED = {"train.scope": "layernorm", "train.lr": "5e-05", "train.batch_size": "32"}
+SDS_LAMBDA = {"objective.lambda_sds": "0.001"}
 MISSING = "-"            # as report.metric_cells marks a metric a run lacks (and LaTeX right-aligns it)
 PAPER = " (paper)"       # appended to a run's label on its published row
 
@@ -131,21 +134,17 @@ def row_of(table_id: str, student: str | None, run: str, path: Path | str = PUBL
     return next((row for row in table(table_id, path).rows if row.student == (student or "") and row.run == run), None)
 
 
-def lookup(table_id: str, student: str | None, run: str, path: Path | str = PUBLISHED) -> dict[str, float] | None:
-    """The published metrics of `student`'s `run` in the table; None when the table has no such row."""
-    row = row_of(table_id, student, run, path)
-    return dict(row.metrics) if row else None
-
-
 def setting(row: PublishedRow) -> dict[str, str]:
-    """The config keys a measured row must have to stand beside `row`: the paper's, with the row's own over them."""
-    return {**SETTING, **row.values}
+    """The config keys (dotted, values as `str` gives them) a measured row must have to stand beside `row`:
+    the paper's, a fine-tuned row's training setting too, with the row's own `values` over them."""
+    trained = {**FINE_TUNED, **(SDS_LAMBDA if row.run == "ft_sds" else {})} if row.run.startswith("ft_") else {}
+    return {**SETTING, **trained, **row.values}
 
 
 def beside_measured(table_id: str, student: str | None, run: str, config: dict) -> dict[str, float] | None:
     """The published metrics to print under a measured run of `student` whose whole config (dotted keys)
     is `config`: the table's row of that student and run when the config has its `setting`, else None
-    (another profile, teacher or corpus than the row's)."""
+    (another profile, teacher, corpus or fine-tuning setting than the row's)."""
     row = row_of(table_id, student, run)
     if row is None or any(str(config.get(key)) != value for key, value in setting(row).items()):
         return None
@@ -157,21 +156,20 @@ def number(value: float) -> str:
     return f"{value:.3f}"
 
 
-def _cells(values: dict[str, float], keys: list[str], fmt: Callable[[float], str]) -> list[str]:
-    return [fmt(values[key]) if key in values else MISSING for key in keys]
+def _cells(values: dict[str, float], keys: list[str]) -> list[str]:
+    return [number(values[key]) if key in values else MISSING for key in keys]
 
 
 def beside(header: list[str], keys: list[str], rows: list[tuple[str, dict[str, float]]],
-           published: list[dict[str, float] | None],
-           fmt: Callable[[float], str] = number) -> tuple[list[str], list[list[str]]]:
-    """(header, cells): each measured row (label, then `fmt` of each of `keys`, MISSING where absent),
-    followed by its "<label> (paper)" row from `published` (one entry per row, e.g. `lookup`'s) when
+           published: list[dict[str, float] | None]) -> tuple[list[str], list[list[str]]]:
+    """(header, cells): each measured row (label, then `number` of each of `keys`, MISSING where absent),
+    followed by its "<label> (paper)" row from `published` (one entry per row, e.g. `beside_measured`'s) when
     the paper has any of `keys` for it. `header` is the label column's name and one name per key."""
     if len(header) != len(keys) + 1:
         raise ValueError(f"header has {len(header)} names for {len(keys)} keys; expected the label's and one per key")
     cells = []
     for (label, measured), paper in zip(rows, published, strict=True):
-        cells.append([label] + _cells(measured, keys, fmt))
+        cells.append([label] + _cells(measured, keys))
         if paper and any(key in paper for key in keys):
-            cells.append([label + PAPER] + _cells(paper, keys, fmt))
+            cells.append([label + PAPER] + _cells(paper, keys))
     return list(header), cells

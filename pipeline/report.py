@@ -96,11 +96,7 @@ def markdown(header: list[str], rows: list[list[str]]) -> str:
 
 
 def _is_number(cell: str) -> bool:
-    try:
-        float(cell)
-    except ValueError:
-        return cell == "-"
-    return True
+    return cell == "-" or _number(cell) is not None
 
 
 def alignment(header: list[str], rows: list[list[str]]) -> str:
@@ -534,8 +530,11 @@ def variant_figure(rows: list[VariantRow], labels: dict[str, str], title: str) -
         style(ax, name, f"Δ accuracy vs {reference}", grid="x")
     axes[0].set_yticks(ys, [labels.get(row.name, row.name) for row in compared])
     axes[0].set_ylim(len(compared) - 0.5, -0.5)
-    figure_title(figure, title, [f"paired 95% intervals over seeds and cases; green: better than {reference}, red: "
-                                 "worse, both with the interval excluding 0 (grey: including 0)"])
+    tests = {d.test for row in compared for d in row.versus.values()}
+    over = ("seeds and cases" if tests == {"t"} else "cases" if "t" not in tests
+            else "seeds and cases (cases alone where both rows are one run)")
+    figure_title(figure, title, [f"paired 95% intervals over {over}; green: better than {reference}, red: worse, "
+                                 "both with the interval excluding 0 (grey: including 0)"])
     return figure
 
 

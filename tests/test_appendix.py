@@ -107,6 +107,9 @@ def test_the_diffusion_scores_aro_is_compared_with_each_pretrained_student_on_th
     # The difference of the two sets' means (0.5 against 0.875), not of the pooled cases (3/6 against 5/6).
     assert versus.difference == pytest.approx(0.5 - 0.875) and student[-1] == difference_cell(versus)
     assert not (tmp_path / "appendix-unet-feature.md").exists()        # no sweep ran the UNet-feature loss
+    # CLEVR sets the diffusion score against train.student's FT with L_CLIP, as Table 1 does, and says so.
+    clevr = cells(tmp_path / "appendix-clevr.md")[f"diffusion score ({cfg.teacher.name})"]
+    assert clevr[-1].startswith("+") and clevr[-1].endswith(f" (vs {cfg.train.student})")
 
 
 def test_on_the_paper_profile_the_appendix_tables_print_the_published_numbers_under_the_measured(tmp_path, capsys):

@@ -105,7 +105,9 @@ def test_the_figure_plots_each_score_against_its_time_on_a_log_axis(tmp_path):
     figure.canvas.draw()
     ticks = {tick.get_text() for tick in axes.get_yticklabels()}
     assert {"1\u00a0ms", "10\u00a0ms"} <= ticks and not any("10^" in tick or "{" in tick for tick in ticks)
-    assert "18.9x" in axes.get_title()
+    title = " ".join(figure.get_suptitle().split())
+    assert "18.9x" in title and "bars: the evaluation's 95% bootstrap interval over tasks" in title
+    assert "bars" not in inference_figure([POINTS[2]]).get_suptitle()     # no interval, no bar to explain
     assert write_figure(tmp_path / "inference.png", figure).read_bytes().startswith(b"\x89PNG")
 
 

@@ -93,6 +93,7 @@ def test_the_table_carries_seed_count_spread_interval_and_the_paired_comparison(
     # One run: no seed spread; the diffusion score is compared with train.student's FT with L_CLIP.
     assert table[f"{first} pretrained"][-4:-2] == ["1", "-"]
     assert table[f"diffusion score ({cfg.teacher.name})"][-1].startswith("+0.188 [")
+    assert table[f"diffusion score ({cfg.teacher.name})"][-1].endswith(f" (vs {cfg.train.student})")
     assert not any(label.endswith("(paper)") for label in table)    # the toy profile has no published numbers
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from pipeline import config
 from pipeline.config import ConfigError
-from pipeline.published import beside, load, lookup, number, table
+from pipeline.published import beside, beside_measured, load, number, row_of, table
 from pipeline.report import COLUMNS, markdown, metric_cells
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,7 +51,7 @@ COUNTS = {"table1": (15, 135), "table2": (3, 18), "table3": (2, 12), "appendix_s
 
 @pytest.mark.parametrize("table_id, student, run, key, value", HAND_CHECKED)
 def test_hand_checked_cells_match_the_paper(table_id, student, run, key, value):
-    assert lookup(table_id, student, run)[key] == value
+    assert row_of(table_id, student, run).metrics[key] == value
 
 
 def test_every_table_and_number_of_the_paper_is_there():
@@ -68,8 +68,8 @@ def test_table1_aro_overall_is_the_mean_of_relation_and_attribution():
 
 
 def test_a_row_the_paper_lacks_is_none_and_an_unknown_table_an_error():
-    assert lookup("table3", "vit-b-16-laion2b", "ft_clip") is None     # Table 3 has no L_CLIP row
-    assert lookup("table1", "vit-b-16", "diffusion_score") is None
+    assert row_of("table3", "vit-b-16-laion2b", "ft_clip") is None     # Table 3 has no L_CLIP row
+    assert row_of("table1", "vit-b-16", "diffusion_score") is None
     with pytest.raises(ConfigError, match=r"^.*published\.yaml: no table 'table9'; tables: table1, table2, "):
         table("table9")
 
@@ -89,7 +89,7 @@ def test_every_key_and_student_is_the_projects():
 def test_published_values_sit_under_the_measured_ones_of_the_same_run():
     for table_id, entry in load().items():
         runs = [(f"{row.student} {row.run}", {key: 0.5 for key in KEYS}) for row in entry.rows]
-        published = [lookup(table_id, row.student or None, row.run) for row in entry.rows]
+        published = [dict(row.metrics) for row in entry.rows]
         header, cells = beside(["run"] + [name for name, _ in COLUMNS], KEYS, runs, published)
         assert header == ["run"] + [name for name, _ in COLUMNS]
         assert len(cells) == 2 * len(runs)
@@ -105,18 +105,34 @@ def test_beside_by_hand():
     keys = ["winoground/text", "aro/vg_relation", "aro/coco_order"]
     runs = [("pretrained", {"winoground/text": 0.2425}), ("FT with L_CLIP + 0.001 L_SDS", {"winoground/text": 0.3})]
     header, cells = beside(["run", "Wino text", "ARO Rel", "COCO-Order"], keys, runs,
-                           [None, lookup("table1", "vit-b-16", "ft_sds")])
+                           [None, dict(row_of("table1", "vit-b-16", "ft_sds").metrics)])
     assert cells == [["pretrained", "0.242", "-", "-"],
                      ["FT with L_CLIP + 0.001 L_SDS", "0.300", "-", "-"],
                      ["FT with L_CLIP + 0.001 L_SDS (paper)", "0.310", "0.535", "-"]]
     assert "| FT with L_CLIP + 0.001 L_SDS (paper) | 0.310 | 0.535 | - |" in markdown(header, cells)
-    # Nothing published in these columns: no row of dashes; `fmt` formats both rows.
+    # Nothing published in these columns: no row of dashes.
     _, cells = beside(["run", "COCO-Order"], ["aro/coco_order"], runs[1:], [{"winoground/text": 0.31}])
     assert cells == [["FT with L_CLIP + 0.001 L_SDS", "-"]]
-    _, cells = beside(["run", "Wino"], ["winoground/text"], runs[1:], [{"winoground/text": 0.31}],
-                      fmt=lambda v: f"{100 * v:.1f}")
-    assert cells == [["FT with L_CLIP + 0.001 L_SDS", "30.0"], ["FT with L_CLIP + 0.001 L_SDS (paper)", "31.0"]]
     assert number(0.535) == "0.535"
+
+
+def test_a_published_row_stands_only_beside_a_run_of_its_setting():
+    # The paper profile's own config is the paper's setting (appendix F): every row finds its numbers.
+    flat = {k: v for k, v in config.flatten(PAPER_PROFILE).items() if not k.startswith("profiles.")}
+    sds = {**flat, "objective.method": "sds"}
+    assert beside_measured("table1", "vit-b-16", "ft_sds", sds)["winoground/text"] == 0.31
+    assert beside_measured("table1", "vit-b-16", "pretrained", flat)["winoground/text"] == 0.24
+    # Another teacher, corpus, scope, rate, batch or lambda than the paper's: nothing printed under it.
+    for key, value in {"teacher.name": "stable-diffusion-v2-1", "data.train_set": "cc3m", "train.scope": "full",
+                       "train.lr": 1e-05, "train.batch_size": 64, "objective.lambda_sds": 0.1}.items():
+        assert beside_measured("table1", "vit-b-16", "ft_sds", {**sds, key: value}) is None, key
+    # A row's own values replace the paper's: appendix G's teacher.
+    assert beside_measured("appendix_sd21", "vit-b-16", "ft_sds", {**sds, "teacher.name": "stable-diffusion-v2-1"}) \
+        == {"winoground/text": 0.35}
+    # L_CLIP alone has no lambda to match (its runs log 0); a pretrained row no training setting.
+    assert beside_measured("table1", "vit-b-16", "ft_clip", {**flat, "objective.lambda_sds": 0})["winoground/text"] \
+        == 0.23
+    assert beside_measured("table1", "vit-b-16", "pretrained", {**flat, "train.scope": "full"}) is not None
 
 
 def test_beside_refuses_mismatched_lengths():

@@ -479,7 +479,7 @@ def test_stage_writes_tables_figures_and_removes_stale_sweep_outputs(store):
     assert versus[1] == "-"
     assert versus[0].startswith("-0.125 [") and versus[0].endswith("p=1.000")
     assert versus[2].startswith("+0.250 [") and versus[2].endswith("p=0.500")
-    assert versus[3].startswith("+0.750 [") and versus[3].endswith("p=0.031")
+    assert versus[3].startswith("+0.750 [") and versus[3].endswith("p=0.031 (vs toy-vit)")
 
     # The headline scores for `dvc metrics show`: a file per Table-1 row, each with the same keys.
     headline = {p.name: json.loads(p.read_text()) for p in (root / "metrics").iterdir()}
@@ -654,6 +654,10 @@ def test_variant_notes_say_how_the_rows_intervals_and_tests_were_made(tmp_path):
     single = (tmp_path / "single.md").read_text()
     assert "95% bootstrap interval over cases, 200 resamples, for a row of one run" in single
     assert "McNemar's exact test" in single and "Student's t" not in single and "t of the seeds'" not in single
+    # The figure's note says the same: over cases alone for one run a row, over seeds and cases with seeds.
+    assert "paired 95% intervals over cases;" in title_of(variant_figure(
+        compare_variants(one, ["plain", "hard"], n_resamples=200), {}, "single"))
+    assert "paired 95% intervals over seeds and cases;" in title_of(variant_figure(rows, {}, "seeded"))
 
 
 def test_variant_report_files_hold_the_three_tables_the_csv_and_the_figure(tmp_path):
