@@ -609,8 +609,7 @@ sweep = spec.load(sweep_file, read_yaml(params))
 stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid() % 10000:04d}"
 ray_path = f"{driver.storage_root(sweep, root, None)}/{sweep.name}-{stamp}-{sweep.spec_hash()}"
 driver.start_ray(None, temp)
-recorder = RunRecorder(sweep, root, resolve_uri(sweep.base_config.tracking.uri, root), driver.experiment_name(sweep),
-                       "fault-probe")
+recorder = RunRecorder(sweep, root, resolve_uri(sweep.base_config.tracking.uri, root), driver.experiment_name(sweep))
 recorder.open_launch(ray_path)
 driver.tuner(sweep, spec.trials(sweep), root, recorder, ray_path, resume=False, retry=False)   # writes tuner.pkl
 print(ray_path, flush=True)

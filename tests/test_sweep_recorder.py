@@ -13,7 +13,7 @@ from ray.tune.experiment import Trial
 
 from pipeline.config import read_yaml
 from pipeline.sweep import spec
-from pipeline.sweep.recorder import RunRecorder, code_commit, label
+from pipeline.sweep.recorder import RunRecorder, code_commit, label, recorded_params
 from pipeline.sweep.search import optuna_search
 from pipeline.tracking import resolve_uri
 
@@ -103,3 +103,10 @@ def test_optuna_is_told_each_config_as_it_ended(tmp_path, seeds, completions, st
     [found] = optuna_trials(tmp_path, seeds, completions)
     assert found.state == getattr(optuna.trial.TrialState, state)
     assert found.value == value or (value is not None and math.isclose(found.value, value))
+
+
+def test_a_trials_record_keeps_no_user_of_the_tracking_uri():
+    """The record reaches the results file and Ray Tune's saved callback state, which travel with the study."""
+    config = {"tracking": {"uri": "http://analyst@mlflow.example:5000", "experiment": "sds-clip"}, "train": {"lr": 0.1}}
+    assert recorded_params(config) == {"tracking.uri": "http://***@mlflow.example:5000",
+                                       "tracking.experiment": "sds-clip", "train.lr": 0.1}

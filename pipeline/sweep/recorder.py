@@ -21,7 +21,7 @@ from pipeline.config import ConfigError, TrackingConfig, flatten, to_dict
 from pipeline.sweep.spec import Sweep, describe, expand, trial_label
 from pipeline.sweep.trial import trial_values
 from pipeline.sweep.driver import CODE_ROOT
-from pipeline.tracking import COMPARED, OUTCOMES, Tracker, failure_text, git_commit
+from pipeline.tracking import COMPARED, OUTCOMES, Tracker, failure_text, git_commit, redact
 
 # A run's `status` tag: running, finished, early_stopped (by ASHA), failed, interrupted (by the
 # user; --resume continues it). The MLflow status says the same in MLflow's words.
@@ -47,6 +47,12 @@ def label(trial) -> str:
     if isinstance(spec, dict):
         return trial_label(spec["index"])
     return trial_label(int(trial.experiment_tag.split("_", 1)[0]) - 1)
+
+
+def recorded_params(config: dict) -> dict:
+    """A trial's whole config as its record keeps it (the results file; Ray Tune's saved callback state):
+    flattened, and no URI's user or password in it (`tracking.uri` may name a server's user)."""
+    return {key: redact(value) if isinstance(value, str) else value for key, value in flatten(config).items()}
 
 
 def code_commit(root: Path) -> str:
@@ -155,8 +161,8 @@ class RunRecorder(Callback):
                     sweep_role="trial", trial=label(trial), trial_id=trial.trial_id, status="running", attempts=0,
                     **about, **({"variant": values["variant"]} if "variant" in values else {}))).run_id
         rec = self.trials[trial.trial_id] = {
-            "run_id": run_id, "label": label(trial), "values": values, "params": flatten(config), "status": "running",
-            "attempts": attempts, "final": False, "logged_until": 0}
+            "run_id": run_id, "label": label(trial), "values": values, "params": recorded_params(config),
+            "status": "running", "attempts": attempts, "final": False, "logged_until": 0}
         return rec
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
