@@ -1,5 +1,5 @@
-"""The paper's appendix tables from the same results as its Table 1, each beside the published one
-on the paper profile (`published.yaml`).
+"""The paper's appendix tables from the same results as its Table 1, each row beside the published one
+on the paper profile where it ran the published row's setting (`published.beside_measured`).
 
     appendix-unet-feature   A.2: train.student pretrained and fine-tuned with L_CLIP, with L_CLIP +
                             lambda L_SDS and with L_CLIP + lambda UNet-feature loss: the seeds of the

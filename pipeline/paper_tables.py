@@ -11,7 +11,8 @@ compared with its student's FT-with-L_CLIP row on the same tasks (`comparison.pa
 A student goes to the table the paper reports it in (`published.yaml`: the LAION students to
 Tables 2 and 3, CoCa to appendix L), any other to Table 1. A row is followed by the paper's numbers
 when its config has the published row's setting (`published.beside_measured`: the paper profile,
-SD v1-4, MS-COCO), so only on the paper profile, and not in a study of another teacher or corpus.
+SD v1-4, MS-COCO and, fine-tuned, appendix F's rate, batch, scope and lambda), so only on the paper
+profile, and not in a study of another teacher or corpus.
 `write_table` is the layout every such table shares, `pipeline.appendix`'s included.
 """
 from __future__ import annotations

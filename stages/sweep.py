@@ -91,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
         cluster = driver.ray_address(args.address) is not None
         gpus = [gpus_per_trial(s.resources.gpu, lambda s=s: _device_type(s), args.gpus_per_trial, cluster)
                 for s in sweeps]
+        commands = [command(path, params_path, profile, args.address, gpu) for path, gpu in zip(files, gpus)]
+        # The definition each command runs, its options (--gpus-per-trial) included and checked: what a
+        # launch killed with the stage is found by when the stage runs again.
+        launched = [sweep_cli.prepare(sweep_cli.build_parser().parse_args(c))[0] for c in commands]
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
@@ -101,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(folder, ignore_errors=True)
     try:
         with atomic_dir(folder) as building:   # the folder appears whole, with every sweep's file
-            summary, worst = run_sweeps(files, sweeps, gpus, building, params_path, profile, args.address)
+            summary, worst = run_sweeps(commands, launched, building, root)
     except KeyboardInterrupt:
         print(f"interrupted: the stage wrote neither {SUMMARY} nor {RESULTS}/; run it again", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -109,27 +113,29 @@ def main(argv: list[str] | None = None) -> int:
     return worst
 
 
-def run_sweeps(files: list[Path], sweeps: list[spec.Sweep], gpus: list[float | None], folder: Path,
-               params_path: Path, profile: str, address: str | None) -> tuple[dict, int]:
-    """Run each sweep, its results file under `folder`; (the summary of each, the worst exit status).
-    Stops with KeyboardInterrupt when a sweep was interrupted: the rest must not start."""
-    root = params_path.parent
+def command(path: Path, params_path: Path, profile: str, address: str | None, gpu: float | None) -> list[str]:
+    """`python -m pipeline.sweep`'s arguments for one sweep file (`run_sweeps` adds --results, --resume)."""
+    return [str(path), "--params", str(params_path), "--profile", profile, *(["--address", address] if address else []),
+            *(["--gpus-per-trial", f"{gpu:g}"] if gpu is not None else [])]
+
+
+def run_sweeps(commands: list[list[str]], launched: list[spec.Sweep], folder: Path, root: Path) -> tuple[dict, int]:
+    """Run each command, its results file under `folder`; (the summary of each, the worst exit status).
+    `launched`: the sweep each command runs. Stops with KeyboardInterrupt when a sweep was interrupted:
+    the rest must not start."""
     summary, worst = {}, 0
-    for path, sweep, gpu in zip(files, sweeps, gpus):
+    for argv, sweep in zip(commands, launched):
         results = folder / f"{sweep.name}.json"
-        extra = ["--profile", profile] + (["--address", address] if address else [])
-        extra += ["--gpus-per-trial", f"{gpu:g}"] if gpu is not None else []
-        argv = [str(path), "--params", str(params_path), "--results", str(results), *extra]
-        # A launch of this sweep killed with the stage is finished, not started again: found by the
-        # definition the command runs (--gpus-per-trial is part of it), which its own options make.
-        launched, _ = sweep_cli.prepare(sweep_cli.build_parser().parse_args(argv))
-        unfinished = driver.unfinished_launch(launched, driver.storage_root(launched, root, None))
+        argv = [*argv, "--results", str(results)]
+        # A launch of this sweep killed with the stage (same definition) is finished, not started again.
+        unfinished = driver.unfinished_launch(sweep, driver.storage_root(sweep, root, None))
         if unfinished:
             print(f"sweep {sweep.name}: resuming launch {unfinished}", flush=True)
             argv += ["--resume", unfinished]
         code = sweep_cli.main(argv)
         if code == EXIT_INTERRUPTED:
             raise KeyboardInterrupt
+        path = Path(argv[0])
         file = str(path.relative_to(root) if path.is_relative_to(root) else path)
         summary[sweep.name] = listing(file, code, json.loads(results.read_text()) if results.is_file() else None)
         worst = max(worst, code)

@@ -51,8 +51,7 @@ def end_launch(root: Path, rows: list[dict] | None, capsys) -> str:
 
     params = root / "params.yaml"
     sweep = spec.load(REPO / "sweeps" / "lambda.yaml", read_yaml(params))
-    recorder = RunRecorder(sweep, root, resolve_uri(sweep.base_config.tracking.uri, root),
-                           driver.experiment_name(sweep), "0" * 40)
+    recorder = RunRecorder(sweep, root, resolve_uri(sweep.base_config.tracking.uri, root), driver.experiment_name(sweep))
     recorder.open_launch(str(root / "ray_results" / f"lambda-{time.time_ns()}"))
     time.sleep(0.01)            # the launches' start times order them
     if rows is not None:

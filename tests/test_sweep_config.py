@@ -636,20 +636,22 @@ def test_the_sweep_stage_resumes_only_the_newest_launch_of_a_definition(tmp_path
 def test_the_sweep_stage_finds_its_killed_launch_by_the_definition_it_ran_with_its_gpus(tmp_path, capsys):
     """On a GPU machine the stage gives each trial a GPU (--gpus-per-trial), which is part of the launch's
     definition: the launch killed with the stage is found under that definition, not the file's."""
-    from stages.sweep import run_sweeps
+    import torch
+
+    from stages import sweep as stage
 
     sweep_file = _built_project(tmp_path)
+    gpus = torch.cuda.device_count() + 1          # more than this machine has: the command refuses the trials
     sweep = sc.load(sweep_file, read_yaml(tmp_path / "params.yaml"))
-    sweep.resources.gpu = 1.0
+    sweep.resources.gpu = float(gpus)
     killed = _launch(tmp_path / "ray_results", "20261205-093000", sweep.spec_hash(),
                      "experiment_state-2026-12-05_10-00-00.json")
-    file_sweep = sc.load(sweep_file, read_yaml(tmp_path / "params.yaml"))
-    (tmp_path / "results").mkdir()
-    # This machine has no GPU: the command then refuses the trials' GPU, after the stage chose the launch.
-    summary, worst = run_sweeps([sweep_file], [file_sweep], [1.0], tmp_path / "results", tmp_path / "params.yaml",
-                                "toy", None)
+    args = [str(sweep_file), "--params", str(tmp_path / "params.yaml")]
+    assert stage.main([*args, "--gpus-per-trial", str(gpus)]) == 2
     assert f"sweep s: resuming launch {killed}" in capsys.readouterr().out
-    assert worst == 2
+    # A value the command refuses is one line before any sweep runs.
+    assert stage.main([*args, "--gpus-per-trial", "-1"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["error: --gpus-per-trial: -1 is out of range; allowed: >= 0"]
 
 
 def test_a_tracking_uri_mlflow_cannot_open_is_refused_by_the_dry_run(tmp_path):

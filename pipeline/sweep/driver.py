@@ -282,16 +282,16 @@ def launch_lock(ray_path: str):
 def run(sweep: Sweep, specs: list[TrialSpec], root: Path, args) -> int:
     """Run a new launch, or resume the one `args.resume` names; the exit status."""
     storage = storage_root(sweep, root, args.storage)
-    names: set[str] = set()
     if args.resume:
         ray_path = find_launch(sweep, storage, args.resume)
-        names = names_in(ray_path)
-        check_unended(ray_path, names, args.retry_failed)
     else:
         stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid() % 10000:04d}"
         ray_path = f"{storage}/{sweep.name}-{stamp}-{sweep.spec_hash()}"
     with launch_lock(ray_path):
-        # Under the lock: a launch whose driver is still starting has no snapshot yet either.
+        # Read under the lock: a launch whose driver is still starting has no snapshot yet either.
+        names = names_in(ray_path) if args.resume else set()
+        if args.resume:
+            check_unended(ray_path, names, args.retry_failed)
         if args.resume and not snapshotted(names):
             from pipeline.sweep.recorder import abandon_launch
 

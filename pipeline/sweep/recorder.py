@@ -225,9 +225,10 @@ class RunRecorder(Callback):
         print(f"  {rec['label']} failed: {rec['failure'][:200]}", flush=True)
 
     def on_experiment_end(self, trials, **info) -> None:
-        # Ray's first Ctrl-C ends the run as if it were done: a trial it never started or never ended
-        # means an interrupted launch, which --resume continues, not trials that failed.
-        self.interrupted = any(t.status not in (t.TERMINATED, t.ERROR) for t in trials)
+        # Ray's first Ctrl-C ends the run as if it were done: a trial it never started or never ended, or
+        # one Optuna never drew, means an interrupted launch, which --resume continues, not failed trials.
+        self.interrupted = (len(trials) < self.sweep.num_trials
+                            or any(t.status not in (t.TERMINATED, t.ERROR) for t in trials))
         for rec in self.trials.values():
             if rec["status"] == "running":           # the launch was interrupted
                 self.end(rec, "interrupted")
