@@ -9,7 +9,8 @@ What it does:
 2. inputs: every malformed params file (tests/test_config.py's BAD, each set where the smoke
    preset would not hide it, and the README's cases: an empty or comment-only file, a missing
    section or preset, values that cannot mean anything, tracking URIs and stores MLflow cannot
-   use, a CUDA device this machine lacks) through `python -m stages.train clip --params FILE`,
+   use, a CUDA device this machine lacks, the project folder as data.root, a toy student's shape
+   open_clip refuses) through `python -m stages.train clip --params FILE`,
    and every malformed sweep file (tests/test_sweep_config.py's BAD, resources beyond this
    machine, an ASHA metric the trials never report) through `python -m pipeline.sweep FILE
    --dry-run`. A case is refused when the command exits 2 with one line on stderr and wrote
@@ -138,6 +139,10 @@ def params_cases(params: dict, steps: int, blocker: str, gpus: int) -> dict[str,
         "tracking.experiment empty": mutated(params, "tracking.experiment", ""),
         "tracking store behind a file": mutated(params, "tracking.uri", f"sqlite:///{blocker}/mlruns/mlflow.db"),
         "password in tracking.uri": mutated(params, "tracking.uri", "http://probe:pa55-w0rd@127.0.0.1:5000"),
+        "train.seed 2^70": mutated(params, "train.seed", 2**70),
+        "data.root the project folder": mutated(params, "data.root", "."),
+        "student heads not dividing its width": mutated(params, "students.toy-vit.vision_heads", 3),
+        "student patch larger than the image": mutated(params, "students.toy-vit.patch_size", 64),
     }
     if gpus == 0:
         readme["compute.device cuda without a GPU"] = mutated(params, "compute.device", "cuda")

@@ -137,7 +137,8 @@ def write_params(ws: Path, data: dict, teacher: dict, student: dict, samples: in
     paper["students"] = {**dict.fromkeys(params["students"]), STUDENT: student}    # no toy student
     paper["cache"].update(batch_size=4)
     paper["train"].update(student=STUDENT, steps=2, batch_size=2, log_every=1, checkpoint_every=1, warmup_steps=0)
-    paper["eval"].update(diffusion_samples=samples)
+    # The fixture's VG-Attribution holds a few cases per attribute pair, none of ARO's 25.
+    paper["eval"].update(diffusion_samples=samples, vg_attribution_min_cases=1)
     params.update(profile="paper", sweeps=[])
     (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-from pipeline.metrics import SUGARCREPE_CATEGORIES, decode_correct
+from pipeline.metrics import SUGARCREPE_CATEGORIES, cases_digest, decode_correct
 
 
 class CaseOutcomes:
@@ -45,9 +45,12 @@ class CaseOutcomes:
     `groups` (one key per case) makes the part's value the macro mean over groups, as ARO's
     VG sets are scored; cases of groups the benchmark drops (excluded relations, pairs under the
     minimum count) must be left out by the caller, so every group given counts. None: micro mean.
+    `identity`: the digest of the cases' identities in their order (`metrics.cases_digest`), which
+    two parts must share to be paired; None where the caller vouches for the order itself.
     """
 
-    def __init__(self, correct, groups: Sequence[Hashable] | None = None):
+    def __init__(self, correct, groups: Sequence[Hashable] | None = None, identity: str | None = None):
+        self.identity = identity
         c = np.asarray(correct)
         if c.ndim == 1:
             c = c[None, :]
@@ -224,6 +227,9 @@ def paired_difference(parts_a, parts_b, n_resamples: int = 1000, confidence: flo
     parts_a, parts_b = _parts(parts_a), _parts(parts_b)
     if len(parts_a) != len(parts_b) or any(a.cases != b.cases for a, b in zip(parts_a, parts_b)):
         raise ValueError("the two rows must be scored on the same cases (parts and case counts differ)")
+    if any(a.identity != b.identity for a, b in zip(parts_a, parts_b)):
+        raise ValueError("the two rows must be scored on the same cases in the same order (their case "
+                         "identities differ)")
     _check_resampling(n_resamples, confidence)
     if pair_seeds and not parts_a[0].seeds == parts_b[0].seeds > 1:
         raise ValueError(f"pair_seeds needs the same number of seeds (2 or more) in both rows, got "
@@ -263,25 +269,29 @@ def mcnemar_exact(correct_a, correct_b) -> float:
 
 def outcome_parts(runs: Sequence[dict[str, dict]]) -> dict[str, list[CaseOutcomes]]:
     """The stored outcomes of one row's runs (one per seed; {name: {"correct": "0110...", "groups":
-    [...] or None}}, as results files keep them) as the parts `paired_difference` and
-    `seed_task_interval` take, by metric name, plus the composites: aro/overall (VG-Relation and
-    VG-Attribution) and zeroshot/mean (every set). Only metrics every run has are kept."""
+    [...] or None, "cases": digest}}, as results files keep them) as the parts `paired_difference`
+    and `seed_task_interval` take, by metric name, plus the composites: aro/overall (VG-Relation and
+    VG-Attribution) and zeroshot/mean (every set), their parts in the order of their names, so two
+    rows' composites pair part by part. Only metrics every run has are kept."""
     runs = list(runs)
     if not runs:
         raise ValueError("outcome_parts needs at least one run")
     names = [name for name in runs[0] if all(name in run for run in runs[1:])]
     parts = {}
     for name in names:
-        groups = runs[0][name].get("groups")
-        if any(run[name].get("groups") != groups for run in runs[1:]):
-            raise ValueError(f"{name}: the runs were scored on different cases (their groups differ)")
+        if any("cases" not in run[name] for run in runs):
+            raise ValueError(f"{name}: the stored outcomes do not say which cases they are of (results "
+                             "written before case identities were kept); run the stage or sweep again")
+        groups, cases = runs[0][name].get("groups"), runs[0][name]["cases"]
+        if any(run[name].get("groups") != groups or run[name]["cases"] != cases for run in runs[1:]):
+            raise ValueError(f"{name}: the runs were scored on different cases (their case identities differ)")
         rows = [decode_correct(run[name]["correct"]) for run in runs]
         if len({row.size for row in rows}) != 1:
             raise ValueError(f"{name}: the runs were scored on different numbers of cases")
-        parts[name] = [CaseOutcomes(np.stack(rows), groups)]
+        parts[name] = [CaseOutcomes(np.stack(rows), groups, cases)]
     if "aro/vg_relation" in parts and "aro/vg_attribution" in parts:
         parts["aro/overall"] = parts["aro/vg_relation"] + parts["aro/vg_attribution"]
-    sets = [name for name in parts if name.startswith("zeroshot/") and name != "zeroshot/mean"]
+    sets = sorted(name for name in parts if name.startswith("zeroshot/") and name != "zeroshot/mean")
     if sets:
         parts["zeroshot/mean"] = [p for name in sets for p in parts[name]]
     categories = {category: [f"sugarcrepe/{n}" for n in names if f"sugarcrepe/{n}" in parts]
@@ -292,10 +302,10 @@ def outcome_parts(runs: Sequence[dict[str, dict]]) -> dict[str, list[CaseOutcome
     every = [name for present in categories.values() for name in present]
     if every:
         parts["sugarcrepe/mean"] = [_pooled_part(parts, every)]
-    patterns = [name for name in parts if name.startswith("mmvp/") and name != "mmvp/mean"]
+    patterns = sorted(name for name in parts if name.startswith("mmvp/") and name != "mmvp/mean")
     if patterns:
         parts["mmvp/mean"] = [p for name in patterns for p in parts[name]]
-    subtasks = [name for name in parts if name.startswith("clevr/") and name != "clevr/mean"]
+    subtasks = sorted(name for name in parts if name.startswith("clevr/") and name != "clevr/mean")
     if subtasks:
         parts["clevr/mean"] = [_pooled_part(parts, subtasks)]
     return parts
@@ -303,4 +313,7 @@ def outcome_parts(runs: Sequence[dict[str, dict]]) -> dict[str, list[CaseOutcome
 
 def _pooled_part(parts: dict[str, list[CaseOutcomes]], names: list[str]) -> CaseOutcomes:
     """One part holding the cases of several micro-averaged parts: their pooled (micro) mean."""
-    return CaseOutcomes(np.concatenate([p.correct for name in names for p in parts[name]], axis=1))
+    pooled = [p for name in names for p in parts[name]]
+    digests = [p.identity for p in pooled]
+    return CaseOutcomes(np.concatenate([p.correct for p in pooled], axis=1),
+                        identity=None if None in digests else cases_digest(digests))

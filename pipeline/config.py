@@ -53,6 +53,10 @@ NonNegFloat = Annotated[StrictFloat, AllowInfNan(False), Ge(0)]
 MAX_STEPS = 10**9
 MAX_THREADS = 1024
 MAX_WEIGHT = 1e6
+# - seeds: numpy's global seeding takes 32 bits and its generators no negative seed; a seed outside
+#   [0, 2^32) failed deep in a library (2^70: an overflow after the teacher had trained).
+MAX_SEED = 2**32 - 1
+Seed = Annotated[StrictInt, Ge(0), Le(MAX_SEED)]
 Steps = Annotated[NonNegInt, Le(MAX_STEPS)]
 Threads = Annotated[NonNegInt, Le(MAX_THREADS)]
 Weight = Annotated[NonNegFloat, Le(MAX_WEIGHT)]
@@ -115,7 +119,7 @@ class DataConfig:
 
     source: Literal["toy", "paper"] = "toy"
     root: StrictStr = "data"                       # folder the data stage writes
-    seed: StrictInt = 0
+    seed: Seed = 0
     image_size: Annotated[StrictInt, Ge(16), Le(1024)] = 32
     n_train: PosInt = 4000
     n_winoground: PosInt = 200
@@ -193,7 +197,7 @@ class TeacherConfig:
     # so the easy low-noise steps stop dominating the gradient; 0 = the plain mean over steps.
     min_snr_gamma: NonNegFloat = 0.0
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
-    seed: StrictInt = 0
+    seed: Seed = 0
     # Torch threads of the toy teacher's training. The trained weights depend on it (sums taken in
     # another order round differently, and 2000 steps amplify that), so it is set here, not taken
     # from the machine's core count: the same config trains the same teacher on any machine with
@@ -229,7 +233,7 @@ class StudentConfig:
     pretrain_steps: Steps = 800
     batch_size: PosInt = 128
     lr: PosFloat = 1e-3
-    seed: StrictInt = 0
+    seed: Seed = 0
     # Torch threads of the toy student's pre-training: fixed for the reason `TeacherConfig.threads` is.
     threads: Annotated[Threads, Gt(0)] = 1
 
@@ -356,7 +360,7 @@ class TrainConfig:
     warmup_steps: NonNegInt = 0
     batch_size: PosInt = 32
     steps: Annotated[Steps, Gt(0)] = 300
-    seed: StrictInt = 0
+    seed: Seed = 0
     log_every: PosInt = 10
     checkpoint_every: PosInt = 100
     threads: Threads = 0                           # torch threads, 0 = all cores
@@ -392,7 +396,10 @@ class EvalConfig:
     diagnostic_tasks: NonNegInt = 200              # 0 = every task
     batch_size: PosInt = 128
     bootstrap: NonNegInt = 1000                    # resamples of every interval; 0: none in the evaluation
-    seed: StrictInt = 0
+    seed: Seed = 0
+    # VG-Attribution's macro mean counts the attribute pairs with at least this many cases (ARO's
+    # release: 25, over its 28,748 cases); a smaller set needs a smaller count to keep any pair.
+    vg_attribution_min_cases: PosInt = 25
 
     def __post_init__(self) -> None:
         if self.bootstrap == 1:     # one draw has no spread: every interval would be a point
@@ -475,6 +482,8 @@ class Config:
             )
         for name, student in self.students.items():
             _check_pretrained_student(name, student)
+            if student.source == "toy":
+                _check_toy_student(name, student, self.data.image_size)
         if self.teacher.source == "toy":
             _check_toy_teacher(self.teacher)
         if self.teacher.source == "pretrained" and not self.teacher.pretrained:
@@ -514,6 +523,19 @@ def _check_toy_teacher(teacher: TeacherConfig) -> None:
     if teacher.text_width % teacher.text_heads:
         raise ConfigError(f"teacher.text_heads: {teacher.text_heads} does not divide teacher.text_width "
                           f"({teacher.text_width})")
+
+
+def _check_toy_student(name: str, student: StudentConfig, image_size: int) -> None:
+    """Shapes open_clip refuses only once the student is built, after the teacher has trained (heads
+    that do not divide the width, a patch larger than the image), and patches that would drop pixels."""
+    key = f"students.{name}"
+    for tower in ("vision", "text"):
+        width, heads = getattr(student, f"{tower}_width"), getattr(student, f"{tower}_heads")
+        if width % heads:
+            raise ConfigError(f"{key}.{tower}_heads: {heads} does not divide {key}.{tower}_width ({width})")
+    if student.patch_size > image_size or image_size % student.patch_size:
+        raise ConfigError(f"{key}.patch_size: {student.patch_size} is not allowed; it must divide data.image_size "
+                          f"({image_size}), so that every pixel is in a patch")
 
 
 def _check_pretrained_student(name: str, student: StudentConfig) -> None:
@@ -605,7 +627,8 @@ def _message(error: dict, tp: Any, key: str) -> str:
     if kind in _SIGNS:
         (bound,) = error["ctx"].values()
         shown = float(value) if tp_there is float else value       # the number as the field holds it
-        return f"{where}: {shown!r} is out of range; allowed: {_SIGNS[kind]} {bound:g}"
+        short = f"{bound:g}"                                         # 1e+09, but 2^32 - 1 in full
+        return f"{where}: {shown!r} is out of range; allowed: {_SIGNS[kind]} {short if float(short) == bound else bound}"
     # An integer past the largest float is refused as not a float; it is an infinite number.
     if kind == "finite_number" or (tp_there is float and type(value) is int):
         return f"{where}: {value!r} is not allowed; expected a finite number"
@@ -745,8 +768,14 @@ def yaml_problem(err: yaml.YAMLError) -> str:
 
 
 def load(path: str | Path = "params.yaml", overrides: dict | None = None) -> Config:
-    """Read, resolve and validate a params file."""
-    return from_dict(resolve(read_yaml(path), overrides, str(path)))
+    """Read, resolve and validate a params file (relative paths are under its folder)."""
+    cfg = from_dict(resolve(read_yaml(path), overrides, str(path)))
+    project = Path(path).resolve().parent
+    data = (project / cfg.data.root).resolve()
+    if data == project or data in project.parents:      # the data stage replaces that folder whole
+        raise ConfigError(f"data.root: {cfg.data.root!r} is not allowed; it is the project folder or a folder "
+                          "holding it, which the data stage would replace whole; allowed: a folder of its own (e.g. data)")
+    return cfg
 
 
 def to_dict(config: Config) -> dict:

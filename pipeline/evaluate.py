@@ -9,6 +9,7 @@ text score.
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -39,14 +40,19 @@ PairScorer = Callable[[list[str], list[str]], np.ndarray]
 class Evaluation:
     """Scores of one model on the benchmarks: `metrics` by their MLflow names, and `outcomes`,
     each case's correctness behind a metric, so two runs scored on the same cases can be compared
-    case by case (`comparison.paired_difference`): name -> {"correct": "0110...", "groups": [...]},
-    `groups` only for a macro mean (the cases of groups the benchmark drops are left out)."""
+    case by case (`comparison.paired_difference`): name -> {"correct": "0110...", "groups": [...],
+    "cases": digest}, `groups` only for a macro mean (the cases of groups the benchmark drops are
+    left out), `cases` the digest of the cases' identities in their order (`metrics.cases_digest`),
+    so outcomes of other cases, or of the same in another order, are never paired."""
 
     metrics: dict[str, float] = field(default_factory=dict)
     outcomes: dict[str, dict] = field(default_factory=dict)
 
-    def add(self, name: str, correct: np.ndarray, groups: list[str] | None = None) -> None:
-        self.outcomes[name] = {"correct": metrics.encode_correct(correct), "groups": groups}
+    def add(self, name: str, correct: np.ndarray, cases: list[str], groups: list[str] | None = None) -> None:
+        if len(cases) != len(correct):
+            raise ValueError(f"{name}: {len(cases)} case identities for {len(correct)} outcomes")
+        self.outcomes[name] = {"correct": metrics.encode_correct(correct), "groups": groups,
+                               "cases": metrics.cases_digest(cases)}
 
     def update(self, other: "Evaluation", prefix: str = "") -> "Evaluation":
         self.metrics.update({prefix + k: v for k, v in other.metrics.items()})
@@ -60,6 +66,12 @@ def _synchronize() -> None:
         torch.cuda.synchronize()
 
 
+def case_identities(images: list[str], captions: list[str], per_case: int) -> list[str]:
+    """Each case's identity, from the pairs scored for it (`per_case` consecutive (image key,
+    caption) pairs a case): its image keys, then its captions."""
+    return [json.dumps([images[i:i + per_case], captions[i:i + per_case]]) for i in range(0, len(images), per_case)]
+
+
 def timed_scores(score: PairScorer, images: list[str], captions: list[str]) -> tuple[np.ndarray, float]:
     """`score(images, captions)` and its wall seconds (`time.perf_counter`, CUDA synchronised at both ends)."""
     _synchronize()
@@ -69,13 +81,15 @@ def timed_scores(score: PairScorer, images: list[str], captions: list[str]) -> t
     return scores, time.perf_counter() - start
 
 
-def score_benchmarks(score: PairScorer, bench: Benchmarks, bootstrap: int = 0, seed: int = 0) -> Evaluation:
+def score_benchmarks(score: PairScorer, bench: Benchmarks, bootstrap: int = 0, seed: int = 0,
+                     attribution_min_cases: int = 25) -> Evaluation:
     """Winoground text/image/group with breakdowns, the ARO sets, and SugarCrepe, MMVP-VLM and CLEVR
     where the data has them, under one scorer.
 
     With `bootstrap` > 0, Winoground's scores also get 95% percentile-bootstrap intervals
     over tasks (`winoground/text/ci_low`, `.../ci_high`): with 400 tasks one task is 0.25
-    points, so differences of a point or two are noise.
+    points, so differences of a point or two are noise. VG-Attribution averages the attribute
+    pairs with at least `attribution_min_cases` cases (`eval.vg_attribution_min_cases`).
 
     The Winoground scoring, the first call of `score`, is timed: `time/winoground_pair_s` is its
     wall seconds per image-caption pair and `time/winoground_pairs` the pairs it scored. It covers
@@ -95,30 +109,30 @@ def score_benchmarks(score: PairScorer, bench: Benchmarks, bootstrap: int = 0, s
     scores = metrics.winoground(wino, [t.collapsed_tag for t in bench.winoground],
                                 [t.num_main_preds for t in bench.winoground])
     out.update({f"winoground/{k}": v for k, v in scores.items()})
+    tasks = case_identities(images, captions, 4)
     for name, correct in metrics.winoground_correct(wino).items():
-        result.add(f"winoground/{name}", correct)
+        result.add(f"winoground/{name}", correct, tasks)
         if bootstrap:
             low, high = metrics.bootstrap_interval(correct, n_resamples=bootstrap, seed=seed)
             out[f"winoground/{name}/ci_low"], out[f"winoground/{name}/ci_high"] = low, high
     for name, cases in bench.aro.items():
-        images, captions = choice_pairs(cases)
-        k = len(cases[0].options)
-        scores = score(images, captions).reshape(len(cases), k)
+        scores, identities = _choice_scores(score, cases)
         answers = [c.answer for c in cases]
         groups = [c.group for c in cases]
         if name == "vg_relation":
             out[f"aro/{name}"] = metrics.aro_vg_relation(scores, answers, groups, excluded_vg_relations())
             kept = metrics.macro_kept(groups, exclude=excluded_vg_relations())
         elif name == "vg_attribution":
-            min_count = 25 if len(cases) >= 1000 else 1
-            out[f"aro/{name}"] = metrics.aro_vg_attribution(scores, answers, groups, min_count=min_count)
-            kept = metrics.macro_kept(groups, min_count=min_count)
+            out[f"aro/{name}"] = metrics.aro_vg_attribution(scores, answers, groups, min_count=attribution_min_cases)
+            kept = metrics.macro_kept(groups, min_count=attribution_min_cases)
         else:
             out[f"aro/{name}"] = metrics.aro_order(scores, ties="first")
-            result.add(f"aro/{name}", metrics.choice_correct(scores, np.zeros(len(cases), dtype=np.int64), ties="first"))
+            result.add(f"aro/{name}", metrics.choice_correct(scores, np.zeros(len(cases), dtype=np.int64), ties="first"),
+                       identities)
             continue
         correct = metrics.choice_correct(scores, answers)
-        result.add(f"aro/{name}", correct[kept], [g for g, keep in zip(groups, kept) if keep])
+        result.add(f"aro/{name}", correct[kept], [c for c, keep in zip(identities, kept) if keep],
+                   [g for g, keep in zip(groups, kept) if keep])
     if "aro/vg_relation" in out and "aro/vg_attribution" in out:
         out["aro/overall"] = (out["aro/vg_relation"] + out["aro/vg_attribution"]) / 2
     if bench.sugarcrepe:
@@ -130,18 +144,22 @@ def score_benchmarks(score: PairScorer, bench: Benchmarks, bootstrap: int = 0, s
     return result
 
 
-def _choice_scores(score: PairScorer, cases) -> np.ndarray:
+def _choice_scores(score: PairScorer, cases) -> tuple[np.ndarray, list[str]]:
+    """The scores [case, option] of multiple-choice cases, and the cases' identities."""
     images, captions = choice_pairs(cases)
-    return score(images, captions).reshape(len(cases), len(cases[0].options))
+    k = len(cases[0].options)
+    return score(images, captions).reshape(len(cases), k), case_identities(images, captions, k)
 
 
 def _score_sets(result: Evaluation, prefix: str, score: PairScorer, sets: dict, correct_of: Callable,
                 aggregate: Callable) -> None:
     """A benchmark of two-option subsets (SugarCrepe, CLEVR): each subset's cases and the release's
     aggregates (`<prefix>/<subset>`, and the composites `comparison.outcome_parts` rebuilds from them)."""
-    correct = {name: correct_of(_choice_scores(score, cases)) for name, cases in sets.items()}
-    for name, right in correct.items():
-        result.add(f"{prefix}/{name}", right)
+    correct = {}
+    for name, cases in sets.items():
+        scores, identities = _choice_scores(score, cases)
+        correct[name] = correct_of(scores)
+        result.add(f"{prefix}/{name}", correct[name], identities)
     result.metrics.update({f"{prefix}/{name}": value for name, value in aggregate(correct).items()})
 
 
@@ -152,8 +170,9 @@ def _score_mmvp(result: Evaluation, score: PairScorer, bench: Benchmarks) -> Non
     correct = metrics.mmvp_correct(scores, [(p.answer_1, p.answer_2) for p in bench.mmvp])
     patterns = [p.pattern for p in bench.mmvp]
     of_pair = np.array(patterns)
+    identities = np.array(case_identities(images, captions, 4), dtype=object)
     for pattern in dict.fromkeys(patterns):
-        result.add(metric_name(pattern), correct[of_pair == pattern])
+        result.add(metric_name(pattern), correct[of_pair == pattern], list(identities[of_pair == pattern]))
     values = metrics.mmvp(correct, patterns)
     result.metrics.update({metric_name(name): values[name] for name in dict.fromkeys(patterns)})
     result.metrics["mmvp/mean"] = values["mean"]
@@ -294,11 +313,12 @@ def evaluate_student(student: Student, bench: Benchmarks, cfg: EvalConfig,
                      device: torch.device | str = "cpu") -> Evaluation:
     student.model.to(device)
     scorer = ClipScorer(student, cfg.batch_size, device)
-    result = score_benchmarks(scorer, bench, cfg.bootstrap, cfg.seed)
+    result = score_benchmarks(scorer, bench, cfg.bootstrap, cfg.seed, cfg.vg_attribution_min_cases)
     for shot in bench.zeroshot:
         correct = scorer.zeroshot(shot)
         result.metrics[f"zeroshot/{shot.name}"] = float(np.mean(correct))
-        result.add(f"zeroshot/{shot.name}", correct)
+        result.add(f"zeroshot/{shot.name}", correct,
+                   [json.dumps([image_key(p), shot.classnames[label]]) for p, label in zip(shot.images, shot.labels)])
     if bench.zeroshot:
         result.metrics["zeroshot/mean"] = float(np.mean([result.metrics[f"zeroshot/{s.name}"] for s in bench.zeroshot]))
     return result
@@ -323,7 +343,8 @@ def evaluate_projection(student: Student, projection: LatentProjection, scale: f
     scorer = DiffusionScorer(teacher, ProjectedLatents(ClipScorer(student, cfg.batch_size, device), projection, scale),
                              conditioning, cfg, device, opts)
     tasks = diagnostic_tasks(bench, cfg)
-    return Evaluation().update(score_benchmarks(scorer, Benchmarks(tasks), cfg.bootstrap, cfg.seed), prefix="projected/")
+    scores = score_benchmarks(scorer, Benchmarks(tasks), cfg.bootstrap, cfg.seed, cfg.vg_attribution_min_cases)
+    return Evaluation().update(scores, prefix="projected/")
 
 
 def diagnostic_tasks(bench: Benchmarks, cfg: EvalConfig) -> list:
@@ -378,4 +399,4 @@ def evaluate_teacher(teacher: Teacher, latents: Table, conditioning: Table, benc
     teacher.unet.to(device)
     fastpath.prepare_teacher_unet(teacher.unet, opts)
     scorer = DiffusionScorer(teacher, latents, conditioning, cfg, device, opts)
-    return score_benchmarks(scorer, bench, cfg.bootstrap, cfg.seed)
+    return score_benchmarks(scorer, bench, cfg.bootstrap, cfg.seed, cfg.vg_attribution_min_cases)

@@ -30,6 +30,9 @@ def run_baselines(cfg: Config, root: Path, data_root: Path, models: Path, cache:
     its sample count (`diffusion_samples`)."""
     bench = benchmarks(data_root, read_index(data_root))
     device = resolve_device(cfg.compute.device)
+    # The teacher and its cached tables, checked before any student's run is recorded.
+    teacher = load_teacher(teacher_dir(models))
+    images, texts = open_table(cache, "bench_images"), open_table(cache, "bench_text")
     tags = {"profile": cfg.profile, "stage": "baselines"}
     tracker.end_abandoned({"stage": "baselines"}, "killed; the baselines stage ran again")
     results = {}
@@ -45,9 +48,7 @@ def run_baselines(cfg: Config, root: Path, data_root: Path, models: Path, cache:
                        compared=("profile", "teacher.name", "eval.diffusion_samples"),
                        tags={**tags, "row": "diffusion_score"}) as run:
         start = time.perf_counter()
-        result = evaluate_teacher(load_teacher(teacher_dir(models)), open_table(cache, "bench_images"),
-                                  open_table(cache, "bench_text"), bench, cfg.eval, device,
-                                  FastPath.from_config(cfg.compute, device))
+        result = evaluate_teacher(teacher, images, texts, bench, cfg.eval, device, FastPath.from_config(cfg.compute, device))
         result.metrics["time/eval_seconds"] = time.perf_counter() - start
         run.log_metrics(result.metrics)
         run.log_dict(result.outcomes, OUTCOMES)
@@ -128,8 +129,9 @@ def loss_metrics(losses: dict) -> dict:
 def record_finetune(cfg: Config, data_root: Path, models: Path, cache: Path, folder: Path, tracker: Tracker,
                     run_name: str, tags: dict | None = None, progress: bool = True) -> dict:
     """`run_finetune` recorded as one MLflow run (the stages' recorder): params, every step's losses,
-    the final metrics, the outcomes and the trained file. The checkpoint in `folder` is kept until
-    all of it is recorded, so a stage that failed in its evaluation resumes from there."""
+    the final metrics, the outcomes and the trained file. The checkpoint in `folder` is kept: the
+    caller discards it (`train.discard_checkpoint`) once it has written what it keeps of the result,
+    so a stage that failed in its evaluation, or in writing its results file, resumes from there."""
     run_tags = {"profile": cfg.profile, "stage": "train", "student": cfg.train.student, "method": cfg.objective.method,
                 **(tags or {})}
     checked_pairs(cfg, data_root)     # before the store is opened: a refused config leaves nothing
@@ -141,6 +143,5 @@ def record_finetune(cfg: Config, data_root: Path, models: Path, cache: Path, fol
         run.log_metrics(result["metrics"])
         run.log_dict(result["outcomes"], OUTCOMES)
         run.log_artifact(result["trained"])
-    trainer.discard_checkpoint(folder)
     return {"run_id": run.run_id, "metrics": result["metrics"], "outcomes": result["outcomes"],
             "trainable_parameters": result["metrics"]["trainable_parameters"]}

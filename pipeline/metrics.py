@@ -37,6 +37,8 @@ Conventions (from the benchmarks' own definitions and releases):
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import numbers
 from collections.abc import Collection, Hashable, Sequence
 
@@ -57,6 +59,7 @@ __all__ = [
     "bootstrap_interval",
     "encode_correct",
     "decode_correct",
+    "cases_digest",
     "WINOGROUND_TAGS",
     "WINOGROUND_NUM_MAIN_PREDS",
     "sugarcrepe_correct",
@@ -502,3 +505,13 @@ def decode_correct(text: str) -> np.ndarray:
     if not isinstance(text, str) or set(text) - {"0", "1"}:
         raise ValueError("per-case correctness must be a string of '0' and '1'")
     return np.frombuffer(text.encode(), dtype=np.uint8) == ord("1")
+
+
+def cases_digest(cases: Sequence[str]) -> str:
+    """What identifies the cases behind a stored outcome, in their order: 16 hex digits of the
+    SHA-256 of their identities (e.g. a case's image keys and captions). Two rows' outcomes pair
+    case by case only when their digests are equal; the digest of the empty list is that of [].
+    """
+    if isinstance(cases, str) or not all(isinstance(c, str) for c in cases):
+        raise ValueError("cases must be a sequence of strings, one identity per case")
+    return hashlib.sha256(json.dumps(list(cases)).encode()).hexdigest()[:16]

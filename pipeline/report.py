@@ -141,13 +141,25 @@ SEED = "train.seed"
 
 def payload_trials(payload, source: Path | str) -> list[dict]:
     """The trials of a sweep's results payload, each checked for its label and status (what every row
-    shows); `source` names where the payload came from in an error."""
+    shows) and its stored outcomes (`check_outcomes`); `source` names where the payload came from in an error."""
     payload = require_record(payload, source, "")
     trials = require_list(field_value(payload, "trials", source, ""), source, "", "trials")
     for i, trial in enumerate(trials):
         for key in ("trial", "status"):
             str_field(require_record(trial, source, f"trial {i}"), key, source, f"trial {i}")
+        check_outcomes(trial.get("outcomes") or {}, source, f"trial {i}")
     return trials
+
+
+def check_outcomes(outcomes, source: Path | str, where: str) -> None:
+    """A run's stored outcomes (`evaluate.Evaluation`): each with its per-case correctness and the
+    digest of its cases, without which two rows cannot be paired case by case."""
+    for name, outcome in require_record(outcomes, source, where).items():
+        record = require_record(outcome, source, f"{where} outcome {name}")
+        str_field(record, "correct", source, f"{where} outcome {name}")
+        if "cases" not in record:
+            raise DataFormatError(source, f"{where} outcome {name}", "cases", "is missing: written before outcomes "
+                                  "said which cases they are of; run the stage or sweep that wrote it again")
 
 
 def read_trials(path: Path, what: str) -> list[dict]:

@@ -130,10 +130,37 @@ LORA_TARGETS = ("attn", "c_fc", "c_proj")
 
 def add_lora(model: nn.Module, rank: int, alpha: float) -> list[str]:
     """Inject peft LoRA adapters into the student in place; their parameter names."""
+    from open_clip.modified_resnet import ModifiedResNet
     from peft import LoraConfig, inject_adapter_in_model
 
+    if isinstance(getattr(model, "visual", None), ModifiedResNet):
+        # Its attention pool passes its projections' raw weights to F.multi_head_attention_forward,
+        # so an adapter on them never runs, and the rest of the tower is convolutions.
+        raise ConfigError("train.scope: 'lora' is not allowed for a ResNet image tower (no adapter would "
+                          "reach it); allowed: layernorm, full")
     inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(LORA_TARGETS)), model)
     return [name for name, _ in model.named_parameters() if "lora_" in name]
+
+
+def lora_bases(model: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor]]:
+    """The frozen weights that peft's LoRA for nn.MultiheadAttention merges its adapter into and back
+    out of at every forward, with their values now (owner, attribute, value). W + BA - BA is not W in
+    floating point: `fit` puts these values back after each step, so the student at the end of the
+    training is the one its trained file rebuilds (the student's weights and the adapters). The
+    evaluation's forwards drift them again, alike for a rebuilt student scored the same way."""
+    from peft.tuners.lora.layer import MultiheadAttention
+
+    bases = []
+    for module in model.modules():
+        if isinstance(module, MultiheadAttention):
+            for owner, name in ((module.base_layer, "in_proj_weight"),
+                                (module.base_layer.out_proj.get_base_layer(), "weight")):
+                bases.append((owner, name, getattr(owner, name).detach().clone()))
+    return bases
+
+
+# open_clip's trainer clamps the temperature after every step (at ln 100, as CLIP did).
+LOGIT_SCALE_MAX = math.log(100)
 
 
 def is_decayed(name: str, param: nn.Parameter) -> bool:
@@ -412,6 +439,7 @@ def fit(trial: Trial, folder: Path | None, on_log: Callable[[int, dict[str, floa
     trial.loader.batch_sampler.start = trial.step
     batches = iter(trial.loader)
     bar = tqdm(total=cfg.steps, initial=trial.step, desc="train", disable=not progress, leave=False)
+    bases = lora_bases(trial.student.model) if cfg.scope == "lora" else []
     while trial.step < cfg.steps:
         losses = loss_step(trial, *next(batches))
         values = {k: float(v.detach()) for k, v in losses.items()}
@@ -426,6 +454,11 @@ def fit(trial: Trial, folder: Path | None, on_log: Callable[[int, dict[str, floa
             trial.scaler.scale(losses["total"]).backward()
             trial.scaler.step(trial.optimizer)
             trial.scaler.update()
+        with torch.no_grad():
+            for owner, name, value in bases:
+                getattr(owner, name).copy_(value)
+            if "logit_scale" in trial.params:
+                trial.params["logit_scale"].clamp_(0, LOGIT_SCALE_MAX)
         lr = trial.scheduler.get_last_lr()[0]        # the rate this step used, before the schedule moves on
         trial.scheduler.step()
         trial.step += 1
@@ -459,8 +492,9 @@ RUN_ONLY_KEYS = ("threads", "workers", "log_every", "checkpoint_every")
 
 
 # What a checkpoint resumes into beyond its settings: raised whenever the loop changes what the same
-# settings train (2: epoch orders from a hash of (seed, epoch), open_clip's weight-decay groups).
-TRAINER_VERSION = 2
+# settings train (2: epoch orders from a hash of (seed, epoch), open_clip's weight-decay groups;
+# 3: LoRA's frozen attention weights put back after every step, the temperature clamped at ln 100).
+TRAINER_VERSION = 3
 
 
 def settings(trial: Trial) -> dict:

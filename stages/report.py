@@ -61,7 +61,7 @@ from pipeline.data.errors import load_json
 from pipeline.io import write_json
 from pipeline.figures import inference_figure, write_figure, zeroshot_figure
 from pipeline.headline import FOLDER, headline_files, write_headline
-from pipeline.report import read_trials, resamples, sweep_report, variant_rows
+from pipeline.report import check_outcomes, read_trials, resamples, sweep_report, variant_rows
 
 TABLE1 = "table1"     # the sweep whose seeds make the Table-1 rows (sweeps/table1.yaml)
 
@@ -69,9 +69,13 @@ TABLE1 = "table1"     # the sweep whose seeds make the Table-1 rows (sweeps/tabl
 def table_rows(cfg, results: Path, trials: list[dict] | None) -> list[paper_tables.Row]:
     """The paper tables' rows from the stages' results files, with sweeps/table1.yaml's trials when it ran."""
     baselines = load_json(results / "baselines.json", "results of the baselines stage")
+    for row, entry in baselines.items():
+        check_outcomes(entry.get("outcomes") or {}, results / "baselines.json", row)
     stage_runs = None if trials is not None else {
         variant: load_json(results / f"train-{variant}.json", f"results of the train_{variant} stage")
         for variant in ("clip", "sds")}
+    for variant, run in (stage_runs or {}).items():
+        check_outcomes(run.get("outcomes") or {}, results / f"train-{variant}.json", "run")
     return paper_tables.rows(cfg, baselines, stage_runs, trials)
 
 

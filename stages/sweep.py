@@ -4,7 +4,8 @@
     python -m stages.sweep sweeps/lambda.yaml      # or these
 
 The sweeps run on params.yaml's profile (the one the other stages use) unless --profile
-says otherwise. Every file is validated before the first one runs. Outputs, both DVC-cached,
+says otherwise. Every file, and the built inputs the trials read (data, models, cache), is checked
+before the first one runs: a bad one stops the stage with the earlier outputs untouched. Outputs, both DVC-cached,
 so that `dvc checkout` brings back what the report stage reads:
 
     results/sweeps/<name>.json   per sweep that ran: its parent run, each trial's run id,
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     root = params_path.parent
     try:
         params = read_yaml(params_path)
-        cfg = config.from_dict(config.resolve(params, source=str(params_path)))   # read once, as config.load does
+        cfg = config.from_dict(config.resolve(params, source=str(params_path)))   # read once: the sweeps read it too
         profile = args.profile or cfg.profile   # the sweeps run on the profile the rest of `dvc repro` uses
         files = sweep_files(cfg, args.files, root)
         sweeps = []
@@ -84,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
             with sweep_cli.naming(path):
                 sweeps.append(spec.load(path, params, profile))
             sweep_cli.checked_trials(sweeps[-1], root, args.address)
+        for sweep in sweeps:             # then their built inputs: a sweep that cannot start costs no results
+            sweep_cli.preflight(sweep, root)
         names = [s.name for s in sweeps]
         if len(set(names)) != len(names):
             dup = next(n for n in names if names.count(n) > 1)
@@ -95,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         # The definition each command runs, its options (--gpus-per-trial) included and checked: what a
         # launch killed with the stage is found by when the stage runs again.
         launched = [sweep_cli.prepare(sweep_cli.build_parser().parse_args(c))[0] for c in commands]
-    except ConfigError as err:
+    except cli.CONFIG_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
 

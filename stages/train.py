@@ -23,18 +23,20 @@ def clip_only(cfg):
 def body(args, cfg, root):
     from pipeline.config import ConfigError
     from pipeline.experiment import record_finetune
-    from pipeline.io import write_json
+    from pipeline.io import check_writable, write_json
     from pipeline.tracking import Tracker
-    from pipeline.train import NonFiniteLoss
+    from pipeline.train import NonFiniteLoss, discard_checkpoint
 
+    results, folder = root / "results" / f"train-{args.variant}.json", root / "runs" / args.variant
+    check_writable(results, "results")
     run_cfg = clip_only(cfg) if args.variant == "clip" else cfg
     try:
-        result = record_finetune(run_cfg, root / cfg.data.root, root / "models", root / cfg.cache.root,
-                                 root / "runs" / args.variant, Tracker(cfg.tracking, root), ROW_NAMES[args.variant],
-                                 tags={"row": f"ft_{args.variant}"})
+        result = record_finetune(run_cfg, root / cfg.data.root, root / "models", root / cfg.cache.root, folder,
+                                 Tracker(cfg.tracking, root), ROW_NAMES[args.variant], tags={"row": f"ft_{args.variant}"})
     except NonFiniteLoss as err:            # what the settings made of the loss: said in one line
         raise ConfigError(f"{type(err).__name__}: {err}") from None
-    write_json(root / "results" / f"train-{args.variant}.json", result)
+    write_json(results, result)
+    discard_checkpoint(folder)              # only now: a failed write resumes from it
 
 
 def main(argv=None) -> int:

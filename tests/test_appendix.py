@@ -16,7 +16,7 @@ SD21 = {"name": "stable-diffusion-v2-1", "pretrained": "stabilityai/stable-diffu
 
 
 def outcome(correct: str) -> dict:
-    return {"correct": correct, "groups": None}
+    return {"correct": correct, "groups": None, "cases": "fixture"}
 
 
 def run(text: str, relation: str = "1100", attribution: str = "10", clevr: str = "10") -> dict:

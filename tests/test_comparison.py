@@ -7,7 +7,7 @@ import pytest
 
 from pipeline.comparison import (CaseOutcomes, PairedDifference, mcnemar_exact, metric_value, outcome_parts,
                                  paired_difference, seed_task_interval, seed_values)
-from pipeline.metrics import decode_correct, encode_correct
+from pipeline.metrics import cases_digest, decode_correct, encode_correct
 from pipeline.report import difference_cell
 
 
@@ -182,9 +182,9 @@ def test_seed_task_interval_widens_with_the_seed_spread():
 
 
 def test_outcome_parts_stacks_seeds_and_builds_the_composites():
-    run = lambda text, rel, attr: {"winoground/text": {"correct": text, "groups": None},
-                                   "aro/vg_relation": {"correct": rel, "groups": ["on", "on", "under"]},
-                                   "aro/vg_attribution": {"correct": attr, "groups": None}}
+    run = lambda text, rel, attr: {"winoground/text": {"correct": text, "groups": None, "cases": "fixture"},
+                                   "aro/vg_relation": {"correct": rel, "groups": ["on", "on", "under"], "cases": "fixture"},
+                                   "aro/vg_attribution": {"correct": attr, "groups": None, "cases": "fixture"}}
     parts = outcome_parts([run("10", "110", "01"), run("11", "011", "11")])
     assert parts["winoground/text"][0].correct.tolist() == [[1, 0], [1, 1]]
     assert metric_value(parts["aro/overall"]) == pytest.approx((np.mean([0.75, 0.5]) + 0.75) / 2)
@@ -192,6 +192,34 @@ def test_outcome_parts_stacks_seeds_and_builds_the_composites():
         outcome_parts([run("10", "110", "01"), run("101", "011", "11")])
     with pytest.raises(ValueError, match="same cases"):
         paired_difference(parts["winoground/text"], parts["aro/overall"])
+
+
+def test_two_rows_pair_only_on_the_same_cases_in_the_same_order():
+    """The same model with its tasks stored in the reverse order is the same row: paired by position
+    it would have 8 discordant cases and a wide interval. Outcomes say which cases they are of
+    (the digest of the cases' identities), and rows of other cases or orders are refused."""
+    forward = {"winoground/text": {"correct": "11110000", "groups": None, "cases": cases_digest(list("abcdefgh"))}}
+    backward = {"winoground/text": {"correct": "00001111", "groups": None, "cases": cases_digest(list("hgfedcba"))}}
+    a, b = outcome_parts([forward])["winoground/text"], outcome_parts([backward])["winoground/text"]
+    with pytest.raises(ValueError, match="same cases in the same order"):
+        paired_difference(a, b)
+    same = paired_difference(a, outcome_parts([forward])["winoground/text"])
+    assert (same.difference, same.low, same.high, same.discordant) == (0.0, 0.0, 0.0, 0)
+    with pytest.raises(ValueError, match="runs were scored on different cases"):        # seeds of one row
+        outcome_parts([forward, {"winoground/text": {**forward["winoground/text"], "cases": cases_digest(["x"])}}])
+    with pytest.raises(ValueError, match="do not say which cases"):
+        outcome_parts([{"winoground/text": {"correct": "1100", "groups": None}}])
+
+
+def test_a_composites_parts_pair_by_name_whatever_order_a_row_stored_them_in():
+    """MMVP's mean over patterns: row B holds row A's outcomes with its two patterns in the other key
+    order. Paired part by part in each row's own order, A's `texts` pairs were resampled with B's
+    `color` pairs: 6 discordant cases and an interval around 0 for two identical rows."""
+    texts, color = {"correct": "111111", "groups": None, "cases": "t"}, {"correct": "000111", "groups": None, "cases": "c"}
+    a = outcome_parts([{"mmvp/texts": texts, "mmvp/color": color}])["mmvp/mean"]
+    b = outcome_parts([{"mmvp/color": color, "mmvp/texts": texts}])["mmvp/mean"]
+    result = paired_difference(a, b, n_resamples=200)
+    assert (result.difference, result.low, result.high, result.discordant) == (0.0, 0.0, 0.0, 0)
 
 
 def _seed_paired_rows(rng, tasks: int, seeds: int, seed_sd: float, shared: bool) -> list[CaseOutcomes]:

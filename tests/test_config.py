@@ -381,7 +381,33 @@ BOUNDS = {
     "student threads": ("students.toy-vit.threads", 1025, "students.toy-vit.threads: 1025 is out of range; "
                         "allowed: <= 1024", 1024),
     "workers": ("train.workers", 1025, "train.workers: 1025 is out of range; allowed: <= 1024", 1024),
+    # numpy's global seeding takes 32 bits: 2^70 overflowed once the teacher had trained.
+    "train seed": ("train.seed", 2**70, "train.seed: 1180591620717411303424 is out of range; allowed: <= 4294967295",
+                   2**32 - 1),
+    "teacher seed": ("teacher.seed", 2**32, "teacher.seed: 4294967296 is out of range; allowed: <= 4294967295",
+                     2**32 - 1),
 }
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("data.seed", -1, "data.seed: -1 is out of range; allowed: >= 0"),
+    ("students.toy-vit.vision_heads", 5, "students.toy-vit.vision_heads: 5 does not divide "
+                                         "students.toy-vit.vision_width (96)"),
+    ("students.toy-vit.text_heads", 3, "students.toy-vit.text_heads: 3 does not divide students.toy-vit.text_width (64)"),
+    ("students.toy-vit-s.patch_size", 64, "students.toy-vit-s.patch_size: 64 is not allowed; it must divide "
+                                          "data.image_size (32), so that every pixel is in a patch"),
+    ("students.toy-vit.patch_size", 5, "students.toy-vit.patch_size: 5 is not allowed; it must divide "
+                                       "data.image_size (32), so that every pixel is in a patch"),
+])
+def test_a_toy_students_shape_and_a_seed_are_checked_before_anything_is_built(tmp_path, key, value, message):
+    """open_clip refused the shapes only when the students were built, after the teacher had trained
+    (an AssertionError or a RuntimeError, exit 1); a patch that does not divide the image would drop
+    pixels; a seed past 2^32 failed in numpy."""
+    params = raw_params()
+    _set(params, key, value)
+    with pytest.raises(ConfigError) as info:
+        load(write_params(tmp_path, params))
+    assert str(info.value) == message
 
 
 @pytest.mark.parametrize("case", list(BOUNDS), ids=list(BOUNDS))
@@ -441,3 +467,24 @@ def test_a_params_file_missing_its_sections_stops_a_command_with_one_line_and_ex
             assert lines[0] == (f"error: {path}: empty; a params file holds the sections {ALL_SECTIONS} "
                                 "(and a preset under `profiles` for each profile but toy)")
     assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("root", [".", "", "..", "./", "sub/.."])
+def test_a_data_root_that_is_the_project_or_holds_it_is_refused_and_nothing_is_replaced(tmp_path, root):
+    """The data stage replaces data.root whole: "." took params.yaml, .git and every other file of
+    the project with it (the stage exited 0)."""
+    from stages import data as stage
+
+    params = raw_params()
+    params["data"]["root"] = root
+    path = write_params(tmp_path, params)
+    (tmp_path / "notes.txt").write_text("kept")
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    assert str(info.value).startswith(f"data.root: {root!r} is not allowed; it is the project folder or a folder "
+                                      "holding it")
+    assert stage.main(["--params", str(path), "--profile", "smoke"]) == 2
+    assert (tmp_path / "notes.txt").read_text() == "kept" and path.is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "params.yaml"]
+    params["data"]["root"] = "data/built"
+    assert load(write_params(tmp_path, params)).data.root == "data/built"

@@ -575,3 +575,32 @@ def test_zeroshot_bad_json_and_missing(tmp_path: Path) -> None:
     (root / "zeroshot.json").unlink()
     with pytest.raises(MissingDataError, match="zeroshot.json"):
         zeroshot.read_image_folder_set(root)
+
+
+def test_a_byte_that_is_not_utf8_is_one_line_naming_the_file(tmp_path: Path) -> None:
+    """A Latin-1 byte in Winoground's JSONL, MMVP-VLM's CSV or a CC-3M TSV: one line naming the
+    file (it was a bare UnicodeDecodeError naming neither file nor line)."""
+    from pipeline.data import cc3m, mmvp
+    from pipeline.data.errors import load_jsonl
+
+    bad = "café".encode("latin-1")
+    jsonl = tmp_path / "examples.jsonl"
+    jsonl.write_bytes(b'{"caption_0": "' + bad + b'"}\n')
+    (tmp_path / "mmvp" / mmvp.IMAGE_DIRS[0]).mkdir(parents=True)
+    questions = tmp_path / "mmvp" / "Questions.csv"
+    questions.write_bytes(b"Question ID,Type,Statement\n1,Color," + bad + b"\n2,Color,a cup\n")
+    tsv = tmp_path / "train.tsv"
+    tsv.write_bytes(b"filepath\ttitle\n0.jpg\t" + bad + b"\n")
+    for path, read in ((jsonl, lambda p: load_jsonl(p, "examples")), (questions, lambda p: mmvp.read_mmvp(p.parent)),
+                       (tsv, cc3m.read_tsv)):
+        with pytest.raises(DataFormatError, match="is not UTF-8 text") as error:
+            read(path)
+        assert str(error.value).startswith(str(path)) and "\n" not in str(error.value)
+
+
+def test_an_unreadable_data_index_is_one_line(tmp_path: Path) -> None:
+    from pipeline.data.datasets import read_index
+
+    (tmp_path / "index.json").write_text("not json")
+    with pytest.raises(DataFormatError, match="index.json: invalid JSON"):
+        read_index(tmp_path)

@@ -12,6 +12,7 @@ import yaml
 
 from pipeline.config import load
 from pipeline.tracking import Tracker
+from pipeline.train import TRAINED
 from worktree import copy_working_tree
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,6 +72,8 @@ def test_repro_writes_the_reports_then_is_up_to_date_then_reruns_only_lambda_dep
     assert "metrics/ft-sds.json" in metrics and "wino_text" in metrics
     for suffix in ("tex", "csv"):
         assert (dest / "reports" / f"table1.{suffix}").is_file()
+    # A finished train stage keeps its trained file, and no resume point once its results are written.
+    assert sorted(p.name for p in (dest / "runs" / "sds").iterdir()) == [TRAINED]
     # Appendix A.2 from the methods sweep; the diffusion score's ARO and CLEVR from the baselines.
     for stem in ("appendix-unet-feature", "appendix-diffusion-score", "appendix-clevr"):
         assert (dest / "reports" / f"{stem}.md").is_file(), stem

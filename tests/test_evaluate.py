@@ -1,4 +1,6 @@
 """The scorers against their definitions: raw cosine similarity, and eq. 1-2's diffusion score."""
+import dataclasses
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -112,7 +114,7 @@ def test_diffusion_score_error_option_averages_the_norm_of_the_epsilon_error(wor
 
 def test_evaluate_student_names_every_metric(world):
     bench, student, _, _ = world
-    metrics = evaluate_student(student, bench, EvalConfig(bootstrap=20)).metrics
+    metrics = evaluate_student(student, bench, EvalConfig(bootstrap=20, vg_attribution_min_cases=1)).metrics
     for key in ("winoground/text", "winoground/image", "winoground/group", "winoground/text/ci_low",
                 "aro/vg_relation", "aro/vg_attribution", "aro/overall", "aro/coco_order",
                 "zeroshot/shape", "zeroshot/colour", "zeroshot/mean"):
@@ -126,7 +128,7 @@ def test_outcomes_give_back_every_metric_they_stand_for(world):
     micro means directly, ARO's macro means through the stored groups, the composites through
     `comparison.outcome_parts`."""
     bench, student, _, _ = world
-    result = evaluate_student(student, bench, EvalConfig(bootstrap=0))
+    result = evaluate_student(student, bench, EvalConfig(bootstrap=0, vg_attribution_min_cases=1))
     parts = outcome_parts([result.outcomes])
     names = ["winoground/text", "winoground/image", "winoground/group", "aro/vg_relation", "aro/vg_attribution",
              "aro/coco_order", "aro/overall", "zeroshot/shape", "zeroshot/colour", "zeroshot/mean"]
@@ -152,7 +154,7 @@ def _projection_onto(student, keys: list[str], targets: torch.Tensor, scale: flo
 
 def test_projected_score_is_the_diffusion_score_when_h_w_reproduces_the_vae_latents(world):
     bench, student, teacher, root = world
-    cfg = EvalConfig(diffusion_samples=3, batch_size=4, bootstrap=0)
+    cfg = EvalConfig(diffusion_samples=3, batch_size=4, bootstrap=0, vg_attribution_min_cases=1)
     latents, text = open_table(root / "cache", "images"), open_table(root / "cache", "text")
     images, captions = winoground_pairs(bench.winoground)
     keys = list(dict.fromkeys(images))
@@ -177,7 +179,7 @@ def test_projected_score_is_zero_when_h_w_ignores_the_image(world):
     """The same latent for every image: whichever caption the teacher prefers, it prefers it for
     both images of a task, so no task's text score is right (a tie is wrong too)."""
     bench, student, teacher, root = world
-    cfg = EvalConfig(diffusion_samples=3, batch_size=4, bootstrap=0)
+    cfg = EvalConfig(diffusion_samples=3, batch_size=4, bootstrap=0, vg_attribution_min_cases=1)
     text = open_table(root / "cache", "text")
     projection = LatentProjection(student.model.visual.output_dim, teacher.latent_shape)
     with torch.no_grad():
@@ -225,3 +227,19 @@ def test_feedback_diagnostic_is_one_when_the_projector_adds_nothing(world):
             errors.append(F.mse_loss(pred, eps[None]).item())
     assert metrics["feedback/error_empty"] == pytest.approx(np.mean(errors), rel=1e-4)
 
+
+
+def test_vg_attribution_averages_the_pairs_its_configured_minimum_keeps(world):
+    """`eval.vg_attribution_min_cases` (ARO's 25 on the paper profile): the count was 25 on sets of
+    1,000 cases or more and silently 1 below; now it is the setting's, and a count no pair reaches
+    is refused rather than averaged over nothing."""
+    bench, student, _, _ = world
+    cases = bench.aro["vg_attribution"]
+    bench = dataclasses.replace(bench, aro={**bench.aro, "vg_attribution": cases + cases[:1]})   # a pair of 2 cases
+    counts = Counter(case.group for case in bench.aro["vg_attribution"])
+    cut = max(counts.values())
+    assert cut == 2 and min(counts.values()) == 1, counts
+    result = evaluate_student(student, bench, EvalConfig(bootstrap=0, vg_attribution_min_cases=cut))
+    assert set(result.outcomes["aro/vg_attribution"]["groups"]) == {g for g, n in counts.items() if n >= cut}
+    with pytest.raises(ValueError, match="no group left to average"):
+        evaluate_student(student, bench, EvalConfig(bootstrap=0, vg_attribution_min_cases=cut + 1))

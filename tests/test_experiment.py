@@ -7,16 +7,22 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 from pathlib import Path
 
 import pytest
 from PIL import UnidentifiedImageError
 
+from pipeline.cache import CacheError
 from pipeline.config import TrackingConfig, load
 from pipeline.data.build import build_toy
+from pipeline.data.errors import MissingInput
+from pipeline.digest import fingerprint
 from pipeline.experiment import record_finetune, run_baselines
-from pipeline.models import student_dir
+from pipeline.latents import build_cache
+from pipeline.models import student_dir, teacher_dir
 from pipeline.models.student import build_toy_student, save_student
+from pipeline.models.teacher import build_toy_teacher, load_teacher, save_teacher
 from pipeline.tracking import Tracker
 from pipeline.train import CHECKPOINT, TRAINED
 
@@ -33,6 +39,15 @@ def project(tmp_path):
     save_student(build_toy_student(cfg.students["toy-vit"], cfg.data.image_size), student_dir(models, "toy-vit"))
     tracker = Tracker(TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", experiment=EXPERIMENT), tmp_path)
     return cfg, data, models, tracker, tmp_path
+
+
+@pytest.fixture
+def with_teacher(project):
+    """The project with the smoke teacher in models/ and its cache tables: what the baselines read."""
+    cfg, data, models, tracker, root = project
+    save_teacher(build_toy_teacher(cfg.teacher, cfg.data.image_size), teacher_dir(models))
+    build_cache(cfg, load_teacher(teacher_dir(models)), fingerprint(teacher_dir(models)), data, root / "cache")
+    return project
 
 
 def break_a_benchmark_image(data: Path) -> tuple[Path, bytes]:
@@ -60,21 +75,32 @@ def test_a_failed_evaluation_keeps_the_resume_point_and_the_rerun_finishes_from_
     assert f"resumed {folder} at step 2" in caplog.text
     finished = tracker.runs([result["run_id"]])[0]
     assert finished["status"] == "FINISHED" and "winoground/text" in finished["metrics"]
-    assert not (folder / CHECKPOINT).exists()
+    assert (folder / CHECKPOINT).exists()      # until the caller has written its results (stages/train.py)
     # Resumed at the step-2 checkpoint, the new run still holds the whole curve, each step once.
     history = tracker.metric_history(result["run_id"], "loss/total")
     assert [step for step, _ in history] == [1, 2, 3, 4]
     assert history[:2] == tracker.metric_history(failed["run_id"], "loss/total")[:2]
 
 
-def test_a_failed_baseline_ends_its_run_failed(project):
-    cfg, data, models, tracker, root = project
+def test_a_failed_baseline_ends_its_run_failed(with_teacher):
+    cfg, data, models, tracker, root = with_teacher
     image, _ = break_a_benchmark_image(data)
     with pytest.raises(UnidentifiedImageError):
         run_baselines(cfg, root, data, models, root / "cache", tracker)
     [failed] = tracker.find_runs(EXPERIMENT)
     assert failed["name"] == "pretrained toy-vit" and failed["status"] == "FAILED"
     assert image.name in failed["tags"]["failure"]
+
+
+@pytest.mark.parametrize("missing", ["cache", "teacher"])
+def test_the_baselines_check_the_teacher_and_its_cache_before_recording_any_run(with_teacher, missing):
+    """A missing cache or teacher was found after every student's run had been recorded FINISHED
+    (eight full evaluations on the paper profile, again at every retry): now before the first."""
+    cfg, data, models, tracker, root = with_teacher
+    shutil.rmtree(root / "cache" if missing == "cache" else teacher_dir(models))
+    with pytest.raises(CacheError if missing == "cache" else MissingInput):
+        run_baselines(cfg, root, data, models, root / "cache", tracker)
+    assert tracker.find_runs(EXPERIMENT) == []
 
 
 def test_non_finite_metrics_are_left_out_and_named_in_a_warning(tmp_path, caplog):

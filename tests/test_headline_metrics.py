@@ -43,7 +43,7 @@ def trial(variant: str, seed: int, text: str, relation: str, attribution: str, s
     """A variant sweep's trial with per-case outcomes: Winoground text, ARO's two VG sets, two zero-shot sets."""
     parts = {"winoground/text": text, "aro/vg_relation": relation, "aro/vg_attribution": attribution,
              "zeroshot/shape": shapes, "zeroshot/colour": colours}
-    outcomes = {name: {"correct": encode_correct([c == "1" for c in bits]), "groups": None}
+    outcomes = {name: {"correct": encode_correct([c == "1" for c in bits]), "groups": None, "cases": "fixture"}
                 for name, bits in parts.items()}
     return result_trial(f"t{seed:03d}", {"variant": variant, "train.seed": seed}, status,
                         {"winoground/text": text.count("1") / len(text)}, outcomes)

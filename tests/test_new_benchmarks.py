@@ -500,7 +500,7 @@ def test_outcome_parts_rebuild_the_composites_from_their_parts():
         run.update({"mmvp/a": rng.random(3) < 0.5, "mmvp/b": rng.random(6) < 0.5,
                     "clevr/spatial": rng.random(4) < 0.5, "clevr/recognition_color": rng.random(2) < 0.5})
         runs.append(run)
-    stored = [{name: {"correct": metrics.encode_correct(c), "groups": None} for name, c in run.items()} for run in runs]
+    stored = [{name: {"correct": metrics.encode_correct(c), "groups": None, "cases": "fixture"} for name, c in run.items()} for run in runs]
     parts = comparison.outcome_parts(stored)
     for seed, run in enumerate(runs):
         one = comparison.outcome_parts([stored[seed]])
@@ -539,7 +539,7 @@ def scored(tmp_path_factory):
     bench = benchmarks(root / "data", read_index(root / "data"))
     teacher = build_toy_teacher(TEACHER, SIZE)
     build_cache(Config(), teacher, "tiny", root / "data", root / "cache")
-    cfg = EvalConfig(diffusion_samples=2, batch_size=16, bootstrap=0)
+    cfg = EvalConfig(diffusion_samples=2, batch_size=16, bootstrap=0, vg_attribution_min_cases=1)
     student = evaluate_student(build_toy_student(STUDENT, SIZE), bench, cfg)
     diffusion = evaluate_teacher(teacher, open_table(root / "cache", "bench_images"),
                                  open_table(root / "cache", "bench_text"), bench, cfg)

@@ -24,6 +24,7 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 
 from pipeline.cache import open_table, write_table
 from pipeline.config import ConfigError, EvalConfig, StudentConfig, TeacherConfig, from_dict, load, resolve
+from pipeline.data.errors import MissingInput
 from pipeline.evaluate import DiffusionScorer
 from pipeline.models import paper
 from pipeline.models.build import build_models, student_dir, teacher_dir
@@ -375,6 +376,14 @@ def test_unknown_tag_or_missing_folder_is_one_line_and_never_downloads(tmp_path)
     (tmp_path / "not-sd").mkdir()
     with pytest.raises(paper.PaperModelMissing, match=r"cannot load 'not-sd' \(MissingInput: .*no model_index.json"):
         paper.import_teacher(TeacherConfig(source="pretrained", pretrained="not-sd"), tmp_path / "t", tmp_path)
+
+
+def test_the_models_stages_teacher_missing_is_one_line_and_never_a_hub_lookup(tmp_path, monkeypatch):
+    """The later stages load models/teacher (a Path): missing, it is the models stage not run yet,
+    said at once; it was passed on to diffusers as a repo id (a traceback after a network wait)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(MissingInput, match=r"models/teacher: not a folder; run the models stage first$"):
+        load_teacher(teacher_dir(tmp_path / "models"))
 
 
 def test_hub_failure_of_the_teacher_is_one_line(tmp_path, monkeypatch):

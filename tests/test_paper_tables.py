@@ -17,7 +17,7 @@ COLUMN = {key: i for i, (_, key) in enumerate(COLUMNS)}
 
 
 def run(text: float, correct: str, **metrics) -> dict:
-    return {"metrics": {TEXT: text, **metrics}, "outcomes": {TEXT: {"correct": correct, "groups": None}}}
+    return {"metrics": {TEXT: text, **metrics}, "outcomes": {TEXT: {"correct": correct, "groups": None, "cases": "fixture"}}}
 
 
 # sweeps/table1.yaml's variants: the objective keys each sets (L_SDS at the profile's lambda).
@@ -83,7 +83,7 @@ def test_the_table_carries_seed_count_spread_interval_and_the_paired_comparison(
     sds = table[f"{first} FT with L_CLIP + {cfg.objective.lambda_sds:g} L_SDS"]
     assert sds[COLUMN[TEXT]] == "0.625" and sds[-4] == "2"
     assert sds[-3] == f"{np.std([0.75, 0.5], ddof=1):.3f}" == "0.177"
-    parts = {label: outcome_parts([{TEXT: {"correct": c, "groups": None}} for c in correct])[TEXT]
+    parts = {label: outcome_parts([{TEXT: {"correct": c, "groups": None, "cases": "fixture"}} for c in correct])[TEXT]
              for label, correct in (("sds", ["11110000", "11111100"]), ("clip", ["11000000", "11100000"]))}
     _, low, high = seed_task_interval(parts["sds"], 200, seed=3)
     assert sds[-2] == f"[{low:.3f}, {high:.3f}]"

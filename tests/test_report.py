@@ -94,7 +94,7 @@ def write_table1_results(results: Path) -> None:
     """The baselines' and the two fine-tunings' results files of the `ZEROSHOT` runs."""
     results.mkdir(parents=True, exist_ok=True)
     entry = lambda label: {"run_id": f"{len(label):032x}", "metrics": ZEROSHOT[label],  # noqa: E731
-                           "outcomes": {"winoground/text": {"correct": TEXT_OUTCOMES[label], "groups": None}}}
+                           "outcomes": {"winoground/text": {"correct": TEXT_OUTCOMES[label], "groups": None, "cases": "fixture"}}}
     timed = lambda label, seconds: {**entry(label), "metrics": {**ZEROSHOT[label],  # noqa: E731
                                                                  "time/winoground_pair_s": seconds}}
     (results / "baselines.json").write_text(json.dumps({
@@ -257,10 +257,10 @@ def test_lambda_figure_has_a_panel_per_score_that_varies_on_a_shared_symlog_axis
 
 def varied(index: int, text: list[int], hw: list[int]) -> dict:
     """A lambda trial with real outcomes: Winoground text and h_w text vary, ARO is the same in every trial."""
-    outcomes = {"winoground/text": {"correct": encode_correct(text), "groups": None},
-                "projected/winoground/text": {"correct": encode_correct(hw), "groups": None},
-                "aro/vg_relation": {"correct": "1100", "groups": ["on", "on", "under", "under"]},
-                "aro/vg_attribution": {"correct": "1010", "groups": None}}
+    outcomes = {"winoground/text": {"correct": encode_correct(text), "groups": None, "cases": "fixture"},
+                "projected/winoground/text": {"correct": encode_correct(hw), "groups": None, "cases": "fixture"},
+                "aro/vg_relation": {"correct": "1100", "groups": ["on", "on", "under", "under"], "cases": "fixture"},
+                "aro/vg_attribution": {"correct": "1010", "groups": None, "cases": "fixture"}}
     metrics = {"winoground/text": sum(text) / len(text), "projected/winoground/text": sum(hw) / len(hw),
                "aro/overall": 0.5}
     return result_trial(f"t{index:03d}", {"objective.lambda_sds": [1e-4, 1e-3, 1e-2][index]}, "finished", metrics,
@@ -327,7 +327,7 @@ def test_seeds_of_a_configuration_make_one_point_at_their_mean_with_their_seed_a
     def trials(listed, outcomes=True):
         rows = []
         for i, (student, seed, correct) in enumerate(listed):
-            kept = {"winoground/text": {"correct": correct, "groups": None}} if outcomes else None
+            kept = {"winoground/text": {"correct": correct, "groups": None, "cases": "fixture"}} if outcomes else None
             rows.append((f"t{i:03d}", {"train.student": student, "train.seed": seed}, "finished",
                          {"winoground/text": correct.count("1") / len(correct)}, kept))
         return table_trials(json.loads(json.dumps([result_trial(*row) for row in rows])))
@@ -342,7 +342,7 @@ def test_seeds_of_a_configuration_make_one_point_at_their_mean_with_their_seed_a
     means, intervals = error_bars(ax)
     assert means == pytest.approx([0.3, 0.5]) and len(intervals) == 2
     for student, (low, high) in zip("ab", intervals):
-        correct = [{"winoground/text": {"correct": c, "groups": None}} for s, _, c in runs if s == student]
+        correct = [{"winoground/text": {"correct": c, "groups": None, "cases": "fixture"}} for s, _, c in runs if s == student]
         assert (low, high) == pytest.approx(seed_task_interval(outcome_parts(correct)["winoground/text"], 300)[1:])
     [dots] = ax.collections[-1:]
     assert sorted(dots.get_offsets()[:, 0]) == pytest.approx([0.2, 0.3, 0.4, 0.5, 0.5])   # each run
@@ -431,7 +431,7 @@ def test_zeroshot_bars_carry_the_bootstrap_interval_over_the_sets_cases():
     a run whose results hold none gets no bar, and the title says which."""
     cases = {"pretrained toy-vit": {"pets": "1100", "cifar10": "10101010"},
              "FT with L_CLIP + 0.001 L_SDS": {"pets": "1110", "cifar10": "11101110"}}
-    outcomes = {label: {f"zeroshot/{name}": {"correct": c, "groups": None} for name, c in sets.items()}
+    outcomes = {label: {f"zeroshot/{name}": {"correct": c, "groups": None, "cases": "fixture"} for name, c in sets.items()}
                 for label, sets in cases.items()}
     groups = [(label, [{"metrics": metrics, "outcomes": outcomes.get(label, {})}]) for label, metrics in ZEROSHOT.items()]
     figure = zeroshot_figure(groups, n_resamples=200, seed=1)
@@ -501,7 +501,7 @@ def test_stage_fills_table1_from_the_table1_sweeps_seeds_when_it_ran(store):
                   "FT with L_CLIP + L_SDS": {"objective.method": "sds"}}
     trials = [result_trial(f"t{i:03d}", {"train.student": "toy-vit", "variant": v, "train.seed": seed}, "finished",
                            {"winoground/text": c.count("1") / 8},
-                           {"winoground/text": {"correct": c, "groups": None}},
+                           {"winoground/text": {"correct": c, "groups": None, "cases": "fixture"}},
                            {**STUDY, "train.student": "toy-vit", "train.seed": seed, **objectives[v]})
               for i, ((v, seed), c) in enumerate(correct.items())]
     (results / "sweeps.json").write_text(json.dumps({"table1": write_sweep(results, "table1", trials)}))
@@ -559,6 +559,25 @@ def test_a_listed_sweep_without_its_results_file_is_a_one_line_error(store, caps
         (results / "sweeps" / "gone.json").unlink(missing_ok=True)
 
 
+def test_results_written_before_outcomes_named_their_cases_are_a_one_line_error(store, capsys):
+    """Outcomes without the digest of their cases cannot be paired case by case: the report names
+    the file, the row and the outcome in one line (a ValueError's traceback before)."""
+    path = store["root"] / "results" / "baselines.json"
+    kept = path.read_text()
+    baselines = json.loads(kept)
+    row = next(iter(baselines))
+    name = next(iter(baselines[row]["outcomes"]))
+    del baselines[row]["outcomes"][name]["cases"]
+    path.write_text(json.dumps(baselines))
+    try:
+        assert stage.main(["--params", str(store["params"])]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1
+        assert err.startswith(f"error: {path}: {row} outcome {name}: field 'cases' is missing: written before")
+    finally:
+        path.write_text(kept)
+
+
 def test_stage_with_no_sweeps_listed_writes_no_sweep_outputs(store, tmp_path):
     root = store["root"]
     (root / "results" / "sweeps.json").write_text("{}\n")
@@ -580,9 +599,9 @@ from pipeline.report import (compare_variants, objective_label, variant_figure, 
 def variant_trial(name: str, seed: int, text: list[int], rel: list[int], status: str = "finished") -> dict:
     """A results-file trial: its config, metrics and per-case outcomes (Winoground text; VG-Relation
     with two groups; VG-Attribution constant)."""
-    outcomes = {"winoground/text": {"correct": encode_correct(text), "groups": None},
-                "aro/vg_relation": {"correct": encode_correct(rel), "groups": ["on", "on", "under", "under"]},
-                "aro/vg_attribution": {"correct": "1010", "groups": None}}
+    outcomes = {"winoground/text": {"correct": encode_correct(text), "groups": None, "cases": "fixture"},
+                "aro/vg_relation": {"correct": encode_correct(rel), "groups": ["on", "on", "under", "under"], "cases": "fixture"},
+                "aro/vg_attribution": {"correct": "1010", "groups": None, "cases": "fixture"}}
     rel_macro = (sum(rel[:2]) / 2 + sum(rel[2:]) / 2) / 2
     metrics = {"winoground/text": sum(text) / len(text), "aro/overall": (rel_macro + 0.5) / 2,
                "loss/clip": 0.5 + seed, "time/train_seconds": 10.0}

@@ -32,10 +32,10 @@ def lambda_rows(failed: int | None = None) -> list[dict]:
     for i, lam in enumerate(LAMBDAS):
         text = [1, 0] * 4
         hw = [1] * (i + 1) + [0] * (7 - i)
-        outcomes = {"winoground/text": {"correct": "".join(map(str, text)), "groups": None}}
+        outcomes = {"winoground/text": {"correct": "".join(map(str, text)), "groups": None, "cases": "fixture"}}
         metrics = {"winoground/text": 0.5, "aro/overall": 0.6}
         if lam:
-            outcomes["projected/winoground/text"] = {"correct": "".join(map(str, hw)), "groups": None}
+            outcomes["projected/winoground/text"] = {"correct": "".join(map(str, hw)), "groups": None, "cases": "fixture"}
             metrics["projected/winoground/text"] = sum(hw) / 8
         status = "failed" if i == failed else "finished"
         rows.append(result_trial(f"t{i:03d}", {"objective.lambda_sds": lam}, status, metrics,

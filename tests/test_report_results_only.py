@@ -27,7 +27,7 @@ def test_the_sweep_table_and_figure_come_from_the_results_file_with_no_tracking_
     params = write_params(tmp_path)      # the default store: sqlite under mlruns/
     results = tmp_path / "results"
     write_table1_results(results)
-    outcomes = {"winoground/text": {"correct": "10110100", "groups": None}}
+    outcomes = {"winoground/text": {"correct": "10110100", "groups": None, "cases": "fixture"}}
     trials = [result_trial(*trial, outcomes=outcomes if trial[2] == "finished" else None) for trial in LAMBDA]
     (results / "sweeps.json").write_text(json.dumps({"lambda": write_sweep(results, "lambda", trials)}))
 

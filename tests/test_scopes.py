@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from pipeline.cache import open_table, write_table
-from pipeline.config import ObjectiveConfig, TrainConfig
+from pipeline.config import ConfigError, ObjectiveConfig, TrainConfig
 from pipeline.data.records import ImageCaption
 from pipeline.data.keys import image_key
 from pipeline.models.student import Student, build_toy_student
@@ -187,6 +187,41 @@ def tiny_resnet_student() -> Student:
     torch.manual_seed(0)
     return Student(open_clip.CLIP(**model_cfg), open_clip.SimpleTokenizer(context_length=16),
                    open_clip.image_transform(SIZE, is_train=False), model_cfg)
+
+
+def test_peft_adds_the_attention_output_adapters_update_twice():
+    """peft 0.21.2's nn.MultiheadAttention adapter merges the out_proj update into the weight and then
+    merges it again through out_proj itself (huggingface/peft#3774): the forward computes with
+    W_out + 2 dW. README ("Scopes") says so; when a peft release fixes it, this fails: update both."""
+    student = build_toy_student(STUDENT, SIZE)
+    trainable_parameters(student, None, TrainConfig(scope="lora", lora_rank=4))
+    block = student.model.visual.transformer.resblocks[0]
+    mha = block.attn
+    out_proj = mha.base_layer.out_proj
+    with torch.no_grad():
+        for name, p in out_proj.named_parameters():
+            if "lora_B" in name:
+                p.normal_(generator=torch.Generator().manual_seed(0))
+    x = torch.randn(2, 5, mha.base_layer.embed_dim, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        adapted = mha(x, x, x, need_weights=False)[0]
+        plain = nn.MultiheadAttention(mha.base_layer.embed_dim, mha.base_layer.num_heads, batch_first=True)
+        plain.in_proj_weight.copy_(mha.base_layer.in_proj_weight)
+        plain.in_proj_bias.copy_(mha.base_layer.in_proj_bias)
+        plain.out_proj.bias.copy_(out_proj.get_base_layer().bias)
+        delta = out_proj.get_delta_weight("default")
+        outputs = {}
+        for times in (1, 2):
+            plain.out_proj.weight.copy_(out_proj.get_base_layer().weight + times * delta)
+            outputs[times] = plain(x, x, x, need_weights=False)[0]
+    assert torch.allclose(adapted, outputs[2], atol=1e-5) and not torch.allclose(adapted, outputs[1], atol=1e-3)
+
+
+def test_lora_is_refused_for_a_resnet_image_tower():
+    """open_clip's ModifiedResNet runs its attention pool from the projections' raw weights
+    (F.multi_head_attention_forward), so an adapter there never runs: refused in one line."""
+    with pytest.raises(ConfigError, match=r"^train.scope: 'lora' is not allowed for a ResNet image tower"):
+        trainable_parameters(tiny_resnet_student(), None, TrainConfig(scope="lora", lora_rank=4))
 
 
 def batchnorm_statistics(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -117,11 +117,9 @@ def test_only_the_projects_own_input_errors_become_one_line(error, one_line, tmp
     assert err.count("\n") == 1 and err.startswith("error: ") and str(error) in err
 
 
-def test_the_sweep_stage_rewrites_its_results_folder_and_lists_each_sweep(tmp_path, capsys):
-    """results/sweeps/ holds this launch's files only: an earlier launch's, of a sweep no longer
-    listed or of one that now writes none (no data built: exit 2 before any run), are gone."""
-    from stages import sweep as stage
-
+def sweep_stage_project(tmp_path: Path) -> Path:
+    """A project whose params list one sweep file, with results of an earlier launch (of a sweep
+    no longer listed, `gone`, and of this one)."""
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     raw["sweeps"] = ["one.yaml"]
     params = tmp_path / "params.yaml"
@@ -132,9 +130,55 @@ def test_the_sweep_stage_rewrites_its_results_folder_and_lists_each_sweep(tmp_pa
     for name in ("gone", "one"):
         (results / "sweeps" / f"{name}.json").write_text('{"trials": []}\n')
     (results / "sweeps.json").write_text('{"gone": {"file": "gone.yaml", "exit": 0, "parent_run_id": "a1"}}\n')
+    return params
 
+
+def results_of(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): p.read_text() for p in sorted((root / "results").rglob("*")) if p.is_file()}
+
+
+def test_a_sweep_stage_whose_inputs_are_not_built_leaves_the_earlier_results_untouched(tmp_path, capsys):
+    """No data built: one line and exit 2 before anything is removed; the earlier launch's results stay."""
+    from stages import sweep as stage
+
+    params = sweep_stage_project(tmp_path)
+    before = results_of(tmp_path)
     assert stage.main(["--params", str(params)]) == 2
-    assert "data/index.json: not found; build it first" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "data/index.json: not found; build it first" in err
+    assert results_of(tmp_path) == before
+
+
+def test_the_sweep_stage_rewrites_its_results_folder_and_lists_each_sweep(tmp_path, capsys):
+    """results/sweeps/ holds this launch's files only: an earlier launch's, of a sweep no longer
+    listed, is gone. (The built inputs are stand-ins whose data index cannot be read: the trial fails.)"""
+    from stages import sweep as stage
+
+    params = sweep_stage_project(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "index.json").write_text("not json")
+    (tmp_path / "models").mkdir()
+    (tmp_path / "cache").mkdir()
+    results = tmp_path / "results"
+
+    assert stage.main(["--params", str(params)]) == 1
+    said = capsys.readouterr()
+    assert "index.json: invalid JSON" in said.out + said.err
     assert sorted(p.name for p in results.iterdir()) == ["sweeps", "sweeps.json"]   # no folder left half-built
-    assert not any((results / "sweeps").iterdir())
-    assert json.loads((results / "sweeps.json").read_text()) == {"one": {"file": "one.yaml", "exit": 2}}
+    assert sorted(p.name for p in (results / "sweeps").iterdir()) == ["one.json"]
+    listed = json.loads((results / "sweeps.json").read_text())
+    assert list(listed) == ["one"] and listed["one"]["exit"] == 1 and listed["one"]["counts"].get("failed") == 1
+
+
+def test_the_train_stage_refuses_a_results_file_it_could_not_write_before_training(tmp_path, capsys):
+    """Found after the training, the run was recorded, its checkpoint discarded and the stage's
+    result lost: a rerun trained from step 0. Now one line before anything runs."""
+    from stages import train as stage
+
+    params = tmp_path / "params.yaml"
+    params.write_text((REPO / "params.yaml").read_text())
+    (tmp_path / "results").write_text("a file where the results folder goes")
+    assert stage.main(["clip", "--params", str(params)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: results: ") and "is a file" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml", "results"]

@@ -453,7 +453,9 @@ def test_gpus_per_trial_overrides_the_files_resources_and_is_checked():
     # On a cluster (given by address, not reached by a dry run) the GPUs are the cluster's.
     proc = _cli("sweeps/lambda.yaml", "--dry-run", "--gpus-per-trial", "1", "--address", "10.0.0.1:6379")
     assert proc.returncode == 0 and "per trial: cpu 1, gpu 1;" in proc.stdout, proc.stdout
-    for value, fragments in (("-1", ["--gpus-per-trial", "-1", ">= 0"]), ("1.5", ["resources.gpu", "1.5", "fractions"])):
+    # inf was an OverflowError's traceback, nan passed every check.
+    for value, fragments in (("-1", ["--gpus-per-trial", "-1", ">= 0"]), ("1.5", ["resources.gpu", "1.5", "fractions"]),
+                             ("inf", ["--gpus-per-trial", "inf", "finite"]), ("nan", ["--gpus-per-trial", "nan", "finite"])):
         proc = _cli("sweeps/lambda.yaml", "--dry-run", "--gpus-per-trial", value)
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and all(f in lines[0] for f in fragments), proc.stderr
@@ -651,7 +653,7 @@ def test_the_sweep_stage_finds_its_killed_launch_by_the_definition_it_ran_with_i
     assert f"sweep s: resuming launch {killed}" in capsys.readouterr().out
     # A value the command refuses is one line before any sweep runs.
     assert stage.main([*args, "--gpus-per-trial", "-1"]) == 2
-    assert capsys.readouterr().err.strip().splitlines() == ["error: --gpus-per-trial: -1 is out of range; allowed: >= 0"]
+    assert capsys.readouterr().err.strip().splitlines() == ["error: --gpus-per-trial: -1 is out of range; allowed: a finite number >= 0"]
 
 
 def test_a_tracking_uri_mlflow_cannot_open_is_refused_by_the_dry_run(tmp_path):

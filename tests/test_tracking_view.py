@@ -10,10 +10,12 @@ import pytest
 
 from pipeline.config import TrackingConfig, flatten, from_dict, load, to_dict
 from pipeline.data.build import build_toy
-from pipeline.data.errors import MissingInput
+from pipeline.digest import fingerprint
 from pipeline.experiment import run_baselines
+from pipeline.latents import build_cache
 from pipeline.models import student_dir, teacher_dir
 from pipeline.models.student import build_toy_student, save_student
+from pipeline.models.teacher import build_toy_teacher, load_teacher, save_teacher
 from pipeline.tracking import COMPARED, CONFIG, EXPERIMENT_KIND, Tracker
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
@@ -86,9 +88,9 @@ def test_the_baseline_runs_carry_no_fine_tuning_keys(tracker, tmp_path):
     data, models = tmp_path / "data", tmp_path / "models"
     build_toy(cfg.data, data)
     save_student(build_toy_student(cfg.students["toy-vit"], cfg.data.image_size), student_dir(models, "toy-vit"))
-    teacher_dir(models).mkdir()                 # no teacher in it: the diffusion score's run fails once started
-    with pytest.raises(MissingInput):
-        run_baselines(cfg, tmp_path, data, models, tmp_path / "cache", tracker)
+    save_teacher(build_toy_teacher(cfg.teacher, cfg.data.image_size), teacher_dir(models))
+    build_cache(cfg, load_teacher(teacher_dir(models)), fingerprint(teacher_dir(models)), data, tmp_path / "cache")
+    run_baselines(cfg, tmp_path, data, models, tmp_path / "cache", tracker)
     runs = {run["name"]: run for run in tracker.find_runs()}
     assert runs["pretrained toy-vit"]["status"] == "FINISHED" and runs["pretrained toy-vit"]["params"] == {
         "profile": "smoke"}

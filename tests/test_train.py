@@ -288,6 +288,33 @@ def test_seeds_draw_different_batches_in_every_epoch():
     assert batches(1) == drawn[1]                                            # and a pure function of the seed
 
 
+def test_a_reloaded_lora_student_is_bit_for_bit_the_one_that_trained(env):
+    """peft's adapter on nn.MultiheadAttention merges into the frozen weight and back out at every
+    forward, and W + BA - BA is not W in floating point: the trial puts W back after each step, so
+    the student its trained file rebuilds (pretrained weights and adapters) is the one that trained."""
+    trial = fit(new_trial(env, train_cfg(scope="lora", steps=4)), None, progress=False)
+    trained = dict(trial.student.model.named_parameters())
+    fresh = build_toy_student(STUDENT, SIZE)
+    load_trained(fresh, save_trained(trial, env["root"] / "lora-reload"))
+    differ = [name for name, p in fresh.model.named_parameters() if not torch.equal(p, trained[name])]
+    assert not differ
+    images = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(fresh.model.eval().encode_image(images), trial.student.model.eval().encode_image(images))
+
+
+def test_the_temperature_is_clamped_at_ln_100_as_open_clip_trains_it(env):
+    """open_clip's trainer clamps logit_scale to [0, ln 100] after every step (CLIP's cap on the
+    logits' scale); a full-scope trial starting above the cap ends on it."""
+    student = build_toy_student(STUDENT, SIZE)
+    with torch.no_grad():
+        student.model.logit_scale.fill_(6.0)
+    trial = setup(train_cfg(scope="full", steps=1), OBJECTIVE, student, env["pairs"], env["teacher"],
+                  env["conditioning"], env["latents"])
+    fit(trial, None, progress=False)
+    assert float(student.model.logit_scale) == pytest.approx(math.log(100), abs=1e-6)
+
+
 def test_weight_decay_spares_gains_biases_and_the_temperature(env):
     """open_clip's recipe: decay on matrices, none on LayerNorm gains, biases or logit_scale."""
     trial = new_trial(env, train_cfg(scope="full", weight_decay=0.1))

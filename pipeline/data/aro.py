@@ -176,10 +176,13 @@ def order_options(
     caption: str, tagger: Tagger, rng: random.Random, tokenizer: Tokenizer | None = None, max_words: int = MAX_WORDS
 ) -> tuple[str, str, str, str, str]:
     """[caption, nouns+adjectives shuffled, all but nouns+adjectives shuffled,
-    shuffled within trigrams, trigrams shuffled], as ARO builds them.
+    shuffled within trigrams, trigrams shuffled], ARO's four shuffles.
 
     Like ARO, the shuffles act on the tokens of the raw caption and `pre_caption` runs
     on each result afterwards (so a caption over `max_words` words is cut after shuffling).
+    Unlike ARO, whose noun/adjective shuffles move spaCy's tokens and whose trigram shuffles
+    move NLTK's, all four move one tokenization (`tokenize` by default): a word spaCy splits
+    at an inner hyphen (t-shirt) is one unit here.
     """
     tokens = (tokenize if tokenizer is None else tokenizer)(caption)
     tags = tagger(tokens)
@@ -289,7 +292,8 @@ _CLITIC = re.compile(r"^(.+?)(n't|'s|'re|'ve|'ll|'d|'m)$", re.IGNORECASE)
 
 def tokenize(caption: str) -> list[str]:
     """Treebank-style tokens (punctuation and clitics such as 's, n't split off), close
-    to what ARO's spaCy / NLTK tokenizers give, so the shuffles move the same units."""
+    to what ARO's NLTK tokenizer gives; spaCy's, which ARO's noun/adjective shuffles use, also
+    splits a hyphen inside a word, which this keeps (README, "Datasets: where to get them")."""
     tokens: list[str] = []
     for chunk in caption.split():
         start, end = 0, len(chunk)

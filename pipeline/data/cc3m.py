@@ -2,9 +2,9 @@
 
 CC-3M is published as URLs; once the images are downloaded (e.g. with img2dataset) it
 comes in one of two usual layouts, both read here:
-- TSV, open_clip's `CsvDataset` convention: a tab-separated file whose header row names a
+- TSV, open_clip's `CsvDataset` columns: a tab-separated file whose header row names a
   `filepath` and a `title` column (other columns are ignored); `filepath` is relative to
-  the TSV's folder or absolute.
+  the TSV's folder or absolute (open_clip opens a relative path from where it was started).
 - webdataset: a folder of `*.tar` shards whose members come in pairs `<key>.jpg` (or
   .jpeg, .png, .webp) + `<key>.txt` (the caption), as img2dataset writes them; other
   members (`<key>.json`, ...) are ignored.
@@ -21,7 +21,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .coco import write_coco_captions
-from .errors import DataFormatError, MissingDataError, existing_image
+from .errors import DataFormatError, MissingDataError, existing_image, utf8_text
 
 TSV_IMAGE, TSV_CAPTION = "filepath", "title"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
@@ -46,7 +46,7 @@ def index_cc3m(source: Path, out: Path) -> tuple[Path, Path]:
 def read_tsv(path: Path) -> list[tuple[int, str, list[str]]]:
     """(image id, file path as written, captions) per distinct image, in file order."""
     by_image: dict[str, list[str]] = {}
-    with open(path, encoding="utf-8", newline="") as f:
+    with utf8_text(path), open(path, encoding="utf-8", newline="") as f:
         reader = csv.reader(f, delimiter="\t")
         header = next(reader, None)
         if header is None:

@@ -5,7 +5,6 @@ toy world and the paper's datasets are read by the same readers.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +33,7 @@ def read_index(root: Path) -> dict:
     path = Path(root) / INDEX_NAME
     if not path.is_file():
         raise MissingInput(f"{path}: not found; run the data stage first")
-    return json.loads(path.read_text())
+    return load_json(path, "the data stage's index")
 
 
 def _path(root: Path, value: str) -> Path:
@@ -72,7 +71,7 @@ def order_tagger(root: Path, name: str, spec: dict) -> aro.Tagger:
     """An order set's part-of-speech tagger: each caption's own tags (a file under `root`) or a word lexicon."""
     if "tags" in spec:
         path = _path(root, spec["tags"])
-        return aro.caption_tagger(json.loads(path.read_text()), str(path))
+        return aro.caption_tagger(load_json(path, f"part-of-speech tags of {name}"), str(path))
     if "lexicon" in spec:
         return aro.lexicon_tagger(spec["lexicon"])
     raise ValueError(f"{INDEX_NAME}: aro.{name}: part-of-speech 'tags' or a 'lexicon' is required")

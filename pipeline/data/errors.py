@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -70,11 +72,20 @@ def load_json(path: Path, what: str) -> Any:
         raise DataFormatError(path, "", None, f"invalid JSON: {_one_line(exc)}") from exc
 
 
+@contextmanager
+def utf8_text(path: Path) -> Iterator[None]:
+    """Reading `path` as UTF-8 text: a byte that is not UTF-8 becomes a DataFormatError naming the file."""
+    try:
+        yield
+    except UnicodeDecodeError as exc:
+        raise DataFormatError(path, "", None, f"is not UTF-8 text: {_one_line(exc)}") from exc
+
+
 def load_jsonl(path: Path, what: str) -> list[tuple[str, Any]]:
     """(where, value) per non-blank line, `where` = "line N" (1-based, as editors count)."""
     require_file(path, what)
     rows = []
-    with open(path, encoding="utf-8") as f:
+    with utf8_text(path), open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue

@@ -21,7 +21,7 @@ from io import StringIO
 from pathlib import Path
 
 from pipeline.io import write_text
-from .errors import DataFormatError, MissingDataError, require_file
+from .errors import DataFormatError, MissingDataError, require_file, utf8_text
 
 QUESTIONS = "Questions.csv"
 IMAGE_DIRS = ("MLLM_VLM Images", "MLLM_VLM_Images")
@@ -100,7 +100,7 @@ def write_mmvp(root: Path, rows: list[dict]) -> None:
 
 def _rows(path: Path) -> list[tuple[str, int, str, str]]:
     """(where, Question ID, Type, Statement) per data row; the header is checked for its shape only."""
-    with open(path, encoding="utf-8-sig", newline="") as f:
+    with utf8_text(path), open(path, encoding="utf-8-sig", newline="") as f:
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None or len(header) != len(HEADER) or header[0].strip().isdigit():

@@ -124,11 +124,14 @@ def save_teacher(teacher: Teacher, folder: Path) -> None:
 
 
 def load_teacher(source: str | Path, dtype: torch.dtype = torch.float32) -> Teacher:
-    """A teacher from a diffusers repo id or a local folder in the Stable Diffusion layout.
+    """A teacher from a diffusers repo id (a str) or a local folder in the Stable Diffusion layout
+    (a str, or a Path: the models stage's folder, never looked up on the hub when it is missing).
 
     The scheduler is always DDPM with the folder's own betas and prediction type
     (SD repos ship a PNDM config; training and scoring need the DDPM forward process).
     """
+    if isinstance(source, Path) and not source.is_dir():
+        raise MissingInput(f"{source}: not a folder; run the models stage first")
     src = str(source)
     if Path(src).exists() and not (Path(src) / "model_index.json").is_file():
         raise MissingInput(f"{src}: not a diffusers folder (no model_index.json)")

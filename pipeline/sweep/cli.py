@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import logging
+import math
 import os
 import shlex
 import sys
@@ -112,8 +113,8 @@ def prepare(args: argparse.Namespace) -> tuple[spec.Sweep, Path]:
     if args.max_concurrent is not None:
         sweep.max_concurrent = args.max_concurrent
     if args.gpus_per_trial is not None:
-        if args.gpus_per_trial < 0:
-            raise ConfigError(f"--gpus-per-trial: {args.gpus_per_trial:g} is out of range; allowed: >= 0")
+        if not args.gpus_per_trial >= 0 or math.isinf(args.gpus_per_trial):     # nan fails the first test
+            raise ConfigError(f"--gpus-per-trial: {args.gpus_per_trial:g} is out of range; allowed: a finite number >= 0")
         sweep.resources.gpu = args.gpus_per_trial
         spec.check_resources(sweep.resources)
     return sweep, params_path.parent

@@ -63,7 +63,7 @@ from annotated_types import Ge
 from pydantic import StrictInt, StrictStr
 
 from pipeline.config import (ARO_SETS, CLEVR_SUBTASKS, PROFILES, SUGARCREPE_SUBSETS, Config, ConfigError, NonNegFloat,
-                             NonNegInt, PosFloat, PosInt, deep_merge, from_dict, read_yaml, resolve, type_name,
+                             NonNegInt, PosFloat, PosInt, Seed, deep_merge, from_dict, read_yaml, resolve, type_name,
                              validate, validated)
 
 SWEEPABLE_SECTIONS = ("objective", "train", "eval")
@@ -122,7 +122,7 @@ class SearchSpec:
     type: Literal[SEARCHES] = "grid"
     num_samples: PosInt = 1
     sampler: Literal["tpe", "random"] = "tpe"
-    seed: StrictInt = 0
+    seed: Seed = 0
 
 
 @validated
@@ -151,7 +151,7 @@ class _Options:
     name: StrictStr = ""
     search: SearchSpec = field(default_factory=SearchSpec)
     scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
-    seeds: list[StrictInt] = field(default_factory=list)
+    seeds: list[Seed] = field(default_factory=list)
     resources: ResourcesSpec = field(default_factory=ResourcesSpec)
     max_concurrent: NonNegInt = 0                  # 0: as many as the resources allow
     metric: StrictStr = "winoground/text"
