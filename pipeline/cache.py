@@ -80,7 +80,11 @@ class CacheError(RuntimeError):
     def __init__(self, table: str, path: Path | str, problem: str) -> None:
         self.table = table
         self.path = Path(path)
+        self.given = (table, path, problem)
         super().__init__(f"cache table {table!r}: {path}: {problem}")
+
+    def __reduce__(self):
+        return type(self), self.given             # pickled whole, as pipeline.data.errors.DataFormatError
 
 
 # --------------------------------------------------------------------------- writing

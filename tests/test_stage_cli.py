@@ -5,6 +5,7 @@ need them is answered at once. A sweep the sweep stage cannot run still leaves i
 """
 import ast
 import json
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,8 @@ import pytest
 import yaml
 
 from pipeline import cli
-from pipeline.data.errors import MissingDataError, MissingInput
+from pipeline.cache import CacheError
+from pipeline.data.errors import DataFormatError, MissingDataError, MissingInput
 
 REPO = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "diffusers", "open_clip", "mlflow", "ray")
@@ -182,3 +184,16 @@ def test_the_train_stage_refuses_a_results_file_it_could_not_write_before_traini
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: results: ") and "is a file" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml", "results"]
+
+
+@pytest.mark.parametrize("error", [
+    DataFormatError(Path("data/index.json"), "line 3", "caption", "is empty"),
+    MissingDataError(Path("datasets/aro"), "visual_genome_relation.json"),
+    CacheError("bench_text", Path("cache/bench_text/manifest.json"), "not found"),
+], ids=["DataFormatError", "MissingDataError", "CacheError"])
+def test_the_projects_input_errors_cross_a_process_boundary_whole(error):
+    """A sweep trial's error reaches the driver pickled: unpickling called __init__ with the message
+    alone, so a broken data index arrived as "TypeError: __init__() missing 3 required positional
+    arguments" instead of the line naming the file."""
+    back = pickle.loads(pickle.dumps(error))
+    assert type(back) is type(error) and str(back) == str(error) and back.path == error.path

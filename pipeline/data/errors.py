@@ -27,11 +27,17 @@ class DataFormatError(ValueError):
         self.path = Path(path)
         self.where = where
         self.field = field
+        self.given = (path, where, field, problem)
         parts = [str(path)]
         if where:
             parts.append(where)
         parts.append(f"field {field!r} {problem}" if field is not None else problem)
         super().__init__(": ".join(parts))
+
+    def __reduce__(self):
+        # Pickled with its own arguments: a Ray trial's error reaches the driver (the default,
+        # the message alone, could not call __init__ and arrived as a TypeError).
+        return type(self), self.given
 
 
 class MissingInput(FileNotFoundError):
@@ -45,7 +51,11 @@ class MissingDataError(MissingInput):
 
     def __init__(self, path: Path | str, what: str) -> None:
         self.path = Path(path)
+        self.given = (path, what)
         super().__init__(f"{path}: missing {what}")
+
+    def __reduce__(self):
+        return type(self), self.given             # as DataFormatError's
 
 
 def require_file(path: Path, what: str) -> Path:
