@@ -422,7 +422,7 @@ class Kills:
         """(a) SIGKILL the driver once one trial finished and another is mid-way, then --resume."""
         name, path = self.sweep("a", {"train.seed": [0, 1]}, steps=60)
         temp = self.temp()
-        proc = self.start("a-driver", self.driver(path, "--ray-temp-dir", temp))
+        proc = self.start("a-driver", self.driver(path), {"RAY_TMPDIR": temp})
 
         def midway() -> bool:
             _, kids = self.launch(name)
@@ -432,7 +432,7 @@ class Kills:
         self.crash_when(proc, midway, temp, "one trial finished and another at step 9-48")
         parent, kids = self.launch(name)
         before = {k["tags"]["trial_id"]: k for k in kids if k["status"] == "FINISHED"}
-        code, out, err = self.run("a-resume", self.driver(path, "--resume", "--ray-temp-dir", self.temp()))
+        code, out, err = self.run("a-resume", self.driver(path, "--resume"), {"RAY_TMPDIR": self.temp()})
         stop(processes_under(self.temps[-1]))
         if code != 0:
             raise Failed(f"--resume exited {code}: {err.strip().splitlines()[-1:] or out[-200:]}")
@@ -448,13 +448,14 @@ class Kills:
         """(b) The driver dies between tuner.pkl and Ray Tune's first snapshot; --resume; a new launch."""
         name, path = self.sweep("b", {"train.seed": [0]}, steps=4)
         temp = self.temp()
-        code, out, err = self.run("b-staged", [PYTHON, "-c", STAGE_UNSNAPSHOTTED, str(path), str(self.params), temp])
+        code, out, err = self.run("b-staged", [PYTHON, "-c", STAGE_UNSNAPSHOTTED, str(path), str(self.params)],
+                                  {"RAY_TMPDIR": temp})
         stop(processes_under(temp))
         ray_path = out.strip().splitlines()[-1] if out.strip() else ""
         if code != -signal.SIGKILL or not (Path(ray_path) / "tuner.pkl").is_file() or \
                 list(Path(ray_path).glob("experiment_state-*.json")):
             raise Failed(f"could not stage the kill (exit {code}; {err.strip()[-200:]})")
-        code, out, err = self.run("b-resume", self.driver(path, "--resume", "--ray-temp-dir", self.temp()))
+        code, out, err = self.run("b-resume", self.driver(path, "--resume"), {"RAY_TMPDIR": self.temp()})
         stop(processes_under(self.temps[-1]))
         lines, _ = stderr_lines(err)
         if code != 2 or len(lines) != 1 or "was stopped before Ray Tune recorded any trial" not in lines[0]:
@@ -462,7 +463,7 @@ class Kills:
         parent, kids = self.launch(name)
         if parent["tags"].get("ray_path") != ray_path or parent["status"] != "KILLED" or kids:
             raise Failed(f"the staged launch's run is {parent['status']} with {len(kids)} children")
-        code, out, err = self.run("b-new", self.driver(path, "--ray-temp-dir", self.temp()))
+        code, out, err = self.run("b-new", self.driver(path), {"RAY_TMPDIR": self.temp()})
         stop(processes_under(self.temps[-1]))
         if code != 0:
             raise Failed(f"the new launch exited {code}: {err.strip().splitlines()[-1:]}")
@@ -474,7 +475,7 @@ class Kills:
         """(c) A killed launch resumed by two drivers at once."""
         name, path = self.sweep("c", {"train.seed": [0]}, steps=60)
         temp = self.temp()
-        proc = self.start("c-driver", self.driver(path, "--ray-temp-dir", temp))
+        proc = self.start("c-driver", self.driver(path), {"RAY_TMPDIR": temp})
 
         def recorded() -> bool:
             _, kids = self.launch(name)
@@ -485,14 +486,14 @@ class Kills:
         parent, _ = self.launch(name)
         (lock,) = self.project.glob(f"ray_results/{name}-*/driver.lock")
         first_temp, second_temp = self.temp(), self.temp()
-        first = self.start("c-resume-1", self.driver(path, "--resume", "--ray-temp-dir", first_temp))
+        first = self.start("c-resume-1", self.driver(path, "--resume"), {"RAY_TMPDIR": first_temp})
         try:
             deadline = time.monotonic() + self.timeout
             while lock.read_text() != f"pid {first.pid} on {socket.gethostname()}":
                 if first.poll() is not None or time.monotonic() > deadline:
                     raise Failed(f"the first --resume never held the launch (exit {first.poll()})")
                 time.sleep(0.2)
-            code, out, err = self.run("c-resume-2", self.driver(path, "--resume", "--ray-temp-dir", second_temp))
+            code, out, err = self.run("c-resume-2", self.driver(path, "--resume"), {"RAY_TMPDIR": second_temp})
             first_code, first_out, first_err = self.finish(first)
         finally:
             if first.poll() is None:
@@ -608,12 +609,12 @@ from pipeline.sweep import driver, spec
 from pipeline.sweep.recorder import RunRecorder
 from pipeline.tracking import resolve_uri
 
-sweep_file, params, temp = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+sweep_file, params = Path(sys.argv[1]), Path(sys.argv[2])
 root = params.parent
 sweep = spec.load(sweep_file, read_yaml(params))
 stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid() % 10000:04d}"
 ray_path = f"{driver.storage_root(sweep, root, None)}/{sweep.name}-{stamp}-{sweep.spec_hash()}"
-driver.start_ray(None, temp)
+driver.start_ray(None)                      # under $RAY_TMPDIR, which the probe sets
 recorder = RunRecorder(sweep, root, resolve_uri(sweep.base_config.tracking.uri, root), driver.experiment_name(sweep))
 recorder.open_launch(ray_path)
 driver.tuner(sweep, spec.trials(sweep), root, recorder, ray_path, resume=False, retry=False)   # writes tuner.pkl

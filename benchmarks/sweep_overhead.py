@@ -114,11 +114,11 @@ def main(argv: list[str] | None = None) -> int:
         }, sort_keys=False))
         results = root / "bench.json"
         temp = tempfile.mkdtemp(prefix="rb-", dir="/tmp")
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_TMPDIR": temp}
         env.pop("RAY_ADDRESS", None)
         start = time.perf_counter()
         proc = subprocess.run([sys.executable, "-m", "pipeline.sweep", str(sweep_file), "--params",
-                               str(root / "params.yaml"), "--results", str(results), "--ray-temp-dir", temp],
+                               str(root / "params.yaml"), "--results", str(results)],
                               cwd=root, env=env, capture_output=True, text=True)
         wall = time.perf_counter() - start
         shutil.rmtree(temp, ignore_errors=True)

@@ -60,6 +60,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 from tqdm import tqdm
 
+from pipeline.data.errors import PicklesWhole
 from pipeline.io import write_bytes, write_json
 
 __all__ = ["CacheError", "Table", "open_table", "verify_tables", "write_table"]
@@ -74,17 +75,13 @@ TENSOR = "rows"
 _SHARD_RE = re.compile(r"shard-\d{5,}\.safetensors")
 
 
-class CacheError(RuntimeError):
+class CacheError(PicklesWhole, RuntimeError):
     """A cache table is missing, unfinished, corrupt or inconsistent; one line naming table and file."""
 
     def __init__(self, table: str, path: Path | str, problem: str) -> None:
-        self.table = table
+        self.arguments = (table, path, problem)
         self.path = Path(path)
-        self.given = (table, path, problem)
         super().__init__(f"cache table {table!r}: {path}: {problem}")
-
-    def __reduce__(self):
-        return type(self), self.given             # pickled whole, as pipeline.data.errors.DataFormatError
 
 
 # --------------------------------------------------------------------------- writing

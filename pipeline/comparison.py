@@ -29,14 +29,13 @@ seeds (other training runs):
 """
 from __future__ import annotations
 
-import numbers
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import stats
 
-from pipeline.metrics import SUGARCREPE_CATEGORIES, cases_digest, decode_correct
+from pipeline.metrics import SUGARCREPE_CATEGORIES, cases_digest, check_resampling, decode_correct
 
 
 class CaseOutcomes:
@@ -115,14 +114,6 @@ def same_seeds(seeds_a: Sequence, seeds_b: Sequence) -> bool:
     return len(seeds_a) > 1 and None not in seeds_a and list(seeds_a) == list(seeds_b)
 
 
-def _check_resampling(n_resamples: int, confidence: float) -> None:
-    # One draw has no spread: the case variance would be 0 and a one-run interval a point.
-    if isinstance(n_resamples, bool) or not isinstance(n_resamples, numbers.Integral) or n_resamples < 2:
-        raise ValueError(f"n_resamples must be an integer >= 2, got {n_resamples!r}")
-    if not 0.0 < float(confidence) < 1.0:
-        raise ValueError(f"confidence must lie in (0, 1), got {confidence!r}")
-
-
 def _percentiles(values: np.ndarray, confidence: float) -> tuple[float, float]:
     alpha = 1.0 - float(confidence)
     lo, hi = np.quantile(values, [alpha / 2.0, 1.0 - alpha / 2.0])
@@ -181,7 +172,8 @@ def seed_task_interval(parts, n_resamples: int = 1000, confidence: float = 0.95,
     """(mean over seeds, low, high): the case bootstrap's percentile interval for one run; with
     seeds, the t interval of the case and seed variances together (see the module docstring)."""
     parts = _parts(parts)
-    _check_resampling(n_resamples, confidence)
+    # One draw has no spread: the case variance would be 0 and a one-run interval a point.
+    check_resampling(n_resamples, confidence, at_least=2)
     mean = metric_value(parts)
     draws = _case_draws([parts], [1.0], n_resamples, seed)
     if parts[0].seeds == 1:
@@ -230,7 +222,7 @@ def paired_difference(parts_a, parts_b, n_resamples: int = 1000, confidence: flo
     if any(a.identity != b.identity for a, b in zip(parts_a, parts_b)):
         raise ValueError("the two rows must be scored on the same cases in the same order (their case "
                          "identities differ)")
-    _check_resampling(n_resamples, confidence)
+    check_resampling(n_resamples, confidence, at_least=2)
     if pair_seeds and not parts_a[0].seeds == parts_b[0].seeds > 1:
         raise ValueError(f"pair_seeds needs the same number of seeds (2 or more) in both rows, got "
                          f"{parts_a[0].seeds} and {parts_b[0].seeds}")

@@ -267,13 +267,14 @@ class ObjectiveConfig:
                           drawn from the data stage's `negatives` of the training caption (toy: swaps
                           of the toy grammar; COCO: ARO-style swaps of same-tag words). NegCLIP's
                           nearest-neighbour negative images are not used. lambda_sds must be 0.
-      diffusion_feedback  DIVA / GenHancer / DCR: the student's image tokens, through a trainable
+      diffusion_feedback  DIVA's and DCR's form: the student's image tokens, through a trainable
                           linear projector, are added to the teacher's conditioning of the empty
-                          caption (in place of a caption); the frozen UNet denoises the image's
-                          cached VAE latent at a sampled step and L_teacher is its epsilon error.
+                          caption (in place of a caption; the CLS alone at every position); the
+                          frozen UNet denoises the image's cached VAE latent at a sampled step and
+                          L_teacher is its epsilon error.
     lambda_sds        weight of the teacher's loss (the paper's lambda); 0 trains no h_w/projector.
-    clip_weight       weight of the contrastive loss (1). DIVA, GenHancer and DCR train the
-                      student with the generative loss alone: clip_weight 0.
+    clip_weight       weight of the contrastive loss (1). DIVA and DCR train the student with
+                      the generative loss alone: clip_weight 0.
     reduction         ||.||^2 of the teacher's loss: "mean" over the latent's elements (and the
                       batch), or "sum" over each sample's elements, then the batch mean (the
                       equation read literally). They differ by the element count: 16,384 for SD's
@@ -285,9 +286,10 @@ class ObjectiveConfig:
     runs log the weight they ran with.
     projector_steps   the first N of train.steps train only h_w (sds, unet_feature) or the
                       projector (diffusion_feedback) on L_teacher, the student frozen; then the
-                      scope joins with the full loss (GenHancer's two stages; an h_w warm-up).
+                      scope joins with the full loss (an h_w warm-up; like GenHancer's two stages,
+                      whose first trains its denoiser too).
     feedback_tokens   diffusion_feedback: patch tokens given to the teacher beside the CLS
-                      embedding, drawn at random each step (DIVA: 76; GenHancer, DCR: 0, CLS alone).
+                      embedding, drawn at random each step (DIVA: 76; DCR: 0, the CLS alone).
     noising           sds: "noise" feeds the UNet h_w(f(x)) noised to step t and regresses the
                       noise (DreamFusion's SDS); "none" feeds h_w(f(x)) itself as the noisy latent.
     gradient          sds: "backprop" differentiates the literal loss through the frozen UNet;

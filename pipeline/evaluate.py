@@ -81,8 +81,8 @@ def timed_scores(score: PairScorer, images: list[str], captions: list[str]) -> t
     return scores, time.perf_counter() - start
 
 
-def score_benchmarks(score: PairScorer, bench: Benchmarks, bootstrap: int = 0, seed: int = 0,
-                     attribution_min_cases: int = 25) -> Evaluation:
+def score_benchmarks(score: PairScorer, bench: Benchmarks, bootstrap: int = 0, seed: int = 0, *,
+                     attribution_min_cases: int) -> Evaluation:
     """Winoground text/image/group with breakdowns, the ARO sets, and SugarCrepe, MMVP-VLM and CLEVR
     where the data has them, under one scorer.
 
@@ -170,9 +170,10 @@ def _score_mmvp(result: Evaluation, score: PairScorer, bench: Benchmarks) -> Non
     correct = metrics.mmvp_correct(scores, [(p.answer_1, p.answer_2) for p in bench.mmvp])
     patterns = [p.pattern for p in bench.mmvp]
     of_pair = np.array(patterns)
-    identities = np.array(case_identities(images, captions, 4), dtype=object)
+    identities = case_identities(images, captions, 4)
     for pattern in dict.fromkeys(patterns):
-        result.add(metric_name(pattern), correct[of_pair == pattern], list(identities[of_pair == pattern]))
+        result.add(metric_name(pattern), correct[of_pair == pattern],
+                   [case for case, of in zip(identities, patterns) if of == pattern])
     values = metrics.mmvp(correct, patterns)
     result.metrics.update({metric_name(name): values[name] for name in dict.fromkeys(patterns)})
     result.metrics["mmvp/mean"] = values["mean"]
@@ -313,7 +314,8 @@ def evaluate_student(student: Student, bench: Benchmarks, cfg: EvalConfig,
                      device: torch.device | str = "cpu") -> Evaluation:
     student.model.to(device)
     scorer = ClipScorer(student, cfg.batch_size, device)
-    result = score_benchmarks(scorer, bench, cfg.bootstrap, cfg.seed, cfg.vg_attribution_min_cases)
+    result = score_benchmarks(scorer, bench, cfg.bootstrap, cfg.seed,
+                              attribution_min_cases=cfg.vg_attribution_min_cases)
     for shot in bench.zeroshot:
         correct = scorer.zeroshot(shot)
         result.metrics[f"zeroshot/{shot.name}"] = float(np.mean(correct))
@@ -343,7 +345,8 @@ def evaluate_projection(student: Student, projection: LatentProjection, scale: f
     scorer = DiffusionScorer(teacher, ProjectedLatents(ClipScorer(student, cfg.batch_size, device), projection, scale),
                              conditioning, cfg, device, opts)
     tasks = diagnostic_tasks(bench, cfg)
-    scores = score_benchmarks(scorer, Benchmarks(tasks), cfg.bootstrap, cfg.seed, cfg.vg_attribution_min_cases)
+    scores = score_benchmarks(scorer, Benchmarks(tasks), cfg.bootstrap, cfg.seed,
+                              attribution_min_cases=cfg.vg_attribution_min_cases)
     return Evaluation().update(scores, prefix="projected/")
 
 
@@ -399,4 +402,5 @@ def evaluate_teacher(teacher: Teacher, latents: Table, conditioning: Table, benc
     teacher.unet.to(device)
     fastpath.prepare_teacher_unet(teacher.unet, opts)
     scorer = DiffusionScorer(teacher, latents, conditioning, cfg, device, opts)
-    return score_benchmarks(scorer, bench, cfg.bootstrap, cfg.seed, cfg.vg_attribution_min_cases)
+    return score_benchmarks(scorer, bench, cfg.bootstrap, cfg.seed,
+                            attribution_min_cases=cfg.vg_attribution_min_cases)

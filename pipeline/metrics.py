@@ -460,6 +460,14 @@ def clevr(correct: dict) -> dict[str, float]:
 # --------------------------------------------------------------------------- bootstrap
 
 
+def check_resampling(n_resamples: int, confidence: float, at_least: int = 1) -> None:
+    """A bootstrap's settings: an integer count of draws (at least `at_least`) and a level in (0, 1)."""
+    if isinstance(n_resamples, bool) or not isinstance(n_resamples, numbers.Integral) or n_resamples < at_least:
+        raise ValueError(f"n_resamples must be an integer >= {at_least}, got {n_resamples!r}")
+    if not 0.0 < float(confidence) < 1.0:
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence!r}")
+
+
 def bootstrap_interval(
     values,
     n_resamples: int = 1000,
@@ -480,10 +488,7 @@ def bootstrap_interval(
     nan = np.flatnonzero(np.isnan(v))
     if nan.size:
         raise ValueError(f"values has a NaN at index {int(nan[0])}")
-    if isinstance(n_resamples, bool) or not isinstance(n_resamples, numbers.Integral) or n_resamples < 1:
-        raise ValueError(f"n_resamples must be an integer >= 1, got {n_resamples!r}")
-    if not 0.0 < float(confidence) < 1.0:
-        raise ValueError(f"confidence must lie in (0, 1), got {confidence!r}")
+    check_resampling(n_resamples, confidence)
     rng = np.random.default_rng(seed)
     means = np.empty(int(n_resamples), dtype=np.float64)
     chunk = max(1, (1 << 22) // n)  # bounds memory to ~32 MiB of indices per draw

@@ -68,9 +68,11 @@ class FeedbackProjector(nn.Module):
     """Diffusion feedback's projector: the student's image tokens -> the teacher's conditioning.
 
     Each token (width d: the CLS embedding first, then any patch tokens) goes through one
-    Linear(d, D) and is added to the empty caption's conditioning [L, D] at the first
-    positions, the rest of which stays as it is (DIVA's construction; with the CLS token alone,
-    GenHancer's and DCR's single global condition).
+    Linear(d, D) and is added to the empty caption's conditioning [L, D]. The CLS alone is added
+    at every position, as DCR adds its projected CLS to all 77 (at the first alone it would sit on
+    the start token's output, which a causal text encoder makes the same for every caption, so the
+    teacher never learned to read anything there); k tokens go to the first k positions, the rest
+    staying as they are (DIVA's construction, with k = L: the CLS and 76 patch tokens).
     """
 
     def __init__(self, embed_dim: int, width: int):
@@ -80,8 +82,10 @@ class FeedbackProjector(nn.Module):
     def forward(self, tokens: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
         """tokens [B, k, d], empty [L, D] with k <= L -> conditioning [B, L, D]."""
         batch, k = tokens.shape[:2]
-        head = empty[:k] + self.linear(tokens)
-        return torch.cat([head, empty[k:].expand(batch, -1, -1)], dim=1)
+        projected = self.linear(tokens)
+        if k == 1:
+            return empty + projected
+        return torch.cat([empty[:k] + projected, empty[k:].expand(batch, -1, -1)], dim=1)
 
 
 def sample_timesteps(batch: int, t_min: int, t_max: int, generator: torch.Generator | None = None,

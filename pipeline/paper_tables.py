@@ -122,7 +122,7 @@ def ft_clip_references(cfg, table_rows: list[Row]) -> dict[str | None, Row]:
     return references
 
 
-def paper_numbers(table_id: str, row: Row) -> dict[str, float] | None:
+def paper_numbers(table_id: str, row: Row) -> published.Cited | None:
     """The published numbers printed under `row` from `table_id` (`published.beside_measured`)."""
     return published.beside_measured(table_id, row.student, row.run, row.config)
 
@@ -136,7 +136,7 @@ def table_of(student: str | None, profile: str) -> str:
     return "table1"
 
 
-def own_numbers(row: Row, profile: str) -> dict[str, float] | None:
+def own_numbers(row: Row, profile: str) -> published.Cited | None:
     """The published numbers of a Table-1 kind of row: from its student's table, or the diffusion
     score's appendix for the teacher's."""
     return paper_numbers(table_of(row.student, profile) if row.student else "appendix_diffusion_score", row)
@@ -190,22 +190,22 @@ class Comparison:
 TEXT_VS_FT_CLIP = Comparison("Wino text", TEXT, "FT with L_CLIP", "ft_clip")
 
 
-def write_table(out: Path, stem: str, table_rows: list[Row], paper: list[dict[str, float] | None],
+def write_table(out: Path, stem: str, table_rows: list[Row], paper: list[published.Cited | None],
                 columns: list[tuple[str, str]], comparison: Comparison, reference: Callable[[Row], Row | None],
                 n_resamples: int = 1000, seed: int = 0) -> list[Path]:
     """`<stem>.md/.tex/.csv`: a row per measured row (`columns`' metrics, its seed count and the
     comparison's columns), each followed by its published row from `paper` (one entry per row, None
-    where the paper has none)."""
+    where the paper has none); a note under the table cites each published table those rows are from."""
     keys = [key for _, key in columns]
     c = comparison
     extra = ["seeds", f"{c.name} seed sd", f"{c.name} 95% CI", f"{c.name} vs {c.against}"]
     extra_keys = ["seeds", f"{c.key}/seed_sd", f"{c.key}/ci95", f"{c.key}/vs_{c.against_key}"]
-    header, cells = published.beside(["run"] + [name for name, _ in columns], keys,
-                                     [(r.label, r.metrics) for r in table_rows], paper)
+    header, cells, notes = published.beside(["run"] + [name for name, _ in columns], keys,
+                                            [(r.label, r.metrics) for r in table_rows], paper)
     by_label = {r.label: [str(len(r.runs)), _seed_sd(r, c.key), _interval(r, c.key, n_resamples, seed),
                           _versus(r, reference(r), c.key, n_resamples, seed)] for r in table_rows}
     cells = [row + by_label.get(row[0], ["-"] * len(extra)) for row in cells]
-    return write_tables(out, stem, header + extra, ["run"] + keys + extra_keys, cells)
+    return write_tables(out, stem, header + extra, ["run"] + keys + extra_keys, cells, notes)
 
 
 def write(cfg, table_rows: list[Row], out: Path, n_resamples: int = 1000, seed: int = 0) -> list[Path]:

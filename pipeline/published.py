@@ -141,35 +141,50 @@ def setting(row: PublishedRow) -> dict[str, str]:
     return {**SETTING, **trained, **row.values}
 
 
-def beside_measured(table_id: str, student: str | None, run: str, config: dict) -> dict[str, float] | None:
+@dataclasses.dataclass(frozen=True)
+class Cited:
+    """A published row's metrics and the id of the table they are from, which the printed table cites."""
+
+    metrics: dict[str, float]
+    table_id: str
+
+    def note(self) -> str:
+        """The line a printed table gives its "(paper)" rows from this table: its source, then its caption."""
+        entry = table(self.table_id)
+        return f"(paper) rows: {entry.source}. {entry.caption}"
+
+
+def beside_measured(table_id: str, student: str | None, run: str, config: dict) -> Cited | None:
     """The published metrics to print under a measured run of `student` whose whole config (dotted keys)
     is `config`: the table's row of that student and run when the config has its `setting`, else None
     (another profile, teacher, corpus or fine-tuning setting than the row's)."""
     row = row_of(table_id, student, run)
     if row is None or any(str(config.get(key)) != value for key, value in setting(row).items()):
         return None
-    return dict(row.metrics)
+    return Cited(dict(row.metrics), table_id)
 
 
 def number(value: float) -> str:
-    """A value as `report.metric_cells` prints it."""
-    return f"{value:.3f}"
-
-
-def _cells(values: dict[str, float], keys: list[str]) -> list[str]:
-    return [number(values[key]) if key in values else MISSING for key in keys]
+    """A published value with the paper's own digits (.24 as 0.24, .535 as 0.535): to 3 decimals, as the
+    measured values print, it would claim a precision the paper never gave. At least 2 (YAML reads .30 as 0.3)."""
+    decimals = max(2, len(repr(float(value)).partition(".")[2]))
+    return f"{value:.{decimals}f}"
 
 
 def beside(header: list[str], keys: list[str], rows: list[tuple[str, dict[str, float]]],
-           published: list[dict[str, float] | None]) -> tuple[list[str], list[list[str]]]:
-    """(header, cells): each measured row (label, then `number` of each of `keys`, MISSING where absent),
-    followed by its "<label> (paper)" row from `published` (one entry per row, e.g. `beside_measured`'s) when
-    the paper has any of `keys` for it. `header` is the label column's name and one name per key."""
+           published: list[Cited | None]) -> tuple[list[str], list[list[str]], list[str]]:
+    """(header, cells, notes): each measured row (label, then each of `keys` to 3 decimals as
+    `report.metric_cells` prints them, MISSING where absent), followed by its "<label> (paper)" row from
+    `published` (one entry per row, e.g. `beside_measured`'s; `number` of each value) when the paper has
+    any of `keys` for it; `notes` cite the tables those rows are from, once each. `header` is the label
+    column's name and one name per key."""
     if len(header) != len(keys) + 1:
         raise ValueError(f"header has {len(header)} names for {len(keys)} keys; expected the label's and one per key")
-    cells = []
+    cells, notes = [], []
     for (label, measured), paper in zip(rows, published, strict=True):
-        cells.append([label] + _cells(measured, keys))
-        if paper and any(key in paper for key in keys):
-            cells.append([label + PAPER] + _cells(paper, keys))
-    return list(header), cells
+        cells.append([label] + [f"{measured[key]:.3f}" if key in measured else MISSING for key in keys])
+        if paper and any(key in paper.metrics for key in keys):
+            cells.append([label + PAPER] + [number(paper.metrics[key]) if key in paper.metrics else MISSING
+                                            for key in keys])
+            notes += [paper.note()] if paper.note() not in notes else []
+    return list(header), cells, notes

@@ -122,10 +122,13 @@ def csv_text(header: list[str], rows: list[list[str]]) -> str:
 
 
 def write_tables(out: Path, stem: str, header: list[str], csv_header: list[str],
-                 rows: list[list[str]]) -> list[Path]:
-    """`<stem>.md`, `.tex` (display header) and `.csv` (metric keys as header) under `out`."""
+                 rows: list[list[str]], notes: list[str] = ()) -> list[Path]:
+    """`<stem>.md`, `.tex` (display header) and `.csv` (metric keys as header) under `out`; `notes` (e.g.
+    where published rows are from) follow the Markdown table and precede the LaTeX one as comments."""
     paths = [Path(out) / f"{stem}.{suffix}" for suffix in ("md", "tex", "csv")]
-    for path, text in zip(paths, (markdown(header, rows), latex(header, rows), csv_text(csv_header, rows))):
+    md = markdown(header, rows) + "".join(f"\n{note}\n" for note in notes)
+    tex = "".join(f"% {note}\n" for note in notes) + latex(header, rows)
+    for path, text in zip(paths, (md, tex, csv_text(csv_header, rows))):
         write_text(path, text)
     return paths
 

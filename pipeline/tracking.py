@@ -214,7 +214,11 @@ class Tracker:
         key, kind = EXPERIMENT_KIND
         found = self.client.get_experiment_by_name(name)
         if found is None:
-            return self.client.create_experiment(name, tags={key: kind})
+            # A local SQLite store's runs keep their files beside it (mlruns/mlflow-artifacts/<run id>/
+            # artifacts); MLflow's default, ./mlruns, is under whatever folder the command ran from.
+            store = local_store(self.uri, self.root) if self.uri.startswith("sqlite:///") else None
+            artifacts = str(store.with_name(f"{store.stem}-artifacts")) if store else None
+            return self.client.create_experiment(name, artifact_location=artifacts, tags={key: kind})
         if key not in found.tags:
             self.client.set_experiment_tag(found.experiment_id, key, kind)
         return found.experiment_id

@@ -409,7 +409,9 @@ class StepSampler(Sampler):
     """
 
     def __init__(self, n: int, batch_size: int, seed: int):
-        self.n, self.batch_size, self.seed, self.start = n, min(batch_size, n), seed, 0
+        if batch_size > n:   # the stages refuse it in one line first (experiment.checked_pairs, the models stage)
+            raise ValueError(f"a batch of {batch_size} cannot be drawn from {n} pairs; allowed: batch_size <= {n}")
+        self.n, self.batch_size, self.seed, self.start = n, batch_size, seed, 0
         self.per_epoch = n // self.batch_size
 
     def __iter__(self):
@@ -493,8 +495,9 @@ RUN_ONLY_KEYS = ("threads", "workers", "log_every", "checkpoint_every")
 
 # What a checkpoint resumes into beyond its settings: raised whenever the loop changes what the same
 # settings train (2: epoch orders from a hash of (seed, epoch), open_clip's weight-decay groups;
-# 3: LoRA's frozen attention weights put back after every step, the temperature clamped at ln 100).
-TRAINER_VERSION = 3
+# 3: LoRA's frozen attention weights put back after every step, the temperature clamped at ln 100;
+# 4: diffusion feedback's CLS added at every position of the teacher's conditioning).
+TRAINER_VERSION = 4
 
 
 def settings(trial: Trial) -> dict:

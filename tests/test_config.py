@@ -488,3 +488,28 @@ def test_a_data_root_that_is_the_project_or_holds_it_is_refused_and_nothing_is_r
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "params.yaml"]
     params["data"]["root"] = "data/built"
     assert load(write_params(tmp_path, params)).data.root == "data/built"
+
+
+@pytest.mark.parametrize("root", ["models", "notes.txt"])
+def test_the_data_stage_replaces_only_a_folder_it_built(tmp_path, root):
+    """A data.root naming another folder of the project (the models, a library folder) or a file was
+    replaced whole by the data stage; it is refused, untouched, and an empty folder or an earlier build is
+    replaced as before."""
+    from stages import data as stage
+
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "teacher.bin").write_text("kept")
+    (tmp_path / "notes.txt").write_text("kept")
+    params = raw_params()
+    params["data"]["root"] = root
+    path = write_params(tmp_path, params)
+    assert stage.main(["--params", str(path), "--profile", "smoke"]) == 2
+    assert (tmp_path / "models" / "teacher.bin").read_text() == "kept" and (tmp_path / "notes.txt").read_text() == "kept"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models", "notes.txt", "params.yaml"]
+
+    (tmp_path / "empty").mkdir()
+    params["data"]["root"] = "empty"
+    path = write_params(tmp_path, params)
+    for _ in range(2):                   # an empty folder, then the build it now holds
+        assert stage.main(["--params", str(path), "--profile", "smoke"]) == 0
+        assert (tmp_path / "empty" / "index.json").is_file()

@@ -570,8 +570,8 @@ def test_loss_step_feedback_is_the_epsilon_error_of_the_cached_latent_under_the_
     with torch.no_grad():
         cls = trial.student.model.encode_image(world["images"])         # before normalisation
         empty = encode_text(teacher, [""])[0]
-        cond = empty.expand(N, -1, -1).clone()
-        cond[:, 0] += cls @ trial.projector.linear.weight.T + trial.projector.linear.bias
+        # The projected CLS at every position of the empty caption's conditioning (DCR's construction).
+        cond = empty + (cls @ trial.projector.linear.weight.T + trial.projector.linear.bias)[:, None]
         pred = teacher.unet(hand_noised(x0, eps, t), t, encoder_hidden_states=cond).sample
     assert losses["feedback"].item() == pytest.approx(F.mse_loss(pred, eps).item(), rel=1e-4)
     assert losses["total"].item() == pytest.approx(losses["clip"].item() + 0.5 * losses["feedback"].item(), rel=1e-5)
@@ -592,9 +592,15 @@ def test_feedback_tokens_are_the_cls_then_patch_tokens_through_the_towers_projec
     assert model.visual.output_tokens is False
     projector = objectives.FeedbackProjector(STUDENT.embed_dim, TEACHER.text_width)
     empty = torch.randn(TEACHER.max_length, TEACHER.text_width)
-    cond = projector(torch.cat([pooled[:, None], patches[:, :2]], dim=1), empty)
-    assert cond.shape == (N, TEACHER.max_length, TEACHER.text_width)
-    assert torch.equal(cond[:, 3:], empty[3:].expand(N, -1, -1))
+    with torch.no_grad():
+        cond = projector(torch.cat([pooled[:, None], patches[:, :2]], dim=1), empty)
+        assert cond.shape == (N, TEACHER.max_length, TEACHER.text_width)
+        assert torch.equal(cond[:, 3:], empty[3:].expand(N, -1, -1))        # k tokens: the first k positions
+        assert torch.allclose(cond[:, 1], empty[1] + projector.linear(patches[:, 0]), atol=1e-6)
+        # The CLS alone is added at every position: at the first alone it sat on the start token's output,
+        # the same for every caption, where the teacher had never learned to read anything.
+        alone = projector(pooled[:, None], empty)
+        assert torch.allclose(alone, empty + projector.linear(pooled)[:, None], atol=1e-6)
 
 
 def test_too_many_feedback_tokens_for_the_teachers_conditioning_is_a_config_error(teacher, world):

@@ -458,6 +458,12 @@ def test_negclip_negatives_swap_two_words_of_one_class_as_aro_describes():
     # Nothing to swap: the caption's tokens shuffled within trigrams instead; a lone word: none.
     assert aro.swap_negatives("Brown grass lies here", tagger, random.Random(1)) != []
     assert aro.swap_negatives("Hello", tagger, random.Random(1)) == []
+    # A short caption's one shuffle kept its order one time in six, leaving it without a negative, which
+    # stops a NegCLIP run: drawn until it changes. Only a caption no shuffle can change has none.
+    for seed in range(200):
+        (negative,) = aro.swap_negatives("A man surfing.", tagger, random.Random(seed))
+        assert negative != "A man surfing ." and sorted(negative.split()) == sorted("A man surfing .".split())
+    assert aro.swap_negatives("dog dog dog", tagger, random.Random(0)) == []
 
 
 def test_a_caption_without_negatives_is_refused_by_name(tmp_path):

@@ -34,7 +34,7 @@ def trial(cfg, student: str, variant: str, seed: int, text: float, correct: str,
 
 def cells(path: Path) -> dict[str, list[str]]:
     """A Markdown table's rows by their label."""
-    rows = [line.strip("|").split("|") for line in path.read_text().splitlines()[2:]]
+    rows = [line.strip("|").split("|") for line in path.read_text().splitlines()[2:] if line.startswith("|")]
     return {row[0].strip(): [c.strip() for c in row[1:]] for row in rows}
 
 
@@ -122,11 +122,16 @@ def test_on_the_paper_profile_each_student_goes_to_its_published_table_beside_th
                      "ft_sds": f"{row.student} FT with L_CLIP + 0.001 L_SDS"}[row.run]
             shown = table[label + published.PAPER]
             for key, value in row.metrics.items():           # the published number, under the measured row
-                assert shown[COLUMN[key]] == f"{value:.3f}", (table_id, label, key)
+                assert shown[COLUMN[key]] == published.number(value), (table_id, label, key)
             assert table[label][COLUMN[TEXT]] == ("0.300" if row.run.startswith("ft_") else "0.250")
     table1 = cells(tmp_path / "table1.md")
-    assert table1["vit-b-16 FT with L_CLIP + 0.001 L_SDS (paper)"][COLUMN[TEXT]] == "0.310"
+    assert table1["vit-b-16 FT with L_CLIP + 0.001 L_SDS (paper)"][COLUMN[TEXT]] == "0.31"
     assert table1["vit-b-16 FT with L_CLIP + 0.001 L_SDS (paper)"][COLUMN["aro/vg_relation"]] == "0.535"
+    # Each table cites, under it (and atop the LaTeX as comments), the published tables its "(paper)" rows are from.
+    for stem, cited in {"table1": ["table1", "appendix_diffusion_score"], "table2": ["table2"]}.items():
+        notes = [line for line in (tmp_path / f"{stem}.md").read_text().splitlines() if line.startswith("(paper)")]
+        assert notes == [published.Cited({}, table_id).note() for table_id in cited]
+        assert (tmp_path / f"{stem}.tex").read_text().startswith("".join(f"% {note}\n" for note in notes))
     assert "vit-b-16-laion400m pretrained" in cells(tmp_path / "table2.md")
     assert not any(label.startswith("vit-b-16-laion") for label in table1)
     # The diffusion score's published row (the paper's Winoground and ARO of SD's score).

@@ -7,7 +7,7 @@ import pytest
 
 from pipeline import config
 from pipeline.config import ConfigError
-from pipeline.published import beside, beside_measured, load, number, row_of, table
+from pipeline.published import Cited, beside, beside_measured, load, number, row_of, table
 from pipeline.report import COLUMNS, markdown, metric_cells
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,49 +89,53 @@ def test_every_key_and_student_is_the_projects():
 def test_published_values_sit_under_the_measured_ones_of_the_same_run():
     for table_id, entry in load().items():
         runs = [(f"{row.student} {row.run}", {key: 0.5 for key in KEYS}) for row in entry.rows]
-        published = [dict(row.metrics) for row in entry.rows]
-        header, cells = beside(["run"] + [name for name, _ in COLUMNS], KEYS, runs, published)
+        published = [Cited(dict(row.metrics), table_id) for row in entry.rows]
+        header, cells, notes = beside(["run"] + [name for name, _ in COLUMNS], KEYS, runs, published)
         assert header == ["run"] + [name for name, _ in COLUMNS]
         assert len(cells) == 2 * len(runs)
         for i, (row, (label, measured)) in enumerate(zip(entry.rows, runs)):
             assert cells[2 * i] == [label] + metric_cells(measured)
-            # The paper's row as report.py prints a run's: same format, '-' where it has no number.
-            assert cells[2 * i + 1] == [f"{label} (paper)"] + metric_cells(row.metrics)
-            for key, value in row.metrics.items():
-                assert cells[2 * i + 1][1 + KEYS.index(key)] == f"{value:.3f}"
+            # The paper's row in the same columns, '-' where it has no number, each with the paper's digits.
+            assert cells[2 * i + 1] == [f"{label} (paper)"] + [number(row.metrics[key]) if key in row.metrics
+                                                               else "-" for key in KEYS]
+        assert notes == [f"(paper) rows: {entry.source}. {entry.caption}"]      # cited once, however many rows
 
 
 def test_beside_by_hand():
     keys = ["winoground/text", "aro/vg_relation", "aro/coco_order"]
     runs = [("pretrained", {"winoground/text": 0.2425}), ("FT with L_CLIP + 0.001 L_SDS", {"winoground/text": 0.3})]
-    header, cells = beside(["run", "Wino text", "ARO Rel", "COCO-Order"], keys, runs,
-                           [None, dict(row_of("table1", "vit-b-16", "ft_sds").metrics)])
+    header, cells, notes = beside(["run", "Wino text", "ARO Rel", "COCO-Order"], keys, runs,
+                                  [None, Cited(dict(row_of("table1", "vit-b-16", "ft_sds").metrics), "table1")])
+    # Measured values to 3 decimals; the paper's as it printed them (.31, .535), not as 0.310.
     assert cells == [["pretrained", "0.242", "-", "-"],
                      ["FT with L_CLIP + 0.001 L_SDS", "0.300", "-", "-"],
-                     ["FT with L_CLIP + 0.001 L_SDS (paper)", "0.310", "0.535", "-"]]
-    assert "| FT with L_CLIP + 0.001 L_SDS (paper) | 0.310 | 0.535 | - |" in markdown(header, cells)
-    # Nothing published in these columns: no row of dashes.
-    _, cells = beside(["run", "COCO-Order"], ["aro/coco_order"], runs[1:], [{"winoground/text": 0.31}])
-    assert cells == [["FT with L_CLIP + 0.001 L_SDS", "-"]]
-    assert number(0.535) == "0.535"
+                     ["FT with L_CLIP + 0.001 L_SDS (paper)", "0.31", "0.535", "-"]]
+    assert "| FT with L_CLIP + 0.001 L_SDS (paper) | 0.31 | 0.535 | - |" in markdown(header, cells)
+    assert len(notes) == 1 and notes[0].startswith("(paper) rows: arXiv 2307.09233 v3, Table 1. Winoground text")
+    # Nothing published in these columns: no row of dashes, and nothing to cite.
+    _, cells, notes = beside(["run", "COCO-Order"], ["aro/coco_order"], runs[1:],
+                             [Cited({"winoground/text": 0.31}, "table1")])
+    assert cells == [["FT with L_CLIP + 0.001 L_SDS", "-"]] and notes == []
+    assert [number(v) for v in (0.535, 0.24, 0.3, 0.5, 0.6325)] == ["0.535", "0.24", "0.30", "0.50", "0.6325"]
 
 
 def test_a_published_row_stands_only_beside_a_run_of_its_setting():
     # The paper profile's own config is the paper's setting (appendix F): every row finds its numbers.
     flat = {k: v for k, v in config.flatten(PAPER_PROFILE).items() if not k.startswith("profiles.")}
     sds = {**flat, "objective.method": "sds"}
-    assert beside_measured("table1", "vit-b-16", "ft_sds", sds)["winoground/text"] == 0.31
-    assert beside_measured("table1", "vit-b-16", "pretrained", flat)["winoground/text"] == 0.24
+    assert beside_measured("table1", "vit-b-16", "ft_sds", sds) == Cited(dict(row_of("table1", "vit-b-16", "ft_sds").metrics),
+                                                                  "table1")
+    assert beside_measured("table1", "vit-b-16", "pretrained", flat).metrics["winoground/text"] == 0.24
     # Another teacher, corpus, scope, rate, batch or lambda than the paper's: nothing printed under it.
     for key, value in {"teacher.name": "stable-diffusion-v2-1", "data.train_set": "cc3m", "train.scope": "full",
                        "train.lr": 1e-05, "train.batch_size": 64, "objective.lambda_sds": 0.1}.items():
         assert beside_measured("table1", "vit-b-16", "ft_sds", {**sds, key: value}) is None, key
     # A row's own values replace the paper's: appendix G's teacher.
     assert beside_measured("appendix_sd21", "vit-b-16", "ft_sds", {**sds, "teacher.name": "stable-diffusion-v2-1"}) \
-        == {"winoground/text": 0.35}
+        == Cited({"winoground/text": 0.35}, "appendix_sd21")
     # L_CLIP alone has no lambda to match (its runs log 0); a pretrained row no training setting.
-    assert beside_measured("table1", "vit-b-16", "ft_clip", {**flat, "objective.lambda_sds": 0})["winoground/text"] \
-        == 0.23
+    assert beside_measured("table1", "vit-b-16", "ft_clip", {**flat, "objective.lambda_sds": 0}).metrics \
+        ["winoground/text"] == 0.23
     assert beside_measured("table1", "vit-b-16", "pretrained", {**flat, "train.scope": "full"}) is not None
 
 

@@ -197,3 +197,23 @@ def test_the_projects_input_errors_cross_a_process_boundary_whole(error):
     arguments" instead of the line naming the file."""
     back = pickle.loads(pickle.dumps(error))
     assert type(back) is type(error) and str(back) == str(error) and back.path == error.path
+
+
+def test_the_models_stage_refuses_a_students_batch_larger_than_the_training_pairs(tmp_path, capsys):
+    """Pretraining cut the batch to the training set silently; the student's own key is named, before
+    the teacher trains."""
+    from pipeline.data.datasets import read_index, train_pairs
+    from stages import data, models
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["profiles"]["smoke"]["students"]["toy-vit"]["batch_size"] = 1000
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(raw))
+    assert data.main(["--params", str(params), "--profile", "smoke"]) == 0
+    pairs = len(train_pairs(tmp_path / "data", read_index(tmp_path / "data")))
+    capsys.readouterr()
+    assert models.main(["--params", str(params), "--profile", "smoke"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: students.toy-vit.batch_size: 1000 is more than the {pairs} training pairs of "
+                   f"{tmp_path / 'data'}; allowed: <= {pairs}\n")
+    assert not (tmp_path / "models").exists()

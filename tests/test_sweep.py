@@ -55,8 +55,15 @@ def local_ray():
     import ray
 
     temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")         # short: Ray's socket paths have a length limit
-    ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False, _temp_dir=temp,
-             logging_level="WARNING")
+    before = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = temp                             # read by ray.init, as a driver's Ray reads it
+    try:
+        ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False, logging_level="WARNING")
+    finally:
+        if before is None:
+            del os.environ["RAY_TMPDIR"]
+        else:
+            os.environ["RAY_TMPDIR"] = before
     yield
     ray.shutdown()
     shutil.rmtree(temp, ignore_errors=True)
@@ -84,15 +91,18 @@ def run_main(project: Path, sweep_file: Path, *extra: str) -> int:
     return sweep.main([str(sweep_file), "--params", str(project / "params.yaml"), *extra])
 
 
-def env() -> dict:
+def env(ray_tmpdir: str | None = None) -> dict:
+    """The environment of a driver or stage this test starts; `ray_tmpdir`: where its local Ray keeps its sessions."""
     out = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    if ray_tmpdir:
+        out["RAY_TMPDIR"] = ray_tmpdir
     out["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     return out
 
 
-def cli(project: Path, *args: str, **kwargs) -> subprocess.CompletedProcess:
+def cli(project: Path, *args: str, ray_tmpdir: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([str(PYTHON), "-m", "pipeline.sweep", *args, "--params", str(project / "params.yaml")],
-                          cwd=project, env=env(), capture_output=True, text=True, timeout=540, **kwargs)
+                          cwd=project, env=env(ray_tmpdir), capture_output=True, text=True, timeout=540)
 
 
 def processes_under(temp_dir: str, also: list[psutil.Process] = ()) -> list[psutil.Process]:
@@ -358,8 +368,8 @@ def test_sigkill_of_the_driver_then_resume_finishes_with_one_run_per_trial(proje
     tr = tracker(project, "killed")
     temp = tempfile.mkdtemp(prefix="rk-", dir="/tmp")
     driver = subprocess.Popen([str(PYTHON), "-m", "pipeline.sweep", str(sweep_file), "--params",
-                               str(project / "params.yaml"), "--ray-temp-dir", temp],
-                              cwd=project, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               str(project / "params.yaml")],
+                              cwd=project, env=env(temp), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)
     def finished_and_midway() -> bool:
         """A trial has finished and another is mid-way, past several checkpoints."""
@@ -385,14 +395,14 @@ def test_sigkill_of_the_driver_then_resume_finishes_with_one_run_per_trial(proje
     temp, other = tempfile.mkdtemp(prefix="rk-", dir="/tmp"), tempfile.mkdtemp(prefix="rk-", dir="/tmp")
     (lock,) = (project / "ray_results").glob("killed-*/driver.lock")
     first = subprocess.Popen([str(PYTHON), "-m", "pipeline.sweep", str(sweep_file), "--params",
-                              str(project / "params.yaml"), "--resume", "--ray-temp-dir", temp],
-                             cwd=project, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              str(project / "params.yaml"), "--resume"],
+                             cwd=project, env=env(temp), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
         while lock.read_text() != f"pid {first.pid} on {socket.gethostname()}":
             assert first.poll() is None and time.monotonic() < deadline, "the first resume never held the launch"
             time.sleep(0.2)
-        second = cli(project, str(sweep_file), "--resume", "--ray-temp-dir", other)
+        second = cli(project, str(sweep_file), "--resume", ray_tmpdir=other)
         out, err = first.communicate(timeout=540)
     finally:
         if first.poll() is None:
@@ -466,7 +476,7 @@ def test_the_sweep_stage_killed_mid_launch_resumes_that_launch_when_run_again(pr
     temp = tempfile.mkdtemp(prefix="rs-", dir="/tmp")     # the stage's Ray lives here (RAY_TMPDIR), to stop it
     command = [str(PYTHON), "-m", "stages.sweep", str(sweep_file), "--params", str(project / "params.yaml")]
     # A credential in the environment (as a cloud storage_path needs) must reach no log or file.
-    stage_env = {**env(), "RAY_TMPDIR": temp, "AWS_SECRET_ACCESS_KEY": SECRET}
+    stage_env = {**env(temp), "AWS_SECRET_ACCESS_KEY": SECRET}
     stage = subprocess.Popen(command, cwd=project, env=stage_env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, start_new_session=True)
     def a_trial_finished() -> bool:
@@ -593,3 +603,55 @@ def test_a_launch_killed_before_ray_recorded_a_trial_is_refused_and_its_run_ende
     (parent,) = launches(tr)
     assert parent["status"] == "KILLED" and parent["tags"]["status"] == "interrupted"
     assert children(tr, parent["run_id"]) == []
+
+    # Another such launch, then a new one (the sweep stage's way on): it ends the earlier one's run,
+    # which would otherwise stay RUNNING, since nothing can continue that launch.
+    killed = f"{project}/ray_results/early-20261205-094500-0001-{sweep.spec_hash()}"
+    recorder = RunRecorder(sweep, project, tr.uri, "sds-clip/early")
+    recorder.open_launch(killed)
+    driver.tuner(sweep, spec.trials(sweep), project, recorder, killed, resume=False, retry=False)
+    assert run_main(project, sweep_file) == 0
+    by_path = {run["tags"]["ray_path"]: run for run in launches(tr)}
+    assert len(by_path) == 3 and by_path[killed]["status"] == "KILLED" and by_path[ray_path]["status"] == "KILLED"
+    (new,) = [run for path, run in by_path.items() if path not in (killed, ray_path)]
+    assert new["status"] == "FINISHED" and len(children(tr, new["run_id"])) == 2
+
+
+def test_a_trial_that_failed_after_rays_last_snapshot_runs_again_and_loses_its_failure(tmp_path):
+    """Ray restores such a trial as unfinished (its snapshot says RUNNING) and runs it again; its run
+    ended FINISHED with the old failure still tagged, which reports read as a failed trial."""
+    import pickle
+
+    from ray.tune.experiment import Trial
+
+    from pipeline.config import read_yaml
+    from pipeline.sweep import spec
+    from pipeline.sweep.recorder import RunRecorder
+
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    sweep_file = write(tmp_path, "s.yaml", "name: s\nspace: {train.lr: [0.1, 0.2]}\n")
+    sweep = spec.load(sweep_file, read_yaml(tmp_path / "params.yaml"))
+    tr = tracker(tmp_path, "s")
+    recorder = RunRecorder(sweep, tmp_path, tr.uri, "sds-clip/s")
+    recorder.open_launch(str(tmp_path / "ray_results" / "s-launch"))
+    launch = pickle.dumps(recorder)                 # as Ray Tune keeps the callback (tuner.pkl)
+    trial = Trial("run_trial", config={"trial": {"index": 0, "values": {"train.lr": 0.1}}}, stub=True,
+                  experiment_tag="1")
+    trial.set_status(Trial.RUNNING)
+    recorder.on_trial_start(0, [trial], trial)
+    snapshot = pickle.loads(pickle.dumps(recorder.get_state()))       # Ray's last snapshot: running
+    rec = recorder.trials[trial.trial_id]
+    rec["failure"] = "RuntimeError: boom"
+    recorder.end(rec, "failed")                                        # then it failed, then the driver died
+
+    resumed = pickle.loads(launch)
+    resumed.set_state(snapshot)
+    resumed.setup()
+    resumed.on_trial_start(0, [trial], trial)
+    (tmp_path / "trained.bin").write_bytes(b"x")
+    resumed.on_trial_result(0, [trial], trial, {"final": 1, "step": 10, "winoground/text": 0.5, "outcomes": "{}",
+                                                "trained": str(tmp_path / "trained.bin")})
+    resumed.on_trial_complete(0, [trial], trial)
+    (run,) = tr.runs([rec["run_id"]])
+    assert run["status"] == "FINISHED" and run["tags"]["status"] == "finished"
+    assert run["tags"]["failure"] == "" and run["tags"]["attempts"] == "2"

@@ -79,10 +79,13 @@ def test_methods_sweep_runs_every_method_with_three_seeds_on_the_same_scope():
     specs = sc.trials(sweep)
     configs = [sweep.config(t.values) for t in specs]
     assert [t.values["variant"] for t in specs][::3] == ["FT with L_CLIP", "NegCLIP", "SDS-CLIP",
-                                                           "UNet-feature distillation", "Diffusion feedback"]
-    assert [c.objective.method for c in configs][::3] == ["clip", "negclip", "sds", "unet_feature", "diffusion_feedback"]
+                                                           "UNet-feature distillation", "Diffusion feedback",
+                                                           "Diffusion feedback alone"]
+    assert [c.objective.method for c in configs][::3] == ["clip", "negclip", "sds", "unet_feature", "diffusion_feedback",
+                                                          "diffusion_feedback"]
+    assert [c.objective.clip_weight for c in configs][::3] == [1, 1, 1, 1, 1, 0]      # DIVA's and DCR's: feedback alone
     assert {(c.train.scope, c.train.lr, c.train.steps) for c in configs} == {("full", 5e-4, 200)}
-    assert [c.train.seed for c in configs] == [0, 1, 2] * 5
+    assert [c.train.seed for c in configs] == [0, 1, 2] * 6
     paper = sc.load(REPO / "sweeps" / "methods.yaml", params(), profile="paper")
     assert {paper.config(t.values).train.lr for t in sc.trials(paper)} == {1e-5}
 
@@ -371,9 +374,11 @@ def test_file_level_problems_name_the_file(tmp_path):
 # --------------------------------------------------------------------------- command line (no Ray, no MLflow)
 
 
-def _cli(*args, cwd=REPO):
+def _cli(*args, cwd=REPO, ray_tmpdir=None):
+    extra = {"RAY_TMPDIR": ray_tmpdir} if ray_tmpdir else {}
     return subprocess.run([str(PYTHON), "-m", "pipeline.sweep", *map(str, args)], cwd=cwd,
-                          env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=120)
+                          env={**os.environ, "PYTHONPATH": str(REPO), **extra}, capture_output=True, text=True,
+                          timeout=120)
 
 
 def test_help_explains_resume_address_dry_run_and_the_schema():
@@ -539,7 +544,7 @@ def test_resume_of_a_launch_that_ran_to_its_end_is_refused_unless_it_retries_fai
     # the empty state, so it never does), and a plain --resume may continue it.
     temp = tempfile.mkdtemp(prefix="rt-", dir="/tmp")
     try:
-        proc = _cli(*args, "--retry-failed", "--ray-temp-dir", temp, cwd=tmp_path)
+        proc = _cli(*args, "--retry-failed", cwd=tmp_path, ray_tmpdir=temp)
     finally:
         shutil.rmtree(temp, ignore_errors=True)
     assert proc.returncode not in (0, 2) and not (launch / "ended.json").exists(), proc.stderr[-2000:]
@@ -555,6 +560,21 @@ def test_an_address_where_no_cluster_answers_is_refused_in_one_line(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip() == (f"error: --address: nothing answers at 127.0.0.1:{port} (Connection refused); "
                                    "start the cluster's head there first (`ray start --head`)"), proc.stderr
+    # Ray Client would run Ray Tune, and the run recorder with it, in an actor on the cluster: the driver
+    # then found no trial recorded, called all of them never run and exited 1.
+    proc = _cli(sweep_file, "--params", tmp_path / "params.yaml", "--address", "ray://127.0.0.1:10001", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        "error: --address: 'ray://127.0.0.1:10001' is not allowed; Ray Client (ray://) runs Ray Tune away from this "
+        "driver; expected HOST:PORT of the head's GCS (6379 unless changed) or auto"), proc.stderr
+
+
+def test_a_resume_of_an_asha_sweep_says_that_its_rungs_start_empty():
+    """Ray Tune restores a launch without its scheduler's state (ray-project/ray#30838): a resumed ASHA
+    sweep stops trials differently from an uninterrupted one, which the user is told."""
+    note = "note: ASHA's rungs start empty on --resume (Ray Tune does not save its scheduler's state"
+    assert note in _cli("sweeps/optuna.yaml", "--resume", "--dry-run").stderr
+    assert note not in _cli("sweeps/optuna.yaml", "--dry-run").stderr
+    assert note not in _cli("sweeps/lambda.yaml", "--resume", "--dry-run").stderr
 
 
 def test_launch_lock_refuses_a_second_driver_on_the_same_launch(tmp_path):

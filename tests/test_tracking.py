@@ -19,8 +19,21 @@ def test_redact_hides_the_user_and_password_of_every_uri(text, shown):
     assert redact(text) == shown
 
 
-def test_a_credential_in_the_config_reaches_neither_params_nor_artifacts(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)                         # the store keeps artifacts under the working folder
+def test_a_local_stores_runs_keep_their_files_beside_it_wherever_the_command_runs(tmp_path, monkeypatch):
+    """MLflow's default put them in ./mlruns of the working folder: a stage run from elsewhere with
+    --params (or a test run from the checkout) wrote its runs' files into another project."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    project = tmp_path / "project"
+    tracker = Tracker(TrackingConfig(uri="sqlite:///mlruns/mlflow.db", experiment="where"), project)
+    with tracker.start("run") as run:
+        run.log_text("kept\n", "summary.txt")
+    assert (project / "mlruns" / "mlflow-artifacts" / run.run_id / "artifacts" / "summary.txt").read_text() == "kept\n"
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_a_credential_in_the_config_reaches_neither_params_nor_artifacts(tmp_path):
     tracker = Tracker(TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="secrets"), tmp_path)
     uri = f"http://alice:{SECRET}@mlflow.example:5000"
     with tracker.start("run", params={"tracking": {"uri": uri}, "train": {"lr": 0.1}},

@@ -331,3 +331,12 @@ def test_each_logged_rate_is_the_one_its_step_used(env, uninterrupted):
     """Warm-up 1 of 4 steps at 1e-2, then cosine: steps 1-4 train at 1e-2 x (1, 1, 0.75, 0.25)."""
     trial, _ = uninterrupted
     assert [entry["lr"] for entry in trial.history] == pytest.approx([1e-2, 1e-2, 7.5e-3, 2.5e-3])
+
+
+def test_a_batch_larger_than_the_training_pairs_is_refused_not_cut(env):
+    """The batch was silently cut to the training set: a student pre-trained at batch 1000 on 96 pairs logged
+    1000. The stages refuse it in one line first; the trainer never draws a cut batch."""
+    n = len(env["pairs"])
+    assert new_trial(env, train_cfg(batch_size=n)).loader.batch_sampler.batch_size == n
+    with pytest.raises(ValueError, match=rf"^a batch of {n + 1} cannot be drawn from {n} pairs; allowed: batch_size <= {n}$"):
+        new_trial(env, train_cfg(batch_size=n + 1))

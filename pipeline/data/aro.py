@@ -263,10 +263,11 @@ SWAP_CLASSES = {
 
 
 def swap_negatives(caption: str, tagger: Tagger, rng: random.Random, tokenizer: Tokenizer | None = None) -> list[str]:
-    """Hard negatives of a caption as NegCLIP builds them: for each word class (nouns, adjectives,
-    adverbs, verbs) with two different words, one negative with a random pair of them swapped.
-    A caption with no such pair gets its tokens shuffled within trigrams instead (ARO's order
-    perturbation), or nothing when even that leaves it unchanged."""
+    """Hard negatives of a caption in NegCLIP's manner: for each word class (nouns, adjectives,
+    adverbs, verbs) with two different words, one negative with a random pair of them swapped
+    (NegCLIP's released negatives also swap whole noun phrases, which these do not). A caption
+    with no such pair gets its tokens shuffled within trigrams instead (ARO's order perturbation),
+    drawn again until the order changes, or nothing when no shuffle can change it (one word)."""
     tokens = (tokenize if tokenizer is None else tokenizer)(caption)
     tags = tagger(tokens)
     if len(tags) != len(tokens):
@@ -280,9 +281,12 @@ def swap_negatives(caption: str, tagger: Tagger, rng: random.Random, tokenizer: 
             swapped = list(tokens)
             swapped[i], swapped[j] = tokens[j], tokens[i]
             negatives.append(" ".join(swapped))
-    if not negatives:
-        shuffled = " ".join(shuffle_within_trigrams(tokens, rng))
-        negatives = [shuffled] if shuffled != " ".join(tokens) else []
+    if not negatives and any(len(set(trigram)) > 1 for trigram in _trigrams(tokens)):
+        # A short caption's shuffle often keeps its order ("A man surfing." one time in six); a caption
+        # without a negative stops a NegCLIP run, so draw until the order changes (it can).
+        while not negatives:
+            shuffled = " ".join(shuffle_within_trigrams(tokens, rng))
+            negatives = [shuffled] if shuffled != " ".join(tokens) else []
     return negatives
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline.config import DataConfig
+from pipeline.config import ConfigError, DataConfig
 from pipeline.data import aro, clevr, coco, mmvp, sugarcrepe, toyworld as tw, winoground, zeroshot
 from pipeline.data.datasets import INDEX_NAME, NEGATIVES
 from pipeline.io import atomic_dir, write_json
@@ -138,12 +138,21 @@ def build_toy(cfg: DataConfig, out: Path) -> None:
         })
 
 
+def check_replaceable(out: Path) -> None:
+    """The data stage replaces `out` whole: refused unless it is absent, empty or an earlier build (it holds
+    the index), so a data.root naming another folder of the project (models, pipeline) takes nothing with it."""
+    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / INDEX_NAME).is_file())):
+        raise ConfigError(f"data.root: {out}: not a folder the data stage built (no {INDEX_NAME}), and the stage "
+                          "would replace it whole; allowed: an absent or empty folder, or one the data stage built")
+
+
 def build_data(cfg: DataConfig, out: Path, base: Path | None = None) -> None:
     """Toy: generate; paper: check, index and materialise the user's copies (`pipeline.data.paper`).
 
     `base` is the folder relative dataset paths are under (the params file's folder; by
     default `out`'s parent).
     """
+    check_replaceable(Path(out))
     if cfg.source == "toy":
         build_toy(cfg, out)
     else:

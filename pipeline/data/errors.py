@@ -16,28 +16,34 @@ from pathlib import Path
 from typing import Any
 
 
-class DataFormatError(ValueError):
-    """A record (or the whole file) does not follow its published format.
+class PicklesWhole:
+    """Mixed into the project's errors whose constructor takes several arguments.
 
-    `where` says which record ("record 3", "line 4", "annotation 17", or "" for
-    the file as a whole); `field` is the offending field or None.
+    An exception pickles as its type called with `args`, which hold the message alone here:
+    one raised in a Ray trial could not be rebuilt and reached the driver as a TypeError.
+    These keep their constructor's arguments in `arguments` and pickle with them.
+    """
+
+    arguments: tuple
+
+    def __reduce__(self):
+        return type(self), self.arguments
+
+
+class DataFormatError(PicklesWhole, ValueError):
+    """A record (or the whole file) does not follow its published format: one line naming the file,
+    `where` (which record: "record 3", "line 4", "annotation 17", or "" for the file as a whole),
+    `field` (the offending field, or None) and the problem.
     """
 
     def __init__(self, path: Path | str, where: str, field: str | None, problem: str) -> None:
+        self.arguments = (path, where, field, problem)
         self.path = Path(path)
-        self.where = where
-        self.field = field
-        self.given = (path, where, field, problem)
         parts = [str(path)]
         if where:
             parts.append(where)
         parts.append(f"field {field!r} {problem}" if field is not None else problem)
         super().__init__(": ".join(parts))
-
-    def __reduce__(self):
-        # Pickled with its own arguments: a Ray trial's error reaches the driver (the default,
-        # the message alone, could not call __init__ and arrived as a TypeError).
-        return type(self), self.given
 
 
 class MissingInput(FileNotFoundError):
@@ -45,17 +51,14 @@ class MissingInput(FileNotFoundError):
     FileNotFoundError is a bug and keeps its traceback."""
 
 
-class MissingDataError(MissingInput):
+class MissingDataError(PicklesWhole, MissingInput):
     """A file or folder a dataset needs is absent (a FileNotFoundError, so callers can
     treat "not downloaded yet" apart from "downloaded but broken")."""
 
     def __init__(self, path: Path | str, what: str) -> None:
+        self.arguments = (path, what)
         self.path = Path(path)
-        self.given = (path, what)
         super().__init__(f"{path}: missing {what}")
-
-    def __reduce__(self):
-        return type(self), self.given             # as DataFormatError's
 
 
 def require_file(path: Path, what: str) -> Path:

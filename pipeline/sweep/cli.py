@@ -44,7 +44,8 @@ where things go:
 resume: after the driver dies (even SIGKILL), `--resume` continues the newest launch of the sweep
 (or the launch folder given): finished trials are not run again, the others restart from their
 last checkpoint, and each trial keeps its one MLflow run. A launch that ran to its end has nothing
-to resume, unless some of its trials failed: --retry-failed runs those again.
+to resume, unless some of its trials failed: --retry-failed runs those again. ASHA starts again
+from empty rungs (Ray Tune does not save its scheduler): the note a resume prints says what that changes.
 
 cluster: start Ray on the nodes (`ray start --head`, `ray start --address HEAD:6379`), put the
 project (code, data/, models/, cache/) on a path every node sees and storage_path on shared
@@ -76,8 +77,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override the sweep's resources.gpu (the shipped files ask for 0: give 1 on a GPU cluster)")
     p.add_argument("--results", type=Path, metavar="FILE",
                    help="also write the summary (run ids, statuses, metrics, outcomes) to this JSON file")
-    p.add_argument("--ray-temp-dir", type=Path, metavar="DIR",
-                   help="temp/session folder of a local Ray (default: Ray's, /tmp/ray)")
     return p
 
 
@@ -88,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         sweep, root = prepare(args)
         specs = checked_trials(sweep, root, args.address)
         if args.dry_run:
+            if args.resume and sweep.scheduler.type == "asha":
+                print(driver.ASHA_RESUMED, file=sys.stderr)
             print(dry_run_text(sweep, specs, root, args))
             return 0
         preflight(sweep, root)
@@ -113,7 +114,7 @@ def prepare(args: argparse.Namespace) -> tuple[spec.Sweep, Path]:
     if args.max_concurrent is not None:
         sweep.max_concurrent = args.max_concurrent
     if args.gpus_per_trial is not None:
-        if not args.gpus_per_trial >= 0 or math.isinf(args.gpus_per_trial):     # nan fails the first test
+        if not (math.isfinite(args.gpus_per_trial) and args.gpus_per_trial >= 0):
             raise ConfigError(f"--gpus-per-trial: {args.gpus_per_trial:g} is out of range; allowed: a finite number >= 0")
         sweep.resources.gpu = args.gpus_per_trial
         spec.check_resources(sweep.resources)
@@ -137,6 +138,8 @@ def checked_trials(sweep: spec.Sweep, root: Path, address: str | None) -> list[s
     dry run and the sweep stage run before anything starts. `address`: --address (a local Ray, whose
     resources are this machine's, when neither it nor $RAY_ADDRESS names a cluster)."""
     check_store(sweep.base_config.tracking.uri, root)
+    if (cluster := driver.ray_address(address)) not in (None, "auto"):
+        driver.host_port(cluster, "--address" if address else "RAY_ADDRESS")
     with naming(sweep.source):
         specs = spec.trials(sweep)
         check_scheduler_metric(sweep, specs)

@@ -39,6 +39,9 @@ def experiment_name(sweep: Sweep) -> str:
     return f"{sweep.base_config.tracking.experiment}/{sweep.name}"
 
 
+ASHA_RESUMED = ("note: ASHA's rungs start empty on --resume (Ray Tune does not save its scheduler's state, "
+                "ray-project/ray#30838): the trials it runs now are stopped only against results reported from "
+                "now on, and one it stopped after Ray's last snapshot runs again")
 ENDED = "ended.json"      # in a launch folder: its driver ran it to the end (exit status 0 or 1)
 SNAPSHOT = re.compile(r"experiment_state-.*\.json")   # Ray Tune's record of the launch's trials
 
@@ -161,9 +164,10 @@ def ray_address(given: str | None) -> str | None:
     return address if address and address != "local" else None
 
 
-def start_ray(address: str | None, temp_dir: Path | None, source: str = "--address") -> bool:
+def start_ray(address: str | None, source: str = "--address") -> bool:
     """Ray on this machine, or the cluster at `address`, unless this process runs one already; whether
-    it started one. The variables set first are read by Ray when it is imported."""
+    it started one. The variables set first are read by Ray when it is imported. A local Ray keeps its
+    sessions under $RAY_TMPDIR/ray (Ray's own variable; by default under $TMPDIR or /tmp)."""
     if address and "RAY_AUTH_MODE" not in os.environ and (
             os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
             or (Path.home() / ".ray" / "auth_token").is_file()):
@@ -189,9 +193,22 @@ def start_ray(address: str | None, temp_dir: Path | None, source: str = "--addre
         ray.init(address=address, runtime_env={"env_vars": {**QUIET_WORKERS, "PYTHONPATH": pythonpath}}, **kwargs)
     else:
         ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False,
-                 _temp_dir=str(temp_dir.resolve()) if temp_dir else None,
                  runtime_env={"env_vars": QUIET_WORKERS}, **kwargs)
     return True
+
+
+def host_port(address: str, source: str) -> tuple[str, str]:
+    """The head's host and port in a cluster address: what the dry run checks, needing no network."""
+    if address.startswith("ray://"):
+        # Ray Client runs Ray Tune in an actor on the cluster, and the run recorder with it: the driver
+        # would find no trial recorded and call every one of them never run.
+        raise ConfigError(f"{source}: {address!r} is not allowed; Ray Client (ray://) runs Ray Tune away from "
+                          "this driver; expected HOST:PORT of the head's GCS (6379 unless changed) or auto")
+    host, _, port = address.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not host or not port.isdigit():
+        raise ConfigError(f"{source}: {address!r} is not allowed; expected HOST:PORT or auto")
+    return host, port
 
 
 def check_reachable(address: str, source: str, timeout: float = 10.0) -> None:
@@ -200,10 +217,7 @@ def check_reachable(address: str, source: str, timeout: float = 10.0) -> None:
     (`auto`, the cluster this machine joined, is Ray's to find)."""
     if address == "auto":
         return
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    host = host.removeprefix("[").removesuffix("]")
-    if not host or not port.isdigit():
-        raise ConfigError(f"{source}: {address!r} is not allowed; expected HOST:PORT, ray://HOST:PORT or auto")
+    host, port = host_port(address, source)
     try:
         socket.create_connection((host, int(port)), timeout=timeout).close()
     except OSError as err:
@@ -279,6 +293,25 @@ def launch_lock(ray_path: str):
         yield
 
 
+def abandon_unrecorded(sweep: Sweep, root: Path, storage: str) -> None:
+    """End the parent runs of this sweep's launches whose driver died before Ray Tune recorded a trial:
+    nothing can continue them (`--resume` refuses them), so left alone their runs would stay RUNNING. A
+    launch whose driver is still starting holds its lock and is left to it; one in a bucket is left too
+    (no lock says whether its driver lives)."""
+    from pipeline.sweep.recorder import abandon_launch
+
+    for folder in launches(sweep, storage) if "://" not in storage else []:
+        if snapshotted(names_in(folder)):
+            continue
+        try:
+            with launch_lock(folder):
+                names = names_in(folder)           # read again under the lock: its driver may have gone on
+                if not snapshotted(names) and ENDED not in names:
+                    abandon_launch(sweep, root, experiment_name(sweep), folder)
+        except ConfigError:                        # its driver holds it
+            continue
+
+
 def run(sweep: Sweep, specs: list[TrialSpec], root: Path, args) -> int:
     """Run a new launch, or resume the one `args.resume` names; the exit status."""
     storage = storage_root(sweep, root, args.storage)
@@ -295,12 +328,15 @@ def run(sweep: Sweep, specs: list[TrialSpec], root: Path, args) -> int:
         if args.resume and not snapshotted(names):
             from pipeline.sweep.recorder import abandon_launch
 
-            abandon_launch(sweep, root, experiment_name(sweep), ray_path)
+            abandon_launch(sweep, root, experiment_name(sweep), ray_path)   # (one outside the storage root too)
             raise ConfigError(f"--resume: launch {ray_path} was stopped before Ray Tune recorded any trial, so "
                               "there is nothing to continue; start a new launch (without --resume)")
+        if args.resume and sweep.scheduler.type == "asha":
+            print(ASHA_RESUMED, file=sys.stderr)
         if ENDED in names:                        # running again: until it ends, it is unfinished
             fs, base = _folder(ray_path)
             fs.delete_file(f"{base}/{ENDED}")
+        abandon_unrecorded(sweep, root, storage)
         code = run_locked(sweep, specs, root, args, ray_path)
         if code != EXIT_INTERRUPTED:
             mark_ended(ray_path, code)
@@ -312,7 +348,7 @@ def run_locked(sweep: Sweep, specs: list[TrialSpec], root: Path, args, ray_path:
     from pipeline.tracking import resolve_uri
 
     t0 = time.perf_counter()
-    started = start_ray(ray_address(args.address), args.ray_temp_dir, "--address" if args.address else "RAY_ADDRESS")
+    started = start_ray(ray_address(args.address), "--address" if args.address else "RAY_ADDRESS")
     import ray
 
     timing = {"ray_start_seconds": time.perf_counter() - t0}
@@ -370,7 +406,8 @@ def summary_rows(recorder, metric: str) -> list[dict]:
 def finish(sweep: Sweep, recorder, rows: list[dict], t0: float, timing: dict, results: Path | None,
            interrupted: bool = False, params: Path | None = None) -> int:
     """Print the summary, write the results file, end the launch's run; the exit status. `timing`:
-    the driver's seconds in Ray's start, the set-up and Tune's run (`benchmarks/sweep_overhead.py`);
+    the driver's seconds in Ray's start, the set-up and Tune's run (`benchmarks/sweep_overhead.py`),
+    like the wall seconds those of this driver's session alone (a resumed launch's earlier ones apart);
     `params`: the parameter file, for the report command the summary ends with."""
     from pipeline.io import write_json
     from pipeline.sweep.cli import summary_text

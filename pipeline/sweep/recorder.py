@@ -167,12 +167,15 @@ class RunRecorder(Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         rec = self.open(trial)
-        if self.restored and self.tracker.runs([rec["run_id"]])[0]["status"] == "FINISHED":
+        status = self.tracker.runs([rec["run_id"]])[0]["status"] if self.restored else "RUNNING"
+        if status == "FINISHED":
             # It finished after Ray's last snapshot before the driver died: it reports its result
             # again (from its folder), and its run stays as it ended.
             rec["status"] = "finished"
             return
-        retried = {"failure": ""} if rec.pop("failure", "") else {}     # --retry-failed: cleared
+        # Run again: by --retry-failed, or (its run FAILED, its record not) it failed after Ray's last
+        # snapshot, which Ray restores as unfinished; its failure is cleared either way.
+        retried = {"failure": ""} if rec.pop("failure", "") or status == "FAILED" else {}
         rec.update(attempts=rec["attempts"] + 1, status="running", resumed_from=None)
         history = self.tracker.metric_history(rec["run_id"], "loss/total")
         rec["logged_until"] = max((step for step, _ in history), default=0)
