@@ -560,6 +560,8 @@ def test_diffusion_feedback_gradient_reaches_the_projector_and_the_scope_and_no_
 
 def test_loss_step_feedback_is_the_epsilon_error_of_the_cached_latent_under_the_projected_cls(teacher, world):
     trial = fresh_trial(teacher, world, method="diffusion_feedback", lambda_sds=0.5, t_min=100, t_max=900)
+    with torch.no_grad():        # a projection large enough that where it goes changes the loss clearly
+        trial.projector.linear.weight.mul_(30)
     g = torch.Generator()
     g.set_state(trial.generator.get_state())
     rows = torch.tensor([2, 0, 3, 1])
@@ -571,9 +573,13 @@ def test_loss_step_feedback_is_the_epsilon_error_of_the_cached_latent_under_the_
         cls = trial.student.model.encode_image(world["images"])         # before normalisation
         empty = encode_text(teacher, [""])[0]
         # The projected CLS at every position of the empty caption's conditioning (DCR's construction).
-        cond = empty + (cls @ trial.projector.linear.weight.T + trial.projector.linear.bias)[:, None]
-        pred = teacher.unet(hand_noised(x0, eps, t), t, encoder_hidden_states=cond).sample
+        projected = cls @ trial.projector.linear.weight.T + trial.projector.linear.bias
+        pred = teacher.unet(hand_noised(x0, eps, t), t, encoder_hidden_states=empty + projected[:, None]).sample
+        first_only = empty.expand(N, -1, -1).clone()      # the start token's position alone, as it once was
+        first_only[:, 0] += projected
+        other = teacher.unet(hand_noised(x0, eps, t), t, encoder_hidden_states=first_only).sample
     assert losses["feedback"].item() == pytest.approx(F.mse_loss(pred, eps).item(), rel=1e-4)
+    assert losses["feedback"].item() != pytest.approx(F.mse_loss(other, eps).item(), rel=1e-3)
     assert losses["total"].item() == pytest.approx(losses["clip"].item() + 0.5 * losses["feedback"].item(), rel=1e-5)
 
 
