@@ -186,5 +186,5 @@ def beside(header: list[str], keys: list[str], rows: list[tuple[str, dict[str, f
         if paper and any(key in paper.metrics for key in keys):
             cells.append([label + PAPER] + [number(paper.metrics[key]) if key in paper.metrics else MISSING
                                             for key in keys])
-            notes += [paper.note()] if paper.note() not in notes else []
-    return list(header), cells, notes
+            notes.append(paper.note())
+    return list(header), cells, list(dict.fromkeys(notes))
