@@ -22,8 +22,10 @@ What it does:
 3. kills, each on its own sweep (a fresh name) or stage, every process with
    AWS_SECRET_ACCESS_KEY set to a marker and tracking.uri naming a user (another marker) of an
    MLflow server on 127.0.0.1 that keeps the project's store (mlruns/):
-   (a) the sweep driver SIGKILLed mid-trial after one trial finished, then `--resume`: it
-       completes, one run per trial, the finished trial not run again;
+   (a) the sweep driver SIGKILLed mid-trial after one trial finished; a copy of its launch with
+       Ray Tune's trial state cut in half (as a kill during Ray's copy of it would leave it) is
+       refused by `--resume COPY` in one line; then `--resume`: it completes, one run per trial,
+       the finished trial not run again;
    (b) the driver killed between Ray Tune writing tuner.pkl and its first snapshot (staged as
        tests/test_sweep.py does: the tuner built, never fitted, then the process killed), then
        `--resume`: refused in one line, the launch's run ended KILLED; then a new launch completes;
@@ -432,6 +434,18 @@ class Kills:
         self.crash_when(proc, midway, temp, "one trial finished and another at step 9-48")
         parent, kids = self.launch(name)
         before = {k["tags"]["trial_id"]: k for k in kids if k["status"] == "FINISHED"}
+        # A kill while Ray copies its state into the launch folder leaves the file cut short: a copy of
+        # the killed launch with its trials' state halved is refused in one line, the launch untouched.
+        (launch,) = self.project.glob(f"ray_results/{name}-*")
+        cut = self.project / "cut-short" / launch.name
+        shutil.copytree(launch, cut)
+        state = max(cut.glob("experiment_state-*.json"))
+        state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+        code, out, err = self.run("a-cut-short", self.driver(path, "--resume", str(cut)), {"RAY_TMPDIR": self.temp()})
+        shutil.rmtree(cut.parent)
+        lines, _ = stderr_lines(err)
+        if code != 2 or len(lines) != 1 or f"{state} cannot be read (cut short" not in lines[0]:
+            raise Failed(f"--resume of a launch whose state was cut short exited {code}: {lines[:2]}")
         code, out, err = self.run("a-resume", self.driver(path, "--resume"), {"RAY_TMPDIR": self.temp()})
         stop(processes_under(self.temps[-1]))
         if code != 0:
@@ -442,7 +456,8 @@ class Kills:
                 raise Failed(f"finished trial {was['tags']['trial']} was run again")
         resumed = [k for t, k in kids.items() if t not in before]
         return ", ".join(f"{k['tags']['trial']} attempt {k['tags'].get('attempts')} from step "
-                         f"{k['tags'].get('resumed_from_step', '0')}" for k in resumed) + f"; {len(before)} not re-run"
+                         f"{k['tags'].get('resumed_from_step', '0')}" for k in resumed) + \
+            f"; {len(before)} not re-run; a copy with its state cut short refused in one line"
 
     def killed_before_first_snapshot(self) -> str:
         """(b) The driver dies between tuner.pkl and Ray Tune's first snapshot; --resume; a new launch."""

@@ -169,11 +169,10 @@ def _score_mmvp(result: Evaluation, score: PairScorer, bench: Benchmarks) -> Non
     scores = score(images, captions).reshape(len(bench.mmvp), 2, 2)
     correct = metrics.mmvp_correct(scores, [(p.answer_1, p.answer_2) for p in bench.mmvp])
     patterns = [p.pattern for p in bench.mmvp]
-    of_pair = np.array(patterns)
-    identities = case_identities(images, captions, 4)
+    of_pair, identities = np.array(patterns), np.array(case_identities(images, captions, 4))
     for pattern in dict.fromkeys(patterns):
-        result.add(metric_name(pattern), correct[of_pair == pattern],
-                   [case for case, of in zip(identities, patterns) if of == pattern])
+        mask = of_pair == pattern
+        result.add(metric_name(pattern), correct[mask], identities[mask].tolist())
     values = metrics.mmvp(correct, patterns)
     result.metrics.update({metric_name(name): values[name] for name in dict.fromkeys(patterns)})
     result.metrics["mmvp/mean"] = values["mean"]

@@ -12,7 +12,7 @@ from typing import Callable
 
 from pipeline import train as trainer
 from pipeline.cache import open_table
-from pipeline.config import Config, ConfigError, to_dict
+from pipeline.config import Config, to_dict
 from pipeline.data.datasets import benchmarks, read_index, train_negatives, train_pairs
 from pipeline.device import resolve_device
 from pipeline.digest import fingerprint, text_digest
@@ -112,12 +112,9 @@ def run_finetune(cfg: Config, data_root: Path, models: Path, cache: Path, folder
 
 
 def checked_pairs(cfg: Config, data_root: Path, index: dict | None = None) -> list:
-    """The training pairs, refused in one line when `train.batch_size` exceeds them: a batch larger
-    than the data cannot be drawn, and the run would record a size it never trained with."""
+    """The training pairs, refused in one line when `train.batch_size` exceeds them (`train.check_batch`)."""
     pairs = train_pairs(data_root, index if index is not None else read_index(data_root))
-    if cfg.train.batch_size > len(pairs):
-        raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is more than the {len(pairs)} training pairs "
-                          f"of {data_root}; allowed: <= {len(pairs)}")
+    trainer.check_batch(cfg.train.batch_size, len(pairs), "train.batch_size", data_root)
     return pairs
 
 

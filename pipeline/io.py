@@ -49,6 +49,23 @@ def temp_dir(parent: Path, prefix: str, suffix: str = "") -> Path:
     return tmp
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file and folder under `folder` to disk: renamed into place after a crash that lost
+    their contents, they would look finished."""
+    for parent, _, files in os.walk(folder):
+        for name in files:
+            _fsync(Path(parent, name))
+        _fsync(Path(parent))
+
+
 def write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -60,6 +77,7 @@ def write_bytes(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync(path.parent)            # the rename itself
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -87,6 +105,7 @@ def atomic_dir(folder: Path) -> Iterator[Path]:
     tmp = temp_dir(folder.parent, f".{folder.name}.", ".tmp")
     try:
         yield tmp
+        _fsync_tree(tmp)
         if folder.exists():
             old = folder.with_name(f".{folder.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -95,6 +114,7 @@ def atomic_dir(folder: Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, folder)
+        _fsync(folder.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

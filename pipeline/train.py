@@ -399,6 +399,15 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return int.from_bytes(hashlib.blake2b(f"{seed}:{epoch}".encode(), digest_size=8).digest(), "little")
 
 
+def check_batch(batch_size: int, pairs: int, key: str, source: Path) -> None:
+    """Refuse in one line, naming `key`, a batch larger than the `pairs` of `source` it is drawn from:
+    it cannot be drawn, and the run would record a size it never trained with. The stages check it
+    before any work; `StepSampler` raises for a library caller that did not."""
+    if batch_size > pairs:
+        raise ConfigError(f"{key}: {batch_size} is more than the {pairs} training pairs of {source}; "
+                          f"allowed: <= {pairs}")
+
+
 class StepSampler(Sampler):
     """Batches as a pure function of (seed, step): epoch e is a permutation drawn from
     `epoch_seed(seed, e)`; each item is (pair index, step), so what a dataset draws per item can
@@ -409,7 +418,7 @@ class StepSampler(Sampler):
     """
 
     def __init__(self, n: int, batch_size: int, seed: int):
-        if batch_size > n:   # the stages refuse it in one line first (experiment.checked_pairs, the models stage)
+        if batch_size > n:   # the stages refuse it in one line first (`check_batch`)
             raise ValueError(f"a batch of {batch_size} cannot be drawn from {n} pairs; allowed: batch_size <= {n}")
         self.n, self.batch_size, self.seed, self.start = n, batch_size, seed, 0
         self.per_epoch = n // self.batch_size

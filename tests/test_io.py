@@ -1,4 +1,6 @@
-"""Atomic writes leave outputs with the permissions an ordinary write would give them."""
+"""Atomic writes leave outputs with the permissions an ordinary write would give them, and on disk
+before they are renamed into place."""
+import os
 import stat
 import subprocess
 import sys
@@ -30,3 +32,28 @@ def test_atomic_writes_follow_the_umask(tmp_path, umask, file_mode, dir_mode):
     subprocess.run([sys.executable, "-c", WRITE, str(tmp_path), umask], cwd=root, check=True)
     assert mode(tmp_path / "result.json") == file_mode
     assert mode(tmp_path / "folder") == dir_mode
+
+
+def test_what_is_renamed_into_place_is_on_disk_first_and_the_rename_after(tmp_path, monkeypatch):
+    """A crash after the rename but before the page cache was written would leave a finished-looking
+    output with empty files: every file and folder is flushed before its rename, their parent after."""
+    from pipeline import io
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(io.os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                    real_fsync(fd))[1])
+    monkeypatch.setattr(io.os, "replace", lambda src, dst: (events.append(("replace", str(dst))),
+                                                            real_replace(src, dst))[1])
+    with io.atomic_dir(tmp_path / "out") as tmp:
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "a.bin").write_bytes(b"a")
+        (tmp / "b.txt").write_text("b")
+    flushed = {path.replace(str(tmp), "TMP") for kind, path in events[:events.index(("replace", str(tmp_path / "out")))]
+               if kind == "fsync"}
+    assert flushed == {"TMP", "TMP/sub", "TMP/sub/a.bin", "TMP/b.txt"}, events
+    assert events[-1] == ("fsync", str(tmp_path)), events
+
+    events.clear()
+    io.write_text(tmp_path / "r.txt", "r")
+    assert [kind for kind, _ in events] == ["fsync", "replace", "fsync"] and events[-1] == ("fsync", str(tmp_path))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 import socket
@@ -530,8 +531,8 @@ def test_resume_of_a_launch_that_ran_to_its_end_is_refused_unless_it_retries_fai
     same = sc.load(sweep_file, read_yaml(tmp_path / "params.yaml")).spec_hash()
     launch = tmp_path / "ray_results" / f"s-20261205-100000-0007-{same}"
     launch.mkdir(parents=True)
-    for name in ("tuner.pkl", "experiment_state-2026-12-05_10-00-00.json"):
-        (launch / name).write_bytes(b"")
+    (launch / "tuner.pkl").write_bytes(b"")
+    (launch / "experiment_state-2026-12-05_10-00-00.json").write_text("{}")
     args = (sweep_file, "--params", tmp_path / "params.yaml", "--resume")
     for code, extra, error in ((0, (), "ran to its end with every trial finished; nothing to resume"),
                                (0, ("--retry-failed",), "ran to its end with every trial finished; nothing to resume"),
@@ -541,13 +542,33 @@ def test_resume_of_a_launch_that_ran_to_its_end_is_refused_unless_it_retries_fai
         assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
             f"error: --resume: launch {launch} {error}"], proc.stderr
     # Failed trials run again: the launch is unfinished until it ends again (here Ray Tune cannot restore
-    # the empty state, so it never does), and a plain --resume may continue it.
+    # a state without trials, so it never does), and a plain --resume may continue it.
     temp = tempfile.mkdtemp(prefix="rt-", dir="/tmp")
     try:
         proc = _cli(*args, "--retry-failed", cwd=tmp_path, ray_tmpdir=temp)
     finally:
         shutil.rmtree(temp, ignore_errors=True)
     assert proc.returncode not in (0, 2) and not (launch / "ended.json").exists(), proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("name, whole", [
+    ("experiment_state-2026-12-05_10-00-00.json", json.dumps({"trial_data": [], "runner_data": {}}).encode()),
+    ("searcher-state-2026-12-05_10-00-00.pkl", pickle.dumps({"searcher": list(range(100))})),
+    ("callback-states-2026-12-05_10-00-00.pkl", pickle.dumps({"trials": {"t000": {"run_id": "0" * 32}}})),
+], ids=["trials", "searcher", "recorder"])
+def test_a_launch_whose_ray_state_a_kill_cut_short_is_refused_in_one_line(tmp_path, name, whole):
+    """Ray Tune copies its state files into the launch folder in place: a driver killed mid-copy leaves
+    one cut short, which Ray's restore would meet as a traceback. Only the newest of each kind counts
+    (Ray restores from it): an older one cut short is no obstacle."""
+    sweep_file = _built_project(tmp_path)
+    same = sc.load(sweep_file, read_yaml(tmp_path / "params.yaml")).spec_hash()
+    launch = _launch(tmp_path / "ray_results", "20261205-100000", same, "experiment_state-2026-12-05_09-00-00.json")
+    (launch / name.replace("10-00-00", "09-00-00")).write_bytes(whole[:-3])     # older: not read
+    (launch / name).write_bytes(whole[: len(whole) // 2])
+    proc = _cli(sweep_file, "--params", tmp_path / "params.yaml", "--resume", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.splitlines() == [
+        f"error: --resume: {launch}/{name} cannot be read (cut short by a kill while Ray Tune wrote it), so the "
+        "launch cannot be continued; start a new launch (without --resume)"], proc.stderr[-2000:]
 
 
 def test_an_address_where_no_cluster_answers_is_refused_in_one_line(tmp_path):

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torchvision.transforms.functional as TF
 
-from pipeline.config import Config, ConfigError, ObjectiveConfig, TrainConfig
+from pipeline.config import Config, ObjectiveConfig, TrainConfig
 from pipeline.data.datasets import read_index, train_pairs
 from pipeline.data.records import load_image
 from pipeline.device import resolve_device
@@ -84,9 +84,8 @@ def build_models(cfg: Config, data_root: Path, models: Path) -> None:
     toy = [name for name, s in cfg.students.items() if s.source == "toy"]
     pairs = len(train_pairs(data_root, read_index(data_root))) if toy else 0
     for name in toy:        # the trainer would refuse it too, after the teacher had trained
-        if cfg.students[name].pretrain_steps and cfg.students[name].batch_size > pairs:
-            raise ConfigError(f"students.{name}.batch_size: {cfg.students[name].batch_size} is more than the {pairs} "
-                              f"training pairs of {data_root}; allowed: <= {pairs}")
+        if cfg.students[name].pretrain_steps:
+            trainer.check_batch(cfg.students[name].batch_size, pairs, f"students.{name}.batch_size", data_root)
     aside = None
     threads = cfg.teacher.threads + max((cfg.students[name].threads for name in toy), default=0)
     if (toy and cfg.teacher.source == "toy" and (os.cpu_count() or 1) >= threads

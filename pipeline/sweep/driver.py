@@ -44,6 +44,9 @@ ASHA_RESUMED = ("note: ASHA's rungs start empty on --resume (Ray Tune does not s
                 "now on, and one it stopped after Ray's last snapshot runs again")
 ENDED = "ended.json"      # in a launch folder: its driver ran it to the end (exit status 0 or 1)
 SNAPSHOT = re.compile(r"experiment_state-.*\.json")   # Ray Tune's record of the launch's trials
+# Ray Tune's state files in a launch folder: its trials, its searcher's and its callbacks' (the run
+# recorder's); it restores from the newest of each by name.
+STATES = (SNAPSHOT, re.compile(r"searcher-state-.*\.pkl"), re.compile(r"callback-states-.*\.pkl"))
 
 
 def _folder(uri_or_path: str):
@@ -115,6 +118,26 @@ def check_unended(folder: str, names: set[str], retry: bool) -> None:
     if not retry:
         raise ConfigError(f"--resume: launch {folder} ran to its end with failed trials; add --retry-failed to "
                           "run them again")
+
+
+def check_readable(folder: str, names: set[str]) -> None:
+    """Ray Tune copies its state files into the launch folder in place: a driver killed during a copy
+    leaves one cut short, which its restore would meet as a traceback. The newest of each must read."""
+    import pickle
+
+    fs, base = _folder(folder)
+    for pattern in STATES:
+        found = sorted(name for name in names if pattern.fullmatch(name))
+        if not found:
+            continue
+        with fs.open_input_stream(f"{base}/{found[-1]}") as f:
+            data = f.read()
+        try:
+            json.loads(data) if found[-1].endswith(".json") else pickle.loads(data)
+        except (ValueError, EOFError, pickle.UnpicklingError):
+            raise ConfigError(f"--resume: {folder}/{found[-1]} cannot be read (cut short by a kill while Ray Tune "
+                              "wrote it), so the launch cannot be continued; start a new launch (without "
+                              "--resume)") from None
 
 
 def find_launch(sweep: Sweep, storage: str, given: str) -> str:
@@ -331,6 +354,8 @@ def run(sweep: Sweep, specs: list[TrialSpec], root: Path, args) -> int:
             abandon_launch(sweep, root, experiment_name(sweep), ray_path)   # (one outside the storage root too)
             raise ConfigError(f"--resume: launch {ray_path} was stopped before Ray Tune recorded any trial, so "
                               "there is nothing to continue; start a new launch (without --resume)")
+        if args.resume:
+            check_readable(ray_path, names)
         if args.resume and sweep.scheduler.type == "asha":
             print(ASHA_RESUMED, file=sys.stderr)
         if ENDED in names:                        # running again: until it ends, it is unfinished
