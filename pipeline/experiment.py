@@ -14,6 +14,7 @@ from pipeline import train as trainer
 from pipeline.cache import open_table
 from pipeline.config import Config, to_dict
 from pipeline.data.datasets import benchmarks, read_index, train_negatives, train_pairs
+from pipeline.data.keys import image_key
 from pipeline.device import resolve_device
 from pipeline.digest import fingerprint, text_digest
 from pipeline.evaluate import evaluate_feedback, evaluate_projection, evaluate_student, evaluate_teacher
@@ -83,11 +84,7 @@ def run_finetune(cfg: Config, data_root: Path, models: Path, cache: Path, folder
     feedback = objective.teacher_loss and objective.method == "diffusion_feedback"
     bench_images = open_table(cache, "bench_images") if feedback else None
     log = on_log or (lambda step, values: None)
-    # What a checkpoint must have been trained from to be resumed: the pairs, the student's
-    # weights, and the teacher as the cache recorded it (no second hash of a multi-GB UNet).
-    inputs = {"pairs": text_digest(f"{p.image}\t{p.caption}" for p in pairs),
-              "student": fingerprint(student_dir(models, cfg.train.student)),
-              "teacher": conditioning.meta.get("teacher") if conditioning is not None else None}
+    inputs = trial_inputs(pairs, student_dir(models, cfg.train.student), conditioning, latents)
     trial = trainer.setup(cfg.train, objective, student, pairs, teacher, conditioning, latents, cfg.compute, inputs,
                           negatives)
     trainer.load_checkpoint(trial, folder)
@@ -109,6 +106,16 @@ def run_finetune(cfg: Config, data_root: Path, models: Path, cache: Path, folder
                                         objective.feedback_tokens, trial.device))
     result.metrics.update({"trainable_parameters": trial.trainable_count, "time/train_seconds": train_seconds})
     return {"metrics": result.metrics, "outcomes": result.outcomes, "trained": trained}
+
+
+def trial_inputs(pairs: list, student: Path, conditioning=None, latents=None) -> dict:
+    """What a checkpoint must have been trained from to be resumed: the pairs (by image key, which
+    holds no checkout path: a moved project resumes), the student's weights, the teacher as the cache
+    recorded it (no second hash of a multi-GB UNet) and the image files its latents were encoded from."""
+    return {"pairs": text_digest(f"{image_key(p.image)}\t{p.caption}" for p in pairs),
+            "student": fingerprint(student),
+            "teacher": conditioning.meta.get("teacher") if conditioning is not None else None,
+            "images": latents.meta.get("images") if latents is not None else None}
 
 
 def checked_pairs(cfg: Config, data_root: Path, index: dict | None = None) -> list:

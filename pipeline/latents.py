@@ -22,6 +22,12 @@ from pipeline.data.keys import choice_pairs, image_key, mmvp_pairs, parse_image_
 from pipeline.models.teacher import Teacher, encode_images, encode_text
 
 
+# Raised whenever the code that makes a table's rows changes (`vae_transform`, `encode_images`'
+# scaling, `encode_text`'s padding and hidden state): a table of the same teacher and images that
+# other code wrote is then rebuilt, not kept.
+ENCODING_VERSION = 1
+
+
 def vae_transform(size: int) -> T.Compose:
     """SD's input: shorter side resized to the VAE's size, centre crop, scaled to [-1, 1]."""
     return T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size),
@@ -62,24 +68,26 @@ def table_keys(data_root: Path) -> dict[str, list[str]]:
 def build_cache(cfg: Config, teacher: Teacher, teacher_id: str, data_root: Path, out: Path) -> None:
     """Every table, rebuilt when what determines its rows changed (see `pipeline.cache`).
 
-    Each table's meta holds `teacher_id` (a fingerprint of the teacher's weights and configs).
+    Each table's meta holds `teacher_id` (a fingerprint of the teacher's weights and configs), the
+    device type it was encoded on (a GPU's convolutions round otherwise) and `ENCODING_VERSION`.
     An image table's meta also holds a digest of its image files: rows are keyed by name, and
     the data stage writes the same names for other images (the toy world under another seed
     or size). A text table's keys are its captions.
     """
     size = teacher.vae.config.sample_size
     c = cfg.cache
+    made = {"teacher": teacher_id, "device": teacher.vae.device.type, "encoding": ENCODING_VERSION}
     for name, keys in table_keys(data_root).items():
         if name.endswith("_images"):
-            compute, meta = image_latents(teacher, size), _images_meta(teacher_id, keys)
+            compute, meta = image_latents(teacher, size), {**made, "images": _images_digest(keys)}
         else:
-            compute, meta = text_conditioning(teacher), {"teacher": teacher_id}
+            compute, meta = text_conditioning(teacher), made
         write_table(out, name, keys, compute, shard_size=c.shard_size, batch_size=c.batch_size, description=name,
                     meta=meta)
 
 
-def _images_meta(teacher_id: str, keys: list[str]) -> dict:
-    """The teacher and a digest of the image files' bytes in key order. Their names are the keys,
-    which the table's settings hold already; an absolute path here would differ between checkouts."""
+def _images_digest(keys: list[str]) -> str:
+    """A digest of the image files' bytes in key order. Their names are the keys, which the table's
+    settings hold already; an absolute path here would differ between checkouts."""
     files = dict.fromkeys(parse_image_key(key)[0] for key in keys)   # crops share their image file
-    return {"teacher": teacher_id, "images": files_digest(files)}
+    return files_digest(files)

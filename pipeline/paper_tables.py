@@ -27,7 +27,8 @@ from pipeline import published
 from pipeline.config import ConfigError, flatten, to_dict
 from pipeline.comparison import outcome_parts, paired_difference, same_seeds, seed_task_interval
 from pipeline.metrics import TIME_PER_PAIR
-from pipeline.report import COLUMNS, SEED, difference_cell, objective_label, sd_cell, seed_sd, write_tables
+from pipeline.report import (COLUMNS, SEED, VariantRow, difference_cell, objective_label, sd_cell, seed_sd,
+                             variant_row, write_tables, write_variant_report)
 from pipeline.sweep.spec import fmt
 
 STUDENT = "train.student"
@@ -142,9 +143,14 @@ def own_numbers(row: Row, profile: str) -> published.Cited | None:
     return paper_numbers(table_of(row.student, profile) if row.student else "appendix_diffusion_score", row)
 
 
+def _outcomes(row: Row) -> dict:
+    """The row's per-case outcomes over its seeds, by metric (`comparison.outcome_parts`)."""
+    return outcome_parts([r.get("outcomes") or {} for r in row.runs])
+
+
 def _parts(row: Row, key: str):
     """`key`'s per-case outcomes over the row's seeds (None when a seed lacks them)."""
-    return outcome_parts([r.get("outcomes") or {} for r in row.runs]).get(key)
+    return _outcomes(row).get(key)
 
 
 def _interval(row: Row, key: str, n_resamples: int, seed: int) -> str:
@@ -208,9 +214,23 @@ def write_table(out: Path, stem: str, table_rows: list[Row], paper: list[publish
     return write_tables(out, stem, header + extra, ["run"] + keys + extra_keys, cells, notes)
 
 
+def interval_rows(table_rows: list[Row], reference: Callable[[Row], Row | None], n_resamples: int = 1000,
+                  seed: int = 0) -> list[VariantRow]:
+    """Each row's every headline metric with its seed spread and interval, and its paired difference to
+    its `reference` row (None, or itself: no difference), as a sweep's variants are compared."""
+    out = []
+    for row in table_rows:
+        against = reference(row)
+        compared = against is not None and against is not row
+        out.append(variant_row(row.label, row.runs, _outcomes(row), _seeds(row), _outcomes(against) if compared else None,
+                               compared and same_seeds(_seeds(row), _seeds(against)), n_resamples, seed))
+    return out
+
+
 def write(cfg, table_rows: list[Row], out: Path, n_resamples: int = 1000, seed: int = 0) -> list[Path]:
     """Each table that has rows, as `<stem>.md/.tex/.csv` under `out` (the paper's numbers under the
-    measured ones on the paper profile), each row against its student's FT with L_CLIP."""
+    measured ones on the paper profile), each row against its student's FT with L_CLIP; and beside it
+    `<stem>-intervals.*`: every headline metric of each row with its interval and that comparison."""
     references = ft_clip_references(cfg, table_rows)
     written = []
     for table_id, stem in TABLES.items():
@@ -218,8 +238,12 @@ def write(cfg, table_rows: list[Row], out: Path, n_resamples: int = 1000, seed: 
         if not chosen:
             continue
         paper = [own_numbers(r, cfg.profile) for r in chosen]
-        written += write_table(out, stem, chosen, paper, COLUMNS, TEXT_VS_FT_CLIP,
-                               lambda r: references.get(r.student), n_resamples, seed)
+        reference = lambda r: references.get(r.student)    # noqa: E731
+        written += write_table(out, stem, chosen, paper, COLUMNS, TEXT_VS_FT_CLIP, reference, n_resamples, seed)
+        written += write_variant_report(f"{stem}-intervals", interval_rows(chosen, reference, n_resamples, seed),
+                                        {}, out, n_resamples, caption=f"{stem}: every headline metric",
+                                        against=f"its student's {TEXT_VS_FT_CLIP.against} (the diffusion score: "
+                                                f"{cfg.train.student}'s)", row_header="run")
     return written
 
 

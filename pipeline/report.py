@@ -379,27 +379,31 @@ def compare_variants(trials: list[dict], order: list[str], n_resamples: int = 10
     if not names:
         return []
     parts = {name: outcome_parts([t["outcomes"] for t in groups[name]]) for name in names}
-    rows = []
-    for name in names:
-        runs = groups[name]
-        scores = {}
-        for _, key in HEADLINE:
-            if key not in parts[name]:
-                continue
-            values = [t["metrics"][key] for t in runs if key in t["metrics"]]
-            mean, low, high = seed_task_interval(parts[name][key], n_resamples, seed=seed)
-            scores[key] = (mean, seed_sd(values), low, high)
-        versus = None
-        if name != names[0]:
-            # The variants of a sweep that ran the same seeds drew, seed by seed, the same data order and start.
-            paired = same_seeds(*([t["config"].get(SEED) for t in group] for group in (runs, groups[names[0]])))
-            versus = {key: paired_difference(parts[name][key], parts[names[0]][key], n_resamples, seed=seed,
-                                             pair_seeds=paired)
-                      for _, key in HEADLINE if key in parts[name] and key in parts[names[0]]}
-        diagnostics = {key: float(np.mean([t["metrics"][key] for t in runs if key in t["metrics"]]))
-                       for _, key in DIAGNOSTICS if any(key in t["metrics"] for t in runs)}
-        rows.append(VariantRow(name, [t["config"].get(SEED, 0) for t in runs], scores, versus, diagnostics))
-    return rows
+    seeds = {name: [t["config"].get(SEED) for t in groups[name]] for name in names}
+    # The variants of a sweep that ran the same seeds drew, seed by seed, the same data order and start.
+    return [variant_row(name, groups[name], parts[name], [s if s is not None else 0 for s in seeds[name]],
+                        None if name == names[0] else parts[names[0]],
+                        same_seeds(seeds[name], seeds[names[0]]), n_resamples, seed) for name in names]
+
+
+def variant_row(name: str, runs: list[dict], parts: dict, seeds: list, reference: dict | None, paired: bool,
+                n_resamples: int, seed: int) -> VariantRow:
+    """One row of `runs` (one per seed, each with its `metrics`) and their outcome `parts`: per headline
+    metric its mean, seed spread and interval, and its paired difference to the `reference` row's parts
+    (None: it is the reference; `paired`: the two rows' runs pair up seed by seed)."""
+    scores = {}
+    for _, key in HEADLINE:
+        if key not in parts:
+            continue
+        values = [t["metrics"][key] for t in runs if key in t["metrics"]]
+        mean, low, high = seed_task_interval(parts[key], n_resamples, seed=seed)
+        scores[key] = (mean, seed_sd(values), low, high)
+    versus = None if reference is None else {
+        key: paired_difference(parts[key], reference[key], n_resamples, seed=seed, pair_seeds=paired)
+        for _, key in HEADLINE if key in parts and key in reference}
+    diagnostics = {key: float(np.mean([t["metrics"][key] for t in runs if key in t["metrics"]]))
+                   for _, key in DIAGNOSTICS if any(key in t["metrics"] for t in runs)}
+    return VariantRow(name, seeds, scores, versus, diagnostics)
 
 
 def _signed(value: float) -> str:
@@ -417,40 +421,44 @@ def difference_cell(d: PairedDifference) -> str:
     return f"{_signed(d.difference)} [{_signed(d.low)}, {_signed(d.high)}] {_p(d)}"
 
 
-def variant_tables(rows: list[VariantRow], labels: dict[str, str]) -> dict[str, tuple[list[str], list[list[str]]]]:
+def variant_tables(rows: list[VariantRow], labels: dict[str, str],
+                   row_header: str = "method") -> dict[str, tuple[list[str], list[list[str]]]]:
     """The three tables of a variant comparison: scores, differences to the reference, diagnostics."""
     shown = [(title, key) for title, key in HEADLINE if any(key in row.scores for row in rows)]
     scores = [[labels.get(r.name, r.name), str(len(r.seeds))] +
               [f"{r.scores[k][0]:.3f} ± {sd_cell(r.scores[k][1])} [{r.scores[k][2]:.3f}, {r.scores[k][3]:.3f}]"
                if k in r.scores else "-" for _, k in shown] for r in rows]
     diffs = [[labels.get(r.name, r.name)] +
-             [difference_cell(d) if (d := (r.versus or {}).get(k)) else "-" for _, k in shown] for r in rows[1:]]
+             [difference_cell(d) if (d := r.versus.get(k)) else "-" for _, k in shown] for r in rows
+             if r.versus is not None]
     kept = [(title, key) for title, key in DIAGNOSTICS if any(key in r.diagnostics for r in rows)]
     diagnostics = [[labels.get(r.name, r.name)] +
                    [(f"{r.diagnostics[k]:.0f}" if k in ("trainable_parameters", "time/train_seconds")
                      else f"{r.diagnostics[k]:.3f}") if k in r.diagnostics else "-" for _, k in kept] for r in rows]
     return {
-        "scores": (["method", "seeds"] + [t for t, _ in shown], scores),
-        "versus": (["method"] + [f"Δ {t}" for t, _ in shown], diffs),
-        "diagnostics": (["method"] + [t for t, _ in kept], diagnostics),
+        "scores": ([row_header, "seeds"] + [t for t, _ in shown], scores),
+        "versus": ([row_header] + [f"Δ {t}" for t, _ in shown], diffs),
+        "diagnostics": ([row_header] + [t for t, _ in kept], diagnostics),
     }
 
 
-def variant_csv(rows: list[VariantRow], labels: dict[str, str]) -> str:
-    """One line per variant, every number in its own column (metric keys as headers)."""
-    header = ["variant", "label", "seeds"]
+def variant_csv(rows: list[VariantRow], labels: dict[str, str], row_header: str = "variant") -> str:
+    """One line per variant, every number in its own column (metric keys as headers); `<key>/p_bound`
+    is 1 where the p is the bootstrap's floor, so at most the value given (`p≤` in the tables)."""
+    header = [row_header, "label", "seeds"]
     for _, key in HEADLINE:
         header += [f"{key}/mean", f"{key}/sd", f"{key}/ci_low", f"{key}/ci_high",
-                   f"{key}/diff", f"{key}/diff_ci_low", f"{key}/diff_ci_high", f"{key}/p"]
+                   f"{key}/diff", f"{key}/diff_ci_low", f"{key}/diff_ci_high", f"{key}/p", f"{key}/p_bound"]
     header += [key for _, key in DIAGNOSTICS]
     lines = []
     for r in rows:
-        line = [r.name, labels.get(r.name, r.name), " ".join(map(str, r.seeds))]
+        line = [r.name, labels.get(r.name, r.name), " ".join(str(s) for s in r.seeds if s is not None)]
         for _, key in HEADLINE:
             score = r.scores.get(key)
             line += ["" if v is None else f"{v:.6f}" for v in score] if score else [""] * 4
             d = (r.versus or {}).get(key)
-            line += [f"{d.difference:.6f}", f"{d.low:.6f}", f"{d.high:.6f}", f"{d.p_value:.6g}"] if d else [""] * 4
+            line += [f"{d.difference:.6f}", f"{d.low:.6f}", f"{d.high:.6f}", f"{d.p_value:.6g}",
+                     str(int(d.p_bound))] if d else [""] * 5
         line += [f"{r.diagnostics[k]:.6g}" if k in r.diagnostics else "" for _, k in DIAGNOSTICS]
         lines.append(line)
     return csv_text(header, lines)
@@ -476,7 +484,7 @@ TEST_NOTES = {
 
 def test_kinds(rows: list[VariantRow]) -> list[str]:
     """The notes of the kinds of comparison the rows hold, seed pairing said where there was some."""
-    found = [d for r in rows[1:] for d in (r.versus or {}).values()]
+    found = [d for r in rows for d in (r.versus or {}).values()]
     notes = []
     for test, note in TEST_NOTES.items():
         tests = [d for d in found if d.test == test]
@@ -490,10 +498,13 @@ def test_kinds(rows: list[VariantRow]) -> list[str]:
 
 
 def write_variant_report(name: str, rows: list[VariantRow], labels: dict[str, str], out: Path,
-                         n_resamples: int, caption: str = "") -> list[Path]:
-    """`<name>.md` / `.tex` (the three tables), `.csv` and `.png` (the differences with their intervals)."""
-    tables = variant_tables(rows, labels)
-    reference = labels.get(rows[0].name, rows[0].name)
+                         n_resamples: int, caption: str = "", against: str = "", row_header: str = "") -> list[Path]:
+    """`<name>.md` / `.tex` (the three tables), `.csv` and, when the rows are set against the first
+    one, `.png` (the differences with their intervals). `against`: what each row is compared with,
+    where that is not the first row (e.g. "its student's FT with L_CLIP"); `row_header`: what a row
+    is, where it is not a variant (a method in the tables, a variant in the CSV)."""
+    tables = variant_tables(rows, labels, row_header or "method")
+    reference = against or labels.get(rows[0].name, rows[0].name)
     notes = {
         "scores": f"Mean ± sd over seeds ('-': one seed) [{interval_kinds(rows, n_resamples)}].",
         "versus": f"Difference to {reference} on the same cases [paired 95% interval] and its two-sided p-value: "
@@ -511,9 +522,9 @@ def write_variant_report(name: str, rows: list[VariantRow], labels: dict[str, st
         md += [f"## {title}", "", notes[key], "", markdown(header, body)]
         tex += [f"% {title}: {notes[key]}", latex(header, body)]
     paths = [Path(out) / f"{name}.{suffix}" for suffix in ("md", "tex", "csv")]
-    for path, text in zip(paths, ("\n".join(md), "\n".join(tex), variant_csv(rows, labels))):
+    for path, text in zip(paths, ("\n".join(md), "\n".join(tex), variant_csv(rows, labels, row_header or "variant"))):
         write_text(path, text)
-    figure = variant_figure(rows, labels, caption or name)
+    figure = None if against else variant_figure(rows, labels, caption or name)
     if figure is not None:
         paths.append(write_figure(Path(out) / f"{name}.png", figure))
     return paths

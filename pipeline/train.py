@@ -305,12 +305,16 @@ def setup(cfg: TrainConfig, objective: ObjectiveConfig, student: Student, pairs:
     text_rows = [conditioning.index(p.caption) for p in pairs] if by_caption else [0] * len(pairs)
     image_rows = [latents.index(image_key(p.image)) for p in pairs] if latents is not None else [0] * len(pairs)
     dataset = PairDataset(pairs, student, text_rows, image_rows, negatives if method == "negclip" else None, cfg.seed)
+    # Its own generator for the workers' base seed, which would otherwise be drawn from the global
+    # stream each time the loader is iterated: after a resume's restore, a draw the uninterrupted run
+    # took elsewhere (nothing in a step reads the global stream today; a dropout would).
     loader = DataLoader(dataset, batch_sampler=StepSampler(len(pairs), cfg.batch_size, cfg.seed),
-                        num_workers=cfg.workers, pin_memory=device.type == "cuda")
+                        num_workers=cfg.workers, pin_memory=device.type == "cuda",
+                        generator=torch.Generator().manual_seed(stream_seed(cfg.seed, "loader")))
     if projector is not None:
         fastpath.prepare_teacher_unet(teacher.unet.to(device), opts)
     return Trial(student, projector, params, optimizer, scheduler, loader, teacher, conditioning, latents,
-                 cfg, objective, torch.Generator().manual_seed(cfg.seed + 1), device=device, fast=opts,
+                 cfg, objective, torch.Generator().manual_seed(stream_seed(cfg.seed, "teacher")), device=device, fast=opts,
                  scaler=fastpath.grad_scaler(device, opts) if opts.autocast == "fp16" else None,
                  inputs=dict(inputs or {}), empty=empty)
 
@@ -392,11 +396,12 @@ def teacher_loss(trial: Trial, image_features: torch.Tensor, pooled: torch.Tenso
     return "sds", sds.loss
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
-    """The generator seed of one epoch's order. A hash of the pair, not seed + epoch, which would
-    give seed s's epoch e + 1 the order of seed s + 1's epoch e: neighbouring seeds would train on
-    the same batches for all but their first epoch."""
-    return int.from_bytes(hashlib.blake2b(f"{seed}:{epoch}".encode(), digest_size=8).digest(), "little")
+def stream_seed(seed: int, stream: int | str) -> int:
+    """The generator seed of one random stream of a run (an epoch's order, the teacher losses' draws):
+    a hash of (seed, stream), not seed + k, which would give seed s's stream the numbers of seed
+    s + k's: neighbouring seeds would train on the same batches for all but their first epoch, or
+    draw the t and noise of one seed from the stream that initialised the next one's h_w."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{stream}".encode(), digest_size=8).digest(), "little")
 
 
 def check_batch(batch_size: int, pairs: int, key: str, source: Path) -> None:
@@ -410,7 +415,7 @@ def check_batch(batch_size: int, pairs: int, key: str, source: Path) -> None:
 
 class StepSampler(Sampler):
     """Batches as a pure function of (seed, step): epoch e is a permutation drawn from
-    `epoch_seed(seed, e)`; each item is (pair index, step), so what a dataset draws per item can
+    `stream_seed(seed, e)`; each item is (pair index, step), so what a dataset draws per item can
     depend on the step too.
 
     A resumed trial sets `start` to its step and sees exactly the batches an uninterrupted
@@ -427,7 +432,7 @@ class StepSampler(Sampler):
         step = self.start
         while True:
             epoch, k = divmod(step, self.per_epoch)
-            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(epoch_seed(self.seed, epoch)))
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(stream_seed(self.seed, epoch)))
             yield [(i, step) for i in order[k * self.batch_size : (k + 1) * self.batch_size].tolist()]
             step += 1
 
@@ -498,22 +503,30 @@ def trained_state(trial: Trial) -> dict[str, torch.Tensor]:
 
 
 # Train keys that change how a trial runs and reports, not what it computes: a checkpoint
-# resumes across them (e.g. with loader workers added after a crash).
+# resumes across them (e.g. with loader workers added after a crash). `threads` is among them as
+# configured (0: all cores); the count it resolves to on a CPU is a setting (`settings`).
 RUN_ONLY_KEYS = ("threads", "workers", "log_every", "checkpoint_every")
 
 
 # What a checkpoint resumes into beyond its settings: raised whenever the loop changes what the same
 # settings train (2: epoch orders from a hash of (seed, epoch), open_clip's weight-decay groups;
 # 3: LoRA's frozen attention weights put back after every step, the temperature clamped at ln 100;
-# 4: diffusion feedback's CLS added at every position of the teacher's conditioning).
-TRAINER_VERSION = 4
+# 4: diffusion feedback's CLS added at every position of the teacher's conditioning; 5: the teacher
+# losses' draws from a stream of their own, hashed from the seed).
+TRAINER_VERSION = 5
+# Fast-path options that change what a step computes (another device, precision, kernels); gradient
+# checkpointing recomputes the same activations, and the batched score is the evaluation's.
+NUMERIC_OPTIONS = ("autocast", "autocast_student", "channels_last", "compile", "sdpa")
 
 
 def settings(trial: Trial) -> dict:
     """What a checkpoint must have been trained under, and from, to be resumed by this trial."""
     train = {k: v for k, v in dataclasses.asdict(trial.cfg).items() if k not in RUN_ONLY_KEYS}
+    compute = {"device": trial.device.type, **{k: getattr(trial.fast, k) for k in NUMERIC_OPTIONS},
+               # Sums over another number of CPU threads round differently, and the weights drift apart.
+               "threads": torch.get_num_threads() if trial.device.type == "cpu" else None}
     return {"trainer": TRAINER_VERSION, "train": train, "objective": dataclasses.asdict(trial.objective),
-            "trainable": sorted(trial.params), "inputs": trial.inputs}
+            "compute": compute, "trainable": sorted(trial.params), "inputs": trial.inputs}
 
 
 _ABSENT = object()
@@ -597,8 +610,11 @@ def trained_metadata(path: Path) -> dict:
 
 def discard_checkpoint(folder: Path) -> None:
     """Drop the resume point once the trained file is saved and evaluated: until then a failed
-    evaluation is re-run from the last checkpoint rather than from step 0."""
+    evaluation is re-run from the last checkpoint rather than from step 0. Half-written checkpoints a
+    kill left (`write_bytes`' temp files, as large as the parameters and optimiser state) go too."""
     (Path(folder) / CHECKPOINT).unlink(missing_ok=True)
+    for stray in Path(folder).glob(f".{CHECKPOINT}.*.tmp"):
+        stray.unlink(missing_ok=True)
 
 
 def load_trained(student: Student, path: Path) -> None:

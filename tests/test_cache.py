@@ -444,3 +444,28 @@ def test_the_cache_stage_rebuilds_image_latents_for_regenerated_data_and_for_ano
     config.write_text(config.read_text().replace('"_diffusers_version": "', '"_diffusers_version": "0.0.0+'))
     assert "0.0.0+" in config.read_text()
     assert fingerprint(saved) == table.meta["teacher"]
+
+
+def test_tables_encoded_by_other_code_or_on_another_device_are_rebuilt(tmp_path, monkeypatch):
+    """The cache stage re-runs when its encoding code changes (dvc.yaml lists it): the same teacher
+    and images must then not keep the rows the old code made, nor rows a GPU's convolutions rounded."""
+    from pipeline import latents
+
+    cfg = load(PARAMS, {"profile": "smoke"})
+    teacher = build_toy_teacher(TEACHER, SIZE)
+    data, cache, saved = tmp_path / "data", tmp_path / "cache", tmp_path / "teacher"
+    build_toy(cfg.data, data)
+    save_teacher(teacher, saved)
+    build_cache(cfg, teacher, fingerprint(saved), data, cache)
+    made = {"teacher": fingerprint(saved), "device": "cpu", "encoding": latents.ENCODING_VERSION}
+    assert open_table(cache, "train_text").meta == made
+    assert open_table(cache, "train_images").meta.keys() == {*made, "images"}
+
+    encoded = []
+    real = latents.encode_text
+    monkeypatch.setattr(latents, "encode_text", lambda t, texts: (encoded.append(len(texts)), real(t, texts))[1])
+    build_cache(cfg, teacher, fingerprint(saved), data, cache)
+    assert encoded == []                                   # the same code: every table kept
+    monkeypatch.setattr(latents, "ENCODING_VERSION", latents.ENCODING_VERSION + 1)
+    build_cache(cfg, teacher, fingerprint(saved), data, cache)
+    assert encoded and open_table(cache, "train_text").meta["encoding"] == latents.ENCODING_VERSION

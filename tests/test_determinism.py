@@ -71,3 +71,27 @@ def test_the_thread_count_changes_the_teacher(data, tmp_path):
     build.build_models(two, root, tmp_path / "two")
     assert weights(tmp_path / "one")["teacher/unet/diffusion_pytorch_model.safetensors"] != \
         weights(tmp_path / "two")["teacher/unet/diffusion_pytorch_model.safetensors"]
+
+
+def test_the_thread_count_changes_the_fine_tuning(data):
+    """Why `train.threads` is fixed too (1 on the toy profile): 20 steps of toy-vit's fine-tuning on
+    one and on two threads end with other weights."""
+    from pipeline.config import ObjectiveConfig, TrainConfig
+    from pipeline.data.datasets import read_index, train_pairs
+    from pipeline.models.student import build_toy_student
+    from pipeline.train import fit, setup, trained_state
+
+    cfg, root = data
+    toy = load(REPO / "params.yaml")
+    pairs = train_pairs(root, read_index(root))
+    threads, trained = torch.get_num_threads(), []
+    try:
+        for count in (1, 2):
+            student = build_toy_student(toy.students["toy-vit"], cfg.data.image_size)
+            trial = setup(TrainConfig(steps=20, batch_size=32, lr=5e-4, scope="full", threads=count),
+                          ObjectiveConfig(method="clip", lambda_sds=0.0), student, pairs)
+            trained.append(trained_state(fit(trial, None, progress=False)))
+    finally:
+        torch.set_num_threads(threads)
+    assert trained[0].keys() == trained[1].keys()
+    assert not all(torch.equal(trained[0][k], trained[1][k]) for k in trained[0])

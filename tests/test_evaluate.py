@@ -243,3 +243,16 @@ def test_vg_attribution_averages_the_pairs_its_configured_minimum_keeps(world):
     assert set(result.outcomes["aro/vg_attribution"]["groups"]) == {g for g, n in counts.items() if n >= cut}
     with pytest.raises(ValueError, match="no group left to average"):
         evaluate_student(student, bench, EvalConfig(bootstrap=0, vg_attribution_min_cases=cut + 1))
+
+
+def test_a_scorer_that_ties_everything_scores_as_each_release_breaks_ties(world):
+    """Winoground, ARO's VG sets and SugarCrepe count a tie as wrong (strict comparisons); ARO's order
+    sets and CLEVR take the first option, the true caption, on a tie (argmax), as their releases do."""
+    from pipeline.evaluate import score_benchmarks
+
+    bench = world[0]
+    scores = score_benchmarks(lambda images, captions: np.zeros(len(images)), bench, attribution_min_cases=1).metrics
+    assert scores["winoground/text"] == scores["winoground/image"] == scores["winoground/group"] == 0
+    assert scores["aro/vg_relation"] == scores["aro/vg_attribution"] == 0
+    assert scores["aro/coco_order"] == 1
+    assert scores["sugarcrepe/mean"] == 0 and scores["clevr/mean"] == 1

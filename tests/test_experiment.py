@@ -135,3 +135,23 @@ def test_a_batch_larger_than_the_training_pairs_is_refused_before_a_run_is_opene
                                           r"allowed: <= 96$"):
         record_finetune(big, data, models, root / "cache", root / "runs" / "big", tracker, "big", progress=False)
     assert tracker.find_runs(EXPERIMENT) == [] and not (root / "runs" / "big").exists()
+
+
+def test_a_checkpoints_inputs_name_no_checkout_path(tmp_path):
+    """Two checkouts of one project (or one moved) train from the same pairs: a trial resumes in either."""
+    from pipeline.data.datasets import read_index, train_pairs
+    from pipeline.experiment import trial_inputs
+
+    cfg = load(PARAMS, {"profile": "smoke"})
+    student = tmp_path / "student"
+    save_student(build_toy_student(cfg.students["toy-vit"], cfg.data.image_size), student)
+    inputs = []
+    for checkout in ("a", "b"):
+        build_toy(cfg.data, tmp_path / checkout / "data")
+        inputs.append(trial_inputs(train_pairs(tmp_path / checkout / "data", read_index(tmp_path / checkout / "data")),
+                                   student))
+    assert inputs[0] == inputs[1] and inputs[0]["teacher"] is None and inputs[0]["images"] is None
+    other = load(PARAMS, {"profile": "smoke", "data": {"seed": 1}})
+    build_toy(other.data, tmp_path / "c" / "data")
+    assert trial_inputs(train_pairs(tmp_path / "c" / "data", read_index(tmp_path / "c" / "data")),
+                        student)["pairs"] != inputs[0]["pairs"]

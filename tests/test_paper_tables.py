@@ -77,7 +77,8 @@ def test_the_table_carries_seed_count_spread_interval_and_the_paired_comparison(
     cfg, (first, _), baselines, trials = toy
     rows = paper_tables.rows(cfg, baselines, {}, trials)
     written = paper_tables.write(cfg, rows, tmp_path, n_resamples=200, seed=3)
-    assert sorted(p.name for p in written) == ["table1.csv", "table1.md", "table1.tex"]
+    assert sorted(p.name for p in written) == ["table1-intervals.csv", "table1-intervals.md", "table1-intervals.tex",
+                                               "table1.csv", "table1.md", "table1.tex"]
     table, names = cells(tmp_path / "table1.md"), header(tmp_path / "table1.md")
     assert names[-4:] == ["seeds", "Wino text seed sd", "Wino text 95% CI", "Wino text vs FT with L_CLIP"]
     sds = table[f"{first} FT with L_CLIP + {cfg.objective.lambda_sds:g} L_SDS"]
@@ -97,6 +98,33 @@ def test_the_table_carries_seed_count_spread_interval_and_the_paired_comparison(
     assert not any(label.endswith("(paper)") for label in table)    # the toy profile has no published numbers
 
 
+def test_beside_the_table_every_headline_metric_has_its_interval_and_its_paired_comparison(toy, tmp_path):
+    """Table 1 gives the text score's spread, interval and comparison only; `table1-intervals` gives
+    them for every headline metric of every row, each row against its student's FT with L_CLIP."""
+    cfg, (first, _), baselines, trials = toy
+    for entry in [*baselines.values(), *trials]:          # a second headline metric: zero-shot, one set
+        flipped = "".join("1" if c == "0" else "0" for c in entry["outcomes"][TEXT]["correct"])
+        entry["outcomes"]["zeroshot/set"] = {"correct": flipped, "groups": None, "cases": "fixture"}
+    rows = paper_tables.rows(cfg, baselines, {}, trials)
+    paper_tables.write(cfg, rows, tmp_path, n_resamples=200, seed=3)
+    text = (tmp_path / "table1-intervals.md").read_text()
+    assert "## Against its student's FT with L_CLIP (the diffusion score: " in text
+    scores, versus = [section.split("\n\n")[2] for section in text.split("## ")[1:3]]
+    score_rows = {line.split("|")[1].strip(): line for line in scores.splitlines()[2:]}
+    versus_rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
+                   for line in versus.splitlines()[2:]}
+    assert scores.splitlines()[0] == "| run | seeds | Wino text | Zero-shot |"
+    sds, clip = f"{first} FT with L_CLIP + {cfg.objective.lambda_sds:g} L_SDS", f"{first} FT with L_CLIP"
+    assert clip in score_rows and clip not in versus_rows                   # the reference itself
+    assert score_rows[sds].split("|")[2].strip() == "2"
+    # The text score's comparison is the table's; the zero-shot mean's is made alike, paired by seed.
+    assert versus_rows[sds][1] == cells(tmp_path / "table1.md")[sds][-1]
+    parts = {row.label: outcome_parts([r["outcomes"] for r in row.runs])["zeroshot/mean"]
+             for row in rows if row.label in (sds, clip)}
+    versus = paired_difference(parts[sds], parts[clip], 200, seed=3, pair_seeds=True)
+    assert versus.difference == pytest.approx(0.3125 - 0.625) and versus_rows[sds][2] == difference_cell(versus)
+
+
 def test_without_the_table1_sweep_the_stages_runs_of_train_student_fill_the_table(toy):
     cfg, _, baselines, _ = toy
     stage_runs = {"clip": run(0.3, "11100000"), "sds": run(0.4, "11110000")}
@@ -114,7 +142,8 @@ def test_on_the_paper_profile_each_student_goes_to_its_published_table_beside_th
     trials = [trial(cfg, s, v, seed, 0.3, "11100000") for s in cfg.students for v in VARIANTS
               for seed in (0, 1)]
     written = paper_tables.write(cfg, paper_tables.rows(cfg, baselines, {}, trials), tmp_path, 50)
-    assert {p.stem for p in written} == {"table1", "table2", "table3", "table-coca"}
+    assert {p.stem for p in written} == {stem + kind for stem in ("table1", "table2", "table3", "table-coca")
+                                         for kind in ("", "-intervals")}
     for table_id, stem in paper_tables.TABLES.items():
         table = cells(tmp_path / f"{stem}.md")
         for row in published.table(table_id).rows:

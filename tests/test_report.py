@@ -462,7 +462,7 @@ def test_stage_writes_tables_figures_and_removes_stale_sweep_outputs(store):
     assert stage.main(["--params", str(store["params"])]) == 0
     names = sorted(p.name for p in reports.iterdir())
     assert names == sorted([".outputs.json", "notes.txt", "inference.png", "table1.csv", "table1.md", "table1.tex",
-                            "zeroshot.png"] + [f"sweep-{n}.{s}" for n in ("lambda", "scope") for s in ("csv", "md", "png", "tex")]
+                            "table1-intervals.csv", "table1-intervals.md", "table1-intervals.tex", "zeroshot.png"] + [f"sweep-{n}.{s}" for n in ("lambda", "scope") for s in ("csv", "md", "png", "tex")]
                            + [f"appendix-diffusion-score.{s}" for s in ("csv", "md", "tex")])
     assert (reports / "zeroshot.png").read_bytes().startswith(PNG_MAGIC)
     assert (reports / "inference.png").read_bytes().startswith(PNG_MAGIC)
@@ -691,7 +691,19 @@ def test_variant_report_files_hold_the_three_tables_the_csv_and_the_figure(tmp_p
     table = list(csv.DictReader(io.StringIO((tmp_path / "methods.csv").read_text())))
     assert [r["variant"] for r in table] == ["plain", "hard"]
     assert float(table[1]["winoground/text/diff"]) == pytest.approx(0.3125)
-    assert table[0]["winoground/text/diff"] == ""
+    assert table[0]["winoground/text/diff"] == "" and table[1]["winoground/text/p_bound"] == "0"
+
+
+def test_the_csv_says_where_a_p_is_the_bootstraps_floor():
+    """`p≤0.002` in the tables; in the CSV the number alone would read as an exact p."""
+    from pipeline.comparison import PairedDifference
+    from pipeline.report import VariantRow, variant_csv
+
+    floor = PairedDifference(0.1, 0.05, 0.15, 2 / 1001, "bootstrap", 12, p_bound=True)
+    rows = [VariantRow("a", [0], {}, None, {}), VariantRow("b", [0], {}, {"aro/overall": floor}, {})]
+    table = list(csv.DictReader(io.StringIO(variant_csv(rows, {}))))
+    assert table[1]["aro/overall/p"] == "0.001998" and table[1]["aro/overall/p_bound"] == "1"
+    assert table[0]["aro/overall/p_bound"] == ""
 
 
 def test_a_variant_table_leaves_out_what_no_row_has():

@@ -46,5 +46,6 @@ def test_the_sweep_table_and_figure_come_from_the_results_file_with_no_tracking_
     assert (reports / "sweep-lambda.png").read_bytes().startswith(PNG_MAGIC)
     assert json.loads((reports / ".outputs.json").read_text()) == [
         "appendix-diffusion-score.csv", "appendix-diffusion-score.md", "appendix-diffusion-score.tex", "inference.png", "sweep-lambda.csv", "sweep-lambda.md", "sweep-lambda.png", "sweep-lambda.tex",
-        "table1.csv", "table1.md", "table1.tex", "zeroshot.png"]
+        "table1-intervals.csv", "table1-intervals.md", "table1-intervals.tex", "table1.csv", "table1.md", "table1.tex",
+        "zeroshot.png"]
     assert not (tmp_path / "mlruns").exists()          # nothing opened a tracking store

@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -20,8 +21,8 @@ from pipeline.data.keys import image_key
 from pipeline.latents import image_latents, text_conditioning
 from pipeline.models.student import build_toy_student
 from pipeline.models.teacher import build_toy_teacher
-from pipeline.train import (CHECKPOINT, TRAINED, NonFiniteLoss, StaleCheckpoint, changed_settings, fit, load_checkpoint,
-                            load_trained, save_trained, setup, trained_metadata,
+from pipeline.train import (CHECKPOINT, TRAINED, NonFiniteLoss, StaleCheckpoint, changed_settings, discard_checkpoint,
+                            fit, load_checkpoint, load_trained, save_trained, setup, stream_seed, trained_metadata,
                             trainable_parameters, trained_state)
 
 from tiny import SIZE, STUDENT, TEACHER
@@ -185,12 +186,66 @@ def test_checkpoint_resumes_across_run_only_keys_but_not_from_other_inputs(env):
     with pytest.raises(Interrupt):
         fit(new_trial(env, inputs=inputs), folder, on_log=interrupt_at(3), progress=False)
     assert (folder / CHECKPOINT).is_file()
-    run_only = train_cfg(log_every=2, checkpoint_every=3, threads=1, workers=1)
+    run_only = train_cfg(log_every=2, checkpoint_every=3, workers=1)
     assert load_checkpoint(new_trial(env, run_only, inputs=inputs), folder)
     assert load_checkpoint(new_trial(env, train_cfg(), inputs=inputs), folder)
     with pytest.raises(StaleCheckpoint, match="inputs.student: 'aaaa' -> 'cccc'"):
         load_checkpoint(new_trial(env, inputs={**inputs, "student": "cccc"}), folder)
     assert (folder / CHECKPOINT).exists()
+
+
+def test_a_checkpoint_is_refused_under_another_cpu_thread_count_or_fast_path(env):
+    """Sums over another number of threads round differently (tests/test_determinism.py), and another
+    precision or attention kernel computes other numbers: resumed across either, a trial would end
+    as neither uninterrupted run. The configured `threads` counts only as the count it comes to."""
+    folder = env["root"] / "compute"
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(Interrupt):
+            fit(new_trial(env, train_cfg(threads=1)), folder, on_log=interrupt_at(3), progress=False)
+        assert load_checkpoint(new_trial(env, train_cfg(threads=1)), folder)
+        torch.set_num_threads(1)
+        assert load_checkpoint(new_trial(env, train_cfg(threads=0)), folder)      # 0: the process's count, 1 here
+        with pytest.raises(StaleCheckpoint, match=r"compute\.threads: 1 -> 2"):
+            load_checkpoint(new_trial(env, train_cfg(threads=2)), folder)
+        other = new_trial(env, train_cfg(threads=1))
+        other.fast = dataclasses.replace(other.fast, sdpa=not other.fast.sdpa)
+        with pytest.raises(StaleCheckpoint, match=r"compute\.sdpa: "):
+            load_checkpoint(other, folder)
+        assert (folder / CHECKPOINT).exists()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_discarding_the_resume_point_removes_what_a_killed_write_left(env, tmp_path):
+    """`write_bytes` writes a temp file beside the checkpoint and renames it: a kill before the rename
+    leaves a file as large as the parameters and the optimiser state, which nothing else removes."""
+    fit(new_trial(env, train_cfg(steps=2, checkpoint_every=2)), tmp_path, progress=False)
+    stray = tmp_path / f".{CHECKPOINT}.abc123.tmp"
+    stray.write_bytes(b"half a checkpoint")
+    (tmp_path / "kept.txt").write_text("the trained file and the result stay")
+    discard_checkpoint(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.txt"]
+
+
+def test_a_seeds_teacher_draws_are_no_other_seeds_stream():
+    """Seeded seed + 1, seed s's t and noise were the numbers seed s + 1's global stream (h_w's
+    initialisation) starts with; each stream's seed is a hash of (seed, name), as epochs' are."""
+    draws = {s: torch.rand(8, generator=torch.Generator().manual_seed(stream_seed(s, "teacher"))) for s in range(4)}
+    starts = {s: torch.rand(8, generator=torch.Generator().manual_seed(s)) for s in range(5)}
+    assert not any(torch.equal(d, t) for d in draws.values() for t in starts.values())
+    assert len({stream_seed(s, name) for s in range(4) for name in ("teacher", "loader", 0, 1)}) == 16
+
+
+def test_iterating_the_loader_leaves_the_global_stream_alone(env):
+    """A DataLoader draws its workers' base seed from the global stream each time it is iterated,
+    which a resumed trial does after restoring that stream: one draw the uninterrupted run took at
+    step 0. The trial's loader has a generator of its own."""
+    trial = new_trial(env)
+    torch.manual_seed(11)
+    before = torch.get_rng_state()
+    iter(trial.loader)
+    assert torch.equal(torch.get_rng_state(), before)
 
 
 # --------------------------------------------------------------------------- (b) save_trained
