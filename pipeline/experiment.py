@@ -110,12 +110,13 @@ def run_finetune(cfg: Config, data_root: Path, models: Path, cache: Path, folder
 
 def trial_inputs(pairs: list, student: Path, conditioning=None, latents=None) -> dict:
     """What a checkpoint must have been trained from to be resumed: the pairs (by image key, which
-    holds no checkout path: a moved project resumes), the student's weights, the teacher as the cache
-    recorded it (no second hash of a multi-GB UNet) and the image files its latents were encoded from."""
+    holds no checkout path: a moved project resumes), the student's weights, and the cache tables it
+    reads as their meta records them: the teacher (no second hash of a multi-GB UNet), the device and
+    code that encoded them, and the image files of the latents."""
     return {"pairs": text_digest(f"{image_key(p.image)}\t{p.caption}" for p in pairs),
             "student": fingerprint(student),
-            "teacher": conditioning.meta.get("teacher") if conditioning is not None else None,
-            "images": latents.meta.get("images") if latents is not None else None}
+            "conditioning": conditioning.meta if conditioning is not None else None,
+            "latents": latents.meta if latents is not None else None}
 
 
 def checked_pairs(cfg: Config, data_root: Path, index: dict | None = None) -> list:

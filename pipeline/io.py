@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -50,19 +51,27 @@ def temp_dir(parent: Path, prefix: str, suffix: str = "") -> Path:
 
 
 def _fsync(path: Path) -> None:
+    """Hand `path`'s written data (a file's, or a folder's entries) to the disk (fsync(2); on macOS the
+    drive may still cache it, which only F_FULLFSYNC would flush)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as err:
+        # Some network and FUSE file systems refuse fsync on a folder: the entries are theirs to keep.
+        if not (err.errno == errno.EINVAL and os.path.isdir(path)):
+            raise
     finally:
         os.close(fd)
 
 
 def _fsync_tree(folder: Path) -> None:
-    """Flush every file and folder under `folder` to disk: renamed into place after a crash that lost
-    their contents, they would look finished."""
+    """Flush every file and folder under `folder`: renamed into place after a crash that lost their
+    contents, they would look finished. Links are left alone: what they point at was not written here
+    (the data stage links a user's own copies of datasets)."""
     for parent, _, files in os.walk(folder):
         for name in files:
-            _fsync(Path(parent, name))
+            if not os.path.islink(Path(parent, name)):
+                _fsync(Path(parent, name))
         _fsync(Path(parent))
 
 

@@ -446,7 +446,7 @@ def test_the_cache_stage_rebuilds_image_latents_for_regenerated_data_and_for_ano
     assert fingerprint(saved) == table.meta["teacher"]
 
 
-def test_tables_encoded_by_other_code_or_on_another_device_are_rebuilt(tmp_path, monkeypatch):
+def test_tables_encoded_by_other_code_are_rebuilt_and_name_the_device_that_encoded_them(tmp_path, monkeypatch):
     """The cache stage re-runs when its encoding code changes (dvc.yaml lists it): the same teacher
     and images must then not keep the rows the old code made, nor rows a GPU's convolutions rounded."""
     from pipeline import latents

@@ -9,6 +9,7 @@ import logging
 import math
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from PIL import UnidentifiedImageError
@@ -150,8 +151,13 @@ def test_a_checkpoints_inputs_name_no_checkout_path(tmp_path):
         build_toy(cfg.data, tmp_path / checkout / "data")
         inputs.append(trial_inputs(train_pairs(tmp_path / checkout / "data", read_index(tmp_path / checkout / "data")),
                                    student))
-    assert inputs[0] == inputs[1] and inputs[0]["teacher"] is None and inputs[0]["images"] is None
-    other = load(PARAMS, {"profile": "smoke", "data": {"seed": 1}})
-    build_toy(other.data, tmp_path / "c" / "data")
-    assert trial_inputs(train_pairs(tmp_path / "c" / "data", read_index(tmp_path / "c" / "data")),
-                        student)["pairs"] != inputs[0]["pairs"]
+    assert inputs[0] == inputs[1] and inputs[0]["conditioning"] is None and inputs[0]["latents"] is None
+    other = tmp_path / "c" / "data"
+    build_toy(load(PARAMS, {"profile": "smoke", "data": {"seed": 1}}).data, other)
+    pairs = train_pairs(other, read_index(other))
+    assert trial_inputs(pairs, student)["pairs"] != inputs[0]["pairs"]
+    # Tables the cache stage rebuilt under the same teacher (other encoding code, another device) are other inputs.
+    table = lambda **meta: SimpleNamespace(meta={"teacher": "t", "device": "cpu", "encoding": 1, **meta})  # noqa: E731
+    assert trial_inputs(pairs, student, table()) != trial_inputs(pairs, student, table(encoding=2))
+    assert trial_inputs(pairs, student, table(), table(images="a")) != trial_inputs(pairs, student, table(),
+                                                                                    table(images="b"))

@@ -40,9 +40,8 @@ def test_what_is_renamed_into_place_is_on_disk_first_and_the_rename_after(tmp_pa
     from pipeline import io
 
     events = []
-    real_fsync, real_replace = os.fsync, os.replace
-    monkeypatch.setattr(io.os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
-                                                    real_fsync(fd))[1])
+    real_fsync, real_replace = io._fsync, os.replace
+    monkeypatch.setattr(io, "_fsync", lambda path: (events.append(("fsync", str(path))), real_fsync(path))[1])
     monkeypatch.setattr(io.os, "replace", lambda src, dst: (events.append(("replace", str(dst))),
                                                             real_replace(src, dst))[1])
     with io.atomic_dir(tmp_path / "out") as tmp:
@@ -55,5 +54,9 @@ def test_what_is_renamed_into_place_is_on_disk_first_and_the_rename_after(tmp_pa
     assert events[-1] == ("fsync", str(tmp_path)), events
 
     events.clear()
-    io.write_text(tmp_path / "r.txt", "r")
-    assert [kind for kind, _ in events] == ["fsync", "replace", "fsync"] and events[-1] == ("fsync", str(tmp_path))
+    io.write_text(tmp_path / "r.txt", "r")         # the file itself is flushed through its open descriptor
+    assert events == [("replace", str(tmp_path / "r.txt")), ("fsync", str(tmp_path))]
+    # A link in the folder is left alone: what it points at (a user's dataset) was not written here.
+    with io.atomic_dir(tmp_path / "linked") as tmp:
+        (tmp / "dangling").symlink_to(tmp_path / "nowhere")
+    assert (tmp_path / "linked" / "dangling").is_symlink()

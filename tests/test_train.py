@@ -228,9 +228,10 @@ def test_discarding_the_resume_point_removes_what_a_killed_write_left(env, tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.txt"]
 
 
-def test_a_seeds_teacher_draws_are_no_other_seeds_stream():
+def test_a_seeds_teacher_draws_are_no_other_seeds_stream(env):
     """Seeded seed + 1, seed s's t and noise were the numbers seed s + 1's global stream (h_w's
     initialisation) starts with; each stream's seed is a hash of (seed, name), as epochs' are."""
+    assert new_trial(env).generator.initial_seed() == stream_seed(3, "teacher")      # train_cfg's seed
     draws = {s: torch.rand(8, generator=torch.Generator().manual_seed(stream_seed(s, "teacher"))) for s in range(4)}
     starts = {s: torch.rand(8, generator=torch.Generator().manual_seed(s)) for s in range(5)}
     assert not any(torch.equal(d, t) for d in draws.values() for t in starts.values())

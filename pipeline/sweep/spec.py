@@ -138,7 +138,7 @@ class SchedulerSpec:
 
 @validated
 class ResourcesSpec:
-    """Ray resources of one trial; torch uses floor(cpu) threads (at least 1)."""
+    """Ray resources of one trial; torch uses `train.threads`, or where that is 0 floor(cpu) threads (at least 1)."""
 
     cpu: PosFloat = 1.0
     gpu: NonNegFloat = 0.0
