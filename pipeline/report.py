@@ -533,6 +533,8 @@ def write_variant_report(name: str, rows: list[VariantRow], labels: dict[str, st
 def variant_figure(rows: list[VariantRow], labels: dict[str, str], title: str) -> Figure | None:
     """One panel per headline metric: each variant's difference to the reference with its paired 95%
     interval (a dot and a bar), a line at 0; None when there is nothing to compare."""
+    from matplotlib.ticker import MaxNLocator
+
     compared = [r for r in rows[1:] if r.versus]
     keys = [(t, k) for t, k in HEADLINE if any(k in r.versus for r in compared)]
     if not keys:
@@ -553,6 +555,7 @@ def variant_figure(rows: list[VariantRow], labels: dict[str, str], title: str) -
             ax.errorbar([d.difference], [y], xerr=[[d.difference - d.low], [d.high - d.difference]], fmt="o",
                         color=colour, capsize=3, markersize=4)
         ax.axvline(0, color="black", linewidth=0.8)
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=5))    # a 2.6-inch panel holds five signed ticks
         style(ax, name, f"Δ accuracy vs {reference}", grid="x")
     axes[0].set_yticks(ys, [labels.get(row.name, row.name) for row in compared])
     axes[0].set_ylim(len(compared) - 0.5, -0.5)
