@@ -414,16 +414,22 @@ def test_unknown_key_and_bad_index(tmp_path):
         table.rows([-1])
 
 
-def test_the_cache_stage_rebuilds_image_latents_for_regenerated_data_and_for_another_vae_scale(tmp_path):
-    """Image rows are keyed by file path, and regenerated toy data reuses the names: a digest of
-    the image files is part of an image table's meta. The VAE's scaling factor lives in its
-    config.json, which the teacher's fingerprint covers (but not the library version there)."""
+def _cached_smoke_project(tmp_path: Path):
+    """The smoke profile's data, a tiny teacher saved beside it, and the cache stage's tables of both."""
     cfg = load(PARAMS, {"profile": "smoke"})
     teacher = build_toy_teacher(TEACHER, SIZE)
     data, cache, saved = tmp_path / "data", tmp_path / "cache", tmp_path / "teacher"
     build_toy(cfg.data, data)
     save_teacher(teacher, saved)
     build_cache(cfg, teacher, fingerprint(saved), data, cache)
+    return cfg, teacher, data, cache, saved
+
+
+def test_the_cache_stage_rebuilds_image_latents_for_regenerated_data_and_for_another_vae_scale(tmp_path):
+    """Image rows are keyed by file path, and regenerated toy data reuses the names: a digest of
+    the image files is part of an image table's meta. The VAE's scaling factor lives in its
+    config.json, which the teacher's fingerprint covers (but not the library version there)."""
+    cfg, teacher, data, cache, saved = _cached_smoke_project(tmp_path)
     key = open_table(cache, "train_images").keys[0]
     first = open_table(cache, "train_images").get([key])
 
@@ -451,12 +457,7 @@ def test_tables_encoded_by_other_code_are_rebuilt_and_name_the_device_that_encod
     and images must then not keep the rows the old code made, nor rows a GPU's convolutions rounded."""
     from pipeline import latents
 
-    cfg = load(PARAMS, {"profile": "smoke"})
-    teacher = build_toy_teacher(TEACHER, SIZE)
-    data, cache, saved = tmp_path / "data", tmp_path / "cache", tmp_path / "teacher"
-    build_toy(cfg.data, data)
-    save_teacher(teacher, saved)
-    build_cache(cfg, teacher, fingerprint(saved), data, cache)
+    cfg, teacher, data, cache, saved = _cached_smoke_project(tmp_path)
     made = {"teacher": fingerprint(saved), "device": "cpu", "encoding": latents.ENCODING_VERSION}
     assert open_table(cache, "train_text").meta == made
     assert open_table(cache, "train_images").meta.keys() == {*made, "images"}
