@@ -218,11 +218,18 @@ def interval_rows(table_rows: list[Row], reference: Callable[[Row], Row | None],
                   seed: int = 0) -> list[VariantRow]:
     """Each row's every headline metric with its seed spread and interval, and its paired difference to
     its `reference` row (None, or itself: no difference), as a sweep's variants are compared."""
+    decoded: dict[int, dict] = {}          # each row's outcomes decoded once, a reference's for all its rows
+
+    def outcomes(row: Row) -> dict:
+        if id(row) not in decoded:
+            decoded[id(row)] = _outcomes(row)
+        return decoded[id(row)]
+
     out = []
     for row in table_rows:
         against = reference(row)
         compared = against is not None and against is not row
-        out.append(variant_row(row.label, row.runs, _outcomes(row), _seeds(row), _outcomes(against) if compared else None,
+        out.append(variant_row(row.label, row.runs, outcomes(row), _seeds(row), outcomes(against) if compared else None,
                                compared and same_seeds(_seeds(row), _seeds(against)), n_resamples, seed))
     return out
 
