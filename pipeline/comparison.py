@@ -26,14 +26,18 @@ seeds (other training runs):
   time and its paired test called 17% of null differences significant at 0.05.
 - two rows whose seeds pair up (each seed the same data order and starting weights in both):
   the seed term is the variance of the per-seed differences over S, at S - 1 degrees of freedom.
+
+A t interval ends where the values end: an accuracy's at 0 and 1, a difference's at -1 and 1
+(with few seeds, t's quantile can reach past them).
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
+from scipy import optimize, stats
 
 from pipeline.metrics import SUGARCREPE_CATEGORIES, cases_digest, check_resampling, decode_correct
 
@@ -179,13 +183,14 @@ def seed_task_interval(parts, n_resamples: int = 1000, confidence: float = 0.95,
     if parts[0].seeds == 1:
         return (mean, *_percentiles(draws, confidence))
     half = _error([parts], draws).half_width(confidence)
-    return mean, mean - half, mean + half
+    # An accuracy lies in [0, 1], where a t interval of a few seeds need not: it ends there.
+    return mean, max(mean - half, 0.0), min(mean + half, 1.0)
 
 
 @dataclass(frozen=True)
 class PairedDifference:
     """Row A minus row B on the same cases: the difference, its 95% interval and a two-sided
-    p-value, by `test`: "McNemar" (exact; one run a row, one micro-averaged part), "bootstrap"
+    p-value, by `test`: "McNemar" (one run a row, one micro-averaged part), "bootstrap"
     (one run a row, a macro-averaged or composite metric) or "t" (seeds in either row; `seeds_paired`:
     compared seed by seed)."""
 
@@ -203,13 +208,14 @@ def paired_difference(parts_a, parts_b, n_resamples: int = 1000, confidence: flo
                       seed: int = 0, pair_seeds: bool = False) -> PairedDifference:
     """Compare two rows scored on the same cases (A minus B).
 
-    Every interval resamples the cases once for both rows (the pairing: a hard case is hard for
-    both). One run a row: the percentile interval of those draws, and as p-value McNemar's exact
-    test on a micro-averaged metric of one part (its difference is the discordant cases' balance),
-    else the same bootstrap's two-sided p, 2 (1 + #{draws on the far side of 0}) / (1 + n_resamples),
-    whose floor is `p_bound`: McNemar's test on pooled cases would test the pooled difference,
-    not a macro mean's or a composite's, and can point the other way. Seeds in either row: the
-    t interval and t test of the case variance plus each row's seed variance (module docstring).
+    One run a row on a micro-averaged metric of one part (its difference is the discordant cases'
+    balance): McNemar's test and Tango's score interval, which inverts it (`tango_interval`).
+    Every other interval resamples the cases once for both rows (the pairing: a hard case is hard
+    for both). One run a row on a macro mean or a composite: the percentile interval of those draws
+    and their two-sided p, 2 (1 + #{draws on the far side of 0}) / (1 + n_resamples), whose floor is
+    `p_bound`: McNemar's test on pooled cases would test the pooled difference, not a macro mean's
+    or a composite's, and can point the other way. Seeds in either row: the t interval and t test
+    of the case variance plus each row's seed variance (module docstring).
 
     `pair_seeds`: the rows ran the same seeds, and a seed drew the same data order and starting
     weights in both (the runs of a sweep's variants, Table 1's rows of one student): the seed term
@@ -227,36 +233,71 @@ def paired_difference(parts_a, parts_b, n_resamples: int = 1000, confidence: flo
         raise ValueError(f"pair_seeds needs the same number of seeds (2 or more) in both rows, got "
                          f"{parts_a[0].seeds} and {parts_b[0].seeds}")
     difference = metric_value(parts_a) - metric_value(parts_b)
-    draws = _case_draws([parts_a, parts_b], [1.0, -1.0], n_resamples, seed)
     discordant = sum(int((a.correct[:, None, :] != b.correct[None, :, :]).sum()) for a, b in zip(parts_a, parts_b))
-    if parts_a[0].seeds == parts_b[0].seeds == 1:
+    one_run = parts_a[0].seeds == parts_b[0].seeds == 1
+    if one_run and len(parts_a) == 1 and parts_a[0].groups is None:
+        a, b = parts_a[0].correct[0], parts_b[0].correct[0]
+        return PairedDifference(difference, *tango_interval(a, b, confidence), mcnemar(a, b), "McNemar", discordant)
+    draws = _case_draws([parts_a, parts_b], [1.0, -1.0], n_resamples, seed)
+    if one_run:
         low, high = _percentiles(draws, confidence)
-        if len(parts_a) == 1 and parts_a[0].groups is None:
-            p_value = mcnemar_exact(parts_a[0].correct[0].astype(bool), parts_b[0].correct[0].astype(bool))
-            return PairedDifference(difference, low, high, p_value, "McNemar", discordant)
         far = min(int((draws <= 0).sum()), int((draws >= 0).sum()))
         return PairedDifference(difference, low, high, min(1.0, 2.0 * (1 + far) / (1 + len(draws))), "bootstrap",
                                 discordant, p_bound=far == 0)
     error = _error([parts_a, parts_b], draws, pair_seeds)
     half = error.half_width(confidence)
-    return PairedDifference(difference, difference - half, difference + half, error.p_value(difference), "t",
-                            discordant, seeds_paired=pair_seeds)
+    # A difference of two accuracies lies in [-1, 1] (as `seed_task_interval`'s interval in [0, 1]).
+    return PairedDifference(difference, max(difference - half, -1.0), min(difference + half, 1.0),
+                            error.p_value(difference), "t", discordant, seeds_paired=pair_seeds)
 
 
-def mcnemar_exact(correct_a, correct_b) -> float:
-    """Two-sided exact McNemar p-value for two classifiers' correctness on the same cases.
-
-    With b = cases only A gets right and c = cases only B gets right, under H0 b ~ Binomial(b + c,
-    1/2); p = min(1, 2 P(X <= min(b, c))). No discordant case: p = 1.
-    """
+def discordant_counts(correct_a, correct_b) -> tuple[int, int]:
+    """(cases only A gets right, cases only B gets right) of two 1-D correctness vectors."""
     a, b = (CaseOutcomes(c).correct for c in (correct_a, correct_b))
     if a.shape[0] != 1 or a.shape != b.shape:
         raise ValueError(f"correct_a and correct_b must be 1-D of the same length, got {a.shape} and {b.shape}")
-    only_a, only_b = int(((a == 1) & (b == 0)).sum()), int(((a == 0) & (b == 1)).sum())
-    n = only_a + only_b
-    if n == 0:
+    return int(((a == 1) & (b == 0)).sum()), int(((a == 0) & (b == 1)).sum())
+
+
+def mcnemar(correct_a, correct_b) -> float:
+    """Two-sided p of McNemar's test for two classifiers' correctness on the same cases: with b cases
+    only A gets right and c only B, z = (b - c) / sqrt(b + c) against the standard normal (no
+    continuity correction); no discordant case: p = 1. It is the score test `tango_interval`
+    inverts, and keeps its level better than the exact conditional test, which is conservative
+    (Fagerland, Lydersen & Laake 2013, BMC Med Res Methodol 13:91)."""
+    only_a, only_b = discordant_counts(correct_a, correct_b)
+    if only_a + only_b == 0:
         return 1.0
-    return float(min(1.0, 2.0 * stats.binom.cdf(min(only_a, only_b), n, 0.5)))
+    return float(2.0 * stats.norm.sf(abs(only_a - only_b) / math.sqrt(only_a + only_b)))
+
+
+def tango_interval(correct_a, correct_b, confidence: float = 0.95) -> tuple[float, float]:
+    """Tango's score interval (Stat Med 1998, 17:891) of A's accuracy minus B's on the same N cases:
+    the d whose score statistic (b - c - N d) / sqrt(N (2 q(d) + d (1 - d))), q(d) the most likely
+    share of cases only B gets right given d, is within the normal quantile. At d = 0 the statistic
+    is McNemar's z (`mcnemar`), so the interval leaves 0 out exactly where that test's p is below
+    1 - confidence; it stays inside [-1, 1], and has width with no discordant case. (A percentile
+    bootstrap interval inverts no test: with few discordant cases it can leave 0 out where McNemar's
+    p is above 0.05.) Fagerland, Lydersen & Laake (Stat Med 2014) recommend it for paired proportions."""
+    only_a, only_b = discordant_counts(correct_a, correct_b)
+    n = len(np.asarray(correct_a).reshape(-1))
+    z = float(stats.norm.ppf(0.5 + float(confidence) / 2.0))
+    if only_a + only_b == 0:        # the statistic is 0/0 at d = 0; the roots are closed-form
+        return -z * z / (n + z * z), z * z / (n + z * z)
+
+    def excess(d: float, side: float) -> float:
+        """b - c - N d minus side * z times the statistic's denominator: 0 at a limit."""
+        quad_b = -only_a - only_b + (2 * n - only_a + only_b) * d
+        quad_c = -only_b * d * (1 - d)
+        q = (math.sqrt(max(quad_b * quad_b - 8 * n * quad_c, 0.0)) - quad_b) / (4 * n)
+        return only_a - only_b - n * d - side * z * math.sqrt(max(n * (2 * q + d * (1 - d)), 0.0))
+
+    # The statistic is 0 at the estimate, where the limits' brackets meet; an estimate of -1 or 1 (every
+    # case discordant one way) is also a root of its own side, so that side's bracket stops short of it.
+    inner = min(max((only_a - only_b) / n, -1.0 + 1e-9), 1.0 - 1e-9)
+    low = -1.0 if excess(-1.0, 1.0) <= 0 else optimize.brentq(excess, -1.0, inner, args=(1.0,), xtol=1e-12)
+    high = 1.0 if excess(1.0, -1.0) >= 0 else optimize.brentq(excess, inner, 1.0, args=(-1.0,), xtol=1e-12)
+    return float(low), float(high)
 
 
 def outcome_parts(runs: Sequence[dict[str, dict]]) -> dict[str, list[CaseOutcomes]]:

@@ -9,7 +9,9 @@ are `pipeline.paper_tables`'.
 A sweep's table has one row per trial of its results (the swept values, the trial's status, the
 same metric columns); its figure has a panel per headline score that differs between the trials,
 against the swept key, or per configuration when the sweep varied several keys or a non-numeric
-one, each point with its 95% interval (`pipeline.figures`). The library reads results files only,
+one, each point with its 95% interval (`pipeline.figures`). Where the trials set one key besides the
+seed (named variants, or one param), the configurations are also set side by side, each against the
+first on the same cases (`compared_rows`). The library reads results files only,
 so the report stage rebuilds from them alone; `main` (`python -m pipeline.report`) also finds a
 hand-run sweep's results in the tracking store.
 """
@@ -259,14 +261,28 @@ def resamples(cfg) -> int:
     return cfg.eval.bootstrap or 1000
 
 
-def variant_rows(name: str, trials: list[dict], cfg) -> list[VariantRow]:
-    """The variants' rows (`compare_variants`) when the sweep's trials hold named variants and no
-    other swept key than the seed; [] otherwise."""
-    configs = [trial.get("config") or {} for trial in trials]
-    if not any(VARIANT in c for c in configs) or any(set(c) - {VARIANT, SEED} for c in configs):
+def compared_key(trials: list[dict]) -> str | None:
+    """The one key besides the seed that a sweep's trials set: a named variant, or one swept param
+    (sweeps/lambda.yaml's objective.lambda_sds); None where they set several (sweeps/table1.yaml's
+    students x variants, which Table 1's intervals compare) or none."""
+    keys = {key for trial in trials for key in trial.get("config") or {}} - {SEED}
+    return keys.pop() if len(keys) == 1 else None
+
+
+def configuration(config: dict, key: str) -> str:
+    """A configuration's row name in a comparison: a variant's name, else `key=value`."""
+    return str(config[key]) if key == VARIANT else f"{key}={config[key]}"
+
+
+def compared_rows(name: str, trials: list[dict], cfg) -> list[VariantRow]:
+    """The sweep's configurations side by side (`compare_variants`) when its trials set one key besides
+    the seed (`compared_key`), in the sweep table's order (a numeric key's by value), the first the
+    reference; [] otherwise."""
+    key = compared_key(trials)
+    if key is None:
         return []
-    order = list(dict.fromkeys(c[VARIANT] for c in configs if VARIANT in c))
-    rows = compare_variants(trials, order, resamples(cfg), cfg.eval.seed)
+    order = [configuration(t["config"], key) for t in sorted_trials(table_trials(trials), [key]) if key in t["config"]]
+    rows = compare_variants(trials, list(dict.fromkeys(order)), resamples(cfg), cfg.eval.seed, key)
     if not rows:
         print(f"sweep {name}: no finished trial with outcomes; no {name} report", file=sys.stderr)
     return rows
@@ -274,12 +290,13 @@ def variant_rows(name: str, trials: list[dict], cfg) -> list[VariantRow]:
 
 def sweep_report(name: str, trials: list[dict], rows: list[VariantRow], cfg, out: Path) -> list[Path]:
     """Everything the report writes for one sweep from its trials: its table and figure, and the
-    comparison of its variant rows (`variant_rows`) for a sweep of named variants; the paths written."""
+    comparison of its configurations (`compared_rows`); the paths written."""
     if not trials:
         print(f"sweep {name}: no trials in its results", file=sys.stderr)
     written = write_sweep_report(name, trials, out, resamples(cfg), cfg.eval.seed)
     if rows:
-        written += write_variant_report(name, rows, {}, out, resamples(cfg), caption=f"sweep {name}")
+        written += write_variant_report(name, rows, {}, out, resamples(cfg), caption=f"sweep {name}",
+                                        row_header="" if compared_key(trials) == VARIANT else "configuration")
     return written
 
 
@@ -362,27 +379,29 @@ class VariantRow:
     diagnostics: dict[str, float]
 
 
-def variant_trials(trials: list[dict]) -> dict[str, list[dict]]:
-    """Finished trials of a results file, by variant name (first-seen order), each list by seed."""
+def variant_trials(trials: list[dict], key: str = VARIANT) -> dict[str, list[dict]]:
+    """Finished trials of a results file, by configuration of `key` (first-seen order; `configuration`
+    names them), each list by seed."""
     groups: dict[str, list[dict]] = {}
     for trial in trials:
         config = trial.get("config") or {}
-        if trial.get("status") == "finished" and VARIANT in config and trial.get("outcomes"):
-            groups.setdefault(config[VARIANT], []).append(trial)
+        if trial.get("status") == "finished" and key in config and trial.get("outcomes"):
+            groups.setdefault(configuration(config, key), []).append(trial)
     return {name: sorted(runs, key=lambda t: t["config"].get(SEED, 0)) for name, runs in groups.items()}
 
 
-def compare_variants(trials: list[dict], order: list[str], n_resamples: int = 1000, seed: int = 0) -> list[VariantRow]:
-    """A `VariantRow` per variant with finished seeds, in `order`; the first is the reference row."""
-    groups = variant_trials(trials)
+def compare_variants(trials: list[dict], order: list[str], n_resamples: int = 1000, seed: int = 0,
+                     key: str = VARIANT) -> list[VariantRow]:
+    """A `VariantRow` per configuration of `key` (`variant_trials`) with finished seeds, in `order`; the
+    first is the reference row. A row's seeds are None where its trials set none (the params' one)."""
+    groups = variant_trials(trials, key)
     names = [name for name in order if name in groups]
     if not names:
         return []
     parts = {name: outcome_parts([t["outcomes"] for t in groups[name]]) for name in names}
     seeds = {name: [t["config"].get(SEED) for t in groups[name]] for name in names}
     # The variants of a sweep that ran the same seeds drew, seed by seed, the same data order and start.
-    return [variant_row(name, groups[name], parts[name], [s if s is not None else 0 for s in seeds[name]],
-                        None if name == names[0] else parts[names[0]],
+    return [variant_row(name, groups[name], parts[name], seeds[name], None if name == names[0] else parts[names[0]],
                         same_seeds(seeds[name], seeds[names[0]]), n_resamples, seed) for name in names]
 
 
@@ -476,7 +495,7 @@ def interval_kinds(rows: list[VariantRow], n_resamples: int) -> str:
 # What each kind of comparison (`PairedDifference.test`) is, as the table notes say it.
 TEST_NOTES = {
     "t": "with seeds, Student's t of the case variance (cases resampled for both rows together) plus the seeds'",
-    "McNemar": "one run a row, the case bootstrap's percentile interval and McNemar's exact test",
+    "McNemar": "one run a row, McNemar's test and Tango's score interval, which inverts it",
     "bootstrap": "one run a row on a macro-averaged or composite metric, the case bootstrap's percentile interval "
                  "and p",
 }
@@ -556,7 +575,9 @@ def variant_figure(rows: list[VariantRow], labels: dict[str, str], title: str) -
                         color=colour, capsize=3, markersize=4)
         ax.axvline(0, color="black", linewidth=0.8)
         ax.xaxis.set_major_locator(MaxNLocator(nbins=5))    # a 2.6-inch panel holds five signed ticks
-        style(ax, name, f"Δ accuracy vs {reference}", grid="x")
+        style(ax, name, grid="x")
+    # One caption for every panel: under each, a long reference's name ran into the next panel's.
+    figure.supxlabel(f"Δ accuracy vs {reference}", fontsize=9)
     axes[0].set_yticks(ys, [labels.get(row.name, row.name) for row in compared])
     axes[0].set_ylim(len(compared) - 0.5, -0.5)
     tests = {d.test for row in compared for d in row.versus.values()}
@@ -569,8 +590,9 @@ def variant_figure(rows: list[VariantRow], labels: dict[str, str], title: str) -
 
 # ----------------------------------------------------------------------------- python -m pipeline.report
 
-COMMAND_DOC = """Write one sweep's report: its table (md, tex, csv), its figure and, for a sweep of named variants,
-the variants' comparison; the same files the report stage writes for the sweeps it ran.
+COMMAND_DOC = """Write one sweep's report: its table (md, tex, csv), its figure and, for a sweep of named variants
+or of one param, the comparison of its configurations; the same files the report stage writes for
+the sweeps it ran.
 
     python -m pipeline.report lambda                     # the newest launch of sweep lambda, from MLflow
     python -m pipeline.report lambda --results FILE      # from a results file (pipeline.sweep --results)
@@ -585,8 +607,9 @@ Written under --out (default: reports/ next to the params file):
     sweep-<name>.md, .tex, .csv    a row per trial: its swept values, status and scores
     sweep-<name>.png               a panel per headline score that differs between the trials, against
                                    the swept key (or per configuration), with 95% intervals
-    <name>.md, .tex, .csv, .png    for a sweep of named variants (and seeds): each variant's scores over
-                                   its seeds, its difference to the first variant, diagnostics
+    <name>.md, .tex, .csv, .png    for a sweep of named variants or of one param (and seeds): each
+                                   configuration's scores over its seeds, its difference to the first
+                                   (paired on the same cases), diagnostics
 
 `dvc repro` of the report stage removes the sweep-* files in reports/ of sweeps results/sweeps.json
 does not list.
@@ -631,7 +654,7 @@ def command_body(args: argparse.Namespace, cfg, root: Path) -> None:
     out = args.out or root / "reports"
     check_writable(out, "--out", folder=True)
     trials = results_trials(args.results, args.sweep) if args.results else launch_trials(cfg, root, args.sweep)
-    for path in sweep_report(args.sweep, trials, variant_rows(args.sweep, trials, cfg), cfg, out):
+    for path in sweep_report(args.sweep, trials, compared_rows(args.sweep, trials, cfg), cfg, out):
         print(path)
 
 

@@ -33,11 +33,12 @@
                                     when several or non-numeric keys were swept), with 95%
                                     intervals; not written when no trial has a score
     reports/<name>.md, .tex, .csv, .png
-                                    per sweep that ran named variants (and nothing else but
-                                    seeds), e.g. sweeps/methods.yaml: each variant's headline
-                                    scores over its seeds with intervals, its difference to the
-                                    first variant with a paired interval and p-value, diagnostics,
-                                    and a figure of the differences (`pipeline.report`)
+                                    per sweep whose trials set one key besides the seed: named
+                                    variants (sweeps/methods.yaml) or one param (sweeps/lambda.yaml):
+                                    each configuration's headline scores over its seeds with
+                                    intervals, its difference to the first (the table's first row)
+                                    with a paired interval and p-value, diagnostics, and a figure
+                                    of the differences (`pipeline.report`)
 
     metrics/*.json                  the headline scores of train.student's Table-1 rows and of each
                                     variant of a variant sweep, one file each with the same keys
@@ -61,7 +62,7 @@ from pipeline.data.errors import load_json
 from pipeline.io import write_json
 from pipeline.figures import inference_figure, write_figure, zeroshot_figure
 from pipeline.headline import FOLDER, headline_files, write_headline
-from pipeline.report import check_outcomes, read_trials, resamples, sweep_report, variant_rows
+from pipeline.report import VARIANT, check_outcomes, compared_key, compared_rows, read_trials, resamples, sweep_report
 
 TABLE1 = "table1"     # the sweep whose seeds make the Table-1 rows (sweeps/table1.yaml)
 
@@ -122,8 +123,10 @@ def body(args, cfg, root):
             written.append(write_figure(path, figure))
     variants = {}
     for name, trials in sweeps.items():
-        variants[name] = variant_rows(name, trials, cfg)
-        written += sweep_report(name, trials, variants[name], cfg, reports)
+        compared = compared_rows(name, trials, cfg)
+        written += sweep_report(name, trials, compared, cfg, reports)
+        if compared_key(trials) == VARIANT:    # a metrics file per named variant, not per swept value
+            variants[name] = compared
     for path in stale_outputs(reports, written):
         path.unlink()
     write_json(reports / OUTPUTS, sorted(path.name for path in written))

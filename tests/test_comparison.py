@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.comparison import (CaseOutcomes, PairedDifference, mcnemar_exact, metric_value, outcome_parts,
-                                 paired_difference, seed_task_interval, seed_values)
+from pipeline.comparison import (CaseOutcomes, PairedDifference, mcnemar, metric_value, outcome_parts,
+                                 paired_difference, seed_task_interval, seed_values, tango_interval)
 from pipeline.metrics import cases_digest, decode_correct, encode_correct
 from pipeline.report import difference_cell
 
@@ -17,29 +17,78 @@ def two_by_two(both: int, only_a: int, only_b: int, neither: int) -> tuple[np.nd
     return a, b
 
 
-def test_mcnemar_exact_on_a_known_table():
-    """Discordant cells 10 and 2: p = 2 P(Bin(12, 1/2) <= 2) = 2 (1 + 12 + 66) / 4096 = 158 / 4096."""
+def test_mcnemar_on_a_known_table():
+    """Discordant cells 10 and 2: z = 8 / sqrt(12) = 2.309, p = 2 (1 - Phi(2.309)) = 0.02092."""
     a, b = two_by_two(both=50, only_a=10, only_b=2, neither=30)
-    assert mcnemar_exact(a, b) == pytest.approx(158 / 4096, rel=1e-12)
-    assert mcnemar_exact(b, a) == pytest.approx(158 / 4096, rel=1e-12)
-    # Balanced discordance: p is 1 (capped), not above it; no discordant case: p = 1.
-    assert mcnemar_exact(*two_by_two(5, 3, 3, 5)) == 1.0
-    assert mcnemar_exact(*two_by_two(5, 0, 0, 5)) == 1.0
+    assert mcnemar(a, b) == pytest.approx(0.020921335, rel=1e-6)
+    assert mcnemar(b, a) == mcnemar(a, b)
+    # Balanced discordance: p = 1; no discordant case: p = 1.
+    assert mcnemar(*two_by_two(5, 3, 3, 5)) == 1.0
+    assert mcnemar(*two_by_two(5, 0, 0, 5)) == 1.0
     # Concordant cells do not matter.
-    assert mcnemar_exact(*two_by_two(0, 10, 2, 0)) == mcnemar_exact(a, b)
+    assert mcnemar(*two_by_two(0, 10, 2, 0)) == mcnemar(a, b)
 
 
-def test_one_run_a_row_gets_mcnemars_exact_p_and_seeds_the_t_test():
+def test_one_run_a_row_gets_mcnemars_p_and_seeds_the_t_test():
     a, b = two_by_two(both=50, only_a=10, only_b=2, neither=30)
     single = paired_difference(CaseOutcomes(a), CaseOutcomes(b), n_resamples=300)
-    assert (single.test, single.p_value, single.discordant) == ("McNemar", mcnemar_exact(a, b), 12)
+    assert (single.test, single.p_value, single.discordant) == ("McNemar", mcnemar(a, b), 12)
     assert single.difference == pytest.approx(8 / 92)
+    assert (single.low, single.high) == tango_interval(a, b)
     # A composite of parts is its parts' mean, which McNemar's test on the pooled cases does not test.
     parts = paired_difference([CaseOutcomes(a[:40]), CaseOutcomes(a[40:])], [CaseOutcomes(b[:40]), CaseOutcomes(b[40:])],
                               n_resamples=300)
     assert parts.test == "bootstrap"
     seeds = paired_difference(CaseOutcomes(np.stack([a, a])), CaseOutcomes(np.stack([b, b])), n_resamples=300)
     assert seeds.test == "t" and seeds.low > 0 and seeds.p_value < 0.05
+
+
+def tango_quartic_limits(cases: int, only_a: int, only_b: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Tango's limits as Yang, Sun & Hardin (Stat Med 2013) derive them in closed form: the outermost
+    real roots in [-1, 1] of their quartic in d (its coefficients m0..m4, g the squared quantile)."""
+    from scipy import stats
+
+    n, b, c, g = cases, only_a, only_b, stats.norm.ppf(0.5 + confidence / 2) ** 2
+    m = [n ** 2 * (n / g + 1) ** 2,
+         -n * (b - c) * (n / g + 1) * (4 * n / g + 1),
+         2 * n * (b - c) ** 2 * (3 * n / g + 2) / g - n ** 2 * ((b + c) / g + 1),
+         n * (b - c) * (2 * (b + c) / g + 1) - (b - c) ** 3 * (4 * n / g + 1) / g,
+         (b - c) ** 2 * ((b - c) ** 2 / g - (b + c)) / g]
+    roots = [r.real for r in np.roots(m) if abs(r.imag) < 1e-7 and -1 - 1e-9 <= r.real <= 1 + 1e-9]
+    return max(min(roots), -1.0), min(max(roots), 1.0)
+
+
+def test_tangos_interval_is_the_published_closed_forms_and_inverts_mcnemars_test():
+    """Every split of up to 14 discordant cases (and the extremes: every case discordant one way, none
+    discordant): the limits are the closed form's to 1e-9, hold the difference, and leave 0 out
+    exactly where McNemar's p < 0.05. 4 to 0 on 100 cases: z = 2, p = 0.0455, [+0.0015, +0.0984]."""
+    a, b = two_by_two(both=50, only_a=4, only_b=0, neither=46)
+    d = paired_difference(CaseOutcomes(a), CaseOutcomes(b), n_resamples=1000)
+    assert (d.test, d.difference) == ("McNemar", pytest.approx(0.04))
+    assert d.p_value == pytest.approx(0.0455003, rel=1e-5)
+    assert (d.low, d.high) == pytest.approx((0.0015268, 0.0983707), abs=1e-7)
+    splits = [(10, x, y, 10) for x in range(15) for y in range(15 - x)] + [(0, 3, 0, 0), (0, 0, 3, 0), (0, 0, 0, 4)]
+    for split in splits:
+        x, y = two_by_two(*split)
+        low, high = tango_interval(x, y)
+        assert (low, high) == pytest.approx(tango_quartic_limits(x.size, split[1], split[2]), abs=1e-9), split
+        assert low <= (split[1] - split[2]) / x.size <= high
+        assert (low > 0 or high < 0) == (mcnemar(x, y) < 0.05), split
+    # No discordant case: the roots +-z^2 / (N + z^2), not a point.
+    assert tango_interval(*two_by_two(10, 0, 0, 10)) == pytest.approx((-0.16112516, 0.16112516))
+
+
+def test_mcnemars_test_keeps_its_level_under_the_null_with_few_discordant_cases():
+    """Two runs of one process on 100 cases, each re-drawing 10% of its answers: about 8 discordant
+    cases a pair and no difference in truth. At 0.05 the test rejects 5.0% of 2,000 pairs."""
+    rng = np.random.default_rng(0)
+    rejected = 0
+    for _ in range(2000):
+        p = rng.uniform(0.2, 0.8, 100)
+        base = rng.uniform(size=100) < p
+        a, b = (np.where(rng.uniform(size=100) < 0.1, rng.uniform(size=100) < p, base) for _ in range(2))
+        rejected += paired_difference(CaseOutcomes(a), CaseOutcomes(b), n_resamples=2).p_value < 0.05
+    assert 0.03 <= rejected / 2000 <= 0.06
 
 
 def test_a_macro_mean_of_one_run_is_tested_as_the_macro_mean_not_as_pooled_cases():
@@ -51,7 +100,7 @@ def test_a_macro_mean_of_one_run_is_tested_as_the_macro_mean_not_as_pooled_cases
     b = np.array([0, 0] + [1] * 50 + [1] * 20 + [0] * 30, dtype=bool)
     result = paired_difference(CaseOutcomes(a, groups), CaseOutcomes(b, groups), n_resamples=1000)
     assert result.difference == pytest.approx(0.4)
-    assert mcnemar_exact(a, b) < 0.001
+    assert mcnemar(a, b) < 0.001
     assert result.test == "bootstrap" and result.low < 0 < result.high and result.p_value > 0.05
 
 
@@ -204,7 +253,8 @@ def test_two_rows_pair_only_on_the_same_cases_in_the_same_order():
     with pytest.raises(ValueError, match="same cases in the same order"):
         paired_difference(a, b)
     same = paired_difference(a, outcome_parts([forward])["winoground/text"])
-    assert (same.difference, same.low, same.high, same.discordant) == (0.0, 0.0, 0.0, 0)
+    assert (same.difference, same.discordant, same.p_value) == (0.0, 0, 1.0)
+    assert -same.low == same.high == pytest.approx(1.96 ** 2 / (8 + 1.96 ** 2), rel=1e-3)  # no discordance
     with pytest.raises(ValueError, match="runs were scored on different cases"):        # seeds of one row
         outcome_parts([forward, {"winoground/text": {**forward["winoground/text"], "cases": cases_digest(["x"])}}])
     with pytest.raises(ValueError, match="do not say which cases"):
@@ -288,6 +338,22 @@ def test_a_seed_paired_interval_by_hand():
     assert result.difference == pytest.approx(0.2) and result.seeds_paired
     assert (result.low, result.high) == pytest.approx((0.2 - half, 0.2 + half))
     assert result.p_value == pytest.approx(2 * stats.t.sf(0.2 / np.sqrt(v_case + v_seed), df))
+
+
+def test_a_t_interval_ends_where_an_accuracy_or_a_difference_ends():
+    """Two seeds right on 4 and 3 of 4 cases: mean 0.875, and t at one degree of freedom (12.7) times
+    a seed term of sd 0.177 / sqrt(2) alone passes 1; the interval ends at 1. The same runs against
+    two seeds right on none: a difference of 0.875 whose interval would pass 1 too."""
+    top = CaseOutcomes(np.array([[1, 1, 1, 1], [1, 1, 1, 0]]))
+    mean, low, high = seed_task_interval(top, n_resamples=200)
+    assert mean == pytest.approx(0.875) and high == 1.0 and 0.0 <= low < 0.875
+    bottom = CaseOutcomes(np.zeros((2, 4), dtype=int))
+    assert seed_task_interval(bottom, n_resamples=200)[1:] == (0.0, 0.0)      # no spread: the point itself
+    spread = CaseOutcomes(np.array([[1, 0, 0, 0], [0, 0, 0, 0]]))
+    assert seed_task_interval(spread, n_resamples=200)[1] == 0.0
+    d = paired_difference(top, bottom, n_resamples=200, pair_seeds=True)
+    assert d.difference == pytest.approx(0.875) and d.high == 1.0 and -1.0 <= d.low < 0.875
+    assert paired_difference(bottom, top, n_resamples=200, pair_seeds=True).low == -1.0
 
 
 def test_a_macro_mean_counts_its_groups_as_the_case_terms_degrees_of_freedom():

@@ -472,14 +472,14 @@ def test_stage_writes_tables_figures_and_removes_stale_sweep_outputs(store):
     table = (reports / "table1.md").read_text().splitlines()
     assert [row.split("|")[1].strip() for row in table[2:]] == [
         "toy-vit pretrained", "toy-vit FT with L_CLIP", "toy-vit FT with L_CLIP + 0.001 L_SDS", "diffusion score (toy-ldm)"]
-    # The last column: each row against FT with L_CLIP on the same tasks, McNemar's exact p (discordant
-    # 1 and 0: p = 1; 2 and 0: p = 0.5; 6 and 0: p = 2 / 64).
+    # The last column: each row against FT with L_CLIP on the same tasks, McNemar's p (discordant 1 and 0:
+    # z = 1, p = 0.317; 2 and 0: z = sqrt(2), p = 0.157; 6 and 0: z = sqrt(6), p = 0.014).
     assert table[0].rstrip(" |").endswith("Wino text vs FT with L_CLIP")
     versus = [row.split("|")[-2].strip() for row in table[2:]]
     assert versus[1] == "-"
-    assert versus[0].startswith("-0.125 [") and versus[0].endswith("p=1.000")
-    assert versus[2].startswith("+0.250 [") and versus[2].endswith("p=0.500")
-    assert versus[3].startswith("+0.750 [") and versus[3].endswith("p=0.031 (vs toy-vit)")
+    assert versus[0].startswith("-0.125 [") and versus[0].endswith("p=0.317")
+    assert versus[2].startswith("+0.250 [") and versus[2].endswith("p=0.157")
+    assert versus[3].startswith("+0.750 [") and versus[3].endswith("p=0.014 (vs toy-vit)")
 
     # The headline scores for `dvc metrics show`: a file per Table-1 row, each with the same keys.
     headline = {p.name: json.loads(p.read_text()) for p in (root / "metrics").iterdir()}
@@ -662,7 +662,8 @@ def test_variants_that_ran_the_same_seeds_are_compared_seed_by_seed():
 
 def test_variant_notes_say_how_the_rows_intervals_and_tests_were_made(tmp_path):
     """Seeds paired: t with the per-seed differences; one run a variant (a sweep without seeds): the
-    case bootstrap and McNemar's test, and no word of seeds."""
+    case bootstrap for its own interval, McNemar's test and Tango's interval for the difference, and
+    no word of seeds."""
     rows = compare_variants(VARIANT_TRIALS, ["plain", "hard"], n_resamples=200)
     write_variant_report("seeded", rows, {}, tmp_path, 200)
     seeded = (tmp_path / "seeded.md").read_text()
@@ -672,7 +673,8 @@ def test_variant_notes_say_how_the_rows_intervals_and_tests_were_made(tmp_path):
     write_variant_report("single", compare_variants(one, ["plain", "hard"], n_resamples=200), {}, tmp_path, 200)
     single = (tmp_path / "single.md").read_text()
     assert "95% bootstrap interval over cases, 200 resamples, for a row of one run" in single
-    assert "McNemar's exact test" in single and "Student's t" not in single and "t of the seeds'" not in single
+    assert "McNemar's test and Tango's score interval" in single and "Student's t" not in single
+    assert "t of the seeds'" not in single
     # The figure's note says the same: over cases alone for one run a row, over seeds and cases with seeds.
     assert "paired 95% intervals over cases;" in title_of(variant_figure(
         compare_variants(one, ["plain", "hard"], n_resamples=200), {}, "single"))
@@ -692,6 +694,44 @@ def test_variant_report_files_hold_the_three_tables_the_csv_and_the_figure(tmp_p
     assert [r["variant"] for r in table] == ["plain", "hard"]
     assert float(table[1]["winoground/text/diff"]) == pytest.approx(0.3125)
     assert table[0]["winoground/text/diff"] == "" and table[1]["winoground/text/p_bound"] == "0"
+
+
+def test_a_sweep_of_one_param_sets_its_values_side_by_side_each_against_the_first(tmp_path):
+    """sweeps/lambda.yaml's shape (one key, no seeds), its trial indices out of value order: a row per
+    value in the sweep table's order (by value), each against lambda 0 on the same cases; one run a
+    row, so McNemar's test: lambda 0.1 right on 3 cases lambda 0 missed and on none the other way,
+    z = sqrt(3), p = 0.083. Table 1's students x variants set two keys besides the seed: no such comparison."""
+    from pipeline.config import load
+    from pipeline.report import compared_key, compared_rows, sweep_report
+
+    text = {0.1: [1, 1, 1, 1, 1, 1, 1, 0], 0: [1, 0, 1, 0, 1, 0, 1, 0], 1e-4: [1, 1, 1, 0, 1, 0, 1, 0]}
+    trials = [result_trial(f"t{i:03d}", {"objective.lambda_sds": lam}, "finished", {"winoground/text": sum(c) / 8},
+                           {"winoground/text": {"correct": encode_correct(c), "groups": None, "cases": "fixture"}})
+              for i, (lam, c) in enumerate(text.items())]
+    trials.append(result_trial("t003", {"objective.lambda_sds": 1.0}, "failed", {}))
+    cfg = load(write_params(tmp_path))
+    assert compared_key(trials) == "objective.lambda_sds"
+    rows = compared_rows("lambda", trials, cfg)
+    assert [r.name for r in rows] == [f"objective.lambda_sds={v}" for v in ("0", "0.0001", "0.1")]
+    assert [r.seeds for r in rows] == [[None]] * 3 and rows[0].versus is None
+    d = rows[2].versus["winoground/text"]
+    assert (d.test, d.discordant) == ("McNemar", 3)
+    assert d.difference == pytest.approx(3 / 8) and d.p_value == pytest.approx(0.0832645, rel=1e-5)
+    assert rows[1].versus["winoground/text"].difference == pytest.approx(1 / 8)
+
+    written = sweep_report("lambda", trials, rows, cfg, tmp_path)
+    assert sorted(p.name for p in written) == sorted(f"{stem}.{suffix}" for stem in ("sweep-lambda", "lambda")
+                                                     for suffix in ("md", "tex", "csv", "png"))
+    md = (tmp_path / "lambda.md").read_text()
+    assert "| configuration | seeds | Wino text |" in md and "## Against objective.lambda_sds=0" in md
+    assert "| objective.lambda_sds=0.1 | +0.375 [" in md and "p=0.083" in md
+    table = list(csv.DictReader(io.StringIO((tmp_path / "lambda.csv").read_text())))
+    assert [r["configuration"] for r in table] == [r.name for r in rows] and {r["seeds"] for r in table} == {""}
+    assert variant_figure(rows, {}, "sweep lambda").get_supxlabel() == "Δ accuracy vs objective.lambda_sds=0"
+
+    grid = [result_trial(f"t{i:03d}", {"train.student": s, "variant": v, "train.seed": 0}, "finished", {})
+            for i, (s, v) in enumerate((("vit", "a"), ("vit", "b"), ("rn50", "a")))]
+    assert compared_key(grid) is None and compared_rows("table1", grid, cfg) == []
 
 
 def test_the_csv_says_where_a_p_is_the_bootstraps_floor():

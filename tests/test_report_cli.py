@@ -85,13 +85,16 @@ def test_a_hand_run_sweep_prints_the_command_that_writes_its_report_from_the_new
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 0, done.stderr
     reports = root / "reports"
-    assert done.stdout.split() == [str(reports / f"sweep-lambda.{suffix}") for suffix in ("md", "tex", "csv", "png")]
+    assert done.stdout.split() == [str(reports / f"{stem}.{suffix}") for stem in ("sweep-lambda", "lambda")
+                                   for suffix in ("md", "tex", "csv", "png")]
     assert "has no summary.json yet" in done.stderr and "(FAILED, run " in done.stderr
     rows = (reports / "sweep-lambda.csv").read_text().splitlines()
     assert [row.split(",")[:3] for row in rows[1:]] == [
         ["t000", "0", "finished"], ["t001", "0.0001", "finished"], ["t002", "0.001", "finished"],
         ["t003", "0.01", "finished"], ["t004", "0.1", "failed"]]
     assert (reports / "sweep-lambda.png").read_bytes().startswith(PNG_MAGIC)
+    compared = (reports / "lambda.csv").read_text().splitlines()    # the finished trials, each against lambda 0
+    assert [row.split(",")[0] for row in compared[1:]] == [f"objective.lambda_sds={v}" for v in (0, 0.0001, 0.001, 0.01)]
 
 
 def test_the_command_draws_what_moved_with_intervals_and_names_what_did_not(in_project, capsys):

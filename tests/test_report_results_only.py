@@ -45,7 +45,15 @@ def test_the_sweep_table_and_figure_come_from_the_results_file_with_no_tracking_
     assert len((reports / "sweep-lambda.md").read_text().splitlines()) == 2 + len(LAMBDA)
     assert (reports / "sweep-lambda.png").read_bytes().startswith(PNG_MAGIC)
     assert json.loads((reports / ".outputs.json").read_text()) == [
-        "appendix-diffusion-score.csv", "appendix-diffusion-score.md", "appendix-diffusion-score.tex", "inference.png", "sweep-lambda.csv", "sweep-lambda.md", "sweep-lambda.png", "sweep-lambda.tex",
+        "appendix-diffusion-score.csv", "appendix-diffusion-score.md", "appendix-diffusion-score.tex", "inference.png",
+        "lambda.csv", "lambda.md", "lambda.png", "lambda.tex",
+        "sweep-lambda.csv", "sweep-lambda.md", "sweep-lambda.png", "sweep-lambda.tex",
         "table1-intervals.csv", "table1-intervals.md", "table1-intervals.tex", "table1.csv", "table1.md", "table1.tex",
         "zeroshot.png"]
+    # Its finished trials side by side, each against lambda 0; a metrics file is a Table-1 row's or a
+    # named variant's, not a swept value's.
+    compared = list(csv.DictReader(io.StringIO((reports / "lambda.csv").read_text())))
+    assert [r["configuration"] for r in compared] == [f"objective.lambda_sds={v}" for v in ("0", "0.0001", "0.001")]
+    assert sorted(p.name for p in (tmp_path / "metrics").iterdir()) == sorted(
+        f"{stem}.json" for stem in ("pretrained", "ft-clip", "ft-sds", "diffusion-score"))
     assert not (tmp_path / "mlruns").exists()          # nothing opened a tracking store
