@@ -45,6 +45,7 @@ def clone(tmp_path_factory):
 
 
 SWEEP_REPORTS = ("reports/sweep-methods.md", "reports/methods.md")   # what the report builds from the sweep
+EXP_SHOW_DROP = "results/|.*:(wino_image|wino_group|aro|zeroshot)$"    # the README's `dvc exp show --drop`
 
 
 def _ran(output: str) -> set[str]:
@@ -82,6 +83,8 @@ def test_repro_writes_the_reports_then_is_up_to_date_then_reruns_only_lambda_dep
     _check_sweep(dest)
     first = {name: (dest / name).read_text() for name in ("dvc.lock", "params.yaml", *SWEEP_REPORTS)}
     first_launch = json.loads((dest / "results" / "sweeps.json").read_text())["methods"]["parent_run_id"]
+    _run(["git", "add", "-A"], dest, env)             # the reference run, as the repo commits its own
+    _run(["git", "commit", "-qm", "reference run"], dest, env)
 
     assert _ran(_run(dvc + ["repro"], dest, env)) == set()
 
@@ -101,6 +104,15 @@ def test_repro_writes_the_reports_then_is_up_to_date_then_reruns_only_lambda_dep
     (dest / "params.yaml").write_text(lambda_edit.replace("  projected_score: true", "  projected_score: false", 1))
     assert _ran(_run(dvc + ["repro"], dest, env)) == {"train_sds", "sweep", "report"}
     assert "0.05 L_SDS" in (dest / "reports" / "table1.md").read_text()
+    # The workspace against the reference commit in a terminal's width: the params that differ and the
+    # text scores that moved (the README's command; `--only-changed` alone keeps every changed results
+    # file's hash and every changed headline score).
+    shown = _run(dvc + ["exp", "show", "--only-changed", "--no-pager", "--drop", EXP_SHOW_DROP], dest,
+                 {**env, "COLUMNS": "400"})
+    header = shown.splitlines()[1]
+    assert "objective.lambda_sds" in header and "eval.projected_score" in header and "results/" not in header
+    assert max(len(line.rstrip()) for line in shown.splitlines()) < 200, shown
+    assert f"dvc exp show --only-changed --drop '{EXP_SHOW_DROP}'" in " ".join((ROOT / "README.md").read_text().split())
     sds = json.loads((dest / "results" / "train-sds.json").read_text())
     assert "winoground/text" in sds["metrics"] and "projected/winoground/text" not in sds["metrics"]
 

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import re
 import socket
 import sys
@@ -123,8 +124,6 @@ def check_unended(folder: str, names: set[str], retry: bool) -> None:
 def check_readable(folder: str, names: set[str]) -> None:
     """Ray Tune copies its state files into the launch folder in place: a driver killed during a copy
     leaves one cut short, which its restore would meet as a traceback. The newest of each must read."""
-    import pickle
-
     fs, base = _folder(folder)
     for pattern in STATES:
         found = sorted(name for name in names if pattern.fullmatch(name))
