@@ -278,7 +278,7 @@ def tango_interval(correct_a, correct_b, confidence: float = 0.95) -> tuple[floa
     is McNemar's z (`mcnemar`), so the interval leaves 0 out exactly where that test's p is below
     1 - confidence; it stays inside [-1, 1], and has width with no discordant case. (A percentile
     bootstrap interval inverts no test: with few discordant cases it can leave 0 out where McNemar's
-    p is above 0.05.) Fagerland, Lydersen & Laake (Stat Med 2014) recommend it for paired proportions."""
+    p is above 0.05.)"""
     only_a, only_b = discordant_counts(correct_a, correct_b)
     n = len(np.asarray(correct_a).reshape(-1))
     z = float(stats.norm.ppf(0.5 + float(confidence) / 2.0))
