@@ -1,6 +1,6 @@
 """Fault-injection probes: bad inputs refused, kills survived, and what the MLflow store and the files hold after them.
 
-    .venv/bin/python benchmarks/fault_probes.py                  # all of it, in a new smoke project (~6 min)
+    .venv/bin/python benchmarks/fault_probes.py                  # all of it, in a new smoke project (~4 min)
     .venv/bin/python benchmarks/fault_probes.py --only inputs    # the bad inputs alone
     .venv/bin/python benchmarks/fault_probes.py --project DIR    # reuse a built smoke project
 
@@ -14,9 +14,10 @@ What it does:
    and every malformed sweep file (tests/test_sweep_config.py's BAD, resources beyond this
    machine, an ASHA metric the trials never report) through `python -m pipeline.sweep FILE
    --dry-run`. A case is refused when the command exits 2 with one line on stderr and wrote
-   nothing: no file under the folder it ran in is new or changed. They run in a copy of the
-   project's data/, models/ and cache/, so that a case that is not refused trains there and
-   leaves the project's MLflow store to the kills. MLflow's notes on creating or updating its
+   nothing: no file under the folder it ran in is new or changed. They run side by side, one per
+   CPU core, each worker in its own copy of the project's data/, models/ and cache/, so that a
+   case that is not refused trains there, apart from the others' folders and from the project's
+   MLflow store, which the kills keep. MLflow's notes on creating or updating its
    database tables are not counted as the command's stderr lines (only a case that opens a
    store prints them, and such a case wrote it);
 3. kills, each on its own sweep (a fresh name) or stage, every process with
@@ -52,6 +53,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import queue
 import re
 import secrets
 import shutil
@@ -63,6 +65,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -81,6 +84,7 @@ from tests.test_sweep_config import BAD as BAD_SWEEPS  # noqa: E402
 PYTHON = sys.executable
 KILLS = 5
 # What MLflow logs on stderr when a command creates or migrates its store: not the command's own words.
+BLOCKER = "a-file"    # a file where a case's params name a folder
 MLFLOW_NOTES = re.compile(r"Creating initial MLflow database tables|Updating database tables|"
                          r"alembic\.runtime\.migration")
 
@@ -214,47 +218,58 @@ def judge(name: str, argv: list[str], folder: Path, timeout: float) -> Verdict:
     return Verdict(name, code, lines, notes, written)
 
 
-def inputs_folder(project: Path, work: Path) -> Path:
-    """A copy of the project's built inputs and params.yaml: where the bad inputs run."""
-    folder = work / "inputs"
+def inputs_folder(project: Path, folder: Path) -> Path:
+    """`folder`: a copy of the project's built inputs and params.yaml, where bad inputs run."""
     folder.mkdir()
     for name in ("data", "models", "cache"):
         shutil.copytree(project / name, folder / name, symlinks=True)
     shutil.copy(project / "params.yaml", folder / "params.yaml")
+    (folder / BLOCKER).write_text("")
     return folder
 
 
 def probe_inputs(project: Path, work: Path, timeout: float) -> tuple[int, int]:
-    """Run every bad input; (refused, cases)."""
+    """Run every bad input; (refused, cases). The cases run side by side, one per CPU core, each
+    worker in a folder of its own, so that what a case wrote is told apart from the others'."""
     from pipeline.config import load, read_yaml
 
-    folder = inputs_folder(project, work)
-    params = read_yaml(folder / "params.yaml")
-    steps = load(folder / "params.yaml").train.steps
-    blocker = folder / "a-file"
-    blocker.write_text("")
+    free: queue.SimpleQueue[Path] = queue.SimpleQueue()
+    workers = os.cpu_count() or 1
+    for i in range(workers):
+        free.put(inputs_folder(project, work / f"inputs-{i}"))
+    params = read_yaml(project / "params.yaml")
+    steps = load(project / "params.yaml").train.steps
     gpus = cuda_devices()
     groups = [
-        ("python -m stages.train clip --params FILE", params_cases(params, steps, blocker.name, gpus),
-         folder / "bad-params.yaml", lambda path: [PYTHON, "-m", "stages.train", "clip", "--params", str(path)]),
-        ("python -m pipeline.sweep FILE --dry-run", sweep_cases(gpus), folder / "bad-sweep.yaml",
-         lambda path: [PYTHON, "-m", "pipeline.sweep", str(path), "--dry-run", "--params",
-                       str(folder / "params.yaml")]),
+        ("python -m stages.train clip --params FILE", params_cases(params, steps, BLOCKER, gpus), "bad-params.yaml",
+         lambda path, folder: [PYTHON, "-m", "stages.train", "clip", "--params", str(path)]),
+        ("python -m pipeline.sweep FILE --dry-run", sweep_cases(gpus), "bad-sweep.yaml",
+         lambda path, folder: [PYTHON, "-m", "pipeline.sweep", str(path), "--dry-run", "--params",
+                               str(folder / "params.yaml")]),
     ]
     if gpus:
         print("  (this machine has a GPU: the case of compute.device cuda without one is left out)")
     verdicts: list[Verdict] = []
-    for command, cases, path, argv in groups:
+    for command, cases, file_name, argv in groups:
+        def judged(case: tuple[str, dict | str]) -> Verdict:
+            name, value = case
+            folder = free.get()
+            try:
+                path = folder / file_name
+                path.write_text(value if isinstance(value, str) else yaml.safe_dump(value, sort_keys=False))
+                verdict = judge(name, argv(path, folder), folder, timeout)
+                path.unlink()
+                return verdict
+            finally:
+                free.put(folder)
+
         start = time.perf_counter()
-        print(f"  {len(cases)} cases through `{command}` in {folder} ...", flush=True)
-        group = []
-        for name, value in cases.items():
-            path.write_text(value if isinstance(value, str) else yaml.safe_dump(value, sort_keys=False))
-            verdict = judge(name, argv(path), folder, timeout)
+        print(f"  {len(cases)} cases through `{command}` in {work}/inputs-*, {workers} at a time ...", flush=True)
+        with ThreadPoolExecutor(workers) as pool:
+            group = list(pool.map(judged, cases.items()))
+        for verdict in group:
             if not verdict.refused:
-                print(f"    not refused: {name}: {verdict.why()}", flush=True)
-            group.append(verdict)
-            path.unlink()
+                print(f"    not refused: {verdict.name}: {verdict.why()}", flush=True)
         print(f"  {sum(v.refused for v in group)}/{len(group)} refused ({time.perf_counter() - start:.0f} s)",
               flush=True)
         verdicts += group

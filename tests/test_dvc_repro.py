@@ -1,4 +1,6 @@
-"""`dvc repro` of the smoke profile in a temporary clone of the working tree (real DVC, MLflow)."""
+"""`dvc repro` of the smoke profile in a temporary clone of the working tree (real DVC, MLflow), and DVC's own
+parameter override there, `dvc exp run -S key=value`: the value reaches the run, a bad one stops in one line.
+The tests share the clone (built and run once): each leaves it as its first repro left it."""
 import json
 import os
 import re
@@ -10,13 +12,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import load
+from pipeline.config import deep_merge, load, read_yaml
 from pipeline.tracking import Tracker
 from pipeline.train import TRAINED
 from worktree import copy_working_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
+DVC = [sys.executable, "-m", "dvc"]
 
 
 def _run(cmd, cwd, env):
@@ -59,8 +62,7 @@ def _stale(dest: Path, env: dict) -> set[str]:
 
 def test_repro_writes_the_reports_then_is_up_to_date_then_reruns_only_lambda_dependents_then_checks_out(clone):
     dest, env = clone
-    dvc = [sys.executable, "-m", "dvc"]
-    first = _run(dvc + ["repro"], dest, env)
+    first = _run(DVC + ["repro"], dest, env)
     assert _ran(first) == {"data", "models", "cache", "baselines", "train_clip", "train_sds", "sweep", "report"}
     table = (dest / "reports" / "table1.md").read_text().splitlines()
     labels = [row.split("|")[1].strip() for row in table[2:]]
@@ -68,7 +70,7 @@ def test_repro_writes_the_reports_then_is_up_to_date_then_reruns_only_lambda_dep
     assert labels == ["toy-vit pretrained", "toy-vit FT with L_CLIP", "toy-vit FT with L_CLIP + 0.1 L_SDS",
                       "diffusion score (toy-ldm)"]
     assert {row.split("|")[-5].strip() for row in table[2:4]} == {"1", "3"}     # seeds: pretrained 1, FT 3
-    metrics = _run(dvc + ["metrics", "show"], dest, env)
+    metrics = _run(DVC + ["metrics", "show"], dest, env)
     assert max(len(line) for line in metrics.splitlines()) < 200, metrics
     assert "metrics/ft-sds.json" in metrics and "wino_text" in metrics
     for suffix in ("tex", "csv"):
@@ -86,7 +88,7 @@ def test_repro_writes_the_reports_then_is_up_to_date_then_reruns_only_lambda_dep
     _run(["git", "add", "-A"], dest, env)             # the reference run, as the repo commits its own
     _run(["git", "commit", "-qm", "reference run"], dest, env)
 
-    assert _ran(_run(dvc + ["repro"], dest, env)) == set()
+    assert _ran(_run(DVC + ["repro"], dest, env)) == set()
 
     # Which stages each edit makes stale (`dvc status`), then one repro of both edits: every stage a
     # change reaches re-runs, and no other.
@@ -102,12 +104,12 @@ def test_repro_writes_the_reports_then_is_up_to_date_then_reruns_only_lambda_dep
     (dest / "params.yaml").write_text(lambda_edit)
     assert _stale(dest, env) == {"train_sds", "sweep", "report"}
     (dest / "params.yaml").write_text(lambda_edit.replace("  projected_score: true", "  projected_score: false", 1))
-    assert _ran(_run(dvc + ["repro"], dest, env)) == {"train_sds", "sweep", "report"}
+    assert _ran(_run(DVC + ["repro"], dest, env)) == {"train_sds", "sweep", "report"}
     assert "0.05 L_SDS" in (dest / "reports" / "table1.md").read_text()
     # The workspace against the reference commit in a terminal's width: the params that differ and the
     # text scores that moved (the README's command; `--only-changed` alone keeps every changed results
     # file's hash and every changed headline score).
-    shown = _run(dvc + ["exp", "show", "--only-changed", "--no-pager", "--drop", EXP_SHOW_DROP], dest,
+    shown = _run(DVC + ["exp", "show", "--only-changed", "--no-pager", "--drop", EXP_SHOW_DROP], dest,
                  {**env, "COLUMNS": "400"})
     header = shown.splitlines()[1]
     assert "objective.lambda_sds" in header and "eval.projected_score" in header and "results/" not in header
@@ -126,11 +128,40 @@ def test_repro_writes_the_reports_then_is_up_to_date_then_reruns_only_lambda_dep
     (dest / "results" / "sweeps.json").unlink()
     for name in SWEEP_REPORTS:
         (dest / name).unlink()
-    _run(dvc + ["checkout"], dest, env)
+    _run(DVC + ["checkout"], dest, env)
     assert json.loads((dest / "results" / "sweeps.json").read_text())["methods"]["parent_run_id"] == first_launch
     _run([sys.executable, "-m", "stages.report"], dest, env)
     assert {name: (dest / name).read_text() for name in SWEEP_REPORTS} == {name: first[name] for name in SWEEP_REPORTS}
     assert not (dest / "mlruns").exists()
+
+
+def test_exp_run_set_param_reruns_the_stage_with_the_value_and_a_bad_value_stops_in_one_line(clone):
+    dest, env = clone
+    # Up to date after the test above (its last state is its first repro's); the whole chain if run alone.
+    _run(DVC + ["repro", "train_clip"], dest, env)
+    before = read_yaml(dest / "params.yaml")
+
+    # DVC writes 5e-5 back as `5e-05`, which a YAML 1.1 reader would take for a string.
+    ran = _ran(_run(DVC + ["exp", "run", "-S", "train.lr=5e-5", "train_clip"], dest, env))
+    assert ran == {"train_clip"}
+    # DVC re-lays the file out as it writes the value; nothing else may change.
+    assert read_yaml(dest / "params.yaml") == deep_merge(before, {"train": {"lr": 5e-5}})
+    cfg = load(dest / "params.yaml")
+    assert cfg.train.lr == 5e-5
+    clip = json.loads((dest / "results" / "train-clip.json").read_text())
+    # Read in a process of its own: this one's MLflow keeps its connection to the store file the test
+    # above deleted, and would not see the new one.
+    store = {**env, "MLFLOW_TRACKING_URI": Tracker(cfg.tracking, dest).uri}
+    described = subprocess.run([str(Path(sys.executable).with_name("mlflow")), "runs", "describe", "--run-id",
+                                clip["run_id"]], cwd=dest, env=store, capture_output=True, text=True, check=True)
+    assert float(json.loads(described.stdout)["data"]["params"]["train.lr"]) == 5e-5
+
+    bad = subprocess.run(DVC + ["exp", "run", "-S", "train.lr=abc", "train_clip"], cwd=dest, env=env,
+                         capture_output=True, text=True)
+    output = bad.stdout + bad.stderr
+    assert bad.returncode != 0 and "exited with 2" in output, output[-3000:]
+    assert "error: train.lr: 'abc' is not allowed; expected a number" in output.splitlines(), output[-3000:]
+    assert "Traceback" not in output
 
 
 def _check_mlflow(dest: Path) -> None:
