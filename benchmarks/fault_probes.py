@@ -83,8 +83,8 @@ from tests.test_sweep_config import BAD as BAD_SWEEPS  # noqa: E402
 
 PYTHON = sys.executable
 KILLS = 5
-# What MLflow logs on stderr when a command creates or migrates its store: not the command's own words.
 BLOCKER = "a-file"    # a file where a case's params name a folder
+# What MLflow logs on stderr when a command creates or migrates its store: not the command's own words.
 MLFLOW_NOTES = re.compile(r"Creating initial MLflow database tables|Updating database tables|"
                          r"alembic\.runtime\.migration")
 

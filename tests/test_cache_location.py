@@ -7,6 +7,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -77,15 +78,17 @@ def _files(folder: Path) -> dict[str, bytes]:
 
 @pytest.mark.slow
 def test_two_checkouts_in_different_folders_build_byte_identical_caches(tmp_path):
-    caches = []
-    for where in ("a/x", "b/deeper/x"):
+    def build(where: str) -> dict[str, bytes]:
         checkout = copy_working_tree(tmp_path / where)
         for stage in ("data", "models", "cache"):
             # Run from the checkout, so its own code (this working tree's) is what runs.
             proc = subprocess.run([sys.executable, "-m", f"stages.{stage}", "--params", "params.yaml",
                                    "--profile", "smoke"], cwd=checkout, capture_output=True, text=True)
             assert proc.returncode == 0, f"{where}: stages.{stage}: {proc.stderr[-3000:]}"
-        caches.append(_files(checkout / "cache"))
+        return _files(checkout / "cache")
+
+    with ThreadPoolExecutor(2) as pool:         # the two checkouts side by side: nothing is shared
+        caches = list(pool.map(build, ("a/x", "b/deeper/x")))
     assert "train_images/keys.json" in caches[0] and b"coco/train2017/" in caches[0]["train_images/keys.json"]
     assert sorted(caches[0]) == sorted(caches[1])
     assert [name for name in caches[0] if caches[0][name] != caches[1][name]] == []

@@ -1,6 +1,7 @@
 """`dvc repro` of the smoke profile in a temporary clone of the working tree (real DVC, MLflow), and DVC's own
 parameter override there, `dvc exp run -S key=value`: the value reaches the run, a bad one stops in one line.
-The tests share the clone (built and run once): each leaves it as its first repro left it."""
+The tests share the clone (built once): the repro test leaves it as its first repro left it, which the
+override test then finds up to date (run alone, it builds what it needs)."""
 import json
 import os
 import re
