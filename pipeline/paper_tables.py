@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,12 @@ class Row:
     label: str
     runs: list[dict]          # per seed: {"metrics": {...}, "outcomes": {...}}
     config: dict              # the run's whole config, dotted: which published row it stands beside
+
+    @cached_property
+    def outcomes(self) -> dict:
+        """The per-case outcomes over its seeds, by metric (`comparison.outcome_parts`), decoded once:
+        a table's columns, its intervals table and the rows set against it all read them."""
+        return outcome_parts([r.get("outcomes") or {} for r in self.runs])
 
     @property
     def metrics(self) -> dict[str, float]:
@@ -143,14 +150,9 @@ def own_numbers(row: Row, profile: str) -> published.Cited | None:
     return paper_numbers(table_of(row.student, profile) if row.student else "appendix_diffusion_score", row)
 
 
-def _outcomes(row: Row) -> dict:
-    """The row's per-case outcomes over its seeds, by metric (`comparison.outcome_parts`)."""
-    return outcome_parts([r.get("outcomes") or {} for r in row.runs])
-
-
 def _parts(row: Row, key: str):
     """`key`'s per-case outcomes over the row's seeds (None when a seed lacks them)."""
-    return _outcomes(row).get(key)
+    return row.outcomes.get(key)
 
 
 def _interval(row: Row, key: str, n_resamples: int, seed: int) -> str:
@@ -218,18 +220,11 @@ def interval_rows(table_rows: list[Row], reference: Callable[[Row], Row | None],
                   seed: int = 0) -> list[VariantRow]:
     """Each row's every headline metric with its seed spread and interval, and its paired difference to
     its `reference` row (None, or itself: no difference), as a sweep's variants are compared."""
-    decoded: dict[int, dict] = {}          # each row's outcomes decoded once, a reference's for all its rows
-
-    def outcomes(row: Row) -> dict:
-        if id(row) not in decoded:
-            decoded[id(row)] = _outcomes(row)
-        return decoded[id(row)]
-
     out = []
     for row in table_rows:
         against = reference(row)
         compared = against is not None and against is not row
-        out.append(variant_row(row.label, row.runs, outcomes(row), _seeds(row), outcomes(against) if compared else None,
+        out.append(variant_row(row.label, row.runs, row.outcomes, _seeds(row), against.outcomes if compared else None,
                                compared and same_seeds(_seeds(row), _seeds(against)), n_resamples, seed))
     return out
 
