@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from pipeline import train as trainer
-from pipeline.cache import open_table
+from pipeline.cache import CacheError, Table, open_table
 from pipeline.config import Config, to_dict
 from pipeline.data.datasets import benchmarks, read_index, train_negatives, train_pairs
 from pipeline.data.keys import image_key
@@ -34,6 +34,7 @@ def run_baselines(cfg: Config, root: Path, data_root: Path, models: Path, cache:
     # The teacher and its cached tables, checked before any student's run is recorded.
     teacher = load_teacher(teacher_dir(models))
     images, texts = open_table(cache, "bench_images"), open_table(cache, "bench_text")
+    check_encoded_by(teacher_dir(models), cache, images, texts)
     tags = {"profile": cfg.profile, "stage": "baselines"}
     tracker.end_abandoned({"stage": "baselines"}, "killed; the baselines stage ran again")
     results = {}
@@ -83,6 +84,7 @@ def run_finetune(cfg: Config, data_root: Path, models: Path, cache: Path, folder
     bench_text = open_table(cache, "bench_text") if projects else None
     feedback = objective.teacher_loss and objective.method == "diffusion_feedback"
     bench_images = open_table(cache, "bench_images") if feedback else None
+    check_encoded_by(teacher_dir(models), cache, conditioning, latents, bench_text, bench_images)
     log = on_log or (lambda step, values: None)
     inputs = trial_inputs(pairs, student_dir(models, cfg.train.student), conditioning, latents)
     trial = trainer.setup(cfg.train, objective, student, pairs, teacher, conditioning, latents, cfg.compute, inputs,
@@ -106,6 +108,20 @@ def run_finetune(cfg: Config, data_root: Path, models: Path, cache: Path, folder
                                         objective.feedback_tokens, trial.device))
     result.metrics.update({"trainable_parameters": trial.trainable_count, "time/train_seconds": train_seconds})
     return {"metrics": result.metrics, "outcomes": result.outcomes, "trained": trained}
+
+
+def check_encoded_by(teacher: Path, cache: Path, *tables: Table | None) -> None:
+    """Refuse a cache table that other teacher weights encoded (its meta's `teacher`: the fingerprint
+    the cache stage wrote). DVC re-runs the cache stage after the models stage; run by hand, a models
+    stage followed by a training stage or a sweep would pair the new UNet with the old teacher's
+    conditioning and latents, and train and score without a word."""
+    opened = [table for table in tables if table is not None]
+    teacher_id = fingerprint(teacher) if opened else None
+    for table in opened:
+        if table.meta.get("teacher") != teacher_id:
+            raise CacheError(table.name, Path(cache) / table.name,
+                             f"encoded by teacher {table.meta.get('teacher')}, but {teacher} holds teacher "
+                             f"{teacher_id}; re-run the cache stage (dvc repro cache, or python -m stages.cache)")
 
 
 def trial_inputs(pairs: list, student: Path, conditioning=None, latents=None) -> dict:

@@ -104,6 +104,46 @@ def test_the_baselines_check_the_teacher_and_its_cache_before_recording_any_run(
     assert tracker.find_runs(EXPERIMENT) == []
 
 
+def replace_the_teacher(cfg, models: Path) -> tuple[str, str]:
+    """models/teacher overwritten with other weights after the cache was built, as a models stage run
+    by hand (without the cache stage) leaves it; (old, new) fingerprints."""
+    old = fingerprint(teacher_dir(models))
+    other = load(PARAMS, {"profile": "smoke", "teacher": {"seed": cfg.teacher.seed + 1}}).teacher
+    save_teacher(build_toy_teacher(other, cfg.data.image_size), teacher_dir(models))
+    return old, fingerprint(teacher_dir(models))
+
+
+def test_the_baselines_refuse_a_cache_other_teacher_weights_encoded_before_recording_any_run(with_teacher):
+    cfg, data, models, tracker, root = with_teacher
+    old, new = replace_the_teacher(cfg, models)
+    assert old != new
+    with pytest.raises(CacheError, match=rf"^cache table 'bench_images': {root}/cache/bench_images: encoded by "
+                                         rf"teacher {old}, but {teacher_dir(models)} holds teacher {new}; re-run "
+                                         r"the cache stage \(dvc repro cache, or python -m stages.cache\)$"):
+        run_baselines(cfg, root, data, models, root / "cache", tracker)
+    assert tracker.find_runs(EXPERIMENT) == []
+    # The cache stage encodes the tables again with the teacher models/ holds: the baselines then run.
+    build_cache(cfg, load_teacher(teacher_dir(models)), new, data, root / "cache")
+    run_baselines(cfg, root, data, models, root / "cache", tracker)
+    assert {run["status"] for run in tracker.find_runs(EXPERIMENT)} == {"FINISHED"}
+
+
+def test_a_teacher_loss_refuses_a_cache_other_teacher_weights_encoded_before_it_trains(with_teacher):
+    cfg, data, models, tracker, root = with_teacher
+    sds = load(PARAMS, {"profile": "smoke", "train": {"steps": 4, "checkpoint_every": 2},
+                        "objective": {"method": "sds", "lambda_sds": 0.1}})
+    old, new = replace_the_teacher(cfg, models)
+    folder = root / "runs" / "sds"
+    with pytest.raises(CacheError, match=rf"^cache table 'train_text': .*: encoded by teacher {old}, but "
+                                         rf".* holds teacher {new}; "):
+        record_finetune(sds, data, models, root / "cache", folder, tracker, "sds", progress=False)
+    [failed] = tracker.find_runs(EXPERIMENT)
+    assert failed["status"] == "FAILED" and failed["tags"]["failure"].startswith("CacheError: cache table 'train_text'")
+    assert not (folder / CHECKPOINT).exists() and not (folder / TRAINED).exists()
+    # L_CLIP alone reads no table: the same cache does not stop it.
+    record_finetune(cfg, data, models, root / "cache", root / "runs" / "clip", tracker, "clip", progress=False)
+
+
 def test_non_finite_metrics_are_left_out_and_named_in_a_warning(tmp_path, caplog):
     tracker = Tracker(TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", experiment=EXPERIMENT), tmp_path)
     with tracker.start("metrics") as run, caplog.at_level(logging.WARNING, logger="pipeline.tracking"):
