@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -117,9 +118,10 @@ def test_the_baselines_refuse_a_cache_other_teacher_weights_encoded_before_recor
     cfg, data, models, tracker, root = with_teacher
     old, new = replace_the_teacher(cfg, models)
     assert old != new
-    with pytest.raises(CacheError, match=rf"^cache table 'bench_images': {root}/cache/bench_images: encoded by "
-                                         rf"teacher {old}, but {teacher_dir(models)} holds teacher {new}; re-run "
-                                         r"the cache stage \(dvc repro cache, or python -m stages.cache\)$"):
+    with pytest.raises(CacheError, match=rf"^cache table 'bench_images': {re.escape(str(root))}/cache/bench_images: "
+                                         rf"encoded by teacher {old}, but {re.escape(str(teacher_dir(models)))} "
+                                         rf"holds teacher {new}; re-run the cache stage \(dvc repro cache, or "
+                                         r"python -m stages.cache\)$"):
         run_baselines(cfg, root, data, models, root / "cache", tracker)
     assert tracker.find_runs(EXPERIMENT) == []
     # The cache stage encodes the tables again with the teacher models/ holds: the baselines then run.
