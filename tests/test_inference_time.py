@@ -13,6 +13,7 @@ from pipeline.config import DataConfig, TrackingConfig, load
 from pipeline.data.build import build_toy
 from pipeline.data.datasets import benchmarks, read_index
 from pipeline.data.keys import winoground_pairs
+from pipeline.digest import fingerprint
 from pipeline.evaluate import score_benchmarks
 from pipeline.experiment import run_baselines
 from pipeline.latents import build_cache
@@ -57,7 +58,7 @@ def baselines(tmp_path_factory):
         save_student(build_toy_student(student, cfg.data.image_size), student_dir(models, name))
     teacher = build_toy_teacher(cfg.teacher, cfg.data.image_size)
     save_teacher(teacher, teacher_dir(models))
-    build_cache(cfg, teacher, "toy", data, cache)
+    build_cache(cfg, teacher, fingerprint(teacher_dir(models)), data, cache)
     tracker = Tracker(TrackingConfig(uri=f"sqlite:///{root}/mlflow.db", experiment=EXPERIMENT), root)
     return cfg, run_baselines(cfg, root, data, models, cache, tracker), tracker
 
