@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from pipeline import train as trainer
-from pipeline.cache import CacheError, Table, open_table
+from pipeline.cache import open_table
 from pipeline.config import Config, to_dict
 from pipeline.data.datasets import benchmarks, read_index, train_negatives, train_pairs
 from pipeline.data.keys import image_key
@@ -19,6 +19,7 @@ from pipeline.device import resolve_device
 from pipeline.digest import fingerprint, text_digest
 from pipeline.evaluate import evaluate_feedback, evaluate_projection, evaluate_student, evaluate_teacher
 from pipeline.fastpath import FastPath
+from pipeline.inputs import check_encoded_by, teacher_tables
 from pipeline.models import student_dir, teacher_dir
 from pipeline.models.student import load_student
 from pipeline.models.teacher import load_teacher
@@ -75,16 +76,12 @@ def run_finetune(cfg: Config, data_root: Path, models: Path, cache: Path, folder
     student = load_student(student_dir(models, cfg.train.student))
     objective = cfg.objective
     teacher = load_teacher(teacher_dir(models)) if objective.teacher_loss else None
-    conditioning = open_table(cache, "train_text") if objective.teacher_loss else None
-    reads_latents = objective.teacher_loss and objective.method in ("unet_feature", "diffusion_feedback")
-    latents = open_table(cache, "train_images") if reads_latents else None
+    # The tables the evaluation reads too are opened (checked) now, not found broken after the training.
+    tables = {name: open_table(cache, name) for name in teacher_tables(cfg)}
+    check_encoded_by(teacher_dir(models), cache, *tables.values())
+    conditioning, latents = tables.get("train_text"), tables.get("train_images")
+    bench_text, bench_images = tables.get("bench_text"), tables.get("bench_images")
     negatives = train_negatives(data_root, index, pairs) if objective.method == "negclip" else None
-    # The tables the evaluation reads are opened (checked) now, not found broken after the training.
-    projects = cfg.eval.projected_score and objective.teacher_loss and objective.method == "sds"
-    bench_text = open_table(cache, "bench_text") if projects else None
-    feedback = objective.teacher_loss and objective.method == "diffusion_feedback"
-    bench_images = open_table(cache, "bench_images") if feedback else None
-    check_encoded_by(teacher_dir(models), cache, conditioning, latents, bench_text, bench_images)
     log = on_log or (lambda step, values: None)
     inputs = trial_inputs(pairs, student_dir(models, cfg.train.student), conditioning, latents)
     trial = trainer.setup(cfg.train, objective, student, pairs, teacher, conditioning, latents, cfg.compute, inputs,
@@ -108,20 +105,6 @@ def run_finetune(cfg: Config, data_root: Path, models: Path, cache: Path, folder
                                         objective.feedback_tokens, trial.device))
     result.metrics.update({"trainable_parameters": trial.trainable_count, "time/train_seconds": train_seconds})
     return {"metrics": result.metrics, "outcomes": result.outcomes, "trained": trained}
-
-
-def check_encoded_by(teacher: Path, cache: Path, *tables: Table | None) -> None:
-    """Refuse a cache table that other teacher weights encoded (its meta's `teacher`: the fingerprint
-    the cache stage wrote). DVC re-runs the cache stage after the models stage; run by hand, a models
-    stage followed by a training stage or a sweep would pair the new UNet with the old teacher's
-    conditioning and latents, and train and score without a word."""
-    opened = [table for table in tables if table is not None]
-    teacher_id = fingerprint(teacher) if opened else None
-    for table in opened:
-        if table.meta.get("teacher") != teacher_id:
-            raise CacheError(table.name, Path(cache) / table.name,
-                             f"encoded by teacher {table.meta.get('teacher')}, but {teacher} holds teacher "
-                             f"{teacher_id}; re-run the cache stage (dvc repro cache, or python -m stages.cache)")
 
 
 def trial_inputs(pairs: list, student: Path, conditioning=None, latents=None) -> dict:

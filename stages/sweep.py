@@ -80,13 +80,13 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config.from_dict(config.resolve(params, source=str(params_path)))   # read once: the sweeps read it too
         profile = args.profile or cfg.profile   # the sweeps run on the profile the rest of `dvc repro` uses
         files = sweep_files(cfg, args.files, root)
-        sweeps = []
+        sweeps, trials = [], []
         for path in files:                                                    # all checked before any runs
             with sweep_cli.naming(path):
                 sweeps.append(spec.load(path, params, profile))
-            sweep_cli.checked_trials(sweeps[-1], root, args.address)
-        for sweep in sweeps:             # then their built inputs: a sweep that cannot start costs no results
-            sweep_cli.preflight(sweep, root)
+            trials.append(sweep_cli.checked_trials(sweeps[-1], root, args.address))
+        for sweep, specs in zip(sweeps, trials):   # then their built inputs: a sweep that cannot start costs no results
+            sweep_cli.preflight(sweep, specs, root)
         names = [s.name for s in sweeps]
         if len(set(names)) != len(names):
             dup = next(n for n in names if names.count(n) > 1)

@@ -456,6 +456,37 @@ def test_a_broken_table_the_evaluation_reads_stops_a_trial_before_its_first_step
     assert steps == [] and not (tmp_path / "trial").exists()
 
 
+def test_a_sweep_whose_trials_read_a_cache_other_teacher_weights_encoded_is_refused_before_it_starts(
+        project, tmp_path, capsys):
+    """`models/teacher` replaced after the cache was built (a models stage run by hand): the launch stops
+    in one line naming the table (exit 2) before Ray or MLflow is touched; a sweep whose trials read
+    no table (L_CLIP alone) passes the same check."""
+    from pipeline.config import load
+    from pipeline.digest import fingerprint
+    from pipeline.models import teacher_dir
+    from pipeline.models.teacher import build_toy_teacher, save_teacher
+    from pipeline.sweep import spec
+
+    copy = shutil.copytree(project, tmp_path / "stale", ignore=shutil.ignore_patterns("mlruns", "ray_results", "runs"))
+    cfg = load(copy / "params.yaml")
+    old = fingerprint(teacher_dir(copy / "models"))
+    other = load(copy / "params.yaml", {"teacher": {"seed": cfg.teacher.seed + 1}}).teacher
+    save_teacher(build_toy_teacher(other, cfg.data.image_size), teacher_dir(copy / "models"))
+    sds = write(tmp_path, "stale.yaml", "name: stale\nbase: {params: {objective.method: sds}}\n"
+                                        "space: {objective.lambda_sds: [0.1]}\n")
+    capsys.readouterr()                    # the teacher's saving bars
+    assert run_main(copy, sds) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: cache table 'train_text': ") and "\n" not in err
+    assert f"encoded by teacher {old}, but {teacher_dir(copy / 'models')} holds teacher " in err
+    assert not (copy / "ray_results").exists() and not (copy / "mlruns").exists()
+
+    clip = write(tmp_path, "clip.yaml", "name: clip\nbase: {params: {objective.method: clip, objective.lambda_sds: 0}}"
+                                        "\nspace: {train.lr: [1e-3]}\n")
+    loaded = spec.load(clip, yaml.safe_load((copy / "params.yaml").read_text()))
+    assert sweep.preflight(loaded, spec.trials(loaded), copy) is None
+
+
 SECRET = "aws-secret-3f9a7c1e"
 STAGE_KILL = """
 name: stagekill

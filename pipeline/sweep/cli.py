@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(driver.ASHA_RESUMED, file=sys.stderr)
             print(dry_run_text(sweep, specs, root, args))
             return 0
-        preflight(sweep, root)
+        preflight(sweep, specs, root)
         return driver.run(sweep, specs, root, args)
     except (ConfigError, MissingInput) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -162,24 +162,28 @@ def check_fits_here(resources: spec.ResourcesSpec) -> None:
                               "trial could start; ask for fewer or run on a cluster (--address)")
 
 
+def trial_configs(sweep: spec.Sweep, specs: list[spec.TrialSpec]) -> list:
+    """The trials' configs; Optuna's, drawn as the sweep runs, stood for by each choice and both ends
+    of every range (a `loguniform` lambda never reaches 0; a `randint` projector_steps may)."""
+    if specs:
+        return [sweep.config(t.values) for t in specs]
+    dims = [[(d.key, v) for v in d.values] for d in sweep.space.values()]    # each choice, both bounds
+    configs = []
+    for values in itertools.product(*dims):
+        try:
+            configs.append(sweep.config(dict(values)))
+        except ConfigError:        # a draw the config refuses fails alone, in its trial
+            pass
+    return configs
+
+
 def check_scheduler_metric(sweep: spec.Sweep, specs: list[spec.TrialSpec]) -> None:
     """ASHA compares trials on a loss each of them reports at every logged step; one some trials
-    never report would stop nothing. Optuna's trials are stood for by each choice and both ends of
-    every range (a `loguniform` lambda never reaches 0; a `randint` projector_steps may)."""
+    never report would stop nothing."""
     if sweep.scheduler.type != "asha":
         return
-    if specs:
-        configs = [sweep.config(t.values) for t in specs]
-    else:
-        dims = [[(d.key, v) for v in d.values] for d in sweep.space.values()]    # each choice, both bounds
-        configs = []
-        for values in itertools.product(*dims):
-            try:
-                configs.append(sweep.config(dict(values)))
-            except ConfigError:        # a draw the config refuses fails alone, as it would without ASHA
-                pass
     metric = sweep.scheduler.metric
-    for cfg in configs:
+    for cfg in trial_configs(sweep, specs):
         if metric.removeprefix("loss/") not in cfg.objective.reported_losses:
             reported = ", ".join(sorted(f"loss/{n}" for n in cfg.objective.reported_losses))
             raise ConfigError(f"scheduler.metric: {metric!r} is not reported at every step by trials with "
@@ -188,14 +192,28 @@ def check_scheduler_metric(sweep: spec.Sweep, specs: list[spec.TrialSpec]) -> No
                               f"allowed: {reported}")
 
 
-def preflight(sweep: spec.Sweep, root: Path) -> None:
-    """The built inputs every trial reads: fail once, here, rather than in every trial."""
+def preflight(sweep: spec.Sweep, specs: list[spec.TrialSpec], root: Path) -> None:
+    """The built inputs every trial reads: fail once, here, rather than in every trial. That includes
+    the cache tables the trials read beside the teacher, which `models/teacher` must have encoded
+    (`inputs.check_encoded_by`); torch is imported for them only when a trial reads one."""
+    from pipeline.inputs import check_encoded_by, teacher_tables
+    from pipeline.models import teacher_dir
+
     cfg = sweep.base_config
     for path, stage in ((root / cfg.data.root / "index.json", "data"), (root / "models", "models"),
                         (root / cfg.cache.root, "cache")):
         if not path.exists():
             raise MissingInput(f"{path}: not found; build it first (`dvc repro {stage}` or "
                                f"`python -m stages.{stage} --params {root / 'params.yaml'}`)")
+    names = list(dict.fromkeys(name for config in trial_configs(sweep, specs) for name in teacher_tables(config)))
+    if names:
+        from pipeline.cache import CacheError, open_table
+
+        cache = root / cfg.cache.root
+        try:
+            check_encoded_by(teacher_dir(root / "models"), cache, *(open_table(cache, name) for name in names))
+        except CacheError as err:             # what the stages say in one line (exit 2)
+            raise MissingInput(str(err)) from None
 
 
 def columns(sweep: spec.Sweep) -> list[str]:
