@@ -121,12 +121,14 @@ def test_only_the_projects_own_input_errors_become_one_line(error, one_line, tmp
 
 def sweep_stage_project(tmp_path: Path) -> Path:
     """A project whose params list one sweep file, with results of an earlier launch (of a sweep
-    no longer listed, `gone`, and of this one)."""
+    no longer listed, `gone`, and of this one). The sweep trains with L_CLIP alone: its trials read
+    no cache table."""
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     raw["sweeps"] = ["one.yaml"]
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(raw))
-    (tmp_path / "one.yaml").write_text("name: one\nspace: {train.lr: [0.1]}\n")
+    (tmp_path / "one.yaml").write_text("name: one\nbase: {params: {objective.method: clip, objective.lambda_sds: 0}}\n"
+                                       "space: {train.lr: [0.1]}\n")
     results = tmp_path / "results"
     (results / "sweeps").mkdir(parents=True)
     for name in ("gone", "one"):

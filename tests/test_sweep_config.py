@@ -496,14 +496,27 @@ def test_the_sweep_stage_gives_a_gpu_to_trials_that_ask_for_none_where_the_stage
 
 
 def _built_project(tmp_path: Path) -> Path:
-    """A project folder whose stage outputs exist (empty): what the driver checks before Ray starts."""
+    """A project folder whose stage outputs exist (empty): what the driver checks before Ray starts. Its
+    sweep trains with L_CLIP alone, whose trials read no cache table (the stand-in cache has none)."""
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     for folder in ("data", "models", "cache"):
         (tmp_path / folder).mkdir()
     (tmp_path / "data" / "index.json").write_text("{}")
     sweep_file = tmp_path / "s.yaml"
-    sweep_file.write_text("name: s\nspace: {train.lr: [0.1, 0.2]}\n")
+    sweep_file.write_text("name: s\nbase: {params: {objective.method: clip, objective.lambda_sds: 0}}\n"
+                          "space: {train.lr: [0.1, 0.2]}\n")
     return sweep_file
+
+
+def test_a_sweep_whose_trials_read_a_table_the_cache_lacks_is_refused_before_ray_starts(tmp_path):
+    """Each trial with a teacher loss would fail alone on it; the launch stops first, in one line."""
+    sweep_file = _built_project(tmp_path)
+    sweep_file.write_text("name: s\nspace: {objective.lambda_sds: [0.1]}\n")      # the profile's sds
+    proc = _cli(sweep_file, "--params", tmp_path / "params.yaml", cwd=tmp_path)
+    manifest = tmp_path / "cache" / "train_text" / "manifest.json"
+    assert proc.returncode == 2 and proc.stderr.strip() == \
+        f"error: cache table 'train_text': {manifest}: not found or not finished: run the cache stage", proc.stderr
+    assert not (tmp_path / "ray_results").exists() and not (tmp_path / "mlruns").exists()
 
 
 def test_resume_continues_only_a_launch_of_the_same_definition(tmp_path):
