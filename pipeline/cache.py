@@ -389,7 +389,7 @@ class Table:
         self.dtype: torch.dtype = _dtype_from_name(manifest["dtype"])
         self.meta: dict = manifest["meta"]
         self.description: str = manifest["description"]
-        self._folder = folder
+        self.folder: Path = folder          # the table's own folder (root/name)
         self._num_rows: int = manifest["num_rows"]
         self._keys_sha256: str = manifest["keys_sha256"]
         self._shards: list[dict] = manifest["shards"]
@@ -422,7 +422,7 @@ class Table:
 
     def _load_keys(self) -> None:
         if self._index is None:
-            self._keys = _read_keys(self._folder, self.name, self._keys_sha256, self._num_rows)
+            self._keys = _read_keys(self.folder, self.name, self._keys_sha256, self._num_rows)
             self._index = {key: i for i, key in enumerate(self._keys)}
 
     def rows(self, indices: Sequence[int] | torch.Tensor) -> torch.Tensor:
@@ -481,16 +481,16 @@ class Table:
 
     def _map(self, shard: int) -> torch.Tensor:
         entry = self._shards[shard]
-        path = self._folder / entry["file"]
+        path = self.folder / entry["file"]
         try:
             with safe_open(path, framework="pt") as f:
                 view = f.get_tensor(TENSOR)
         except (SafetensorError, OSError) as exc:
-            raise CacheError(self.name, path, f"unreadable shard ({_one_line(exc)}); {_rebuild_hint(self._folder)}") from None
+            raise CacheError(self.name, path, f"unreadable shard ({_one_line(exc)}); {_rebuild_hint(self.folder)}") from None
         expected = (entry["rows"], *self.row_shape)
         if tuple(view.shape) != expected or view.dtype != self.dtype:
             raise CacheError(self.name, path, f"holds {view.dtype} {list(view.shape)}, manifest says "
-                             f"{self.dtype} {list(expected)}; {_rebuild_hint(self._folder)}")
+                             f"{self.dtype} {list(expected)}; {_rebuild_hint(self.folder)}")
         return view
 
 

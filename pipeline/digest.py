@@ -10,6 +10,12 @@ from typing import Iterable
 # from, not what it computes: a library upgrade must not invalidate every cache.
 PROVENANCE_KEYS = {"_diffusers_version", "transformers_version", "_name_or_path", "_commit_hash"}
 
+# fingerprint()'s results in this process, keyed by the folder and each file's name, size and
+# modification and change times: the sweep stage checks every sweep file's cache tables against the
+# same teacher, and Stable Diffusion's 4.3 GB take seconds to hash. A file written again changes its
+# change time (nanoseconds, and no call sets it back), so it is hashed again.
+_FINGERPRINTS: dict[tuple, str] = {}
+
 
 def _update(digest, path: Path) -> None:
     with open(path, "rb") as f:
@@ -23,9 +29,17 @@ def fingerprint(folder: Path) -> str:
     Configs count: a VAE's `scaling_factor`, for one, lives in its config.json.
     """
     folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.suffix in (".safetensors", ".json") and p.is_file())
+    seen = (str(folder.resolve()),
+            *((str(p), st.st_size, st.st_mtime_ns, st.st_ctime_ns) for p in files for st in [p.stat()]))
+    if seen not in _FINGERPRINTS:
+        _FINGERPRINTS[seen] = _digest(folder, files)
+    return _FINGERPRINTS[seen]
+
+
+def _digest(folder: Path, files: list[Path]) -> str:
     digest = hashlib.sha256()
-    files = [p for p in folder.rglob("*") if p.suffix in (".safetensors", ".json") and p.is_file()]
-    for path in sorted(files):
+    for path in files:
         digest.update(str(path.relative_to(folder)).encode() + b"\0")
         if path.suffix == ".json":
             config = json.loads(path.read_text(encoding="utf-8"))

@@ -35,7 +35,7 @@ def run_baselines(cfg: Config, root: Path, data_root: Path, models: Path, cache:
     # The teacher and its cached tables, checked before any student's run is recorded.
     teacher = load_teacher(teacher_dir(models))
     images, texts = open_table(cache, "bench_images"), open_table(cache, "bench_text")
-    check_encoded_by(teacher_dir(models), cache, images, texts)
+    check_encoded_by(teacher_dir(models), images, texts)
     tags = {"profile": cfg.profile, "stage": "baselines"}
     tracker.end_abandoned({"stage": "baselines"}, "killed; the baselines stage ran again")
     results = {}
@@ -78,7 +78,7 @@ def run_finetune(cfg: Config, data_root: Path, models: Path, cache: Path, folder
     teacher = load_teacher(teacher_dir(models)) if objective.teacher_loss else None
     # The tables the evaluation reads too are opened (checked) now, not found broken after the training.
     tables = {name: open_table(cache, name) for name in teacher_tables(cfg)}
-    check_encoded_by(teacher_dir(models), cache, *tables.values())
+    check_encoded_by(teacher_dir(models), *tables.values())
     conditioning, latents = tables.get("train_text"), tables.get("train_images")
     bench_text, bench_images = tables.get("bench_text"), tables.get("bench_images")
     negatives = train_negatives(data_root, index, pairs) if objective.method == "negclip" else None

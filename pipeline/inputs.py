@@ -24,7 +24,7 @@ def teacher_tables(cfg: Config) -> list[str]:
     return [name for name, read in reads.items() if read]
 
 
-def check_encoded_by(teacher: Path, cache: Path, *tables) -> None:
+def check_encoded_by(teacher: Path, *tables) -> None:
     """Refuse a cache table (`pipeline.cache.Table`) that other teacher weights encoded: its meta's
     `teacher` is the fingerprint the cache stage wrote. DVC re-runs the cache stage after the models
     stage; run by hand, a models stage followed by a training stage or a sweep would pair the new
@@ -34,6 +34,6 @@ def check_encoded_by(teacher: Path, cache: Path, *tables) -> None:
     teacher_id = fingerprint(teacher) if tables else None
     for table in tables:
         if table.meta.get("teacher") != teacher_id:
-            raise CacheError(table.name, Path(cache) / table.name,
+            raise CacheError(table.name, table.folder,
                              f"encoded by teacher {table.meta.get('teacher')}, but {teacher} holds teacher "
                              f"{teacher_id}; re-run the cache stage (dvc repro cache, or python -m stages.cache)")

@@ -28,6 +28,8 @@ from pipeline.models.teacher import build_toy_teacher, load_teacher, save_teache
 from pipeline.tracking import Tracker
 from pipeline.train import CHECKPOINT, TRAINED
 
+from stale_cache import replace_the_teacher
+
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 EXPERIMENT = "experiment-tests"
 
@@ -105,18 +107,9 @@ def test_the_baselines_check_the_teacher_and_its_cache_before_recording_any_run(
     assert tracker.find_runs(EXPERIMENT) == []
 
 
-def replace_the_teacher(cfg, models: Path) -> tuple[str, str]:
-    """models/teacher overwritten with other weights after the cache was built, as a models stage run
-    by hand (without the cache stage) leaves it; (old, new) fingerprints."""
-    old = fingerprint(teacher_dir(models))
-    other = load(PARAMS, {"profile": "smoke", "teacher": {"seed": cfg.teacher.seed + 1}}).teacher
-    save_teacher(build_toy_teacher(other, cfg.data.image_size), teacher_dir(models))
-    return old, fingerprint(teacher_dir(models))
-
-
 def test_the_baselines_refuse_a_cache_other_teacher_weights_encoded_before_recording_any_run(with_teacher):
     cfg, data, models, tracker, root = with_teacher
-    old, new = replace_the_teacher(cfg, models)
+    old, new = replace_the_teacher(cfg.teacher, cfg.data.image_size, models)
     assert old != new
     with pytest.raises(CacheError, match=rf"^cache table 'bench_images': {re.escape(str(root))}/cache/bench_images: "
                                          rf"encoded by teacher {old}, but {re.escape(str(teacher_dir(models)))} "
@@ -134,7 +127,7 @@ def test_a_teacher_loss_refuses_a_cache_other_teacher_weights_encoded_before_it_
     cfg, data, models, tracker, root = with_teacher
     sds = load(PARAMS, {"profile": "smoke", "train": {"steps": 4, "checkpoint_every": 2},
                         "objective": {"method": "sds", "lambda_sds": 0.1}})
-    old, new = replace_the_teacher(cfg, models)
+    old, new = replace_the_teacher(cfg.teacher, cfg.data.image_size, models)
     folder = root / "runs" / "sds"
     with pytest.raises(CacheError, match=rf"^cache table 'train_text': .*: encoded by teacher {old}, but "
                                          rf".* holds teacher {new}; "):

@@ -461,17 +461,14 @@ def test_a_sweep_whose_trials_read_a_cache_other_teacher_weights_encoded_is_refu
     """`models/teacher` replaced after the cache was built (a models stage run by hand): the launch stops
     in one line naming the table (exit 2) before Ray or MLflow is touched; a sweep whose trials read
     no table (L_CLIP alone) passes the same check."""
+    from stale_cache import replace_the_teacher
     from pipeline.config import load
-    from pipeline.digest import fingerprint
     from pipeline.models import teacher_dir
-    from pipeline.models.teacher import build_toy_teacher, save_teacher
     from pipeline.sweep import spec
 
     copy = shutil.copytree(project, tmp_path / "stale", ignore=shutil.ignore_patterns("mlruns", "ray_results", "runs"))
     cfg = load(copy / "params.yaml")
-    old = fingerprint(teacher_dir(copy / "models"))
-    other = load(copy / "params.yaml", {"teacher": {"seed": cfg.teacher.seed + 1}}).teacher
-    save_teacher(build_toy_teacher(other, cfg.data.image_size), teacher_dir(copy / "models"))
+    old, _ = replace_the_teacher(cfg.teacher, cfg.data.image_size, copy / "models")
     sds = write(tmp_path, "stale.yaml", "name: stale\nbase: {params: {objective.method: sds}}\n"
                                         "space: {objective.lambda_sds: [0.1]}\n")
     capsys.readouterr()                    # the teacher's saving bars

@@ -166,7 +166,7 @@ def trial_configs(sweep: spec.Sweep, specs: list[spec.TrialSpec]) -> list:
     """The trials' configs; Optuna's, drawn as the sweep runs, stood for by each choice and both ends
     of every range (a `loguniform` lambda never reaches 0; a `randint` projector_steps may)."""
     if specs:
-        return [sweep.config(t.values) for t in specs]
+        return [t.config for t in specs]
     dims = [[(d.key, v) for v in d.values] for d in sweep.space.values()]    # each choice, both bounds
     configs = []
     for values in itertools.product(*dims):
@@ -211,7 +211,7 @@ def preflight(sweep: spec.Sweep, specs: list[spec.TrialSpec], root: Path) -> Non
 
         cache = root / cfg.cache.root
         try:
-            check_encoded_by(teacher_dir(root / "models"), cache, *(open_table(cache, name) for name in names))
+            check_encoded_by(teacher_dir(root / "models"), *(open_table(cache, name) for name in names))
         except CacheError as err:             # what the stages say in one line (exit 2)
             raise MissingInput(str(err)) from None
 

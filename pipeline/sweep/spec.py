@@ -276,10 +276,12 @@ class Sweep:
 
 @dataclass(frozen=True)
 class TrialSpec:
-    """One trial of a grid or random sweep: its index, label and dotted-key values (seed included)."""
+    """One trial of a grid or random sweep: its index, label, dotted-key values (seed included) and the
+    validated config they make."""
 
     index: int
     values: dict
+    config: Config = field(compare=False, repr=False)
 
     @property
     def label(self) -> str:
@@ -690,12 +692,11 @@ def trials(sweep: Sweep) -> list[TrialSpec]:
                 values = {key: values[key] for key in sweep.space}
                 if seed is not None:
                     values["train.seed"] = seed
-                spec = TrialSpec(len(out), values)
                 try:
-                    sweep.config(values)
+                    config = sweep.config(values)
                 except ConfigError as err:
-                    raise ConfigError(f"space: trial {spec.label} ({describe(values)}): {err}") from None
-                out.append(spec)
+                    raise ConfigError(f"space: trial {trial_label(len(out))} ({describe(values)}): {err}") from None
+                out.append(TrialSpec(len(out), values, config))
     return out
 
 

@@ -1,0 +1,52 @@
+"""A model folder's fingerprint: what it covers, and that a folder is hashed again once written to."""
+import json
+import os
+
+import pytest
+
+from pipeline import digest
+from pipeline.digest import fingerprint
+
+
+def _model(folder):
+    (folder / "unet").mkdir(parents=True)
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(bytes(range(256)) * 4)
+    (folder / "unet" / "config.json").write_text(json.dumps({"sample_size": 8, "_diffusers_version": "0.1"}))
+    (folder / "notes.txt").write_text("not a weight or a config")
+    return folder
+
+
+@pytest.fixture
+def hashed(monkeypatch):
+    """The folders `digest._digest` read, in order (so a result given from memory shows as no read)."""
+    reads = []
+    real = digest._digest
+    monkeypatch.setattr(digest, "_digest", lambda folder, files: reads.append(folder) or real(folder, files))
+    return reads
+
+
+def test_weights_and_configs_count_and_the_library_version_and_other_files_do_not(tmp_path, hashed):
+    model = _model(tmp_path / "m")
+    first = fingerprint(model)
+    assert fingerprint(model) == first and hashed == [model]          # read once while nothing changed
+
+    (model / "notes.txt").write_text("edited")
+    assert fingerprint(model) == first
+    config = model / "unet" / "config.json"
+    config.write_text(json.dumps({"sample_size": 8, "_diffusers_version": "9.9"}))
+    assert fingerprint(model) == first and len(hashed) == 2            # written: read again, same content
+    config.write_text(json.dumps({"sample_size": 16, "_diffusers_version": "9.9"}))
+    assert fingerprint(model) != first
+
+
+def test_weights_rewritten_in_place_with_the_same_size_and_time_are_hashed_again(tmp_path, hashed):
+    model = _model(tmp_path / "m")
+    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    first = fingerprint(model)
+    stat = weights.stat()
+    flipped = bytearray(weights.read_bytes())
+    flipped[0] ^= 1
+    weights.write_bytes(bytes(flipped))
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))        # the same size and mtime as before
+    assert weights.stat().st_size == stat.st_size and weights.stat().st_mtime_ns == stat.st_mtime_ns
+    assert fingerprint(model) != first and len(hashed) == 2
