@@ -265,8 +265,9 @@ class ObjectiveConfig:
       negclip             NegCLIP (Yuksekgonul et al.): L_CLIP with one hard-negative caption per
                           image added to the text side of the batch (image-to-text direction only),
                           drawn from the data stage's `negatives` of the training caption (toy: swaps
-                          of the toy grammar; COCO: ARO-style swaps of same-tag words). NegCLIP's
-                          nearest-neighbour negative images are not used. lambda_sds must be 0.
+                          of the toy grammar; COCO: NegCLIP's swaps of noun phrases, verb phrases and
+                          same-tag words). NegCLIP's nearest-neighbour negative images are not used.
+                          lambda_sds must be 0.
       diffusion_feedback  DIVA's and DCR's form: the student's image tokens, through a trainable
                           linear projector, are added to the teacher's conditioning of the empty
                           caption (in place of a caption; the CLS alone at every position); the

@@ -450,8 +450,8 @@ def test_negclip_negatives_swap_two_words_of_one_class_as_aro_describes():
                                  "eating": "VERB", "drinking": "VERB", "brown": "ADJ"})
     caption = "The horse is eating the grass and the zebra is drinking the water"
     negatives = aro.swap_negatives(caption, tagger, random.Random(0))
-    assert len(negatives) == 2     # nouns, verbs; one adjective cannot swap, no adverb
-    noun, verb = (n.split() for n in negatives)
+    assert len(negatives) == 2     # verb phrases (one verb each here), nouns; one adjective cannot swap, no adverb
+    verb, noun = (n.split() for n in negatives)
     words = caption.split()
     assert sorted(noun) == sorted(words) and sum(a != b for a, b in zip(noun, words)) == 2
     assert verb == caption.replace("eating", "#").replace("drinking", "eating").replace("#", "drinking").split()
@@ -464,6 +464,33 @@ def test_negclip_negatives_swap_two_words_of_one_class_as_aro_describes():
         (negative,) = aro.swap_negatives("A man surfing.", tagger, random.Random(seed))
         assert negative != "A man surfing ." and sorted(negative.split()) == sorted("A man surfing .".split())
     assert aro.swap_negatives("dog dog dog", tagger, random.Random(0)) == []
+
+
+def test_negclip_negatives_swap_noun_phrases_of_three_words_and_verb_phrases_with_their_auxiliaries():
+    """NegCLIP's generator also swaps two noun chunks of more than two words, and two verb phrases
+    (VERB? ADV* AUX* VERB+). Hand-worked: a UPOS lexicon, then Penn tags as spaCy's tagger gives them
+    (an auxiliary is VBZ there, so "is sitting" is one phrase)."""
+    upos = aro.lexicon_tagger({"a": "DET", "man": "NOUN", "in": "ADP", "red": "ADJ", "shirt": "NOUN", "is": "AUX",
+                               "riding": "VERB", "brown": "ADJ", "horse": "NOUN"})
+    caption = "A man in a red shirt is riding a brown horse"
+    assert aro.phrase_spans(upos(caption.split()), aro.NOUN_PHRASE) == [(0, 2), (3, 6), (8, 11)]
+    assert aro.phrase_spans(upos(caption.split()), aro.VERB_PHRASE) == [(6, 8)]
+    phrases, nouns, adjectives = aro.swap_negatives(caption, upos, random.Random(0))   # "a man": two words; one verb phrase
+    assert phrases == "A man in a brown horse is riding a red shirt"
+    assert adjectives == "A man in a brown shirt is riding a red horse"
+    moved = [(a, b) for a, b in zip(nouns.split(), caption.split()) if a != b]
+    assert len(moved) == 2 and moved[0] == moved[1][::-1] and {w for pair in moved for w in pair} < {"man", "shirt", "horse"}
+
+    penn = aro.lexicon_tagger({"a": "DT", "dog": "NOUN", "is": "VBZ", "sitting": "VBG", "and": "CC", "cat": "NOUN",
+                               "quickly": "RB", "running": "VBG"})
+    caption = "A dog is sitting and a cat is quickly running"
+    verbs, nouns = aro.swap_negatives(caption, penn, random.Random(0))     # one adverb; noun phrases of two words
+    assert verbs == "A dog is quickly running and a cat is sitting"
+    assert nouns == "A cat is sitting and a dog is quickly running"
+    # Phrases (or words) alike are no swap: the two "a red shirt" stay, and only the nouns' negative is left.
+    upos = aro.lexicon_tagger({"a": "DET", "red": "ADJ", "shirt": "NOUN", "near": "ADP", "dog": "NOUN"})
+    (nouns,) = aro.swap_negatives("a red shirt near a dog and a red shirt", upos, random.Random(0))
+    assert nouns in ("a red dog near a shirt and a red shirt", "a red shirt near a shirt and a red dog")
 
 
 def test_a_caption_without_negatives_is_refused_by_name(tmp_path):

@@ -252,35 +252,57 @@ def _permute_positions(tokens: list[str], positions: list[int], rng: random.Rand
     return permuted
 
 
-# NegCLIP's swaps (ARO paper, section 5): two words of one class trade places. Tags come from the
-# order sets' tagger: spaCy's (UPOS for nouns and adjectives, Penn otherwise) or a UPOS lexicon.
+# NegCLIP's swaps (ARO paper, section 5; its released generator): two noun phrases, two verb phrases,
+# or two words of one class trade places. Tags come from the order sets' tagger: spaCy's (UPOS for
+# nouns and adjectives, Penn otherwise) or a UPOS lexicon, so each class names both tag sets.
 SWAP_CLASSES = {
     "nouns": NOUN_TAGS,
     "adjectives": ADJECTIVE_TAGS,
     "adverbs": frozenset({"ADV", "RB", "RBR", "RBS"}),
-    "verbs": frozenset({"VERB", "VB", "VBD", "VBG", "VBN", "VBP", "VBZ"}),
 }
+# Phrases are found on one letter per token: D determiner or number, M adjective, N noun, R adverb,
+# A auxiliary, V verb (Penn tags an auxiliary VB*, so there it is a V), x anything else.
+_PHRASE_LETTERS = {
+    **{tag: "D" for tag in ("DT", "PDT", "PRP$", "CD", "DET", "NUM")},
+    **{tag: "M" for tag in ADJECTIVE_TAGS}, **{tag: "N" for tag in NOUN_TAGS},
+    **{tag: "R" for tag in SWAP_CLASSES["adverbs"]}, "AUX": "A", "MD": "A",
+    **{tag: "V" for tag in ("VERB", "VB", "VBD", "VBG", "VBN", "VBP", "VBZ")},
+}
+# A base noun phrase (determiners, adjectives with their adverbs, nouns, ending in a noun), as the
+# parser's noun chunks are; NegCLIP swaps only those of three words or more. A verb phrase is its
+# generator's pattern: VERB? ADV* AUX* VERB+.
+NOUN_PHRASE = re.compile(r"D*(?:R*M|N)*N")
+MIN_NOUN_PHRASE = 3
+VERB_PHRASE = re.compile(r"V?R*A*V+")
+
+
+def phrase_spans(tags: list[str], pattern: re.Pattern, min_length: int = 1) -> list[tuple[int, int]]:
+    """(start, end) token spans of the longest non-overlapping matches of `pattern`, left to right."""
+    letters = "".join(_PHRASE_LETTERS.get(tag, "x") for tag in tags)
+    return [m.span() for m in pattern.finditer(letters) if m.end() - m.start() >= min_length]
 
 
 def swap_negatives(caption: str, tagger: Tagger, rng: random.Random, tokenizer: Tokenizer | None = None) -> list[str]:
-    """Hard negatives of a caption in NegCLIP's manner: for each word class (nouns, adjectives,
-    adverbs, verbs) with two different words, one negative with a random pair of them swapped
-    (NegCLIP's released negatives also swap whole noun phrases, which these do not). A caption
-    with no such pair gets its tokens shuffled within trigrams instead (ARO's order perturbation),
-    drawn again until the order changes, or nothing when no shuffle can change it (one word)."""
+    """Hard negatives of a caption in NegCLIP's manner: one negative with a random pair of noun
+    phrases (three words or more) swapped, one with a pair of verb phrases, and one for each word
+    class (nouns, adjectives, adverbs) with a pair of words swapped, wherever the caption has two
+    different ones. NegCLIP's generator swaps singular and plural nouns apart (NN, NNS); the tags
+    here (UPOS NOUN) do not tell them apart. A caption with none of these gets its tokens shuffled
+    within trigrams instead (ARO's order perturbation; NegCLIP drops such a caption), drawn again
+    until the order changes, or nothing when no shuffle can change it (one word)."""
     tokens = (tokenize if tokenizer is None else tokenizer)(caption)
     tags = tagger(tokens)
     if len(tags) != len(tokens):
         raise ValueError(f"tagger gave {len(tags)} tags for {len(tokens)} tokens of {caption!r}")
+    spans = [phrase_spans(tags, NOUN_PHRASE, MIN_NOUN_PHRASE), phrase_spans(tags, VERB_PHRASE)]
+    spans += [[(i, i + 1) for i, tag in enumerate(tags) if tag in wanted] for wanted in SWAP_CLASSES.values()]
     negatives = []
-    for kind, wanted in SWAP_CLASSES.items():
-        positions = [i for i, tag in enumerate(tags) if tag in wanted]
-        pairs = [(i, j) for i in positions for j in positions if i < j and tokens[i].lower() != tokens[j].lower()]
+    for kind in spans:
+        text = [" ".join(tokens[a:b]).lower() for a, b in kind]
+        pairs = [(i, j) for i in range(len(kind)) for j in range(i + 1, len(kind)) if text[i] != text[j]]
         if pairs:
-            i, j = rng.choice(pairs)
-            swapped = list(tokens)
-            swapped[i], swapped[j] = tokens[j], tokens[i]
-            negatives.append(" ".join(swapped))
+            (a, b), (c, d) = (kind[i] for i in rng.choice(pairs))
+            negatives.append(" ".join(tokens[:a] + tokens[c:d] + tokens[b:c] + tokens[a:b] + tokens[d:]))
     if not negatives and any(len(set(trigram)) > 1 for trigram in _trigrams(tokens)):
         # A short caption's shuffle often keeps its order ("A man surfing." one time in six); a caption
         # without a negative stops a NegCLIP run, so draw until the order changes (it can).
