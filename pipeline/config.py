@@ -291,6 +291,8 @@ class ObjectiveConfig:
                       whose first trains its denoiser too).
     feedback_tokens   diffusion_feedback: patch tokens given to the teacher beside the CLS
                       embedding, drawn at random each step (DIVA: 76; DCR: 0, the CLS alone).
+    feedback_timesteps  diffusion_feedback: timesteps per image and step, each with its own noise;
+                      L_teacher is the mean of their errors (DIVA: 2). Each costs a UNet pass.
     noising           sds: "noise" feeds the UNet h_w(f(x)) noised to step t and regresses the
                       noise (DreamFusion's SDS); "none" feeds h_w(f(x)) itself as the noisy latent.
     gradient          sds: "backprop" differentiates the literal loss through the frozen UNet;
@@ -311,6 +313,7 @@ class ObjectiveConfig:
     projector_steps: NonNegInt = 0
     projector_lr: NonNegFloat = 0.0                # 0: train.lr
     feedback_tokens: NonNegInt = 0
+    feedback_timesteps: PosInt = 1
     noising: Literal["noise", "none"] = "noise"
     gradient: Literal["backprop", "sds"] = "backprop"
     t_min: DDPMStep = 20                           # smallest DDPM step sampled
@@ -339,6 +342,10 @@ class ObjectiveConfig:
             raise ConfigError(f"objective.projector_steps: {self.projector_steps} needs a teacher loss to train the "
                               "projector on; allowed: 0, or a method among " + ", ".join(TEACHER_METHODS)
                               + " with objective.lambda_sds > 0")
+        if self.feedback_timesteps != 1 and self.method != "diffusion_feedback":
+            raise ConfigError(f"objective.feedback_timesteps: {self.feedback_timesteps} with objective.method "
+                              f"{self.method!r}, which samples one timestep per image; allowed: 1 (or method "
+                              "diffusion_feedback)")
         if self.clip_weight == 0 and not self.teacher_loss:
             raise ConfigError("objective.clip_weight: 0 leaves no loss (no teacher loss either); allowed: > 0")
 

@@ -371,16 +371,19 @@ def teacher_loss(trial: Trial, image_features: torch.Tensor, pooled: torch.Tenso
     """(metric name, loss) of the method's teacher term for one batch (see `loss_step`)."""
     obj, device, opts, teacher = trial.objective, trial.device, trial.fast, trial.teacher
     batch = len(image_features)
-    t = objectives.sample_timesteps(batch, obj.t_min, obj.t_max, trial.generator)
     unet = fastpath.unet_caller(teacher.unet, opts, device)
     if obj.method == "diffusion_feedback":
-        x0 = trial.latents.rows(image_rows)
+        # Each image's latent and conditioning repeated for its timesteps, image by image (DIVA's layout).
+        draws = obj.feedback_timesteps
+        t = objectives.sample_timesteps(batch * draws, obj.t_min, obj.t_max, trial.generator)
+        x0 = trial.latents.rows(image_rows).repeat_interleave(draws, 0)
         noise = torch.randn(x0.shape, generator=trial.generator)
         # The CLS embedding before its normalisation, and the patch tokens drawn anew every step.
         tokens = objectives.feedback_tokens(pooled, patches, obj.feedback_tokens, trial.generator)
-        cond = trial.projector(tokens, trial.empty)
+        cond = trial.projector(tokens, trial.empty).repeat_interleave(draws, 0)
         return "feedback", objectives.feedback_loss(x0.to(device), cond, unet, teacher.scheduler, t.to(device),
                                                     noise.to(device), obj.reduction)
+    t = objectives.sample_timesteps(batch, obj.t_min, obj.t_max, trial.generator)
     cond = trial.conditioning.rows(text_rows).to(device, non_blocking=True)
     predicted = trial.projector(image_features) * obj.latent_scale
     if obj.method == "unet_feature":

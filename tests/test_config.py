@@ -272,6 +272,19 @@ def test_preset_that_is_not_a_mapping_is_a_config_error(tmp_path):
         load(write_params(tmp_path, params))
 
 
+def test_feedback_timesteps_other_than_one_need_diffusion_feedback(tmp_path):
+    params = raw_params()
+    params["objective"].update(method="sds", feedback_timesteps=2)
+    with pytest.raises(ConfigError, match=r"^objective\.feedback_timesteps: 2 with objective\.method 'sds', which "
+                                          r"samples one timestep per image; allowed: 1 \(or method diffusion_feedback\)$"):
+        load(write_params(tmp_path, params))
+    params["objective"].update(method="diffusion_feedback")
+    assert load(write_params(tmp_path, params)).objective.feedback_timesteps == 2
+    params["objective"].update(feedback_timesteps=0)
+    with pytest.raises(ConfigError, match=r"^objective\.feedback_timesteps: "):
+        load(write_params(tmp_path, params))
+
+
 def test_projector_steps_need_a_teacher_loss_and_clip_weight_zero_needs_one_too(tmp_path):
     params = raw_params()
     params["objective"].update(lambda_sds=0, projector_steps=10)

@@ -618,6 +618,34 @@ def test_too_many_feedback_tokens_for_the_teachers_conditioning_is_a_config_erro
 # --------------------------------------------------------------------------- two stages
 
 
+def test_feedback_timesteps_give_each_image_its_own_draws_and_the_loss_is_their_mean(teacher, world):
+    """DIVA's two timesteps per image: image i's latent under its projected CLS at draws 2i and 2i+1
+    (each its own timestep and noise); L_teacher is the mean error over both, i.e. the mean of
+    the two halves' losses."""
+    trial = fresh_trial(teacher, world, method="diffusion_feedback", lambda_sds=0.5, t_min=100, t_max=900,
+                        feedback_timesteps=2)
+    with torch.no_grad():
+        trial.projector.linear.weight.mul_(30)
+    g = torch.Generator()
+    g.set_state(trial.generator.get_state())
+    rows = torch.tensor([2, 0, 3, 1])
+    losses = step(trial, world, image_rows=rows)
+    t = torch.randint(100, 901, (2 * N,), generator=g)
+    x0 = world["latents"].get([image_key(world["pairs"][i].image) for i in rows.tolist()])
+    eps = torch.randn((2 * N, *x0.shape[1:]), generator=g)
+    with torch.no_grad():
+        cls = trial.student.model.encode_image(world["images"])
+        cond = encode_text(teacher, [""])[0] + (cls @ trial.projector.linear.weight.T
+                                                 + trial.projector.linear.bias)[:, None]
+        halves = []
+        for draw in (0, 1):                  # image i's first draw is row 2i, its second 2i + 1
+            noised = hand_noised(x0, eps[draw::2], t[draw::2])
+            pred = teacher.unet(noised, t[draw::2], encoder_hidden_states=cond).sample
+            halves.append(F.mse_loss(pred, eps[draw::2]).item())
+    assert losses["feedback"].item() == pytest.approx(sum(halves) / 2, rel=1e-4)
+    assert halves[0] != pytest.approx(halves[1], rel=1e-3)          # two draws, not one counted twice
+
+
 @pytest.mark.parametrize("method", ["sds", "diffusion_feedback"])
 def test_stage_one_trains_the_projector_alone_and_stage_two_the_student_too(teacher, world, method):
     """The first objective.projector_steps steps leave every student parameter as it was (no
