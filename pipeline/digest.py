@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 from typing import Iterable
 
@@ -12,9 +13,13 @@ PROVENANCE_KEYS = {"_diffusers_version", "transformers_version", "_name_or_path"
 
 # fingerprint()'s results in this process, keyed by the folder and each file's name, size and
 # modification and change times: the sweep stage checks every sweep file's cache tables against the
-# same teacher, and Stable Diffusion's 4.3 GB take seconds to hash. A file written again changes its
-# change time (nanoseconds, and no call sets it back), so it is hashed again.
+# same teacher, and Stable Diffusion's 4.3 GB take seconds to hash. A file written again gets a new
+# change time (no call sets it back), so it is hashed again; but a clock that ticks coarsely can give
+# two writes within one tick the same times, so a folder with a file changed in the last
+# SETTLE_SECONDS is not remembered (git's "racily clean" rule).
 _FINGERPRINTS: dict[tuple, str] = {}
+SETTLE_SECONDS = 2.0
+_now_ns = time.time_ns
 
 
 def _update(digest, path: Path) -> None:
@@ -30,11 +35,15 @@ def fingerprint(folder: Path) -> str:
     """
     folder = Path(folder)
     files = sorted(p for p in folder.rglob("*") if p.suffix in (".safetensors", ".json") and p.is_file())
+    stats = [path.stat() for path in files]
     seen = (str(folder.resolve()),
-            *((str(p), st.st_size, st.st_mtime_ns, st.st_ctime_ns) for p in files for st in [p.stat()]))
-    if seen not in _FINGERPRINTS:
-        _FINGERPRINTS[seen] = _digest(folder, files)
-    return _FINGERPRINTS[seen]
+            *((str(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns) for path, st in zip(files, stats)))
+    if seen in _FINGERPRINTS:
+        return _FINGERPRINTS[seen]
+    value = _digest(folder, files)
+    if all(_now_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > SETTLE_SECONDS * 1e9 for st in stats):
+        _FINGERPRINTS[seen] = value
+    return value
 
 
 def _digest(folder: Path, files: list[Path]) -> str:

@@ -1,6 +1,7 @@
-"""A model folder's fingerprint: what it covers, and that a folder is hashed again once written to."""
+"""A model folder's fingerprint: what it covers, and when a folder is hashed again."""
 import json
 import os
+import time
 
 import pytest
 
@@ -25,28 +26,42 @@ def hashed(monkeypatch):
     return reads
 
 
-def test_weights_and_configs_count_and_the_library_version_and_other_files_do_not(tmp_path, hashed):
+@pytest.fixture
+def settled(monkeypatch):
+    """A clock a minute ahead: every file looks settled (written longer than SETTLE_SECONDS ago)."""
+    monkeypatch.setattr(digest, "_now_ns", lambda: time.time_ns() + 60 * 10**9)
+
+
+def test_weights_and_configs_count_and_the_library_version_and_other_files_do_not(tmp_path, hashed, settled):
     model = _model(tmp_path / "m")
     first = fingerprint(model)
     assert fingerprint(model) == first and hashed == [model]          # read once while nothing changed
 
     (model / "notes.txt").write_text("edited")
-    assert fingerprint(model) == first
+    assert fingerprint(model) == first and len(hashed) == 1
     config = model / "unet" / "config.json"
-    config.write_text(json.dumps({"sample_size": 8, "_diffusers_version": "9.9"}))
+    config.write_text(json.dumps({"sample_size": 8, "_diffusers_version": "9.9.9"}))
     assert fingerprint(model) == first and len(hashed) == 2            # written: read again, same content
-    config.write_text(json.dumps({"sample_size": 16, "_diffusers_version": "9.9"}))
+    config.write_text(json.dumps({"sample_size": 16, "_diffusers_version": "9.9.9"}))
     assert fingerprint(model) != first
 
 
-def test_weights_rewritten_in_place_with_the_same_size_and_time_are_hashed_again(tmp_path, hashed):
+def test_weights_rewritten_in_place_with_the_same_size_and_mtime_are_hashed_again(tmp_path, hashed, settled):
     model = _model(tmp_path / "m")
     weights = model / "unet" / "diffusion_pytorch_model.safetensors"
     first = fingerprint(model)
     stat = weights.stat()
+    time.sleep(0.05)               # past a coarse clock's tick (1-10 ms), so the rewrite's ctime differs
     flipped = bytearray(weights.read_bytes())
     flipped[0] ^= 1
     weights.write_bytes(bytes(flipped))
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))        # the same size and mtime as before
     assert weights.stat().st_size == stat.st_size and weights.stat().st_mtime_ns == stat.st_mtime_ns
     assert fingerprint(model) != first and len(hashed) == 2
+
+
+def test_a_folder_written_within_the_settle_time_is_hashed_on_every_call(tmp_path, hashed):
+    """Two writes within one tick of a coarse clock can leave a file the same size and times; so a
+    folder changed in the last SETTLE_SECONDS is never answered from memory."""
+    model = _model(tmp_path / "m")
+    assert fingerprint(model) == fingerprint(model) and hashed == [model, model]

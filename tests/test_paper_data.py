@@ -493,6 +493,28 @@ def test_negclip_negatives_swap_noun_phrases_of_three_words_and_verb_phrases_wit
     assert nouns in ("a red dog near a shirt and a red shirt", "a red shirt near a shirt and a red dog")
 
 
+def test_a_copula_is_no_verb_phrase_and_a_possessor_stays_in_its_noun_phrase():
+    """spaCy tags a copula or auxiliary VBZ (Penn) and AUX (its POS); `token_tag` keeps AUX, as NegCLIP's
+    verb-phrase pattern reads POS: "is" alone is no verb phrase, and "is slowly walking" is "slowly
+    walking". A possessor's 's (POS) stays inside its noun chunk ("a man 's brown dog")."""
+    assert [paper.token_tag(penn, upos) for penn, upos in [("VBZ", "AUX"), ("MD", "AUX"), ("VBG", "VERB"),
+                                                          ("NNS", "NOUN"), ("JJ", "ADJ"), ("POS", "PART"), ("", "X")]] \
+        == ["AUX", "AUX", "VBG", "NOUN", "ADJ", "POS", "X"]
+    tags = {"a": "DT", "man": "NOUN", "is": "AUX", "on": "IN", "skateboard": "NOUN", "doing": "VBG", "tricks": "NOUN",
+            "woman": "NOUN", "slowly": "RB", "walking": "VBG", "'s": "POS", "brown": "ADJ", "dog": "NOUN",
+            "chases": "VBZ", "big": "ADJ", "red": "ADJ", "ball": "NOUN"}
+    penn = aro.lexicon_tagger(tags)
+    caption = "a man is on a skateboard doing tricks"
+    assert aro.phrase_spans(penn(caption.split()), aro.VERB_PHRASE) == [(6, 7)]       # "doing" alone
+    (nouns,) = aro.swap_negatives(caption, penn, random.Random(0))                    # no verb-phrase pair
+    assert sorted(nouns.split()) == sorted(caption.split()) and nouns != caption
+    assert aro.phrase_spans(penn("a woman is slowly walking".split()), aro.VERB_PHRASE) == [(3, 5)]
+    caption = "a man 's brown dog chases a big red ball"
+    assert aro.phrase_spans(penn(caption.split()), aro.NOUN_PHRASE, aro.MIN_NOUN_PHRASE) == [(0, 5), (6, 10)]
+    negatives = aro.swap_negatives("a man's brown dog chases a big red ball", penn, random.Random(0))  # 's split off
+    assert negatives[0] == "a big red ball chases a man 's brown dog"
+
+
 def test_a_caption_without_negatives_is_refused_by_name(tmp_path):
     from pipeline.data.records import ImageCaption
 

@@ -260,18 +260,19 @@ SWAP_CLASSES = {
     "adjectives": ADJECTIVE_TAGS,
     "adverbs": frozenset({"ADV", "RB", "RBR", "RBS"}),
 }
-# Phrases are found on one letter per token: D determiner or number, M adjective, N noun, R adverb,
-# A auxiliary, V verb (Penn tags an auxiliary VB*, so there it is a V), x anything else.
+# Phrases are found on one letter per token: D determiner or number, M adjective, N noun, P the
+# possessive 's, R adverb, A auxiliary or copula (spaCy's tagger gives them as AUX:
+# `paper.token_tag`), V verb, x anything else.
 _PHRASE_LETTERS = {
     **{tag: "D" for tag in ("DT", "PDT", "PRP$", "CD", "DET", "NUM")},
-    **{tag: "M" for tag in ADJECTIVE_TAGS}, **{tag: "N" for tag in NOUN_TAGS},
+    **{tag: "M" for tag in ADJECTIVE_TAGS}, **{tag: "N" for tag in NOUN_TAGS}, "POS": "P",
     **{tag: "R" for tag in SWAP_CLASSES["adverbs"]}, "AUX": "A", "MD": "A",
     **{tag: "V" for tag in ("VERB", "VB", "VBD", "VBG", "VBN", "VBP", "VBZ")},
 }
-# A base noun phrase (determiners, adjectives with their adverbs, nouns, ending in a noun), as the
-# parser's noun chunks are; NegCLIP swaps only those of three words or more. A verb phrase is its
-# generator's pattern: VERB? ADV* AUX* VERB+.
-NOUN_PHRASE = re.compile(r"D*(?:R*M|N)*N")
+# A base noun phrase (determiners, adjectives with their adverbs, nouns, ending in a noun; a
+# possessor's 's inside), as the parser's noun chunks are; NegCLIP swaps only those of three words
+# or more. A verb phrase is its generator's pattern: VERB? ADV* AUX* VERB+.
+NOUN_PHRASE = re.compile(r"D*(?:(?:R*M|N)*NP)?(?:R*M|N)*N")
 MIN_NOUN_PHRASE = 3
 VERB_PHRASE = re.compile(r"V?R*A*V+")
 

@@ -373,6 +373,13 @@ BatchTagger = Callable[[list[list[str]]], list[list[str]]]
 PENN_TO_UPOS = {"NN": "NOUN", "NNS": "NOUN", "NNP": "PROPN", "NNPS": "PROPN", "JJ": "ADJ", "JJR": "ADJ", "JJS": "ADJ"}
 
 
+def token_tag(penn: str, upos: str) -> str:
+    """A token's tag as the order sets and NegCLIP's swaps read it: UPOS for nouns and adjectives (what
+    ARO shuffles) and for auxiliaries and copulas (Penn tags "is" VBZ like a verb; NegCLIP's verb-phrase
+    pattern reads spaCy's POS, where it is AUX and no phrase of its own), Penn otherwise."""
+    return "AUX" if upos == "AUX" else PENN_TO_UPOS.get(penn, penn or "X")
+
+
 def order_lexicon(path: Path) -> dict[str, str]:
     """{lower-cased word: tag} from a JSON lexicon file (a closed vocabulary's tags, no context)."""
     document = require_record(load_json(path, "part-of-speech lexicon"), path, "")
@@ -446,7 +453,8 @@ class Tagging:
 
 
 def spacy_tagger(model: str) -> BatchTagger:
-    """spaCy's tagger on pre-tokenised captions; Penn noun/adjective tags mapped to UPOS, others kept as Penn."""
+    """spaCy's tagger on pre-tokenised captions, each token's tag by `token_tag` (its attribute ruler,
+    kept, sets the POS)."""
     import spacy
     from spacy.tokens import Doc
 
@@ -454,7 +462,7 @@ def spacy_tagger(model: str) -> BatchTagger:
 
     def tag(batch: list[list[str]]) -> list[list[str]]:
         docs = nlp.pipe(Doc(nlp.vocab, words=words) for words in batch)
-        return [[PENN_TO_UPOS.get(token.tag_, token.tag_ or "X") for token in doc] for doc in docs]
+        return [[token_tag(token.tag_, token.pos_) for token in doc] for doc in docs]
 
     return tag
 
