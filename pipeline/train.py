@@ -372,10 +372,11 @@ def teacher_loss(trial: Trial, image_features: torch.Tensor, pooled: torch.Tenso
     obj, device, opts, teacher = trial.objective, trial.device, trial.fast, trial.teacher
     batch = len(image_features)
     unet = fastpath.unet_caller(teacher.unet, opts, device)
+    # The config allows feedback_timesteps > 1 only for diffusion feedback: every other method draws one t per image.
+    draws = obj.feedback_timesteps
+    t = objectives.sample_timesteps(batch * draws, obj.t_min, obj.t_max, trial.generator)
     if obj.method == "diffusion_feedback":
         # Each image's latent and conditioning repeated for its timesteps, image by image (DIVA's layout).
-        draws = obj.feedback_timesteps
-        t = objectives.sample_timesteps(batch * draws, obj.t_min, obj.t_max, trial.generator)
         x0 = trial.latents.rows(image_rows).repeat_interleave(draws, 0)
         noise = torch.randn(x0.shape, generator=trial.generator)
         # The CLS embedding before its normalisation, and the patch tokens drawn anew every step.
@@ -383,7 +384,6 @@ def teacher_loss(trial: Trial, image_features: torch.Tensor, pooled: torch.Tenso
         cond = trial.projector(tokens, trial.empty).repeat_interleave(draws, 0)
         return "feedback", objectives.feedback_loss(x0.to(device), cond, unet, teacher.scheduler, t.to(device),
                                                     noise.to(device), obj.reduction)
-    t = objectives.sample_timesteps(batch, obj.t_min, obj.t_max, trial.generator)
     cond = trial.conditioning.rows(text_rows).to(device, non_blocking=True)
     predicted = trial.projector(image_features) * obj.latent_scale
     if obj.method == "unet_feature":

@@ -8,6 +8,10 @@ machine with fewer cores takes.
 """
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +19,7 @@ import torch
 
 from pipeline.config import load
 from pipeline.data.build import build_data
-from pipeline.models import build
+from pipeline.models import build, student_dir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,6 +65,36 @@ def test_neither_the_core_count_nor_the_process_thread_count_changes_the_weights
     torch.set_num_threads(1)
     build.build_models(cfg, root, tmp_path / "sequential")
     assert weights(tmp_path / "forked") == weights(tmp_path / "sequential")
+
+
+def test_the_models_build_beside_a_process_that_ran_a_two_thread_op(data, tmp_path):
+    """A library caller that ran a multi-threaded torch op has an OpenMP pool the forked students'
+    process lacks; its first parallel region would wait for those threads for ever (it did, before
+    the students' thread count was set before their first op). In a process of its own, with a
+    timeout: the hang would otherwise stop the suite."""
+    cfg, root = data
+    script = f"""
+import sys, torch
+sys.path[:0] = [{str(REPO)!r}, {str(REPO / "tests")!r}]
+from test_determinism import small_toy_config
+from pipeline.models import build
+torch.set_num_threads(2)
+torch.randn(3000, 3000).triu_()       # a two-thread op: this process now has OpenMP's pool
+build.os.cpu_count = lambda: 2        # the forked path, students beside the teacher
+build.build_models(small_toy_config(), {str(root)!r}, {str(tmp_path / "models")!r})
+"""
+    # A session of its own: on a timeout the hung students' process goes with it.
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, stderr[-2000:]
+    built = {path.parent for path in (tmp_path / "models").rglob("*.safetensors")}
+    assert {student_dir(tmp_path / "models", name) for name in cfg.students} <= built
 
 
 def test_the_thread_count_changes_the_teacher(data, tmp_path):

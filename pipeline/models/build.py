@@ -54,6 +54,8 @@ def build_student(cfg: Config, name: str, data_root: Path, models: Path,
         from pipeline.models.paper import import_student
 
         return import_student(name, scfg, student_dir(models, name), Path(models).parent, latent_shape)
+    # Before the first op: in the models stage's forked process, it keeps torch out of OpenMP (see `build_models`).
+    torch.set_num_threads(scfg.threads)
     student = build_toy_student(scfg, cfg.data.image_size)
     pairs = train_pairs(data_root, read_index(data_root))
     pretrain = TrainConfig(student=name, scope="full", lr=scfg.lr, weight_decay=0.1, warmup_steps=min(50, scfg.pretrain_steps // 10),
@@ -87,13 +89,16 @@ def build_models(cfg: Config, data_root: Path, models: Path) -> None:
         if cfg.students[name].pretrain_steps:
             trainer.check_batch(cfg.students[name].batch_size, pairs, f"students.{name}.batch_size", data_root)
     aside = None
-    threads = cfg.teacher.threads + max((cfg.students[name].threads for name in toy), default=0)
-    if (toy and cfg.teacher.source == "toy" and (os.cpu_count() or 1) >= threads
+    threads = [cfg.students[name].threads for name in toy]
+    if (toy and cfg.teacher.source == "toy" and (os.cpu_count() or 1) >= cfg.teacher.threads + max(threads)
             and resolve_device(cfg.compute.device).type == "cpu"):
-        # Forked, the child starts with this process's imports (~8 s of torch, diffusers and
-        # open_clip that a spawned one repeats). Safe in the models stage: no torch op has run
-        # before this point, so there is no OpenMP pool to inherit. Off Linux, spawn.
-        method = "fork" if sys.platform.startswith("linux") else "spawn"
+        # Forked, the child starts with this process's imports (~6 s of torch, diffusers and
+        # open_clip that a spawned one repeats). A forked child lacks the threads of an OpenMP
+        # pool its parent started (a caller's earlier multi-threaded torch op), and its first
+        # parallel region would wait for them for ever: fork only when the students train on
+        # one thread each, which `build_student` sets before any op, so the child never starts
+        # a parallel region. Off Linux, or with more threads, spawn.
+        method = "fork" if sys.platform.startswith("linux") and max(threads) == 1 else "spawn"
         pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context(method))
         aside = pool.submit(_pretrain_students, cfg, toy, data_root, models)
     try:
