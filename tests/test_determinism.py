@@ -67,6 +67,28 @@ def test_neither_the_core_count_nor_the_process_thread_count_changes_the_weights
     assert weights(tmp_path / "forked") == weights(tmp_path / "sequential")
 
 
+def test_students_on_two_threads_pretrain_in_a_spawned_process_and_train_the_same_weights(data, tmp_path,
+                                                                                          monkeypatch):
+    """A student on more than one thread would start OpenMP's pool in a forked child (see the test
+    below), so beside the teacher it pre-trains in a spawned process; its weights are the
+    sequential path's."""
+    cfg, root = data
+    students = {name: s.__class__(**{**s.__dict__, "threads": 2}) for name, s in cfg.students.items()}
+    two = cfg.__class__(**{**cfg.__dict__, "students": students})
+    methods, get_context = [], build.multiprocessing.get_context
+    monkeypatch.setattr(build.multiprocessing, "get_context", lambda method: methods.append(method) or get_context(method))
+    threads = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(build.os, "cpu_count", lambda: 3)        # the teacher's thread and the student's two
+        build.build_models(two, root, tmp_path / "spawned")
+        monkeypatch.setattr(build.os, "cpu_count", lambda: 1)
+        build.build_models(two, root, tmp_path / "sequential")
+    finally:
+        torch.set_num_threads(threads)
+    assert methods == ["spawn"]
+    assert weights(tmp_path / "spawned") == weights(tmp_path / "sequential")
+
+
 def test_the_models_build_beside_a_process_that_ran_a_two_thread_op(data, tmp_path):
     """A library caller that ran a multi-threaded torch op has an OpenMP pool the forked students'
     process lacks; its first parallel region would wait for those threads for ever (it did, before
