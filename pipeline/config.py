@@ -266,8 +266,8 @@ class ObjectiveConfig:
                           image added to the text side of the batch (image-to-text direction only),
                           drawn from the data stage's `negatives` of the training caption (toy: swaps
                           of the toy grammar; COCO: NegCLIP's swaps of noun phrases, verb phrases and
-                          same-tag words). NegCLIP's nearest-neighbour negative images are not used.
-                          lambda_sds must be 0.
+                          same-tag words), and with negclip_neighbours, a hard-negative image per
+                          image. lambda_sds must be 0.
       diffusion_feedback  DIVA's and DCR's form: the student's image tokens, through a trainable
                           linear projector, are added to the teacher's conditioning of the empty
                           caption (in place of a caption; the CLS alone at every position); the
@@ -289,6 +289,11 @@ class ObjectiveConfig:
                       projector (diffusion_feedback) on L_teacher, the student frozen; then the
                       scope joins with the full loss (an h_w warm-up; like GenHancer's two stages,
                       whose first trains its denoiser too).
+    negclip_neighbours  negclip: the k training images nearest each image by the pretrained student's
+                      image embedding (cosine; NegCLIP: 3, by CLIP's); each step one of them joins the
+                      batch with its caption and a hard negative of that caption, so the contrastive
+                      batch is twice train.batch_size images (NegCLIP's 256 + 256 against 1,024
+                      captions). 0: hard-negative captions only.
     feedback_tokens   diffusion_feedback: patch tokens given to the teacher beside the CLS
                       embedding, drawn at random each step (DIVA: 76; DCR: 0, the CLS alone).
     feedback_timesteps  diffusion_feedback: timesteps per image and step, each with its own noise;
@@ -312,6 +317,7 @@ class ObjectiveConfig:
     reduction: Literal["mean", "sum"] = "mean"
     projector_steps: NonNegInt = 0
     projector_lr: NonNegFloat = 0.0                # 0: train.lr
+    negclip_neighbours: NonNegInt = 3
     feedback_tokens: NonNegInt = 0
     feedback_timesteps: PosInt = 1
     noising: Literal["noise", "none"] = "noise"

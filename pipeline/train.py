@@ -30,7 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from tqdm import tqdm
 
 from pipeline.cache import Table
@@ -65,18 +65,20 @@ def seed_everything(seed: int) -> None:
 
 
 class PairDataset(Dataset):
-    """Items (preprocessed image, caption tokens, hard-negative tokens, caption row, image row).
+    """Items of rows (preprocessed image, caption tokens, hard-negative tokens, caption row, image row).
 
     Indices are (pair, step) (see `StepSampler`): a pair's hard negative is drawn from its list
     by a generator seeded with (seed, step, pair), so a resumed trial and any number of loader
     workers draw the same negatives. Without negatives the negative tokens are the caption's own
-    (never used).
+    (never used). With `neighbours` (NegCLIP's hard-negative images: `nearest_images`) an item is
+    two rows, the pair's and one of its neighbours' with a hard negative of that neighbour's
+    caption, both drawn the same way; `collate_rows` puts the neighbours' rows after the batch's own.
     """
 
     def __init__(self, pairs: list[ImageCaption], student: Student, text_rows: list[int], image_rows: list[int],
-                 negatives: list[list[str]] | None = None, seed: int = 0):
+                 negatives: list[list[str]] | None = None, seed: int = 0, neighbours: list[list[int]] | None = None):
         self.pairs, self.student, self.text_rows, self.image_rows = pairs, student, text_rows, image_rows
-        self.negatives, self.seed = negatives, seed
+        self.negatives, self.seed, self.neighbours = negatives, seed, neighbours
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -86,12 +88,84 @@ class PairDataset(Dataset):
             return self.pairs[i].caption
         return random.Random(f"{self.seed}:{step}:{i}").choice(self.negatives[i])
 
-    def __getitem__(self, item: tuple[int, int]):
-        i, step = item
+    def neighbour(self, i: int, step: int) -> tuple[int, str]:
+        """The neighbour of pair i that joins step `step`'s batch, and the hard negative of its caption."""
+        rng = random.Random(f"{self.seed}:{step}:{i}:image")
+        j = rng.choice(self.neighbours[i])
+        return j, rng.choice(self.negatives[j])
+
+    def row(self, i: int, negative: str) -> tuple:
         pair = self.pairs[i]
-        tokens = self.student.tokenizer([pair.caption, self.negative(i, step)])
+        tokens = self.student.tokenizer([pair.caption, negative])
         return (self.student.preprocess(load_image(pair.image)), tokens[0], tokens[1],
                 self.text_rows[i], self.image_rows[i])
+
+    def __getitem__(self, item: tuple[int, int]) -> list[tuple]:
+        i, step = item
+        rows = [self.row(i, self.negative(i, step))]
+        if self.neighbours is not None:
+            rows.append(self.row(*self.neighbour(i, step)))
+        return rows
+
+
+def collate_rows(items: list[list[tuple]]) -> list[torch.Tensor]:
+    """A batch of `PairDataset` items: every item's own row, then the neighbours' rows in the same order."""
+    return default_collate([rows[0] for rows in items] + [row for rows in items for row in rows[1:]])
+
+
+class _Images(Dataset):
+    """Preprocessed images, one per path (what `nearest_images` embeds)."""
+
+    def __init__(self, paths: list[Path], preprocess: Callable):
+        self.paths, self.preprocess = paths, preprocess
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.preprocess(load_image(self.paths[i]))
+
+
+def nearest_rows(embeddings: torch.Tensor, k: int, chunk: int = 1024) -> torch.Tensor:
+    """Each row's k nearest other rows by dot product (cosine for unit rows), nearest first, a tie
+    going to the lower index; in chunks of rows, so COCO's 118k images need no 118k x 118k matrix."""
+    nearest = []
+    for start in range(0, len(embeddings), chunk):
+        sims = embeddings[start : start + chunk] @ embeddings.T
+        own = torch.arange(len(sims), device=sims.device)
+        sims[own, own + start] = -math.inf
+        nearest.append(torch.sort(sims, dim=1, descending=True, stable=True).indices[:, :k].cpu())
+    return torch.cat(nearest)
+
+
+def nearest_images(student: Student, pairs: list[ImageCaption], k: int, device: torch.device, opts: FastPath,
+                   workers: int = 0, batch_size: int = 256) -> list[list[int]]:
+    """NegCLIP's hard-negative images: for each pair, a pair of each of the k training images nearest
+    its own (nearest first; of an image with several captions, its first pair), by the cosine of the
+    student's image embeddings as the student is now: before the first step, the pretrained one's
+    view (NegCLIP's neighbours come from CLIP's image embeddings, 3 per image)."""
+    images = list(dict.fromkeys(p.image for p in pairs))
+    if k >= len(images):
+        raise ConfigError(f"objective.negclip_neighbours: {k} is not allowed for {len(images)} training images (an "
+                          f"image's neighbours are other images); allowed: < {len(images)}")
+    model = student.model
+    training = model.training
+    model.eval()                     # a ResNet's BatchNorm: its running statistics, as the evaluation embeds
+    embedded = []
+    # Its own generator: a loader draws its workers' base seed each time it is iterated, from the global
+    # stream otherwise, which would leave that stream elsewhere than in a trial of another method.
+    loader = DataLoader(_Images(images, student.preprocess), batch_size=batch_size, num_workers=workers,
+                        generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), (fastpath.autocast(device, opts) if opts.autocast_student else contextlib.nullcontext()):
+        for pixels in tqdm(loader, desc="negclip neighbours", leave=False, disable=len(images) < 10_000):
+            embedded.append(F.normalize(model.encode_image(pixels.to(device)).float(), dim=-1))
+    model.train(training)
+    nearest = nearest_rows(torch.cat(embedded), k).tolist()
+    first: dict[Path, int] = {}
+    for i, pair in enumerate(pairs):
+        first.setdefault(pair.image, i)
+    row = {image: r for r, image in enumerate(images)}
+    return [[first[images[j]] for j in nearest[row[pair.image]]] for pair in pairs]
 
 
 @dataclass
@@ -257,10 +331,12 @@ def setup(cfg: TrainConfig, objective: ObjectiveConfig, student: Student, pairs:
     What the method reads: `teacher` and `conditioning` (the cached text conditioning; diffusion
     feedback reads its empty caption's row) with a teacher loss, `latents` (the cached VAE
     latents of the training images) for unet_feature and diffusion_feedback, `negatives` (one
-    list per pair) for negclip. `compute` (default: the CPU with its default options) says on
-    which device the student, the projector and the teacher's UNet run and with which fast-path
-    options (`pipeline.fastpath`). `inputs` names what the trial trains from (fingerprints of
-    the data and the models): a checkpoint written from other inputs is not resumed.
+    list per pair) for negclip, whose hard-negative images (`objective.negclip_neighbours`) are
+    found here, by the student before its first step (`nearest_images`). `compute` (default: the
+    CPU with its default options) says on which device the student, the projector and the
+    teacher's UNet run and with which fast-path options (`pipeline.fastpath`). `inputs` names what
+    the trial trains from (fingerprints of the data and the models): a checkpoint written from
+    other inputs is not resumed.
     """
     compute = compute or ComputeConfig(device="cpu")
     device = resolve_device(compute.device)
@@ -304,12 +380,15 @@ def setup(cfg: TrainConfig, objective: ObjectiveConfig, student: Student, pairs:
     by_caption = projector is not None and method in ("sds", "unet_feature")
     text_rows = [conditioning.index(p.caption) for p in pairs] if by_caption else [0] * len(pairs)
     image_rows = [latents.index(image_key(p.image)) for p in pairs] if latents is not None else [0] * len(pairs)
-    dataset = PairDataset(pairs, student, text_rows, image_rows, negatives if method == "negclip" else None, cfg.seed)
+    neighbours = nearest_images(student, pairs, objective.negclip_neighbours, device, opts, cfg.workers) \
+        if method == "negclip" and objective.negclip_neighbours else None
+    dataset = PairDataset(pairs, student, text_rows, image_rows, negatives if method == "negclip" else None, cfg.seed,
+                          neighbours)
     # Its own generator for the workers' base seed, which would otherwise be drawn from the global
     # stream each time the loader is iterated: after a resume's restore, a draw the uninterrupted run
     # took elsewhere (nothing in a step reads the global stream today; a dropout would).
     loader = DataLoader(dataset, batch_sampler=StepSampler(len(pairs), cfg.batch_size, cfg.seed),
-                        num_workers=cfg.workers, pin_memory=device.type == "cuda",
+                        collate_fn=collate_rows, num_workers=cfg.workers, pin_memory=device.type == "cuda",
                         generator=torch.Generator().manual_seed(stream_seed(cfg.seed, "loader")))
     if projector is not None:
         fastpath.prepare_teacher_unet(teacher.unet.to(device), opts)

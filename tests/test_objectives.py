@@ -29,7 +29,7 @@ from pipeline.data.keys import image_key
 from pipeline.evaluate import DiffusionScorer
 from pipeline.models.student import build_toy_student
 from pipeline.models.teacher import SD_SCHEDULE, build_toy_teacher, encode_text
-from pipeline.train import loss_step, setup
+from pipeline.train import loss_step, nearest_rows, setup
 
 from tiny import SIZE, STUDENT, TEACHER
 
@@ -504,8 +504,60 @@ def test_the_dataset_draws_each_pairs_negative_from_its_list_by_seed_step_and_pa
         assert all(n in world["negatives"][i] for i, n in enumerate(negatives))
     assert len({drawn[step][0] for step in drawn}) > 1, "draws vary with the step"
     assert drawn[3] == [dataset.negative(i, 3) for i in range(N)]
-    item = dataset[(1, 3)]
-    assert torch.equal(item[2], tokenizer([drawn[3][1]])[0]) and torch.equal(item[1], tokenizer([world["captions"][1]])[0])
+    own, _neighbour = dataset[(1, 3)]
+    assert torch.equal(own[2], tokenizer([drawn[3][1]])[0]) and torch.equal(own[1], tokenizer([world["captions"][1]])[0])
+
+
+def test_nearest_rows_by_hand_with_a_tie_going_to_the_lower_index():
+    """Unit rows e0 = (1, 0), e1 = (0.8, 0.6), e2 = (0, 1), e3 = (0.6, 0.8), e4 = e0. Cosines from e1:
+    e0 0.8, e2 0.6, e3 0.96, e4 0.8 -> e3, then e0 before its copy e4. An image is never its own neighbour,
+    its copy is the nearest of all."""
+    e = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0], [0.6, 0.8], [1.0, 0.0]])
+    expected = [[4, 1], [3, 0], [3, 1], [1, 2], [0, 1]]
+    assert nearest_rows(e, 2).tolist() == expected
+    assert nearest_rows(e, 2, chunk=2).tolist() == expected           # rows in chunks: the same neighbours
+    assert nearest_rows(e, 4)[0].tolist() == [4, 1, 3, 2]
+
+
+def test_negclip_batches_a_nearest_image_of_each_pair_with_its_caption_and_a_hard_negative(teacher, world):
+    """NegCLIP's hard-negative images (vinid/neg_clip): each item brings one of its k nearest training
+    images (the pretrained student's cosine), that image's caption and a hard negative of it; a batch of
+    B pairs is 2B images against 2B captions and 2B negatives."""
+    trial = fresh_trial(teacher, world, scope="full", method="negclip", lambda_sds=0.0, negclip_neighbours=2)
+    dataset, model = trial.loader.dataset, trial.student.model
+    with torch.no_grad():
+        embedded = model.encode_image(world["images"], normalize=True)
+    assert dataset.neighbours == nearest_rows(embedded, 2).tolist()
+    tokenizer = trial.student.tokenizer
+    drawn = {step: dataset.neighbour(1, step) for step in range(12)}
+    assert all(j in dataset.neighbours[1] and negative in world["negatives"][j] for j, negative in drawn.values())
+    assert len({j for j, _ in drawn.values()}) == 2, "both neighbours are drawn over the steps"
+    own, (image, caption, negative, _text_row, image_row) = dataset[(1, 3)]
+    j, hard = drawn[3]
+    assert torch.equal(image, world["images"][j]) and image_row == j
+    assert torch.equal(caption, tokenizer([world["captions"][j]])[0]) and torch.equal(negative, tokenizer([hard])[0])
+    assert torch.equal(own[0], world["images"][1])
+
+    images, tokens, negatives, _text_rows, image_rows = next(iter(trial.loader))
+    assert len(images) == len(tokens) == len(negatives) == 2 * N
+    first = image_rows[:N].tolist()
+    assert image_rows[N:].tolist() == [dataset.neighbour(i, 0)[0] for i in first]   # each pair's, in its order
+    losses = loss_step(trial, images, tokens, negatives, _text_rows, image_rows)
+    with torch.no_grad():
+        expected = objectives.negclip_loss(model.encode_image(images, normalize=True),
+                                           model.encode_text(tokens, normalize=True),
+                                           model.encode_text(negatives, normalize=True), model.logit_scale.exp())
+    assert losses["clip"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+    captions_only = fresh_trial(teacher, world, scope="full", method="negclip", lambda_sds=0.0, negclip_neighbours=0)
+    assert captions_only.loader.dataset.neighbours is None and len(next(iter(captions_only.loader))[0]) == N
+    # Finding the neighbours leaves the global random stream where a trial without them leaves it.
+    states = [(fresh_trial(teacher, world, scope="full", method="negclip", lambda_sds=0.0, negclip_neighbours=k),
+               torch.get_rng_state())[1] for k in (0, 2)]
+    assert torch.equal(*states)
+    with pytest.raises(ConfigError, match=rf"^objective.negclip_neighbours: {N} is not allowed for {N} training "
+                                          rf"images .*; allowed: < {N}$"):
+        fresh_trial(teacher, world, scope="full", method="negclip", lambda_sds=0.0, negclip_neighbours=N)
 
 
 # --------------------------------------------------------------------------- reductions
