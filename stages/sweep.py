@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         sweeps, trials = [], []
         for path in files:                                                    # all checked before any runs
             with sweep_cli.naming(path):
-                sweeps.append(spec.load(path, params, profile))
+                sweeps.append(spec.load(path, params, profile, str(params_path)))
             trials.append(sweep_cli.checked_trials(sweeps[-1], root, args.address))
         for sweep, specs in zip(sweeps, trials):   # then their built inputs: a sweep that cannot start costs no results
             sweep_cli.preflight(sweep, specs, root)

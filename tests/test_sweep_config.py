@@ -424,6 +424,24 @@ def test_profile_override_is_one_flag():
     assert proc.returncode == 0 and "profile paper" in proc.stdout
 
 
+@pytest.mark.parametrize("broken,said", [
+    (lambda raw: "", "{path}: empty; a params file holds the sections"),
+    (lambda raw: "- a list\n", "{path}: the top level must be a mapping"),
+    (lambda raw: yaml.safe_dump({k: v for k, v in raw.items() if k != "train"}),
+     "train: missing; {path} must hold every section the stages read"),
+], ids=["empty", "a list", "no train section"])
+def test_a_broken_params_file_is_named_by_the_path_given(tmp_path, capsys, broken, said):
+    """As the stages name it: the file given to --params, not a params.yaml that may not be the one read."""
+    from pipeline.sweep import cli as sweep_cli
+
+    path = tmp_path / "elsewhere.yaml"
+    path.write_text(broken(params()))
+    (tmp_path / "s.yaml").write_text("name: s\nspace: {train.lr: [0.1]}\n")
+    assert sweep_cli.main([str(tmp_path / "s.yaml"), "--params", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: " + said.format(path=path)) and err.count("\n") == 1, err
+
+
 def test_sweep_stage_checks_every_listed_file_before_running_any(tmp_path, capsys):
     from stages import sweep as stage
 

@@ -110,7 +110,7 @@ def prepare(args: argparse.Namespace) -> tuple[spec.Sweep, Path]:
         check_writable(args.results, "--results")
     params_path = args.params.resolve()
     with naming(args.sweep):
-        sweep = spec.load(args.sweep, read_yaml(params_path), args.profile)
+        sweep = spec.load(args.sweep, read_yaml(params_path), args.profile, str(args.params))
     if args.max_concurrent is not None:
         sweep.max_concurrent = args.max_concurrent
     if args.gpus_per_trial is not None:

@@ -358,13 +358,15 @@ def _mapping(value: Any, key: str) -> dict:
 # --------------------------------------------------------------------------- loading
 
 
-def load(path: str | Path, params: dict, profile: str | None = None) -> Sweep:
-    """Read and validate a sweep file against `params` (params.yaml as read); `profile` overrides base.profile."""
+def load(path: str | Path, params: dict, profile: str | None = None, params_source: str = "params.yaml") -> Sweep:
+    """Read and validate a sweep file against `params` (the params file `params_source` as read);
+    `profile` overrides base.profile."""
     raw = read_yaml(Path(path))
-    return parse(raw, params, profile, source=str(path))
+    return parse(raw, params, profile, source=str(path), params_source=params_source)
 
 
-def parse(raw: Any, params: dict, profile: str | None = None, source: str = "") -> Sweep:
+def parse(raw: Any, params: dict, profile: str | None = None, source: str = "",
+          params_source: str = "params.yaml") -> Sweep:
     if isinstance(params, dict):
         params = {k: v for k, v in params.items() if k not in NOT_CONFIG_KEYS}
     if raw is None:
@@ -390,7 +392,7 @@ def parse(raw: Any, params: dict, profile: str | None = None, source: str = "") 
         raise ConfigError(f"name: {opts.name!r} is not allowed; expected 1-64 letters, digits, '_', '-' or '.', "
                           "starting with a letter or digit")
     base = _base(base_raw, profile)
-    overrides, base_config = _base_config(base, params)
+    overrides, base_config = _base_config(base, params, params_source)
 
     search_raw = raw.get("search") if isinstance(raw.get("search"), dict) else {}
     sched_raw = raw.get("scheduler") if isinstance(raw.get("scheduler"), dict) else {}
@@ -446,12 +448,10 @@ def _base(raw: Any, profile: str | None) -> BaseSpec:
     return BaseSpec(profile=profile or value, params=params, profiles={k: v or {} for k, v in presets.items()})
 
 
-def _base_config(base: BaseSpec, params: dict) -> tuple[dict, Config]:
-    if not isinstance(params, dict):
-        raise ParamsError("params.yaml: the top level must be a mapping")
-    profile = base.profile or params.get("profile", "toy")
+def _base_config(base: BaseSpec, params: dict, source: str) -> tuple[dict, Config]:
+    profile = base.profile or (params.get("profile", "toy") if isinstance(params, dict) else "toy")
     try:
-        from_dict(resolve(params, {"profile": profile}))
+        from_dict(resolve(params, {"profile": profile}, source))
     except ConfigError as err:                                  # as the stages say them
         raise ParamsError(str(err)) from None
     common = _base_overrides(base.params, {}, "base.params", params, profile)[0]
