@@ -660,7 +660,8 @@ def _is_row_shape(value: Any) -> bool:
 
 
 def _rebuild_hint(folder: Path) -> str:
-    return f"delete {folder} and re-run the cache stage to rebuild it"
+    # The stage rebuilds a table it finds broken (`_is_finished`): nothing to delete by hand.
+    return f"re-run the cache stage, which rebuilds {folder}"
 
 
 def _one_line(exc: BaseException) -> str:

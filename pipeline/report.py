@@ -654,6 +654,10 @@ def command_body(args: argparse.Namespace, cfg, root: Path) -> None:
     out = args.out or root / "reports"
     check_writable(out, "--out", folder=True)
     trials = results_trials(args.results, args.sweep) if args.results else launch_trials(cfg, root, args.sweep)
+    ran = sorted({str(t["params"]["profile"]) for t in trials if "profile" in t.get("params", {})} - {cfg.profile})
+    if ran:    # the rows are the trials' own; the profile chosen here only names and labels them
+        print(f"note: the trials of sweep {args.sweep} ran on profile {', '.join(ran)}; the report labels them with "
+              f"profile {cfg.profile}'s student and teacher names", file=sys.stderr)
     for path in sweep_report(args.sweep, trials, compared_rows(args.sweep, trials, cfg), cfg, out):
         print(path)
 

@@ -4,7 +4,7 @@
     python -m stages.cache --verify   # check every table under cache.root against its checksums
 
 A trial opening a table checks only the manifest and the shards' sizes, so its start does
-not read the tables (27 GB of text conditioning on the paper profile). `--verify` reads
+not read the tables (28 GB of text conditioning on the paper profile). `--verify` reads
 every byte and compares each shard's sha256 with its manifest: the check for a flipped
 byte that left a shard's size unchanged. It builds nothing; a corrupt table is named
 (exit 2) and rebuilt by the next run of this stage.

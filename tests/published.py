@@ -119,7 +119,7 @@ def aro_release(root: Path, size=(40, 30)) -> dict[str, Path]:
     coco = root / "coco2014"
     put(coco / "val2014" / "COCO_val2014_000000391895.jpg", image_bytes(COLOURS[0], size))
     dump(coco / "coco_karpathy_test.json", [
-        {"image": "val2014/COCO_val2014_000000391895.jpg", "image_id": "391895",
+        {"image": "val2014/COCO_val2014_000000391895.jpg",
          "caption": ["A man with a red helmet on a small moped on a dirt road. ", "Man riding a motor bike on a dirt road."]},
     ])
     flickr = root / "flickr30k"

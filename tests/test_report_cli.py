@@ -157,6 +157,14 @@ def test_from_a_results_file_it_writes_what_the_stage_writes(tmp_path, capsys):
     given = results / "sweeps" / "methods.json"
     assert err[-1] == f"error: --results: {given} holds the results of sweep 'methods', not 'lambda'"
 
+    # Another profile than the trials': the same rows, and a note that says so.
+    assert report.main(["methods", "--params", str(params), "--profile", "smoke", "--out", str(tmp_path / "smoke"),
+                        "--results", str(given)]) == 0
+    assert "note: the trials of sweep methods ran on profile toy; the report labels them with profile smoke's" \
+        in capsys.readouterr().err
+    assert report.main(["methods", "--params", str(params), "--out", str(tmp_path / "toy"), "--results", str(given)]) == 0
+    assert "note:" not in capsys.readouterr().err
+
     for where, error in ((params, f"{params} is a file; expected a folder there"),
                          (params / "reports", f"{params} is a file, so {params / 'reports'} cannot be created")):
         assert report.main(["methods", "--params", str(params), "--out", str(where), "--results", str(given)]) == 2
