@@ -274,14 +274,22 @@ def configuration(config: dict, key: str) -> str:
     return str(config[key]) if key == VARIANT else f"{key}={config[key]}"
 
 
-def compared_rows(name: str, trials: list[dict], cfg) -> list[VariantRow]:
+def compared_rows(name: str, trials: list[dict], cfg, against: str | None = None) -> list[VariantRow]:
     """The sweep's configurations side by side (`compare_variants`) when its trials set one key besides
-    the seed (`compared_key`), in the sweep table's order (a numeric key's by value), the first the
-    reference; [] otherwise."""
+    the seed (`compared_key`), in the sweep table's order (a numeric key's by value), the first (or
+    `against`, moved first) the reference; [] otherwise."""
     key = compared_key(trials)
     if key is None:
+        if against is not None:
+            raise ConfigError(f"--against: sweep {name} sets more than one key besides the seed, so its "
+                              "configurations are not set side by side; allowed: a sweep of variants or of one param")
         return []
     order = [configuration(t["config"], key) for t in sorted_trials(table_trials(trials), [key]) if key in t["config"]]
+    if against is not None:
+        if against not in order:
+            raise ConfigError(f"--against: {against!r} is not a configuration of sweep {name}; allowed: "
+                              + ", ".join(dict.fromkeys(order)))
+        order = [against] + [o for o in order if o != against]
     rows = compare_variants(trials, list(dict.fromkeys(order)), resamples(cfg), cfg.eval.seed, key)
     if not rows:
         print(f"sweep {name}: no finished trial with outcomes; no {name} report", file=sys.stderr)
@@ -597,6 +605,7 @@ the sweeps it ran.
     python -m pipeline.report lambda                     # the newest launch of sweep lambda, from MLflow
     python -m pipeline.report lambda --results FILE      # from a results file (pipeline.sweep --results)
     python -m pipeline.report methods --out /tmp/methods
+    python -m pipeline.report methods --against NegCLIP --out /tmp/methods   # every row against NegCLIP
 
 SWEEP is the sweep's name (`name` in its sweep file). Without --results the results are the
 summary.json of the newest launch that finished writing one: the parent run in MLflow experiment
@@ -658,7 +667,7 @@ def command_body(args: argparse.Namespace, cfg, root: Path) -> None:
     if ran:    # the rows are the trials' own; the profile chosen here only names and labels them
         print(f"note: the trials of sweep {args.sweep} ran on profile {', '.join(ran)}; the report labels them with "
               f"profile {cfg.profile}'s student and teacher names", file=sys.stderr)
-    for path in sweep_report(args.sweep, trials, compared_rows(args.sweep, trials, cfg), cfg, out):
+    for path in sweep_report(args.sweep, trials, compared_rows(args.sweep, trials, cfg, args.against), cfg, out):
         print(path)
 
 
@@ -667,6 +676,9 @@ def command_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, metavar="DIR",
                    help="folder to write to (default: reports/ next to the params file, the report stage's "
                         "output, which its next run rewrites: give a folder of your own for a hand-run sweep)")
+    p.add_argument("--against", metavar="CONFIGURATION",
+                   help="set every configuration against this one (a variant's name, or key=value of a one-param "
+                        "sweep, as its report names them) instead of the first")
     p.add_argument("--results", type=Path, metavar="FILE",
                    help="read the sweep's results from this file (`python -m pipeline.sweep ... --results FILE`) "
                         "instead of the tracking store")

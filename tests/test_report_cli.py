@@ -157,6 +157,18 @@ def test_from_a_results_file_it_writes_what_the_stage_writes(tmp_path, capsys):
     given = results / "sweeps" / "methods.json"
     assert err[-1] == f"error: --results: {given} holds the results of sweep 'methods', not 'lambda'"
 
+    # Every configuration against another one than the first: the same tables with that one as reference.
+    against = tmp_path / "against-hard"
+    assert report.main(["methods", "--params", str(params), "--against", "hard", "--out", str(against),
+                        "--results", str(given)]) == 0
+    shown = (against / "methods.md").read_text()
+    assert "## Against hard" in shown and "## Against plain" in (out / "methods.md").read_text()
+    versus = shown.split("## Against hard", 1)[1].split("## Diagnostics", 1)[0]
+    assert "| plain |" in versus and "| hard |" not in versus
+    assert report.main(["methods", "--params", str(params), "--against", "soft", "--results", str(given)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        "error: --against: 'soft' is not a configuration of sweep methods; allowed: plain, hard"
+
     # Another profile than the trials': the same rows, and a note that says so.
     assert report.main(["methods", "--params", str(params), "--profile", "smoke", "--out", str(tmp_path / "smoke"),
                         "--results", str(given)]) == 0
