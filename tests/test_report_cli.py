@@ -168,6 +168,14 @@ def test_from_a_results_file_it_writes_what_the_stage_writes(tmp_path, capsys):
     assert report.main(["methods", "--params", str(params), "--against", "soft", "--results", str(given)]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == \
         "error: --against: 'soft' is not a configuration of sweep methods; allowed: plain, hard"
+    grid = [result_trial(f"t00{i}", {"train.lr": lr, "objective.lambda_sds": lam}, "finished", {"winoground/text": 0.5})
+            for i, (lr, lam) in enumerate([(1e-3, 0.0), (1e-4, 0.1)])]
+    write_sweep(results, "grid", grid)
+    assert report.main(["grid", "--params", str(params), "--against", "train.lr=0.001",
+                        "--results", str(results / "sweeps" / "grid.json")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: --against: sweep grid sets more than one key besides the seed, so its configurations are not set "
+        "side by side; allowed: a sweep of variants or of one param")
 
     # Another profile than the trials': the same rows, and a note that says so.
     assert report.main(["methods", "--params", str(params), "--profile", "smoke", "--out", str(tmp_path / "smoke"),
