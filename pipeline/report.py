@@ -281,7 +281,7 @@ def compared_rows(name: str, trials: list[dict], cfg, against: str | None = None
     key = compared_key(trials)
     if key is None:
         if against is not None:
-            raise ConfigError(f"--against: sweep {name} sets more than one key besides the seed, so its "
+            raise ConfigError(f"--against: sweep {name} does not set exactly one key besides the seed, so its "
                               "configurations are not set side by side; allowed: a sweep of variants or of one param")
         return []
     order = [configuration(t["config"], key) for t in sorted_trials(table_trials(trials), [key]) if key in t["config"]]
@@ -293,6 +293,9 @@ def compared_rows(name: str, trials: list[dict], cfg, against: str | None = None
     rows = compare_variants(trials, list(dict.fromkeys(order)), resamples(cfg), cfg.eval.seed, key)
     if not rows:
         print(f"sweep {name}: no finished trial with outcomes; no {name} report", file=sys.stderr)
+    elif against is not None and rows[0].name != against:     # the rows are those with finished trials
+        raise ConfigError(f"--against: {against!r} has no finished trial with outcomes in sweep {name}, so nothing "
+                          "can be set against it; allowed: " + ", ".join(row.name for row in rows))
     return rows
 
 

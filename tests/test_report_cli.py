@@ -79,12 +79,13 @@ def test_a_hand_run_sweep_prints_the_command_that_writes_its_report_from_the_new
     end_launch(root, None, capsys)                              # the newest of all, still running
     [line] = [line for line in summary.splitlines() if "python -m pipeline.report" in line]
     command = shlex.split(line.split(": ", 1)[1])
-    assert command == ["python", "-m", "pipeline.report", "lambda", "--params", str(root / "params.yaml")]
+    reports = root / "runs" / "reports" / "lambda"       # not reports/, the report stage's output
+    assert command == ["python", "-m", "pipeline.report", "lambda", "--params", str(root / "params.yaml"),
+                       "--out", str(reports)]
 
     done = subprocess.run([str(PYTHON), *command[1:]], cwd=root, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 0, done.stderr
-    reports = root / "reports"
     assert done.stdout.split() == [str(reports / f"{stem}.{suffix}") for stem in ("sweep-lambda", "lambda")
                                    for suffix in ("md", "tex", "csv", "png")]
     assert "has no summary.json yet" in done.stderr and "(FAILED, run " in done.stderr
@@ -174,8 +175,17 @@ def test_from_a_results_file_it_writes_what_the_stage_writes(tmp_path, capsys):
     assert report.main(["grid", "--params", str(params), "--against", "train.lr=0.001",
                         "--results", str(results / "sweeps" / "grid.json")]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        "error: --against: sweep grid sets more than one key besides the seed, so its configurations are not set "
-        "side by side; allowed: a sweep of variants or of one param")
+        "error: --against: sweep grid does not set exactly one key besides the seed, so its configurations are not "
+        "set side by side; allowed: a sweep of variants or of one param")
+    # A configuration whose every trial failed is named, not replaced by the next one.
+    failed = [{**trial, "status": "failed", "metric": None} if trial["config"]["variant"] == "hard" else trial
+              for trial in labelled]
+    write_sweep(results, "failing", failed)
+    assert report.main(["failing", "--params", str(params), "--against", "hard",
+                        "--results", str(results / "sweeps" / "failing.json")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: --against: 'hard' has no finished trial with outcomes in sweep failing, so nothing can be set "
+        "against it; allowed: plain")
 
     # Another profile than the trials': the same rows, and a note that says so.
     assert report.main(["methods", "--params", str(params), "--profile", "smoke", "--out", str(tmp_path / "smoke"),
@@ -205,6 +215,8 @@ def test_the_summary_names_the_params_file_only_when_it_is_not_the_default():
     sweep = spec.load(REPO / "sweeps" / "lambda.yaml", read_yaml(REPO / "params.yaml"))
     counts = {"finished": 0, "early_stopped": 0, "failed": 0, "interrupted": 0}
     last = lambda params: summary_text(sweep, [], counts, None, 1.0, params).splitlines()[-1]  # noqa: E731
-    assert last(None) == "report (table and figure): python -m pipeline.report lambda"
+    assert last(None) == "report (table and figure): python -m pipeline.report lambda --out runs/reports/lambda"
     assert last(Path("params.yaml")) == last(None)
-    assert last(Path("my params.yaml")).endswith("python -m pipeline.report lambda --params 'my params.yaml'")
+    assert last(Path("my params.yaml")).endswith(
+        "python -m pipeline.report lambda --params 'my params.yaml' --out runs/reports/lambda")
+    assert last(Path("/p/x.yaml")).endswith("--params /p/x.yaml --out /p/runs/reports/lambda")

@@ -276,5 +276,8 @@ def summary_text(sweep: spec.Sweep, rows: list[dict], counts: dict, best: dict |
         lines.append(f"best: {best['trial']} {sweep.metric}={best['metric']:.4f} ({spec.describe(best['config'])}), "
                      f"run {best['run_id']}")
     given = f" --params {shlex.quote(str(params))}" if params is not None and params != Path("params.yaml") else ""
-    lines.append(f"report (table and figure): python -m pipeline.report {shlex.quote(sweep.name)}{given}")
+    # Not reports/, the report stage's output, which DVC would then see as changed: a folder git ignores.
+    out = (params.parent if given else Path()) / "runs" / "reports" / sweep.name
+    lines.append(f"report (table and figure): python -m pipeline.report {shlex.quote(sweep.name)}{given} "
+                 f"--out {shlex.quote(str(out))}")
     return "\n".join(lines)
