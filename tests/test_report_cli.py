@@ -166,24 +166,25 @@ def test_from_a_results_file_it_writes_what_the_stage_writes(tmp_path, capsys):
     assert "## Against hard" in shown and "## Against plain" in (out / "methods.md").read_text()
     versus = shown.split("## Against hard", 1)[1].split("## Diagnostics", 1)[0]
     assert "| plain |" in versus and "| hard |" not in versus
-    assert report.main(["methods", "--params", str(params), "--against", "soft", "--results", str(given)]) == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+
+    def refused(sweep: str, trials: list[dict], against: str) -> str:
+        """The one line `--against` prints for a sweep of these trials, which it refuses."""
+        write_sweep(results, sweep, trials)
+        assert report.main([sweep, "--params", str(params), "--against", against,
+                            "--results", str(results / "sweeps" / f"{sweep}.json")]) == 2
+        return capsys.readouterr().err.strip().splitlines()[-1]
+
+    assert refused("methods", labelled, "soft") == \
         "error: --against: 'soft' is not a configuration of sweep methods; allowed: plain, hard"
     grid = [result_trial(f"t00{i}", {"train.lr": lr, "objective.lambda_sds": lam}, "finished", {"winoground/text": 0.5})
             for i, (lr, lam) in enumerate([(1e-3, 0.0), (1e-4, 0.1)])]
-    write_sweep(results, "grid", grid)
-    assert report.main(["grid", "--params", str(params), "--against", "train.lr=0.001",
-                        "--results", str(results / "sweeps" / "grid.json")]) == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+    assert refused("grid", grid, "train.lr=0.001") == (
         "error: --against: sweep grid does not set exactly one key besides the seed, so its configurations are not "
         "set side by side; allowed: a sweep of variants or of one param")
     # A configuration whose every trial failed is named, not replaced by the next one.
     failed = [{**trial, "status": "failed", "metric": None} if trial["config"]["variant"] == "hard" else trial
               for trial in labelled]
-    write_sweep(results, "failing", failed)
-    assert report.main(["failing", "--params", str(params), "--against", "hard",
-                        "--results", str(results / "sweeps" / "failing.json")]) == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+    assert refused("failing", failed, "hard") == (
         "error: --against: 'hard' has no finished trial with outcomes in sweep failing, so nothing can be set "
         "against it; allowed: plain")
 
