@@ -89,7 +89,8 @@ class DataConfig:
                        annotation id), "random" (one per image, drawn with `seed`), "all"
       cc3m             a TSV file (columns `filepath`, `title`; paths relative to it) or a
                        folder of webdataset shards (*.tar of <key>.jpg + <key>.txt)
-      winoground       a local copy of the hub repo (data/examples.jsonl + data/images.zip)
+      winoground       a local copy of the hub repo (data/examples.jsonl + data/images.zip, or its
+                       Parquet version data/test-*.parquet)
                        or the hub id facebook/winoground (gated: `huggingface-cli login`)
       aro_root         folder of visual_genome_relation.json, visual_genome_attribution.json
                        and images/ (the ARO authors' release)

@@ -1,13 +1,14 @@
 """The paper profile's data: fast failure, and every loader on a fixture in its published format.
 
 The fixtures are written by hand in each release's own layout (COCO 2017 captions,
-Winoground's hub repo, the ARO authors' JSON files and BLIP's Karpathy splits, CC-3M as
+Winoground's hub repo and its Parquet version, the ARO authors' JSON files and BLIP's Karpathy splits, CC-3M as
 TSV and webdataset, torchvision's on-disk layout of each zero-shot set), never with this
 project's writers. Where torchvision checks an md5 of the real release (CIFAR, STL-10,
 Flowers102), the tests replace only that checksum with an existence check.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -15,8 +16,11 @@ import subprocess
 import time
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
+from PIL import Image
 
 from pipeline.config import CLEVR_SUBTASKS, SUGARCREPE_SUBSETS, ZEROSHOT_SETS, DataConfig, load
 from pipeline.data import aro, cc3m, datasets, paper, torchvision_sets
@@ -25,7 +29,7 @@ from pipeline.data.datasets import benchmarks, read_index, train_pairs
 from pipeline.data.errors import DataFormatError, MissingDataError
 from pipeline.data.records import load_image
 from published import (COLOURS, WINOGROUND_ROWS, clevr_release, coco_2017, dump, image_bytes, mmvp_release,
-                       paper_datasets, put, sugarcrepe_release, tar_shard, winoground_repo)
+                       paper_datasets, put, sugarcrepe_release, tar_shard, winoground_parquet, winoground_repo)
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = REPO / ".venv" / "bin" / "python"
@@ -291,6 +295,85 @@ def test_winoground_hub_failure_is_one_line(tmp_path, monkeypatch):
     message = str(err.value)
     assert "\n" not in message and message.startswith("data.winoground: cannot fetch 'facebook/winoground'")
     assert "OSError: We couldn't connect" in message and message.endswith("see README: Running the paper profile")
+
+
+def winoground_only_config(tmp_path: Path, winoground: str) -> DataConfig:
+    coco_2017(tmp_path / "coco")
+    return DataConfig(source="paper", coco_annotations="coco/annotations/captions_train2017.json",
+                      coco_images="coco/train2017", winoground=winoground, aro_sets=[], zeroshot_sets=[],
+                      sugarcrepe_root="", mmvp_root="", clevr_root="", order_tagger=str(word_lexicon(tmp_path)))
+
+
+def assert_reads_the_rows(data: Path, fmt: str) -> None:
+    """The tasks read from data/ are WINOGROUND_ROWS, each image the pixels the fixture encoded."""
+    tasks = benchmarks(data, read_index(data)).winoground
+    fields = ("id", "caption_0", "caption_1", "tag", "secondary_tag", "num_main_preds", "collapsed_tag")
+    assert [{f: getattr(t, f) for f in fields} for t in tasks] == [{f: r[f] for f in fields} for r in WINOGROUND_ROWS]
+    for k, (task, row) in enumerate(zip(tasks, WINOGROUND_ROWS)):
+        for side in (0, 1):
+            image = getattr(task, f"image_{side}")
+            assert image.name == f"{row[f'image_{side}']}.png"
+            encoded = Image.open(io.BytesIO(image_bytes(COLOURS[(k + side) % 5], fmt=fmt))).convert("RGB")
+            assert load_image(image).tobytes() == encoded.tobytes()
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_winoground_local_copy_of_only_the_parquet_version_reads_as_the_release(tmp_path, fmt):
+    winoground_parquet(tmp_path / "winoground", fmt=fmt)
+    cfg = winoground_only_config(tmp_path, "./winoground")
+    assert [p for p in paper.problems(cfg, tmp_path) if p.key == "data.winoground"] == []
+    build_data(cfg, tmp_path / "data", base=tmp_path)
+    assert_reads_the_rows(tmp_path / "data", fmt)
+    if fmt == "PNG":                       # PNG bytes are kept as stored
+        shard = tmp_path / "winoground" / "data" / "test-00000-of-00001.parquet"
+        stored = pq.read_table(shard).column("image_1")[2].as_py()["bytes"]
+        assert (tmp_path / "data" / "winoground" / "data" / "images" / "ex_2_img_1.png").read_bytes() == stored
+
+
+def test_winoground_hub_repo_with_only_the_parquet_version_is_fetched_and_written_out(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    calls = []
+
+    def parquet_only_hub(repo_id, repo_type, allow_patterns, local_dir):
+        calls.append(tuple(allow_patterns))
+        if allow_patterns == [paper.winoground.PARQUET]:
+            winoground_parquet(Path(local_dir))
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", parquet_only_hub)
+    build_data(winoground_only_config(tmp_path, "facebook/winoground"), tmp_path / "data", base=tmp_path)
+    assert calls == [paper.WINOGROUND_FILES, ("data/test-*.parquet",)]
+    assert_reads_the_rows(tmp_path / "data", "PNG")
+    assert not list((tmp_path / "data" / "winoground").rglob("*.parquet"))        # read, then deleted
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda **_: None)    # a repo with neither
+    with pytest.raises(paper.PaperDataMissing, match=r"has no data/examples.jsonl and no data/test-\*\.parquet"):
+        paper.fetch_winoground("facebook/winoground", tmp_path / "w")
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda table: table.drop_columns(["collapsed_tag"]),
+     r"test-00000-of-00001.parquet: field 'collapsed_tag' is missing from the Parquet schema"),
+    (lambda table: table.set_column(table.column_names.index("image_0"), "image_0",
+                                    pa.array([{"bytes": None, "path": "x.png"}] * 3, table.schema.field("image_0").type)),
+     r"test-00000-of-00001.parquet: row 1: field 'image_0' holds no image bytes"),
+    (lambda table: table.set_column(table.column_names.index("num_main_preds"), "num_main_preds",
+                                    pa.array([1, 3, 2], pa.int32())),
+     r"test-00000-of-00001.parquet: row 2: field 'num_main_preds' must be"),
+])
+def test_a_malformed_parquet_version_stops_the_data_stage_in_one_line_naming_the_row(tmp_path, change, match):
+    shard = winoground_parquet(tmp_path / "winoground") / "data" / "test-00000-of-00001.parquet"
+    pq.write_table(change(pq.read_table(shard)), shard)
+    with pytest.raises(DataFormatError, match=match):
+        build_data(winoground_only_config(tmp_path, "./winoground"), tmp_path / "data", base=tmp_path)
+    assert not (tmp_path / "data").exists()
+
+
+def test_a_local_copy_with_neither_version_names_both(tmp_path):
+    (tmp_path / "winoground").mkdir()
+    (problem,) = [p for p in paper.problems(winoground_only_config(tmp_path, "./winoground"), tmp_path)
+                  if p.key == "data.winoground"][:1]
+    assert "data/examples.jsonl not found" in problem.message and "data/test-*.parquet" in problem.message
 
 
 # ---------------------------------------------------------------- ARO order sets: the part-of-speech lexicon

@@ -11,7 +11,9 @@ are missing, and "see README: Running the paper profile".
 - CC-3M: converted to the COCO captions layout (`pipeline.data.cc3m`).
 - Winoground: a local copy in the hub repo's layout is linked into data/winoground
   (so the images.zip extraction cache lands in data/, not in the user's folder); a hub
-  id is fetched with huggingface_hub (data/examples.jsonl + data/images.zip only).
+  id is fetched with huggingface_hub (data/examples.jsonl + data/images.zip only). A copy
+  or hub repo holding only the Parquet version (data/test-*.parquet) is written out in the
+  release layout there (`winoground.release_from_parquet`).
 - ARO: the index points at the user's JSON files and image folders; the order sets get
   each caption's part-of-speech tags, tagged in context by spaCy as ARO does
   (`tag_captions`, data/aro/<set>-tags.json), or a word lexicon from a JSON file.
@@ -38,7 +40,7 @@ from pathlib import Path
 from typing import Callable
 
 from pipeline.config import ConfigError, DataConfig, load
-from pipeline.data import clevr, mmvp
+from pipeline.data import clevr, mmvp, winoground
 from pipeline.data.errors import DataFormatError, MissingInput, load_json, require_list, require_record, str_list_field
 from pipeline.io import atomic_dir, write_json
 
@@ -133,8 +135,11 @@ def problems(cfg: DataConfig, base: Path) -> list[Problem]:
         if importlib.util.find_spec("huggingface_hub") is None:
             found.append(Problem("data.winoground", f"{cfg.winoground!r} is a hub id and the huggingface_hub package "
                                  "is not installed (pip install huggingface_hub, or give a local copy)"))
+    elif cfg.winoground and winoground.parquet_files(resolve_path(cfg.winoground, base)):
+        need("data.winoground", cfg.winoground, "", "Winoground: the hub repo's data/test-*.parquet", "dir")
     else:
-        need("data.winoground", cfg.winoground, "data/examples.jsonl", "Winoground: the hub repo's data/examples.jsonl", "file")
+        need("data.winoground", cfg.winoground, "data/examples.jsonl", "Winoground: the hub repo's data/examples.jsonl "
+             "(or its Parquet version, data/test-*.parquet)", "file")
         need("data.winoground", cfg.winoground, "data/images.zip|data/images", "Winoground: data/images.zip")
 
     for name in cfg.aro_sets:
@@ -281,6 +286,9 @@ def _winoground(cfg: DataConfig, base: Path, root: Path) -> str:
         return "winoground"
     source = resolve_path(cfg.winoground, base).resolve()
     (target / "data").mkdir(parents=True)
+    if not (source / winoground.EXAMPLES).is_file():
+        winoground.release_from_parquet(winoground.parquet_files(source), target)
+        return "winoground"
     for name in ("data/examples.jsonl", "data/images.zip", "data/images"):
         if (source / name).exists():
             os.symlink(source / name, target / name)
@@ -288,21 +296,33 @@ def _winoground(cfg: DataConfig, base: Path, root: Path) -> str:
 
 
 def fetch_winoground(repo_id: str, target: Path) -> None:
-    """The release files of a hub dataset repo (gated: needs `huggingface-cli login` or HF_TOKEN)."""
+    """The release files of a hub dataset repo (gated: needs `huggingface-cli login` or HF_TOKEN), else its
+    Parquet version, written out in the release layout (the shards are deleted once read)."""
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
         raise PaperDataMissing(f"data.winoground: {repo_id!r} is a hub id and the huggingface_hub package is not "
                                f"installed; {README_HINT}") from None
-    try:
-        snapshot_download(repo_id=repo_id, repo_type="dataset", allow_patterns=list(WINOGROUND_FILES),
-                          local_dir=str(target))
-    except Exception as err:  # offline, gated without a token, unknown repo: all one line for the user
-        raise PaperDataMissing(f"data.winoground: cannot fetch {repo_id!r} from the Hugging Face hub "
-                               f"({type(err).__name__}: {_first_line(err)}); {README_HINT}") from None
+
+    def fetch(patterns: list[str]) -> None:
+        try:
+            snapshot_download(repo_id=repo_id, repo_type="dataset", allow_patterns=patterns, local_dir=str(target))
+        except Exception as err:  # offline, gated without a token, unknown repo: all one line for the user
+            raise PaperDataMissing(f"data.winoground: cannot fetch {repo_id!r} from the Hugging Face hub "
+                                   f"({type(err).__name__}: {_first_line(err)}); {README_HINT}") from None
+
+    fetch(list(WINOGROUND_FILES))
     missing = [name for name in WINOGROUND_FILES if not (target / name).is_file()]
-    if missing:
-        raise PaperDataMissing(f"data.winoground: the hub repo {repo_id!r} has no {missing[0]}; {README_HINT}")
+    if not missing:
+        return
+    fetch([winoground.PARQUET])
+    shards = winoground.parquet_files(target)
+    if not shards:
+        raise PaperDataMissing(f"data.winoground: the hub repo {repo_id!r} has no {missing[0]} and no "
+                               f"{winoground.PARQUET}; {README_HINT}")
+    winoground.release_from_parquet(shards, target)
+    for shard in shards:
+        shard.unlink()
 
 
 def _aro(cfg: DataConfig, base: Path, out: Path, tagging: "Tagging") -> dict:

@@ -11,6 +11,11 @@ An extracted copy (<root>/data/images/<name>.png) is read as well and wins over 
 Records point at files, so images from the zip are extracted once into a cache folder
 next to it (<root>/data/.images.zip.cache/<fingerprint>/images/), keyed on the zip's
 member names, sizes and CRCs so a regenerated zip is never served stale.
+
+The hub repo also holds the release as Parquet (`datasets`' layout: data/test-*.parquet, one
+row a task, the nine fields with image_0 / image_1 as Image structs {bytes, path});
+`release_from_parquet` writes it out in the layout above, so a copy holding only the
+Parquet version reads the same.
 """
 from __future__ import annotations
 
@@ -36,6 +41,7 @@ from .errors import (
 from .records import WinogroundTask
 
 EXAMPLES = Path("data/examples.jsonl")
+PARQUET = "data/test-*.parquet"
 IMAGES_ZIP = Path("data/images.zip")
 IMAGES_DIR = Path("data/images")
 IMAGE_EXTENSION = ".png"
@@ -80,6 +86,58 @@ def write_winoground(root: Path, tasks: list[dict], extracted: bool = False) -> 
             raise ValueError(f"{root / IMAGES_DIR} exists and would shadow {root / IMAGES_ZIP}; remove it first")
         write_bytes(root / IMAGES_ZIP, _zip_bytes(pngs))
     write_jsonl(examples, rows)
+
+
+def parquet_files(root: Path) -> list[Path]:
+    """The Parquet shards of a copy of the hub repo, in shard order ([] when it has none)."""
+    return sorted(Path(root).glob(PARQUET))
+
+
+def release_from_parquet(files: list[Path], root: Path) -> None:
+    """Write the release layout (data/examples.jsonl + data/images/<name>.png) under `root` from the
+    hub's Parquet shards, one row group at a time. An image keeps its file name (its struct's path,
+    else ex_<id>_img_<k> as in the release) and its pixels: PNG bytes are written as stored, any
+    other format re-encoded as PNG."""
+    import pyarrow.parquet as pq
+
+    if not files:
+        raise MissingDataError(root / PARQUET, "Winoground's Parquet shards")
+    rows, where_of, images = [], [], {}
+    for path in files:
+        shard = pq.ParquetFile(path)
+        missing = [name for name in FIELDS if name not in shard.schema_arrow.names]
+        if missing:
+            raise DataFormatError(path, "", missing[0], "is missing from the Parquet schema")
+        for batch in shard.iter_batches(batch_size=32, columns=list(FIELDS)):
+            for record in batch.to_pylist():
+                where = f"row {len(rows) + 1}"
+                row = {**record, **{side: _parquet_image(record, side, path, where, images, root)
+                                    for side in ("image_0", "image_1")}}
+                _check_row(row, path, where)
+                rows.append(row)
+                where_of.append(where)
+    _check_unique_ids([row["id"] for row in rows], where_of, files[0])
+    write_jsonl(root / EXAMPLES, rows)
+
+
+def _parquet_image(record: dict, side: str, path: Path, where: str, written: dict[str, str], root: Path) -> str:
+    """Write one row's image into data/images/ and return its name (without extension); `written`: the
+    digest of each name's pixels so far."""
+    image = record.get(side)
+    if not isinstance(image, dict) or not isinstance(image.get("bytes"), bytes):
+        raise DataFormatError(path, where, side, "holds no image bytes (expected a struct {bytes, path})")
+    name = Path(image["path"]).stem if image.get("path") else f"ex_{record.get('id')}_img_{side[-1]}"
+    data = image["bytes"]
+    if not data.startswith(b"\x89PNG\r\n\x1a\n"):
+        try:                                       # the images are read as RGB (`load_image`)
+            data = _png_bytes(Image.open(BytesIO(data)).convert("RGB"))
+        except OSError as err:
+            raise DataFormatError(path, where, side, f"is not an image PIL reads ({err})") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if written.setdefault(name, digest) != digest:
+        raise DataFormatError(path, where, side, f"reuses name {name!r} for other pixels")
+    write_bytes(root / IMAGES_DIR / f"{name}{IMAGE_EXTENSION}", data)
+    return name
 
 
 def _task(row: dict, path: Path, where: str, images: tuple[Path, Path]) -> WinogroundTask:
