@@ -9,19 +9,27 @@ import torch
 torch.set_num_threads(1)
 
 
-def pytest_collection_modifyitems(config, items):
-    """pytest-xdist's groups (`--dist=loadgroup`): a file's tests run in one worker, so its module and
-    session fixtures are built once; the files that share `reduced_rehearsal` share a group, and so do
-    the files that start Ray clusters, since two clusters on one machine are not isolated (a driver
-    connecting to the head its test started has been answered by another cluster's server)."""
-    for item in items:
-        if item.get_closest_marker("ray_cluster"):
-            group = "ray_cluster"
-        elif "reduced_rehearsal" in item.fixturenames:
-            group = "reduced_rehearsal"
-        else:
-            group = item.module.__name__
-        item.add_marker(pytest.mark.xdist_group(group))
+# Test files that must share a pytest-xdist worker (`--dist=loadfile` keeps each file whole in one): the
+# ones that start Ray clusters, since two clusters on one machine are not isolated (a driver connecting to
+# the head its test started has been answered by another cluster's server), and the ones that share
+# `reduced_rehearsal`, a session fixture each worker would otherwise build.
+SHARED_WORKER = {"test_sweep.py": "ray clusters", "test_dvc_repro.py": "ray clusters",
+                 "test_scale.py": "reduced_rehearsal", "test_paper_rehearsal.py": "reduced_rehearsal"}
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist=loadfile` with the files of SHARED_WORKER grouped (pytest-xdist's loadgroup marks cannot
+    do it under pytest 9: they rename the test ids through an attribute pytest 9 no longer reads)."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileGroups(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return SHARED_WORKER.get(Path(path).name, path)
+
+    return FileGroups(config, log)
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ from pipeline.train import TRAINED
 from worktree import copy_working_tree
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = [pytest.mark.slow, pytest.mark.ray_cluster]
+pytestmark = pytest.mark.slow
 DVC = [sys.executable, "-m", "dvc"]
 
 

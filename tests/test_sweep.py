@@ -30,7 +30,7 @@ from pipeline.tracking import Tracker
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = REPO / ".venv" / "bin" / "python"
 RAY = REPO / ".venv" / "bin" / "ray"
-pytestmark = [pytest.mark.slow, pytest.mark.ray_cluster]
+pytestmark = pytest.mark.slow
 
 
 # --------------------------------------------------------------------------- fixtures and helpers
