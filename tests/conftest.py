@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from xdist.scheduler import LoadScopeScheduling
 
 # The tests build tiny models; on 2 shared cores extra intra-op threads cost more than they save.
 torch.set_num_threads(1)
@@ -17,19 +18,17 @@ SHARED_WORKER = {"test_sweep.py": "ray clusters", "test_dvc_repro.py": "ray clus
                  "test_scale.py": "reduced_rehearsal", "test_paper_rehearsal.py": "reduced_rehearsal"}
 
 
-def pytest_xdist_make_scheduler(config, log):
+class FileGroups(LoadScopeScheduling):
     """`--dist=loadfile` with the files of SHARED_WORKER grouped (pytest-xdist's loadgroup marks cannot
     do it under pytest 9: they rename the test ids through an attribute pytest 9 no longer reads)."""
-    if config.getvalue("dist") != "loadfile":
-        return None
-    from xdist.scheduler import LoadScopeScheduling
 
-    class FileGroups(LoadScopeScheduling):
-        def _split_scope(self, nodeid: str) -> str:
-            path = nodeid.split("::", 1)[0]
-            return SHARED_WORKER.get(Path(path).name, path)
+    def _split_scope(self, nodeid: str) -> str:
+        path = nodeid.split("::", 1)[0]
+        return SHARED_WORKER.get(Path(path).name, path)
 
-    return FileGroups(config, log)
+
+def pytest_xdist_make_scheduler(config, log):
+    return FileGroups(config, log) if config.getvalue("dist") == "loadfile" else None
 
 
 @pytest.fixture(scope="session")
