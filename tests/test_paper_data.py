@@ -263,6 +263,14 @@ def test_malformed_coco_and_aro_records_name_file_record_and_field(tmp_path):
 # ---------------------------------------------------------------- Winoground from the hub
 
 
+def winoground_only_config(tmp_path: Path, winoground: str) -> DataConfig:
+    """COCO captions and Winoground (`winoground`: a hub id or a folder under tmp_path), no other benchmark."""
+    coco_2017(tmp_path / "coco")
+    return DataConfig(source="paper", coco_annotations="coco/annotations/captions_train2017.json",
+                      coco_images="coco/train2017", winoground=winoground, aro_sets=[], zeroshot_sets=[],
+                      order_tagger=str(word_lexicon(tmp_path)))
+
+
 def test_winoground_hub_id_fetches_the_release_files(tmp_path, monkeypatch):
     import huggingface_hub
 
@@ -273,11 +281,7 @@ def test_winoground_hub_id_fetches_the_release_files(tmp_path, monkeypatch):
         winoground_repo(Path(local_dir))
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
-    coco_2017(tmp_path / "coco")
-    cfg = DataConfig(source="paper", coco_annotations="coco/annotations/captions_train2017.json",
-                     coco_images="coco/train2017", winoground="facebook/winoground", aro_sets=[], zeroshot_sets=[],
-                     order_tagger=str(word_lexicon(tmp_path)))
-    build_data(cfg, tmp_path / "data", base=tmp_path)
+    build_data(winoground_only_config(tmp_path, "facebook/winoground"), tmp_path / "data", base=tmp_path)
     assert calls == [("facebook/winoground", "dataset", paper.WINOGROUND_FILES)]
     bench = benchmarks(tmp_path / "data", read_index(tmp_path / "data"))
     assert len(bench.winoground) == len(WINOGROUND_ROWS) and bench.aro == {} and bench.zeroshot == []
@@ -295,13 +299,6 @@ def test_winoground_hub_failure_is_one_line(tmp_path, monkeypatch):
     message = str(err.value)
     assert "\n" not in message and message.startswith("data.winoground: cannot fetch 'facebook/winoground'")
     assert "OSError: We couldn't connect" in message and message.endswith("see README: Running the paper profile")
-
-
-def winoground_only_config(tmp_path: Path, winoground: str) -> DataConfig:
-    coco_2017(tmp_path / "coco")
-    return DataConfig(source="paper", coco_annotations="coco/annotations/captions_train2017.json",
-                      coco_images="coco/train2017", winoground=winoground, aro_sets=[], zeroshot_sets=[],
-                      sugarcrepe_root="", mmvp_root="", clevr_root="", order_tagger=str(word_lexicon(tmp_path)))
 
 
 def assert_reads_the_rows(data: Path, fmt: str) -> None:
