@@ -91,9 +91,20 @@ def test_repro_writes_the_reports_then_is_up_to_date_then_reruns_only_lambda_dep
 
     assert _ran(_run(DVC + ["repro"], dest, env)) == set()
 
+    # The stages track the active profile's preset alone: an edit of the paper's (its data paths)
+    # leaves the smoke study up to date, one of the smoke preset's training keys does not.
+    original = (dest / "params.yaml").read_text()
+    paper_edit = original.replace("coco_images: datasets/coco/train2017", "coco_images: /elsewhere/train2017", 1)
+    smoke_edit = original.replace("    train: {steps: 3,", "    train: {steps: 4,", 1)
+    assert original != paper_edit and original != smoke_edit
+    (dest / "params.yaml").write_text(paper_edit)
+    assert _stale(dest, env) == set()
+    (dest / "params.yaml").write_text(smoke_edit)
+    assert _stale(dest, env) == {"train_clip", "train_sds", "sweep", "report"}
+    (dest / "params.yaml").write_text(original)
+
     # Which stages each edit makes stale (`dvc status`), then one repro of both edits: every stage a
     # change reaches re-runs, and no other.
-    original = (dest / "params.yaml").read_text()
     lambda_sds = yaml.safe_load(original)["objective"]["lambda_sds"]
     lambda_edit = original.replace(f"lambda_sds: {lambda_sds}", "lambda_sds: 0.05", 1)
     # Only the runs that train an h_w read eval.projected_score.

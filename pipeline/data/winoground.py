@@ -111,8 +111,9 @@ def release_from_parquet(files: list[Path], root: Path) -> None:
         for batch in shard.iter_batches(batch_size=32, columns=list(FIELDS)):
             for record in batch.to_pylist():
                 where = f"row {len(rows) + 1}"
-                row = {**record, **{side: _parquet_image(record, side, path, where, images, root)
-                                    for side in ("image_0", "image_1")}}
+                row = dict(record)
+                for side in ("image_0", "image_1"):         # the struct becomes the written file's name
+                    row[side] = _parquet_image(record, side, path, where, images, root)
                 _check_row(row, path, where)
                 rows.append(row)
                 where_of.append(where)
