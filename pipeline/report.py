@@ -643,13 +643,13 @@ def launch_trials(cfg, root: Path, name: str) -> list[dict]:
         raise MissingInput(f"sweep {name!r}: no launch in MLflow experiment {experiment!r} at {redact(tracker.uri)}; "
                            f"sweeps there: {', '.join(known) or 'none'}")
     for launch in launches:
+        folder = launch["tags"].get("ray_path", launch["name"])      # the run's name repeats the sweep's
         text = tracker.artifact_text(launch["run_id"], SUMMARY)
         if text is not None:
-            print(f"sweep {name}: launch {launch['name']!r} ({launch['status']}, run {launch['run_id']})",
-                  file=sys.stderr)
+            print(f"sweep {name}: launch {folder} ({launch['status']}, run {launch['run_id']})", file=sys.stderr)
             source = f"{experiment} run {launch['run_id']} {SUMMARY}"
             return payload_trials(parse_payload(text, source), source)
-        print(f"note: launch {launch['name']!r} ({launch['status']}) has no {SUMMARY} yet", file=sys.stderr)
+        print(f"note: launch {folder} ({launch['status']}) has no {SUMMARY} yet", file=sys.stderr)
     raise MissingInput(f"sweep {name!r}: none of the {len(launches)} launches in MLflow experiment {experiment!r} "
                        f"has written its results ({SUMMARY}) yet; wait for one to end, or pass --results FILE")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import subprocess
 import time
@@ -88,7 +89,10 @@ def test_a_hand_run_sweep_prints_the_command_that_writes_its_report_from_the_new
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == [str(reports / f"{stem}.{suffix}") for stem in ("sweep-lambda", "lambda")
                                    for suffix in ("md", "tex", "csv", "png")]
-    assert "has no summary.json yet" in done.stderr and "(FAILED, run " in done.stderr
+    # Each launch named by its Ray folder (what --resume takes), the newest first.
+    folder = re.escape(str(root / "ray_results" / "lambda-"))
+    assert re.search(rf"note: launch {folder}\d+ \(RUNNING\) has no summary.json yet\n"
+                     rf"sweep lambda: launch {folder}\d+ \(FAILED, run \w+\)", done.stderr), done.stderr
     rows = (reports / "sweep-lambda.csv").read_text().splitlines()
     assert [row.split(",")[:3] for row in rows[1:]] == [
         ["t000", "0", "finished"], ["t001", "0.0001", "finished"], ["t002", "0.001", "finished"],
