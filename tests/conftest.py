@@ -16,6 +16,21 @@ torch.set_num_threads(1)
 # `reduced_rehearsal`, a session fixture each worker would otherwise build.
 SHARED_WORKER = {"test_sweep.py": "ray clusters", "test_dvc_repro.py": "ray clusters",
                  "test_scale.py": "reduced_rehearsal", "test_paper_rehearsal.py": "reduced_rehearsal"}
+# The groups handed out first, the longest first (~10 and ~3 minutes on 2 cores): the Ray files hold one
+# worker from the start while the other works through every other file. pytest.ini turns off xdist's
+# own order (by number of tests), which left the Ray files until one worker had run a few others.
+FIRST = ("ray clusters", "reduced_rehearsal")
+
+
+def group_of(nodeid: str) -> str:
+    """A test's group: its file, or the group SHARED_WORKER puts its file in."""
+    path = nodeid.split("::", 1)[0]
+    return SHARED_WORKER.get(Path(path).name, path)
+
+
+def pytest_collection_modifyitems(items):
+    first = {group: rank for rank, group in enumerate(FIRST)}
+    items.sort(key=lambda item: first.get(group_of(item.nodeid), len(FIRST)))    # stable: files keep their order
 
 
 class FileGroups(LoadScopeScheduling):
@@ -23,8 +38,7 @@ class FileGroups(LoadScopeScheduling):
     do it under pytest 9: they rename the test ids through an attribute pytest 9 no longer reads)."""
 
     def _split_scope(self, nodeid: str) -> str:
-        path = nodeid.split("::", 1)[0]
-        return SHARED_WORKER.get(Path(path).name, path)
+        return group_of(nodeid)
 
 
 def pytest_xdist_make_scheduler(config, log):
