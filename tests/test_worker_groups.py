@@ -15,7 +15,9 @@ def test_each_file_is_one_group_and_the_ray_and_rehearsal_files_share_theirs():
     assert group_of("tests/test_sweep.py::test_a") != group_of("tests/test_scale.py::test_a")
 
 
-def test_the_ray_files_come_first_then_the_rehearsal_files_then_the_others_in_their_order():
+def test_the_ray_files_come_first_then_the_rehearsal_files_then_the_others_in_their_order(pytestconfig):
+    # xdist's own order (by number of tests in a group) would override the collection's.
+    assert pytestconfig.getoption("loadscopereorder") is False
     collected = ["tests/test_appendix.py::a", "tests/test_dvc_repro.py::a", "tests/test_dvc_repro.py::b",
                  "tests/test_paper_rehearsal.py::a", "tests/test_scale.py::a", "tests/test_sweep.py::a",
                  "tests/test_sweep.py::b", "tests/test_train.py::a", "tests/test_cache.py::a"]
