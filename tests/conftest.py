@@ -16,10 +16,11 @@ torch.set_num_threads(1)
 # `reduced_rehearsal`, a session fixture each worker would otherwise build.
 SHARED_WORKER = {"test_sweep.py": "ray clusters", "test_dvc_repro.py": "ray clusters",
                  "test_scale.py": "reduced_rehearsal", "test_paper_rehearsal.py": "reduced_rehearsal"}
-# The groups handed out first, the longest first (~10 and ~3 minutes on 2 cores): the Ray files hold one
-# worker from the start while the other works through every other file. pytest.ini turns off xdist's
-# own order (by number of tests), which left the Ray files until one worker had run a few others.
-FIRST = ("ray clusters", "reduced_rehearsal")
+# These groups are handed out first, in the order above, the longest first (~10 and ~3 minutes on 2
+# cores): the Ray files hold one worker from the start while the other works through every other file.
+# pytest.ini turns off xdist's own order (by number of tests), which left the Ray files until one worker
+# had run a few others.
+FIRST = tuple(dict.fromkeys(SHARED_WORKER.values()))
 
 
 def group_of(nodeid: str) -> str:
