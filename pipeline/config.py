@@ -248,8 +248,10 @@ class CacheConfig:
     batch_size: PosInt = 128
 
 
-METHODS = ("clip", "sds", "unet_feature", "negclip", "diffusion_feedback")
-TEACHER_METHODS = ("sds", "unet_feature", "diffusion_feedback")
+METHODS = ("clip", "sds", "unet_feature", "negclip", "diffusion_feedback", "contrastive_feedback")
+TEACHER_METHODS = ("sds", "unet_feature", "diffusion_feedback", "contrastive_feedback")
+# The methods whose projector puts the student's image tokens into the teacher's conditioning.
+FEEDBACK_METHODS = ("diffusion_feedback", "contrastive_feedback")
 
 
 @validated
@@ -274,6 +276,13 @@ class ObjectiveConfig:
                           caption (in place of a caption; the CLS alone at every position); the
                           frozen UNet denoises the image's cached VAE latent at a sampled step and
                           L_teacher is its epsilon error.
+      contrastive_feedback  DCR's loss on the same conditioning: the frozen UNet's outputs for the
+                          image's noised latent under its own conditioning (the anchor), under that
+                          of an augmented view of the image and under other images' (negatives);
+                          L_teacher is InfoNCE on their cosines: the anchor's to the teacher's
+                          target (eps, or v for a v-prediction teacher) and to the augmented view's
+                          output are the positives, its cosines to the negatives' outputs the rest
+                          of the softmax (`objectives.contrastive_loss`).
     lambda_sds        weight of the teacher's loss (the paper's lambda); 0 trains no h_w/projector.
     clip_weight       weight of the contrastive loss (1). DIVA and DCR train the student with
                       the generative loss alone: clip_weight 0.
@@ -299,6 +308,10 @@ class ObjectiveConfig:
                       embedding, drawn at random each step (DIVA: 76; DCR: 0, the CLS alone).
     feedback_timesteps  diffusion_feedback: timesteps per image and step, each with its own noise;
                       L_teacher is the mean of their errors (DIVA: 2). Each costs a UNet pass.
+    contrastive_negatives  contrastive_feedback: other images of the batch whose conditionings give
+                      each image's negatives, drawn at random each step; 0: every other image (DCR's,
+                      train.batch_size^2 UNet rows a step). Each image costs k + 2 UNet rows.
+    contrastive_temperature  contrastive_feedback: the softmax temperature of the cosines (DCR: 0.1).
     noising           sds: "noise" feeds the UNet h_w(f(x)) noised to step t and regresses the
                       noise (DreamFusion's SDS); "none" feeds h_w(f(x)) itself as the noisy latent.
     gradient          sds: "backprop" differentiates the literal loss through the frozen UNet;
@@ -321,6 +334,8 @@ class ObjectiveConfig:
     negclip_neighbours: NonNegInt = 3
     feedback_tokens: NonNegInt = 0
     feedback_timesteps: PosInt = 1
+    contrastive_negatives: NonNegInt = 0           # 0: every other image of the batch
+    contrastive_temperature: PosFloat = 0.1
     noising: Literal["noise", "none"] = "noise"
     gradient: Literal["backprop", "sds"] = "backprop"
     t_min: DDPMStep = 20                           # smallest DDPM step sampled
@@ -338,7 +353,8 @@ class ObjectiveConfig:
         term under its method's name, and L_CLIP except while stage one trains the projector alone."""
         names = {"total"} | ({"clip"} if self.projector_steps == 0 else set())
         if self.teacher_loss:
-            names.add({"sds": "sds", "unet_feature": "unet_feature", "diffusion_feedback": "feedback"}[self.method])
+            names.add({"sds": "sds", "unet_feature": "unet_feature", "diffusion_feedback": "feedback",
+                       "contrastive_feedback": "contrastive"}[self.method])
         return names
 
     def __post_init__(self) -> None:
@@ -489,6 +505,15 @@ class Config:
         if self.objective.projector_steps >= self.train.steps:
             raise ConfigError(f"objective.projector_steps: {self.objective.projector_steps} leaves none of "
                               f"train.steps ({self.train.steps}) to train the student; allowed: < {self.train.steps}")
+        objective, batch = self.objective, self.train.batch_size
+        if objective.method == "contrastive_feedback" and objective.teacher_loss:
+            if batch < 2:
+                raise ConfigError(f"train.batch_size: {batch} leaves objective.method 'contrastive_feedback' no "
+                                  "negatives (an image's are the batch's other images); allowed: >= 2")
+            if objective.contrastive_negatives >= batch:
+                raise ConfigError(f"objective.contrastive_negatives: {objective.contrastive_negatives} is not allowed "
+                                  f"with train.batch_size {batch} (an image's negatives are the batch's other images); "
+                                  f"allowed: < {batch}")
         if self.objective.t_min >= self.objective.t_max:
             raise ConfigError(
                 f"objective.t_min: {self.objective.t_min} must be below objective.t_max ({self.objective.t_max})"

@@ -7,20 +7,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.config import Config
+from pipeline.config import FEEDBACK_METHODS, Config
 from pipeline.digest import fingerprint
 
 
 def teacher_tables(cfg: Config) -> list[str]:
     """The cache tables a fine-tuning run of `cfg` reads beside the teacher: the captions' conditioning
-    for any teacher loss, the training images' latents for the two losses that read them, and what
+    for any teacher loss, the training images' latents for the losses that read them, and what
     the evaluation's projected score (sds) and feedback diagnostic read. None without a teacher loss."""
     objective = cfg.objective
     if not objective.teacher_loss:
         return []
     method = objective.method
-    reads = {"train_text": True, "train_images": method in ("unet_feature", "diffusion_feedback"),
-             "bench_text": cfg.eval.projected_score and method == "sds", "bench_images": method == "diffusion_feedback"}
+    reads = {"train_text": True, "train_images": method in ("unet_feature", *FEEDBACK_METHODS),
+             "bench_text": cfg.eval.projected_score and method == "sds", "bench_images": method in FEEDBACK_METHODS}
     return [name for name, read in reads.items() if read]
 
 

@@ -1,15 +1,18 @@
-"""Every training objective in one place: L_CLIP, NegCLIP, L_SDS, UNet-feature distillation and
-diffusion feedback, and the teacher's epsilon error they and the diffusion score share.
+"""Every training objective in one place: L_CLIP, NegCLIP, L_SDS, UNet-feature distillation,
+diffusion feedback and its contrastive form (DCR's), and the teacher's epsilon error they and the
+diffusion score share.
 
 Pure functions of tensors and frozen modules; the trainer decides what is trainable and which
 method runs (`pipeline.config.ObjectiveConfig`).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from open_clip.loss import ClipLoss
 from torch import nn
@@ -213,6 +216,93 @@ def feedback_loss(latents: torch.Tensor, conditioning: torch.Tensor, unet: UNet2
     pred = predicted_noise(scheduler, unet(noisy, timesteps, encoder_hidden_states=conditioning).sample,
                            noisy, timesteps)
     return squared_error(pred, noise, reduction)
+
+
+def contrastive_loss(anchor: torch.Tensor, augmented: torch.Tensor, negatives: torch.Tensor, target: torch.Tensor,
+                     temperature: float) -> torch.Tensor:
+    """DCR's InfoNCE on the teacher's outputs, compared by cosine: anchor [B, ...] (each image's noised
+    latent under its own conditioning), augmented [B, ...] (under its augmented view's), negatives
+    [B, K, ...] (under other images'), target [B, ...] (what the UNet is trained to output).
+
+    With a, p, g, n_k the unit vectors of anchor, augmented, target and negatives, s = cos / temperature
+    and D = exp(s(a, p)) + exp(s(a, g)) + sum_k exp(s(a, n_k)), image i's loss is the mean of
+    -log(exp(s(a, p)) / D) and -log(exp(s(a, g)) / D) (boyuh/DCR's training step, in log-sum-exp
+    form); the loss is its mean over the batch.
+    """
+    a = F.normalize(anchor.flatten(1).float(), dim=1)
+    p = F.normalize(augmented.flatten(1).float(), dim=1)
+    g = F.normalize(target.flatten(1).float(), dim=1)
+    n = F.normalize(negatives.flatten(2).float(), dim=2)
+    positive_view, positive_target = (a * p).sum(1) / temperature, (a * g).sum(1) / temperature
+    negative = torch.einsum("bd,bkd->bk", a, n) / temperature
+    log_d = torch.logsumexp(torch.cat([positive_view[:, None], positive_target[:, None], negative], dim=1), dim=1)
+    return ((log_d - positive_view) + (log_d - positive_target)).mean() / 2
+
+
+def contrastive_partners(batch: int, count: int, generator: torch.Generator | None) -> torch.Tensor:
+    """[B, K] long: the other images of the batch whose conditionings give each image's negatives,
+    `count` distinct ones drawn at random per image (0: every other image, in batch order)."""
+    if not 0 <= count < batch:
+        raise ValueError(f"{count} negatives of a batch of {batch}: allowed 0 <= count < batch")
+    others = torch.arange(batch).repeat(batch, 1)[~torch.eye(batch, dtype=torch.bool)].view(batch, batch - 1)
+    if not count:
+        return others
+    picks = torch.rand(batch, batch - 1, generator=generator).argsort(dim=1)[:, :count]
+    return others.gather(1, picks)
+
+
+def contrastive_feedback_loss(latents: torch.Tensor, conditioning: torch.Tensor, augmented: torch.Tensor,
+                              partners: torch.Tensor, unet: UNet2DConditionModel, scheduler: DDPMScheduler,
+                              timesteps: torch.Tensor, noise: torch.Tensor, temperature: float) -> torch.Tensor:
+    """DCR: each image's cached VAE latent noised to its step, through the frozen UNet under its own
+    conditioning, under its augmented view's (`augmented`) and under those of its `partners`
+    (`contrastive_partners`), in one call of B (K + 2) rows; `contrastive_loss` of the outputs against
+    the UNet's own target. The gradient reaches the student through the conditionings only."""
+    batch, count = partners.shape
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    own = torch.arange(batch, device=partners.device)[:, None]
+    rows = torch.cat([own, partners], dim=1).flatten().to(conditioning.device)     # image i's own first
+    output = unet(torch.cat([noisy.repeat_interleave(count + 1, 0), noisy]),
+                  torch.cat([timesteps.repeat_interleave(count + 1), timesteps]),
+                  encoder_hidden_states=torch.cat([conditioning[rows], augmented])).sample
+    grid = output[: batch * (count + 1)].view(batch, count + 1, *output.shape[1:])
+    return contrastive_loss(grid[:, 0], output[batch * (count + 1):], grid[:, 1:],
+                            diffusion_target(scheduler, latents, noise, timesteps), temperature)
+
+
+def augmented_views(images: torch.Tensor, mean, std, generator: torch.Generator | None) -> torch.Tensor:
+    """DCR's positive views of a batch of normalised images (`mean`, `std`: the student's
+    normalisation): each image's pixels in [0, 1] jittered (brightness, contrast and saturation by
+    a factor in [0.9, 1.1], hue by up to 0.05, in an order drawn per image, as ColorJitter), flipped
+    left-right and upside down each with probability 1/2, cropped to 90-100% of its area at an aspect
+    ratio in [0.9, 1.1] and resized back, then normalised again. Every draw comes from `generator`.
+
+    DCR's code jitters the normalised tensor, which clamps its negative half to 0; here the jitter
+    sees the image. A crop larger than the image on one side is cut to it (torchvision retries)."""
+    shape = (1, -1, 1, 1)
+    m = torch.as_tensor(mean, dtype=torch.float32, device=images.device).view(shape)
+    s = torch.as_tensor(std, dtype=torch.float32, device=images.device).view(shape)
+    pixels = (images.float() * s + m).clamp(0, 1)
+    height, width = pixels.shape[-2:]
+    jitters = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
+    views = []
+    for x in pixels:
+        factors = (0.9 + 0.2 * torch.rand(3, generator=generator)).tolist()
+        hue = (torch.rand((), generator=generator).item() - 0.5) * 0.1
+        for op in torch.randperm(4, generator=generator).tolist():
+            x = TF.adjust_hue(x, hue) if op == 3 else jitters[op](x, factors[op])
+        flip_x, flip_y = (torch.rand(2, generator=generator) < 0.5).tolist()
+        x = TF.horizontal_flip(x) if flip_x else x
+        x = TF.vertical_flip(x) if flip_y else x
+        scale, log_ratio, top, left = torch.rand(4, generator=generator).tolist()
+        area = height * width * (0.9 + 0.1 * scale)
+        ratio = math.exp(math.log(0.9) + (math.log(1.1) - math.log(0.9)) * log_ratio)
+        w = min(width, max(1, round(math.sqrt(area * ratio))))
+        h = min(height, max(1, round(math.sqrt(area / ratio))))
+        x = TF.resized_crop(x, int(top * (height - h + 1)), int(left * (width - w + 1)), h, w, [height, width],
+                            antialias=True)
+        views.append(x)
+    return ((torch.stack(views) - m) / s).to(images.dtype)
 
 
 def unet_features(unet: UNet2DConditionModel, noisy: torch.Tensor, timesteps: torch.Tensor,

@@ -61,7 +61,8 @@ COLUMNS = [
 # ----------------------------------------------------------------------------- tables
 
 
-TEACHER_TERMS = {"sds": "L_SDS", "unet_feature": "L_UNet-feature", "diffusion_feedback": "L_feedback"}
+TEACHER_TERMS = {"sds": "L_SDS", "unet_feature": "L_UNet-feature", "diffusion_feedback": "L_feedback",
+                 "contrastive_feedback": "L_contrastive-feedback"}
 
 
 def objective_label(objective) -> str:
@@ -541,7 +542,7 @@ def write_variant_report(name: str, rows: list[VariantRow], labels: dict[str, st
                   + "; ".join(test_kinds(rows)) + ".",
         "diagnostics": "Means over seeds. h_w text: the teacher's text score on h_w(f(x)) (SDS); feedback error "
                        "ratio: the teacher's epsilon error with the student's projected tokens over that with the "
-                       "empty caption (diffusion feedback; 1 = the tokens tell the teacher nothing).",
+                       "empty caption (the feedback methods; 1 = the tokens tell the teacher nothing).",
     }
     md = [f"# {caption or name}", ""]
     tex = []

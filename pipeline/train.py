@@ -1,5 +1,5 @@
 """One trial: fine-tune a student with the configured method (`ObjectiveConfig`: L_CLIP, NegCLIP,
-L_CLIP + lambda L_SDS, UNet-feature distillation or diffusion feedback).
+L_CLIP + lambda L_SDS, UNet-feature distillation, diffusion feedback or its contrastive form).
 
 Recipe shape: `setup` builds everything from the config, `fit` runs the steps (resuming
 from the trial folder's checkpoint when one exists), `save` writes only what was trained.
@@ -34,12 +34,13 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from tqdm import tqdm
 
 from pipeline.cache import Table
-from pipeline.config import ComputeConfig, ConfigError, ObjectiveConfig, TrainConfig, flatten
+from pipeline.config import FEEDBACK_METHODS, ComputeConfig, ConfigError, ObjectiveConfig, TrainConfig, flatten
 from pipeline.data.keys import image_key
 from pipeline.data.records import ImageCaption, load_image
 from pipeline.device import resolve_device
 from pipeline.io import write_bytes
-from pipeline.models.student import Student, embed_dim, has_patch_tokens, image_tokens, layernorm_parameters
+from pipeline.models.student import (Student, embed_dim, has_patch_tokens, image_tokens, layernorm_parameters,
+                                     normalization)
 from pipeline.models.teacher import Teacher
 from pipeline import fastpath, objectives
 from pipeline.fastpath import FastPath
@@ -190,7 +191,8 @@ class Trial:
     fast: FastPath = field(default_factory=lambda: FastPath.default_for("cpu"))
     scaler: torch.amp.GradScaler | None = None  # fp16 autocast only
     inputs: dict = field(default_factory=dict)  # what it trains from: data and model fingerprints
-    empty: torch.Tensor | None = None           # diffusion feedback: the empty caption's conditioning
+    empty: torch.Tensor | None = None           # the feedback methods: the empty caption's conditioning
+    views: tuple | None = None                  # contrastive feedback: the (mean, std) its augmentations undo
 
     @property
     def trainable_count(self) -> int:
@@ -310,7 +312,7 @@ def build_projector(objective: ObjectiveConfig, student: Student, teacher: Teach
     (one-line ConfigError)."""
     noising = objective.noising if objective.method == "sds" else "noise"
     objectives.check_fits_teacher(teacher.scheduler, "objective.t_max", objective.t_max, noising)
-    if objective.method == "diffusion_feedback":
+    if objective.method in FEEDBACK_METHODS:
         if objective.feedback_tokens + 1 > length:
             raise ConfigError(f"objective.feedback_tokens: {objective.feedback_tokens} with the CLS token does not fit "
                               f"the teacher's {length} conditioning tokens; allowed: <= {length - 1}")
@@ -328,9 +330,9 @@ def setup(cfg: TrainConfig, objective: ObjectiveConfig, student: Student, pairs:
           negatives: list[list[str]] | None = None) -> Trial:
     """Freeze, choose the trainable scope, build h_w / the projector, the optimiser and the data order.
 
-    What the method reads: `teacher` and `conditioning` (the cached text conditioning; diffusion
-    feedback reads its empty caption's row) with a teacher loss, `latents` (the cached VAE
-    latents of the training images) for unet_feature and diffusion_feedback, `negatives` (one
+    What the method reads: `teacher` and `conditioning` (the cached text conditioning; the feedback
+    methods read its empty caption's row) with a teacher loss, `latents` (the cached VAE
+    latents of the training images) for unet_feature and the feedback methods, `negatives` (one
     list per pair) for negclip, whose hard-negative images (`objective.negclip_neighbours`) are
     found here, by the student before its first step (`nearest_images`). `compute` (default: the
     CPU with its default options) says on which device the student, the projector and the
@@ -354,8 +356,8 @@ def setup(cfg: TrainConfig, objective: ObjectiveConfig, student: Student, pairs:
     if teacher is not None:
         for module in teacher.modules():   # the teacher is never trained, whatever built it
             module.requires_grad_(False)
-    # Diffusion feedback conditions the teacher on the empty caption plus the student's tokens.
-    empty = conditioning.get([""])[0].to(device) if objective.teacher_loss and method == "diffusion_feedback" else None
+    # The feedback methods condition the teacher on the empty caption plus the student's tokens.
+    empty = conditioning.get([""])[0].to(device) if objective.teacher_loss and method in FEEDBACK_METHODS else None
     projector = build_projector(objective, student, teacher, 0 if empty is None else len(empty)) \
         if objective.teacher_loss else None
     student.model.requires_grad_(False)
@@ -395,7 +397,8 @@ def setup(cfg: TrainConfig, objective: ObjectiveConfig, student: Student, pairs:
     return Trial(student, projector, params, optimizer, scheduler, loader, teacher, conditioning, latents,
                  cfg, objective, torch.Generator().manual_seed(stream_seed(cfg.seed, "teacher")), device=device, fast=opts,
                  scaler=fastpath.grad_scaler(device, opts) if opts.autocast == "fp16" else None,
-                 inputs=dict(inputs or {}), empty=empty)
+                 inputs=dict(inputs or {}), empty=empty,
+                 views=normalization(student) if empty is not None and method == "contrastive_feedback" else None)
 
 
 def loss_step(trial: Trial, images, tokens, negatives, text_rows, image_rows) -> dict[str, torch.Tensor]:
@@ -411,16 +414,19 @@ def loss_step(trial: Trial, images, tokens, negatives, text_rows, image_rows) ->
     model = train_mode(trial.student.model, trial.cfg.scope)
     stage_one = trial.step < obj.projector_steps
     images = images.to(device, non_blocking=True)
-    patches = None
+    # Contrastive feedback's augmented views, drawn before the teacher loss's t and noise.
+    views = None if trial.views is None else objectives.augmented_views(images, *trial.views, trial.generator)
     with contextlib.ExitStack() as stack:
         if opts.autocast_student:
             stack.enter_context(fastpath.autocast(device, opts))
         if stage_one:
             stack.enter_context(torch.no_grad())
-        if obj.method == "diffusion_feedback" and obj.feedback_tokens and trial.projector is not None:
-            pooled, patches = image_tokens(model, images)
+        if obj.method in FEEDBACK_METHODS and obj.feedback_tokens and trial.projector is not None:
+            encode = lambda pixels: image_tokens(model, pixels)        # noqa: E731
         else:
-            pooled = model.encode_image(images)
+            encode = lambda pixels: (model.encode_image(pixels), None)  # noqa: E731
+        pooled, patches = encode(images)
+        viewed = None if views is None else encode(views)
         if not stage_one:
             texts = tokens.to(device, non_blocking=True)
             if obj.method == "negclip":
@@ -438,7 +444,7 @@ def loss_step(trial: Trial, images, tokens, negatives, text_rows, image_rows) ->
             losses["clip"] = objectives.clip_loss(image_features, text_features, scale)
         total = obj.clip_weight * losses["clip"]
     if trial.projector is not None:
-        name, loss = teacher_loss(trial, image_features, pooled, patches, text_rows, image_rows)
+        name, loss = teacher_loss(trial, image_features, pooled, patches, text_rows, image_rows, viewed)
         losses[name] = loss
         total = total + obj.lambda_sds * loss
     losses["total"] = total
@@ -446,8 +452,9 @@ def loss_step(trial: Trial, images, tokens, negatives, text_rows, image_rows) ->
 
 
 def teacher_loss(trial: Trial, image_features: torch.Tensor, pooled: torch.Tensor, patches: torch.Tensor | None,
-                 text_rows, image_rows) -> tuple[str, torch.Tensor]:
-    """(metric name, loss) of the method's teacher term for one batch (see `loss_step`)."""
+                 text_rows, image_rows, viewed: tuple | None = None) -> tuple[str, torch.Tensor]:
+    """(metric name, loss) of the method's teacher term for one batch (see `loss_step`); `viewed`: the
+    (pooled, patches) of contrastive feedback's augmented views."""
     obj, device, opts, teacher = trial.objective, trial.device, trial.fast, trial.teacher
     batch = len(image_features)
     unet = fastpath.unet_caller(teacher.unet, opts, device)
@@ -463,6 +470,15 @@ def teacher_loss(trial: Trial, image_features: torch.Tensor, pooled: torch.Tenso
         cond = trial.projector(tokens, trial.empty).repeat_interleave(draws, 0)
         return "feedback", objectives.feedback_loss(x0.to(device), cond, unet, teacher.scheduler, t.to(device),
                                                     noise.to(device), obj.reduction)
+    if obj.method == "contrastive_feedback":
+        x0 = trial.latents.rows(image_rows)
+        noise = torch.randn(x0.shape, generator=trial.generator)
+        partners = objectives.contrastive_partners(batch, obj.contrastive_negatives, trial.generator)
+        own = objectives.feedback_tokens(pooled, patches, obj.feedback_tokens, trial.generator)
+        augmented = objectives.feedback_tokens(*viewed, obj.feedback_tokens, trial.generator)
+        return "contrastive", objectives.contrastive_feedback_loss(
+            x0.to(device), trial.projector(own, trial.empty), trial.projector(augmented, trial.empty), partners, unet,
+            teacher.scheduler, t.to(device), noise.to(device), obj.contrastive_temperature)
     cond = trial.conditioning.rows(text_rows).to(device, non_blocking=True)
     predicted = trial.projector(image_features) * obj.latent_scale
     if obj.method == "unet_feature":

@@ -215,7 +215,7 @@ def test_paired_interval_covers_a_known_difference_in_simulation():
         covered += result.low <= 0.08 <= result.high
         agree += (result.p_value < 0.05) == (result.low > 0 or result.high < 0)
     assert 0.90 <= covered / sims <= 0.99
-    assert agree / sims >= 0.9    # McNemar's exact p (one run a row) and the bootstrap interval mostly agree
+    assert agree / sims >= 0.9    # McNemar's p (one run a row) and the bootstrap interval mostly agree
 
 
 def test_seed_task_interval_widens_with_the_seed_spread():

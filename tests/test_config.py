@@ -285,6 +285,28 @@ def test_feedback_timesteps_other_than_one_need_diffusion_feedback(tmp_path):
         load(write_params(tmp_path, params))
 
 
+def test_contrastive_feedback_needs_its_negatives_among_the_batchs_other_images(tmp_path):
+    params = raw_params()
+    params["objective"].update(method="contrastive_feedback", lambda_sds=1, contrastive_negatives=32)
+    params["train"].update(batch_size=32)
+    with pytest.raises(ConfigError, match=r"^objective\.contrastive_negatives: 32 is not allowed with train\.batch_size "
+                                          r"32 \(an image's negatives are the batch's other images\); allowed: < 32$"):
+        load(write_params(tmp_path, params))
+    params["objective"].update(contrastive_negatives=0)
+    params["train"].update(batch_size=1)
+    with pytest.raises(ConfigError, match=r"^train\.batch_size: 1 leaves objective\.method 'contrastive_feedback' no "
+                                          r"negatives"):
+        load(write_params(tmp_path, params))
+    params["train"].update(batch_size=2)
+    assert load(write_params(tmp_path, params)).objective.contrastive_negatives == 0
+    # Another method ignores the key, as it ignores every key of a method it is not.
+    params["objective"].update(method="sds", contrastive_negatives=5)
+    assert load(write_params(tmp_path, params)).train.batch_size == 2
+    params["objective"].update(contrastive_temperature=0)
+    with pytest.raises(ConfigError, match=r"^objective\.contrastive_temperature: "):
+        load(write_params(tmp_path, params))
+
+
 def test_projector_steps_need_a_teacher_loss_and_clip_weight_zero_needs_one_too(tmp_path):
     params = raw_params()
     params["objective"].update(lambda_sds=0, projector_steps=10)

@@ -223,7 +223,7 @@ def _check_sweep(dest: Path) -> None:
     children = Tracker(cfg.tracking, dest).find_runs(entry["experiment"], parent=entry["parent_run_id"])
     assert len(children) == trials and all(run["tags"]["profile"] == "smoke" for run in children)
     assert {run["params"]["objective.method"] for run in children} == {"clip", "negclip", "sds", "unet_feature",
-                                                                       "diffusion_feedback"}
+                                                                       "diffusion_feedback", "contrastive_feedback"}
     table = (dest / "reports" / "sweep-methods.md").read_text().splitlines()
     assert len(table) == 2 + trials and "variant" in table[0]
     report = (dest / "reports" / "methods.md").read_text()

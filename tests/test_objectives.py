@@ -11,6 +11,7 @@ per-row epsilon error. A v-prediction teacher's output is turned into its epsilo
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 from types import SimpleNamespace
 
@@ -589,13 +590,17 @@ def teacher_modules(teacher):
     return {"unet": teacher.unet, "vae": teacher.vae, "text_encoder": teacher.text_encoder}
 
 
-@pytest.mark.parametrize("scope,clip_weight", [("layernorm", 1.0), ("layernorm", 0.0), ("lora", 1.0)])
-def test_diffusion_feedback_gradient_reaches_the_projector_and_the_scope_and_no_teacher_weight(
-        teacher, world, scope, clip_weight):
-    trial = fresh_trial(teacher, world, scope=scope, method="diffusion_feedback", lambda_sds=0.5,
+@pytest.mark.parametrize("method,scope,clip_weight", [
+    ("diffusion_feedback", "layernorm", 1.0), ("diffusion_feedback", "layernorm", 0.0),
+    ("diffusion_feedback", "lora", 1.0), ("contrastive_feedback", "layernorm", 0.0),
+    ("contrastive_feedback", "lora", 1.0)])
+def test_feedback_gradient_reaches_the_projector_and_the_scope_and_no_teacher_weight(
+        teacher, world, method, scope, clip_weight):
+    trial = fresh_trial(teacher, world, scope=scope, method=method, lambda_sds=0.5,
                         clip_weight=clip_weight, feedback_tokens=3)
     losses = step(trial, world)
-    assert set(losses) == {"clip", "feedback", "total"}
+    assert set(losses) == {"clip", {"diffusion_feedback": "feedback", "contrastive_feedback": "contrastive"}[method],
+                           "total"}
     losses["total"].backward()
     assert trial.projector.linear.weight.grad.abs().sum() > 0
     scope_grads = {name: p.grad for name, p in trial.params.items() if not name.startswith("h_w.")}
@@ -667,6 +672,107 @@ def test_too_many_feedback_tokens_for_the_teachers_conditioning_is_a_config_erro
         fresh_trial(teacher, world, method="diffusion_feedback", feedback_tokens=16)
 
 
+# --------------------------------------------------------------------------- contrastive feedback (DCR)
+
+
+def test_contrastive_loss_is_dcrs_infonce_with_two_positives_by_hand():
+    """Image 0: anchor (1, 0), augmented view's output (1, 0), target (0, 1), one negative (-1, 0); at
+    temperature 1 the cosines are 1, 0, -1, D = e + 1 + 1/e and its loss ((log D - 1) + (log D - 0)) / 2.
+    Image 1: anchor (0, 2), view (0, 1), target (0, 3), negative (0, 1) (cosines ignore the lengths):
+    every cosine 1, D = 3e, loss log 3. At temperature 1/2 image 0's scores double."""
+    anchor = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    view = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    target = torch.tensor([[0.0, 1.0], [0.0, 3.0]])
+    negatives = torch.tensor([[[-1.0, 0.0]], [[0.0, 1.0]]])
+    e = math.e
+    want = ((math.log(e + 1 + 1 / e) - 0.5) + math.log(3)) / 2
+    assert objectives.contrastive_loss(anchor, view, negatives, target, 1.0).item() == pytest.approx(want, rel=1e-6)
+    want = ((math.log(e ** 2 + 1 + e ** -2) - 1) + math.log(3)) / 2
+    assert objectives.contrastive_loss(anchor, view, negatives, target, 0.5).item() == pytest.approx(want, rel=1e-6)
+
+
+def test_contrastive_partners_are_distinct_other_images_of_the_batch():
+    assert objectives.contrastive_partners(4, 0, None).tolist() == [[1, 2, 3], [0, 2, 3], [0, 1, 3], [0, 1, 2]]
+    drawn = objectives.contrastive_partners(5, 2, torch.Generator().manual_seed(0))
+    assert drawn.shape == (5, 2)
+    assert all(i not in row and len(set(row)) == 2 for i, row in enumerate(drawn.tolist()))
+    assert torch.equal(drawn, objectives.contrastive_partners(5, 2, torch.Generator().manual_seed(0)))
+    many = objectives.contrastive_partners(5, 2, torch.Generator().manual_seed(1))
+    assert not torch.equal(drawn, many)
+    with pytest.raises(ValueError, match="3 negatives of a batch of 3"):
+        objectives.contrastive_partners(3, 3, None)
+
+
+def _normalised(pixels: torch.Tensor, mean, std) -> torch.Tensor:
+    return (pixels - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
+
+
+def test_augmented_views_jitter_flip_and_crop_the_image_not_its_normalised_tensor(world):
+    from pipeline.models.student import normalization
+
+    mean, std = normalization(build_toy_student(STUDENT, SIZE))
+    # A black image stays black under every jitter, flip and crop; jittering its normalised tensor, as
+    # DCR's code does, would clamp the tensor's negative values to 0, a grey image.
+    black = _normalised(torch.zeros(3, 3, SIZE, SIZE), mean, std)
+    assert torch.allclose(objectives.augmented_views(black, mean, std, torch.Generator().manual_seed(0)), black,
+                          atol=1e-5)
+    images = world["images"]
+    one = objectives.augmented_views(images, mean, std, torch.Generator().manual_seed(1))
+    assert torch.equal(one, objectives.augmented_views(images, mean, std, torch.Generator().manual_seed(1)))
+    assert one.shape == images.shape and one.dtype == images.dtype
+    assert not torch.allclose(one, images, atol=1e-2)
+    low, high = _normalised(torch.zeros(1, 3, 1, 1), mean, std), _normalised(torch.ones(1, 3, 1, 1), mean, std)
+    assert (one >= low - 1e-5).all() and (one <= high + 1e-5).all()
+    # Left white, right black: each view keeps its bright half on one side, the left for some, the right
+    # for others (a horizontal flip with probability 1/2).
+    half = torch.zeros(16, 3, SIZE, SIZE)
+    half[..., : SIZE // 2] = 1
+    views = objectives.augmented_views(_normalised(half, mean, std), mean, std, torch.Generator().manual_seed(2))
+    left = views[..., : SIZE // 2].mean(dim=(1, 2, 3)) > views[..., SIZE // 2 :].mean(dim=(1, 2, 3))
+    assert 0 < int(left.sum()) < 16
+
+
+def test_loss_step_contrastive_feedback_is_dcrs_infonce_of_the_unet_outputs_by_hand(teacher, world):
+    """Image i's latent, noised, through the UNet under its own projected CLS (the anchor), under its
+    augmented view's and under its partners'; DCR's loss of those outputs against eps, unit by unit."""
+    from pipeline.models.student import normalization
+
+    trial = fresh_trial(teacher, world, method="contrastive_feedback", lambda_sds=0.5, t_min=100, t_max=900,
+                        contrastive_negatives=2)
+    with torch.no_grad():
+        trial.projector.linear.weight.mul_(30)
+    g = torch.Generator()
+    g.set_state(trial.generator.get_state())
+    rows = torch.tensor([2, 0, 3, 1])
+    losses = step(trial, world, image_rows=rows)
+    views = objectives.augmented_views(world["images"], *normalization(trial.student), g)
+    t = torch.randint(100, 901, (N,), generator=g)
+    x0 = world["latents"].get([image_key(world["pairs"][i].image) for i in rows.tolist()])
+    eps = torch.randn(x0.shape, generator=g)
+    partners = objectives.contrastive_partners(N, 2, g)
+    with torch.no_grad():
+        empty = encode_text(teacher, [""])[0]
+        weight, bias = trial.projector.linear.weight, trial.projector.linear.bias
+        own = empty + (trial.student.model.encode_image(world["images"]) @ weight.T + bias)[:, None]
+        viewed = empty + (trial.student.model.encode_image(views) @ weight.T + bias)[:, None]
+        noised = hand_noised(x0, eps, t)
+
+        def unit(i: int, cond: torch.Tensor) -> torch.Tensor:
+            out = teacher.unet(noised[i : i + 1], t[i : i + 1], encoder_hidden_states=cond[None]).sample
+            return F.normalize(out.flatten(), dim=0)
+
+        total = 0.0
+        for i in range(N):
+            a, p, target = unit(i, own[i]), unit(i, viewed[i]), F.normalize(eps[i].flatten(), dim=0)
+            scores = [float(a @ p) / 0.1, float(a @ target) / 0.1] + \
+                     [float(a @ unit(i, own[j])) / 0.1 for j in partners[i].tolist()]
+            denominator = sum(math.exp(s) for s in scores)
+            total += (-math.log(math.exp(scores[0]) / denominator) - math.log(math.exp(scores[1]) / denominator)) / 2
+    assert losses["contrastive"].item() == pytest.approx(total / N, rel=1e-4)
+    assert losses["total"].item() == pytest.approx(losses["clip"].item() + 0.5 * losses["contrastive"].item(),
+                                                   rel=1e-5)
+
+
 # --------------------------------------------------------------------------- two stages
 
 
@@ -698,7 +804,7 @@ def test_feedback_timesteps_give_each_image_its_own_draws_and_the_loss_is_their_
     assert halves[0] != pytest.approx(halves[1], rel=1e-3)          # two draws, not one counted twice
 
 
-@pytest.mark.parametrize("method", ["sds", "diffusion_feedback"])
+@pytest.mark.parametrize("method", ["sds", "diffusion_feedback", "contrastive_feedback"])
 def test_stage_one_trains_the_projector_alone_and_stage_two_the_student_too(teacher, world, method):
     """The first objective.projector_steps steps leave every student parameter as it was (no
     L_CLIP, no gradient through the student); after them the scope trains."""
@@ -707,7 +813,8 @@ def test_stage_one_trains_the_projector_alone_and_stage_two_the_student_too(teac
     trial = fresh_trial(teacher, world, method=method, lambda_sds=0.5, projector_steps=2, steps=3)
     initial = trained_state(trial)
     first = step(trial, world)
-    assert "clip" not in first and set(first) == {"feedback" if method != "sds" else "sds", "total"}
+    term = {"sds": "sds", "diffusion_feedback": "feedback", "contrastive_feedback": "contrastive"}[method]
+    assert "clip" not in first and set(first) == {term, "total"}
     fit(trial, None, progress=False)
     assert trial.step == 3
     after = trained_state(trial)
@@ -723,7 +830,7 @@ def test_stage_one_trains_the_projector_alone_and_stage_two_the_student_too(teac
 
 @pytest.mark.parametrize("method, lambda_sds, projector_steps", [
     ("clip", 0.0, 0), ("negclip", 0.0, 0), ("sds", 0.5, 0), ("sds", 0.0, 0), ("unet_feature", 0.5, 0),
-    ("diffusion_feedback", 0.5, 0), ("sds", 0.5, 2)])
+    ("diffusion_feedback", 0.5, 0), ("contrastive_feedback", 0.5, 0), ("sds", 0.5, 2)])
 def test_reported_losses_are_the_keys_every_step_of_loss_step_reports(teacher, world, method, lambda_sds,
                                                                        projector_steps):
     """What a sweep's ASHA scheduler may compare trials on is checked against `reported_losses`."""

@@ -81,13 +81,15 @@ def test_methods_sweep_runs_every_method_with_three_seeds_on_the_same_scope():
     configs = [sweep.config(t.values) for t in specs]
     assert [t.values["variant"] for t in specs][::3] == ["FT with L_CLIP", "NegCLIP", "NegCLIP without negative images",
                                                            "SDS-CLIP", "UNet-feature distillation", "Diffusion feedback",
-                                                           "Diffusion feedback alone"]
+                                                           "Diffusion feedback alone", "Contrastive feedback (DCR)"]
     assert [c.objective.method for c in configs][::3] == ["clip", "negclip", "negclip", "sds", "unet_feature",
-                                                          "diffusion_feedback", "diffusion_feedback"]
+                                                          "diffusion_feedback", "diffusion_feedback",
+                                                          "contrastive_feedback"]
     assert [c.objective.negclip_neighbours for c in configs][3:9:3] == [3, 0]           # NegCLIP's, and none
-    assert [c.objective.clip_weight for c in configs][::3] == [1, 1, 1, 1, 1, 1, 0]   # DIVA's and DCR's: feedback alone
+    assert [c.objective.clip_weight for c in configs][::3] == [1, 1, 1, 1, 1, 1, 0, 1]   # DIVA's and DCR's: feedback alone
     assert {(c.train.scope, c.train.lr, c.train.steps) for c in configs} == {("full", 5e-4, 200)}
-    assert [c.train.seed for c in configs] == [0, 1, 2] * 7
+    assert [c.train.seed for c in configs] == [0, 1, 2] * 8
+    assert [c.objective.contrastive_negatives for c in configs][-1] == 3
     paper = sc.load(REPO / "sweeps" / "methods.yaml", params(), profile="paper")
     assert {paper.config(t.values).train.lr for t in sc.trials(paper)} == {1e-5}
 

@@ -109,10 +109,12 @@ def test_resumed_trial_is_identical_to_an_uninterrupted_one(env, uninterrupted):
 @pytest.mark.parametrize("objective", [
     ObjectiveConfig(method="negclip", lambda_sds=0.0),
     ObjectiveConfig(method="diffusion_feedback", lambda_sds=0.5, feedback_tokens=2, projector_steps=1),
-], ids=["negclip", "feedback-two-stage"])
+    ObjectiveConfig(method="contrastive_feedback", lambda_sds=0.5, contrastive_negatives=2),
+], ids=["negclip", "feedback-two-stage", "contrastive-feedback"])
 def test_every_method_resumes_bit_for_bit(env, objective):
-    """The hard negatives (drawn per pair and step) and the feedback's patch tokens (drawn from the
-    trial's generator) come back the same after an interruption."""
+    """The hard negatives (drawn per pair and step), the feedback's patch tokens and the contrastive
+    feedback's augmentations and partners (drawn from the trial's generator) come back the same after
+    an interruption."""
     cfg = train_cfg(scope="full")
     reference = fit(new_trial(env, cfg, objective), env["root"] / f"ref-{objective.method}", progress=False)
     folder = env["root"] / f"int-{objective.method}"

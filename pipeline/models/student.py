@@ -15,6 +15,7 @@ import open_clip
 import torch
 from safetensors.torch import save_file
 from torch import nn
+from torchvision.transforms import Normalize
 
 from pipeline.data.errors import MissingInput
 from pipeline.config import StudentConfig
@@ -94,6 +95,14 @@ def layernorm_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 def embed_dim(student: Student) -> int:
     return int(student.model_cfg["embed_dim"])
+
+
+def normalization(student: Student) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The mean and std its preprocess normalises pixels with (what an augmentation of its inputs undoes)."""
+    found = [t for t in getattr(student.preprocess, "transforms", []) if isinstance(t, Normalize)]
+    if len(found) != 1:
+        raise ValueError(f"the student's preprocess has {len(found)} Normalize transforms; expected one")
+    return tuple(found[0].mean), tuple(found[0].std)
 
 
 def has_patch_tokens(model: nn.Module) -> bool:

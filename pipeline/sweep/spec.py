@@ -72,7 +72,7 @@ SPEC_KINDS = ("all", "grid") + DISTRIBUTIONS
 SEARCHES = ("grid", "random", "optuna")
 TOP_KEYS = ("name", "base", "space", "search", "scheduler", "seeds", "resources", "max_concurrent", "metric",
             "mode", "storage_path")
-STEP_METRICS = ("loss/clip", "loss/total", "loss/sds", "loss/unet_feature", "loss/feedback")
+STEP_METRICS = ("loss/clip", "loss/total", "loss/sds", "loss/unet_feature", "loss/feedback", "loss/contrastive")
 # The metric names the trials log, by benchmark, from the lists pipeline.config reads the benchmarks by
 # (SugarCrepe's groups are its subsets' prefixes); <...> stands for a name the benchmark's data has.
 _METRIC_NAMES = {
