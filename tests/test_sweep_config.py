@@ -615,6 +615,7 @@ def test_an_address_where_no_cluster_answers_is_refused_in_one_line(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip() == (f"error: --address: nothing answers at 127.0.0.1:{port} (Connection refused); "
                                    "start the cluster's head there first (`ray start --head`)"), proc.stderr
+    assert not (tmp_path / "ray_results").exists()       # refused before the launch's folder is made
     # Ray Client would run Ray Tune, and the run recorder with it, in an actor on the cluster: the driver
     # then found no trial recorded, called all of them never run and exited 1.
     proc = _cli(sweep_file, "--params", tmp_path / "params.yaml", "--address", "ray://127.0.0.1:10001", cwd=tmp_path)
@@ -781,8 +782,12 @@ def test_a_storage_path_that_cannot_hold_a_launch_is_refused_before_ray_starts(t
     blocker.write_text("")
     proc = _cli(sweep_file, "--params", tmp_path / "params.yaml", "--storage", blocker / "ray", cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert proc.stderr.strip() == (f"error: storage_path: {blocker / 'ray'} cannot hold the launch's folder "
-                                   "(Not a directory); give a writable folder (--storage)"), proc.stderr
+    line = (f"error: storage_path: {blocker / 'ray'} cannot hold the launch's folder (Not a directory); give a "
+            "writable folder (--storage)")
+    assert proc.stderr.strip() == line, proc.stderr
+    proc = _cli(sweep_file, "--params", tmp_path / "params.yaml", "--storage", blocker / "ray", "--dry-run", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip() == line, proc.stderr       # the dry run checks it too
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "cache", "data", "models", "params.yaml", "s.yaml"]
 
 
 def test_a_results_file_that_cannot_be_written_is_refused_by_the_dry_run(tmp_path):

@@ -51,8 +51,9 @@ cluster: start Ray on the nodes (`ray start --head`, `ray start --address HEAD:6
 project (code, data/, models/, cache/) on a path every node sees and storage_path on shared
 storage, then pass --address or set RAY_ADDRESS. Only the driver writes to MLflow.
 
-exit status: 0 all trials finished or were stopped early by ASHA; 1 a trial failed;
-2 bad sweep file or option (one line on stderr); 130 interrupted (continue with --resume).
+exit status: 0 all trials finished or were stopped early by ASHA; 1 a trial failed, no finished
+trial logged the sweep's metric, or trials of the launch never ran; 2 bad sweep file or option (one
+line on stderr); 130 interrupted (continue with --resume).
 """
 
 
@@ -86,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sweep, root = prepare(args)
         specs = checked_trials(sweep, root, args.address)
+        driver.check_storage(driver.storage_root(sweep, root, args.storage))
         if args.dry_run:
             if args.resume and sweep.scheduler.type == "asha":
                 print(driver.ASHA_RESUMED, file=sys.stderr)

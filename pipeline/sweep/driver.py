@@ -7,6 +7,7 @@ a changed sweep file or params.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
@@ -186,10 +187,11 @@ def ray_address(given: str | None) -> str | None:
     return address if address and address != "local" else None
 
 
-def start_ray(address: str | None, source: str = "--address") -> bool:
-    """Ray on this machine, or the cluster at `address`, unless this process runs one already; whether
-    it started one. The variables set first are read by Ray when it is imported. A local Ray keeps its
-    sessions under $RAY_TMPDIR/ray (Ray's own variable; by default under $TMPDIR or /tmp)."""
+def start_ray(address: str | None) -> bool:
+    """Ray on this machine, or the cluster at `address` (`check_reachable` first), unless this process
+    runs one already; whether it started one. The variables set first are read by Ray when it is
+    imported. A local Ray keeps its sessions under $RAY_TMPDIR/ray (Ray's own variable; by default
+    under $TMPDIR or /tmp)."""
     if address and "RAY_AUTH_MODE" not in os.environ and (
             os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
             or (Path.home() / ".ray" / "auth_token").is_file()):
@@ -210,7 +212,6 @@ def start_ray(address: str | None, source: str = "--address") -> bool:
         return False
     kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
     if address:
-        check_reachable(address, source)
         pythonpath = os.pathsep.join(p for p in (str(CODE_ROOT), os.environ.get("PYTHONPATH", "")) if p)
         ray.init(address=address, runtime_env={"env_vars": {**QUIET_WORKERS, "PYTHONPATH": pythonpath}}, **kwargs)
     else:
@@ -245,6 +246,21 @@ def check_reachable(address: str, source: str, timeout: float = 10.0) -> None:
     except OSError as err:
         raise ConfigError(f"{source}: nothing answers at {address} ({err.strerror or type(err).__name__}); "
                           "start the cluster's head there first (`ray start --head`)") from None
+
+
+def check_storage(storage: str) -> None:
+    """Refuse, creating nothing, a local storage path that cannot hold a launch's folder, in the line
+    `launch_lock`'s mkdir would give once Ray is up: its nearest existing folder is a file or is not
+    writable. A URI's bucket is Ray's to reach."""
+    if "://" in storage:
+        return
+    path = Path(storage)
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    code = errno.ENOTDIR if not existing.is_dir() else errno.EACCES if not os.access(existing, os.W_OK | os.X_OK) \
+        else None
+    if code is not None:
+        raise ConfigError(f"storage_path: {storage} cannot hold the launch's folder ({os.strerror(code)}); "
+                          "give a writable folder (--storage)")
 
 
 def tuner(sweep: Sweep, specs: list[TrialSpec], root: Path, recorder, ray_path: str, resume: bool, retry: bool):
@@ -337,6 +353,8 @@ def abandon_unrecorded(sweep: Sweep, root: Path, storage: str) -> None:
 def run(sweep: Sweep, specs: list[TrialSpec], root: Path, args) -> int:
     """Run a new launch, or resume the one `args.resume` names; the exit status."""
     storage = storage_root(sweep, root, args.storage)
+    if (cluster := ray_address(args.address)) is not None:      # before anything is written
+        check_reachable(cluster, "--address" if args.address else "RAY_ADDRESS")
     if args.resume:
         ray_path = find_launch(sweep, storage, args.resume)
     else:
@@ -372,7 +390,7 @@ def run_locked(sweep: Sweep, specs: list[TrialSpec], root: Path, args, ray_path:
     from pipeline.tracking import resolve_uri
 
     t0 = time.perf_counter()
-    started = start_ray(ray_address(args.address), "--address" if args.address else "RAY_ADDRESS")
+    started = start_ray(ray_address(args.address))
     import ray
 
     timing = {"ray_start_seconds": time.perf_counter() - t0}
