@@ -615,14 +615,21 @@ def test_feedback_gradient_reaches_the_projector_and_the_scope_and_no_teacher_we
             assert not p.requires_grad and p.grad is None, f"{part}.{name}"
 
 
-def test_loss_step_feedback_is_the_epsilon_error_of_the_cached_latent_under_the_projected_cls(teacher, world):
-    trial = fresh_trial(teacher, world, method="diffusion_feedback", lambda_sds=0.5, t_min=100, t_max=900)
-    with torch.no_grad():        # a projection large enough that where it goes changes the loss clearly
+def feedback_step(teacher, world, **objective):
+    """A feedback method's trial, its losses on a batch of shuffled latent rows, a generator at the state
+    the step drew from, and the rows; the projection made large enough that where it goes changes the
+    loss clearly."""
+    trial = fresh_trial(teacher, world, lambda_sds=0.5, t_min=100, t_max=900, **objective)
+    with torch.no_grad():
         trial.projector.linear.weight.mul_(30)
     g = torch.Generator()
     g.set_state(trial.generator.get_state())
     rows = torch.tensor([2, 0, 3, 1])
-    losses = step(trial, world, image_rows=rows)
+    return trial, step(trial, world, image_rows=rows), g, rows
+
+
+def test_loss_step_feedback_is_the_epsilon_error_of_the_cached_latent_under_the_projected_cls(teacher, world):
+    trial, losses, g, rows = feedback_step(teacher, world, method="diffusion_feedback")
     t = torch.randint(100, 901, (N,), generator=g)
     x0 = world["latents"].get([image_key(world["pairs"][i].image) for i in rows.tolist()])
     eps = torch.randn(x0.shape, generator=g)
@@ -737,14 +744,7 @@ def test_loss_step_contrastive_feedback_is_dcrs_infonce_of_the_unet_outputs_by_h
     augmented view's and under its partners'; DCR's loss of those outputs against eps, unit by unit."""
     from pipeline.models.student import normalization
 
-    trial = fresh_trial(teacher, world, method="contrastive_feedback", lambda_sds=0.5, t_min=100, t_max=900,
-                        contrastive_negatives=2)
-    with torch.no_grad():
-        trial.projector.linear.weight.mul_(30)
-    g = torch.Generator()
-    g.set_state(trial.generator.get_state())
-    rows = torch.tensor([2, 0, 3, 1])
-    losses = step(trial, world, image_rows=rows)
+    trial, losses, g, rows = feedback_step(teacher, world, method="contrastive_feedback", contrastive_negatives=2)
     views = objectives.augmented_views(world["images"], *normalization(trial.student), g)
     t = torch.randint(100, 901, (N,), generator=g)
     x0 = world["latents"].get([image_key(world["pairs"][i].image) for i in rows.tolist()])
@@ -780,14 +780,7 @@ def test_feedback_timesteps_give_each_image_its_own_draws_and_the_loss_is_their_
     """DIVA's two timesteps per image: image i's latent under its projected CLS at draws 2i and 2i+1
     (each its own timestep and noise); L_teacher is the mean error over both, i.e. the mean of
     the two halves' losses."""
-    trial = fresh_trial(teacher, world, method="diffusion_feedback", lambda_sds=0.5, t_min=100, t_max=900,
-                        feedback_timesteps=2)
-    with torch.no_grad():
-        trial.projector.linear.weight.mul_(30)
-    g = torch.Generator()
-    g.set_state(trial.generator.get_state())
-    rows = torch.tensor([2, 0, 3, 1])
-    losses = step(trial, world, image_rows=rows)
+    trial, losses, g, rows = feedback_step(teacher, world, method="diffusion_feedback", feedback_timesteps=2)
     t = torch.randint(100, 901, (2 * N,), generator=g)
     x0 = world["latents"].get([image_key(world["pairs"][i].image) for i in rows.tolist()])
     eps = torch.randn((2 * N, *x0.shape[1:]), generator=g)
