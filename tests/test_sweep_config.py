@@ -801,3 +801,18 @@ def test_a_results_file_that_cannot_be_written_is_refused_by_the_dry_run(tmp_pat
         assert proc.stderr.strip().splitlines() == [f"error: --results: {error}"], proc.stderr
     assert _cli("sweeps/lambda.yaml", "--results", tmp_path / "new" / "out.json", "--dry-run").returncode == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]       # the dry run made nothing
+
+
+def test_the_step_metrics_an_asha_sweep_may_name_are_the_losses_the_methods_report():
+    """`scheduler.metric` is checked against STEP_METRICS before anything starts: a method's loss missing
+    there would refuse a valid sweep, an extra name would let one through that no trial reports."""
+    from pipeline.config import METHODS, TEACHER_METHODS, ObjectiveConfig
+
+    reported = set()
+    for method in METHODS:
+        for steps in (0, 1):
+            teacher = method in TEACHER_METHODS
+            objective = ObjectiveConfig(method=method, lambda_sds=0.5 if teacher else 0,
+                                        projector_steps=steps if teacher else 0)
+            reported |= {f"loss/{name}" for name in objective.reported_losses}
+    assert set(sc.STEP_METRICS) == reported
