@@ -39,8 +39,8 @@ def clone(tmp_path_factory):
     text = re.sub(r"\nsweeps: \[.*\]\n", "\nsweeps: [sweeps/methods.yaml, sweeps/table1.yaml]\n", params.read_text())
     assert "sweeps/lambda.yaml, sweeps/lr.yaml]" in params.read_text() and text != params.read_text()
     params.write_text(text.replace("profile: toy", "profile: smoke", 1))
-    # Every method on one seed, which cuts each sweep stage's run by 14 trials; Table 1's sweep keeps
-    # its three, for the seed columns.
+    # Every method on one seed, which cuts two of each variant's three trials from each sweep stage's run;
+    # Table 1's sweep keeps its three, for the seed columns.
     methods = dest / "sweeps" / "methods.yaml"
     assert "\nseeds: [0, 1, 2]\n" in methods.read_text()
     methods.write_text(methods.read_text().replace("\nseeds: [0, 1, 2]\n", "\nseeds: [0]\n"))

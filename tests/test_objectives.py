@@ -28,13 +28,16 @@ from pipeline.data import toyworld as tw
 from pipeline.data.records import ImageCaption
 from pipeline.data.keys import image_key
 from pipeline.evaluate import DiffusionScorer
-from pipeline.models.student import build_toy_student
+from pipeline.models.student import build_toy_student, normalization
 from pipeline.models.teacher import SD_SCHEDULE, build_toy_teacher, encode_text
 from pipeline.train import loss_step, nearest_rows, setup
 
 from tiny import SIZE, STUDENT, TEACHER
 
 N = 4  # batch
+# The name each teacher loss reports under (`loss_step`'s keys).
+TERM = {"sds": "sds", "unet_feature": "unet_feature", "diffusion_feedback": "feedback",
+        "contrastive_feedback": "contrastive"}
 
 
 def hand_infonce(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -599,8 +602,7 @@ def test_feedback_gradient_reaches_the_projector_and_the_scope_and_no_teacher_we
     trial = fresh_trial(teacher, world, scope=scope, method=method, lambda_sds=0.5,
                         clip_weight=clip_weight, feedback_tokens=3)
     losses = step(trial, world)
-    assert set(losses) == {"clip", {"diffusion_feedback": "feedback", "contrastive_feedback": "contrastive"}[method],
-                           "total"}
+    assert set(losses) == {"clip", TERM[method], "total"}
     losses["total"].backward()
     assert trial.projector.linear.weight.grad.abs().sum() > 0
     scope_grads = {name: p.grad for name, p in trial.params.items() if not name.startswith("h_w.")}
@@ -715,8 +717,6 @@ def _normalised(pixels: torch.Tensor, mean, std) -> torch.Tensor:
 
 
 def test_augmented_views_jitter_flip_and_crop_the_image_not_its_normalised_tensor(world):
-    from pipeline.models.student import normalization
-
     mean, std = normalization(build_toy_student(STUDENT, SIZE))
     # A black image stays black under every jitter, flip and crop; jittering its normalised tensor, as
     # DCR's code does, would clamp the tensor's negative values to 0, a grey image.
@@ -742,8 +742,6 @@ def test_augmented_views_jitter_flip_and_crop_the_image_not_its_normalised_tenso
 def test_loss_step_contrastive_feedback_is_dcrs_infonce_of_the_unet_outputs_by_hand(teacher, world):
     """Image i's latent, noised, through the UNet under its own projected CLS (the anchor), under its
     augmented view's and under its partners'; DCR's loss of those outputs against eps, unit by unit."""
-    from pipeline.models.student import normalization
-
     trial, losses, g, rows = feedback_step(teacher, world, method="contrastive_feedback", contrastive_negatives=2)
     views = objectives.augmented_views(world["images"], *normalization(trial.student), g)
     t = torch.randint(100, 901, (N,), generator=g)
@@ -806,8 +804,7 @@ def test_stage_one_trains_the_projector_alone_and_stage_two_the_student_too(teac
     trial = fresh_trial(teacher, world, method=method, lambda_sds=0.5, projector_steps=2, steps=3)
     initial = trained_state(trial)
     first = step(trial, world)
-    term = {"sds": "sds", "diffusion_feedback": "feedback", "contrastive_feedback": "contrastive"}[method]
-    assert "clip" not in first and set(first) == {term, "total"}
+    assert "clip" not in first and set(first) == {TERM[method], "total"}
     fit(trial, None, progress=False)
     assert trial.step == 3
     after = trained_state(trial)
