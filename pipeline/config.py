@@ -249,7 +249,10 @@ class CacheConfig:
 
 
 METHODS = ("clip", "sds", "unet_feature", "negclip", "diffusion_feedback", "contrastive_feedback")
-TEACHER_METHODS = ("sds", "unet_feature", "diffusion_feedback", "contrastive_feedback")
+# The methods with a teacher term, and the name a trial logs that term under (`loss/<name>` each step).
+TEACHER_LOSSES = {"sds": "sds", "unet_feature": "unet_feature", "diffusion_feedback": "feedback",
+                  "contrastive_feedback": "contrastive"}
+TEACHER_METHODS = tuple(TEACHER_LOSSES)
 # The methods whose projector puts the student's image tokens into the teacher's conditioning.
 FEEDBACK_METHODS = ("diffusion_feedback", "contrastive_feedback")
 
@@ -292,6 +295,9 @@ class ObjectiveConfig:
                       4 x 64 x 64 latent, 256 for the toy's 4 x 8 x 8, which rescales lambda_sds.
     projector_lr      learning rate of h_w / the projector (0: train.lr): a layer trained from
                       random weights may need a larger rate than a pretrained student's weights.
+    projector         the feedback methods' projector: "linear", one Linear(d, D) (DIVA's), or
+                      "mlp", DCR's LayerNorm(d), Linear(d, D), GELU, Linear(D, D). h_w stays the
+                      paper's linear map, so sds and unet_feature allow only "linear".
     Like noising, gradient and the rest, the keys of one method are ignored by the others (so one
     sweep base serves them all); lambda_sds is not: a method with no teacher loss needs 0, so its
     runs log the weight they ran with.
@@ -331,6 +337,7 @@ class ObjectiveConfig:
     reduction: Literal["mean", "sum"] = "mean"
     projector_steps: NonNegInt = 0
     projector_lr: NonNegFloat = 0.0                # 0: train.lr
+    projector: Literal["linear", "mlp"] = "linear"
     negclip_neighbours: NonNegInt = 3
     feedback_tokens: NonNegInt = 0
     feedback_timesteps: PosInt = 1
@@ -353,14 +360,18 @@ class ObjectiveConfig:
         term under its method's name, and L_CLIP except while stage one trains the projector alone."""
         names = {"total"} | ({"clip"} if self.projector_steps == 0 else set())
         if self.teacher_loss:
-            names.add({"sds": "sds", "unet_feature": "unet_feature", "diffusion_feedback": "feedback",
-                       "contrastive_feedback": "contrastive"}[self.method])
+            names.add(TEACHER_LOSSES[self.method])
         return names
 
     def __post_init__(self) -> None:
         if self.method not in TEACHER_METHODS and self.lambda_sds != 0:
             raise ConfigError(f"objective.lambda_sds: {self.lambda_sds:g} with objective.method {self.method!r}, which "
                               "has no teacher loss; allowed: 0 (or a method with one: " + ", ".join(TEACHER_METHODS) + ")")
+        if self.projector == "mlp" and not (self.method in FEEDBACK_METHODS and self.teacher_loss):
+            raise ConfigError(f"objective.projector: 'mlp' with objective.method {self.method!r} and "
+                              f"objective.lambda_sds {self.lambda_sds:g}, which train no feedback projector; allowed: "
+                              "linear, or 'mlp' with a method among " + ", ".join(FEEDBACK_METHODS)
+                              + " and objective.lambda_sds > 0")
         if self.projector_steps and not self.teacher_loss:
             raise ConfigError(f"objective.projector_steps: {self.projector_steps} needs a teacher loss to train the "
                               "projector on; allowed: 0, or a method among " + ", ".join(TEACHER_METHODS)

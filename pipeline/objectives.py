@@ -71,21 +71,26 @@ class FeedbackProjector(nn.Module):
     """Diffusion feedback's projector: the student's image tokens -> the teacher's conditioning.
 
     Each token (width d: the CLS embedding first, then any patch tokens) goes through one
-    Linear(d, D) and is added to the empty caption's conditioning [L, D]. The CLS alone is added
+    Linear(d, D) (`kind` "linear", DIVA's) or DCR's MLP (LayerNorm(d), Linear(d, D), GELU,
+    Linear(D, D)) and is added to the empty caption's conditioning [L, D]. The CLS alone is added
     at every position, as DCR adds its projected CLS to all 77 (at the first alone it would sit on
     the start token's output, which a causal text encoder makes the same for every caption, so the
     teacher never learned to read anything there); k tokens go to the first k positions, the rest
     staying as they are (DIVA's construction, with k = L: the CLS and 76 patch tokens).
     """
 
-    def __init__(self, embed_dim: int, width: int):
+    def __init__(self, embed_dim: int, width: int, kind: str = "linear"):
         super().__init__()
-        self.linear = nn.Linear(embed_dim, width)
+        # The MLP's layers before its last Linear; `linear` is the last (the only one of "linear").
+        mlp = kind == "mlp"
+        self.hidden = nn.Sequential(nn.LayerNorm(embed_dim), nn.Linear(embed_dim, width), nn.GELU()) if mlp \
+            else nn.Identity()
+        self.linear = nn.Linear(width if mlp else embed_dim, width)
 
     def forward(self, tokens: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
         """tokens [B, k, d], empty [L, D] with k <= L -> conditioning [B, L, D]."""
         batch, k = tokens.shape[:2]
-        projected = self.linear(tokens)
+        projected = self.linear(self.hidden(tokens))
         if k == 1:
             return empty + projected
         return torch.cat([empty[:k] + projected, empty[k:].expand(batch, -1, -1)], dim=1)

@@ -34,7 +34,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from tqdm import tqdm
 
 from pipeline.cache import Table
-from pipeline.config import FEEDBACK_METHODS, ComputeConfig, ConfigError, ObjectiveConfig, TrainConfig, flatten
+from pipeline.config import (FEEDBACK_METHODS, TEACHER_LOSSES, ComputeConfig, ConfigError, ObjectiveConfig, TrainConfig,
+                             flatten)
 from pipeline.data.keys import image_key
 from pipeline.data.records import ImageCaption, load_image
 from pipeline.device import resolve_device
@@ -192,7 +193,7 @@ class Trial:
     scaler: torch.amp.GradScaler | None = None  # fp16 autocast only
     inputs: dict = field(default_factory=dict)  # what it trains from: data and model fingerprints
     empty: torch.Tensor | None = None           # the feedback methods: the empty caption's conditioning
-    views: tuple | None = None                  # contrastive feedback: the (mean, std) its augmentations undo
+    normalization: tuple | None = None          # contrastive feedback: the (mean, std) its augmentations undo
 
     @property
     def trainable_count(self) -> int:
@@ -319,7 +320,8 @@ def build_projector(objective: ObjectiveConfig, student: Student, teacher: Teach
         if objective.feedback_tokens and not has_patch_tokens(student.model):
             raise ConfigError(f"objective.feedback_tokens: {objective.feedback_tokens} needs a ViT student with patch "
                               "tokens; this student's image tower has none; allowed: 0")
-        return objectives.FeedbackProjector(embed_dim(student), teacher.unet.config.cross_attention_dim)
+        return objectives.FeedbackProjector(embed_dim(student), teacher.unet.config.cross_attention_dim,
+                                            objective.projector)
     shape = _feature_shape(teacher) if objective.method == "unet_feature" else teacher.latent_shape
     return objectives.LatentProjection(embed_dim(student), shape)
 
@@ -398,7 +400,8 @@ def setup(cfg: TrainConfig, objective: ObjectiveConfig, student: Student, pairs:
                  cfg, objective, torch.Generator().manual_seed(stream_seed(cfg.seed, "teacher")), device=device, fast=opts,
                  scaler=fastpath.grad_scaler(device, opts) if opts.autocast == "fp16" else None,
                  inputs=dict(inputs or {}), empty=empty,
-                 views=normalization(student) if empty is not None and method == "contrastive_feedback" else None)
+                 normalization=normalization(student) if empty is not None and method == "contrastive_feedback"
+                 else None)
 
 
 def loss_step(trial: Trial, images, tokens, negatives, text_rows, image_rows) -> dict[str, torch.Tensor]:
@@ -415,7 +418,8 @@ def loss_step(trial: Trial, images, tokens, negatives, text_rows, image_rows) ->
     stage_one = trial.step < obj.projector_steps
     images = images.to(device, non_blocking=True)
     # Contrastive feedback's augmented views, drawn before the teacher loss's t and noise.
-    views = None if trial.views is None else objectives.augmented_views(images, *trial.views, trial.generator)
+    views = (None if trial.normalization is None
+             else objectives.augmented_views(images, *trial.normalization, trial.generator))
     with contextlib.ExitStack() as stack:
         if opts.autocast_student:
             stack.enter_context(fastpath.autocast(device, opts))
@@ -444,16 +448,16 @@ def loss_step(trial: Trial, images, tokens, negatives, text_rows, image_rows) ->
             losses["clip"] = objectives.clip_loss(image_features, text_features, scale)
         total = obj.clip_weight * losses["clip"]
     if trial.projector is not None:
-        name, loss = teacher_loss(trial, image_features, pooled, patches, text_rows, image_rows, viewed)
-        losses[name] = loss
+        loss = teacher_loss(trial, image_features, pooled, patches, text_rows, image_rows, viewed)
+        losses[TEACHER_LOSSES[obj.method]] = loss
         total = total + obj.lambda_sds * loss
     losses["total"] = total
     return losses
 
 
 def teacher_loss(trial: Trial, image_features: torch.Tensor, pooled: torch.Tensor, patches: torch.Tensor | None,
-                 text_rows, image_rows, viewed: tuple | None = None) -> tuple[str, torch.Tensor]:
-    """(metric name, loss) of the method's teacher term for one batch (see `loss_step`); `viewed`: the
+                 text_rows, image_rows, viewed: tuple | None = None) -> torch.Tensor:
+    """The method's teacher term for one batch (see `loss_step`); `viewed`: the
     (pooled, patches) of contrastive feedback's augmented views."""
     obj, device, opts, teacher = trial.objective, trial.device, trial.fast, trial.teacher
     batch = len(image_features)
@@ -468,15 +472,15 @@ def teacher_loss(trial: Trial, image_features: torch.Tensor, pooled: torch.Tenso
         # The CLS embedding before its normalisation, and the patch tokens drawn anew every step.
         tokens = objectives.feedback_tokens(pooled, patches, obj.feedback_tokens, trial.generator)
         cond = trial.projector(tokens, trial.empty).repeat_interleave(draws, 0)
-        return "feedback", objectives.feedback_loss(x0.to(device), cond, unet, teacher.scheduler, t.to(device),
-                                                    noise.to(device), obj.reduction)
+        return objectives.feedback_loss(x0.to(device), cond, unet, teacher.scheduler, t.to(device), noise.to(device),
+                                        obj.reduction)
     if obj.method == "contrastive_feedback":
         x0 = trial.latents.rows(image_rows)
         noise = torch.randn(x0.shape, generator=trial.generator)
         partners = objectives.contrastive_partners(batch, obj.contrastive_negatives, trial.generator)
         own = objectives.feedback_tokens(pooled, patches, obj.feedback_tokens, trial.generator)
         augmented = objectives.feedback_tokens(*viewed, obj.feedback_tokens, trial.generator)
-        return "contrastive", objectives.contrastive_feedback_loss(
+        return objectives.contrastive_feedback_loss(
             x0.to(device), trial.projector(own, trial.empty), trial.projector(augmented, trial.empty), partners, unet,
             teacher.scheduler, t.to(device), noise.to(device), obj.contrastive_temperature)
     cond = trial.conditioning.rows(text_rows).to(device, non_blocking=True)
@@ -487,11 +491,11 @@ def teacher_loss(trial: Trial, image_features: torch.Tensor, pooled: torch.Tenso
         x0, noise, t = x0.to(device), noise.to(device), t.to(device)
         with fastpath.autocast(device, opts):
             target = objectives.unet_features(teacher.unet, teacher.scheduler.add_noise(x0, noise, t), t, cond)
-        return "unet_feature", objectives.unet_feature_loss(predicted, target.float(), obj.reduction)
+        return objectives.unet_feature_loss(predicted, target.float(), obj.reduction)
     noise = torch.randn(predicted.shape, generator=trial.generator).to(device, non_blocking=True)
     sds = objectives.sds_loss(predicted, cond, unet, teacher.scheduler, t.to(device), noise, obj.noising,
                               obj.gradient, obj.reduction)
-    return "sds", sds.loss
+    return sds.loss
 
 
 def stream_seed(seed: int, stream: int | str) -> int:

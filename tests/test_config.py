@@ -319,6 +319,27 @@ def test_projector_steps_need_a_teacher_loss_and_clip_weight_zero_needs_one_too(
     assert load(write_params(tmp_path, params)).objective.clip_weight == 0
 
 
+def test_the_mlp_projector_is_only_a_feedback_projector(tmp_path):
+    params = raw_params()
+    params["objective"].update(method="sds", lambda_sds=0.1, projector="mlp")
+    line = ("objective.projector: 'mlp' with objective.method 'sds' and objective.lambda_sds 0.1, which train no "
+            "feedback projector; allowed: linear, or 'mlp' with a method among diffusion_feedback, "
+            "contrastive_feedback and objective.lambda_sds > 0")
+    with pytest.raises(ConfigError) as info:
+        load(write_params(tmp_path, params))
+    assert str(info.value) == line
+    params["objective"].update(method="diffusion_feedback", lambda_sds=0)
+    with pytest.raises(ConfigError, match=r"^objective\.projector: 'mlp' with objective\.method 'diffusion_feedback' "
+                                          r"and objective\.lambda_sds 0, "):
+        load(write_params(tmp_path, params))
+    params["objective"].update(method="contrastive_feedback", lambda_sds=1)
+    assert load(write_params(tmp_path, params)).objective.projector == "mlp"
+    params["objective"].update(projector="MLP")
+    with pytest.raises(ConfigError,
+                       match=r"^objective\.projector: 'MLP' is not allowed; expected one of 'linear', 'mlp'$"):
+        load(write_params(tmp_path, params))
+
+
 # --------------------------------------------------------------------------- what a params file must hold
 
 ALL_SECTIONS = "data, teacher, students, cache, objective, train, eval, tracking, compute"

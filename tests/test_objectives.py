@@ -675,6 +675,41 @@ def test_feedback_tokens_are_the_cls_then_patch_tokens_through_the_towers_projec
         assert torch.allclose(alone, empty + projector.linear(pooled)[:, None], atol=1e-6)
 
 
+def test_dcrs_mlp_projector_by_hand():
+    """objective.projector "mlp": LayerNorm(d), Linear(d, D), GELU (erf), Linear(D, D), added to the empty
+    caption's conditioning; computed here from the definitions on one token."""
+    projector = objectives.FeedbackProjector(2, 2, "mlp")
+    with torch.no_grad():
+        projector.hidden[1].weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 2.0]]))
+        projector.hidden[1].bias.copy_(torch.tensor([0.0, -1.0]))
+        projector.linear.weight.copy_(torch.tensor([[1.0, 1.0], [0.0, -1.0]]))
+        projector.linear.bias.copy_(torch.tensor([0.5, 0.0]))
+        empty = torch.tensor([[0.25, -0.25], [1.0, 2.0]])
+        cond = projector(torch.tensor([[[1.0, 3.0]]]), empty)
+    # LayerNorm of (1, 3): mean 2, variance 1 (eps 1e-5), then its default affine (1, 0).
+    normed = [-1 / math.sqrt(1 + 1e-5), 1 / math.sqrt(1 + 1e-5)]
+    gelu = lambda x: x * (1 + math.erf(x / math.sqrt(2))) / 2       # noqa: E731
+    h = [gelu(normed[0]), gelu(2 * normed[1] - 1)]
+    out = [h[0] + h[1] + 0.5, -h[1]]
+    expected = torch.tensor([[[0.25 + out[0], -0.25 + out[1]], [1.0 + out[0], 2.0 + out[1]]]])
+    assert torch.allclose(cond, expected, atol=1e-6), (cond, expected)
+    assert {n for n, _ in projector.named_parameters()} == {
+        "hidden.0.weight", "hidden.0.bias", "hidden.1.weight", "hidden.1.bias", "linear.weight", "linear.bias"}
+    # "linear" is the one Linear(d, D) it always was: the same parameters, so the same draws from the seed.
+    assert {n: p.shape for n, p in objectives.FeedbackProjector(3, 5).named_parameters()} == {
+        "linear.weight": (5, 3), "linear.bias": (5,)}
+
+
+@pytest.mark.parametrize("method", ["diffusion_feedback", "contrastive_feedback"])
+def test_the_mlp_projector_trains_with_the_feedback_methods(teacher, world, method):
+    trial = fresh_trial(teacher, world, method=method, lambda_sds=0.5, projector="mlp")
+    hidden = {n for n in trial.params if n.startswith("h_w.hidden.")}
+    assert hidden == {"h_w.hidden.0.weight", "h_w.hidden.0.bias", "h_w.hidden.1.weight", "h_w.hidden.1.bias"}
+    step(trial, world)["total"].backward()
+    assert all(trial.params[n].grad.abs().sum() > 0 for n in hidden)
+    assert trial.projector.linear.weight.shape == (TEACHER.text_width, TEACHER.text_width)
+
+
 def test_too_many_feedback_tokens_for_the_teachers_conditioning_is_a_config_error(teacher, world):
     with pytest.raises(ConfigError, match=r"^objective\.feedback_tokens: 16 with the CLS token does not fit the "
                                           r"teacher's 16 conditioning tokens; allowed: <= 15$"):

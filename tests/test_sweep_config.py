@@ -468,6 +468,25 @@ def test_sweep_stage_checks_every_listed_file_before_running_any(tmp_path, capsy
     assert json.loads((tmp_path / "results" / "sweeps.json").read_text()) == {}
 
 
+def test_sweep_stage_checks_every_listed_files_storage_before_running_any(tmp_path, capsys):
+    """A storage path that cannot hold a launch, in the second file, stops the stage before the first runs."""
+    from stages import sweep as stage
+
+    raw = params()
+    raw["sweeps"] = ["good.yaml", "stored.yaml"]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    (tmp_path / "good.yaml").write_text("name: good\nspace: {train.lr: [0.1]}\n")
+    (tmp_path / "stored.yaml").write_text(f"name: stored\nspace: {{train.lr: [0.1]}}\n"
+                                          f"storage_path: {blocker / 'ray'}\n")
+    assert stage.main(["--params", str(tmp_path / "params.yaml")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: storage_path: {blocker / 'ray'} cannot hold the launch's folder (Not a directory); give a writable "
+        "folder (--storage)"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "good.yaml", "params.yaml", "stored.yaml"]
+
+
 def test_the_params_files_sweep_list_is_not_part_of_a_trials_config():
     raw = params()
     raw["sweeps"] = ["sweeps/lambda.yaml"]

@@ -86,8 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("LOGLEVEL", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
     try:
         sweep, root = prepare(args)
-        specs = checked_trials(sweep, root, args.address)
-        driver.check_storage(driver.storage_root(sweep, root, args.storage))
+        specs = checked_trials(sweep, root, args.address, args.storage)
         if args.dry_run:
             if args.resume and sweep.scheduler.type == "asha":
                 print(driver.ASHA_RESUMED, file=sys.stderr)
@@ -135,11 +134,13 @@ def naming(path: Path | str):
         raise ConfigError(text if text.startswith(f"{path}: ") else f"{path}: {text}") from None
 
 
-def checked_trials(sweep: spec.Sweep, root: Path, address: str | None) -> list[spec.TrialSpec]:
+def checked_trials(sweep: spec.Sweep, root: Path, address: str | None, storage: str | None = None
+                   ) -> list[spec.TrialSpec]:
     """The sweep's fixed trial list (empty for Optuna), after every check that needs no Ray: what the
     dry run and the sweep stage run before anything starts. `address`: --address (a local Ray, whose
-    resources are this machine's, when neither it nor $RAY_ADDRESS names a cluster)."""
+    resources are this machine's, when neither it nor $RAY_ADDRESS names a cluster); `storage`: --storage."""
     check_store(sweep.base_config.tracking.uri, root)
+    driver.check_storage(driver.storage_root(sweep, root, storage))
     if (cluster := driver.ray_address(address)) not in (None, "auto"):
         driver.host_port(cluster, "--address" if address else "RAY_ADDRESS")
     with naming(sweep.source):

@@ -62,9 +62,9 @@ from typing import Annotated, Any, Literal
 from annotated_types import Ge
 from pydantic import StrictInt, StrictStr
 
-from pipeline.config import (ARO_SETS, CLEVR_SUBTASKS, PROFILES, SUGARCREPE_SUBSETS, Config, ConfigError, NonNegFloat,
-                             NonNegInt, PosFloat, PosInt, Seed, deep_merge, from_dict, read_yaml, resolve, type_name,
-                             validate, validated)
+from pipeline.config import (ARO_SETS, CLEVR_SUBTASKS, PROFILES, SUGARCREPE_SUBSETS, TEACHER_LOSSES, Config,
+                             ConfigError, NonNegFloat, NonNegInt, PosFloat, PosInt, Seed, deep_merge, from_dict, read_yaml,
+                             resolve, type_name, validate, validated)
 
 SWEEPABLE_SECTIONS = ("objective", "train", "eval")
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint")
@@ -72,7 +72,7 @@ SPEC_KINDS = ("all", "grid") + DISTRIBUTIONS
 SEARCHES = ("grid", "random", "optuna")
 TOP_KEYS = ("name", "base", "space", "search", "scheduler", "seeds", "resources", "max_concurrent", "metric",
             "mode", "storage_path")
-STEP_METRICS = ("loss/clip", "loss/total", "loss/sds", "loss/unet_feature", "loss/feedback", "loss/contrastive")
+STEP_METRICS = ("loss/clip", "loss/total") + tuple(f"loss/{name}" for name in TEACHER_LOSSES.values())
 # The metric names the trials log, by benchmark, from the lists pipeline.config reads the benchmarks by
 # (SugarCrepe's groups are its subsets' prefixes); <...> stands for a name the benchmark's data has.
 _METRIC_NAMES = {
