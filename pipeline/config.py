@@ -275,7 +275,7 @@ class ObjectiveConfig:
                           same-tag words), and with negclip_neighbours, a hard-negative image per
                           image. lambda_sds must be 0.
       diffusion_feedback  DIVA's and DCR's form: the student's image tokens, through a trainable
-                          linear projector, are added to the teacher's conditioning of the empty
+                          projector (`projector`), are added to the teacher's conditioning of the empty
                           caption (in place of a caption; the CLS alone at every position); the
                           frozen UNet denoises the image's cached VAE latent at a sampled step and
                           L_teacher is its epsilon error.
