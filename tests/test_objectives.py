@@ -695,9 +695,14 @@ def test_dcrs_mlp_projector_by_hand():
     assert torch.allclose(cond, expected, atol=1e-6), (cond, expected)
     assert {n for n, _ in projector.named_parameters()} == {
         "hidden.0.weight", "hidden.0.bias", "hidden.1.weight", "hidden.1.bias", "linear.weight", "linear.bias"}
-    # "linear" is the one Linear(d, D) it always was: the same parameters, so the same draws from the seed.
-    assert {n: p.shape for n, p in objectives.FeedbackProjector(3, 5).named_parameters()} == {
-        "linear.weight": (5, 3), "linear.bias": (5,)}
+    # "linear" is the one Linear(d, D) it always was: the same parameters from the same draws of the seed.
+    torch.manual_seed(7)
+    linear, next_draw = objectives.FeedbackProjector(3, 5), torch.rand(1)
+    torch.manual_seed(7)
+    alone, alone_next_draw = nn.Linear(3, 5), torch.rand(1)
+    assert {n: p.shape for n, p in linear.named_parameters()} == {"linear.weight": (5, 3), "linear.bias": (5,)}
+    assert torch.equal(linear.linear.weight, alone.weight) and torch.equal(linear.linear.bias, alone.bias)
+    assert torch.equal(next_draw, alone_next_draw)          # and it draws nothing more
 
 
 @pytest.mark.parametrize("method", ["diffusion_feedback", "contrastive_feedback"])
