@@ -255,6 +255,7 @@ TEACHER_LOSSES = {"sds": "sds", "unet_feature": "unet_feature", "diffusion_feedb
 TEACHER_METHODS = tuple(TEACHER_LOSSES)
 # The methods whose projector puts the student's image tokens into the teacher's conditioning.
 FEEDBACK_METHODS = ("diffusion_feedback", "contrastive_feedback")
+PROJECTORS = ("linear", "mlp")                 # objective.projector: the feedback projector's kinds
 
 
 @validated
@@ -298,13 +299,10 @@ class ObjectiveConfig:
     projector         the feedback methods' projector: "linear", one Linear(d, D) (DIVA's), or
                       "mlp", DCR's LayerNorm(d), Linear(d, D), GELU, Linear(D, D). h_w stays the
                       paper's linear map, so sds and unet_feature allow only "linear".
-    Like noising, gradient and the rest, the keys of one method are ignored by the others (so one
-    sweep base serves them all); lambda_sds is not: a method with no teacher loss needs 0, so its
-    runs log the weight they ran with.
     projector_steps   the first N of train.steps train only h_w (sds, unet_feature) or the
-                      projector (diffusion_feedback) on L_teacher, the student frozen; then the
-                      scope joins with the full loss (an h_w warm-up; like GenHancer's two stages,
-                      whose first trains its denoiser too).
+                      projector (diffusion_feedback, contrastive_feedback) on L_teacher, the
+                      student frozen; then the scope joins with the full loss (an h_w warm-up;
+                      like GenHancer's two stages, whose first trains its denoiser too).
     negclip_neighbours  negclip: the k training images nearest each image by the pretrained student's
                       image embedding (cosine; NegCLIP: 3, by CLIP's); each step one of them joins the
                       batch with its caption and a hard negative of that caption, so the contrastive
@@ -326,6 +324,11 @@ class ObjectiveConfig:
     t_min, t_max      the DDPM steps the teacher losses sample from.
     latent_scale      a factor on h_w's output (sds, unet_feature).
 
+    Like noising, gradient and the rest, the keys of one method are ignored by the others (so one
+    sweep base serves them all), but for two: lambda_sds, which a method with no teacher loss needs
+    at 0 so that its runs log the weight they ran with, and projector, whose "mlp" a method that
+    trains no feedback projector refuses.
+
     A v-prediction teacher's output is converted to its epsilon estimate before any error is
     taken (eps_hat = sqrt(abar_t) v_hat + sqrt(1 - abar_t) x_t), so every teacher loss is the
     paper's epsilon error whatever the teacher predicts.
@@ -337,7 +340,7 @@ class ObjectiveConfig:
     reduction: Literal["mean", "sum"] = "mean"
     projector_steps: NonNegInt = 0
     projector_lr: NonNegFloat = 0.0                # 0: train.lr
-    projector: Literal["linear", "mlp"] = "linear"
+    projector: Literal[PROJECTORS] = "linear"
     negclip_neighbours: NonNegInt = 3
     feedback_tokens: NonNegInt = 0
     feedback_timesteps: PosInt = 1
@@ -370,8 +373,8 @@ class ObjectiveConfig:
         if self.projector == "mlp" and not (self.method in FEEDBACK_METHODS and self.teacher_loss):
             raise ConfigError(f"objective.projector: 'mlp' with objective.method {self.method!r} and "
                               f"objective.lambda_sds {self.lambda_sds:g}, which train no feedback projector; allowed: "
-                              "linear, or 'mlp' with a method among " + ", ".join(FEEDBACK_METHODS)
-                              + " and objective.lambda_sds > 0")
+                              "linear, or 'mlp' with objective.lambda_sds > 0 and a method among "
+                              + ", ".join(FEEDBACK_METHODS))
         if self.projector_steps and not self.teacher_loss:
             raise ConfigError(f"objective.projector_steps: {self.projector_steps} needs a teacher loss to train the "
                               "projector on; allowed: 0, or a method among " + ", ".join(TEACHER_METHODS)
@@ -513,10 +516,11 @@ class Config:
             raise ConfigError(
                 f"train.student: {self.train.student!r} is not a student; allowed: {sorted(self.students)}"
             )
-        if self.objective.projector_steps >= self.train.steps:
-            raise ConfigError(f"objective.projector_steps: {self.objective.projector_steps} leaves none of "
+        objective = self.objective
+        if objective.projector_steps >= self.train.steps:
+            raise ConfigError(f"objective.projector_steps: {objective.projector_steps} leaves none of "
                               f"train.steps ({self.train.steps}) to train the student; allowed: < {self.train.steps}")
-        objective, batch = self.objective, self.train.batch_size
+        batch = self.train.batch_size
         if objective.method == "contrastive_feedback" and objective.teacher_loss:
             if batch < 2:
                 raise ConfigError(f"train.batch_size: {batch} leaves objective.method 'contrastive_feedback' no "
@@ -525,10 +529,8 @@ class Config:
                 raise ConfigError(f"objective.contrastive_negatives: {objective.contrastive_negatives} is not allowed "
                                   f"with train.batch_size {batch} (an image's negatives are the batch's other images); "
                                   f"allowed: < {batch}")
-        if self.objective.t_min >= self.objective.t_max:
-            raise ConfigError(
-                f"objective.t_min: {self.objective.t_min} must be below objective.t_max ({self.objective.t_max})"
-            )
+        if objective.t_min >= objective.t_max:
+            raise ConfigError(f"objective.t_min: {objective.t_min} must be below objective.t_max ({objective.t_max})")
         if self.eval.diffusion_t_min >= self.eval.diffusion_t_max:
             raise ConfigError(
                 f"eval.diffusion_t_min: {self.eval.diffusion_t_min} must be below eval.diffusion_t_max"

@@ -17,7 +17,7 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from open_clip.loss import ClipLoss
 from torch import nn
 
-from pipeline.config import ConfigError
+from pipeline.config import PROJECTORS, ConfigError
 
 _clip_loss = ClipLoss()
 
@@ -81,6 +81,8 @@ class FeedbackProjector(nn.Module):
 
     def __init__(self, embed_dim: int, width: int, kind: str = "linear"):
         super().__init__()
+        if kind not in PROJECTORS:
+            raise ValueError(f"kind {kind!r} is not a projector; use one of {', '.join(map(repr, PROJECTORS))}")
         # The MLP's layers before its last Linear; `linear` is the last (the only one of "linear").
         mlp = kind == "mlp"
         self.hidden = nn.Sequential(nn.LayerNorm(embed_dim), nn.Linear(embed_dim, width), nn.GELU()) if mlp \

@@ -703,6 +703,8 @@ def test_dcrs_mlp_projector_by_hand():
     assert {n: p.shape for n, p in linear.named_parameters()} == {"linear.weight": (5, 3), "linear.bias": (5,)}
     assert torch.equal(linear.linear.weight, alone.weight) and torch.equal(linear.linear.bias, alone.bias)
     assert torch.equal(next_draw, alone_next_draw)          # and it draws nothing more
+    with pytest.raises(ValueError, match=r"^kind 'MLP' is not a projector; use one of 'linear', 'mlp'$"):
+        objectives.FeedbackProjector(3, 5, "MLP")           # a library caller's typo builds no Linear silently
 
 
 @pytest.mark.parametrize("method", ["diffusion_feedback", "contrastive_feedback"])

@@ -482,8 +482,8 @@ def test_sweep_stage_checks_every_listed_files_storage_before_running_any(tmp_pa
                                           f"storage_path: {blocker / 'ray'}\n")
     assert stage.main(["--params", str(tmp_path / "params.yaml")]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        f"error: storage_path: {blocker / 'ray'} cannot hold the launch's folder (Not a directory); give a writable "
-        "folder (--storage)"]
+        f"error: {tmp_path / 'stored.yaml'}: storage_path: {blocker / 'ray'} cannot hold the launch's folder (Not a "
+        "directory); give a writable folder"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "good.yaml", "params.yaml", "stored.yaml"]
 
 
@@ -801,8 +801,7 @@ def test_a_storage_path_that_cannot_hold_a_launch_is_refused_before_ray_starts(t
     blocker.write_text("")
     proc = _cli(sweep_file, "--params", tmp_path / "params.yaml", "--storage", blocker / "ray", cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    line = (f"error: storage_path: {blocker / 'ray'} cannot hold the launch's folder (Not a directory); give a "
-            "writable folder (--storage)")
+    line = f"error: --storage: {blocker / 'ray'} cannot hold the launch's folder (Not a directory); give a writable folder"
     assert proc.stderr.strip() == line, proc.stderr
     proc = _cli(sweep_file, "--params", tmp_path / "params.yaml", "--storage", blocker / "ray", "--dry-run", cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.strip() == line, proc.stderr       # the dry run checks it too

@@ -140,7 +140,11 @@ def checked_trials(sweep: spec.Sweep, root: Path, address: str | None, storage: 
     dry run and the sweep stage run before anything starts. `address`: --address (a local Ray, whose
     resources are this machine's, when neither it nor $RAY_ADDRESS names a cluster); `storage`: --storage."""
     check_store(sweep.base_config.tracking.uri, root)
-    driver.check_storage(driver.storage_root(sweep, root, storage))
+    if storage:
+        driver.check_storage(driver.storage_root(sweep, root, storage), "--storage")
+    else:
+        with naming(sweep.source):
+            driver.check_storage(driver.storage_root(sweep, root, None), "storage_path")
     if (cluster := driver.ray_address(address)) not in (None, "auto"):
         driver.host_port(cluster, "--address" if address else "RAY_ADDRESS")
     with naming(sweep.source):

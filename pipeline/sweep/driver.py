@@ -248,10 +248,10 @@ def check_reachable(address: str, source: str, timeout: float = 10.0) -> None:
                           "start the cluster's head there first (`ray start --head`)") from None
 
 
-def check_storage(storage: str) -> None:
+def check_storage(storage: str, key: str) -> None:
     """Refuse, creating nothing, a local storage path that cannot hold a launch's folder, in the line
     `launch_lock`'s mkdir would give once Ray is up: its nearest existing folder is a file or is not
-    writable. A URI's bucket is Ray's to reach."""
+    writable. A URI's bucket is Ray's to reach. `key`: where the path was given."""
     if "://" in storage:
         return
     path = Path(storage)
@@ -259,8 +259,8 @@ def check_storage(storage: str) -> None:
     code = errno.ENOTDIR if not existing.is_dir() else errno.EACCES if not os.access(existing, os.W_OK | os.X_OK) \
         else None
     if code is not None:
-        raise ConfigError(f"storage_path: {storage} cannot hold the launch's folder ({os.strerror(code)}); "
-                          "give a writable folder (--storage)")
+        raise ConfigError(f"{key}: {storage} cannot hold the launch's folder ({os.strerror(code)}); "
+                          "give a writable folder")
 
 
 def tuner(sweep: Sweep, specs: list[TrialSpec], root: Path, recorder, ray_path: str, resume: bool, retry: bool):

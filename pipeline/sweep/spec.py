@@ -63,8 +63,8 @@ from annotated_types import Ge
 from pydantic import StrictInt, StrictStr
 
 from pipeline.config import (ARO_SETS, CLEVR_SUBTASKS, PROFILES, SUGARCREPE_SUBSETS, TEACHER_LOSSES, Config,
-                             ConfigError, NonNegFloat, NonNegInt, PosFloat, PosInt, Seed, deep_merge, from_dict, read_yaml,
-                             resolve, type_name, validate, validated)
+                             ConfigError, NonNegFloat, NonNegInt, PosFloat, PosInt, Seed, deep_merge, from_dict,
+                             read_yaml, resolve, type_name, validate, validated)
 
 SWEEPABLE_SECTIONS = ("objective", "train", "eval")
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint")
