@@ -325,9 +325,10 @@ class ObjectiveConfig:
     latent_scale      a factor on h_w's output (sds, unet_feature).
 
     Like noising, gradient and the rest, the keys of one method are ignored by the others (so one
-    sweep base serves them all), but for two: lambda_sds, which a method with no teacher loss needs
-    at 0 so that its runs log the weight they ran with, and projector, whose "mlp" a method that
-    trains no feedback projector refuses.
+    sweep base serves them all), but for those a run would otherwise log with a value it did not
+    run with: lambda_sds (0 for a method with no teacher loss), projector ("mlp" only where a
+    feedback projector trains), projector_steps (0 without a teacher loss) and feedback_timesteps
+    (1 but for diffusion_feedback).
 
     A v-prediction teacher's output is converted to its epsilon estimate before any error is
     taken (eps_hat = sqrt(abar_t) v_hat + sqrt(1 - abar_t) x_t), so every teacher loss is the
@@ -373,7 +374,7 @@ class ObjectiveConfig:
         if self.projector == "mlp" and not (self.method in FEEDBACK_METHODS and self.teacher_loss):
             raise ConfigError(f"objective.projector: 'mlp' with objective.method {self.method!r} and "
                               f"objective.lambda_sds {self.lambda_sds:g}, which train no feedback projector; allowed: "
-                              "linear, or 'mlp' with objective.lambda_sds > 0 and a method among "
+                              "'linear', or 'mlp' with objective.lambda_sds > 0 and a method among "
                               + ", ".join(FEEDBACK_METHODS))
         if self.projector_steps and not self.teacher_loss:
             raise ConfigError(f"objective.projector_steps: {self.projector_steps} needs a teacher loss to train the "

@@ -323,7 +323,7 @@ def test_the_mlp_projector_is_only_a_feedback_projector(tmp_path):
     params = raw_params()
     params["objective"].update(method="sds", lambda_sds=0.1, projector="mlp")
     line = ("objective.projector: 'mlp' with objective.method 'sds' and objective.lambda_sds 0.1, which train no "
-            "feedback projector; allowed: linear, or 'mlp' with objective.lambda_sds > 0 and a method among "
+            "feedback projector; allowed: 'linear', or 'mlp' with objective.lambda_sds > 0 and a method among "
             "diffusion_feedback, contrastive_feedback")
     with pytest.raises(ConfigError) as info:
         load(write_params(tmp_path, params))

@@ -806,6 +806,25 @@ def test_a_storage_path_that_cannot_hold_a_launch_is_refused_before_ray_starts(t
     proc = _cli(sweep_file, "--params", tmp_path / "params.yaml", "--storage", blocker / "ray", "--dry-run", cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.strip() == line, proc.stderr       # the dry run checks it too
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "cache", "data", "models", "params.yaml", "s.yaml"]
+    # Neither given: the project's ray_results, which the file did not set, and the line says so.
+    (tmp_path / "ray_results").write_text("")
+    proc = _cli(sweep_file, "--params", tmp_path / "params.yaml", "--dry-run", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        f"error: {sweep_file}: storage_path (unset: the project's ray_results): {tmp_path / 'ray_results'} cannot "
+        "hold the launch's folder (Not a directory); give a writable folder"), proc.stderr
+
+
+def test_a_launch_folder_that_cannot_be_created_is_refused_in_one_line(tmp_path):
+    """Past the up-front check (a folder replaced since, or --resume naming a launch elsewhere)."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    from pipeline.sweep.driver import launch_lock
+
+    with pytest.raises(ConfigError) as info:
+        with launch_lock(str(blocker / "launch")):
+            pass
+    assert str(info.value) == (f"{blocker / 'launch'}: the launch's folder cannot be created (Not a directory); "
+                               "give a writable folder (storage_path or --storage)")
 
 
 def test_a_results_file_that_cannot_be_written_is_refused_by_the_dry_run(tmp_path):

@@ -143,8 +143,9 @@ def checked_trials(sweep: spec.Sweep, root: Path, address: str | None, storage: 
     if storage:
         driver.check_storage(driver.storage_root(sweep, root, storage), "--storage")
     else:
+        key = "storage_path" if sweep.storage_path else "storage_path (unset: the project's ray_results)"
         with naming(sweep.source):
-            driver.check_storage(driver.storage_root(sweep, root, None), "storage_path")
+            driver.check_storage(driver.storage_root(sweep, root, None), key)
     if (cluster := driver.ray_address(address)) not in (None, "auto"):
         driver.host_port(cluster, "--address" if address else "RAY_ADDRESS")
     with naming(sweep.source):

@@ -249,9 +249,9 @@ def check_reachable(address: str, source: str, timeout: float = 10.0) -> None:
 
 
 def check_storage(storage: str, key: str) -> None:
-    """Refuse, creating nothing, a local storage path that cannot hold a launch's folder, in the line
-    `launch_lock`'s mkdir would give once Ray is up: its nearest existing folder is a file or is not
-    writable. A URI's bucket is Ray's to reach. `key`: where the path was given."""
+    """Refuse, creating nothing and before Ray starts, a local storage path that cannot hold a launch's
+    folder: its nearest existing folder is a file or is not writable. A URI's bucket is Ray's to reach.
+    `key`: where the path was given."""
     if "://" in storage:
         return
     path = Path(storage)
@@ -315,8 +315,9 @@ def launch_lock(ray_path: str):
     try:
         Path(ray_path).mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise ConfigError(f"storage_path: {Path(ray_path).parent} cannot hold the launch's folder "
-                          f"({err.strerror or type(err).__name__}); give a writable folder (--storage)") from None
+        # Past check_storage: the folder changed since, or --resume named a launch outside the storage.
+        raise ConfigError(f"{ray_path}: the launch's folder cannot be created ({err.strerror or type(err).__name__}); "
+                          "give a writable folder (storage_path or --storage)") from None
     with open(Path(ray_path) / "driver.lock", "a+") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
