@@ -815,7 +815,7 @@ def test_a_storage_path_that_cannot_hold_a_launch_is_refused_before_ray_starts(t
 
 
 def test_a_launch_folder_that_cannot_be_created_is_refused_in_one_line(tmp_path):
-    """Past the up-front check (a folder replaced since, or --resume naming a launch elsewhere)."""
+    """Past the up-front check: the folder changed since, or the system refused the mkdir."""
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     from pipeline.sweep.driver import launch_lock

@@ -315,7 +315,7 @@ def launch_lock(ray_path: str):
     try:
         Path(ray_path).mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        # Past check_storage: the folder changed since, or --resume named a launch outside the storage.
+        # Past check_storage: the folder changed since, or the system refused the mkdir (a full disk).
         raise ConfigError(f"{ray_path}: the launch's folder cannot be created ({err.strerror or type(err).__name__}); "
                           "give a writable folder (storage_path or --storage)") from None
     with open(Path(ray_path) / "driver.lock", "a+") as lock:
