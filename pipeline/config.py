@@ -328,7 +328,7 @@ class ObjectiveConfig:
     sweep base serves them all), but for those a run would otherwise log with a value it did not
     run with: lambda_sds (0 for a method with no teacher loss), projector ("mlp" only where a
     feedback projector trains), projector_steps (0 without a teacher loss) and feedback_timesteps
-    (1 but for diffusion_feedback).
+    (1 but for diffusion_feedback with a teacher loss).
 
     A v-prediction teacher's output is converted to its epsilon estimate before any error is
     taken (eps_hat = sqrt(abar_t) v_hat + sqrt(1 - abar_t) x_t), so every teacher loss is the
@@ -380,10 +380,11 @@ class ObjectiveConfig:
             raise ConfigError(f"objective.projector_steps: {self.projector_steps} needs a teacher loss to train the "
                               "projector on; allowed: 0, or a method among " + ", ".join(TEACHER_METHODS)
                               + " with objective.lambda_sds > 0")
-        if self.feedback_timesteps != 1 and self.method != "diffusion_feedback":
+        if self.feedback_timesteps != 1 and not (self.method == "diffusion_feedback" and self.teacher_loss):
             raise ConfigError(f"objective.feedback_timesteps: {self.feedback_timesteps} with objective.method "
-                              f"{self.method!r}, which samples one timestep per image; allowed: 1 (or method "
-                              "diffusion_feedback)")
+                              f"{self.method!r} and objective.lambda_sds {self.lambda_sds:g}, which run no diffusion "
+                              "feedback; allowed: 1, or more with objective.lambda_sds > 0 and method "
+                              "diffusion_feedback")
         if self.clip_weight == 0 and not self.teacher_loss:
             raise ConfigError("objective.clip_weight: 0 leaves no loss (no teacher loss either); allowed: > 0")
 

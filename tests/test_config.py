@@ -272,13 +272,19 @@ def test_preset_that_is_not_a_mapping_is_a_config_error(tmp_path):
         load(write_params(tmp_path, params))
 
 
-def test_feedback_timesteps_other_than_one_need_diffusion_feedback(tmp_path):
+def test_feedback_timesteps_other_than_one_need_diffusion_feedback_with_a_teacher_loss(tmp_path):
+    """Otherwise no timestep is drawn for the feedback, and the run would log a count it never ran."""
     params = raw_params()
-    params["objective"].update(method="sds", feedback_timesteps=2)
-    with pytest.raises(ConfigError, match=r"^objective\.feedback_timesteps: 2 with objective\.method 'sds', which "
-                                          r"samples one timestep per image; allowed: 1 \(or method diffusion_feedback\)$"):
+    params["objective"].update(method="sds", lambda_sds=0.1, feedback_timesteps=2)
+    with pytest.raises(ConfigError, match=r"^objective\.feedback_timesteps: 2 with objective\.method 'sds' and "
+                                          r"objective\.lambda_sds 0\.1, which run no diffusion feedback; allowed: 1, or "
+                                          r"more with objective\.lambda_sds > 0 and method diffusion_feedback$"):
         load(write_params(tmp_path, params))
-    params["objective"].update(method="diffusion_feedback")
+    params["objective"].update(method="diffusion_feedback", lambda_sds=0)
+    with pytest.raises(ConfigError, match=r"^objective\.feedback_timesteps: 2 with objective\.method "
+                                          r"'diffusion_feedback' and objective\.lambda_sds 0, which run no "):
+        load(write_params(tmp_path, params))
+    params["objective"].update(lambda_sds=1)
     assert load(write_params(tmp_path, params)).objective.feedback_timesteps == 2
     params["objective"].update(feedback_timesteps=0)
     with pytest.raises(ConfigError, match=r"^objective\.feedback_timesteps: "):

@@ -814,17 +814,22 @@ def test_a_storage_path_that_cannot_hold_a_launch_is_refused_before_ray_starts(t
         "hold the launch's folder (Not a directory); give a writable folder"), proc.stderr
 
 
-def test_a_launch_folder_that_cannot_be_created_is_refused_in_one_line(tmp_path):
-    """Past the up-front check: the folder changed since, or the system refused the mkdir."""
+def test_a_launch_folder_that_cannot_be_created_or_written_is_refused_in_one_line(tmp_path):
+    """Past the up-front check, which checks the storage and not a launch in it: the folder changed since,
+    the system refused the mkdir, or --resume names a launch whose lock file cannot be opened (a
+    read-only folder; a folder where the file would be stands in for it, as root writes anywhere)."""
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     from pipeline.sweep.driver import launch_lock
 
-    with pytest.raises(ConfigError) as info:
-        with launch_lock(str(blocker / "launch")):
-            pass
-    assert str(info.value) == (f"{blocker / 'launch'}: the launch's folder cannot be created (Not a directory); "
-                               "give a writable folder (storage_path or --storage)")
+    unwritable = tmp_path / "launch"
+    (unwritable / "driver.lock").mkdir(parents=True)
+    for folder, why in ((blocker / "launch", "Not a directory"), (unwritable, "Is a directory")):
+        with pytest.raises(ConfigError) as info:
+            with launch_lock(str(folder)):
+                pass
+        assert str(info.value) == (f"{folder}: the launch's folder cannot be created or written ({why}); a launch "
+                                   "needs a writable folder (storage_path or --storage)")
 
 
 def test_a_results_file_that_cannot_be_written_is_refused_by_the_dry_run(tmp_path):

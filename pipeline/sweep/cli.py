@@ -20,7 +20,7 @@ import math
 import os
 import shlex
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from pipeline import cli
@@ -140,12 +140,9 @@ def checked_trials(sweep: spec.Sweep, root: Path, address: str | None, storage: 
     dry run and the sweep stage run before anything starts. `address`: --address (a local Ray, whose
     resources are this machine's, when neither it nor $RAY_ADDRESS names a cluster); `storage`: --storage."""
     check_store(sweep.base_config.tracking.uri, root)
-    if storage:
-        driver.check_storage(driver.storage_root(sweep, root, storage), "--storage")
-    else:
-        key = "storage_path" if sweep.storage_path else "storage_path (unset: the project's ray_results)"
-        with naming(sweep.source):
-            driver.check_storage(driver.storage_root(sweep, root, None), key)
+    key = driver.storage_setting(sweep, storage)[1]
+    with nullcontext() if storage else naming(sweep.source):     # a key of the file is named with its file
+        driver.check_storage(driver.storage_root(sweep, root, storage), key)
     if (cluster := driver.ray_address(address)) not in (None, "auto"):
         driver.host_port(cluster, "--address" if address else "RAY_ADDRESS")
     with naming(sweep.source):

@@ -29,8 +29,17 @@ CODE_ROOT = Path(__file__).resolve().parents[2]
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
 
+def storage_setting(sweep: Sweep, override: str | None) -> tuple[str, str]:
+    """The Ray storage a launch uses as given, and the key that gave it (what a refusal names)."""
+    if override:
+        return override, "--storage"
+    if sweep.storage_path:
+        return sweep.storage_path, "storage_path"
+    return "ray_results", "storage_path (unset: the project's ray_results)"
+
+
 def storage_root(sweep: Sweep, root: Path, override: str | None) -> str:
-    value = override or sweep.storage_path or "ray_results"
+    value = storage_setting(sweep, override)[0]
     if "://" in value:
         return value.rstrip("/")
     path = Path(value).expanduser()
@@ -314,11 +323,14 @@ def launch_lock(ray_path: str):
         return
     try:
         Path(ray_path).mkdir(parents=True, exist_ok=True)
+        lock = open(Path(ray_path) / "driver.lock", "a+")
     except OSError as err:
-        # Past check_storage: the folder changed since, or the system refused the mkdir (a full disk).
-        raise ConfigError(f"{ray_path}: the launch's folder cannot be created ({err.strerror or type(err).__name__}); "
-                          "give a writable folder (storage_path or --storage)") from None
-    with open(Path(ray_path) / "driver.lock", "a+") as lock:
+        # Past check_storage, which checks the storage and not a launch in it: the folder changed
+        # since, the system refused the mkdir (a full disk), or --resume names a read-only launch.
+        raise ConfigError(f"{ray_path}: the launch's folder cannot be created or written "
+                          f"({err.strerror or type(err).__name__}); a launch needs a writable folder "
+                          "(storage_path or --storage)") from None
+    with lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
