@@ -67,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     p = cli.doc_parser(__doc__, cli.module_prog(__name__))
     p.add_argument("files", nargs="*", type=Path, help="sweep files (default: params.yaml's `sweeps`)")
     p.add_argument("--params", type=Path, default=Path("params.yaml"), help="parameter file (default: params.yaml)")
-    p.add_argument("--profile", choices=config.PROFILES, help="override every sweep's base.profile")
+    p.add_argument("--profile", choices=config.PROFILES,
+                   help="the profile every sweep runs on (default: params.yaml's, the one the other stages build "
+                        "for; a sweep file's base.profile is not read here)")
     p.add_argument("--address", metavar="HOST:PORT", help="Ray cluster to run on (default: $RAY_ADDRESS or local)")
     p.add_argument("--gpus-per-trial", type=float, metavar="N",
                    help="GPUs per trial for every sweep (default: the sweep file's; 1 where it asks for none and "
@@ -80,13 +82,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config.from_dict(config.resolve(params, source=str(params_path)))   # read once: the sweeps read it too
         profile = args.profile or cfg.profile   # the sweeps run on the profile the rest of `dvc repro` uses
         files = sweep_files(cfg, args.files, root)
-        sweeps, trials = [], []
+        sweeps = []
         for path in files:                                                    # all checked before any runs
             with sweep_cli.naming(path):
                 sweeps.append(spec.load(path, params, profile, str(params_path)))
-            trials.append(sweep_cli.checked_trials(sweeps[-1], root, args.address))
-        for sweep, specs in zip(sweeps, trials):   # then their built inputs: a sweep that cannot start costs no results
-            sweep_cli.preflight(sweep, specs, root)
         names = [s.name for s in sweeps]
         if len(set(names)) != len(names):
             dup = next(n for n in names if names.count(n) > 1)
@@ -95,9 +94,13 @@ def main(argv: list[str] | None = None) -> int:
         gpus = [gpus_per_trial(s.resources.gpu, lambda s=s: _device_type(s), args.gpus_per_trial, cluster)
                 for s in sweeps]
         commands = [command(path, params_path, profile, args.address, gpu) for path, gpu in zip(files, gpus)]
-        # The definition each command runs, its options (--gpus-per-trial) included and checked: what a
-        # launch killed with the stage is found by when the stage runs again.
+        # The definition each command runs, its options (--gpus-per-trial) included: what its checks
+        # read, and what a launch killed with the stage is found by when the stage runs again.
         launched = [sweep_cli.prepare(sweep_cli.build_parser().parse_args(c))[0] for c in commands]
+        trials = [sweep_cli.checked_trials(s, root, args.address, gpus_option=gpu is not None)
+                  for s, gpu in zip(launched, gpus)]
+        for sweep, specs in zip(launched, trials):   # then their built inputs: a sweep that cannot start costs no results
+            sweep_cli.preflight(sweep, specs, root)
     except cli.CONFIG_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE

@@ -225,3 +225,7 @@ def test_the_summary_names_the_params_file_only_when_it_is_not_the_default():
     assert last(Path("my params.yaml")).endswith(
         "python -m pipeline.report lambda --params 'my params.yaml' --out runs/reports/lambda")
     assert last(Path("/p/x.yaml")).endswith("--params /p/x.yaml --out /p/runs/reports/lambda")
+    # A profile other than the params file's is passed on: the report names the rows by its students.
+    smoke = spec.load(REPO / "sweeps" / "lambda.yaml", read_yaml(REPO / "params.yaml"), "smoke")
+    assert summary_text(smoke, [], counts, None, 1.0, None).splitlines()[-1] == (
+        "report (table and figure): python -m pipeline.report lambda --profile smoke --out runs/reports/lambda")

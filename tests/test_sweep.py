@@ -273,7 +273,6 @@ base:
   profile: smoke
   params:
     objective.lambda_sds: 1e-3
-    students: {ghost: {embed_dim: 32}}     # valid config, but the models stage never built it
 space:
   train.student: [toy-vit, ghost]
   objective.latent_scale: [1.0, 1e300]     # 1e300 overflows float32: the SDS loss is NaN at step 0
@@ -284,7 +283,10 @@ max_concurrent: 4
 
 def test_raising_and_nan_trials_fail_alone_and_the_sweep_exits_nonzero(project, local_ray, monkeypatch, capsys):
     monkeypatch.chdir(project)
-    assert run_main(project, write(project, "failing.yaml", FAILING)) == 1
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["profiles"]["smoke"]["students"]["ghost"] = {"embed_dim": 32}   # valid, but the models stage never built it
+    ghost = write(project, "ghost-params.yaml", yaml.safe_dump(params, sort_keys=False))
+    assert sweep.main([str(write(project, "failing.yaml", FAILING)), "--params", str(ghost)]) == 1
     out = capsys.readouterr().out
 
     tr = tracker(project, "failing")
@@ -638,10 +640,25 @@ def test_a_launch_killed_before_ray_recorded_a_trial_is_refused_and_its_run_ende
     recorder = RunRecorder(sweep, project, tr.uri, "sds-clip/early")
     recorder.open_launch(killed)
     driver.tuner(sweep, spec.trials(sweep), project, recorder, killed, resume=False, retry=False)
+    # And one killed while Ray Tune wrote its snapshot (cut short), a trial's run open: the sweep stage
+    # starts a new launch in its place (a resume is refused), which ends both runs.
+    cut = f"{project}/ray_results/early-20261205-095000-0001-{sweep.spec_hash()}"
+    recorder = RunRecorder(sweep, project, tr.uri, "sds-clip/early")
+    recorder.open_launch(cut)
+    driver.tuner(sweep, spec.trials(sweep), project, recorder, cut, resume=False, retry=False)
+    Path(cut, "experiment_state-2026-12-05_09-50-00.json").write_text('{"trial_data": [')
+    (cut_parent,) = [run for run in launches(tr) if run["tags"]["ray_path"] == cut]
+    tr.start("t000", tags={"sweep_role": "trial"}, parent=cut_parent["run_id"], experiment="sds-clip/early")
+    assert driver.unfinished_launch(sweep, f"{project}/ray_results") is None
+    assert f"note: launch {cut} cannot be continued (experiment_state-2026-12-05_09-50-00.json was cut short" \
+        in capsys.readouterr().err
     assert run_main(project, sweep_file) == 0
     by_path = {run["tags"]["ray_path"]: run for run in launches(tr)}
-    assert len(by_path) == 3 and by_path[killed]["status"] == "KILLED" and by_path[ray_path]["status"] == "KILLED"
-    (new,) = [run for path, run in by_path.items() if path not in (killed, ray_path)]
+    assert len(by_path) == 4 and all(by_path[p]["status"] == "KILLED" for p in (killed, ray_path, cut))
+    assert "cannot be read" in by_path[cut]["tags"]["failure"]
+    (trial,) = children(tr, by_path[cut]["run_id"])
+    assert trial["status"] == "KILLED" and trial["tags"]["failure"] == by_path[cut]["tags"]["failure"]
+    (new,) = [run for path, run in by_path.items() if path not in (killed, ray_path, cut)]
     assert new["status"] == "FINISHED" and len(children(tr, new["run_id"])) == 2
 
 

@@ -217,7 +217,9 @@ BAD = {
     "unknown parameter": ("name: x\nspace: {train.lrr: [0.1]}\n", ["space.train.lrr", "unknown parameter", "train.lr"]),
     "section not a leaf": ("name: x\nspace: {train: [0.1]}\n", ["space.train", "unknown parameter", "train.lr"]),
     "not sweepable section": ("name: x\nspace: {teacher.unet_steps: [1, 2]}\n",
-                              ["space.teacher.unet_steps", "not sweepable", "base.params"]),
+                              ["space.teacher.unet_steps", "not sweepable", "models stage", "params.yaml"]),
+    "not sweepable data": ("name: x\nspace: {data.n_train: [1, 2]}\n",
+                           ["space.data.n_train", "not sweepable", "params.yaml", "dvc repro"]),
     "profile in space": ("name: x\nspace: {profile: [smoke, toy]}\n", ["space.profile", "base.profile"]),
     "scalar instead of values": ("name: x\nspace: {train.lr: 0.1}\n", ["space.train.lr", "0.1", "a list of values",
                                                                       "base.params"]),
@@ -324,6 +326,14 @@ BAD = {
                            ["base.params.train.lrr", "unknown key", "lr"]),
     "bad base param value": ("name: x\nbase: {params: {train.steps: many}}\nspace: {train.lr: [0.1]}\n",
                              ["base.params.train.steps", "'many'", "an integer"]),
+    "variant names alike as text": ("name: x\nspace: {variant: {1: {train.lr: 0.1}, '1': {train.lr: 0.2}}}\n",
+                                    ["space.variant.1", "a second variant of this name"]),
+    # The trials load models/: a value of the sections it is built from would be recorded, never run.
+    "teacher in base params": ("name: x\nbase: {params: {teacher.name: other}}\nspace: {train.lr: [0.1]}\n",
+                               ["base.params.teacher.name", "models stage", "params.yaml"]),
+    "student in a profile's base": ("name: x\nbase: {profiles: {toy: {students: {toy-vit: {embed_dim: 8}}}}}\n"
+                                    "space: {train.lr: [0.1]}\n",
+                                    ["base.profiles.toy.students.toy-vit.embed_dim", "models stage"]),
     "profile inside base params": ("name: x\nbase: {params: {profile: smoke}}\nspace: {train.lr: [0.1]}\n",
                                    ["base.params.profile", "base.profile"]),
     "trial breaks a cross-key rule": ("name: x\nspace: {objective.t_min: [10, 990]}\n",
@@ -358,6 +368,12 @@ def test_every_benchmark_part_is_a_metric_a_sweep_may_name_and_the_error_lists_i
 
 def test_there_are_at_least_fifteen_kinds_of_malformed_file():
     assert len(BAD) >= 15
+
+
+def test_a_params_file_that_cannot_be_read_is_named_alone(tmp_path):
+    """Not as if the sweep file were at fault: the line the stages print for it."""
+    proc = _cli("sweeps/lambda.yaml", "--params", tmp_path / "nope.yaml", "--dry-run")
+    assert proc.returncode == 2 and proc.stderr.strip() == f"error: {tmp_path / 'nope.yaml'}: file not found", proc.stderr
 
 
 def test_file_level_problems_name_the_file(tmp_path):
@@ -500,11 +516,11 @@ def test_gpus_per_trial_overrides_the_files_resources_and_is_checked():
     proc = _cli("sweeps/lambda.yaml", "--dry-run", "--gpus-per-trial", "1", "--address", "10.0.0.1:6379")
     assert proc.returncode == 0 and "per trial: cpu 1, gpu 1;" in proc.stdout, proc.stdout
     # inf was an OverflowError's traceback, nan passed every check.
-    for value, fragments in (("-1", ["--gpus-per-trial", "-1", ">= 0"]), ("1.5", ["resources.gpu", "1.5", "fractions"]),
-                             ("inf", ["--gpus-per-trial", "inf", "finite"]), ("nan", ["--gpus-per-trial", "nan", "finite"])):
+    # The option's values are named by the option, not by the file's resources.gpu.
+    for value in ("-1", "1.5", "inf", "nan"):
         proc = _cli("sweeps/lambda.yaml", "--dry-run", "--gpus-per-trial", value)
-        lines = proc.stderr.strip().splitlines()
-        assert proc.returncode == 2 and len(lines) == 1 and all(f in lines[0] for f in fragments), proc.stderr
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+            f"error: --gpus-per-trial: {value} is out of range; allowed: a fraction up to 1, or a whole number"], proc.stderr
 
 
 def test_a_trial_without_a_gpu_on_a_gpu_cluster_is_refused_unless_it_trains_on_the_cpu():
@@ -533,6 +549,13 @@ def test_the_sweep_stage_gives_a_gpu_to_trials_that_ask_for_none_where_the_stage
     assert gpus_per_trial(0.5, unasked, None, cluster=False) is None     # the file's own fraction stays
     assert gpus_per_trial(0, unasked, None, cluster=True) is None        # a named cluster: the driver decides
     assert gpus_per_trial(0, unasked, 2, cluster=True) == 2
+
+
+def _closed_port() -> int:
+    """A local port nothing listens on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _built_project(tmp_path: Path) -> Path:
@@ -576,7 +599,9 @@ def test_resume_continues_only_a_launch_of_the_same_definition(tmp_path):
     proc = _cli(*args, cwd=tmp_path)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
-    assert lines[0].startswith(f"error: --resume: {sweep_file}, the params") and "spec hash differs" in lines[0]
+    assert lines[0] == (f"error: --resume: {sweep_file}, the params or --profile / --gpus-per-trial / --max-concurrent "
+                        f"changed since launch {launch} (its spec hash differs); restore them, or start a new launch "
+                        "without --resume")
 
 
 def test_resume_of_a_launch_that_ran_to_its_end_is_refused_unless_it_retries_failed_trials(tmp_path):
@@ -589,7 +614,8 @@ def test_resume_of_a_launch_that_ran_to_its_end_is_refused_unless_it_retries_fai
     args = (sweep_file, "--params", tmp_path / "params.yaml", "--resume")
     for code, extra, error in ((0, (), "ran to its end with every trial finished; nothing to resume"),
                                (0, ("--retry-failed",), "ran to its end with every trial finished; nothing to resume"),
-                               (1, (), "ran to its end with failed trials; add --retry-failed to run them again")):
+                               (1, (), "ran to its end with exit status 1 (failed trials, or a metric no trial logged: its "
+                                      "summary says which); add --retry-failed to run failed trials again")):
         (launch / "ended.json").write_text(json.dumps({"exit": code}))
         proc = _cli(*args, *extra, cwd=tmp_path)
         assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
@@ -627,9 +653,7 @@ def test_a_launch_whose_ray_state_a_kill_cut_short_is_refused_in_one_line(tmp_pa
 def test_an_address_where_no_cluster_answers_is_refused_in_one_line(tmp_path):
     """Ray's own attempt retries for minutes and ignores SIGTERM meanwhile."""
     sweep_file = _built_project(tmp_path)
-    with socket.socket() as s:                      # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _closed_port()
     proc = _cli(sweep_file, "--params", tmp_path / "params.yaml", "--address", f"127.0.0.1:{port}", cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip() == (f"error: --address: nothing answers at 127.0.0.1:{port} (Connection refused); "
@@ -732,23 +756,45 @@ def test_the_sweep_stage_resumes_only_the_newest_launch_of_a_definition(tmp_path
 
 def test_the_sweep_stage_finds_its_killed_launch_by_the_definition_it_ran_with_its_gpus(tmp_path, capsys):
     """On a GPU machine the stage gives each trial a GPU (--gpus-per-trial), which is part of the launch's
-    definition: the launch killed with the stage is found under that definition, not the file's."""
+    definition: the launch killed with the stage is found under that definition, not the file's. (A
+    cluster's address, where nothing answers, lets the GPUs pass the up-front checks on this machine and
+    stops the resumed launch before Ray starts.)"""
+    from stages import sweep as stage
+
+    sweep_file = _built_project(tmp_path)
+    sweep = sc.load(sweep_file, read_yaml(tmp_path / "params.yaml"))
+    sweep.resources.gpu = 1.0
+    killed = _launch(tmp_path / "ray_results", "20261205-093000", sweep.spec_hash(),
+                     "experiment_state-2026-12-05_10-00-00.json")
+    args = [str(sweep_file), "--params", str(tmp_path / "params.yaml"), "--address", f"127.0.0.1:{_closed_port()}"]
+    assert stage.main([*args, "--gpus-per-trial", "1"]) == 2
+    out, err = capsys.readouterr()
+    assert f"sweep s: resuming launch {killed}" in out and "nothing answers at" in err, (out, err)
+    # A value the command refuses is one line before any sweep runs.
+    assert stage.main([*args, "--gpus-per-trial", "-1"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: --gpus-per-trial: -1 is out of range; allowed: a fraction up to 1, or a whole number"]
+
+
+def test_the_sweep_stages_gpus_beyond_this_machine_are_refused_before_its_outputs_are_touched(tmp_path, capsys):
+    """The stage's --gpus-per-trial is checked with every sweep file, before the earlier results go."""
     import torch
 
     from stages import sweep as stage
 
     sweep_file = _built_project(tmp_path)
-    gpus = torch.cuda.device_count() + 1          # more than this machine has: the command refuses the trials
-    sweep = sc.load(sweep_file, read_yaml(tmp_path / "params.yaml"))
-    sweep.resources.gpu = float(gpus)
-    killed = _launch(tmp_path / "ray_results", "20261205-093000", sweep.spec_hash(),
-                     "experiment_state-2026-12-05_10-00-00.json")
-    args = [str(sweep_file), "--params", str(tmp_path / "params.yaml")]
-    assert stage.main([*args, "--gpus-per-trial", str(gpus)]) == 2
-    assert f"sweep s: resuming launch {killed}" in capsys.readouterr().out
-    # A value the command refuses is one line before any sweep runs.
-    assert stage.main([*args, "--gpus-per-trial", "-1"]) == 2
-    assert capsys.readouterr().err.strip().splitlines() == ["error: --gpus-per-trial: -1 is out of range; allowed: a finite number >= 0"]
+    results = tmp_path / "results"
+    (results / "sweeps").mkdir(parents=True)
+    (results / "sweeps.json").write_text("{}")
+    (results / "sweeps" / "s.json").write_text("{}")
+    gpus = torch.cuda.device_count() + 1
+    for value in (str(gpus), "1.5"):
+        assert stage.main([str(sweep_file), "--params", str(tmp_path / "params.yaml"), "--gpus-per-trial", value]) == 2
+        line = (f"error: --gpus-per-trial: {gpus} is more than this machine's {gpus - 1} GPUs, so no trial could start; "
+                "ask for fewer or run on a cluster (--address)" if value == str(gpus) else
+                "error: --gpus-per-trial: 1.5 is out of range; allowed: a fraction up to 1, or a whole number")
+        assert capsys.readouterr().err.strip().splitlines() == [line]
+        assert (results / "sweeps.json").read_text() == "{}" and (results / "sweeps" / "s.json").read_text() == "{}"
 
 
 def test_a_tracking_uri_mlflow_cannot_open_is_refused_by_the_dry_run(tmp_path):
@@ -814,6 +860,22 @@ def test_a_storage_path_that_cannot_hold_a_launch_is_refused_before_ray_starts(t
         "hold the launch's folder (Not a directory); give a writable folder"), proc.stderr
 
 
+def test_a_storage_uri_ray_cannot_reach_is_refused_and_a_file_uri_is_a_folder(tmp_path):
+    """Ray Tune would fail on an unknown scheme after Ray started and the launch's run opened; a file://
+    URI is a local folder, checked (and its launches locked) as one."""
+    sweep_file = _built_project(tmp_path)
+    proc = _cli(sweep_file, "--params", tmp_path / "params.yaml", "--storage", "foo://bucket/ray", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        "error: --storage: foo://bucket/ray names no file system Ray Tune can store to (scheme 'foo'); allowed: a "
+        "folder, or a URI of s3, gs, gcs, abfs, abfss, hdfs, viewfs"), proc.stderr
+    assert not (tmp_path / "mlruns").exists()
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    proc = _cli(sweep_file, "--params", tmp_path / "params.yaml", "--storage", f"file://{blocker}/ray", "--dry-run")
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        f"error: --storage: {blocker}/ray cannot hold the launch's folder (Not a directory); give a writable folder")
+
+
 def test_a_launch_folder_that_cannot_be_created_or_written_is_refused_in_one_line(tmp_path):
     """Past the up-front check, which checks the storage and not a launch in it: the folder changed since,
     the system refused the mkdir, or --resume names a launch whose lock file cannot be opened (a
@@ -858,3 +920,14 @@ def test_the_step_metrics_an_asha_sweep_may_name_are_the_losses_the_methods_repo
                                         projector_steps=steps if teacher else 0)
             reported |= {f"loss/{name}" for name in objective.reported_losses}
     assert set(sc.STEP_METRICS) == reported
+
+
+def test_the_summary_lists_trials_in_their_order_past_a_thousand():
+    from types import SimpleNamespace
+
+    from pipeline.sweep.driver import summary_rows
+
+    labels = ["t1000", "t999", "t100", "t101"]
+    recorder = SimpleNamespace(trials={f"id{i}": {"label": label, "run_id": "r", "values": {}, "params": {},
+                                                  "status": "failed"} for i, label in enumerate(labels)})
+    assert [row["trial"] for row in summary_rows(recorder, "winoground/text")] == ["t100", "t101", "t999", "t1000"]

@@ -24,7 +24,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from pipeline import cli
-from pipeline.config import PROFILES, ConfigError, flatten, read_yaml
+from pipeline.config import PROFILES, ConfigError, flatten, from_dict, read_yaml, resolve
 from pipeline.data.errors import MissingInput
 from pipeline.io import check_writable
 from pipeline.sweep import driver, spec
@@ -110,15 +110,17 @@ def prepare(args: argparse.Namespace) -> tuple[spec.Sweep, Path]:
     if args.results is not None:
         check_writable(args.results, "--results")
     params_path = args.params.resolve()
+    params = read_yaml(params_path)          # its own errors name it, not the sweep file
     with naming(args.sweep):
-        sweep = spec.load(args.sweep, read_yaml(params_path), args.profile, str(args.params))
+        sweep = spec.load(args.sweep, params, args.profile, str(args.params))
     if args.max_concurrent is not None:
         sweep.max_concurrent = args.max_concurrent
     if args.gpus_per_trial is not None:
-        if not (math.isfinite(args.gpus_per_trial) and args.gpus_per_trial >= 0):
-            raise ConfigError(f"--gpus-per-trial: {args.gpus_per_trial:g} is out of range; allowed: a finite number >= 0")
-        sweep.resources.gpu = args.gpus_per_trial
-        spec.check_resources(sweep.resources)
+        gpus = args.gpus_per_trial
+        if not (math.isfinite(gpus) and gpus >= 0 and (gpus <= 1 or gpus == int(gpus))):
+            raise ConfigError(f"--gpus-per-trial: {gpus:g} is out of range; allowed: a fraction up to 1, or a whole "
+                              "number")
+        sweep.resources.gpu = gpus
     return sweep, params_path.parent
 
 
@@ -134,11 +136,12 @@ def naming(path: Path | str):
         raise ConfigError(text if text.startswith(f"{path}: ") else f"{path}: {text}") from None
 
 
-def checked_trials(sweep: spec.Sweep, root: Path, address: str | None, storage: str | None = None
-                   ) -> list[spec.TrialSpec]:
+def checked_trials(sweep: spec.Sweep, root: Path, address: str | None, storage: str | None = None,
+                   gpus_option: bool = False) -> list[spec.TrialSpec]:
     """The sweep's fixed trial list (empty for Optuna), after every check that needs no Ray: what the
     dry run and the sweep stage run before anything starts. `address`: --address (a local Ray, whose
-    resources are this machine's, when neither it nor $RAY_ADDRESS names a cluster); `storage`: --storage."""
+    resources are this machine's, when neither it nor $RAY_ADDRESS names a cluster); `storage`: --storage;
+    `gpus_option`: whether --gpus-per-trial set the trials' GPUs (what a refusal of them names)."""
     check_store(sweep.base_config.tracking.uri, root)
     key = driver.storage_setting(sweep, storage)[1]
     with nullcontext() if storage else naming(sweep.source):     # a key of the file is named with its file
@@ -148,23 +151,24 @@ def checked_trials(sweep: spec.Sweep, root: Path, address: str | None, storage: 
     with naming(sweep.source):
         specs = spec.trials(sweep)
         check_scheduler_metric(sweep, specs)
-        if driver.ray_address(address) is None:
-            check_fits_here(sweep.resources)
+    if driver.ray_address(address) is None:     # a local Ray has this machine's CPUs and GPUs
+        cpus = os.cpu_count() or 1
+        with naming(sweep.source):
+            check_fits_here("resources.cpu", sweep.resources.cpu, cpus, "CPUs")
+        if sweep.resources.gpu > 0:
+            import torch     # only here: a CPU sweep's check stays free of it
+
+            with nullcontext() if gpus_option else naming(sweep.source):
+                check_fits_here("--gpus-per-trial" if gpus_option else "resources.gpu", sweep.resources.gpu,
+                                torch.cuda.device_count(), "GPUs")
     return specs
 
 
-def check_fits_here(resources: spec.ResourcesSpec) -> None:
-    """A local Ray has this machine's CPUs and GPUs: a trial asking for more would wait for ever."""
-    cpus = os.cpu_count() or 1
-    if resources.cpu > cpus:
-        raise ConfigError(f"resources.cpu: {resources.cpu:g} is more than this machine's {cpus} CPUs, so no trial "
-                          "could start; ask for fewer or run on a cluster (--address)")
-    if resources.gpu > 0:
-        import torch     # only here: a CPU sweep's check stays free of it
-
-        if resources.gpu > (gpus := torch.cuda.device_count()):
-            raise ConfigError(f"resources.gpu: {resources.gpu:g} is more than this machine's {gpus} GPUs, so no "
-                              "trial could start; ask for fewer or run on a cluster (--address)")
+def check_fits_here(key: str, want: float, have: int, what: str) -> None:
+    """A trial asking for more than a local Ray has would wait for ever."""
+    if want > have:
+        raise ConfigError(f"{key}: {want:g} is more than this machine's {have} {what}, so no trial could start; "
+                          "ask for fewer or run on a cluster (--address)")
 
 
 def trial_configs(sweep: spec.Sweep, specs: list[spec.TrialSpec]) -> list:
@@ -280,9 +284,13 @@ def summary_text(sweep: spec.Sweep, rows: list[dict], counts: dict, best: dict |
     if best is not None:
         lines.append(f"best: {best['trial']} {sweep.metric}={best['metric']:.4f} ({spec.describe(best['config'])}), "
                      f"run {best['run_id']}")
-    given = f" --params {shlex.quote(str(params))}" if params is not None and params != Path("params.yaml") else ""
+    own = params is not None and params != Path("params.yaml")
+    given = f" --params {shlex.quote(str(params))}" if own else ""
+    # The report names rows by its own profile: the sweep's, where the params file selects another.
+    if sweep.profile != from_dict(resolve(sweep.params, {})).profile:
+        given += f" --profile {sweep.profile}"
     # Not reports/, the report stage's output, which DVC would then see as changed: a folder git ignores.
-    out = (params.parent if given else Path()) / "runs" / "reports" / sweep.name
+    out = (params.parent if own else Path()) / "runs" / "reports" / sweep.name
     lines.append(f"report (table and figure): python -m pipeline.report {shlex.quote(sweep.name)}{given} "
                  f"--out {shlex.quote(str(out))}")
     return "\n".join(lines)

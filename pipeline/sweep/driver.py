@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import ConfigError
-from pipeline.sweep.spec import ResourcesSpec, Sweep, TrialSpec
+from pipeline.sweep.spec import ResourcesSpec, Sweep, TrialSpec, trial_index
 
 CODE_ROOT = Path(__file__).resolve().parents[2]
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
@@ -38,8 +38,14 @@ def storage_setting(sweep: Sweep, override: str | None) -> tuple[str, str]:
     return "ray_results", "storage_path (unset: the project's ray_results)"
 
 
+# The URI schemes of the file systems Ray Tune's storage reaches through pyarrow (others fail in Ray, past every check).
+STORAGE_SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss", "hdfs", "viewfs")
+
+
 def storage_root(sweep: Sweep, root: Path, override: str | None) -> str:
     value = storage_setting(sweep, override)[0]
+    if value.startswith("file://"):        # a local folder: checked and locked as one
+        value = value.removeprefix("file://")
     if "://" in value:
         return value.rstrip("/")
     path = Path(value).expanduser()
@@ -108,7 +114,13 @@ def unfinished_launch(sweep: Sweep, storage: str) -> str | None:
     for folder in reversed(launches(sweep, storage)):
         if folder.endswith(f"-{sweep.spec_hash()}"):     # the newest only: an older one was superseded
             names = names_in(folder)
-            return folder if snapshotted(names) and ENDED not in names else None
+            if not snapshotted(names) or ENDED in names:
+                return None
+            if (name := unreadable_state(folder, names)) is not None:   # a new launch takes its place
+                print(f"note: launch {folder} cannot be continued ({name} was cut short by a kill while Ray Tune "
+                      "wrote it); a new launch runs the sweep", file=sys.stderr)
+                return None
+            return folder
     return None
 
 
@@ -127,13 +139,15 @@ def check_unended(folder: str, names: set[str], retry: bool) -> None:
     if not failed:
         raise ConfigError(f"--resume: launch {folder} ran to its end with every trial finished; nothing to resume")
     if not retry:
-        raise ConfigError(f"--resume: launch {folder} ran to its end with failed trials; add --retry-failed to "
-                          "run them again")
+        # Exit 1 also ends a launch whose trials all finished but none logged the metric: nothing to retry.
+        raise ConfigError(f"--resume: launch {folder} ran to its end with exit status 1 (failed trials, or a metric "
+                          "no trial logged: its summary says which); add --retry-failed to run failed trials again")
 
 
-def check_readable(folder: str, names: set[str]) -> None:
-    """Ray Tune copies its state files into the launch folder in place: a driver killed during a copy
-    leaves one cut short, which its restore would meet as a traceback. The newest of each must read."""
+def unreadable_state(folder: str, names: set[str]) -> str | None:
+    """The launch's newest state file of a kind that does not read, else None. Ray Tune copies its state
+    files into the launch folder in place: a driver killed during a copy leaves one cut short, which a
+    restore would meet as a traceback."""
     fs, base = _folder(folder)
     for pattern in STATES:
         found = sorted(name for name in names if pattern.fullmatch(name))
@@ -144,9 +158,14 @@ def check_readable(folder: str, names: set[str]) -> None:
         try:
             json.loads(data) if found[-1].endswith(".json") else pickle.loads(data)
         except (ValueError, EOFError, pickle.UnpicklingError):
-            raise ConfigError(f"--resume: {folder}/{found[-1]} cannot be read (cut short by a kill while Ray Tune "
-                              "wrote it), so the launch cannot be continued; start a new launch (without "
-                              "--resume)") from None
+            return found[-1]
+    return None
+
+
+def check_readable(folder: str, names: set[str]) -> None:
+    if (name := unreadable_state(folder, names)) is not None:
+        raise ConfigError(f"--resume: {folder}/{name} cannot be read (cut short by a kill while Ray Tune wrote it), "
+                          "so the launch cannot be continued; start a new launch (without --resume)")
 
 
 def find_launch(sweep: Sweep, storage: str, given: str) -> str:
@@ -163,8 +182,9 @@ def find_launch(sweep: Sweep, storage: str, given: str) -> str:
     if not tune.Tuner.can_restore(folder):
         raise ConfigError(f"--resume: {folder} is not a launch Ray Tune can restore")
     if not folder.rstrip("/").endswith(f"-{sweep.spec_hash()}"):
-        raise ConfigError(f"--resume: {sweep.source}, the params or --gpus-per-trial / --max-concurrent changed since "
-                          f"launch {folder} (its spec hash differs); restore them, or start a new launch without --resume")
+        raise ConfigError(f"--resume: {sweep.source}, the params or --profile / --gpus-per-trial / --max-concurrent "
+                          f"changed since launch {folder} (its spec hash differs); restore them, or start a new launch "
+                          "without --resume")
     return folder
 
 
@@ -259,9 +279,13 @@ def check_reachable(address: str, source: str, timeout: float = 10.0) -> None:
 
 def check_storage(storage: str, key: str) -> None:
     """Refuse, creating nothing and before Ray starts, a local storage path that cannot hold a launch's
-    folder: its nearest existing folder is a file or is not writable. A URI's bucket is Ray's to reach.
-    `key`: where the path was given."""
+    folder (its nearest existing folder is a file or is not writable), and a URI of a file system Ray
+    cannot reach. A URI's bucket is Ray's to reach. `key`: where the path was given."""
     if "://" in storage:
+        scheme = storage.split("://", 1)[0]
+        if scheme not in STORAGE_SCHEMES:
+            raise ConfigError(f"{key}: {storage} names no file system Ray Tune can store to (scheme {scheme!r}); "
+                              f"allowed: a folder, or a URI of {', '.join(STORAGE_SCHEMES)}")
         return
     path = Path(storage)
     existing = next(p for p in (path, *path.parents) if p.exists())
@@ -344,21 +368,35 @@ def launch_lock(ray_path: str):
         yield
 
 
-def abandon_unrecorded(sweep: Sweep, root: Path, storage: str) -> None:
-    """End the parent runs of this sweep's launches whose driver died before Ray Tune recorded a trial:
-    nothing can continue them (`--resume` refuses them), so left alone their runs would stay RUNNING. A
-    launch whose driver is still starting holds its lock and is left to it; one in a bucket is left too
-    (no lock says whether its driver lives)."""
+UNRECORDED = "killed before Ray Tune recorded any trial"
+
+
+def stranded(folder: str, names: set[str]) -> str | None:
+    """Why nothing can continue a launch its driver did not run to the end (its runs' failure), else None."""
+    if ENDED in names:
+        return None
+    if not snapshotted(names):
+        return UNRECORDED
+    if (name := unreadable_state(folder, names)) is not None:
+        return f"killed while Ray Tune wrote {name}, which cannot be read"
+    return None
+
+
+def abandon_stranded(sweep: Sweep, root: Path, storage: str) -> None:
+    """End the runs of this sweep's launches that nothing can continue (`--resume` refuses them), which
+    left alone would stay RUNNING: a driver died before Ray Tune recorded a trial, or while it wrote a
+    state file. A launch whose driver is still starting holds its lock and is left to it; one in a bucket
+    is left too (no lock says whether its driver lives)."""
     from pipeline.sweep.recorder import abandon_launch
 
     for folder in launches(sweep, storage) if "://" not in storage else []:
-        if snapshotted(names_in(folder)):
+        if stranded(folder, names_in(folder)) is None:
             continue
         try:
             with launch_lock(folder):
-                names = names_in(folder)           # read again under the lock: its driver may have gone on
-                if not snapshotted(names) and ENDED not in names:
-                    abandon_launch(sweep, root, experiment_name(sweep), folder)
+                why = stranded(folder, names_in(folder))   # read again under the lock: its driver may have gone on
+                if why is not None:
+                    abandon_launch(sweep, root, experiment_name(sweep), folder, why)
         except ConfigError:                        # its driver holds it
             continue
 
@@ -381,7 +419,7 @@ def run(sweep: Sweep, specs: list[TrialSpec], root: Path, args) -> int:
         if args.resume and not snapshotted(names):
             from pipeline.sweep.recorder import abandon_launch
 
-            abandon_launch(sweep, root, experiment_name(sweep), ray_path)   # (one outside the storage root too)
+            abandon_launch(sweep, root, experiment_name(sweep), ray_path, UNRECORDED)   # (one outside the storage too)
             raise ConfigError(f"--resume: launch {ray_path} was stopped before Ray Tune recorded any trial, so "
                               "there is nothing to continue; start a new launch (without --resume)")
         if args.resume:
@@ -391,7 +429,7 @@ def run(sweep: Sweep, specs: list[TrialSpec], root: Path, args) -> int:
         if ENDED in names:                        # running again: until it ends, it is unfinished
             fs, base = _folder(ray_path)
             fs.delete_file(f"{base}/{ENDED}")
-        abandon_unrecorded(sweep, root, storage)
+        abandon_stranded(sweep, root, storage)
         code = run_locked(sweep, specs, root, args, ray_path)
         if code != EXIT_INTERRUPTED:
             mark_ended(ray_path, code)
@@ -455,7 +493,7 @@ def summary_rows(recorder, metric: str) -> list[dict]:
                      "import_seconds": metrics.get("time/import_seconds"),
                      "report_seconds": metrics.get("time/report_seconds"), "metrics": metrics,
                      "outcomes": rec.get("outcomes", {})})
-    return sorted(rows, key=lambda r: r["trial"])
+    return sorted(rows, key=lambda r: trial_index(r["trial"]))     # t1000 after t999, not after t100
 
 
 def finish(sweep: Sweep, recorder, rows: list[dict], t0: float, timing: dict, results: Path | None,

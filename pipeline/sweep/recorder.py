@@ -28,11 +28,14 @@ from pipeline.tracking import COMPARED, OUTCOMES, Tracker, failure_text, git_com
 ENDS = {"finished": "FINISHED", "early_stopped": "KILLED", "failed": "FAILED", "interrupted": "KILLED"}
 
 
-def abandon_launch(sweep: Sweep, root: Path, experiment: str, ray_path: str) -> None:
-    """End the parent run of a launch that was killed before Ray Tune recorded any trial (no
-    recorder state was saved to restore: its run is found by the launch folder it names)."""
-    Tracker(sweep.base_config.tracking, root).end_abandoned({"sweep_role": "parent", "ray_path": ray_path},
-                                                            "killed before Ray Tune recorded any trial", experiment)
+def abandon_launch(sweep: Sweep, root: Path, experiment: str, ray_path: str, reason: str) -> None:
+    """End the parent run of a launch nothing can continue, and its trials' runs, `reason` their failure
+    (no recorder state restores them: the parent is found by the launch folder it names)."""
+    tracker = Tracker(sweep.base_config.tracking, root)
+    parent = {"sweep_role": "parent", "ray_path": ray_path, "project": tracker.project}
+    for run in tracker.find_runs(experiment, tags=parent):
+        tracker.end_abandoned({}, reason, experiment, parent=run["run_id"])
+    tracker.end_abandoned({"sweep_role": "parent", "ray_path": ray_path}, reason, experiment)
 
 
 def final_metrics(result: dict) -> dict:

@@ -63,8 +63,8 @@ from annotated_types import Ge
 from pydantic import StrictInt, StrictStr
 
 from pipeline.config import (ARO_SETS, CLEVR_SUBTASKS, PROFILES, SUGARCREPE_SUBSETS, TEACHER_LOSSES, Config,
-                             ConfigError, NonNegFloat, NonNegInt, PosFloat, PosInt, Seed, deep_merge, from_dict,
-                             read_yaml, resolve, type_name, validate, validated)
+                             ConfigError, NonNegFloat, NonNegInt, PosFloat, PosInt, Seed, deep_merge, flatten,
+                             from_dict, read_yaml, resolve, type_name, validate, validated)
 
 SWEEPABLE_SECTIONS = ("objective", "train", "eval")
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint")
@@ -95,6 +95,10 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _VARIANT_NAME = re.compile(r"[^\x00-\x1f\x7f ](?:[^\x00-\x1f\x7f]{0,62}[^\x00-\x1f\x7f ])?")
 # Keys of params.yaml no trial depends on (the `sweep` stage's list of sweep files): left out of trial configs.
 NOT_CONFIG_KEYS = ("sweeps",)
+# What the models stage builds models/ from: a trial loads models/, so a value set for it would be recorded, not run.
+MODELS_SECTIONS = ("teacher", "students")
+MODELS_SECTION_REASON = ("the models stage builds models/ from it, which every trial loads; change it in params.yaml "
+                         "and rebuild (dvc repro)")
 
 
 class ParamsError(ConfigError):
@@ -398,7 +402,7 @@ def parse(raw: Any, params: dict, profile: str | None = None, source: str = "",
     sched_raw = raw.get("scheduler") if isinstance(raw.get("scheduler"), dict) else {}
     _check_search(opts.search, search_raw)
     _check_scheduler(opts, sched_raw)
-    check_resources(opts.resources)
+    _check_resources(opts.resources)
     _check_metric(opts.metric, "metric")
     if len(set(opts.seeds)) != len(opts.seeds):
         dup = next(s for s in opts.seeds if opts.seeds.count(s) > 1)
@@ -462,6 +466,9 @@ def _base_config(base: BaseSpec, params: dict, source: str) -> tuple[dict, Confi
 
 def _base_overrides(values: dict, under: dict, where: str, params: dict, profile: str) -> tuple[dict, Config]:
     """`values` (dotted or nested) merged over `under` and the profile, checked; (overrides, Config)."""
+    for key in flatten(unflatten(values)):
+        if key.split(".")[0] in MODELS_SECTIONS:
+            raise ConfigError(f"{where}.{key}: {MODELS_SECTION_REASON}")
     try:
         overrides = deep_merge(deep_merge(under, unflatten(values)), {"profile": profile})
         return overrides, from_dict(resolve(params, overrides))
@@ -497,7 +504,7 @@ def _check_scheduler(opts: _Options, raw: dict) -> None:
                           f"so it needs a metric reported at every log step; allowed: {', '.join(STEP_METRICS)}")
 
 
-def check_resources(res: ResourcesSpec) -> None:
+def _check_resources(res: ResourcesSpec) -> None:
     for name in ("cpu", "gpu"):
         value = getattr(res, name)
         if value > 1 and value != int(value):
@@ -535,8 +542,13 @@ def _sweepable(key: str, where: str = "") -> tuple[Any, dict]:
     section = key.split(".")[0]
     if key == "profile":
         reason = "not sweepable; set base.profile (or --profile)"
-    elif section in ("data", "teacher", "students", "cache", "tracking"):
-        reason = f"not sweepable: {section} belongs to the stages that run before a sweep; set it in base.params"
+    elif section in MODELS_SECTIONS:
+        reason = f"not sweepable: {MODELS_SECTION_REASON}"
+    elif section in ("data", "cache"):
+        reason = (f"not sweepable: {section} belongs to the stages that run before a sweep, whose outputs every "
+                  "trial reads; change it in params.yaml and rebuild (dvc repro)")
+    elif section == "tracking":
+        reason = "not sweepable; set it in base.params"
     else:
         reason = "unknown parameter"
     allowed = ", ".join(sorted(FIELDS))
@@ -571,6 +583,8 @@ def _variants(spec: Any, search: str, base: Config, others: list[str]) -> Dimens
                           "params (e.g. negclip: {objective.method: negclip, objective.lambda_sds: 0})")
     bundles = []
     for name, bundle in spec.items():
+        if str(name) in (named for named, _ in bundles):     # YAML's 1 and "1": one name, one bundle would go
+            raise ConfigError(f"{where}.{name}: a second variant of this name; each variant needs its own name")
         name = str(name)
         if not _VARIANT_NAME.fullmatch(name):
             raise ConfigError(f"{where}.{name!r}: not allowed as a name; expected 1-64 printable characters, "
