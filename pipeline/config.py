@@ -308,8 +308,9 @@ class ObjectiveConfig:
                       batch with its caption and a hard negative of that caption, so the contrastive
                       batch is twice train.batch_size images (NegCLIP's 256 + 256 against 1,024
                       captions). 0: hard-negative captions only.
-    feedback_tokens   diffusion_feedback: patch tokens given to the teacher beside the CLS
-                      embedding, drawn at random each step (DIVA: 76; DCR: 0, the CLS alone).
+    feedback_tokens   diffusion_feedback and contrastive_feedback: patch tokens given to the
+                      teacher beside the CLS embedding, drawn at random each step (DIVA: 76; DCR:
+                      0, the CLS alone).
     feedback_timesteps  diffusion_feedback: timesteps per image and step, each with its own noise;
                       L_teacher is the mean of their errors (DIVA: 2). Each costs a UNet pass.
     contrastive_negatives  contrastive_feedback: other images of the batch whose conditionings give
@@ -330,9 +331,11 @@ class ObjectiveConfig:
     feedback projector trains), projector_steps (0 without a teacher loss) and feedback_timesteps
     (1 but for diffusion_feedback with a teacher loss).
 
-    A v-prediction teacher's output is converted to its epsilon estimate before any error is
-    taken (eps_hat = sqrt(abar_t) v_hat + sqrt(1 - abar_t) x_t), so every teacher loss is the
-    paper's epsilon error whatever the teacher predicts.
+    For sds and diffusion_feedback, a v-prediction teacher's output is converted to its epsilon
+    estimate before the error is taken (eps_hat = sqrt(abar_t) v_hat + sqrt(1 - abar_t) x_t), so
+    their loss is the paper's epsilon error whatever the teacher predicts; contrastive_feedback takes
+    its cosines on the teacher's own output and target (v for a v teacher, as DCR does), and
+    unet_feature regresses features, not a prediction.
     """
 
     method: Literal[METHODS] = "sds"

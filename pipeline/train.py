@@ -364,6 +364,10 @@ def setup(cfg: TrainConfig, objective: ObjectiveConfig, student: Student, pairs:
         if objective.teacher_loss else None
     student.model.requires_grad_(False)
     params = trainable_parameters(student, projector, cfg)
+    if objective.clip_weight == 0:
+        # The teacher's loss reaches the student through its image tower alone: the rest of the scope
+        # would be counted as trained (and, with weight decay, decayed) while nothing trains it.
+        params = {name: p for name, p in params.items() if name.startswith(("visual.", "h_w."))}
     student.model.to(device)
     fastpath.prepare_student(student.model, opts)
     if projector is not None:
@@ -408,7 +412,8 @@ def loss_step(trial: Trial, images, tokens, negatives, text_rows, image_rows) ->
     """The losses of one batch on the trial's device; `total` is what is backpropagated.
 
     During the first `objective.projector_steps` steps only the projector trains: the student's
-    forward runs under no-grad and L_CLIP is not computed. t and eps come from `trial.generator`
+    forward runs under no-grad and L_CLIP is not computed. With `objective.clip_weight` 0 L_CLIP is
+    logged, not trained on: the text tower runs under no-grad. t and eps come from `trial.generator`
     (a CPU generator, so a run draws the same numbers on any device) and are then moved to the
     device. Under autocast only the student's forward (unless `autocast_student` is off) and the
     UNet run in bf16/fp16; the projector, the noising and the losses run in fp32.
@@ -431,6 +436,8 @@ def loss_step(trial: Trial, images, tokens, negatives, text_rows, image_rows) ->
             encode = lambda pixels: (model.encode_image(pixels), None)  # noqa: E731
         pooled, patches = encode(images)
         viewed = None if views is None else encode(views)
+        if not stage_one and obj.clip_weight == 0:
+            stack.enter_context(torch.no_grad())     # L_CLIP is then logged, not trained on
         if not stage_one:
             texts = tokens.to(device, non_blocking=True)
             if obj.method == "negclip":
@@ -446,6 +453,8 @@ def loss_step(trial: Trial, images, tokens, negatives, text_rows, image_rows) ->
             losses["clip"] = objectives.negclip_loss(image_features, text_features[:batch], text_features[batch:], scale)
         else:
             losses["clip"] = objectives.clip_loss(image_features, text_features, scale)
+        if obj.clip_weight == 0:
+            losses["clip"] = losses["clip"].detach()
         total = obj.clip_weight * losses["clip"]
     if trial.projector is not None:
         loss = teacher_loss(trial, image_features, pooled, patches, text_rows, image_rows, viewed)

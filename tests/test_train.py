@@ -385,6 +385,23 @@ def test_weight_decay_spares_gains_biases_and_the_temperature(env):
     assert len(decay) == len(params)
 
 
+def test_the_teacher_loss_alone_trains_and_counts_the_image_tower_only(env):
+    """With clip_weight 0 (DIVA's and DCR's form) nothing reaches the text tower or the temperature: they
+    are neither counted as trained nor decayed, and L_CLIP is still logged."""
+    objective = ObjectiveConfig(method="diffusion_feedback", lambda_sds=1.0, clip_weight=0.0)
+    trial = new_trial(env, train_cfg(scope="full", weight_decay=0.5, steps=2), objective)
+    assert trial.params and all(name.startswith(("visual.", "h_w.")) for name in trial.params)
+    model = trial.student.model
+    assert trial.trainable_count == sum(p.numel() for p in model.visual.parameters()) + \
+        sum(p.numel() for p in trial.projector.parameters())
+    text = {name: p.detach().clone() for name, p in model.named_parameters() if not name.startswith("visual.")}
+    image = {name: p.detach().clone() for name, p in model.visual.named_parameters()}
+    fit(trial, None, progress=False)
+    assert all(torch.equal(p, text[name]) for name, p in model.named_parameters() if name in text)
+    assert any(not torch.equal(p, image[name]) for name, p in model.visual.named_parameters())
+    assert all(math.isfinite(entry["clip"]) for entry in trial.history), trial.history[0]
+
+
 def test_each_logged_rate_is_the_one_its_step_used(env, uninterrupted):
     """Warm-up 1 of 4 steps at 1e-2, then cosine: steps 1-4 train at 1e-2 x (1, 1, 0.75, 0.25)."""
     trial, _ = uninterrupted
