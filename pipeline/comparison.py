@@ -42,6 +42,11 @@ from scipy import optimize, stats
 from pipeline.metrics import SUGARCREPE_CATEGORIES, cases_digest, check_resampling, decode_correct
 
 
+class CaseMismatch(ValueError):
+    """Runs set together that were not scored on the same cases (other case identities or counts): in
+    results files, runs that cannot be paired, which the report names as bad input."""
+
+
 class CaseOutcomes:
     """Per-case correctness of S seeds (rows) on N cases (columns) of one benchmark part.
 
@@ -213,8 +218,10 @@ def paired_difference(parts_a, parts_b, n_resamples: int = 1000, confidence: flo
     Every other interval resamples the cases once for both rows (the pairing: a hard case is hard
     for both). One run a row on a macro mean or a composite: the percentile interval of those draws
     and their two-sided p, 2 (1 + #{draws on the far side of 0}) / (1 + n_resamples), whose floor is
-    `p_bound`: McNemar's test on pooled cases would test the pooled difference, not a macro mean's
-    or a composite's, and can point the other way. Seeds in either row: the t interval and t test
+    `p_bound`; a draw of exactly 0 counts as on the far side, whichever side that is, so with a
+    discrete metric, whose draws often tie at 0, the p errs high (conservative). McNemar's test on
+    pooled cases would test the pooled difference, not a macro mean's or a composite's, and can
+    point the other way. Seeds in either row: the t interval and t test
     of the case variance plus each row's seed variance (module docstring).
 
     `pair_seeds`: the rows ran the same seeds, and a seed drew the same data order and starting
@@ -224,10 +231,10 @@ def paired_difference(parts_a, parts_b, n_resamples: int = 1000, confidence: flo
     """
     parts_a, parts_b = _parts(parts_a), _parts(parts_b)
     if len(parts_a) != len(parts_b) or any(a.cases != b.cases for a, b in zip(parts_a, parts_b)):
-        raise ValueError("the two rows must be scored on the same cases (parts and case counts differ)")
+        raise CaseMismatch("the two rows must be scored on the same cases (parts and case counts differ)")
     if any(a.identity != b.identity for a, b in zip(parts_a, parts_b)):
-        raise ValueError("the two rows must be scored on the same cases in the same order (their case "
-                         "identities differ)")
+        raise CaseMismatch("the two rows must be scored on the same cases in the same order (their case "
+                           "identities differ)")
     check_resampling(n_resamples, confidence, at_least=2)
     if pair_seeds and not parts_a[0].seeds == parts_b[0].seeds > 1:
         raise ValueError(f"pair_seeds needs the same number of seeds (2 or more) in both rows, got "
@@ -317,10 +324,10 @@ def outcome_parts(runs: Sequence[dict[str, dict]]) -> dict[str, list[CaseOutcome
                              "written before case identities were kept); run the stage or sweep again")
         groups, cases = runs[0][name].get("groups"), runs[0][name]["cases"]
         if any(run[name].get("groups") != groups or run[name]["cases"] != cases for run in runs[1:]):
-            raise ValueError(f"{name}: the runs were scored on different cases (their case identities differ)")
+            raise CaseMismatch(f"{name}: the runs were scored on different cases (their case identities differ)")
         rows = [decode_correct(run[name]["correct"]) for run in runs]
         if len({row.size for row in rows}) != 1:
-            raise ValueError(f"{name}: the runs were scored on different numbers of cases")
+            raise CaseMismatch(f"{name}: the runs were scored on different numbers of cases")
         parts[name] = [CaseOutcomes(np.stack(rows), groups, cases)]
     if "aro/vg_relation" in parts and "aro/vg_attribution" in parts:
         parts["aro/overall"] = parts["aro/vg_relation"] + parts["aro/vg_attribution"]

@@ -17,7 +17,9 @@ profile, and not in a study of another teacher or corpus.
 """
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
@@ -28,7 +30,7 @@ from pipeline import published
 from pipeline.config import ConfigError, flatten, to_dict
 from pipeline.comparison import outcome_parts, paired_difference, same_seeds, seed_task_interval
 from pipeline.metrics import TIME_PER_PAIR
-from pipeline.report import (COLUMNS, SEED, VariantRow, difference_cell, objective_label, sd_cell, seed_sd,
+from pipeline.report import (COLUMNS, SEED, VariantRow, about, difference_cell, objective_label, sd_cell, seed_sd,
                              variant_row, write_tables, write_variant_report)
 from pipeline.sweep.spec import fmt
 
@@ -53,7 +55,8 @@ class Row:
     def outcomes(self) -> dict:
         """The per-case outcomes over its seeds, by metric (`comparison.outcome_parts`), decoded once:
         a table's columns, its intervals table and the rows set against it all read them."""
-        return outcome_parts([r.get("outcomes") or {} for r in self.runs])
+        with about(self.label):
+            return outcome_parts([r.get("outcomes") or {} for r in self.runs])
 
     @property
     def metrics(self) -> dict[str, float]:
@@ -67,19 +70,29 @@ def ft_run(objective) -> str:
     return f"ft_{objective.method}"
 
 
+def _finished(trial: dict) -> bool:
+    """A trial the tables have a row's run of: finished, with its per-case outcomes."""
+    return trial.get("status") == "finished" and bool(trial.get("outcomes"))
+
+
+def _configuration(params: dict) -> tuple:
+    """A trial's whole config but the seed: what its row's other seeds share."""
+    return tuple(sorted((k, repr(v)) for k, v in params.items() if k != SEED))
+
+
 def trial_rows(cfg, trials: list[dict], sweep: str) -> list[Row]:
     """A row per configuration of sweep `sweep`'s finished trials with outcomes (their whole config, as
     the results file's `params` hold it, but the seed), in first-seen order, its runs by seed; labelled
     by student and objective, e.g. "toy-vit FT with L_CLIP + 0.1 L_SDS", and by any other key in which
-    the configurations differ, e.g. "(train.lr=0.0001)"."""
+    the configurations differ, e.g. "(train.lr=0.0001)"; configurations these leave one label, by the
+    keys in which those differ too, e.g. "(objective.reduction=sum)"."""
     groups: dict[tuple, list[dict]] = {}
     for trial in trials:
-        if trial.get("status") == "finished" and trial.get("outcomes"):
+        if _finished(trial):
             if not isinstance(trial.get("params"), dict):
                 raise ConfigError(f"results of sweep {sweep}: trial {trial.get('trial')} has no params (its whole "
                                   "config, which the tables group and label rows by); run the sweep again")
-            config = tuple(sorted((k, repr(v)) for k, v in trial["params"].items() if k != SEED))
-            groups.setdefault(config, []).append(trial)
+            groups.setdefault(_configuration(trial["params"]), []).append(trial)
     configs = [runs[0]["params"] for runs in groups.values()]
     named = (SEED, STUDENT)
     differ = sorted({k for c in configs for k in c if not k.startswith("objective.") and k not in named
@@ -94,14 +107,42 @@ def trial_rows(cfg, trials: list[dict], sweep: str) -> list[Row]:
         if differ:
             label += " (" + ", ".join(f"{key}={fmt(params.get(key))}" for key in differ) + ")"
         out.append(Row(params[STUDENT], ft_run(objective), label, runs, params))
+    # The objective's label names its method and weights only: configurations it leaves one label
+    # (another objective.reduction, say) are told apart by the keys in which they differ, as grouped.
+    for label in dict.fromkeys(row.label for row in out):
+        alike = [row for row in out if row.label == label]
+        if len(alike) == 1:
+            continue
+        keys = sorted({k for a in alike for k in a.config if k not in (SEED, *differ)
+                       and any(repr(b.config.get(k)) != repr(a.config[k]) for b in alike)})
+        for row in alike:
+            row.label += " (" + ", ".join(f"{key}={fmt(row.config.get(key))}" for key in keys) + ")"
     return out
+
+
+def note_unfinished(trials: list[dict], sweep: str) -> None:
+    """A note on stderr per configuration of sweep `sweep` none of whose trials finished with outcomes,
+    so which has no row in the tables (`trial_rows`), naming its trials."""
+    kept = {_configuration(t["params"]) for t in trials if _finished(t) and isinstance(t.get("params"), dict)}
+    dropped: dict[tuple, list[dict]] = {}
+    for trial in trials:
+        if isinstance(trial.get("params"), dict) and _configuration(trial["params"]) not in kept:
+            dropped.setdefault(_configuration(trial["params"]), []).append(trial)
+    for runs in dropped.values():
+        swept = ", ".join(f"{key}={value}" for key, value in (runs[0].get("config") or {}).items() if key != SEED)
+        print(f"sweep {sweep}: configuration {swept} has no finished trial with outcomes ("
+              + ", ".join(f"{t['trial']} {t['status']}" for t in runs) + "); no row of it in the tables",
+              file=sys.stderr)
 
 
 def rows(cfg, baselines: dict, stage_runs: dict[str, dict], table1_trials: list[dict] | None) -> list[Row]:
     """Every row, students in the profile's order: pretrained, then its fine-tuned rows (sweeps/table1.yaml's,
     or FT with L_CLIP and with the objective from the train_clip / train_sds results `stage_runs`
     ({"clip": ..., "sds": ...}) when `table1_trials` is None); then the diffusion score."""
-    fine_tuned = trial_rows(cfg, table1_trials, "table1") if table1_trials is not None else []
+    fine_tuned = []
+    if table1_trials is not None:
+        fine_tuned = trial_rows(cfg, table1_trials, "table1")
+        note_unfinished(table1_trials, "table1")
     study = flatten(to_dict(cfg))
     out = []
     for student in cfg.students:
@@ -179,7 +220,8 @@ def _versus(row: Row, reference: Row | None, key: str, n_resamples: int, seed: i
         return "-"
     # Fine-tuned rows of one student that ran the same seeds drew, seed by seed, the same data order and start.
     paired = same_seeds(_seeds(row), _seeds(reference))
-    cell = difference_cell(paired_difference(a, b, n_resamples, seed=seed, pair_seeds=paired))
+    with about(f"{row.label} against {reference.label}"):
+        cell = difference_cell(paired_difference(a, b, n_resamples, seed=seed, pair_seeds=paired))
     # A row with no student of its own (the diffusion score) says whose reference row it is set against.
     return cell if row.student or not reference.student else f"{cell} (vs {reference.student})"
 
@@ -208,6 +250,10 @@ def write_table(out: Path, stem: str, table_rows: list[Row], paper: list[publish
     c = comparison
     extra = ["seeds", f"{c.name} seed sd", f"{c.name} 95% CI", f"{c.name} vs {c.against}"]
     extra_keys = ["seeds", f"{c.key}/seed_sd", f"{c.key}/ci95", f"{c.key}/vs_{c.against_key}"]
+    labels = [r.label for r in table_rows]
+    if len(set(labels)) < len(labels):      # a row's last cells are found by its label
+        shared = sorted({label for label in labels if labels.count(label) > 1})
+        raise ValueError(f"{stem}: rows share a label: {', '.join(shared)}; each row needs its own")
     header, cells, notes = published.beside(["run"] + [name for name, _ in columns], keys,
                                             [(r.label, r.metrics) for r in table_rows], paper)
     by_label = {r.label: [str(len(r.runs)), _seed_sd(r, c.key), _interval(r, c.key, n_resamples, seed),
@@ -224,8 +270,10 @@ def interval_rows(table_rows: list[Row], reference: Callable[[Row], Row | None],
     for row in table_rows:
         against = reference(row)
         compared = against is not None and against is not row
-        out.append(variant_row(row.label, row.runs, row.outcomes, _seeds(row), against.outcomes if compared else None,
-                               compared and same_seeds(_seeds(row), _seeds(against)), n_resamples, seed))
+        parts, against_parts = row.outcomes, against.outcomes if compared else None
+        with about(f"{row.label} against {against.label}") if compared else nullcontext():
+            out.append(variant_row(row.label, row.runs, parts, _seeds(row), against_parts,
+                                   compared and same_seeds(_seeds(row), _seeds(against)), n_resamples, seed))
     return out
 
 

@@ -57,6 +57,9 @@ class PublishedTable:
     source: Text         # paper version and table / section, e.g. "arXiv 2307.09233 v3, Table 1"
     caption: Text
     rows: list[PublishedRow]
+    # The config keys (dotted, under the paper profile) and values a study of its own sets to run the
+    # table's setting, where that is a whole study's (appendices G and H), e.g. a teacher's name and weights.
+    study: dict[Text, Text] = dataclasses.field(default_factory=dict)
 
 
 def _check_keys(tp: type, data: object, where: str) -> None:

@@ -24,6 +24,8 @@ import math
 import os
 import sys
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -36,7 +38,8 @@ from pipeline.data.errors import (DataFormatError, MissingInput, field_value, lo
 from pipeline.figures import (dot_figure, figure_title, group_scores, interval_note, line_figure, new_figure, panels,
                               plotted_trials, seeds_interval_note, style, varying_metrics, write_figure)
 from pipeline.io import check_writable, write_text
-from pipeline.comparison import PairedDifference, outcome_parts, paired_difference, same_seeds, seed_task_interval
+from pipeline.comparison import (CaseMismatch, PairedDifference, outcome_parts, paired_difference, same_seeds,
+                                 seed_task_interval)
 from pipeline.sweep.spec import VARIANT, trial_index
 
 if TYPE_CHECKING:
@@ -107,8 +110,13 @@ def alignment(header: list[str], rows: list[list[str]]) -> str:
     return "".join("r" if all(_is_number(row[i]) for row in rows) else "l" for i in range(len(header)))
 
 
+# A table's characters that LaTeX would read as something else, as it prints them: the specials labels
+# and keys hold, and the comparison tables' ±, Δ and p≤, which pdflatex rejects outside math mode.
+LATEX_SYMBOLS = {"_": r"\_", "&": r"\&", "%": r"\%", "±": r"$\pm$", "Δ": r"$\Delta$", "≤": r"$\leq$"}
+
+
 def latex(header: list[str], rows: list[list[str]]) -> str:
-    escape = lambda s: s.replace("_", r"\_").replace("&", r"\&").replace("%", r"\%")
+    escape = lambda s: "".join(LATEX_SYMBOLS.get(c, c) for c in s)
     out = [r"\begin{tabular}{" + alignment(header, rows) + "}", r"\toprule",
            " & ".join(escape(h) for h in header) + r" \\", r"\midrule"]
     out += [" & ".join(escape(c) for c in row) + r" \\" for row in rows]
@@ -162,10 +170,33 @@ def check_outcomes(outcomes, source: Path | str, where: str) -> None:
     digest of its cases, without which two rows cannot be paired case by case."""
     for name, outcome in require_record(outcomes, source, where).items():
         record = require_record(outcome, source, f"{where} outcome {name}")
-        str_field(record, "correct", source, f"{where} outcome {name}")
+        correct = str_field(record, "correct", source, f"{where} outcome {name}")
+        if not correct or set(correct) - {"0", "1"}:
+            raise DataFormatError(source, f"{where} outcome {name}", "correct", "must be a '0' or '1' per case "
+                                  "(whether the run got it right)")
         if "cases" not in record:
             raise DataFormatError(source, f"{where} outcome {name}", "cases", "is missing: written before outcomes "
                                   "said which cases they are of; run the stage or sweep that wrote it again")
+
+
+@contextmanager
+def about(rows: str) -> Iterator[None]:
+    """A `CaseMismatch` raised within, its message led by the `rows` it is about (e.g. "NegCLIP against
+    FT with L_CLIP"), which the outcomes' own message cannot name."""
+    try:
+        yield
+    except CaseMismatch as err:
+        raise CaseMismatch(f"{rows}: {err}") from None
+
+
+@contextmanager
+def results_of(sources: list[Path | str], where: str) -> Iterator[None]:
+    """Runs of the results files `sources` that cannot be set together, not scored on the same cases
+    (`CaseMismatch`), as bad input: one line naming the files and `where` (e.g. "sweep methods")."""
+    try:
+        yield
+    except CaseMismatch as err:
+        raise DataFormatError(", ".join(str(source) for source in sources), where, None, str(err)) from None
 
 
 def read_trials(path: Path, what: str) -> list[dict]:
@@ -291,12 +322,18 @@ def compared_rows(name: str, trials: list[dict], cfg, against: str | None = None
             raise ConfigError(f"--against: {against!r} is not a configuration of sweep {name}; allowed: "
                               + ", ".join(dict.fromkeys(order)))
         order = [against] + [o for o in order if o != against]
-    rows = compare_variants(trials, list(dict.fromkeys(order)), resamples(cfg), cfg.eval.seed, key)
+    order = list(dict.fromkeys(order))
+    rows = compare_variants(trials, order, resamples(cfg), cfg.eval.seed, key)
     if not rows:
         print(f"sweep {name}: no finished trial with outcomes; no {name} report", file=sys.stderr)
     elif against is not None and rows[0].name != against:     # the rows are those with finished trials
         raise ConfigError(f"--against: {against!r} has no finished trial with outcomes in sweep {name}, so nothing "
                           "can be set against it; allowed: " + ", ".join(row.name for row in rows))
+    for dropped in [o for o in order if rows and o not in {row.name for row in rows}]:
+        runs = [t for t in trials if key in (t.get("config") or {}) and configuration(t["config"], key) == dropped]
+        print(f"sweep {name}: configuration {dropped} has no finished trial with outcomes ("
+              + ", ".join(f"{t['trial']} {t['status']}" for t in runs) + f"); no row of it in the {name} report",
+              file=sys.stderr)
     return rows
 
 
@@ -410,11 +447,19 @@ def compare_variants(trials: list[dict], order: list[str], n_resamples: int = 10
     names = [name for name in order if name in groups]
     if not names:
         return []
-    parts = {name: outcome_parts([t["outcomes"] for t in groups[name]]) for name in names}
+    parts = {}
+    for name in names:
+        with about(f"{name} (trials {', '.join(t['trial'] for t in groups[name])})"):
+            parts[name] = outcome_parts([t["outcomes"] for t in groups[name]])
     seeds = {name: [t["config"].get(SEED) for t in groups[name]] for name in names}
-    # The variants of a sweep that ran the same seeds drew, seed by seed, the same data order and start.
-    return [variant_row(name, groups[name], parts[name], seeds[name], None if name == names[0] else parts[names[0]],
-                        same_seeds(seeds[name], seeds[names[0]]), n_resamples, seed) for name in names]
+    rows = []
+    for name in names:
+        with about(f"{name} against {names[0]}"):
+            # The variants of a sweep that ran the same seeds drew, seed by seed, the same data order and start.
+            rows.append(variant_row(name, groups[name], parts[name], seeds[name],
+                                    None if name == names[0] else parts[names[0]],
+                                    same_seeds(seeds[name], seeds[names[0]]), n_resamples, seed))
+    return rows
 
 
 def variant_row(name: str, runs: list[dict], parts: dict, seeds: list, reference: dict | None, paired: bool,
@@ -671,8 +716,10 @@ def command_body(args: argparse.Namespace, cfg, root: Path) -> None:
     if ran:    # the rows are the trials' own; the profile chosen here only names and labels them
         print(f"note: the trials of sweep {args.sweep} ran on profile {', '.join(ran)}; the report labels them with "
               f"profile {cfg.profile}'s student and teacher names", file=sys.stderr)
-    for path in sweep_report(args.sweep, trials, compared_rows(args.sweep, trials, cfg, args.against), cfg, out):
-        print(path)
+    source = args.results or f"{cfg.tracking.experiment}/{args.sweep}'s newest {SUMMARY}"
+    with results_of([source], f"sweep {args.sweep}"):
+        for path in sweep_report(args.sweep, trials, compared_rows(args.sweep, trials, cfg, args.against), cfg, out):
+            print(path)
 
 
 def command_arguments(p: argparse.ArgumentParser) -> None:

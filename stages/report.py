@@ -51,32 +51,45 @@ commit, or with mlruns/ deleted, the report rebuilds the same. Without results/s
 are no sweep outputs; a sweep it lists as ran whose results file is missing is an error, and a
 file in results/sweeps/ of a sweep it does not list is not read. Outputs an earlier report wrote
 and this one does not are removed (reports/.outputs.json lists the last report's), so none of
-reports/ is stale; other files in reports/ stay.
+reports/ is stale; other files in reports/ stay. Every output is made before any reaches reports/
+or metrics/: bad results (runs set together that were scored on other cases) leave both as they were.
 """
 import json
+import os
+import shutil
 import sys
 from pathlib import Path
 
 from pipeline import appendix, cli, paper_tables
 from pipeline.data.errors import load_json
-from pipeline.io import write_json
+from pipeline.io import temp_dir, write_json
 from pipeline.figures import inference_figure, write_figure, zeroshot_figure
 from pipeline.headline import FOLDER, headline_files, write_headline
-from pipeline.report import VARIANT, check_outcomes, compared_key, compared_rows, read_trials, resamples, sweep_report
+from pipeline.report import (VARIANT, check_outcomes, compared_key, compared_rows, read_trials, resamples,
+                             results_of, sweep_report)
 
 TABLE1 = "table1"     # the sweep whose seeds make the Table-1 rows (sweeps/table1.yaml)
 
 
+def table_files(results: Path, table1_ran: bool) -> dict[str, Path]:
+    """The results files of the paper tables' rows: the baselines', and the train_clip / train_sds
+    stages' unless sweeps/table1.yaml ran (`sweep_file`), by what they hold."""
+    files = {"baselines": results / "baselines.json"}
+    if table1_ran:
+        return {**files, TABLE1: sweep_file(results, TABLE1)}
+    return {**files, **{variant: results / f"train-{variant}.json" for variant in ("clip", "sds")}}
+
+
 def table_rows(cfg, results: Path, trials: list[dict] | None) -> list[paper_tables.Row]:
     """The paper tables' rows from the stages' results files, with sweeps/table1.yaml's trials when it ran."""
-    baselines = load_json(results / "baselines.json", "results of the baselines stage")
+    files = table_files(results, trials is not None)
+    baselines = load_json(files["baselines"], "results of the baselines stage")
     for row, entry in baselines.items():
-        check_outcomes(entry.get("outcomes") or {}, results / "baselines.json", row)
+        check_outcomes(entry.get("outcomes") or {}, files["baselines"], row)
     stage_runs = None if trials is not None else {
-        variant: load_json(results / f"train-{variant}.json", f"results of the train_{variant} stage")
-        for variant in ("clip", "sds")}
+        variant: load_json(files[variant], f"results of the train_{variant} stage") for variant in ("clip", "sds")}
     for variant, run in (stage_runs or {}).items():
-        check_outcomes(run.get("outcomes") or {}, results / f"train-{variant}.json", "run")
+        check_outcomes(run.get("outcomes") or {}, files[variant], "run")
     return paper_tables.rows(cfg, baselines, stage_runs, trials)
 
 
@@ -106,31 +119,54 @@ def sweep_file(results: Path, name: str) -> Path:
     return results / "sweeps" / f"{name}.json"
 
 
+def write_outputs(cfg, results: Path, sweeps: dict[str, list[dict]], rows: list[paper_tables.Row],
+                  out: Path) -> tuple[list[Path], dict[str, list]]:
+    """Every output of the report under `out`, and the variant rows of each sweep of named variants
+    (`pipeline.headline`'s metrics files)."""
+    n_resamples = resamples(cfg)
+    tables = list(table_files(results, TABLE1 in sweeps).values())
+    with results_of(tables, "the paper's tables"):
+        written = paper_tables.write(cfg, rows, out, n_resamples, cfg.eval.seed)
+        main_student = [(r.label, r.runs) for r in rows if r.student == cfg.train.student]
+        points = paper_tables.inference_points(rows)
+        for path, figure in ((out / "zeroshot.png", zeroshot_figure(main_student, n_resamples, cfg.eval.seed)),
+                             (out / "inference.png", inference_figure(points) if points else None)):
+            if figure is not None:
+                written.append(write_figure(path, figure))
+    with results_of(tables + [sweep_file(results, name) for name in sweeps if name != TABLE1], "the appendix tables"):
+        written += appendix.write(cfg, rows, sweeps, out, n_resamples, cfg.eval.seed)
+    variants = {}
+    for name, trials in sweeps.items():
+        with results_of([sweep_file(results, name)], f"sweep {name}"):
+            compared = compared_rows(name, trials, cfg)
+            written += sweep_report(name, trials, compared, cfg, out)
+        if compared_key(trials) == VARIANT:    # a metrics file per named variant, not per swept value
+            variants[name] = compared
+    return written, variants
+
+
 def body(args, cfg, root):
     results, reports = root / "results", root / "reports"
-    n_resamples = resamples(cfg)
     sweeps = {name: read_trials(sweep_file(results, name), f"results of sweep {name} (listed in "
                                                              f"{results / 'sweeps.json'})")
               for name in ran_sweeps(results)}
     rows = table_rows(cfg, results, sweeps.get(TABLE1))
-    written = paper_tables.write(cfg, rows, reports, n_resamples, cfg.eval.seed)
-    written += appendix.write(cfg, rows, sweeps, reports, n_resamples, cfg.eval.seed)
-    main_student = [(r.label, r.runs) for r in rows if r.student == cfg.train.student]
-    points = paper_tables.inference_points(rows)
-    for path, figure in ((reports / "zeroshot.png", zeroshot_figure(main_student, n_resamples, cfg.eval.seed)),
-                         (reports / "inference.png", inference_figure(points) if points else None)):
-        if figure is not None:
-            written.append(write_figure(path, figure))
-    variants = {}
-    for name, trials in sweeps.items():
-        compared = compared_rows(name, trials, cfg)
-        written += sweep_report(name, trials, compared, cfg, reports)
-        if compared_key(trials) == VARIANT:    # a metrics file per named variant, not per swept value
-            variants[name] = compared
-    for path in stale_outputs(reports, written):
+    # Made beside reports/ and moved in only once every output and metrics file is: bad results met on
+    # the way leave reports/ and metrics/ as the last report left them, not half new.
+    building = temp_dir(root, ".reports.", ".tmp")
+    try:
+        written, variants = write_outputs(cfg, results, sweeps, rows, building)
+        headline = headline_files(paper_tables.headline_rows(cfg, rows), variants)
+        reports.mkdir(exist_ok=True)
+        for path in written:
+            os.replace(path, reports / path.name)
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+    placed = [reports / path.name for path in written]
+    for path in stale_outputs(reports, placed):
         path.unlink()
-    write_json(reports / OUTPUTS, sorted(path.name for path in written))
-    write_headline(headline_files(paper_tables.headline_rows(cfg, rows), variants), root / FOLDER)
+    write_json(reports / OUTPUTS, sorted(path.name for path in placed))
+    write_headline(headline, root / FOLDER)
 
 
 def main(argv=None) -> int:

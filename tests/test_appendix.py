@@ -115,11 +115,13 @@ def test_the_diffusion_scores_aro_is_compared_with_each_pretrained_student_on_th
 def test_on_the_paper_profile_the_appendix_tables_print_the_published_numbers_under_the_measured(tmp_path, capsys):
     cfg = load(PARAMS, {"profile": "paper"})
     written = appendix.write(cfg, table1(cfg), {"methods": methods(cfg, "vit-b-16")}, tmp_path, n_resamples=50)
-    # Appendices G and H need a study of their own: none written, and the line says how to run it.
+    # Appendices G and H need a study of their own: none written, and the line says how to run it, with
+    # every setting it needs (SD v2-1's name without its weights would run v1-4's under that name).
     assert {p.stem for p in written} == {"appendix-unet-feature", "appendix-diffusion-score", "appendix-clevr"}
     err = capsys.readouterr().err
-    assert "dvc exp run -S profiles.paper.teacher.name=stable-diffusion-v2-1" in err
-    assert "dvc exp run -S profiles.paper.data.train_set=cc3m" in err
+    assert ("e.g. dvc exp run -S profiles.paper.teacher.name=stable-diffusion-v2-1 "
+            "-S profiles.paper.teacher.pretrained=stabilityai/stable-diffusion-2-1 (README") in err
+    assert "e.g. dvc exp run -S profiles.paper.data.train_set=cc3m (README" in err
     for stem, table_id in (("appendix-unet-feature", "appendix_unet_feature"), ("appendix-clevr", "appendix_clevr"),
                            ("appendix-diffusion-score", "appendix_diffusion_score")):
         path = tmp_path / f"{stem}.md"

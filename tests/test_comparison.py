@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.comparison import (CaseOutcomes, PairedDifference, mcnemar, metric_value, outcome_parts,
+from pipeline.comparison import (CaseMismatch, CaseOutcomes, PairedDifference, mcnemar, metric_value, outcome_parts,
                                  paired_difference, seed_task_interval, seed_values, tango_interval)
 from pipeline.metrics import cases_digest, decode_correct, encode_correct
 from pipeline.report import difference_cell
@@ -238,28 +238,30 @@ def test_outcome_parts_stacks_seeds_and_builds_the_composites():
     parts = outcome_parts([run("10", "110", "01"), run("11", "011", "11")])
     assert parts["winoground/text"][0].correct.tolist() == [[1, 0], [1, 1]]
     assert metric_value(parts["aro/overall"]) == pytest.approx((np.mean([0.75, 0.5]) + 0.75) / 2)
-    with pytest.raises(ValueError, match="different numbers of cases"):
+    with pytest.raises(CaseMismatch, match="different numbers of cases"):
         outcome_parts([run("10", "110", "01"), run("101", "011", "11")])
-    with pytest.raises(ValueError, match="same cases"):
+    with pytest.raises(CaseMismatch, match="same cases"):
         paired_difference(parts["winoground/text"], parts["aro/overall"])
 
 
 def test_two_rows_pair_only_on_the_same_cases_in_the_same_order():
     """The same model with its tasks stored in the reverse order is the same row: paired by position
     it would have 8 discordant cases and a wide interval. Outcomes say which cases they are of
-    (the digest of the cases' identities), and rows of other cases or orders are refused."""
+    (the digest of the cases' identities), and rows of other cases or orders are refused (`CaseMismatch`,
+    a ValueError the report names as bad results)."""
     forward = {"winoground/text": {"correct": "11110000", "groups": None, "cases": cases_digest(list("abcdefgh"))}}
     backward = {"winoground/text": {"correct": "00001111", "groups": None, "cases": cases_digest(list("hgfedcba"))}}
     a, b = outcome_parts([forward])["winoground/text"], outcome_parts([backward])["winoground/text"]
-    with pytest.raises(ValueError, match="same cases in the same order"):
+    with pytest.raises(CaseMismatch, match="same cases in the same order"):
         paired_difference(a, b)
     same = paired_difference(a, outcome_parts([forward])["winoground/text"])
     assert (same.difference, same.discordant, same.p_value) == (0.0, 0, 1.0)
     assert -same.low == same.high == pytest.approx(1.96 ** 2 / (8 + 1.96 ** 2), rel=1e-3)  # no discordance
-    with pytest.raises(ValueError, match="runs were scored on different cases"):        # seeds of one row
+    with pytest.raises(CaseMismatch, match="runs were scored on different cases"):        # seeds of one row
         outcome_parts([forward, {"winoground/text": {**forward["winoground/text"], "cases": cases_digest(["x"])}}])
     with pytest.raises(ValueError, match="do not say which cases"):
         outcome_parts([{"winoground/text": {"correct": "1100", "groups": None}}])
+    assert issubclass(CaseMismatch, ValueError)         # what library callers caught before
 
 
 def test_a_composites_parts_pair_by_name_whatever_order_a_row_stored_them_in():

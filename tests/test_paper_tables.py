@@ -165,3 +165,40 @@ def test_on_the_paper_profile_each_student_goes_to_its_published_table_beside_th
     assert not any(label.startswith("vit-b-16-laion") for label in table1)
     # The diffusion score's published row (the paper's Winoground and ARO of SD's score).
     assert f"diffusion score ({cfg.teacher.name}){published.PAPER}" in table1
+
+
+def test_configurations_one_objective_label_leaves_alike_are_told_apart_each_row_with_its_own_cells(toy, tmp_path):
+    """Two L_SDS configurations that differ only in objective.reduction, which the objective's label
+    does not name: each row says its value, and each row's interval is of its own seeds."""
+    cfg, (first, _), baselines, _ = toy
+    trials = [trial(cfg, first, "FT with L_CLIP", 0, 0.25, "11000000")]
+    for reduction, seeds in (("mean", ((0, "11000000"), (1, "11100000"))), ("sum", ((0, "11111100"), (1, "11111110")))):
+        for seed, correct in seeds:
+            trials.append(trial(cfg, first, "FT with L_CLIP + L_SDS", seed, correct.count("1") / 8, correct))
+            trials[-1]["params"]["objective.reduction"] = reduction
+    rows = paper_tables.rows(cfg, baselines, {}, trials)
+    sds = f"{first} FT with L_CLIP + {cfg.objective.lambda_sds:g} L_SDS"
+    assert [r.label for r in rows if r.student == first] == [
+        f"{first} pretrained", f"{first} FT with L_CLIP",       # a label no other row has stays as it was
+        f"{sds} (objective.reduction=mean)", f"{sds} (objective.reduction=sum)"]
+    paper_tables.write(cfg, rows, tmp_path, n_resamples=200, seed=3)
+    table = cells(tmp_path / "table1.md")
+    for reduction, mean in (("mean", 2.5 / 8), ("sum", 6.5 / 8)):
+        shown = table[f"{sds} (objective.reduction={reduction})"]
+        low, high = map(float, shown[-2].strip("[]").split(", "))
+        assert shown[COLUMN[TEXT]] == f"{mean:.3f}" and low <= mean <= high
+    # Rows of one label would take each other's cells: refused.
+    with pytest.raises(ValueError, match="^table1: rows share a label: "):
+        paper_tables.write_table(tmp_path, "table1", [rows[0], rows[0]], [None, None], COLUMNS,
+                                 paper_tables.TEXT_VS_FT_CLIP, lambda r: None)
+
+
+def test_a_configuration_with_no_finished_trial_is_named_on_stderr(toy, capsys):
+    cfg, (first, second), baselines, trials = toy
+    failed = [{**trial(cfg, second, "FT with L_CLIP + L_SDS", seed, 0.0, "00000000", status="failed"),
+               "trial": f"t00{seed + 6}"} for seed in (0, 1)]
+    rows = paper_tables.rows(cfg, baselines, {}, trials + failed)
+    assert [r.run for r in rows if r.student == second] == ["pretrained", "ft_clip"]
+    assert capsys.readouterr().err.splitlines() == [
+        f"sweep table1: configuration train.student={second}, variant=FT with L_CLIP + L_SDS has no finished "
+        "trial with outcomes (t006 failed, t007 failed); no row of it in the tables"]

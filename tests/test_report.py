@@ -578,6 +578,50 @@ def test_results_written_before_outcomes_named_their_cases_are_a_one_line_error(
         path.write_text(kept)
 
 
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+
+
+def test_runs_scored_on_other_cases_are_a_one_line_error_and_nothing_of_the_report_is_written(store, capsys):
+    """Two seeds of one variant whose outcomes are of other cases cannot be put together: one line naming
+    the sweep's results file, the variant and its trials (a ValueError's traceback before), and the
+    report's earlier outputs and metrics files stay byte for byte, those it would write before the sweep too."""
+    root = store["root"]
+    listed = root / "results" / "sweeps.json"
+    assert stage.main(["--params", str(store["params"])]) == 0
+    (root / "reports" / "table1.md").write_text("an earlier report's\n")
+    (root / "metrics" / "ft-clip.json").write_text("{}\n")
+    before = {folder: snapshot(root / folder) for folder in ("reports", "metrics")}
+    outcome = lambda cases: {"winoground/text": {"correct": "1100", "groups": None, "cases": cases}}  # noqa: E731
+    trials = [result_trial(f"t00{seed}", {"variant": "a", "train.seed": seed}, "finished", {"winoground/text": 0.5},
+                           outcome(cases)) for seed, cases in ((0, "fixture"), (1, "other"))]
+    listed.write_text(json.dumps({**store["sweeps"], "methods": write_sweep(root / "results", "methods", trials)}))
+    try:
+        assert stage.main(["--params", str(store["params"])]) == 2
+    finally:
+        listed.unlink()
+        (root / "results" / "sweeps" / "methods.json").unlink()
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (f"error: {root / 'results' / 'sweeps' / 'methods.json'}: sweep methods: a (trials t000, t001): "
+                   "winoground/text: the runs were scored on different cases (their case identities differ)")
+    assert {folder: snapshot(root / folder) for folder in ("reports", "metrics")} == before
+    assert [p.name for p in root.iterdir() if p.name.startswith(".reports.")] == []     # nothing left beside
+
+
+def test_a_malformed_outcome_is_a_one_line_error_naming_the_file_and_the_row(store, capsys):
+    path = store["root"] / "results" / "baselines.json"
+    kept = path.read_text()
+    baselines = json.loads(kept)
+    baselines["diffusion_score"]["outcomes"]["winoground/text"]["correct"] = "11x0"
+    path.write_text(json.dumps(baselines))
+    try:
+        assert stage.main(["--params", str(store["params"])]) == 2
+    finally:
+        path.write_text(kept)
+    assert capsys.readouterr().err.strip() == (f"error: {path}: diffusion_score outcome winoground/text: field "
+                                               "'correct' must be a '0' or '1' per case (whether the run got it right)")
+
+
 def test_stage_with_no_sweeps_listed_writes_no_sweep_outputs(store, tmp_path):
     root = store["root"]
     (root / "results" / "sweeps.json").write_text("{}\n")
@@ -793,3 +837,26 @@ def test_objective_labels_name_the_method_and_its_weights():
     assert objective_label(ObjectiveConfig(method="negclip", lambda_sds=0)) == "FT with NegCLIP"
     assert objective_label(ObjectiveConfig(method="diffusion_feedback", lambda_sds=1, clip_weight=0)) == \
         "FT with 1 L_feedback"
+
+
+def test_latex_writes_the_tables_symbols_as_pdflatex_reads_them():
+    from pipeline.report import latex
+
+    tex = latex(["method", "Δ Wino text"], [["a_b", "+0.031 [+0.010, +0.051] p≤0.002"], ["c", "0.515 ± 0.013"]])
+    assert tex.isascii()
+    assert r"$\Delta$ Wino text" in tex and r"p$\leq$0.002" in tex and r"0.515 $\pm$ 0.013" in tex
+    assert r"a\_b" in tex
+
+
+def test_a_configuration_with_no_finished_trial_is_named_on_stderr(tmp_path, capsys):
+    from pipeline.report import compared_rows
+
+    outcomes = {"winoground/text": {"correct": "1100", "groups": None, "cases": "fixture"}}
+    trials = [result_trial("t000", {"variant": "plain", "train.seed": 0}, "finished", {"winoground/text": 0.5}, outcomes),
+              result_trial("t001", {"variant": "hard", "train.seed": 0}, "failed", {}),
+              result_trial("t002", {"variant": "hard", "train.seed": 1}, "early_stopped", {})]
+    rows = compared_rows("methods", trials, load(write_params(tmp_path)))
+    assert [r.name for r in rows] == ["plain"]
+    assert capsys.readouterr().err.splitlines() == [
+        "sweep methods: configuration hard has no finished trial with outcomes (t001 failed, t002 early_stopped); "
+        "no row of it in the methods report"]
