@@ -98,8 +98,9 @@ def write(cfg, table1: list[Row], sweeps: dict[str, list[dict]], out: Path, n_re
             written += write_table(out, stem, chosen, paper, _columns("winoground/text"), TEXT_VS_FT_CLIP,
                                    lambda r: references.get(r.student), n_resamples, seed)
         elif cfg.profile == "paper":
-            study = published.table(table_id).study
-            setting = " ".join(f"-S profiles.paper.{key}={value}" for key, value in study.items())
-            print(f"{published.table(table_id).source}: no {stem} table; it needs a study of its own, "
+            table = published.table(table_id)
+            setting = " ".join(f"-S profiles.paper.{key}={value}"
+                               for key, value in {**table.rows[0].values, **table.study}.items())
+            print(f"{table.source}: no {stem} table; it needs a study of its own, "
                   f"e.g. dvc exp run {setting} (README: Running the paper profile)", file=sys.stderr)
     return written

@@ -25,6 +25,7 @@ from pydantic import AllowInfNan, ConfigDict, StrictBool, StrictFloat, StrictInt
 from pydantic.dataclasses import dataclass
 
 PROFILES = ("smoke", "toy", "paper")
+DEFAULT_PROFILE = "toy"          # the profile of a params file that names none
 
 
 class ConfigError(ValueError):
@@ -289,7 +290,8 @@ class ObjectiveConfig:
                           of the softmax (`objectives.contrastive_loss`).
     lambda_sds        weight of the teacher's loss (the paper's lambda); 0 trains no h_w/projector.
     clip_weight       weight of the contrastive loss (1). DIVA and DCR train the student with
-                      the generative loss alone: clip_weight 0.
+                      the generative loss alone: clip_weight 0, which trains the scope's image-tower
+                      parameters only (nothing else is reached) and logs L_CLIP without training on it.
     reduction         ||.||^2 of the teacher's loss: "mean" over the latent's elements (and the
                       batch), or "sum" over each sample's elements, then the batch mean (the
                       equation read literally). They differ by the element count: 16,384 for SD's
@@ -396,7 +398,8 @@ class ObjectiveConfig:
 class TrainConfig:
     """One fine-tuning trial.
 
-    scope: what the student trains (h_w / the projector always train with a teacher loss):
+    scope: what the student trains (h_w / the projector always train with a teacher loss; with
+    objective.clip_weight 0, only the scope's image-tower part, which alone that loss reaches):
       layernorm  every LayerNorm of both towers (the paper's setting)
       full       every student parameter, the temperature included
       lora       low-rank adapters (peft) on both towers' attention (q, k, v and output
@@ -499,7 +502,7 @@ class ComputeConfig:
 
 @validated
 class Config:
-    profile: Literal[PROFILES] = "toy"
+    profile: Literal[PROFILES] = DEFAULT_PROFILE
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     students: Annotated[dict[StrictStr, StudentConfig], MinLen(1)] = field(
@@ -747,7 +750,7 @@ def resolve(params: Any, overrides: dict | None = None, source: str = "params.ya
             from_dict(deep_merge(base, {**preset, "profile": name}, drop_null=True))
         except ConfigError as err:
             raise ConfigError(f"profiles.{name}.{err}") from None
-    profile = overrides.get("profile", params.get("profile", "toy"))
+    profile = overrides.get("profile", params.get("profile", DEFAULT_PROFILE))
     if profile not in PROFILES:
         raise ConfigError(f"profile: {profile!r} is not allowed; expected one of {', '.join(PROFILES)}")
     # Without its preset a profile would silently run the toy world's sections.

@@ -17,7 +17,6 @@ profile, and not in a study of another teacher or corpus.
 """
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
@@ -30,8 +29,8 @@ from pipeline import published
 from pipeline.config import ConfigError, flatten, to_dict
 from pipeline.comparison import outcome_parts, paired_difference, same_seeds, seed_task_interval
 from pipeline.metrics import TIME_PER_PAIR
-from pipeline.report import (COLUMNS, SEED, VariantRow, about, difference_cell, objective_label, sd_cell, seed_sd,
-                             variant_row, write_tables, write_variant_report)
+from pipeline.report import (COLUMNS, SEED, VariantRow, about, difference_cell, finished_with_outcomes, note_dropped,
+                             objective_label, sd_cell, seed_sd, variant_row, write_tables, write_variant_report)
 from pipeline.sweep.spec import fmt
 
 STUDENT = "train.student"
@@ -70,11 +69,6 @@ def ft_run(objective) -> str:
     return f"ft_{objective.method}"
 
 
-def _finished(trial: dict) -> bool:
-    """A trial the tables have a row's run of: finished, with its per-case outcomes."""
-    return trial.get("status") == "finished" and bool(trial.get("outcomes"))
-
-
 def _configuration(params: dict) -> tuple:
     """A trial's whole config but the seed: what its row's other seeds share."""
     return tuple(sorted((k, repr(v)) for k, v in params.items() if k != SEED))
@@ -88,7 +82,7 @@ def trial_rows(cfg, trials: list[dict], sweep: str) -> list[Row]:
     keys in which those differ too, e.g. "(objective.reduction=sum)"."""
     groups: dict[tuple, list[dict]] = {}
     for trial in trials:
-        if _finished(trial):
+        if finished_with_outcomes(trial):
             if not isinstance(trial.get("params"), dict):
                 raise ConfigError(f"results of sweep {sweep}: trial {trial.get('trial')} has no params (its whole "
                                   "config, which the tables group and label rows by); run the sweep again")
@@ -123,16 +117,14 @@ def trial_rows(cfg, trials: list[dict], sweep: str) -> list[Row]:
 def note_unfinished(trials: list[dict], sweep: str) -> None:
     """A note on stderr per configuration of sweep `sweep` none of whose trials finished with outcomes,
     so which has no row in the tables (`trial_rows`), naming its trials."""
-    kept = {_configuration(t["params"]) for t in trials if _finished(t) and isinstance(t.get("params"), dict)}
+    kept = {_configuration(t["params"]) for t in trials if finished_with_outcomes(t) and isinstance(t.get("params"), dict)}
     dropped: dict[tuple, list[dict]] = {}
     for trial in trials:
         if isinstance(trial.get("params"), dict) and _configuration(trial["params"]) not in kept:
             dropped.setdefault(_configuration(trial["params"]), []).append(trial)
     for runs in dropped.values():
         swept = ", ".join(f"{key}={value}" for key, value in (runs[0].get("config") or {}).items() if key != SEED)
-        print(f"sweep {sweep}: configuration {swept} has no finished trial with outcomes ("
-              + ", ".join(f"{t['trial']} {t['status']}" for t in runs) + "); no row of it in the tables",
-              file=sys.stderr)
+        note_dropped(sweep, swept, runs, "the tables")
 
 
 def rows(cfg, baselines: dict, stage_runs: dict[str, dict], table1_trials: list[dict] | None) -> list[Row]:
@@ -151,8 +143,10 @@ def rows(cfg, baselines: dict, stage_runs: dict[str, dict], table1_trials: list[
             # stages/train.py's L_CLIP-only run: objective.method clip, lambda 0.
             clip = {**study, "objective.method": "clip", "objective.lambda_sds": 0.0}
             out.append(Row(student, "ft_clip", f"{student} FT with L_CLIP", [stage_runs["clip"]], clip))
-            out.append(Row(student, ft_run(cfg.objective), f"{student} {objective_label(cfg.objective)}",
-                           [stage_runs["sds"]], study))
+            label = f"{student} {objective_label(cfg.objective)}"
+            if label == out[-1].label:     # params.yaml's objective is L_CLIP's too (lambda_sds 0): its own run
+                label += " (train_sds)"
+            out.append(Row(student, ft_run(cfg.objective), label, [stage_runs["sds"]], study))
         out += [row for row in fine_tuned if row.student == student]
     out.append(Row(None, published.DIFFUSION_SCORE, f"diffusion score ({cfg.teacher.name})",
                    [baselines[published.DIFFUSION_SCORE]], study))

@@ -57,8 +57,8 @@ class PublishedTable:
     source: Text         # paper version and table / section, e.g. "arXiv 2307.09233 v3, Table 1"
     caption: Text
     rows: list[PublishedRow]
-    # The config keys (dotted, under the paper profile) and values a study of its own sets to run the
-    # table's setting, where that is a whole study's (appendices G and H), e.g. a teacher's name and weights.
+    # Where the table's setting is a whole study's (appendices G and H): the config keys (dotted, under
+    # the paper profile) and values that study sets beyond its rows' `values`, e.g. a teacher's weights.
     study: dict[Text, Text] = dataclasses.field(default_factory=dict)
 
 

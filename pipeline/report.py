@@ -38,6 +38,7 @@ from pipeline.data.errors import (DataFormatError, MissingInput, field_value, lo
 from pipeline.figures import (dot_figure, figure_title, group_scores, interval_note, line_figure, new_figure, panels,
                               plotted_trials, seeds_interval_note, style, varying_metrics, write_figure)
 from pipeline.io import check_writable, write_text
+from pipeline.metrics import decode_correct
 from pipeline.comparison import (CaseMismatch, PairedDifference, outcome_parts, paired_difference, same_seeds,
                                  seed_task_interval)
 from pipeline.sweep.spec import VARIANT, trial_index
@@ -110,9 +111,12 @@ def alignment(header: list[str], rows: list[list[str]]) -> str:
     return "".join("r" if all(_is_number(row[i]) for row in rows) else "l" for i in range(len(header)))
 
 
-# A table's characters that LaTeX would read as something else, as it prints them: the specials labels
-# and keys hold, and the comparison tables' ±, Δ and p≤, which pdflatex rejects outside math mode.
-LATEX_SYMBOLS = {"_": r"\_", "&": r"\&", "%": r"\%", "±": r"$\pm$", "Δ": r"$\Delta$", "≤": r"$\leq$"}
+# A table's characters that LaTeX would read as something else, as it prints them: its specials (a
+# variant's name may hold any), < and > (other glyphs in text mode), and the comparison tables' ±, Δ
+# and p≤, which pdflatex rejects outside math mode.
+LATEX_SYMBOLS = {"_": r"\_", "&": r"\&", "%": r"\%", "#": r"\#", "$": r"\$", "{": r"\{", "}": r"\}",
+                 "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "\\": r"\textbackslash{}",
+                 "<": r"$<$", ">": r"$>$", "±": r"$\pm$", "Δ": r"$\Delta$", "≤": r"$\leq$"}
 
 
 def latex(header: list[str], rows: list[list[str]]) -> str:
@@ -170,10 +174,11 @@ def check_outcomes(outcomes, source: Path | str, where: str) -> None:
     digest of its cases, without which two rows cannot be paired case by case."""
     for name, outcome in require_record(outcomes, source, where).items():
         record = require_record(outcome, source, f"{where} outcome {name}")
-        correct = str_field(record, "correct", source, f"{where} outcome {name}")
-        if not correct or set(correct) - {"0", "1"}:
+        try:
+            decode_correct(str_field(record, "correct", source, f"{where} outcome {name}"))
+        except ValueError:         # decode_correct's one refusal: not a '0' or '1' per case
             raise DataFormatError(source, f"{where} outcome {name}", "correct", "must be a '0' or '1' per case "
-                                  "(whether the run got it right)")
+                                  "(whether the run got it right)") from None
         if "cases" not in record:
             raise DataFormatError(source, f"{where} outcome {name}", "cases", "is missing: written before outcomes "
                                   "said which cases they are of; run the stage or sweep that wrote it again")
@@ -331,10 +336,19 @@ def compared_rows(name: str, trials: list[dict], cfg, against: str | None = None
                           "can be set against it; allowed: " + ", ".join(row.name for row in rows))
     for dropped in [o for o in order if rows and o not in {row.name for row in rows}]:
         runs = [t for t in trials if key in (t.get("config") or {}) and configuration(t["config"], key) == dropped]
-        print(f"sweep {name}: configuration {dropped} has no finished trial with outcomes ("
-              + ", ".join(f"{t['trial']} {t['status']}" for t in runs) + f"); no row of it in the {name} report",
-              file=sys.stderr)
+        note_dropped(name, dropped, runs, f"the {name} report")
     return rows
+
+
+def finished_with_outcomes(trial: dict) -> bool:
+    """A trial a table has a row's run of: finished, with its per-case outcomes."""
+    return trial.get("status") == "finished" and bool(trial.get("outcomes"))
+
+
+def note_dropped(sweep: str, configuration: str, runs: list[dict], where: str) -> None:
+    """The note that a configuration of `sweep` has no row in `where`, none of its `runs` having finished."""
+    print(f"sweep {sweep}: configuration {configuration} has no finished trial with outcomes ("
+          + ", ".join(f"{t['trial']} {t['status']}" for t in runs) + f"); no row of it in {where}", file=sys.stderr)
 
 
 def sweep_report(name: str, trials: list[dict], rows: list[VariantRow], cfg, out: Path) -> list[Path]:
@@ -434,7 +448,7 @@ def variant_trials(trials: list[dict], key: str = VARIANT) -> dict[str, list[dic
     groups: dict[str, list[dict]] = {}
     for trial in trials:
         config = trial.get("config") or {}
-        if trial.get("status") == "finished" and key in config and trial.get("outcomes"):
+        if finished_with_outcomes(trial) and key in config:
             groups.setdefault(configuration(config, key), []).append(trial)
     return {name: sorted(runs, key=lambda t: t["config"].get(SEED, 0)) for name, runs in groups.items()}
 

@@ -250,7 +250,8 @@ def trainable_parameters(student: Student, projector: nn.Module | None, cfg: Tra
     """Named parameters a scope trains; everything else is frozen.
 
     layernorm: every LayerNorm of both towers; full: every student parameter (the temperature
-    included); lora: the adapters `add_lora` injects (done here). Plus h_w / the projector.
+    included); lora: the adapters `add_lora` injects (done here). Plus h_w / the projector. (`setup`
+    keeps the image tower's part alone where objective.clip_weight is 0.)
     """
     model = student.model
     if cfg.scope == "full":
@@ -368,6 +369,10 @@ def setup(cfg: TrainConfig, objective: ObjectiveConfig, student: Student, pairs:
         # The teacher's loss reaches the student through its image tower alone: the rest of the scope
         # would be counted as trained (and, with weight decay, decayed) while nothing trains it.
         params = {name: p for name, p in params.items() if name.startswith(("visual.", "h_w."))}
+        if all(name.startswith("h_w.") for name in params):      # e.g. a ResNet image tower has no LayerNorm
+            raise ConfigError(f"train.scope: {cfg.scope!r} with objective.clip_weight 0 trains nothing of the "
+                              "student: the teacher's loss reaches its image tower alone, which has no parameter "
+                              "of this scope; allowed: another scope, or objective.clip_weight > 0")
     student.model.to(device)
     fastpath.prepare_student(student.model, opts)
     if projector is not None:
@@ -447,14 +452,14 @@ def loss_step(trial: Trial, images, tokens, negatives, text_rows, image_rows) ->
     losses: dict[str, torch.Tensor] = {}
     total = torch.zeros((), device=device)
     if not stage_one:
-        scale = model.logit_scale.exp().float()
-        if obj.method == "negclip":
-            batch = len(images)
-            losses["clip"] = objectives.negclip_loss(image_features, text_features[:batch], text_features[batch:], scale)
-        else:
-            losses["clip"] = objectives.clip_loss(image_features, text_features, scale)
-        if obj.clip_weight == 0:
-            losses["clip"] = losses["clip"].detach()
+        with torch.no_grad() if obj.clip_weight == 0 else contextlib.nullcontext():    # logged, not trained on
+            scale = model.logit_scale.exp().float()
+            if obj.method == "negclip":
+                batch = len(images)
+                losses["clip"] = objectives.negclip_loss(image_features, text_features[:batch], text_features[batch:],
+                                                         scale)
+            else:
+                losses["clip"] = objectives.clip_loss(image_features, text_features, scale)
         total = obj.clip_weight * losses["clip"]
     if trial.projector is not None:
         loss = teacher_loss(trial, image_features, pooled, patches, text_rows, image_rows, viewed)

@@ -52,7 +52,8 @@ are no sweep outputs; a sweep it lists as ran whose results file is missing is a
 file in results/sweeps/ of a sweep it does not list is not read. Outputs an earlier report wrote
 and this one does not are removed (reports/.outputs.json lists the last report's), so none of
 reports/ is stale; other files in reports/ stay. Every output is made before any reaches reports/
-or metrics/: bad results (runs set together that were scored on other cases) leave both as they were.
+or metrics/: run by hand, bad results (runs set together that were scored on other cases) leave both
+as they were (`dvc repro` removes both before it runs the stage).
 """
 import json
 import os
@@ -61,6 +62,7 @@ import sys
 from pathlib import Path
 
 from pipeline import appendix, cli, paper_tables
+from pipeline.config import ConfigError
 from pipeline.data.errors import load_json
 from pipeline.io import temp_dir, write_json
 from pipeline.figures import inference_figure, write_figure, zeroshot_figure
@@ -69,6 +71,7 @@ from pipeline.report import (VARIANT, check_outcomes, compared_key, compared_row
                              results_of, sweep_report)
 
 TABLE1 = "table1"     # the sweep whose seeds make the Table-1 rows (sweeps/table1.yaml)
+BUILDING = ".reports."  # the folder beside reports/ the outputs are made in
 
 
 def table_files(results: Path, table1_ran: bool) -> dict[str, Path]:
@@ -153,9 +156,16 @@ def body(args, cfg, root):
     rows = table_rows(cfg, results, sweeps.get(TABLE1))
     # Made beside reports/ and moved in only once every output and metrics file is: bad results met on
     # the way leave reports/ and metrics/ as the last report left them, not half new.
-    building = temp_dir(root, ".reports.", ".tmp")
+    for stray in root.glob(f"{BUILDING}*.tmp"):     # a killed report's (DVC runs one stage at a time)
+        shutil.rmtree(stray, ignore_errors=True)
+    building = temp_dir(root, BUILDING, ".tmp")
     try:
         written, variants = write_outputs(cfg, results, sweeps, rows, building)
+        names = [path.name for path in written]
+        if len(set(names)) < len(names):
+            twice = sorted({name for name in names if names.count(name) > 1})
+            raise ConfigError(f"sweeps: the report would write {', '.join(twice)} twice (a sweep named like another "
+                              "of its outputs); give that sweep another `name`")
         headline = headline_files(paper_tables.headline_rows(cfg, rows), variants)
         reports.mkdir(exist_ok=True)
         for path in written:

@@ -1,6 +1,8 @@
 """The paper's tables (pipeline.paper_tables): seeds aggregated, every student, the published numbers beside."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 from pathlib import Path
 
 import numpy as np
@@ -133,6 +135,11 @@ def test_without_the_table1_sweep_the_stages_runs_of_train_student_fill_the_tabl
     assert [(r.student, r.run) for r in rows if r.run != "pretrained"] == [
         (student, "ft_clip"), (student, "ft_sds"), (None, "diffusion_score")]
     assert rows[2].label == f"{student} FT with L_CLIP + {cfg.objective.lambda_sds:g} L_SDS"
+    # params.yaml's objective without a teacher loss: the train_sds stage's run is L_CLIP's too, apart.
+    alike = replace(cfg, objective=replace(cfg.objective, lambda_sds=0.0))
+    labels = [r.label for r in paper_tables.rows(alike, baselines, stage_runs, None)]
+    assert f"{student} FT with L_CLIP" in labels and f"{student} FT with L_CLIP (train_sds)" in labels
+    assert len(set(labels)) == len(labels)
 
 
 def test_on_the_paper_profile_each_student_goes_to_its_published_table_beside_the_papers_numbers(tmp_path):

@@ -561,7 +561,7 @@ def test_a_listed_sweep_without_its_results_file_is_a_one_line_error(store, caps
 
 def test_results_written_before_outcomes_named_their_cases_are_a_one_line_error(store, capsys):
     """Outcomes without the digest of their cases cannot be paired case by case: the report names
-    the file, the row and the outcome in one line (a ValueError's traceback before)."""
+    the file, the row and the outcome in one line."""
     path = store["root"] / "results" / "baselines.json"
     kept = path.read_text()
     baselines = json.loads(kept)
@@ -584,8 +584,8 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 def test_runs_scored_on_other_cases_are_a_one_line_error_and_nothing_of_the_report_is_written(store, capsys):
     """Two seeds of one variant whose outcomes are of other cases cannot be put together: one line naming
-    the sweep's results file, the variant and its trials (a ValueError's traceback before), and the
-    report's earlier outputs and metrics files stay byte for byte, those it would write before the sweep too."""
+    the sweep's results file, the variant and its trials, and the report's earlier outputs and metrics
+    files stay byte for byte, those it would write before the sweep too."""
     root = store["root"]
     listed = root / "results" / "sweeps.json"
     assert stage.main(["--params", str(store["params"])]) == 0
@@ -606,6 +606,33 @@ def test_runs_scored_on_other_cases_are_a_one_line_error_and_nothing_of_the_repo
                    "winoground/text: the runs were scored on different cases (their case identities differ)")
     assert {folder: snapshot(root / folder) for folder in ("reports", "metrics")} == before
     assert [p.name for p in root.iterdir() if p.name.startswith(".reports.")] == []     # nothing left beside
+
+
+def test_a_sweep_named_like_another_output_is_refused_before_any_is_written(store, capsys):
+    """Its files would take the place of the other's: one line, and reports/ and metrics/ as they were.
+    What a killed report left beside reports/ goes."""
+    root = store["root"]
+    listed = root / "results" / "sweeps.json"
+    assert stage.main(["--params", str(store["params"])]) == 0
+    stray = root / ".reports.killed.tmp"
+    stray.mkdir()
+    (stray / "table1.md").write_text("a killed report's\n")
+    before = {folder: snapshot(root / folder) for folder in ("reports", "metrics")}
+    outcome = {"winoground/text": {"correct": "1100", "groups": None, "cases": "fixture"}}
+    trials = [result_trial(f"t00{seed}", {"variant": variant, "train.seed": seed}, "finished",
+                           {"winoground/text": 0.5}, outcome) for variant in ("a", "b") for seed in (0, 1)]
+    name = "table1-intervals"
+    listed.write_text(json.dumps({**store["sweeps"], name: write_sweep(root / "results", name, trials)}))
+    try:
+        assert stage.main(["--params", str(store["params"])]) == 2
+    finally:
+        listed.unlink()
+        (root / "results" / "sweeps" / f"{name}.json").unlink()
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: sweeps: the report would write {name}.csv, {name}.md, {name}.tex twice (a sweep named like another "
+        "of its outputs); give that sweep another `name`")
+    assert {folder: snapshot(root / folder) for folder in ("reports", "metrics")} == before
+    assert [p.name for p in root.iterdir() if p.name.startswith(".reports.")] == []
 
 
 def test_a_malformed_outcome_is_a_one_line_error_naming_the_file_and_the_row(store, capsys):
@@ -842,10 +869,12 @@ def test_objective_labels_name_the_method_and_its_weights():
 def test_latex_writes_the_tables_symbols_as_pdflatex_reads_them():
     from pipeline.report import latex
 
-    tex = latex(["method", "Δ Wino text"], [["a_b", "+0.031 [+0.010, +0.051] p≤0.002"], ["c", "0.515 ± 0.013"]])
+    tex = latex(["method", "Δ Wino text"], [["a_b", "+0.031 [+0.010, +0.051] p≤0.002"], ["c", "0.515 ± 0.013"],
+                                           ["#1 {x}^2 ~$5 \\ y", "-0.1 [-0.2, -0.0] p<0.001"]])
     assert tex.isascii()
     assert r"$\Delta$ Wino text" in tex and r"p$\leq$0.002" in tex and r"0.515 $\pm$ 0.013" in tex
-    assert r"a\_b" in tex
+    assert r"a\_b" in tex and r"p$<$0.001" in tex
+    assert r"\#1 \{x\}\textasciicircum{}2 \textasciitilde{}\$5 \textbackslash{} y" in tex
 
 
 def test_a_configuration_with_no_finished_trial_is_named_on_stderr(tmp_path, capsys):

@@ -224,6 +224,20 @@ def test_lora_is_refused_for_a_resnet_image_tower():
         trainable_parameters(tiny_resnet_student(), None, TrainConfig(scope="lora", lora_rank=4))
 
 
+def test_the_teacher_loss_alone_is_refused_where_it_reaches_nothing_of_the_scope(tables, teacher):
+    """With clip_weight 0 only the image tower trains, and a ResNet's has no LayerNorm: the run would
+    report a fine-tuned student that nothing trained."""
+    pairs, conditioning, latents = tables
+    objective = ObjectiveConfig(method="sds", lambda_sds=1.0, clip_weight=0.0)
+    with pytest.raises(ConfigError, match=r"^train\.scope: 'layernorm' with objective\.clip_weight 0 trains nothing "
+                                          r"of the student: .*; allowed: another scope, or objective\.clip_weight > 0$"):
+        setup(TrainConfig(scope="layernorm", batch_size=2, steps=2), objective, tiny_resnet_student(), pairs, teacher,
+              conditioning, latents)
+    trial = setup(TrainConfig(scope="full", batch_size=2, steps=2), objective, tiny_resnet_student(), pairs, teacher,
+                  conditioning, latents)
+    assert any(name.startswith("visual.") for name in trial.params)
+
+
 def batchnorm_statistics(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: b.clone() for n, b in model.named_buffers() if n.endswith(("running_mean", "running_var"))}
 

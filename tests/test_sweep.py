@@ -650,8 +650,9 @@ def test_a_launch_killed_before_ray_recorded_a_trial_is_refused_and_its_run_ende
     (cut_parent,) = [run for run in launches(tr) if run["tags"]["ray_path"] == cut]
     tr.start("t000", tags={"sweep_role": "trial"}, parent=cut_parent["run_id"], experiment="sds-clip/early")
     assert driver.unfinished_launch(sweep, f"{project}/ray_results") is None
-    assert f"note: launch {cut} cannot be continued (experiment_state-2026-12-05_09-50-00.json was cut short" \
-        in capsys.readouterr().err
+    assert f"note: launch {cut} cannot be continued (experiment_state-2026-12-05_09-50-00.json cannot be read: " \
+           "cut short by a kill while Ray Tune wrote it, or written by another Ray Tune); a new launch runs the " \
+           "sweep" in capsys.readouterr().err
     assert run_main(project, sweep_file) == 0
     by_path = {run["tags"]["ray_path"]: run for run in launches(tr)}
     assert len(by_path) == 4 and all(by_path[p]["status"] == "KILLED" for p in (killed, ray_path, cut))

@@ -517,10 +517,17 @@ def test_gpus_per_trial_overrides_the_files_resources_and_is_checked():
     assert proc.returncode == 0 and "per trial: cpu 1, gpu 1;" in proc.stdout, proc.stdout
     # inf was an OverflowError's traceback, nan passed every check.
     # The option's values are named by the option, not by the file's resources.gpu.
-    for value in ("-1", "1.5", "inf", "nan"):
+    import torch
+
+    gpus = torch.cuda.device_count() + 1
+    for value, line in [(v, f"--gpus-per-trial: {v} is out of range; allowed: a finite number >= 0")
+                        for v in ("-1", "inf", "nan")] + [
+            ("1.5", "--gpus-per-trial: 1.5 is not allowed; fractions are allowed up to 1, larger quantities must be "
+                    "whole numbers"),
+            (str(gpus), f"--gpus-per-trial: {gpus} is more than this machine's {gpus - 1} GPUs, so no trial could "
+                        "start; ask for fewer or run on a cluster (--address)")]:
         proc = _cli("sweeps/lambda.yaml", "--dry-run", "--gpus-per-trial", value)
-        assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
-            f"error: --gpus-per-trial: {value} is out of range; allowed: a fraction up to 1, or a whole number"], proc.stderr
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [f"error: {line}"], proc.stderr
 
 
 def test_a_trial_without_a_gpu_on_a_gpu_cluster_is_refused_unless_it_trains_on_the_cpu():
@@ -646,8 +653,18 @@ def test_a_launch_whose_ray_state_a_kill_cut_short_is_refused_in_one_line(tmp_pa
     (launch / name).write_bytes(whole[: len(whole) // 2])
     proc = _cli(sweep_file, "--params", tmp_path / "params.yaml", "--resume", cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.splitlines() == [
-        f"error: --resume: {launch}/{name} cannot be read (cut short by a kill while Ray Tune wrote it), so the "
-        "launch cannot be continued; start a new launch (without --resume)"], proc.stderr[-2000:]
+        f"error: --resume: launch {launch} cannot be continued ({name} cannot be read: cut short by a kill while "
+        "Ray Tune wrote it, or written by another Ray Tune); start a new launch (without --resume)"], proc.stderr[-2000:]
+
+
+def test_a_whole_state_file_of_a_class_this_ray_tune_lacks_is_unreadable_too(tmp_path):
+    """Written by another version: it loads no better than one cut short, and stops a restore alike."""
+    from pipeline.sweep.driver import unreadable_state
+
+    name = "searcher-state-2026-12-05_10-00-00.pkl"
+    (tmp_path / name).write_bytes(b"cabsent_module\nGone\n(tR.")     # a pickle of absent_module.Gone()
+    assert unreadable_state(str(tmp_path), {name}) == (f"{name} cannot be read: cut short by a kill while Ray Tune "
+                                                       "wrote it, or written by another Ray Tune")
 
 
 def test_an_address_where_no_cluster_answers_is_refused_in_one_line(tmp_path):
@@ -773,7 +790,7 @@ def test_the_sweep_stage_finds_its_killed_launch_by_the_definition_it_ran_with_i
     # A value the command refuses is one line before any sweep runs.
     assert stage.main([*args, "--gpus-per-trial", "-1"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        "error: --gpus-per-trial: -1 is out of range; allowed: a fraction up to 1, or a whole number"]
+        "error: --gpus-per-trial: -1 is out of range; allowed: a finite number >= 0"]
 
 
 def test_the_sweep_stages_gpus_beyond_this_machine_are_refused_before_its_outputs_are_touched(tmp_path, capsys):
@@ -792,7 +809,8 @@ def test_the_sweep_stages_gpus_beyond_this_machine_are_refused_before_its_output
         assert stage.main([str(sweep_file), "--params", str(tmp_path / "params.yaml"), "--gpus-per-trial", value]) == 2
         line = (f"error: --gpus-per-trial: {gpus} is more than this machine's {gpus - 1} GPUs, so no trial could start; "
                 "ask for fewer or run on a cluster (--address)" if value == str(gpus) else
-                "error: --gpus-per-trial: 1.5 is out of range; allowed: a fraction up to 1, or a whole number")
+                "error: --gpus-per-trial: 1.5 is not allowed; fractions are allowed up to 1, larger quantities must "
+                "be whole numbers")
         assert capsys.readouterr().err.strip().splitlines() == [line]
         assert (results / "sweeps.json").read_text() == "{}" and (results / "sweeps" / "s.json").read_text() == "{}"
 

@@ -24,7 +24,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from pipeline import cli
-from pipeline.config import PROFILES, ConfigError, flatten, from_dict, read_yaml, resolve
+from pipeline.config import DEFAULT_PROFILE, PROFILES, ConfigError, flatten, read_yaml
 from pipeline.data.errors import MissingInput
 from pipeline.io import check_writable
 from pipeline.sweep import driver, spec
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("LOGLEVEL", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
     try:
         sweep, root = prepare(args)
-        specs = checked_trials(sweep, root, args.address, args.storage)
+        specs = checked_trials(sweep, root, args.address, args.storage, args.gpus_per_trial is not None)
         if args.dry_run:
             if args.resume and sweep.scheduler.type == "asha":
                 print(driver.ASHA_RESUMED, file=sys.stderr)
@@ -116,11 +116,10 @@ def prepare(args: argparse.Namespace) -> tuple[spec.Sweep, Path]:
     if args.max_concurrent is not None:
         sweep.max_concurrent = args.max_concurrent
     if args.gpus_per_trial is not None:
-        gpus = args.gpus_per_trial
-        if not (math.isfinite(gpus) and gpus >= 0 and (gpus <= 1 or gpus == int(gpus))):
-            raise ConfigError(f"--gpus-per-trial: {gpus:g} is out of range; allowed: a fraction up to 1, or a whole "
-                              "number")
-        sweep.resources.gpu = gpus
+        if not (math.isfinite(args.gpus_per_trial) and args.gpus_per_trial >= 0):
+            raise ConfigError(f"--gpus-per-trial: {args.gpus_per_trial:g} is out of range; allowed: a finite number >= 0")
+        spec.check_quantity("--gpus-per-trial", args.gpus_per_trial)
+        sweep.resources.gpu = args.gpus_per_trial
     return sweep, params_path.parent
 
 
@@ -287,7 +286,7 @@ def summary_text(sweep: spec.Sweep, rows: list[dict], counts: dict, best: dict |
     own = params is not None and params != Path("params.yaml")
     given = f" --params {shlex.quote(str(params))}" if own else ""
     # The report names rows by its own profile: the sweep's, where the params file selects another.
-    if sweep.profile != from_dict(resolve(sweep.params, {})).profile:
+    if sweep.profile != sweep.params.get("profile", DEFAULT_PROFILE):
         given += f" --profile {sweep.profile}"
     # Not reports/, the report stage's output, which DVC would then see as changed: a folder git ignores.
     out = (params.parent if own else Path()) / "runs" / "reports" / sweep.name

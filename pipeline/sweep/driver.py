@@ -116,9 +116,9 @@ def unfinished_launch(sweep: Sweep, storage: str) -> str | None:
             names = names_in(folder)
             if not snapshotted(names) or ENDED in names:
                 return None
-            if (name := unreadable_state(folder, names)) is not None:   # a new launch takes its place
-                print(f"note: launch {folder} cannot be continued ({name} was cut short by a kill while Ray Tune "
-                      "wrote it); a new launch runs the sweep", file=sys.stderr)
+            if (why := unreadable_state(folder, names)) is not None:    # a new launch takes its place
+                print(f"note: launch {folder} cannot be continued ({why}); a new launch runs the sweep",
+                      file=sys.stderr)
                 return None
             return folder
     return None
@@ -145,9 +145,9 @@ def check_unended(folder: str, names: set[str], retry: bool) -> None:
 
 
 def unreadable_state(folder: str, names: set[str]) -> str | None:
-    """The launch's newest state file of a kind that does not read, else None. Ray Tune copies its state
-    files into the launch folder in place: a driver killed during a copy leaves one cut short, which a
-    restore would meet as a traceback."""
+    """Why the launch's newest state file of some kind does not load (Ray Tune restores from them),
+    else None. Ray Tune copies them into the launch folder in place: a driver killed during a copy
+    leaves one cut short, which a restore would meet as a traceback."""
     fs, base = _folder(folder)
     for pattern in STATES:
         found = sorted(name for name in names if pattern.fullmatch(name))
@@ -157,15 +157,16 @@ def unreadable_state(folder: str, names: set[str]) -> str | None:
             data = f.read()
         try:
             json.loads(data) if found[-1].endswith(".json") else pickle.loads(data)
-        except (ValueError, EOFError, pickle.UnpicklingError):
-            return found[-1]
+        except Exception:              # whatever stops it loading here stops Ray Tune's restore too
+            return (f"{found[-1]} cannot be read: cut short by a kill while Ray Tune wrote it, or written by "
+                    "another Ray Tune")
     return None
 
 
 def check_readable(folder: str, names: set[str]) -> None:
-    if (name := unreadable_state(folder, names)) is not None:
-        raise ConfigError(f"--resume: {folder}/{name} cannot be read (cut short by a kill while Ray Tune wrote it), "
-                          "so the launch cannot be continued; start a new launch (without --resume)")
+    if (why := unreadable_state(folder, names)) is not None:
+        raise ConfigError(f"--resume: launch {folder} cannot be continued ({why}); start a new launch (without "
+                          "--resume)")
 
 
 def find_launch(sweep: Sweep, storage: str, given: str) -> str:
@@ -377,9 +378,7 @@ def stranded(folder: str, names: set[str]) -> str | None:
         return None
     if not snapshotted(names):
         return UNRECORDED
-    if (name := unreadable_state(folder, names)) is not None:
-        return f"killed while Ray Tune wrote {name}, which cannot be read"
-    return None
+    return unreadable_state(folder, names)
 
 
 def abandon_stranded(sweep: Sweep, root: Path, storage: str) -> None:

@@ -32,10 +32,10 @@ def abandon_launch(sweep: Sweep, root: Path, experiment: str, ray_path: str, rea
     """End the parent run of a launch nothing can continue, and its trials' runs, `reason` their failure
     (no recorder state restores them: the parent is found by the launch folder it names)."""
     tracker = Tracker(sweep.base_config.tracking, root)
-    parent = {"sweep_role": "parent", "ray_path": ray_path, "project": tracker.project}
-    for run in tracker.find_runs(experiment, tags=parent):
+    parent = {"sweep_role": "parent", "ray_path": ray_path}
+    for run in tracker.find_runs(experiment, tags={**parent, "project": tracker.project}):
         tracker.end_abandoned({}, reason, experiment, parent=run["run_id"])
-    tracker.end_abandoned({"sweep_role": "parent", "ray_path": ray_path}, reason, experiment)
+    tracker.end_abandoned(parent, reason, experiment)
 
 
 def final_metrics(result: dict) -> dict:

@@ -62,7 +62,7 @@ from typing import Annotated, Any, Literal
 from annotated_types import Ge
 from pydantic import StrictInt, StrictStr
 
-from pipeline.config import (ARO_SETS, CLEVR_SUBTASKS, PROFILES, SUGARCREPE_SUBSETS, TEACHER_LOSSES, Config,
+from pipeline.config import (ARO_SETS, CLEVR_SUBTASKS, DEFAULT_PROFILE, PROFILES, SUGARCREPE_SUBSETS, TEACHER_LOSSES, Config,
                              ConfigError, NonNegFloat, NonNegInt, PosFloat, PosInt, Seed, deep_merge, flatten,
                              from_dict, read_yaml, resolve, type_name, validate, validated)
 
@@ -453,7 +453,7 @@ def _base(raw: Any, profile: str | None) -> BaseSpec:
 
 
 def _base_config(base: BaseSpec, params: dict, source: str) -> tuple[dict, Config]:
-    profile = base.profile or (params.get("profile", "toy") if isinstance(params, dict) else "toy")
+    profile = base.profile or (params.get("profile", DEFAULT_PROFILE) if isinstance(params, dict) else DEFAULT_PROFILE)
     try:
         from_dict(resolve(params, {"profile": profile}, source))
     except ConfigError as err:                                  # as the stages say them
@@ -506,10 +506,14 @@ def _check_scheduler(opts: _Options, raw: dict) -> None:
 
 def _check_resources(res: ResourcesSpec) -> None:
     for name in ("cpu", "gpu"):
-        value = getattr(res, name)
-        if value > 1 and value != int(value):
-            raise ConfigError(f"resources.{name}: {value!r} is not allowed; fractions are allowed up to 1, "
-                              "larger quantities must be whole numbers")
+        check_quantity(f"resources.{name}", getattr(res, name))
+
+
+def check_quantity(key: str, value: float) -> None:
+    """A Ray resource per trial: a fraction of one, or whole ones."""
+    if value > 1 and value != int(value):
+        raise ConfigError(f"{key}: {value!r} is not allowed; fractions are allowed up to 1, larger quantities must be "
+                          "whole numbers")
 
 
 def _check_metric(metric: str, key: str) -> None:
