@@ -174,11 +174,14 @@ def check_outcomes(outcomes, source: Path | str, where: str) -> None:
     digest of its cases, without which two rows cannot be paired case by case."""
     for name, outcome in require_record(outcomes, source, where).items():
         record = require_record(outcome, source, f"{where} outcome {name}")
+        correct = str_field(record, "correct", source, f"{where} outcome {name}")
         try:
-            decode_correct(str_field(record, "correct", source, f"{where} outcome {name}"))
+            cases = decode_correct(correct).size
         except ValueError:         # decode_correct's one refusal: not a '0' or '1' per case
+            cases = 0
+        if not cases:
             raise DataFormatError(source, f"{where} outcome {name}", "correct", "must be a '0' or '1' per case "
-                                  "(whether the run got it right)") from None
+                                  "(whether the run got it right)")
         if "cases" not in record:
             raise DataFormatError(source, f"{where} outcome {name}", "cases", "is missing: written before outcomes "
                                   "said which cases they are of; run the stage or sweep that wrote it again")

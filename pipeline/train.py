@@ -418,7 +418,7 @@ def loss_step(trial: Trial, images, tokens, negatives, text_rows, image_rows) ->
 
     During the first `objective.projector_steps` steps only the projector trains: the student's
     forward runs under no-grad and L_CLIP is not computed. With `objective.clip_weight` 0 L_CLIP is
-    logged, not trained on: the text tower runs under no-grad. t and eps come from `trial.generator`
+    logged, not trained on: it and the text tower run under no-grad. t and eps come from `trial.generator`
     (a CPU generator, so a run draws the same numbers on any device) and are then moved to the
     device. Under autocast only the student's forward (unless `autocast_student` is off) and the
     UNet run in bf16/fp16; the projector, the noising and the losses run in fp32.

@@ -71,7 +71,6 @@ from pipeline.report import (VARIANT, check_outcomes, compared_key, compared_row
                              results_of, sweep_report)
 
 TABLE1 = "table1"     # the sweep whose seeds make the Table-1 rows (sweeps/table1.yaml)
-BUILDING = ".reports."  # the folder beside reports/ the outputs are made in
 
 
 def table_files(results: Path, table1_ran: bool) -> dict[str, Path]:
@@ -156,9 +155,7 @@ def body(args, cfg, root):
     rows = table_rows(cfg, results, sweeps.get(TABLE1))
     # Made beside reports/ and moved in only once every output and metrics file is: bad results met on
     # the way leave reports/ and metrics/ as the last report left them, not half new.
-    for stray in root.glob(f"{BUILDING}*.tmp"):     # a killed report's (DVC runs one stage at a time)
-        shutil.rmtree(stray, ignore_errors=True)
-    building = temp_dir(root, BUILDING, ".tmp")
+    building = temp_dir(root, ".reports.", ".tmp")     # a killed report's stays, hidden and ignored by git
     try:
         written, variants = write_outputs(cfg, results, sweeps, rows, building)
         names = [path.name for path in written]

@@ -84,6 +84,8 @@ def test_every_key_and_student_is_the_projects():
             assert row.student in PAPER_PROFILE["students"] or (row.run == "diffusion_score" and not row.student)
             for key, value in row.values.items():       # a setting that differs from the paper profile
                 assert key in flat and str(flat[key]) != value, (table_id, key)
+        if entry.study:          # a study's table: its rows share the settings its hint names with `study`
+            assert all(row.values == entry.rows[0].values for row in entry.rows), table_id
         for key, value in entry.study.items():   # what that study sets beyond them
             assert key in flat and str(flat[key]) != value and all(key not in row.values for row in entry.rows), \
                 (table_id, key)

@@ -609,14 +609,10 @@ def test_runs_scored_on_other_cases_are_a_one_line_error_and_nothing_of_the_repo
 
 
 def test_a_sweep_named_like_another_output_is_refused_before_any_is_written(store, capsys):
-    """Its files would take the place of the other's: one line, and reports/ and metrics/ as they were.
-    What a killed report left beside reports/ goes."""
+    """Its files would take the place of the other's: one line, and reports/ and metrics/ as they were."""
     root = store["root"]
     listed = root / "results" / "sweeps.json"
     assert stage.main(["--params", str(store["params"])]) == 0
-    stray = root / ".reports.killed.tmp"
-    stray.mkdir()
-    (stray / "table1.md").write_text("a killed report's\n")
     before = {folder: snapshot(root / folder) for folder in ("reports", "metrics")}
     outcome = {"winoground/text": {"correct": "1100", "groups": None, "cases": "fixture"}}
     trials = [result_trial(f"t00{seed}", {"variant": variant, "train.seed": seed}, "finished",
@@ -639,14 +635,22 @@ def test_a_malformed_outcome_is_a_one_line_error_naming_the_file_and_the_row(sto
     path = store["root"] / "results" / "baselines.json"
     kept = path.read_text()
     baselines = json.loads(kept)
-    baselines["diffusion_score"]["outcomes"]["winoground/text"]["correct"] = "11x0"
-    path.write_text(json.dumps(baselines))
+    outcome = baselines["diffusion_score"]["outcomes"]["winoground/text"]
     try:
+        for correct in ("11x0", ""):
+            outcome["correct"] = correct
+            path.write_text(json.dumps(baselines))
+            assert stage.main(["--params", str(store["params"])]) == 2
+            assert capsys.readouterr().err.strip() == (
+                f"error: {path}: diffusion_score outcome winoground/text: field 'correct' must be a '0' or '1' per "
+                "case (whether the run got it right)")
+        del outcome["correct"]                   # named as missing, not as malformed
+        path.write_text(json.dumps(baselines))
         assert stage.main(["--params", str(store["params"])]) == 2
+        assert capsys.readouterr().err.strip() == (f"error: {path}: diffusion_score outcome winoground/text: field "
+                                                   "'correct' is missing")
     finally:
         path.write_text(kept)
-    assert capsys.readouterr().err.strip() == (f"error: {path}: diffusion_score outcome winoground/text: field "
-                                               "'correct' must be a '0' or '1' per case (whether the run got it right)")
 
 
 def test_stage_with_no_sweeps_listed_writes_no_sweep_outputs(store, tmp_path):

@@ -515,7 +515,6 @@ def test_gpus_per_trial_overrides_the_files_resources_and_is_checked():
     # On a cluster (given by address, not reached by a dry run) the GPUs are the cluster's.
     proc = _cli("sweeps/lambda.yaml", "--dry-run", "--gpus-per-trial", "1", "--address", "10.0.0.1:6379")
     assert proc.returncode == 0 and "per trial: cpu 1, gpu 1;" in proc.stdout, proc.stdout
-    # inf was an OverflowError's traceback, nan passed every check.
     # The option's values are named by the option, not by the file's resources.gpu.
     import torch
 
