@@ -459,7 +459,8 @@ class Kills:
         code, out, err = self.run("a-cut-short", self.driver(path, "--resume", str(cut)), {"RAY_TMPDIR": self.temp()})
         shutil.rmtree(cut.parent)
         lines, _ = stderr_lines(err)
-        if code != 2 or len(lines) != 1 or f"{state} cannot be read (cut short" not in lines[0]:
+        if code != 2 or len(lines) != 1 or f"{cut} cannot be continued ({state.name} cannot be read: cut short" \
+                not in lines[0]:
             raise Failed(f"--resume of a launch whose state was cut short exited {code}: {lines[:2]}")
         code, out, err = self.run("a-resume", self.driver(path, "--resume"), {"RAY_TMPDIR": self.temp()})
         stop(processes_under(self.temps[-1]))
