@@ -653,13 +653,18 @@ def test_a_launch_killed_before_ray_recorded_a_trial_is_refused_and_its_run_ende
     assert f"note: launch {cut} cannot be continued (experiment_state-2026-12-05_09-50-00.json cannot be read: " \
            "cut short by a kill while Ray Tune wrote it, or written by another Ray Tune); a new launch runs the " \
            "sweep" in capsys.readouterr().err
+    # And one killed after its run opened, before Ray Tune wrote its settings: a folder with its lock alone.
+    unset = f"{project}/ray_results/early-20261205-095500-0001-{sweep.spec_hash()}"
+    with driver.launch_lock(unset):
+        RunRecorder(sweep, project, tr.uri, "sds-clip/early").open_launch(unset)
     assert run_main(project, sweep_file) == 0
     by_path = {run["tags"]["ray_path"]: run for run in launches(tr)}
-    assert len(by_path) == 4 and all(by_path[p]["status"] == "KILLED" for p in (killed, ray_path, cut))
+    assert len(by_path) == 5 and all(by_path[p]["status"] == "KILLED" for p in (killed, ray_path, cut, unset))
+    assert by_path[unset]["tags"]["failure"] == driver.UNRECORDED
     assert "cannot be read" in by_path[cut]["tags"]["failure"]
     (trial,) = children(tr, by_path[cut]["run_id"])
     assert trial["status"] == "KILLED" and trial["tags"]["failure"] == by_path[cut]["tags"]["failure"]
-    (new,) = [run for path, run in by_path.items() if path not in (killed, ray_path, cut)]
+    (new,) = [run for path, run in by_path.items() if path not in (killed, ray_path, cut, unset)]
     assert new["status"] == "FINISHED" and len(children(tr, new["run_id"])) == 2
 
 

@@ -79,16 +79,22 @@ def _entries(folder: str) -> list:
     return fs.get_file_info(pyarrow.fs.FileSelector(base, allow_not_found=True))
 
 
-def launches(sweep: Sweep, storage: str) -> list[str]:
-    """The launch folders of this sweep under `storage` that Ray Tune can restore, oldest first (a
-    launch refused before Ray Tune wrote its settings left a folder with nothing to restore)."""
+def launch_folders(sweep: Sweep, storage: str) -> list[str]:
+    """Every launch folder of this sweep under `storage`, oldest first, those Ray Tune cannot restore
+    too: a launch refused, or its driver killed, before Ray Tune wrote its settings (`tuner.pkl`)."""
     import pyarrow.fs
-    from ray import tune
 
     launch = re.compile(rf"{re.escape(sweep.name)}-\d{{8}}-\d{{6}}-\d{{4}}-[0-9a-f]{{16}}")
     names = sorted(f.base_name for f in _entries(storage)
                    if f.type == pyarrow.fs.FileType.Directory and launch.fullmatch(f.base_name))
-    return [f"{storage}/{name}" for name in names if tune.Tuner.can_restore(f"{storage}/{name}")]
+    return [f"{storage}/{name}" for name in names]
+
+
+def launches(sweep: Sweep, storage: str) -> list[str]:
+    """The launch folders of this sweep under `storage` that Ray Tune can restore, oldest first."""
+    from ray import tune
+
+    return [folder for folder in launch_folders(sweep, storage) if tune.Tuner.can_restore(folder)]
 
 
 def snapshotted(names: set[str]) -> bool:
@@ -383,12 +389,13 @@ def stranded(folder: str, names: set[str]) -> str | None:
 
 def abandon_stranded(sweep: Sweep, root: Path, storage: str) -> None:
     """End the runs of this sweep's launches that nothing can continue (`--resume` refuses them), which
-    left alone would stay RUNNING: a driver died before Ray Tune recorded a trial, or while it wrote a
-    state file. A launch whose driver is still starting holds its lock and is left to it; one in a bucket
-    is left too (no lock says whether its driver lives)."""
+    left alone would stay RUNNING: a driver died before Ray Tune recorded a trial (before it wrote the
+    launch's settings, too, when the launch's run was already open), or while it wrote a state file. A
+    launch whose driver is still starting holds its lock and is left to it; one in a bucket is left too
+    (no lock says whether its driver lives)."""
     from pipeline.sweep.recorder import abandon_launch
 
-    for folder in launches(sweep, storage) if "://" not in storage else []:
+    for folder in launch_folders(sweep, storage) if "://" not in storage else []:
         if stranded(folder, names_in(folder)) is None:
             continue
         try:
