@@ -22,6 +22,7 @@ import io
 import json
 import math
 import os
+import shutil
 import sys
 from collections import defaultdict
 from collections.abc import Iterator
@@ -37,11 +38,11 @@ from pipeline.data.errors import (DataFormatError, MissingInput, field_value, lo
                                    str_field)
 from pipeline.figures import (dot_figure, figure_title, group_scores, interval_note, line_figure, new_figure, panels,
                               plotted_trials, seeds_interval_note, style, varying_metrics, write_figure)
-from pipeline.io import check_writable, write_text
+from pipeline.io import check_writable, temp_dir, write_text
 from pipeline.metrics import decode_correct
 from pipeline.comparison import (CaseMismatch, PairedDifference, outcome_parts, paired_difference, same_seeds,
                                  seed_task_interval)
-from pipeline.sweep.spec import VARIANT, trial_index
+from pipeline.sweep.spec import VARIANT, fmt, trial_index
 
 if TYPE_CHECKING:
     import argparse
@@ -60,6 +61,27 @@ COLUMNS = [
     # Benchmarks after the paper, and its appendix J's CLEVR (GDBench's tasks).
     ("SugarCrepe", "sugarcrepe/mean"), ("MMVP", "mmvp/mean"), ("CLEVR", "clevr/mean"),
 ]
+
+
+@contextmanager
+def made_beside(folder: Path) -> Iterator[Path]:
+    """A new hidden folder beside `folder` to make outputs in, removed at the end (a killed process's
+    stays, hidden and ignored by git): outputs moved into `folder` (`move_into`) only once all are made
+    leave it as it was when making one fails (bad results met on the way), not half new."""
+    parent = next(p for p in (folder.parent, *folder.parent.parents) if p.exists())   # nothing created yet
+    building = temp_dir(parent, f".{folder.name}.", ".tmp")
+    try:
+        yield building
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+
+
+def move_into(paths: list[Path], folder: Path) -> list[Path]:
+    """Move the files made by `made_beside` into `folder`; where they now are."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in paths:
+        os.replace(path, folder / path.name)
+    return [folder / path.name for path in paths]
 
 
 # ----------------------------------------------------------------------------- tables
@@ -391,6 +413,15 @@ def config_groups(trials: list[dict], keys: list[str]) -> list[tuple[str, list[d
     return captions
 
 
+def runs_named(members: list[dict], keys: list[str]) -> str:
+    """A group of a sweep's trials, for an error about them: its configuration (the swept `keys` but the
+    seed) and its trials, e.g. "train.lr=0.001 (trials t000, t001)"."""
+    config = members[0]["config"]
+    setting = ", ".join(str(config[key]) if key == VARIANT else f"{key}={fmt(config[key])}"
+                        for key in keys if key != SEED and key in config)
+    return f"{setting or 'every trial'} (trials {', '.join(trial['trial'] for trial in members)})"
+
+
 def sweep_figure(name: str, trials: list[dict], keys: list[str], n_resamples: int = 1000,
                  seed: int = 0) -> Figure | None:
     """A panel per headline score that differs between the trials (`figures.varying_metrics`; those the
@@ -403,7 +434,10 @@ def sweep_figure(name: str, trials: list[dict], keys: list[str], n_resamples: in
     metrics, constant = varying_metrics(shown)
     axis = value_axis(shown, keys)
     groups = by_value(shown, axis) if axis else config_groups(shown, [key for key in keys if key != SEED])
-    scores = [group_scores(members, [key for key, _ in metrics], n_resamples, seed) for _, members in groups]
+    scores = []
+    for _, members in groups:
+        with about(runs_named(members, keys)):
+            scores.append(group_scores(members, [key for key, _ in metrics], n_resamples, seed))
     if axis:
         figure = line_figure(axis, [x for x, _ in groups], scores, metrics)
     else:
@@ -685,6 +719,8 @@ Written under --out (default: reports/ next to the params file):
     <name>.md, .tex, .csv, .png    for a sweep of named variants or of one param (and seeds): each
                                    configuration's scores over its seeds, its difference to the first
                                    (paired on the same cases), diagnostics
+Every file is made before any reaches --out: results that cannot be set together (runs scored on
+other cases) leave --out as it was.
 
 `dvc repro` of the report stage removes the sweep-* files in reports/ of sweeps results/sweeps.json
 does not list.
@@ -734,8 +770,10 @@ def command_body(args: argparse.Namespace, cfg, root: Path) -> None:
         print(f"note: the trials of sweep {args.sweep} ran on profile {', '.join(ran)}; the report labels them with "
               f"profile {cfg.profile}'s student and teacher names", file=sys.stderr)
     source = args.results or f"{cfg.tracking.experiment}/{args.sweep}'s newest {SUMMARY}"
-    with results_of([source], f"sweep {args.sweep}"):
-        for path in sweep_report(args.sweep, trials, compared_rows(args.sweep, trials, cfg, args.against), cfg, out):
+    with made_beside(out) as building, results_of([source], f"sweep {args.sweep}"):
+        written = sweep_report(args.sweep, trials, compared_rows(args.sweep, trials, cfg, args.against), cfg,
+                               building)
+        for path in move_into(written, out):
             print(path)
 
 

@@ -56,19 +56,17 @@ or metrics/: run by hand, bad results (runs set together that were scored on oth
 as they were (`dvc repro` removes both before it runs the stage).
 """
 import json
-import os
-import shutil
 import sys
 from pathlib import Path
 
 from pipeline import appendix, cli, paper_tables
 from pipeline.config import ConfigError
 from pipeline.data.errors import load_json
-from pipeline.io import temp_dir, write_json
+from pipeline.io import write_json
 from pipeline.figures import inference_figure, write_figure, zeroshot_figure
 from pipeline.headline import FOLDER, headline_files, write_headline
-from pipeline.report import (VARIANT, check_outcomes, compared_key, compared_rows, read_trials, resamples,
-                             results_of, sweep_report)
+from pipeline.report import (VARIANT, check_outcomes, compared_key, compared_rows, made_beside, move_into,
+                             read_trials, resamples, results_of, sweep_report)
 
 TABLE1 = "table1"     # the sweep whose seeds make the Table-1 rows (sweeps/table1.yaml)
 
@@ -153,10 +151,9 @@ def body(args, cfg, root):
                                                              f"{results / 'sweeps.json'})")
               for name in ran_sweeps(results)}
     rows = table_rows(cfg, results, sweeps.get(TABLE1))
-    # Made beside reports/ and moved in only once every output and metrics file is: bad results met on
-    # the way leave reports/ and metrics/ as the last report left them, not half new.
-    building = temp_dir(root, ".reports.", ".tmp")     # a killed report's stays, hidden and ignored by git
-    try:
+    # The metrics files too are made before any output moves in: bad results met on the way leave
+    # reports/ and metrics/ as the last report left them.
+    with made_beside(reports) as building:
         written, variants = write_outputs(cfg, results, sweeps, rows, building)
         names = [path.name for path in written]
         if len(set(names)) < len(names):
@@ -164,12 +161,7 @@ def body(args, cfg, root):
             raise ConfigError(f"sweeps: the report would write {', '.join(twice)} twice (a sweep named like another "
                               "of its outputs); give that sweep another `name`")
         headline = headline_files(paper_tables.headline_rows(cfg, rows), variants)
-        reports.mkdir(exist_ok=True)
-        for path in written:
-            os.replace(path, reports / path.name)
-    finally:
-        shutil.rmtree(building, ignore_errors=True)
-    placed = [reports / path.name for path in written]
+        placed = move_into(written, reports)
     for path in stale_outputs(reports, placed):
         path.unlink()
     write_json(reports / OUTPUTS, sorted(path.name for path in placed))

@@ -206,6 +206,34 @@ def test_from_a_results_file_it_writes_what_the_stage_writes(tmp_path, capsys):
         assert capsys.readouterr().err.strip().splitlines() == [f"error: --out: {error}"]
 
 
+def test_runs_scored_on_other_cases_leave_the_out_folder_as_it_was(tmp_path, capsys):
+    """A sweep of two keys: its table is made before its figure, whose intervals over a configuration's
+    seeds meet the mismatch. Neither reaches --out, whose earlier files stay byte for byte, and nothing
+    is left beside it."""
+    params = write_params(tmp_path)
+    outcome = lambda cases: {"winoground/text": {"correct": "1100", "groups": None, "cases": cases}}  # noqa: E731
+    trials = [result_trial(f"t00{seed}", {"train.lr": 1e-3, "objective.lambda_sds": 0.1, "train.seed": seed},
+                           "finished", {"winoground/text": 0.5 + seed / 10}, outcome(cases))
+              for seed, cases in ((0, "fixture"), (1, "other"))]
+    trials.append(result_trial("t002", {"train.lr": 1e-4, "objective.lambda_sds": 0.0, "train.seed": 0}, "finished",
+                               {"winoground/text": 0.5}, outcome("fixture")))
+    write_sweep(tmp_path / "results", "methods", trials)
+    out = tmp_path / "by-hand"
+    out.mkdir()
+    (out / "sweep-methods.md").write_text("an earlier report's\n")
+    given = tmp_path / "results" / "sweeps" / "methods.json"
+    assert report.main(["methods", "--params", str(params), "--out", str(out), "--results", str(given)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {given}: sweep methods: objective.lambda_sds=0.1, train.lr=0.001 (trials t000, t001): "
+        "winoground/text: the runs were scored on different cases (their case identities differ)")
+    assert {path.name: path.read_text() for path in out.iterdir()} == {"sweep-methods.md": "an earlier report's\n"}
+    assert [path.name for path in tmp_path.iterdir() if path.name.startswith(".")] == []
+    # Into a folder that does not exist yet: none is made.
+    assert report.main(["methods", "--params", str(params), "--out", str(tmp_path / "new" / "dir"),
+                        "--results", str(given)]) == 2
+    assert not (tmp_path / "new").exists()
+
+
 def test_help_names_the_command_and_its_sources(capsys):
     with pytest.raises(SystemExit) as exit_:
         report.main(["--help"])
