@@ -257,6 +257,17 @@ TEACHER_METHODS = tuple(TEACHER_LOSSES)
 # The methods whose projector puts the student's image tokens into the teacher's conditioning.
 FEEDBACK_METHODS = ("diffusion_feedback", "contrastive_feedback")
 PROJECTORS = ("linear", "mlp")                 # objective.projector: the feedback projector's kinds
+# The objective keys a trial's training reads (`train.teacher_loss`, `train.setup`): every objective's,
+# negclip's, and, with a teacher loss, those of every teacher method and of its own.
+OBJECTIVE_KEYS = ("method", "lambda_sds", "clip_weight")
+METHOD_KEYS = {"negclip": ("negclip_neighbours",)}
+TEACHER_KEYS = ("projector_steps", "projector_lr", "t_min", "t_max")
+TEACHER_METHOD_KEYS = {
+    "sds": ("reduction", "noising", "gradient", "latent_scale"),
+    "unet_feature": ("reduction", "latent_scale"),
+    "diffusion_feedback": ("reduction", "projector", "feedback_tokens", "feedback_timesteps"),
+    "contrastive_feedback": ("projector", "feedback_tokens", "contrastive_negatives", "contrastive_temperature"),
+}
 
 
 @validated
@@ -362,6 +373,13 @@ class ObjectiveConfig:
     def teacher_loss(self) -> bool:
         """Whether the objective has a teacher term (and so an h_w or projector to train)."""
         return self.method in TEACHER_METHODS and self.lambda_sds > 0
+
+    @property
+    def read_keys(self) -> tuple[str, ...]:
+        """The keys this objective's training reads (`OBJECTIVE_KEYS` ...): what a checkpoint must have
+        been trained under to be resumed. The others are another method's, unread here."""
+        keys = OBJECTIVE_KEYS + METHOD_KEYS.get(self.method, ())
+        return keys + (TEACHER_KEYS + TEACHER_METHOD_KEYS[self.method] if self.teacher_loss else ())
 
     @property
     def reported_losses(self) -> set[str]:
@@ -496,7 +514,8 @@ class ComputeConfig:
     gradient_checkpointing: StrictBool = False
 
     def __post_init__(self) -> None:
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+        # torch.device refuses a leading zero ("cuda:01") and an index past its int with a traceback.
+        if not re.fullmatch(r"auto|cpu|cuda(:(0|[1-9]\d{0,3}))?", self.device):
             raise ConfigError(f"compute.device: {self.device!r} is not allowed; expected auto, cpu, cuda or cuda:N")
 
 
@@ -564,6 +583,10 @@ class Config:
 # key left out takes its documented default (presets and the paper's students set only what differs).
 SECTIONS = tuple(name for name, tp in typing.get_type_hints(Config).items()
                  if dataclasses.is_dataclass(tp) or typing.get_origin(tp) is dict)
+# What a profile's preset may set: the sections dvc.yaml reads from the active preset as well, and
+# tracking (where runs are recorded, not what they compute). compute, sweeps and profile are read from
+# the top level only: a preset's would change what the stages run unseen by DVC, or relabel the runs.
+PRESET_SECTIONS = tuple(name for name in SECTIONS if name != "compute")
 
 
 def norm_groups(channels: list[int]) -> int:
@@ -740,6 +763,10 @@ def resolve(params: Any, overrides: dict | None = None, source: str = "params.ya
             raise ConfigError(f"profiles.{name}: unknown profile; allowed: {', '.join(PROFILES)}")
         if not isinstance(preset, dict):
             raise ConfigError(f"profiles.{name}: {preset!r} is not allowed; expected a mapping of sections")
+        unset = [key for key in preset if key not in PRESET_SECTIONS]
+        if unset:
+            raise ConfigError(f"profiles.{name}.{unset[0]}: a preset cannot set it (dvc.yaml tracks it at the top "
+                              f"level only); set it there; allowed in a preset: {', '.join(PRESET_SECTIONS)}")
         # A null drops a key of the sections; a whole section dropped would run on the defaults.
         dropped = [key for key in SECTIONS if key in preset and preset[key] is None]
         if dropped:
@@ -769,17 +796,30 @@ def from_dict(data: dict) -> Config:
 
 
 class _Loader(yaml.SafeLoader):
-    """Safe YAML that refuses duplicate keys and reads 1e-4 as a number (YAML 1.2), not a string."""
+    """Safe YAML that refuses duplicate keys and reads scalars as YAML 1.2's core schema does, as DVC
+    reads params.yaml: 1e-4 is a number, not a string; only true and false are booleans (`compile:
+    off` is the word off, not false); integers are decimal (010 is ten, not octal eight) or 0o / 0x;
+    1:30 is a string, not the sexagesimal 90."""
 
 
+_BOOL, _INT, _FLOAT = (f"tag:yaml.org,2002:{kind}" for kind in ("bool", "int", "float"))
+# YAML 1.1's resolvers for these three out; the core schema's in.
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag not in (_BOOL, _INT, _FLOAT)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_Loader.add_implicit_resolver(_INT, re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"), list("-+0123456789"))
 _Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
+    _FLOAT,
     re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
                   |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
                   |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
                   |[-+]?\.(?:inf|Inf|INF)
                   |\.(?:nan|NaN|NAN))$""", re.X),
     list("-+0123456789."))
+# SafeLoader's int constructor reads a leading 0 as octal and 1:30 as base 60.
+_Loader.add_constructor(_INT, lambda loader, node: int(value, 0) if (value := loader.construct_scalar(node))
+                        .startswith(("0o", "0x")) else int(value, 10))
 
 
 def _no_duplicates(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict:

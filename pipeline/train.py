@@ -641,7 +641,8 @@ def settings(trial: Trial) -> dict:
     compute = {"device": trial.device.type, **{k: getattr(trial.fast, k) for k in NUMERIC_OPTIONS},
                # Sums over another number of CPU threads round differently, and the weights drift apart.
                "threads": torch.get_num_threads() if trial.device.type == "cpu" else None}
-    return {"trainer": TRAINER_VERSION, "train": train, "objective": dataclasses.asdict(trial.objective),
+    objective = {key: getattr(trial.objective, key) for key in trial.objective.read_keys}   # another method's: unread
+    return {"trainer": TRAINER_VERSION, "train": train, "objective": objective,
             "compute": compute, "trainable": sorted(trial.params), "inputs": trial.inputs}
 
 

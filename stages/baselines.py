@@ -6,12 +6,14 @@ from pipeline import cli
 
 def body(args, cfg, root):
     from pipeline.experiment import run_baselines
-    from pipeline.io import write_json
+    from pipeline.io import check_writable, write_json
     from pipeline.tracking import Tracker
 
+    path = root / "results" / "baselines.json"
+    check_writable(path, "results")     # before the evaluation, not after its runs are recorded
     results = run_baselines(cfg, root, root / cfg.data.root, root / "models", root / cfg.cache.root,
                             Tracker(cfg.tracking, root))
-    write_json(root / "results" / "baselines.json", results)
+    write_json(path, results)
 
 
 def main(argv=None) -> int:

@@ -15,8 +15,10 @@ ROW_NAMES = {"clip": "FT with L_CLIP", "sds": "FT with the configured objective"
 
 def clip_only(cfg):
     """The config with L_CLIP as its whole objective (the keys only a teacher loss reads stay as they
-    are, unread; the ones that would contradict L_CLIP alone are set to match it)."""
-    objective = dataclasses.replace(cfg.objective, method="clip", lambda_sds=0.0, clip_weight=1.0, projector_steps=0)
+    are, unread; the ones that would contradict L_CLIP alone, `ObjectiveConfig`'s checks, are set to
+    match it)."""
+    objective = dataclasses.replace(cfg.objective, method="clip", lambda_sds=0.0, clip_weight=1.0, projector_steps=0,
+                                    projector="linear", feedback_timesteps=1)
     return dataclasses.replace(cfg, objective=objective)
 
 

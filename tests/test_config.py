@@ -1,6 +1,7 @@
 """params.yaml -> Config: profiles, deep merge, and one-line ConfigErrors naming key, value and what is allowed."""
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -140,6 +141,7 @@ BAD = {
     "sweeps not a list": ("sweeps", "sweeps/lambda.yaml", ["sweeps", "'sweeps/lambda.yaml'", "a list"]),
     "sweep not a yaml file": ("sweeps", ["sweeps/lambda.txt"], ["sweeps[0]", "'sweeps/lambda.txt'", ".yaml"]),
     "bad device": ("compute.device", "gpu0", ["compute.device", "'gpu0'", "auto", "cpu", "cuda:N"]),
+    "device index torch refuses": ("compute.device", "cuda:01", ["compute.device", "'cuda:01'", "cuda:N"]),
     "bad precision": ("compute.precision", "fp8", ["compute.precision", "'fp8'", "'bf16'", "'fp32'"]),
     "bad compile mode": ("compute.compile", "fastest", ["compute.compile", "'fastest'", "'off'", "'max-autotune'"]),
     "channels_last word": ("compute.channels_last", "on", ["compute.channels_last", "'on'", "True", "False"]),
@@ -214,6 +216,23 @@ def test_numbers_read_as_yaml_1_2_and_a_key_given_twice_is_an_error(tmp_path):
     with pytest.raises(ConfigError) as info:
         load(path)
     assert str(info.value).startswith(f"{path}: line ") and "duplicate key 'lambda_sds'" in str(info.value)
+
+
+def test_scalars_read_as_yaml_1_2s_core_schema_as_dvc_reads_them(tmp_path):
+    """YAML 1.1 read `off` as false (refusing the documented `compile: off` with a message that lists
+    off), `yes` as true and `010` as octal 8: a seed other than the one written."""
+    from pipeline.config import parse_yaml
+
+    assert parse_yaml("a: off\nb: yes\nc: 010\nd: 1:30\ne: true\nf: FALSE\ng: 0x1F\nh: 0o17\ni: -3\nj: 1e-4") == {
+        "a": "off", "b": "yes", "c": 10, "d": "1:30", "e": True, "f": False, "g": 31, "h": 15, "i": -3, "j": 1e-4}
+    text = PARAMS.read_text()
+    path = tmp_path / "params.yaml"
+    path.write_text(text.replace("  compile: auto", "  compile: off", 1).replace("  seed: 0\n", "  seed: 010\n", 1))
+    cfg = load(path)
+    assert (cfg.compute.compile, cfg.data.seed) == ("off", 10)
+    path.write_text(text.replace("  subtract_unconditional: false", "  subtract_unconditional: yes", 1))
+    with pytest.raises(ConfigError, match="eval.subtract_unconditional: 'yes'"):
+        load(path)
 
 
 def test_missing_file_is_one_line(tmp_path):
@@ -412,6 +431,26 @@ def test_a_profile_without_its_preset_is_refused(tmp_path, profile):
         assert str(info.value) == message
     params["profile"] = "toy"                          # the toy world needs no preset
     assert load(write_params(tmp_path, params)).profile == "toy"
+
+
+@pytest.mark.parametrize("key, value", [("profile", "paper"), ("sweeps", ["sweeps/lambda.yaml"]),
+                                        ("compute", {"precision": "fp16"}), ("profiles", {})])
+def test_a_preset_may_set_only_what_dvc_tracks_per_profile(tmp_path, key, value):
+    """A preset's `profile` relabelled the smoke run "paper" with the smoke values; its `sweeps` and
+    `compute` ran without DVC seeing them (dvc.yaml reads them at the top level alone)."""
+    params = raw_params()
+    params["profiles"]["smoke"][key] = value
+    with pytest.raises(ConfigError) as info:
+        load(write_params(tmp_path, params))
+    assert str(info.value).startswith(f"profiles.smoke.{key}: a preset cannot set it (dvc.yaml tracks it at the "
+                                      "top level only)")
+
+
+def test_the_sections_a_preset_may_set_are_those_dvc_reads_from_the_active_preset():
+    from pipeline.config import PRESET_SECTIONS
+
+    tracked = set(re.findall(r"profiles\.\$\{profile\}\.(\w+)", (REPO / "dvc.yaml").read_text()))
+    assert tracked | {"tracking"} == set(PRESET_SECTIONS)
 
 
 def test_a_preset_may_not_null_a_whole_section(tmp_path):

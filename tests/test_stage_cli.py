@@ -188,6 +188,19 @@ def test_the_train_stage_refuses_a_results_file_it_could_not_write_before_traini
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml", "results"]
 
 
+def test_the_baselines_stage_refuses_a_results_file_it_could_not_write_before_evaluating(tmp_path, capsys):
+    """Found after the evaluation, its runs were recorded FINISHED and the results lost."""
+    from stages import baselines as stage
+
+    params = tmp_path / "params.yaml"
+    params.write_text((REPO / "params.yaml").read_text())
+    (tmp_path / "results" / "baselines.json").mkdir(parents=True)
+    assert stage.main(["--params", str(params)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: results: ") and "is a folder" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml", "results"]
+
+
 @pytest.mark.parametrize("error", [
     DataFormatError(Path("data/index.json"), "line 3", "caption", "is empty"),
     MissingDataError(Path("datasets/aro"), "visual_genome_relation.json"),
@@ -219,3 +232,24 @@ def test_the_models_stage_refuses_a_students_batch_larger_than_the_training_pair
     assert err == (f"error: students.toy-vit.batch_size: 1000 is more than the {pairs} training pairs of "
                    f"{tmp_path / 'data'}; allowed: <= {pairs}\n")
     assert not (tmp_path / "models").exists()
+
+
+@pytest.mark.parametrize("objective", [
+    {"method": "diffusion_feedback", "lambda_sds": 1.0, "feedback_timesteps": 2, "projector_steps": 10},   # DIVA's
+    {"method": "contrastive_feedback", "lambda_sds": 1.0, "projector": "mlp", "clip_weight": 0.0},       # DCR's
+    {"method": "negclip", "lambda_sds": 0.0, "negclip_neighbours": 0},
+])
+def test_the_clip_stage_runs_l_clip_alone_whatever_objective_the_params_set(objective):
+    """train_clip's objective is L_CLIP's, valid for every valid params file: no key of another method
+    (DIVA's timesteps, DCR's MLP, a warm-up, the feedback loss alone) can contradict it, and none of
+    them is one it reads (what its checkpoint must match)."""
+    import dataclasses
+
+    from pipeline.config import OBJECTIVE_KEYS, load
+    from stages.train import clip_only
+
+    cfg = load(REPO / "params.yaml")
+    cfg = dataclasses.replace(cfg, objective=dataclasses.replace(cfg.objective, **objective))
+    clip = clip_only(cfg).objective
+    assert (clip.method, clip.lambda_sds, clip.clip_weight) == ("clip", 0.0, 1.0)
+    assert clip.read_keys == OBJECTIVE_KEYS

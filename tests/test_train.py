@@ -152,6 +152,31 @@ def test_checkpoint_from_other_settings_is_refused_in_one_line_and_kept(env):
     assert (folder / CHECKPOINT).read_bytes() == before
 
 
+def test_a_checkpoint_resumes_across_keys_its_objective_does_not_read_and_not_across_those_it_does(env):
+    """Only what changes a step counts: L_CLIP alone reads no teacher key (`reduction`, another method's
+    `contrastive_temperature`), so a trial interrupted under one value resumes under another, bit for
+    bit as if it had run through; SDS-CLIP reads `reduction`, so there it is refused."""
+    import dataclasses
+
+    clip = ObjectiveConfig(method="clip", lambda_sds=0.0)
+    reference = fit(new_trial(env, objective=clip), None, progress=False)
+    folder = env["root"] / "unread"
+    with pytest.raises(Interrupt):
+        fit(new_trial(env, objective=clip), folder, on_log=interrupt_at(3), progress=False)
+    other = dataclasses.replace(clip, reduction="sum", contrastive_temperature=0.5, noising="none")
+    resumed = fit(new_trial(env, objective=other), folder, progress=False)
+    assert resumed.history == reference.history
+    want, got = trained_state(reference), trained_state(resumed)
+    assert all(torch.equal(want[name], got[name]) for name in want)
+
+    folder = env["root"] / "read"
+    with pytest.raises(Interrupt):
+        fit(new_trial(env), folder, on_log=interrupt_at(3), progress=False)
+    with pytest.raises(StaleCheckpoint, match="objective.reduction: 'mean' -> 'sum'"):
+        fit(new_trial(env, objective=dataclasses.replace(OBJECTIVE, reduction="sum", contrastive_temperature=0.5)),
+            folder, progress=False)
+
+
 def test_checkpoint_of_an_earlier_trainer_is_refused_in_one_line_and_kept(env):
     """Written before the loop changed what the same settings train (its settings lack `trainer`), a
     checkpoint would resume into other data orders and optimiser groups: refused, not mixed."""
