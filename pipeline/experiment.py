@@ -7,6 +7,7 @@ stages write to their results files (run id, metrics, per-case outcomes).
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -61,6 +62,65 @@ def run_baselines(cfg: Config, root: Path, data_root: Path, models: Path, cache:
     return results
 
 
+@dataclass
+class Finetune:
+    """A fine-tuning trial set up from its config, every input checked and its checkpoint loaded: what
+    `train_and_evaluate` runs."""
+
+    cfg: Config
+    data_root: Path
+    index: dict
+    trial: trainer.Trial
+    tables: dict                  # the cache tables it reads, by name (`inputs.teacher_tables`)
+    folder: Path
+
+
+def prepare_finetune(cfg: Config, data_root: Path, models: Path, cache: Path, folder: Path) -> Finetune:
+    """Everything before the first step that can refuse the config or its inputs (the batch against
+    the pairs, the cache tables against the teacher, the trial's setup, a checkpoint of other settings):
+    done before a recorder opens a run, so a refusal leaves none."""
+    index = read_index(data_root)
+    pairs = checked_pairs(cfg, data_root, index)
+    student = load_student(student_dir(models, cfg.train.student))
+    objective = cfg.objective
+    teacher = load_teacher(teacher_dir(models)) if objective.teacher_loss else None
+    # The tables the evaluation reads too are opened (checked) now, not found broken after the training.
+    tables = {name: open_table(cache, name) for name in teacher_tables(cfg)}
+    check_encoded_by(teacher_dir(models), *tables.values())
+    conditioning, latents = tables.get("train_text"), tables.get("train_images")
+    negatives = train_negatives(data_root, index, pairs) if objective.method == "negclip" else None
+    inputs = trial_inputs(pairs, student_dir(models, cfg.train.student), conditioning, latents)
+    trial = trainer.setup(cfg.train, objective, student, pairs, teacher, conditioning, latents, cfg.compute, inputs,
+                          negatives)
+    trainer.load_checkpoint(trial, folder)
+    return Finetune(cfg, data_root, index, trial, tables, folder)
+
+
+def train_and_evaluate(run: Finetune, on_log: Callable[[int, dict], None] | None = None,
+                       on_checkpoint: Callable[[int, Path], None] | None = None, progress: bool = True) -> dict:
+    """Train a prepared trial and evaluate it: events and results out (see `run_finetune`)."""
+    cfg, trial, objective = run.cfg, run.trial, run.cfg.objective
+    log = on_log or (lambda step, values: None)
+    for entry in trial.history:
+        log(entry["step"], {k: v for k, v in entry.items() if k != "step"})
+    start = time.perf_counter()
+    trainer.fit(trial, run.folder, on_log=log, progress=progress, on_checkpoint=on_checkpoint)
+    train_seconds = time.perf_counter() - start
+    trained = trainer.save_trained(trial, run.folder)
+    bench = benchmarks(run.data_root, run.index)
+    result = evaluate_student(trial.student, bench, cfg.eval, trial.device)
+    if (bench_text := run.tables.get("bench_text")) is not None:
+        start = time.perf_counter()
+        result.update(evaluate_projection(trial.student, trial.projector, objective.latent_scale, trial.teacher,
+                                          bench_text, bench, cfg.eval, trial.device, trial.fast))
+        result.metrics["time/projected_seconds"] = time.perf_counter() - start
+    if (bench_images := run.tables.get("bench_images")) is not None:
+        result.update(evaluate_feedback(trial.student, trial.projector, trial.teacher, bench_images, trial.empty, bench,
+                                        cfg.eval, objective.feedback_tokens, trial.device))
+    result.metrics.update({"trainable_parameters": trial.trainable_count, "time/train_seconds": train_seconds})
+    return {"metrics": result.metrics, "outcomes": result.outcomes, "trained": trained}
+
+
 def run_finetune(cfg: Config, data_root: Path, models: Path, cache: Path, folder: Path,
                  on_log: Callable[[int, dict], None] | None = None,
                  on_checkpoint: Callable[[int, Path], None] | None = None, progress: bool = True) -> dict:
@@ -71,40 +131,7 @@ def run_finetune(cfg: Config, data_root: Path, models: Path, cache: Path, folder
     sees every checkpoint (`train.fit`). Returns the final `metrics`, the per-case `outcomes` and the
     `trained` file. Nothing here records anything: the caller's recorder does (`record_finetune` for the stages, the sweep's run recorder for trials).
     """
-    index = read_index(data_root)
-    pairs = checked_pairs(cfg, data_root, index)
-    student = load_student(student_dir(models, cfg.train.student))
-    objective = cfg.objective
-    teacher = load_teacher(teacher_dir(models)) if objective.teacher_loss else None
-    # The tables the evaluation reads too are opened (checked) now, not found broken after the training.
-    tables = {name: open_table(cache, name) for name in teacher_tables(cfg)}
-    check_encoded_by(teacher_dir(models), *tables.values())
-    conditioning, latents = tables.get("train_text"), tables.get("train_images")
-    bench_text, bench_images = tables.get("bench_text"), tables.get("bench_images")
-    negatives = train_negatives(data_root, index, pairs) if objective.method == "negclip" else None
-    log = on_log or (lambda step, values: None)
-    inputs = trial_inputs(pairs, student_dir(models, cfg.train.student), conditioning, latents)
-    trial = trainer.setup(cfg.train, objective, student, pairs, teacher, conditioning, latents, cfg.compute, inputs,
-                          negatives)
-    trainer.load_checkpoint(trial, folder)
-    for entry in trial.history:
-        log(entry["step"], {k: v for k, v in entry.items() if k != "step"})
-    start = time.perf_counter()
-    trainer.fit(trial, folder, on_log=log, progress=progress, on_checkpoint=on_checkpoint)
-    train_seconds = time.perf_counter() - start
-    trained = trainer.save_trained(trial, folder)
-    bench = benchmarks(data_root, index)
-    result = evaluate_student(student, bench, cfg.eval, trial.device)
-    if bench_text is not None:
-        start = time.perf_counter()
-        result.update(evaluate_projection(student, trial.projector, objective.latent_scale, teacher, bench_text, bench,
-                                          cfg.eval, trial.device, trial.fast))
-        result.metrics["time/projected_seconds"] = time.perf_counter() - start
-    if bench_images is not None:
-        result.update(evaluate_feedback(student, trial.projector, teacher, bench_images, trial.empty, bench, cfg.eval,
-                                        objective.feedback_tokens, trial.device))
-    result.metrics.update({"trainable_parameters": trial.trainable_count, "time/train_seconds": train_seconds})
-    return {"metrics": result.metrics, "outcomes": result.outcomes, "trained": trained}
+    return train_and_evaluate(prepare_finetune(cfg, data_root, models, cache, folder), on_log, on_checkpoint, progress)
 
 
 def trial_inputs(pairs: list, student: Path, conditioning=None, latents=None) -> dict:
@@ -138,12 +165,12 @@ def record_finetune(cfg: Config, data_root: Path, models: Path, cache: Path, fol
     so a stage that failed in its evaluation, or in writing its results file, resumes from there."""
     run_tags = {"profile": cfg.profile, "stage": "train", "student": cfg.train.student, "method": cfg.objective.method,
                 **(tags or {})}
-    checked_pairs(cfg, data_root)     # before the store is opened: a refused config leaves nothing
+    prepared = prepare_finetune(cfg, data_root, models, cache, folder)   # a refused config or input leaves no run
     tracker.end_abandoned({k: run_tags[k] for k in ("stage", "row") if k in run_tags},
                           f"killed; continued by a later {run_name!r} run")
     with tracker.start(run_name, params=to_dict(cfg), tags=run_tags) as run:
-        result = run_finetune(cfg, data_root, models, cache, folder, progress=progress,
-                              on_log=lambda step, losses: run.log_metrics(loss_metrics(losses), step))
+        result = train_and_evaluate(prepared, progress=progress,
+                                    on_log=lambda step, losses: run.log_metrics(loss_metrics(losses), step))
         run.log_metrics(result["metrics"])
         run.log_dict(result["outcomes"], OUTCOMES)
         run.log_artifact(result["trained"])

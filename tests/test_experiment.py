@@ -132,8 +132,7 @@ def test_a_teacher_loss_refuses_a_cache_other_teacher_weights_encoded_before_it_
     with pytest.raises(CacheError, match=rf"^cache table 'train_text': .*: encoded by teacher {old}, but "
                                          rf".* holds teacher {new}; "):
         record_finetune(sds, data, models, root / "cache", folder, tracker, "sds", progress=False)
-    [failed] = tracker.find_runs(EXPERIMENT)
-    assert failed["status"] == "FAILED" and failed["tags"]["failure"].startswith("CacheError: cache table 'train_text'")
+    assert tracker.find_runs(EXPERIMENT) == []          # refused before the stage's run was opened
     assert not (folder / CHECKPOINT).exists() and not (folder / TRAINED).exists()
     # L_CLIP alone reads no table: the same cache does not stop it.
     record_finetune(cfg, data, models, root / "cache", root / "runs" / "clip", tracker, "clip", progress=False)
@@ -158,6 +157,27 @@ def test_a_stage_run_left_running_by_a_kill_is_ended_by_the_next_run_of_that_sta
     assert ended["status"] == "KILLED" and ended["tags"]["status"] == "interrupted"
     assert ended["tags"]["failure"] == "killed; continued by a later 'FT with L_CLIP' run"
     assert untouched["status"] == "RUNNING" and new["status"] == "FINISHED"
+
+
+def test_a_checkpoint_of_other_settings_is_refused_before_a_run_is_opened(project):
+    """The trial's setup and its checkpoint are checked before the stage's run opens: a refusal left a
+    FAILED run behind, and ended the run a kill had left, which the refused stage never continued."""
+    import dataclasses
+
+    from pipeline.train import StaleCheckpoint
+
+    cfg, data, models, tracker, root = project
+    folder = root / "runs" / "clip"
+    record_finetune(cfg, data, models, root / "cache", root / "runs" / "done", tracker, "FT with L_CLIP",
+                    progress=False)
+    (root / "runs" / "done" / CHECKPOINT).rename(folder.mkdir(parents=True) or folder / CHECKPOINT)
+    left = tracker.start("FT with L_CLIP", tags={"stage": "train", "row": "ft_clip"})     # as a kill leaves it
+    other = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=cfg.train.lr / 2))
+    runs = tracker.find_runs(EXPERIMENT)
+    with pytest.raises(StaleCheckpoint):
+        record_finetune(other, data, models, root / "cache", folder, tracker, "FT with L_CLIP",
+                        tags={"row": "ft_clip"}, progress=False)
+    assert tracker.find_runs(EXPERIMENT) == runs and tracker.runs([left.run_id])[0]["status"] == "RUNNING"
 
 
 def test_a_batch_larger_than_the_training_pairs_is_refused_before_a_run_is_opened(project):
