@@ -37,16 +37,18 @@ EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 log = logging.getLogger(__name__)
 
 
-# The stores MLflow's client opens: a local file store, an SQL database, a tracking server.
-URI_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssql", "databricks")
+# The stores MLflow's client opens: an SQL database, a tracking server. Not a folder (a file store):
+# MLflow 3 refuses one unless MLFLOW_ALLOW_FILE_STORE is set, and then only as deprecated.
+URI_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks")
 
 
 def check_uri(uri: str) -> None:
     """A tracking URI MLflow can open, refused in one line otherwise (MLflow's own error is a
     traceback at the first run, after the work it was to record)."""
-    scheme = uri.split("://", 1)[0].split("+", 1)[0] if "://" in uri else "file"
+    scheme = uri.split("://", 1)[0].split("+", 1)[0] if "://" in uri else ""
     if not uri or scheme not in URI_SCHEMES:
-        raise ConfigError(f"tracking.uri: {redact(uri)!r} is not allowed; expected sqlite:///PATH, a folder, "
+        folder = "; a folder (a file store) MLflow 3 no longer opens" if scheme in ("", "file") and uri else ""
+        raise ConfigError(f"tracking.uri: {redact(uri)!r} is not allowed{folder}; expected sqlite:///PATH, "
                           f"http(s)://HOST[:PORT] or a database URI ({', '.join(URI_SCHEMES)})")
     if _PASSWORD.search(uri):
         # params.yaml is versioned with the study, and the config travels to Ray Tune's saved state.
@@ -56,12 +58,10 @@ def check_uri(uri: str) -> None:
 
 
 def local_store(uri: str, root: Path) -> Path | None:
-    """The file a local SQLite store lives in, or the folder of a file store; None for a server or
-    a database elsewhere. Relative paths are under `root`."""
+    """The file a local SQLite store lives in; None for a server or a database elsewhere. A relative
+    path is under `root`."""
     if uri.startswith("sqlite:///"):
         return (Path(root) / uri[len("sqlite:///"):]).resolve()
-    if "://" not in uri or uri.startswith("file://"):
-        return (Path(root) / uri.removeprefix("file://")).resolve()
     return None
 
 
@@ -72,7 +72,7 @@ def check_store(uri: str, root: Path) -> None:
     store = local_store(uri, root)
     if store is None:
         return
-    check_writable(store, "tracking.uri", folder=not uri.startswith("sqlite:///"))
+    check_writable(store, "tracking.uri")
     if store.is_file() and not os.access(store, os.W_OK):     # SQLite writes the file itself, in place
         raise ConfigError(f"tracking.uri: {store} is not writable, so the store cannot be written")
 
@@ -213,12 +213,20 @@ class Tracker:
         name = name or self.experiment
         key, kind = EXPERIMENT_KIND
         found = self.client.get_experiment_by_name(name)
+        # A local SQLite store's runs keep their files beside it (mlruns/mlflow-artifacts/<run id>/
+        # artifacts); MLflow's default, ./mlruns, is under whatever folder the command ran from.
+        store = local_store(self.uri, self.root)
+        artifacts = str(store.with_name(f"{store.stem}-artifacts")) if store else None
         if found is None:
-            # A local SQLite store's runs keep their files beside it (mlruns/mlflow-artifacts/<run id>/
-            # artifacts); MLflow's default, ./mlruns, is under whatever folder the command ran from.
-            store = local_store(self.uri, self.root) if self.uri.startswith("sqlite:///") else None
-            artifacts = str(store.with_name(f"{store.stem}-artifacts")) if store else None
             return self.client.create_experiment(name, artifact_location=artifacts, tags={key: kind})
+        location = found.artifact_location.removeprefix("file://")
+        if artifacts and location != artifacts and Path(location).name == Path(artifacts).name:
+            # Made here, in another folder (one made otherwise, by the UI say, keeps MLflow's own place):
+            # the store records the folder as an absolute path, so moved with the project its runs would
+            # write their files where the project was, and the UI read them from there.
+            raise ConfigError(f"tracking.uri: {store} was made in another folder: experiment {name!r} keeps its runs' "
+                              f"files in {found.artifact_location}, not beside the store; move the project back, or "
+                              f"move {store.parent} aside to start a new store (the reports read results files only)")
         if key not in found.tags:
             self.client.set_experiment_tag(found.experiment_id, key, kind)
         return found.experiment_id

@@ -821,8 +821,8 @@ def test_a_tracking_uri_mlflow_cannot_open_is_refused_by_the_dry_run(tmp_path):
     proc = _cli("sweeps/lambda.yaml", "--params", tmp_path / "params.yaml", "--dry-run")
     assert proc.returncode == 2 and proc.stdout == "", proc.stdout
     assert proc.stderr.strip().splitlines() == [
-        "error: tracking.uri: 'foo://***@bar' is not allowed; expected sqlite:///PATH, a folder, http(s)://HOST[:PORT] "
-        "or a database URI (sqlite, file, http, https, postgresql, mysql, mssql, databricks)"], proc.stderr
+        "error: tracking.uri: 'foo://***@bar' is not allowed; expected sqlite:///PATH, http(s)://HOST[:PORT] "
+        "or a database URI (sqlite, http, https, postgresql, mysql, mssql, databricks)"], proc.stderr
 
 
 def test_a_local_sweep_asking_for_more_than_this_machine_has_is_refused_by_the_dry_run(tmp_path):

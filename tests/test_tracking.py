@@ -56,9 +56,21 @@ def test_a_tracking_uri_mlflow_cannot_open_is_one_line(uri):
         check_uri(uri)
 
 
+@pytest.mark.parametrize("uri", ["mlruns", "/abs/mlruns", "file:///abs/mlruns"])
+def test_a_folder_for_a_store_is_refused_in_one_line_as_the_pinned_mlflow_refuses_it(uri, tmp_path):
+    """MLflow 3's client refuses a file store (a traceback at the first run); the check says so first."""
+    with pytest.raises(ConfigError, match=r"^tracking\.uri: .* is not allowed; a folder \(a file store\) MLflow 3 "
+                                          r"no longer opens; expected sqlite:///PATH"):
+        check_uri(uri)
+    import mlflow
+
+    with pytest.raises(mlflow.exceptions.MlflowException, match="filesystem tracking backend"):
+        mlflow.MlflowClient(tracking_uri=str(tmp_path / "mlruns")).search_experiments()
+
+
 def test_a_local_store_that_cannot_be_written_is_one_line_naming_the_key_and_nothing_is_created(tmp_path):
     (tmp_path / "a-file").write_text("")
-    for uri in ("sqlite:///a-file/mlflow.db", "sqlite:///a-file/deeper/mlflow.db", "a-file/store", "file://a-file/x"):
+    for uri in ("sqlite:///a-file/mlflow.db", "sqlite:///a-file/deeper/mlflow.db"):
         with pytest.raises(ConfigError, match=rf"^tracking\.uri: {tmp_path}/a-file is a file, so .* cannot be created$"):
             check_store(uri, tmp_path)
     check_store("sqlite:///new/folder/mlflow.db", tmp_path)
@@ -77,3 +89,20 @@ def test_a_password_in_the_tracking_uri_is_refused_in_one_line_without_showing_i
     assert text.startswith("tracking.uri: ") and "holds a password" in text and "MLFLOW_TRACKING_PASSWORD" in text
     assert SECRET not in text and "\n" not in text
     check_uri("postgresql://mlflow@db.example:5432/mlflow")          # a user name alone is no secret
+
+
+def test_a_store_moved_with_its_project_is_refused_in_one_line_not_written_where_the_project_was(tmp_path):
+    """MLflow records an experiment's artifact folder as an absolute path: runs of a moved project's store
+    wrote their files into the old folder (made again if gone), outside the project."""
+    old, new = tmp_path / "old", tmp_path / "new"
+    cfg = TrackingConfig(uri="sqlite:///mlruns/mlflow.db", experiment="moved")
+    with Tracker(cfg, old).start("a run") as run:
+        run.log_text("x", "x.txt")
+    old.rename(new)
+    with pytest.raises(ConfigError) as info:
+        Tracker(cfg, new).start("another run")
+    assert str(info.value) == (f"tracking.uri: {new}/mlruns/mlflow.db was made in another folder: experiment 'moved' "
+                               f"keeps its runs' files in {old}/mlruns/mlflow-artifacts, not beside the store; move "
+                               f"the project back, or move {new}/mlruns aside to start a new store (the reports read "
+                               "results files only)")
+    assert not old.exists()
