@@ -60,7 +60,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 from tqdm import tqdm
 
-from pipeline.data.errors import PicklesWhole
+from pipeline.data.errors import PicklesWhole, one_line
 from pipeline.io import write_bytes, write_json
 
 __all__ = ["CacheError", "Table", "open_table", "verify_tables", "write_table"]
@@ -232,7 +232,7 @@ def _kept_shards(folder: Path, name: str, settings: dict) -> tuple[list[dict], t
         partial = json.loads(path.read_text(encoding="utf-8"))
         recorded, shards, row_shape = partial["settings"], partial["shards"], partial["row_shape"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        log.warning("cache table %r: ignoring unreadable %s (%s)", name, path, _one_line(exc))
+        log.warning("cache table %r: ignoring unreadable %s (%s)", name, path, one_line(exc))
         path.unlink(missing_ok=True)
         return [], None
     problem = _entries_problem(shards, settings["shard_size"], settings["num_rows"], complete=False)
@@ -418,7 +418,11 @@ class Table:
         try:
             return self._index[key]
         except KeyError:
-            raise KeyError(f"cache table {self.name!r} has no key {key!r}") from None
+            # Not a bug here: the data stage ran again after the cache stage (by hand), so a training
+            # caption or benchmark image is one the tables were not encoded for.
+            raise CacheError(self.name, self.folder, f"has no row for {key!r}: the data changed since the cache "
+                             "stage encoded it; re-run the cache stage (dvc repro cache, or python -m stages.cache)") \
+                from None
 
     def _load_keys(self) -> None:
         if self._index is None:
@@ -486,7 +490,7 @@ class Table:
             with safe_open(path, framework="pt") as f:
                 view = f.get_tensor(TENSOR)
         except (SafetensorError, OSError) as exc:
-            raise CacheError(self.name, path, f"unreadable shard ({_one_line(exc)}); {_rebuild_hint(self.folder)}") from None
+            raise CacheError(self.name, path, f"unreadable shard ({one_line(exc)}); {_rebuild_hint(self.folder)}") from None
         expected = (entry["rows"], *self.row_shape)
         if tuple(view.shape) != expected or view.dtype != self.dtype:
             raise CacheError(self.name, path, f"holds {view.dtype} {list(view.shape)}, manifest says "
@@ -542,7 +546,7 @@ def _load_manifest(folder: Path, name: str, verify: bool) -> dict:
     except FileNotFoundError:
         raise CacheError(name, path, "not found or not finished: run the cache stage") from None
     except (OSError, ValueError) as exc:
-        raise CacheError(name, path, f"unreadable manifest ({_one_line(exc)}); {_rebuild_hint(folder)}") from None
+        raise CacheError(name, path, f"unreadable manifest ({one_line(exc)}); {_rebuild_hint(folder)}") from None
     problem = _manifest_problem(manifest)
     if problem:
         raise CacheError(name, path, f"inconsistent manifest: {problem}; {_rebuild_hint(folder)}")
@@ -562,7 +566,7 @@ def _read_keys(folder: Path, name: str, sha256: str, num_rows: int) -> list[str]
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise CacheError(name, path, f"unreadable keys ({_one_line(exc)}); {_rebuild_hint(folder)}") from None
+        raise CacheError(name, path, f"unreadable keys ({one_line(exc)}); {_rebuild_hint(folder)}") from None
     if hashlib.sha256(data).hexdigest() != sha256:
         raise CacheError(name, path, f"keys do not match the manifest's keys_sha256; {_rebuild_hint(folder)}")
     keys = json.loads(data)
@@ -664,5 +668,3 @@ def _rebuild_hint(folder: Path) -> str:
     return f"re-run the cache stage, which rebuilds {folder}"
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())

@@ -29,12 +29,14 @@ def _update(digest, path: Path) -> None:
 
 
 def fingerprint(folder: Path) -> str:
-    """sha256 over a model folder's weight and config files (names and contents).
+    """sha256 over a model folder's files (names and contents), hidden ones aside.
 
-    Configs count: a VAE's `scaling_factor`, for one, lives in its config.json.
+    Every file counts: weights in whatever format, configs (a VAE's `scaling_factor`, for one, lives in
+    its config.json) and a tokenizer's merges.txt, which decides the token ids of every cached caption.
     """
     folder = Path(folder)
-    files = sorted(p for p in folder.rglob("*") if p.suffix in (".safetensors", ".json") and p.is_file())
+    files = sorted(p for p in folder.rglob("*")
+                   if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
     stats = [path.stat() for path in files]
     seen = (str(folder.resolve()),
             *((str(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns) for path, st in zip(files, stats)))

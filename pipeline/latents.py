@@ -25,17 +25,27 @@ from pipeline.models.teacher import Teacher, encode_images, encode_text
 # Raised whenever the code that makes a table's rows changes (`vae_transform`, `encode_images`'
 # scaling, `encode_text`'s padding and hidden state): a table of the same teacher and images that
 # other code wrote is then rebuilt, not kept.
-ENCODING_VERSION = 1
+ENCODING_VERSION = 2      # 2: benchmark images squashed whole, not centre-cropped; the size from the UNet
 
 
-def vae_transform(size: int) -> T.Compose:
-    """SD's input: shorter side resized to the VAE's size, centre crop, scaled to [-1, 1]."""
-    return T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size),
-                      T.ToTensor(), T.Normalize([0.5], [0.5])])
+def vae_transform(size: int, crop: bool = True) -> T.Compose:
+    """SD's input at the teacher's resolution, scaled to [-1, 1]: the shorter side resized and the
+    centre cropped, as SD trained (`crop`), or the whole image resized to a square, as the diffusion
+    score's reference (Krojer et al.'s diffusion-itm) resizes a benchmark image: a crop would drop what
+    lies at the edges of a wide image (CLEVR's 480 x 320 scenes lose a sixth on each side)."""
+    resize = [T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size)] if crop else \
+        [T.Resize((size, size), interpolation=T.InterpolationMode.BICUBIC)]
+    return T.Compose([*resize, T.ToTensor(), T.Normalize([0.5], [0.5])])
 
 
-def image_latents(teacher: Teacher, size: int):
-    transform = vae_transform(size)
+def teacher_resolution(teacher: Teacher) -> int:
+    """The image side the UNet denoises at: its latent side times the VAE's downsampling, as diffusers'
+    pipelines take it (a VAE's own `sample_size` can disagree: SD 2-1-base's says 768, its UNet's 512)."""
+    return teacher.unet.config.sample_size * 2 ** (len(teacher.vae.config.block_out_channels) - 1)
+
+
+def image_latents(teacher: Teacher, size: int, crop: bool = True):
+    transform = vae_transform(size, crop)
 
     def compute(keys: list[str]) -> torch.Tensor:
         pixels = torch.stack([transform(load_image(*parse_image_key(k))) for k in keys])
@@ -74,12 +84,13 @@ def build_cache(cfg: Config, teacher: Teacher, teacher_id: str, data_root: Path,
     the data stage writes the same names for other images (the toy world under another seed
     or size). A text table's keys are its captions.
     """
-    size = teacher.vae.config.sample_size
+    size = teacher_resolution(teacher)
     c = cfg.cache
     made = {"teacher": teacher_id, "device": teacher.vae.device.type, "encoding": ENCODING_VERSION}
     for name, keys in table_keys(data_root).items():
         if name.endswith("_images"):
-            compute, meta = image_latents(teacher, size), {**made, "images": _images_digest(keys)}
+            compute = image_latents(teacher, size, crop=name == "train_images")
+            meta = {**made, "images": _images_digest(keys)}
         else:
             compute, meta = text_conditioning(teacher), made
         write_table(out, name, keys, compute, shard_size=c.shard_size, batch_size=c.batch_size, description=name,

@@ -406,7 +406,8 @@ def test_wrong_row_count_from_compute(tmp_path):
 def test_unknown_key_and_bad_index(tmp_path):
     build(tmp_path)
     table = open_table(tmp_path, "latents")
-    with pytest.raises(KeyError, match=r"cache table 'latents' has no key 'nope'"):
+    with pytest.raises(CacheError, match=r"^cache table 'latents': .*: has no row for 'nope': the data changed since "
+                                         r"the cache stage encoded it; re-run the cache stage"):
         table.get(["nope"])
     with pytest.raises(IndexError, match="row index 11 out of range for 11 rows"):
         table.rows([0, 11])
@@ -450,6 +451,33 @@ def test_the_cache_stage_rebuilds_image_latents_for_regenerated_data_and_for_ano
     config.write_text(config.read_text().replace('"_diffusers_version": "', '"_diffusers_version": "0.0.0+'))
     assert "0.0.0+" in config.read_text()
     assert fingerprint(saved) == table.meta["teacher"]
+
+
+def test_a_benchmark_image_reaches_the_vae_whole_and_a_training_image_centre_cropped():
+    """The diffusion score's reference resizes a benchmark image to a square whole; a centre crop drops
+    a wide scene's edges, where what a caption names may stand."""
+    from PIL import Image
+
+    from pipeline.latents import vae_transform
+
+    image = Image.new("RGB", (48, 32), (0, 0, 0))
+    image.paste((255, 0, 0), (0, 0, 4, 32))                  # a red bar at the left edge
+    red = lambda pixels: int(((pixels[0] > 0.5) & (pixels[1] < -0.5)).sum())   # noqa: E731
+    assert red(vae_transform(32, crop=False)(image)) > 0
+    assert red(vae_transform(32)(image)) == 0
+
+
+def test_the_images_are_encoded_at_the_unets_resolution_whatever_the_vaes_config_says(tmp_path):
+    """SD 2-1-base's VAE config says 768 px, its UNet denoises 64 x 64 latents (512 px): latents of the
+    VAE's size would not match the noise the diffusion score adds."""
+    from pipeline.latents import teacher_resolution
+
+    cfg, teacher, data, cache, saved = _cached_smoke_project(tmp_path)
+    teacher.vae.register_to_config(sample_size=3 * teacher_resolution(teacher))
+    build_cache(cfg, teacher, fingerprint(saved), data, tmp_path / "again")
+    for name in ("train_images", "bench_images"):
+        table = open_table(tmp_path / "again", name)
+        assert tuple(table.get(table.keys[:1]).shape[1:]) == tuple(teacher.latent_shape), name
 
 
 def test_tables_encoded_by_other_code_are_rebuilt_and_name_the_device_that_encoded_them(tmp_path, monkeypatch):

@@ -340,6 +340,19 @@ def test_vg_bad_json(tmp_path: Path) -> None:
     assert "invalid JSON" in assert_names(error, "visual_genome_relation.json", None)
 
 
+@pytest.mark.parametrize("file_name", ["visual_genome_relation.json", "visual_genome_attribution.json",
+                                       "coco_karpathy_test.json"])
+def test_an_aro_file_with_no_case_is_refused_by_the_data_stage(tmp_path: Path, file_name: str) -> None:
+    """Passed on, an empty set stopped the evaluation with an IndexError, after the models and cache stages."""
+    path = tmp_path / file_name
+    path.write_text("[]", encoding="utf-8")
+    read = {"visual_genome_relation.json": aro.read_vg_relation, "visual_genome_attribution.json":
+            aro.read_vg_attribution}.get(file_name, lambda p: aro.read_order_set(p, tmp_path, aro.lexicon_tagger(LEXICON)))
+    with pytest.raises(DataFormatError) as error:
+        read(path)
+    assert "holds no case" in assert_names(error, file_name, None)
+
+
 def test_excluded_relations() -> None:
     excluded = aro.excluded_vg_relations()
     assert len(excluded) == 157

@@ -13,7 +13,10 @@ def _model(folder):
     (folder / "unet").mkdir(parents=True)
     (folder / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(bytes(range(256)) * 4)
     (folder / "unet" / "config.json").write_text(json.dumps({"sample_size": 8, "_diffusers_version": "0.1"}))
-    (folder / "notes.txt").write_text("not a weight or a config")
+    (folder / "tokenizer").mkdir()
+    (folder / "tokenizer" / "merges.txt").write_text("#version: 0.2\ni n\n")    # decides every token id
+    (folder / ".cache").mkdir()
+    (folder / ".cache" / "download.metadata").write_text("a hub download's etag and time")
     return folder
 
 
@@ -32,16 +35,21 @@ def settled(monkeypatch):
     monkeypatch.setattr(digest, "_now_ns", lambda: time.time_ns() + 60 * 10**9)
 
 
-def test_weights_and_configs_count_and_the_library_version_and_other_files_do_not(tmp_path, hashed, settled):
+def test_every_file_counts_but_hidden_ones_and_the_library_version(tmp_path, hashed, settled):
     model = _model(tmp_path / "m")
     first = fingerprint(model)
     assert fingerprint(model) == first and hashed == [model]          # read once while nothing changed
 
-    (model / "notes.txt").write_text("edited")
+    (model / ".cache" / "download.metadata").write_text("downloaded again")
     assert fingerprint(model) == first and len(hashed) == 1
+    merges = model / "tokenizer" / "merges.txt"
+    merges.write_text("#version: 0.2\ni n\nt h\n")
+    assert fingerprint(model) != first and len(hashed) == 2
+    merges.write_text("#version: 0.2\ni n\n")
+    assert fingerprint(model) == first and len(hashed) == 3
     config = model / "unet" / "config.json"
     config.write_text(json.dumps({"sample_size": 8, "_diffusers_version": "9.9.9"}))
-    assert fingerprint(model) == first and len(hashed) == 2            # written: read again, same content
+    assert fingerprint(model) == first and len(hashed) == 4            # written: read again, same content
     config.write_text(json.dumps({"sample_size": 16, "_diffusers_version": "9.9.9"}))
     assert fingerprint(model) != first
 

@@ -96,6 +96,8 @@ def _read_vg(annotations: Path, image_dir: Path | None, group_of: Callable[[dict
         bbox, true_caption, false_caption = _check_vg_common(record, annotations, where)
         image = existing_image(image_dir, record["image_path"], annotations, where, "image_path")
         cases.append(ChoiceCase(image=image, options=(false_caption, true_caption), answer=1, group=group, bbox=bbox))
+    if not cases:       # an empty set passed here would fail the evaluation, after the models and cache stages
+        raise DataFormatError(annotations, "", None, "holds no case")
     return cases
 
 
@@ -157,6 +159,8 @@ def read_order_set(
             rng = random.Random(f"{seed}:{relative}:{k}")
             options = order_options(caption, tagger, rng, tokenizer, max_words)
             cases.append(ChoiceCase(image=image, options=options, answer=0))
+    if not cases:
+        raise DataFormatError(annotations, "", None, "holds no case")
     return cases
 
 

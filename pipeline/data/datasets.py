@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.config import ARO_SETS
 from pipeline.data import aro, clevr, coco, mmvp, sugarcrepe, winoground, zeroshot
 from pipeline.data.errors import DataFormatError, MissingInput, load_json, require_record, str_list_field
 from pipeline.data.mmvp import MMVPPair
@@ -16,8 +17,6 @@ from pipeline.data.records import ChoiceCase, ImageCaption, WinogroundTask, Zero
 INDEX_NAME = "index.json"
 # NegCLIP's hard negatives of the training captions, {caption: [negative, ...]}, written by the data stage.
 NEGATIVES = "train-negatives.json"
-ARO_SETS = ("vg_relation", "vg_attribution", "coco_order", "flickr_order")
-
 
 @dataclass
 class Benchmarks:

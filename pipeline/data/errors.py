@@ -82,7 +82,7 @@ def load_json(path: Path, what: str) -> Any:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataFormatError(path, "", None, f"invalid JSON: {_one_line(exc)}") from exc
+        raise DataFormatError(path, "", None, f"invalid JSON: {one_line(exc)}") from exc
 
 
 @contextmanager
@@ -91,7 +91,7 @@ def utf8_text(path: Path) -> Iterator[None]:
     try:
         yield
     except UnicodeDecodeError as exc:
-        raise DataFormatError(path, "", None, f"is not UTF-8 text: {_one_line(exc)}") from exc
+        raise DataFormatError(path, "", None, f"is not UTF-8 text: {one_line(exc)}") from exc
 
 
 def load_jsonl(path: Path, what: str) -> list[tuple[str, Any]]:
@@ -106,7 +106,7 @@ def load_jsonl(path: Path, what: str) -> list[tuple[str, Any]]:
             try:
                 rows.append((where, json.loads(line)))
             except json.JSONDecodeError as exc:
-                raise DataFormatError(path, where, None, f"invalid JSON: {_one_line(exc)}") from exc
+                raise DataFormatError(path, where, None, f"invalid JSON: {one_line(exc)}") from exc
     return rows
 
 
@@ -186,5 +186,6 @@ def _type_name(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
-def _one_line(exc: Exception) -> str:
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line (a library's may span several)."""
     return " ".join(str(exc).split())

@@ -309,7 +309,7 @@ def fetch_winoground(repo_id: str, target: Path) -> None:
             snapshot_download(repo_id=repo_id, repo_type="dataset", allow_patterns=patterns, local_dir=str(target))
         except Exception as err:  # offline, gated without a token, unknown repo: all one line for the user
             raise PaperDataMissing(f"data.winoground: cannot fetch {repo_id!r} from the Hugging Face hub "
-                                   f"({type(err).__name__}: {_first_line(err)}); {README_HINT}") from None
+                                   f"({type(err).__name__}: {first_line(err)}); {README_HINT}") from None
 
     fetch(list(WINOGROUND_FILES))
     missing = [name for name in WINOGROUND_FILES if not (target / name).is_file()]
@@ -487,6 +487,7 @@ def spacy_tagger(model: str) -> BatchTagger:
     return tag
 
 
-def _first_line(err: BaseException) -> str:
-    text = " ".join(str(err).split("\n")[0].split())
+def first_line(err: BaseException) -> str:
+    """A library's error, for a one-line refusal: its first line, cut at 200 characters."""
+    text = " ".join(str(err).strip().split("\n")[0].split())
     return text[:200] + ("..." if len(text) > 200 else "")

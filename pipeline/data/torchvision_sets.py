@@ -22,12 +22,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from pipeline.config import ZEROSHOT_SETS
 from pipeline.io import write_json
 from .errors import DataFormatError
 from .zeroshot import IMAGE_EXTENSIONS, META_FILE, _slug
 
 PROMPTS_FILE = Path(__file__).with_name("zeroshot_prompts.json")
-SETS = ("imagenet", "cifar10", "cifar100", "mnist", "stl10", "food101", "pets", "flowers102", "dtd", "fgvc_aircraft")
 
 
 def open_test_split(name: str, root: Path):
@@ -48,7 +48,7 @@ def open_test_split(name: str, root: Path):
         "fgvc_aircraft": lambda: tv.FGVCAircraft(root, split="test", annotation_level="variant", download=False),
     }
     if name not in builders:
-        raise ValueError(f"unknown zero-shot set {name!r}; known: {', '.join(SETS)}")
+        raise ValueError(f"unknown zero-shot set {name!r}; known: {', '.join(ZEROSHOT_SETS)}")
     try:
         return builders[name]()
     except (RuntimeError, OSError, ValueError, KeyError) as err:

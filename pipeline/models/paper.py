@@ -24,19 +24,17 @@ import copy
 import dataclasses
 import json
 import math
-import re
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from pipeline.data.errors import MissingInput
+from pipeline.data.paper import HUB_ID, README_HINT, first_line, resolve_path
 from pipeline.config import StudentConfig, TeacherConfig
 from pipeline.models.student import CONFIG_NAME, Student, layernorm_parameters, load_student, save_student
 from pipeline.models.teacher import SD_SCHEDULE, Teacher, clip_bpe_tokenizer, load_teacher, save_teacher
 
-README_HINT = "see README: Running the paper profile"
-HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 SD_V1_4 = "CompVis/stable-diffusion-v1-4"
@@ -88,7 +86,7 @@ def import_teacher(cfg: TeacherConfig, folder: Path, base: Path) -> dict:
         teacher = load_teacher(source, DTYPES[cfg.dtype])
     except OSError as err:  # not found, offline, gated, incomplete download: one line for the user
         raise PaperModelMissing(f"teacher.pretrained: cannot load {cfg.pretrained!r} ({type(err).__name__}: "
-                                f"{_first_line(err)}); {README_HINT}") from None
+                                f"{first_line(err)}); {README_HINT}") from None
     save_teacher(teacher, folder)
     return {
         "source": cfg.pretrained,
@@ -126,7 +124,7 @@ def import_student(name: str, cfg: StudentConfig, folder: Path, base: Path,
             if local is not None or "download" not in str(err).lower():
                 raise
             raise PaperModelMissing(f"{key}.pretrained: cannot fetch {cfg.model} / {cfg.pretrained} "
-                                    f"({_first_line(err)}); {README_HINT}") from None
+                                    f"({first_line(err)}); {README_HINT}") from None
     save_student(student, folder, preprocess_cfg=_preprocess_cfg(student.model))
     saved = load_student(folder)  # open_clip loads strictly: every tensor found again
     summary = {
@@ -156,8 +154,7 @@ def _preprocess_cfg(model: nn.Module) -> dict:
 
 
 def _local(value: str, base: Path) -> Path | None:
-    path = Path(value).expanduser()
-    path = path if path.is_absolute() else Path(base) / path
+    path = resolve_path(value, base)
     return path if path.exists() else None
 
 
@@ -169,11 +166,6 @@ def _source(value: str, base: Path, key: str, what: str) -> str:
     if HUB_ID.match(value) and not value.startswith("."):
         return value
     raise PaperModelMissing(f"{key}: {value!r} not found ({what}); {README_HINT}")
-
-
-def _first_line(err: BaseException) -> str:
-    text = " ".join(str(err).strip().split("\n")[0].split())
-    return text[:200] + ("..." if len(text) > 200 else "")
 
 
 def layernorm_scope_count(model: nn.Module, embed_dim: int, latent_shape: tuple[int, ...]) -> int:
