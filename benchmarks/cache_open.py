@@ -1,7 +1,7 @@
 """What opening a cache table costs as the table grows, against verifying its checksums.
 
     .venv/bin/python benchmarks/cache_open.py                          # 1k, 10k, 100k rows of 77 x 64 float32
-    .venv/bin/python benchmarks/cache_open.py --row-shape 77,768       # SD v1-4's text conditioning (23 GB at 100k)
+    .venv/bin/python benchmarks/cache_open.py --row-shape 77,768       # SD v1-4's text conditioning (23.7 GB at 100k)
 
 For each row count it writes a table of caption-like keys and random rows (the cache's
 own `write_table`, shards of 256 rows as on the paper profile), then times:

@@ -187,21 +187,25 @@ class ClipScorer:
         self._texts: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()
-    def _embed(self, store: dict[str, torch.Tensor], keys: list[str], encode: Callable) -> None:
-        """Embed the keys not yet in `store`, in batches, L2-normalised, on the CPU."""
+    def _embed(self, store: dict[str, torch.Tensor], keys: list[str], encode: Callable, what: str) -> None:
+        """Embed the keys not yet in `store`, in batches, L2-normalised, on the CPU; `what` they are: the
+        progress bar's label, shown from 10,000 keys on (a paper benchmark's images take minutes; the toy's
+        hundreds would fill a log with bars)."""
         todo = [k for k in dict.fromkeys(keys) if k not in store]
         self.student.model.eval()
-        for i in range(0, len(todo), self.batch_size):
+        for i in tqdm(range(0, len(todo), self.batch_size), desc=f"embedding {what}", leave=False,
+                      disable=len(todo) < 10_000):
             chunk = todo[i : i + self.batch_size]
             store.update(zip(chunk, F.normalize(encode(chunk).float(), dim=-1).cpu()))
 
     def _embed_images(self, keys: list[str]) -> None:
         pixels = lambda chunk: torch.stack([self.student.preprocess(load_image(*parse_image_key(k))) for k in chunk])
-        self._embed(self._images, keys, lambda chunk: self.student.model.encode_image(pixels(chunk).to(self.device)))
+        self._embed(self._images, keys, lambda chunk: self.student.model.encode_image(pixels(chunk).to(self.device)),
+                    "images")
 
     def _embed_texts(self, texts: list[str]) -> None:
         self._embed(self._texts, texts,
-                    lambda chunk: self.student.model.encode_text(self.student.tokenizer(chunk).to(self.device)))
+                    lambda chunk: self.student.model.encode_text(self.student.tokenizer(chunk).to(self.device)), "captions")
 
     def image_embeddings(self, keys: list[str]) -> torch.Tensor:
         """The normalised image embeddings of `keys` (on the CPU), each image embedded once."""

@@ -40,6 +40,16 @@ def world(tmp_path_factory):
     return bench, student, teacher, root
 
 
+def test_embedding_a_paper_sized_set_shows_its_progress_and_a_toy_sized_one_none(world, capsys):
+    """ImageNet's 50,000 validation images take minutes per student: a bar says how far it got."""
+    _, student, _, _ = world
+    scorer = ClipScorer(student, batch_size=2000)
+    scorer._embed_texts([f"caption {i}" for i in range(100)])
+    assert "embedding" not in capsys.readouterr().err
+    scorer._embed_texts([f"caption {i}" for i in range(100, 10_100)])      # 10,000 not embedded yet
+    assert "embedding captions" in capsys.readouterr().err
+
+
 def test_clip_scores_are_raw_cosine_similarities(world):
     bench, student, _, _ = world
     task = bench.winoground[0]
