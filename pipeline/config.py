@@ -514,8 +514,9 @@ class ComputeConfig:
     gradient_checkpointing: StrictBool = False
 
     def __post_init__(self) -> None:
-        # torch.device refuses a leading zero ("cuda:01") and an index past its int with a traceback.
-        if not re.fullmatch(r"auto|cpu|cuda(:(0|[1-9]\d{0,3}))?", self.device):
+        # torch.device refuses a leading zero ("cuda:01") with a traceback, and keeps an index in 8 bits
+        # (cuda:255 reads as the default GPU, cuda:9999 as cuda:15).
+        if not re.fullmatch(r"auto|cpu|cuda(:(0|[1-9]\d?|1[01]\d|12[0-7]))?", self.device):
             raise ConfigError(f"compute.device: {self.device!r} is not allowed; expected auto, cpu, cuda or cuda:N")
 
 
@@ -562,12 +563,15 @@ class Config:
             raise ConfigError(
                 f"eval.diffusion_t_min: {self.eval.diffusion_t_min} must be below eval.diffusion_t_max"
             )
+        if self.teacher.source == "toy":
+            _check_toy_teacher(self.teacher, self.data.image_size)
         for name, student in self.students.items():
             _check_pretrained_student(name, student)
             if student.source == "toy":
                 _check_toy_student(name, student, self.data.image_size)
-        if self.teacher.source == "toy":
-            _check_toy_teacher(self.teacher)
+        if self.data.source == "toy" and self.data.n_aro < 2:    # half of them are the order set's
+            raise ConfigError(f"data.n_aro: {self.data.n_aro} is not allowed; the toy order set has n_aro // 2 cases, "
+                              "and a set needs one; allowed: >= 2")
         if self.teacher.source == "pretrained" and not self.teacher.pretrained:
             raise ConfigError("teacher.pretrained: empty; expected a diffusers repo id "
                               "(e.g. CompVis/stable-diffusion-v1-4) or a local folder")
@@ -594,8 +598,9 @@ def norm_groups(channels: list[int]) -> int:
     return min(32, channels[0])
 
 
-def _check_toy_teacher(teacher: TeacherConfig) -> None:
-    """Shapes diffusers and transformers would only refuse after the data is loaded."""
+def _check_toy_teacher(teacher: TeacherConfig, image_size: int) -> None:
+    """Shapes diffusers and transformers would only refuse after the data is loaded, or that would
+    encode the images at another size than the teacher trained on."""
     for key, channels in (("vae_channels", teacher.vae_channels), ("unet_channels", teacher.unet_channels)):
         if not channels or any(c <= 0 for c in channels):
             raise ConfigError(f"teacher.{key}: {channels} is not allowed; expected a non-empty list of positive integers")
@@ -603,6 +608,13 @@ def _check_toy_teacher(teacher: TeacherConfig) -> None:
         if any(c % groups for c in channels):
             raise ConfigError(f"teacher.{key}: {channels} is not allowed; every entry must be a multiple of "
                               f"{groups} (the GroupNorm groups, min(32, first entry))")
+    # The VAE halves the image once per entry but the first, the UNet the latent likewise: a size they do
+    # not divide would be encoded at the smaller size the UNet's resolution comes to (Teacher.resolution).
+    down = 2 ** (len(teacher.vae_channels) - 1 + len(teacher.unet_channels) - 1)
+    if image_size % down:
+        raise ConfigError(f"data.image_size: {image_size} is not allowed with the toy teacher's "
+                          f"{len(teacher.vae_channels)} VAE and {len(teacher.unet_channels)} UNet levels; allowed: a "
+                          f"multiple of {down}")
     bad = [c for c in teacher.unet_channels if c % teacher.unet_heads]
     if bad:
         raise ConfigError(f"teacher.unet_heads: {teacher.unet_heads} does not divide teacher.unet_channels {bad}")
@@ -808,18 +820,28 @@ _Loader.yaml_implicit_resolvers = {
     first: [(tag, pattern) for tag, pattern in resolvers if tag not in (_BOOL, _INT, _FLOAT)]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 _Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
-_Loader.add_implicit_resolver(_INT, re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"), list("-+0123456789"))
+_Loader.add_implicit_resolver(_INT, re.compile(r"""^[-+]?(?:0b[01][01_]*|0o[0-7][0-7_]*|0x[0-9a-fA-F][0-9a-fA-F_]*
+                                                   |[0-9][0-9_]*)$""", re.X), list("-+0123456789"))
 _Loader.add_implicit_resolver(
     _FLOAT,
     re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
                   |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-                  |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                  |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
                   |[-+]?\.(?:inf|Inf|INF)
                   |\.(?:nan|NaN|NAN))$""", re.X),
     list("-+0123456789."))
-# SafeLoader's int constructor reads a leading 0 as octal and 1:30 as base 60.
-_Loader.add_constructor(_INT, lambda loader, node: int(value, 0) if (value := loader.construct_scalar(node))
-                        .startswith(("0o", "0x")) else int(value, 10))
+
+
+def _int(loader: _Loader, node: yaml.ScalarNode) -> int:
+    """SafeLoader's int constructor reads a leading 0 as octal and 1:30 as base 60; here a leading 0 is
+    decimal and only 0b, 0o and 0x prefixes name another base (ruamel's YAML 1.2, DVC's reader)."""
+    text = loader.construct_scalar(node).replace("_", "")
+    sign, digits = (-1, text[1:]) if text[0] == "-" else (1, text.removeprefix("+"))
+    base = {"0b": 2, "0o": 8, "0x": 16}.get(digits[:2].lower(), 10)
+    return sign * int(digits[2:] if base != 10 else digits, base)
+
+
+_Loader.add_constructor(_INT, _int)
 
 
 def _no_duplicates(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict:

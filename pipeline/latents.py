@@ -22,10 +22,12 @@ from pipeline.data.keys import choice_pairs, image_key, mmvp_pairs, parse_image_
 from pipeline.models.teacher import Teacher, encode_images, encode_text
 
 
-# Raised whenever the code that makes a table's rows changes (`vae_transform`, `encode_images`'
-# scaling, `encode_text`'s padding and hidden state): a table of the same teacher and images that
-# other code wrote is then rebuilt, not kept.
-ENCODING_VERSION = 2      # 2: benchmark images squashed whole, not centre-cropped; the size from the UNet
+# Raised whenever the code that makes a kind of table's rows changes: a table of the same teacher
+# and inputs that other code wrote is then rebuilt, not kept, and the other kind's are not.
+# Image tables (`vae_transform`, `encode_images`' scaling); 2: benchmark images squashed whole, not
+# centre-cropped, at the UNet's resolution.
+IMAGE_ENCODING = 2
+TEXT_ENCODING = 1         # text tables (`encode_text`'s padding and hidden state)
 
 
 def vae_transform(size: int, crop: bool = True) -> T.Compose:
@@ -36,12 +38,6 @@ def vae_transform(size: int, crop: bool = True) -> T.Compose:
     resize = [T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size)] if crop else \
         [T.Resize((size, size), interpolation=T.InterpolationMode.BICUBIC)]
     return T.Compose([*resize, T.ToTensor(), T.Normalize([0.5], [0.5])])
-
-
-def teacher_resolution(teacher: Teacher) -> int:
-    """The image side the UNet denoises at: its latent side times the VAE's downsampling, as diffusers'
-    pipelines take it (a VAE's own `sample_size` can disagree: SD 2-1-base's says 768, its UNet's 512)."""
-    return teacher.unet.config.sample_size * 2 ** (len(teacher.vae.config.block_out_channels) - 1)
 
 
 def image_latents(teacher: Teacher, size: int, crop: bool = True):
@@ -78,21 +74,22 @@ def table_keys(data_root: Path) -> dict[str, list[str]]:
 def build_cache(cfg: Config, teacher: Teacher, teacher_id: str, data_root: Path, out: Path) -> None:
     """Every table, rebuilt when what determines its rows changed (see `pipeline.cache`).
 
-    Each table's meta holds `teacher_id` (a fingerprint of the teacher's weights and configs), the
-    device type it was encoded on (a GPU's convolutions round otherwise) and `ENCODING_VERSION`.
+    Each table's meta holds `teacher_id` (a fingerprint of the teacher's files), the device type it
+    was encoded on (a GPU's convolutions round otherwise) and its kind's encoding version
+    (`IMAGE_ENCODING`, `TEXT_ENCODING`).
     An image table's meta also holds a digest of its image files: rows are keyed by name, and
     the data stage writes the same names for other images (the toy world under another seed
     or size). A text table's keys are its captions.
     """
-    size = teacher_resolution(teacher)
+    size = teacher.resolution
     c = cfg.cache
-    made = {"teacher": teacher_id, "device": teacher.vae.device.type, "encoding": ENCODING_VERSION}
+    made = {"teacher": teacher_id, "device": teacher.vae.device.type}
     for name, keys in table_keys(data_root).items():
         if name.endswith("_images"):
             compute = image_latents(teacher, size, crop=name == "train_images")
-            meta = {**made, "images": _images_digest(keys)}
+            meta = {**made, "encoding": IMAGE_ENCODING, "images": _images_digest(keys)}
         else:
-            compute, meta = text_conditioning(teacher), made
+            compute, meta = text_conditioning(teacher), {**made, "encoding": TEXT_ENCODING}
         write_table(out, name, keys, compute, shard_size=c.shard_size, batch_size=c.batch_size, description=name,
                     meta=meta)
 

@@ -65,10 +65,12 @@ COLUMNS = [
 
 @contextmanager
 def made_beside(folder: Path) -> Iterator[Path]:
-    """A new hidden folder beside `folder` to make outputs in, removed at the end (a killed process's
-    stays, hidden and ignored by git): outputs moved into `folder` (`move_into`) only once all are made
-    leave it as it was when making one fails (bad results met on the way), not half new."""
-    parent = next(p for p in (folder.parent, *folder.parent.parents) if p.exists())   # nothing created yet
+    """A new hidden folder to make outputs in, removed at the end (a killed process's stays, hidden and
+    ignored by git): outputs moved into `folder` (`move_into`) only once all are made leave it as it was
+    when making one fails (bad results met on the way), not half new. It is made in `folder` where that
+    exists (a mount point or a link to another disk: a rename into it stays on its file system), else in
+    the nearest folder above that does (nothing created yet)."""
+    parent = next(p for p in (folder, *folder.parents) if p.exists())
     building = temp_dir(parent, f".{folder.name}.", ".tmp")
     try:
         yield building
@@ -735,6 +737,7 @@ def launch_trials(cfg, root: Path, name: str) -> list[dict]:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")   # it would print over the notes
     tracker = Tracker(cfg.tracking, root)
     experiment = f"{cfg.tracking.experiment}/{name}"
+    tracker.check_moved(experiment)             # its summary.json would be read where the project was
     launches = tracker.find_runs(experiment, tags={"sweep_role": "parent"})
     if not launches:
         prefix = f"{cfg.tracking.experiment}/"

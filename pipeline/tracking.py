@@ -45,7 +45,8 @@ URI_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "datab
 def check_uri(uri: str) -> None:
     """A tracking URI MLflow can open, refused in one line otherwise (MLflow's own error is a
     traceback at the first run, after the work it was to record)."""
-    scheme = uri.split("://", 1)[0].split("+", 1)[0] if "://" in uri else ""
+    # "databricks" alone is MLflow's URI of the default Databricks profile.
+    scheme = uri.split("://", 1)[0].split("+", 1)[0] if "://" in uri else "databricks" if uri == "databricks" else ""
     if not uri or scheme not in URI_SCHEMES:
         folder = "; a folder (a file store) MLflow 3 no longer opens" if scheme in ("", "file") and uri else ""
         raise ConfigError(f"tracking.uri: {redact(uri)!r} is not allowed{folder}; expected sqlite:///PATH, "
@@ -192,6 +193,14 @@ def failure_text(err: BaseException) -> str:
     return (text[0] if text else type(err).__name__)[:500]
 
 
+def check_not_moved(cfg: TrackingConfig, root: Path, experiment: str) -> None:
+    """`Tracker.check_moved` where a local store exists already, creating nothing where none does (a
+    refusal before anything runs leaves no store behind)."""
+    store = local_store(cfg.uri, root)
+    if store is not None and store.is_file():
+        Tracker(cfg, root).check_moved(experiment)
+
+
 class Tracker:
     def __init__(self, cfg: TrackingConfig, root: Path):
         self.uri = resolve_uri(cfg.uri, root)
@@ -207,26 +216,37 @@ class Tracker:
             self._client = _client(self.uri)
         return self._client
 
+    @property
+    def artifacts(self) -> str | None:
+        """Where a local SQLite store's runs keep their files: beside it (mlruns/mlflow-artifacts/<run id>/
+        artifacts); MLflow's default, ./mlruns, is under whatever folder the command ran from."""
+        store = local_store(self.uri, self.root)
+        return str(store.with_name(f"{store.stem}-artifacts")) if store else None
+
+    def check_moved(self, name: str):
+        """The experiment `name` (None if the store has none by that name), refused in one line where
+        this code made it in a local store that has since moved: the store records its runs' folder as an
+        absolute path, so they would write their files where the project was, and the UI read them from
+        there. (One made otherwise, by the UI say, keeps MLflow's own place, and is left alone.)"""
+        found = self.client.get_experiment_by_name(name)
+        artifacts = self.artifacts
+        location = found.artifact_location.removeprefix("file://") if found else None
+        if artifacts and location and location != artifacts and Path(location).name == Path(artifacts).name:
+            store = local_store(self.uri, self.root)
+            raise ConfigError(f"tracking.uri: {store} was made in another folder: experiment {name!r} keeps its runs' "
+                              f"files in {found.artifact_location}, not beside the store; move the project back, or "
+                              f"move {store.parent} aside to start a new store (the report stage reads results/, "
+                              "not the store)")
+        return found
+
     def experiment_id(self, name: str | None = None) -> str:
         """The experiment's id, created with its kind (EXPERIMENT_KIND) if new; one made before the
         kind was recorded gets it, one given another kind (in MLflow's UI) keeps that."""
         name = name or self.experiment
         key, kind = EXPERIMENT_KIND
-        found = self.client.get_experiment_by_name(name)
-        # A local SQLite store's runs keep their files beside it (mlruns/mlflow-artifacts/<run id>/
-        # artifacts); MLflow's default, ./mlruns, is under whatever folder the command ran from.
-        store = local_store(self.uri, self.root)
-        artifacts = str(store.with_name(f"{store.stem}-artifacts")) if store else None
+        found = self.check_moved(name)
         if found is None:
-            return self.client.create_experiment(name, artifact_location=artifacts, tags={key: kind})
-        location = found.artifact_location.removeprefix("file://")
-        if artifacts and location != artifacts and Path(location).name == Path(artifacts).name:
-            # Made here, in another folder (one made otherwise, by the UI say, keeps MLflow's own place):
-            # the store records the folder as an absolute path, so moved with the project its runs would
-            # write their files where the project was, and the UI read them from there.
-            raise ConfigError(f"tracking.uri: {store} was made in another folder: experiment {name!r} keeps its runs' "
-                              f"files in {found.artifact_location}, not beside the store; move the project back, or "
-                              f"move {store.parent} aside to start a new store (the reports read results files only)")
+            return self.client.create_experiment(name, artifact_location=self.artifacts, tags={key: kind})
         if key not in found.tags:
             self.client.set_experiment_tag(found.experiment_id, key, kind)
         return found.experiment_id

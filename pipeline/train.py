@@ -683,7 +683,10 @@ def load_checkpoint(trial: Trial, folder: Path) -> bool:
         return False
     # Tensors and plain containers only: a checkpoint may come from shared storage (Ray's).
     state = torch.load(path, weights_only=True, map_location=trial.device)
-    changed = changed_settings(state.get("settings") or {}, settings(trial))
+    saved, current = state.get("settings") or {}, settings(trial)
+    if isinstance(saved.get("objective"), dict):    # a checkpoint that recorded every key: another method's unread
+        saved = {**saved, "objective": {k: v for k, v in saved["objective"].items() if k in current["objective"]}}
+    changed = changed_settings(saved, current)
     if changed:
         raise StaleCheckpoint(f"{path} was written under other settings ({'; '.join(changed)}): "
                               f"put them back to resume it, or remove it to train from step 0")

@@ -441,7 +441,7 @@ def test_the_cache_stage_rebuilds_image_latents_for_regenerated_data_and_for_ano
     table = open_table(cache, "train_images")
     assert key in table.keys
     assert not torch.equal(table.get([key]), first)
-    compute = image_latents(teacher, teacher.vae.config.sample_size)
+    compute = image_latents(teacher, teacher.resolution)
     assert torch.allclose(table.get([key]), compute([image_key(data / key)]), atol=1e-5)  # keys are under the data root
 
     teacher.vae.register_to_config(scaling_factor=2 * teacher.scaling_factor)
@@ -467,13 +467,22 @@ def test_a_benchmark_image_reaches_the_vae_whole_and_a_training_image_centre_cro
     assert red(vae_transform(32)(image)) == 0
 
 
+def test_the_cache_crops_the_training_images_and_squashes_the_benchmarks(tmp_path, monkeypatch):
+    """Which table gets which: the toy's square images encode alike under both, so only this tells."""
+    from pipeline import latents
+
+    cfg, teacher, data, cache, saved = _cached_smoke_project(tmp_path)
+    made, real = [], latents.image_latents
+    monkeypatch.setattr(latents, "image_latents", lambda t, size, crop=True: made.append(crop) or real(t, size, crop))
+    build_cache(cfg, teacher, fingerprint(saved), data, tmp_path / "again")
+    assert made == [True, False] and list(latents.table_keys(data))[:2] == ["train_images", "bench_images"]
+
+
 def test_the_images_are_encoded_at_the_unets_resolution_whatever_the_vaes_config_says(tmp_path):
     """SD 2-1-base's VAE config says 768 px, its UNet denoises 64 x 64 latents (512 px): latents of the
     VAE's size would not match the noise the diffusion score adds."""
-    from pipeline.latents import teacher_resolution
-
     cfg, teacher, data, cache, saved = _cached_smoke_project(tmp_path)
-    teacher.vae.register_to_config(sample_size=3 * teacher_resolution(teacher))
+    teacher.vae.register_to_config(sample_size=3 * teacher.resolution)
     build_cache(cfg, teacher, fingerprint(saved), data, tmp_path / "again")
     for name in ("train_images", "bench_images"):
         table = open_table(tmp_path / "again", name)
@@ -486,15 +495,20 @@ def test_tables_encoded_by_other_code_are_rebuilt_and_name_the_device_that_encod
     from pipeline import latents
 
     cfg, teacher, data, cache, saved = _cached_smoke_project(tmp_path)
-    made = {"teacher": fingerprint(saved), "device": "cpu", "encoding": latents.ENCODING_VERSION}
-    assert open_table(cache, "train_text").meta == made
-    assert open_table(cache, "train_images").meta.keys() == {*made, "images"}
+    made = {"teacher": fingerprint(saved), "device": "cpu"}
+    assert open_table(cache, "train_text").meta == {**made, "encoding": latents.TEXT_ENCODING}
+    assert open_table(cache, "train_images").meta.keys() == {*made, "encoding", "images"}
 
-    encoded = []
-    real = latents.encode_text
+    encoded, images = [], []
+    real, real_images = latents.encode_text, latents.encode_images
     monkeypatch.setattr(latents, "encode_text", lambda t, texts: (encoded.append(len(texts)), real(t, texts))[1])
+    monkeypatch.setattr(latents, "encode_images", lambda t, px: (images.append(len(px)), real_images(t, px))[1])
     build_cache(cfg, teacher, fingerprint(saved), data, cache)
-    assert encoded == []                                   # the same code: every table kept
-    monkeypatch.setattr(latents, "ENCODING_VERSION", latents.ENCODING_VERSION + 1)
+    assert encoded == images == []                         # the same code: every table kept
+    monkeypatch.setattr(latents, "IMAGE_ENCODING", latents.IMAGE_ENCODING + 1)
     build_cache(cfg, teacher, fingerprint(saved), data, cache)
-    assert encoded and open_table(cache, "train_text").meta["encoding"] == latents.ENCODING_VERSION
+    assert images and encoded == []                        # new image code: the text tables kept
+    assert open_table(cache, "train_images").meta["encoding"] == latents.IMAGE_ENCODING
+    monkeypatch.setattr(latents, "TEXT_ENCODING", latents.TEXT_ENCODING + 1)
+    build_cache(cfg, teacher, fingerprint(saved), data, cache)
+    assert encoded and open_table(cache, "train_text").meta["encoding"] == latents.TEXT_ENCODING

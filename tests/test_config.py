@@ -142,6 +142,9 @@ BAD = {
     "sweep not a yaml file": ("sweeps", ["sweeps/lambda.txt"], ["sweeps[0]", "'sweeps/lambda.txt'", ".yaml"]),
     "bad device": ("compute.device", "gpu0", ["compute.device", "'gpu0'", "auto", "cpu", "cuda:N"]),
     "device index torch refuses": ("compute.device", "cuda:01", ["compute.device", "'cuda:01'", "cuda:N"]),
+    "device index torch wraps": ("compute.device", "cuda:255", ["compute.device", "'cuda:255'", "cuda:N"]),
+    "image size the teacher halves unevenly": ("data.image_size", 36, ["data.image_size", "36", "multiple of 8"]),
+    "toy order set of no case": ("data.n_aro", 1, ["data.n_aro", "1", ">= 2"]),
     "bad precision": ("compute.precision", "fp8", ["compute.precision", "'fp8'", "'bf16'", "'fp32'"]),
     "bad compile mode": ("compute.compile", "fastest", ["compute.compile", "'fastest'", "'off'", "'max-autotune'"]),
     "channels_last word": ("compute.channels_last", "on", ["compute.channels_last", "'on'", "True", "False"]),
@@ -216,6 +219,31 @@ def test_numbers_read_as_yaml_1_2_and_a_key_given_twice_is_an_error(tmp_path):
     with pytest.raises(ConfigError) as info:
         load(path)
     assert str(info.value).startswith(f"{path}: line ") and "duplicate key 'lambda_sds'" in str(info.value)
+
+
+# Scalars YAML 1.1 and 1.2 read differently, and the edges of numbers.
+SCALARS = ["010", "08", "00", "0", "-0", "+7", "-3", "0o17", "+0o7", "0x1F", "-0x1F", "+0x1F", "0X1f", "0b101", "-0b1",
+           "0B1", "1_000", "0_1", "_1", "1:30", "yes", "no", "off", "On", "y", "TRUE", "True", "tRue", "false", "1e3",
+           "1e-4", "1e+3", "1.5", ".5", "-.5", "1.", "1_0.5", ".inf", "-.inf", ".nan", "12e", "0xG", "~", "null", "",
+           "2001-12-14"]
+
+
+def test_every_scalar_reads_as_dvcs_yaml_reader_reads_it():
+    """DVC reads params.yaml with ruamel (YAML 1.2): a value must mean the same to both, or `dvc exp run -S`
+    and `dvc params diff` would speak of another value than the stages run with."""
+    import io
+    import math
+
+    from ruamel.yaml import YAML
+
+    from pipeline.config import parse_yaml
+
+    ruamel = YAML(typ="safe")
+    for text in SCALARS:
+        ours, dvcs = parse_yaml(f"a: {text}")["a"], ruamel.load(io.StringIO(f"a: {text}"))["a"]
+        same = (isinstance(ours, float) and math.isnan(ours) and math.isnan(dvcs)) or (ours == dvcs and
+                                                                                     type(ours) is type(dvcs))
+        assert same, (text, ours, dvcs)
 
 
 def test_scalars_read_as_yaml_1_2s_core_schema_as_dvc_reads_them(tmp_path):

@@ -139,6 +139,16 @@ def test_a_sweep_whose_launches_have_no_results_yet_is_one_line(in_project, caps
     assert not (in_project / "reports" / "sweep-scope.md").exists()
 
 
+def test_a_store_moved_with_its_project_is_refused_in_one_line(in_project, capsys):
+    """Its launches' summary.json would be read where the project was."""
+    tracker = Tracker(TrackingConfig(uri="sqlite:///mlruns/mlflow.db", experiment="sds-clip"), in_project)
+    # A sweep of its own: the project's store is shared with the other tests.
+    tracker.client.create_experiment("sds-clip/relocated", artifact_location="/elsewhere/mlruns/mlflow-artifacts")
+    assert report.main(["relocated", "--params", str(in_project / "params.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: tracking.uri: {in_project}/mlruns/mlflow.db was made in another folder")
+
+
 def test_from_a_results_file_it_writes_what_the_stage_writes(tmp_path, capsys):
     """A variant sweep: its table and figure and the variants' comparison, byte for byte the stage's."""
     params = write_params(tmp_path)

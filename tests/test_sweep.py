@@ -668,6 +668,20 @@ def test_a_launch_killed_before_ray_recorded_a_trial_is_refused_and_its_run_ende
     assert new["status"] == "FINISHED" and len(children(tr, new["run_id"])) == 2
 
 
+def test_a_sweep_whose_store_moved_with_the_project_is_refused_in_one_line_before_ray_starts(project, capsys):
+    """Its experiment made where the project was (an absolute artifact folder): the launch's run would
+    have written its files there; the refusal came after Ray started, as a traceback (no run to fail)."""
+    sweep_file = write(project, "moved.yaml", "name: moved\nbase: {profile: smoke}\nspace: {objective.lambda_sds: [0]}\n")
+    tr = tracker(project, "moved")
+    elsewhere = "/elsewhere/mlruns/mlflow-artifacts"
+    tr.client.create_experiment("sds-clip/moved", artifact_location=elsewhere)
+    assert run_main(project, sweep_file) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "mlflow.store.db" not in line]   # a new store's
+    assert len(err) == 1 and err[0].startswith(f"error: tracking.uri: {project}/mlruns/mlflow.db was made in another "
+                                               f"folder: experiment 'sds-clip/moved' keeps its runs' files in {elsewhere}")
+    assert list((project / "ray_results").glob("moved-*")) == [] and launches(tr) == []
+
+
 def test_a_trial_that_failed_after_rays_last_snapshot_runs_again_and_loses_its_failure(tmp_path):
     """Ray restores such a trial as unfinished (its snapshot says RUNNING) and runs it again; its run
     ended FINISHED with the old failure still tagged, which reports read as a failed trial."""

@@ -62,6 +62,7 @@ def test_a_folder_for_a_store_is_refused_in_one_line_as_the_pinned_mlflow_refuse
     with pytest.raises(ConfigError, match=r"^tracking\.uri: .* is not allowed; a folder \(a file store\) MLflow 3 "
                                           r"no longer opens; expected sqlite:///PATH"):
         check_uri(uri)
+    check_uri("databricks")                         # MLflow's own bare URI, not a folder
     import mlflow
 
     with pytest.raises(mlflow.exceptions.MlflowException, match="filesystem tracking backend"):
@@ -103,6 +104,6 @@ def test_a_store_moved_with_its_project_is_refused_in_one_line_not_written_where
         Tracker(cfg, new).start("another run")
     assert str(info.value) == (f"tracking.uri: {new}/mlruns/mlflow.db was made in another folder: experiment 'moved' "
                                f"keeps its runs' files in {old}/mlruns/mlflow-artifacts, not beside the store; move "
-                               f"the project back, or move {new}/mlruns aside to start a new store (the reports read "
-                               "results files only)")
+                               f"the project back, or move {new}/mlruns aside to start a new store (the report stage "
+                               "reads results/, not the store)")
     assert not old.exists()

@@ -93,7 +93,7 @@ def import_teacher(cfg: TeacherConfig, folder: Path, base: Path) -> dict:
         "dtype": cfg.dtype,
         "prediction_type": teacher.scheduler.config.prediction_type,
         "latent_shape": list(teacher.latent_shape),
-        "vae_sample_size": int(teacher.vae.config.sample_size),
+        "resolution": teacher.resolution,
         "scaling_factor": teacher.scaling_factor,
         "unet_parameters": sum(p.numel() for p in teacher.unet.parameters()),
     }

@@ -39,6 +39,12 @@ class Teacher:
         return (self.unet.config.in_channels, size, size)
 
     @property
+    def resolution(self) -> int:
+        """The image side the UNet denoises at: its latent side times the VAE's downsampling, as diffusers'
+        pipelines take it (a VAE's own `sample_size` can disagree: SD 2-1-base's says 768, its UNet's 512)."""
+        return self.unet.config.sample_size * 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
     def scaling_factor(self) -> float:
         return float(self.vae.config.scaling_factor)
 

@@ -412,6 +412,9 @@ def run(sweep: Sweep, specs: list[TrialSpec], root: Path, args) -> int:
     storage = storage_root(sweep, root, args.storage)
     if (cluster := ray_address(args.address)) is not None:      # before anything is written
         check_reachable(cluster, "--address" if args.address else "RAY_ADDRESS")
+    from pipeline.tracking import check_not_moved
+
+    check_not_moved(sweep.base_config.tracking, root, experiment_name(sweep))   # before Ray starts
     if args.resume:
         ray_path = find_launch(sweep, storage, args.resume)
     else:

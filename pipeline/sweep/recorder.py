@@ -110,6 +110,8 @@ class RunRecorder(Callback):
         self.parent = run.run_id
 
     def fail_launch(self, err: BaseException) -> None:
+        if not self.parent:            # refused before its run opened (`open_launch`): nothing to end
+            return
         run = self.tracker.run(self.parent)
         run.set_tags({"status": "failed"})
         run.fail(err)
