@@ -64,7 +64,7 @@ COLUMNS = [
 
 
 @contextmanager
-def made_beside(folder: Path) -> Iterator[Path]:
+def building_for(folder: Path) -> Iterator[Path]:
     """A new hidden folder to make outputs in, removed at the end (a killed process's stays, hidden and
     ignored by git): outputs moved into `folder` (`move_into`) only once all are made leave it as it was
     when making one fails (bad results met on the way), not half new. It is made in `folder` where that
@@ -79,7 +79,7 @@ def made_beside(folder: Path) -> Iterator[Path]:
 
 
 def move_into(paths: list[Path], folder: Path) -> list[Path]:
-    """Move the files made by `made_beside` into `folder`; where they now are."""
+    """Move the files made by `building_for` into `folder`; where they now are."""
     folder.mkdir(parents=True, exist_ok=True)
     for path in paths:
         os.replace(path, folder / path.name)
@@ -773,7 +773,7 @@ def command_body(args: argparse.Namespace, cfg, root: Path) -> None:
         print(f"note: the trials of sweep {args.sweep} ran on profile {', '.join(ran)}; the report labels them with "
               f"profile {cfg.profile}'s student and teacher names", file=sys.stderr)
     source = args.results or f"{cfg.tracking.experiment}/{args.sweep}'s newest {SUMMARY}"
-    with made_beside(out) as building, results_of([source], f"sweep {args.sweep}"):
+    with building_for(out) as building, results_of([source], f"sweep {args.sweep}"):
         written = sweep_report(args.sweep, trials, compared_rows(args.sweep, trials, cfg, args.against), cfg,
                                building)
         for path in move_into(written, out):

@@ -65,7 +65,7 @@ from pipeline.data.errors import load_json
 from pipeline.io import write_json
 from pipeline.figures import inference_figure, write_figure, zeroshot_figure
 from pipeline.headline import FOLDER, headline_files, write_headline
-from pipeline.report import (VARIANT, check_outcomes, compared_key, compared_rows, made_beside, move_into,
+from pipeline.report import (VARIANT, building_for, check_outcomes, compared_key, compared_rows, move_into,
                              read_trials, resamples, results_of, sweep_report)
 
 TABLE1 = "table1"     # the sweep whose seeds make the Table-1 rows (sweeps/table1.yaml)
@@ -153,7 +153,7 @@ def body(args, cfg, root):
     rows = table_rows(cfg, results, sweeps.get(TABLE1))
     # The metrics files too are made before any output moves in: bad results met on the way leave
     # reports/ and metrics/ as the last report left them.
-    with made_beside(reports) as building:
+    with building_for(reports) as building:
         written, variants = write_outputs(cfg, results, sweeps, rows, building)
         names = [path.name for path in written]
         if len(set(names)) < len(names):
