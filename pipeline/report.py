@@ -42,7 +42,7 @@ from pipeline.io import check_writable, temp_dir, write_text
 from pipeline.metrics import decode_correct
 from pipeline.comparison import (CaseMismatch, PairedDifference, outcome_parts, paired_difference, same_seeds,
                                  seed_task_interval)
-from pipeline.sweep.spec import VARIANT, fmt, trial_index
+from pipeline.sweep.spec import VARIANT, trial_index
 
 if TYPE_CHECKING:
     import argparse
@@ -419,8 +419,7 @@ def runs_named(members: list[dict], keys: list[str]) -> str:
     """A group of a sweep's trials, for an error about them: its configuration (the swept `keys` but the
     seed) and its trials, e.g. "train.lr=0.001 (trials t000, t001)"."""
     config = members[0]["config"]
-    setting = ", ".join(str(config[key]) if key == VARIANT else f"{key}={fmt(config[key])}"
-                        for key in keys if key != SEED and key in config)
+    setting = ", ".join(configuration(config, key) for key in keys if key != SEED and key in config)
     return f"{setting or 'every trial'} (trials {', '.join(trial['trial'] for trial in members)})"
 
 
