@@ -9,8 +9,8 @@ What it does:
 2. inputs: every malformed params file (tests/test_config.py's BAD, each set where the smoke
    preset would not hide it, and the README's cases: an empty or comment-only file, a missing
    section or preset, values that cannot mean anything, tracking URIs and stores MLflow cannot
-   use, a CUDA device this machine lacks, the project folder as data.root, a toy student's shape
-   open_clip refuses) through `python -m stages.train clip --params FILE`,
+   use, a CUDA device this machine lacks, a toy student's shape open_clip
+   refuses) through `python -m stages.train clip --params FILE`,
    and every malformed sweep file (tests/test_sweep_config.py's BAD, resources beyond this
    machine, an ASHA metric the trials never report) through `python -m pipeline.sweep FILE
    --dry-run`. A case is refused when the command exits 2 with one line on stderr and wrote
@@ -77,6 +77,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.sweep_overhead import build_project  # noqa: E402
 from pipeline import cli  # noqa: E402
+from pipeline.config import CACHE_DIR, DATA_DIR, MODELS_DIR  # noqa: E402
 from tests.test_config import BAD as BAD_PARAMS, _set  # noqa: E402
 from tests.test_sweep import env, free_port, last_logged_step, processes_under, sigkill_when, stop  # noqa: E402
 from tests.test_sweep_config import BAD as BAD_SWEEPS  # noqa: E402
@@ -147,7 +148,6 @@ def params_cases(params: dict, steps: int, blocker: str, gpus: int) -> dict[str,
         "tracking store behind a file": mutated(params, "tracking.uri", f"sqlite:///{blocker}/mlruns/mlflow.db"),
         "password in tracking.uri": mutated(params, "tracking.uri", "http://probe:pa55-w0rd@127.0.0.1:5000"),
         "train.seed 2^70": mutated(params, "train.seed", 2**70),
-        "data.root the project folder": mutated(params, "data.root", "."),
         "student heads not dividing its width": mutated(params, "students.toy-vit.vision_heads", 3),
         "student patch larger than the image": mutated(params, "students.toy-vit.patch_size", 64),
     }
@@ -222,7 +222,7 @@ def judge(name: str, argv: list[str], folder: Path, timeout: float) -> Verdict:
 def inputs_folder(project: Path, folder: Path) -> Path:
     """`folder`: a copy of the project's built inputs and params.yaml, where bad inputs run."""
     folder.mkdir()
-    for name in ("data", "models", "cache"):
+    for name in (DATA_DIR, MODELS_DIR, CACHE_DIR):
         shutil.copytree(project / name, folder / name, symlinks=True)
     shutil.copy(project / "params.yaml", folder / "params.yaml")
     (folder / BLOCKER).write_text("")
@@ -726,7 +726,7 @@ def main(argv: list[str] | None = None) -> int:
     project = args.project.resolve() if args.project else work / "project"
     ok = True
     try:
-        if not (project / "cache").exists():
+        if not (project / CACHE_DIR).exists():
             start = time.perf_counter()
             project.mkdir(parents=True, exist_ok=True)
             build_project(project)

@@ -46,6 +46,7 @@ for folder in (REPO, REPO / "tests", REPO / "benchmarks"):
 
 import paper_rehearsal  # noqa: E402
 from pipeline import cli  # noqa: E402
+from pipeline.config import CACHE_DIR, DATA_DIR, MODELS_DIR  # noqa: E402
 
 SWEEP = "scale"
 LOSSES = {"loss/clip": 0.7, "loss/sds": 1.0, "loss/total": 0.701}   # each logged step of a trial
@@ -107,7 +108,7 @@ def grow_data(ws: Path, rows: int) -> None:
     from pipeline.latents import table_keys
 
     cfg = config(ws)
-    train = read_index(ws / cfg.data.root)["train"]
+    train = read_index(ws / DATA_DIR)["train"]
     annotations, images = Path(train["annotations"]), Path(train["images"])
     for k in range(rows):
         link = images / f"{k:012d}.jpg"
@@ -118,9 +119,9 @@ def grow_data(ws: Path, rows: int) -> None:
     document["annotations"] = [{"id": k, "image_id": k, "caption": f"a photo of {k} people next to a red bus"}
                                for k in range(rows)]
     annotations.write_text(json.dumps(document))
-    cache = ws / cfg.cache.root
+    cache = ws / CACHE_DIR
     generator = torch.Generator().manual_seed(0)
-    for name, keys in table_keys(ws / cfg.data.root).items():
+    for name, keys in table_keys(ws / DATA_DIR).items():
         if name.startswith("train_"):
             small = open_table(cache, name)
             write_table(cache, name, keys, lambda batch: torch.randn(len(batch), *small.row_shape, generator=generator),
@@ -139,7 +140,7 @@ def trial_start(ws: Path) -> dict:
 
     cfg = config(ws, objective={"method": "sds", "lambda_sds": 1e-3}, train={"steps": 2, "checkpoint_every": 100},
                  eval={"projected_score": False})
-    data, cache = ws / cfg.data.root, ws / cfg.cache.root
+    data, cache = ws / DATA_DIR, ws / CACHE_DIR
     parts = {}
     start = time.perf_counter()
     pairs = train_pairs(data, read_index(data))
@@ -153,7 +154,7 @@ def trial_start(ws: Path) -> dict:
     first: list[float] = []
     with tempfile.TemporaryDirectory(dir=ws) as folder:
         start = time.perf_counter()
-        run_finetune(cfg, data, ws / "models", cache, Path(folder), progress=False,
+        run_finetune(cfg, data, ws / MODELS_DIR, cache, Path(folder), progress=False,
                      on_log=lambda step, values: first or first.append(time.perf_counter()))
     return {"rows": len(pairs), "start": first[0] - start, **parts}
 

@@ -38,6 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipeline import cli  # noqa: E402
+from pipeline.config import CACHE_DIR, DATA_DIR, MODELS_DIR  # noqa: E402
 
 
 def build_project(root: Path) -> None:
@@ -72,7 +73,7 @@ def calibrate(root: Path, threads: int, steps: int = 60, every: int = 10) -> tup
                                       "objective": {"lambda_sds": 1e-3}})
     stamps: list[float] = []
     start = time.perf_counter()
-    run_finetune(cfg, root / cfg.data.root, root / "models", root / cfg.cache.root, root / "calibration" / "run",
+    run_finetune(cfg, root / DATA_DIR, root / MODELS_DIR, root / CACHE_DIR, root / "calibration" / "run",
                  progress=False, on_log=lambda step, values: stamps.append(time.perf_counter()))
     total = time.perf_counter() - start
     per_step = statistics.median(b - a for a, b in zip(stamps[1:], stamps[2:])) / every
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     per_trial_cpu = args.cpu
     root = args.root or Path(tempfile.mkdtemp(prefix="sweep-bench-"))
     try:
-        if not (root / "cache").exists():
+        if not (root / CACHE_DIR).exists():
             t = time.perf_counter()
             build_project(root)
             print(f"built the smoke project in {time.perf_counter() - t:.1f} s: {root}")

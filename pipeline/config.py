@@ -26,6 +26,9 @@ from pydantic.dataclasses import dataclass
 
 PROFILES = ("smoke", "toy", "paper")
 DEFAULT_PROFILE = "toy"          # the profile of a params file that names none
+# The stages' output folders under the project (the params file's folder). Fixed, not keys: dvc.yaml
+# names them as the data, models and cache stages' outs.
+DATA_DIR, MODELS_DIR, CACHE_DIR = "data", "models", "cache"
 
 
 class ConfigError(ValueError):
@@ -120,7 +123,6 @@ class DataConfig:
     """
 
     source: Literal["toy", "paper"] = "toy"
-    root: StrictStr = "data"                       # folder the data stage writes
     seed: Seed = 0
     image_size: Annotated[StrictInt, Ge(16), Le(1024)] = 32
     n_train: PosInt = 4000
@@ -244,7 +246,6 @@ class StudentConfig:
 class CacheConfig:
     """The latent/text-conditioning cache written once and read by every trial."""
 
-    root: StrictStr = "cache"
     shard_size: PosInt = 1024                      # records per shard
     batch_size: PosInt = 128
 
@@ -894,13 +895,7 @@ def yaml_problem(err: yaml.YAMLError) -> str:
 
 def load(path: str | Path = "params.yaml", overrides: dict | None = None) -> Config:
     """Read, resolve and validate a params file (relative paths are under its folder)."""
-    cfg = from_dict(resolve(read_yaml(path), overrides, str(path)))
-    project = Path(path).resolve().parent
-    data = (project / cfg.data.root).resolve()
-    if data == project or data in project.parents:      # the data stage replaces that folder whole
-        raise ConfigError(f"data.root: {cfg.data.root!r} is not allowed; it is the project folder or a folder "
-                          "holding it, which the data stage would replace whole; allowed: a folder of its own (e.g. data)")
-    return cfg
+    return from_dict(resolve(read_yaml(path), overrides, str(path)))
 
 
 def to_dict(config: Config) -> dict:

@@ -2,6 +2,7 @@
 import sys
 
 from pipeline import cli
+from pipeline.config import CACHE_DIR, DATA_DIR, MODELS_DIR
 
 
 def body(args, cfg, root):
@@ -11,7 +12,7 @@ def body(args, cfg, root):
 
     path = root / "results" / "baselines.json"
     check_writable(path, "results")     # before the evaluation, not after its runs are recorded
-    results = run_baselines(cfg, root, root / cfg.data.root, root / "models", root / cfg.cache.root,
+    results = run_baselines(cfg, root, root / DATA_DIR, root / MODELS_DIR, root / CACHE_DIR,
                             Tracker(cfg.tracking, root))
     write_json(path, results)
 

@@ -1,7 +1,7 @@
 """DVC stage `cache`: VAE latents and text conditioning of the teacher, in checksummed shards.
 
     python -m stages.cache            # build every table (finished ones are checked and kept)
-    python -m stages.cache --verify   # check every table under cache.root against its checksums
+    python -m stages.cache --verify   # check every table under cache/ against its checksums
 
 A trial opening a table checks only the manifest and the shards' sizes, so its start does
 not read the tables (28 GB of text conditioning on the paper profile). `--verify` reads
@@ -13,12 +13,13 @@ import sys
 from pathlib import Path
 
 from pipeline import cli
+from pipeline.config import CACHE_DIR, DATA_DIR, MODELS_DIR
 from pipeline.data.errors import MissingInput
 
 
 def body(args, cfg, root):
     if args.verify:
-        verify(root / cfg.cache.root)
+        verify(root / CACHE_DIR)
         return
     from pipeline.digest import fingerprint
     from pipeline.device import resolve_device
@@ -26,9 +27,9 @@ def body(args, cfg, root):
     from pipeline.models import teacher_dir
     from pipeline.models.teacher import load_teacher
 
-    folder = teacher_dir(root / "models")
+    folder = teacher_dir(root / MODELS_DIR)
     teacher = load_teacher(folder).to(resolve_device(cfg.compute.device))
-    build_cache(cfg, teacher, fingerprint(folder), root / cfg.data.root, root / cfg.cache.root)
+    build_cache(cfg, teacher, fingerprint(folder), root / DATA_DIR, root / CACHE_DIR)
 
 
 def verify(folder: Path) -> None:

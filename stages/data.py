@@ -1,4 +1,4 @@
-"""DVC stage `data`: generate the toy world (or index the paper's datasets) into data.root.
+"""DVC stage `data`: generate the toy world (or index the paper's datasets) into data/.
 
 With the paper profile, the user's dataset roots are checked before anything heavy is
 imported: a missing one stops the stage in well under a second with one line naming it.
@@ -7,9 +7,10 @@ import sys
 
 
 def body(args, cfg, root):
+    from pipeline.config import DATA_DIR
     from pipeline.data.build import build_data
 
-    build_data(cfg.data, root / cfg.data.root, base=root)
+    build_data(cfg.data, root / DATA_DIR, base=root)
 
 
 def main(argv=None) -> int:

@@ -2,12 +2,13 @@
 import sys
 
 from pipeline import cli
+from pipeline.config import DATA_DIR, MODELS_DIR
 
 
 def body(args, cfg, root):
     from pipeline.models.build import build_models
 
-    build_models(cfg, root / cfg.data.root, root / "models")
+    build_models(cfg, root / DATA_DIR, root / MODELS_DIR)
 
 
 def main(argv=None) -> int:

@@ -9,6 +9,7 @@ import dataclasses
 import sys
 
 from pipeline import cli
+from pipeline.config import CACHE_DIR, DATA_DIR, MODELS_DIR
 
 ROW_NAMES = {"clip": "FT with L_CLIP", "sds": "FT with the configured objective"}
 
@@ -33,7 +34,7 @@ def body(args, cfg, root):
     check_writable(results, "results")
     run_cfg = clip_only(cfg) if args.variant == "clip" else cfg
     try:
-        result = record_finetune(run_cfg, root / cfg.data.root, root / "models", root / cfg.cache.root, folder,
+        result = record_finetune(run_cfg, root / DATA_DIR, root / MODELS_DIR, root / CACHE_DIR, folder,
                                  Tracker(cfg.tracking, root), ROW_NAMES[args.variant], tags={"row": f"ft_{args.variant}"})
     except NonFiniteLoss as err:            # what the settings made of the loss: said in one line
         raise ConfigError(f"{type(err).__name__}: {err}") from None

@@ -292,7 +292,7 @@ def test_stage_cli_bad_params_exits_2_with_one_error_line_and_writes_nothing(tmp
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("error:") and "train.lrr" in lines[0] and "unknown key" in lines[0]
     assert proc.stdout == ""
-    assert not (tmp_path / params["data"]["root"]).exists()
+    assert not (tmp_path / "data").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
@@ -598,47 +598,51 @@ def test_a_params_file_missing_its_sections_stops_a_command_with_one_line_and_ex
     assert not (tmp_path / "data").exists()
 
 
-@pytest.mark.parametrize("root", [".", "", "..", "./", "sub/.."])
-def test_a_data_root_that_is_the_project_or_holds_it_is_refused_and_nothing_is_replaced(tmp_path, root):
-    """The data stage replaces data.root whole: "." took params.yaml, .git and every other file of
-    the project with it (the stage exited 0)."""
+def test_the_stage_folders_are_the_outs_dvc_yaml_names_and_no_key_moves_them(tmp_path):
+    """data/, models/ and cache/ are fixed: a `data.root` or `cache.root` key (an earlier version's)
+    moved a stage's output away from what dvc.yaml tracks, and `dvc repro` failed ("output 'data' does
+    not exist"). Such a key is refused in one line."""
+    from pipeline.config import CACHE_DIR, DATA_DIR, MODELS_DIR
     from stages import data as stage
 
-    params = raw_params()
-    params["data"]["root"] = root
-    path = write_params(tmp_path, params)
-    (tmp_path / "notes.txt").write_text("kept")
-    with pytest.raises(ConfigError) as info:
-        load(path)
-    assert str(info.value).startswith(f"data.root: {root!r} is not allowed; it is the project folder or a folder "
-                                      "holding it")
-    assert stage.main(["--params", str(path), "--profile", "smoke"]) == 2
-    assert (tmp_path / "notes.txt").read_text() == "kept" and path.is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "params.yaml"]
-    params["data"]["root"] = "data/built"
-    assert load(write_params(tmp_path, params)).data.root == "data/built"
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    outs = {name: [next(iter(out)) if isinstance(out, dict) else out for out in stages[name]["outs"]]
+            for name in ("data", "models", "cache")}
+    assert outs == {"data": [DATA_DIR], "models": [MODELS_DIR], "cache": [CACHE_DIR]}
+    for section, folder in (("data", "data/built"), ("cache", "cache/built")):
+        params = raw_params()
+        params[section]["root"] = folder
+        path = write_params(tmp_path, params)
+        with pytest.raises(ConfigError, match=rf"^{section}\.root: unknown key"):
+            load(path)
+        assert stage.main(["--params", str(path), "--profile", "smoke"]) == 2
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
 
 
-@pytest.mark.parametrize("root", ["models", "notes.txt"])
-def test_the_data_stage_replaces_only_a_folder_it_built(tmp_path, root):
-    """A data.root naming another folder of the project (the models, a library folder) or a file was
-    replaced whole by the data stage; it is refused, untouched, and an empty folder or an earlier build is
-    replaced as before."""
+@pytest.mark.parametrize("kind", ["folder", "file"])
+def test_the_data_stage_replaces_only_a_data_folder_it_built(tmp_path, kind, capsys):
+    """The data stage replaces data/ whole: a data/ of the user's own (datasets unpacked there) or a
+    file of that name is refused, untouched; an empty folder or an earlier build is replaced."""
     from stages import data as stage
 
-    (tmp_path / "models").mkdir()
-    (tmp_path / "models" / "teacher.bin").write_text("kept")
-    (tmp_path / "notes.txt").write_text("kept")
-    params = raw_params()
-    params["data"]["root"] = root
-    path = write_params(tmp_path, params)
+    if kind == "folder":
+        (tmp_path / "data" / "coco").mkdir(parents=True)
+        (tmp_path / "data" / "coco" / "captions.json").write_text("kept")
+    else:
+        (tmp_path / "data").write_text("kept")
+    path = write_params(tmp_path, raw_params())
+    capsys.readouterr()
     assert stage.main(["--params", str(path), "--profile", "smoke"]) == 2
-    assert (tmp_path / "models" / "teacher.bin").read_text() == "kept" and (tmp_path / "notes.txt").read_text() == "kept"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["models", "notes.txt", "params.yaml"]
+    [line] = capsys.readouterr().err.splitlines()
+    assert line == (f"error: {tmp_path / 'data'}: not a folder the data stage built (no index.json), and the stage "
+                    "would replace it whole; move it away (keep datasets elsewhere, e.g. datasets/), or empty it")
+    kept = tmp_path / "data" / "coco" / "captions.json" if kind == "folder" else tmp_path / "data"
+    assert kept.read_text() == "kept"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "params.yaml"]
 
-    (tmp_path / "empty").mkdir()
-    params["data"]["root"] = "empty"
-    path = write_params(tmp_path, params)
-    for _ in range(2):                   # an empty folder, then the build it now holds
+    kept.unlink()
+    if kind == "folder":
+        kept.parent.rmdir()              # data/ is left empty
+    for _ in range(2):                   # an empty folder (or none), then the build it now holds
         assert stage.main(["--params", str(path), "--profile", "smoke"]) == 0
-        assert (tmp_path / "empty" / "index.json").is_file()
+        assert (tmp_path / "data" / "index.json").is_file()

@@ -133,7 +133,7 @@ def test_a_dataset_inside_data_root_is_refused(tmp_path):
     (tmp_path / "data" / "coco" / "train2017").mkdir(parents=True)
     cfg = DataConfig(source="paper", coco_images="data/coco/train2017", aro_sets=[], zeroshot_sets=[])
     [problem] = [p for p in paper.problems(cfg, tmp_path) if p.key == "data.coco_images"]
-    assert "is inside data.root" in problem.message and "replaces" in problem.message
+    assert f"is inside {(tmp_path / 'data').resolve()}, which the data stage replaces" in problem.message
 
 
 def test_help_is_not_taken_for_a_run(tmp_path):

@@ -140,10 +140,10 @@ def build_toy(cfg: DataConfig, out: Path) -> None:
 
 def check_replaceable(out: Path) -> None:
     """The data stage replaces `out` whole: refused unless it is absent, empty or an earlier build (it holds
-    the index), so a data.root naming another folder of the project (models, pipeline) takes nothing with it."""
+    the index), so files of the user's own under that name (datasets unpacked into data/) are not lost."""
     if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / INDEX_NAME).is_file())):
-        raise ConfigError(f"data.root: {out}: not a folder the data stage built (no {INDEX_NAME}), and the stage "
-                          "would replace it whole; allowed: an absent or empty folder, or one the data stage built")
+        raise ConfigError(f"{out}: not a folder the data stage built (no {INDEX_NAME}), and the stage would replace "
+                          "it whole; move it away (keep datasets elsewhere, e.g. datasets/), or empty it")
 
 
 def build_data(cfg: DataConfig, out: Path, base: Path | None = None) -> None:

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from pipeline.config import ConfigError, DataConfig, load
+from pipeline.config import DATA_DIR, ConfigError, DataConfig, load
 from pipeline.data import clevr, mmvp, winoground
 from pipeline.data.errors import DataFormatError, MissingInput, load_json, require_list, require_record, str_list_field
 from pipeline.io import atomic_dir, write_json
@@ -105,10 +105,10 @@ def is_hub_id(value: str, base: Path) -> bool:
 def problems(cfg: DataConfig, base: Path) -> list[Problem]:
     """Every missing input of the paper profile, in the order the data stage needs them (paths only).
 
-    A dataset inside `data.root` counts as a problem too: the data stage replaces that folder.
+    A dataset inside `data/` counts as a problem too: the data stage replaces that folder.
     """
     found: list[Problem] = []
-    out = resolve_path(cfg.root, base).resolve()
+    out = (base / DATA_DIR).resolve()
 
     def need(key: str, value: str, relative: str, what: str, kind: str = "any") -> None:
         if not value:
@@ -116,7 +116,7 @@ def problems(cfg: DataConfig, base: Path) -> list[Problem]:
             return
         root = resolve_path(value, base)
         if root.resolve().is_relative_to(out):
-            found.append(Problem(key, f"{root} is inside data.root ({out}), which the data stage replaces; "
+            found.append(Problem(key, f"{root} is inside {out}, which the data stage replaces; "
                                       "keep the datasets elsewhere"))
             return
         options = [root / r if r else root for r in relative.split("|")]

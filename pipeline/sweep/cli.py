@@ -24,7 +24,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from pipeline import cli
-from pipeline.config import DEFAULT_PROFILE, PROFILES, ConfigError, flatten, read_yaml
+from pipeline.config import CACHE_DIR, DATA_DIR, DEFAULT_PROFILE, MODELS_DIR, PROFILES, ConfigError, flatten, read_yaml
 from pipeline.data.errors import MissingInput
 from pipeline.io import check_writable
 from pipeline.sweep import driver, spec
@@ -204,12 +204,12 @@ def preflight(sweep: spec.Sweep, specs: list[spec.TrialSpec], root: Path) -> Non
     """The built inputs every trial reads: fail once, here, rather than in every trial. That includes
     the cache tables the trials read beside the teacher, which `models/teacher` must have encoded
     (`inputs.check_encoded_by`); torch is imported for them only when a trial reads one."""
+    from pipeline.data.datasets import INDEX_NAME
     from pipeline.inputs import check_encoded_by, teacher_tables
     from pipeline.models import teacher_dir
 
-    cfg = sweep.base_config
-    for path, stage in ((root / cfg.data.root / "index.json", "data"), (root / "models", "models"),
-                        (root / cfg.cache.root, "cache")):
+    for path, stage in ((root / DATA_DIR / INDEX_NAME, "data"), (root / MODELS_DIR, "models"),
+                        (root / CACHE_DIR, "cache")):
         if not path.exists():
             raise MissingInput(f"{path}: not found; build it first (`dvc repro {stage}` or "
                                f"`python -m stages.{stage} --params {root / 'params.yaml'}`)")
@@ -217,9 +217,8 @@ def preflight(sweep: spec.Sweep, specs: list[spec.TrialSpec], root: Path) -> Non
     if names:
         from pipeline.cache import CacheError, open_table
 
-        cache = root / cfg.cache.root
         try:
-            check_encoded_by(teacher_dir(root / "models"), *(open_table(cache, name) for name in names))
+            check_encoded_by(teacher_dir(root / MODELS_DIR), *(open_table(root / CACHE_DIR, name) for name in names))
         except CacheError as err:             # what the stages say in one line (exit 2)
             raise MissingInput(str(err)) from None
 

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pipeline.config import CACHE_DIR, DATA_DIR, MODELS_DIR
 from pipeline.sweep.spec import Sweep
 
 STATE = "trial.json"     # in a trial's folder: {"step"} of its last training checkpoint
@@ -95,7 +96,7 @@ def run_trial(config: dict, sweep: Sweep, root: str, launch: str) -> None:
     def on_checkpoint(step: int, train_folder: Path) -> None:
         write_json(folder / STATE, {"step": step})
 
-    result = run_finetune(cfg, Path(root) / cfg.data.root, Path(root) / "models", Path(root) / cfg.cache.root, folder,
+    result = run_finetune(cfg, Path(root) / DATA_DIR, Path(root) / MODELS_DIR, Path(root) / CACHE_DIR, folder,
                           on_log=on_log, on_checkpoint=on_checkpoint, progress=False)
     final = {**latest, **result["metrics"], "step": steps, "final": 1, "outcomes": json.dumps(result["outcomes"]),
              "trained": str(result["trained"]), "time/import_seconds": imported - entered,
