@@ -596,12 +596,13 @@ def test_runs_scored_on_other_cases_are_a_one_line_error_and_nothing_of_the_repo
     trials = [result_trial(f"t00{seed}", {"variant": "a", "train.seed": seed}, "finished", {"winoground/text": 0.5},
                            outcome(cases)) for seed, cases in ((0, "fixture"), (1, "other"))]
     listed.write_text(json.dumps({**store["sweeps"], "methods": write_sweep(root / "results", "methods", trials)}))
+    capsys.readouterr()
     try:
         assert stage.main(["--params", str(store["params"])]) == 2
     finally:
         listed.unlink()
         (root / "results" / "sweeps" / "methods.json").unlink()
-    err = capsys.readouterr().err.strip().splitlines()[-1]
+    [err] = capsys.readouterr().err.strip().splitlines()
     assert err == (f"error: {root / 'results' / 'sweeps' / 'methods.json'}: sweep methods: a (trials t000, t001): "
                    "winoground/text: the runs were scored on different cases (their case identities differ)")
     assert {folder: snapshot(root / folder) for folder in ("reports", "metrics")} == before

@@ -93,6 +93,13 @@ def test_a_hand_run_sweep_prints_the_command_that_writes_its_report_from_the_new
     folder = re.escape(str(root / "ray_results" / "lambda-"))
     assert re.search(rf"note: launch {folder}\d+ \(RUNNING\) has no summary.json yet\n"
                      rf"sweep lambda: launch {folder}\d+ \(FAILED, run \w+\)", done.stderr), done.stderr
+    # Refused after the launch is found: the refusal alone, not the lines naming the launch read.
+    refused = subprocess.run([str(PYTHON), *command[1:], "--against", "lambda=1"], cwd=root, capture_output=True,
+                             text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert refused.returncode == 2 and refused.stderr.splitlines() == [
+        "error: --against: 'lambda=1' is not a configuration of sweep lambda; allowed: "
+        "objective.lambda_sds=0, objective.lambda_sds=0.0001, objective.lambda_sds=0.001, objective.lambda_sds=0.01, "
+        "objective.lambda_sds=0.1"]
     rows = (reports / "sweep-lambda.csv").read_text().splitlines()
     assert [row.split(",")[:3] for row in rows[1:]] == [
         ["t000", "0", "finished"], ["t001", "0.0001", "finished"], ["t002", "0.001", "finished"],
@@ -105,7 +112,7 @@ def test_a_hand_run_sweep_prints_the_command_that_writes_its_report_from_the_new
 def test_the_command_draws_what_moved_with_intervals_and_names_what_did_not(in_project, capsys):
     """The figure the command writes, from the launch's results in the store (as read back by it)."""
     end_launch(in_project, lambda_rows(), capsys)
-    trials = report.table_trials(report.launch_trials(load(in_project / "params.yaml"), in_project, "lambda"))
+    trials = report.table_trials(report.launch_trials(load(in_project / "params.yaml"), in_project, "lambda")[0])
     keys = report.swept_keys(trials)
     figure = report.sweep_figure("lambda", report.sorted_trials(trials, keys), keys, n_resamples=100)
     titles = [ax.get_title() for ax in figure.axes if ax.get_visible()]
@@ -131,9 +138,10 @@ def test_an_unknown_sweep_is_one_line_naming_the_experiment_and_the_sweeps_there
 def test_a_sweep_whose_launches_have_no_results_yet_is_one_line(in_project, capsys):
     tracker = Tracker(TrackingConfig(uri="sqlite:///mlruns/mlflow.db", experiment="sds-clip"), in_project)
     tracker.start("scope launch", tags={"sweep_role": "parent"}, experiment="sds-clip/scope")   # still running
+    capsys.readouterr()                   # the store's creation notes, the test's own
     code = report.main(["scope", "--params", str(in_project / "params.yaml")])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and err[-1] == (
+    [err] = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == (
         "error: sweep 'scope': none of the 1 launches in MLflow experiment 'sds-clip/scope' has written its results "
         "(summary.json) yet; wait for one to end, or pass --results FILE")
     assert not (in_project / "reports" / "sweep-scope.md").exists()
@@ -144,9 +152,10 @@ def test_a_store_moved_with_its_project_is_refused_in_one_line(in_project, capsy
     tracker = Tracker(TrackingConfig(uri="sqlite:///mlruns/mlflow.db", experiment="sds-clip"), in_project)
     # A sweep of its own: the project's store is shared with the other tests.
     tracker.client.create_experiment("sds-clip/relocated", artifact_location="/elsewhere/mlruns/mlflow-artifacts")
+    capsys.readouterr()
     assert report.main(["relocated", "--params", str(in_project / "params.yaml")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith(f"error: tracking.uri: {in_project}/mlruns/mlflow.db was made in another folder")
+    [err] = capsys.readouterr().err.strip().splitlines()
+    assert err.startswith(f"error: tracking.uri: {in_project}/mlruns/mlflow.db was made in another folder")
 
 
 def test_from_a_results_file_it_writes_what_the_stage_writes(tmp_path, capsys):
@@ -186,7 +195,8 @@ def test_from_a_results_file_it_writes_what_the_stage_writes(tmp_path, capsys):
         write_sweep(results, sweep, trials)
         assert report.main([sweep, "--params", str(params), "--against", against,
                             "--results", str(results / "sweeps" / f"{sweep}.json")]) == 2
-        return capsys.readouterr().err.strip().splitlines()[-1]
+        [line] = capsys.readouterr().err.strip().splitlines()
+        return line
 
     assert refused("methods", labelled, "soft") == \
         "error: --against: 'soft' is not a configuration of sweep methods; allowed: plain, hard"
