@@ -195,9 +195,10 @@ def failure_text(err: BaseException) -> str:
 
 def check_not_moved(cfg: TrackingConfig, root: Path, experiment: str) -> None:
     """`Tracker.check_moved` where a local store exists already, creating nothing where none does (a
-    refusal before anything runs leaves no store behind)."""
+    refusal before anything runs leaves no store behind), and for a server, whose refusal of the
+    credentials it says too."""
     store = local_store(cfg.uri, root)
-    if store is not None and store.is_file():
+    if store is None or store.is_file():
         Tracker(cfg, root).check_moved(experiment)
 
 
@@ -227,8 +228,20 @@ class Tracker:
         """The experiment `name` (None if the store has none by that name), refused in one line where
         this code made it in a local store that has since moved: the store records its runs' folder as an
         absolute path, so they would write their files where the project was, and the UI read them from
-        there. (One made otherwise, by the UI say, keeps MLflow's own place, and is left alone.)"""
-        found = self.client.get_experiment_by_name(name)
+        there. (One made otherwise, by the UI say, keeps MLflow's own place, and is left alone.) The
+        first request of every use of the store: a server refusing the credentials is said here, in one line."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            found = self.client.get_experiment_by_name(name)
+        except MlflowException as err:
+            if err.error_code not in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+                raise
+            given = "MLFLOW_TRACKING_USERNAME" in os.environ or "MLFLOW_TRACKING_TOKEN" in os.environ
+            raise ConfigError(f"tracking.uri: {redact(self.uri)} refused the request ({err.error_code}, HTTP "
+                              f"{err.get_http_status_code()}) with {'the' if given else 'no'} credentials of "
+                              "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD; set them to a user of the server "
+                              f"with access to experiment {name!r}") from None
         artifacts = self.artifacts
         location = found.artifact_location.removeprefix("file://") if found else None
         if artifacts and location and location != artifacts and Path(location).name == Path(artifacts).name:
@@ -281,7 +294,7 @@ class Tracker:
     def find_runs(self, experiment: str | None = None, tags: dict | None = None,
                   parent: str | None = None) -> list[dict]:
         """Runs of an experiment whose tags have these values (and this parent run), newest first."""
-        found = self.client.get_experiment_by_name(experiment or self.experiment)
+        found = self.check_moved(experiment or self.experiment)
         if found is None:
             return []
         wanted = dict(tags or {})

@@ -1,10 +1,19 @@
 """What reaches MLflow: a credential in a URI never does (params, text artifacts), on a real store."""
 from __future__ import annotations
 
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
 import pytest
 
 from pipeline.config import ConfigError, TrackingConfig
-from pipeline.tracking import CONFIG, Tracker, check_store, check_uri, redact, resolve_uri
+from pipeline.tracking import CONFIG, Tracker, check_not_moved, check_store, check_uri, redact, resolve_uri
 
 SECRET = "s3cr3t-pa55"
 
@@ -107,3 +116,65 @@ def test_a_store_moved_with_its_project_is_refused_in_one_line_not_written_where
                                f"the project back, or move {new}/mlruns aside to start a new store (the report stage "
                                "reads results/, not the store)")
     assert not old.exists()
+
+
+@pytest.mark.slow
+def test_a_server_asking_for_a_password_records_the_runs_of_its_user_and_refuses_others_in_one_line(tmp_path,
+                                                                                                    monkeypatch):
+    """The README's server with a password (`mlflow server --app-name basic-auth`), started here on
+    127.0.0.1: a run through it with MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD keeps its
+    params, metrics and files; without them, or with a wrong password, the first request is refused in
+    one line (before a stage's work or a sweep's Ray), not as MLflow's traceback."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    password = secrets.token_hex(8)                      # the server asks for 12 characters or more
+    log = (tmp_path / "server.log").open("w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth", "--backend-store-uri",
+         f"sqlite:///{tmp_path / 'mlflow.db'}", "--artifacts-destination", str(tmp_path / "artifacts"),
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], cwd=tmp_path, stdout=log,
+        stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, "MLFLOW_AUTH_ADMIN_PASSWORD": password, "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16)})
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).close()
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()
+                time.sleep(0.5)
+        cfg = TrackingConfig(uri=f"http://127.0.0.1:{port}", experiment="sds-clip")
+        monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
+        monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
+        refusal = (f"tracking.uri: http://127.0.0.1:{port} refused the request (UNAUTHENTICATED, HTTP 401) with {{}} "
+                   "credentials of MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD; set them to a user of the "
+                   "server with access to experiment 'sds-clip'")
+        with pytest.raises(ConfigError) as err:
+            check_not_moved(cfg, tmp_path / "project", "sds-clip")
+        assert str(err.value) == refusal.format("no")
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password + "x")
+        with pytest.raises(ConfigError) as err:           # a stage's first request: ending a killed run's
+            Tracker(cfg, tmp_path / "project").end_abandoned({"stage": "train"}, "killed")
+        assert str(err.value) == refusal.format("the")
+
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+        check_not_moved(cfg, tmp_path / "project", "sds-clip")
+        tracker = Tracker(cfg, tmp_path / "project")
+        with tracker.start("through the server", params={"train": {"lr": 0.1}}, compared=("train.lr",)) as run:
+            run.log_metrics({"loss/clip": 0.5}, 1)
+            run.log_text("kept\n", "summary.txt")
+        [found] = tracker.find_runs()
+        assert found["status"] == "FINISHED" and found["params"] == {"train.lr": "0.1"}
+        assert found["metrics"]["loss/clip"] == 0.5
+        import mlflow
+
+        artifacts = tracker.client.get_run(found["run_id"]).info.artifact_uri
+        assert mlflow.artifacts.load_text(f"{artifacts}/summary.txt") == "kept\n"
+        assert mlflow.artifacts.load_dict(f"{artifacts}/{CONFIG}") == {"train": {"lr": 0.1}}
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+        log.close()
