@@ -265,13 +265,30 @@ def flip_a_byte(path: Path) -> None:
 
 
 def test_opening_a_table_reads_no_shard_bytes(tmp_path, monkeypatch):
+    """Every way the cache module reads a file (Python's open, which a Path's reads go through, and
+    safetensors) is watched: opening the table reads its manifest and no shard; reading its rows then
+    maps the shards (so the watch sees such reads)."""
+    import builtins
+    import io
+
+    import pipeline.cache as cache
+
     build(tmp_path)
+    touched: list[str] = []
 
-    def no_hashing(path):
-        raise AssertionError(f"opening the table hashed {path}")
+    def watched(read):
+        def call(path, *args, **kwargs):
+            touched.append(Path(path).name)
+            return read(path, *args, **kwargs)
+        return call
 
-    monkeypatch.setattr("pipeline.cache._file_sha256", no_hashing)
-    assert torch.equal(open_table(tmp_path, "latents").all(), expected())
+    monkeypatch.setattr(builtins, "open", watched(builtins.open))
+    monkeypatch.setattr(io, "open", watched(io.open))
+    monkeypatch.setattr(cache, "safe_open", watched(cache.safe_open))
+    table = open_table(tmp_path, "latents")
+    assert "manifest.json" in touched and not [name for name in touched if name.endswith(".safetensors")], touched
+    assert torch.equal(table.all(), expected())
+    assert any(name.endswith(".safetensors") for name in touched)
 
 
 def test_flipped_byte_of_unchanged_size_is_found_by_verify_not_on_open(tmp_path):

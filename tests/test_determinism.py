@@ -58,12 +58,20 @@ def test_neither_the_core_count_nor_the_process_thread_count_changes_the_weights
     either way, the configured counts make the weights equal (a 1-thread and a 2-thread teacher
     differ: the test below shows they would not be equal otherwise)."""
     cfg, root = data
-    monkeypatch.setattr(build.os, "cpu_count", lambda: 2)
-    torch.set_num_threads(2)
-    build.build_models(cfg, root, tmp_path / "forked")
-    monkeypatch.setattr(build.os, "cpu_count", lambda: 1)
-    torch.set_num_threads(1)
-    build.build_models(cfg, root, tmp_path / "sequential")
+    methods, get_context = [], build.multiprocessing.get_context
+    monkeypatch.setattr(build.multiprocessing, "get_context", lambda method: methods.append(method) or get_context(method))
+    threads = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(build.os, "cpu_count", lambda: 2)
+        torch.set_num_threads(2)
+        build.build_models(cfg, root, tmp_path / "forked")
+        assert methods == ["fork"], "two cores: the students fork beside the teacher"
+        monkeypatch.setattr(build.os, "cpu_count", lambda: 1)
+        torch.set_num_threads(1)
+        build.build_models(cfg, root, tmp_path / "sequential")
+        assert methods == ["fork"], "one core: no process beside the teacher"
+    finally:
+        torch.set_num_threads(threads)
     assert weights(tmp_path / "forked") == weights(tmp_path / "sequential")
 
 

@@ -14,6 +14,9 @@ import dataclasses
 import gc
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -385,18 +388,23 @@ def test_the_models_stages_teacher_missing_is_one_line_and_never_a_hub_lookup(tm
         load_teacher(teacher_dir(tmp_path / "models"))
 
 
-def test_hub_failure_of_the_teacher_is_one_line(tmp_path, monkeypatch):
-    def offline(source, dtype):
-        assert source == paper.SD_V1_4 and dtype == torch.bfloat16
-        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.\nCheck your connection")
-
-    monkeypatch.setattr(paper, "load_teacher", offline)
-    with pytest.raises(paper.PaperModelMissing) as err:
-        paper.import_teacher(TeacherConfig(source="pretrained", pretrained=paper.SD_V1_4, dtype="bfloat16"),
-                             tmp_path / "t", tmp_path)
-    message = str(err.value)
-    assert "\n" not in message and message.startswith("teacher.pretrained: cannot load 'CompVis/stable-diffusion-v1-4'")
+def test_hub_failure_of_the_teacher_is_one_line(tmp_path):
+    """diffusers' own failure, offline and with an empty hub cache (a fresh process: the hub library
+    reads HF_HUB_OFFLINE when imported), said in one line."""
+    script = ("import sys; from pathlib import Path; from pipeline.config import TeacherConfig; "
+              "from pipeline.models import paper\n"
+              "try:\n"
+              "    paper.import_teacher(TeacherConfig(source='pretrained', pretrained=paper.SD_V1_4, dtype='bfloat16'), "
+              "Path(sys.argv[1]) / 't', Path(sys.argv[1]))\n"
+              "except paper.PaperModelMissing as err:\n"
+              "    print(err)")
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    [message] = proc.stdout.splitlines()
+    assert message.startswith("teacher.pretrained: cannot load 'CompVis/stable-diffusion-v1-4' (OSError: ")
     assert message.endswith("see README: Running the paper profile")
+    assert not (tmp_path / "t").exists()
 
 
 # ---------------------------------------------------------------- one real SDS step at full size (GPU only)

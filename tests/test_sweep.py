@@ -312,6 +312,73 @@ def test_raising_and_nan_trials_fail_alone_and_the_sweep_exits_nonzero(project, 
     assert "MissingInput" in rows["t002"] and "MissingInput" in rows["t003"]
 
 
+RETRIED = """
+name: retried
+base:
+  profile: smoke
+  params: {train.steps: 2, train.checkpoint_every: 2}
+space:
+  variant:
+    clip: {objective.method: clip, objective.lambda_sds: 0}      # reads no cache table
+    sds: {objective.method: sds, objective.lambda_sds: 1e-3}     # reads train_text
+max_concurrent: 2
+"""
+
+NANS = {"F32": b"\x00\x00\xc0\x7f", "F16": b"\x00\x7e", "BF16": b"\xc0\x7f"}
+
+
+def fill_with_nan(shard: Path) -> None:
+    """A shard of the same size whose every value is NaN: a table that opens, and a loss that is NaN."""
+    data = bytearray(shard.read_bytes())
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    for name, entry in header.items():
+        if name != "__metadata__":
+            start, end = (8 + size + offset for offset in entry["data_offsets"])
+            nan = NANS[entry["dtype"]]
+            data[start:end] = nan * ((end - start) // len(nan))
+    shard.write_bytes(bytes(data))
+
+
+def test_retry_failed_runs_the_failed_trial_again_and_not_the_finished_one(project, local_ray, tmp_path,
+                                                                           monkeypatch, capsys):
+    """A trial failed on a broken input (the text conditioning all NaN); the input mended, `--resume
+    --retry-failed` runs that trial again, in its own run, and leaves the finished one as it was."""
+    root = tmp_path / "project"
+    for name in ("data", "models", "cache"):
+        shutil.copytree(project / name, root / name)
+    shutil.copy(project / "params.yaml", root / "params.yaml")
+    monkeypatch.chdir(root)
+    shards = sorted((root / "cache" / "train_text").glob("shard-*.safetensors"))
+    kept = {shard: shard.read_bytes() for shard in shards}
+    for shard in shards:
+        fill_with_nan(shard)
+    sweep_file = write(root, "retried.yaml", RETRIED)
+    assert run_main(root, sweep_file) == 1
+    tr = tracker(root, "retried")
+    (parent,) = launches(tr)
+    before = {k["tags"]["variant"]: k for k in children(tr, parent["run_id"])}
+    assert before["sds"]["status"] == "FAILED" and before["sds"]["tags"]["failure"].startswith("NonFiniteLoss: step 0")
+    assert before["clip"]["status"] == "FINISHED"
+    (launch,) = (root / "ray_results").glob("retried-*")
+    assert json.loads((launch / "ended.json").read_text()) == {"exit": 1}
+
+    for shard, data in kept.items():
+        shard.write_bytes(data)
+    capsys.readouterr()
+    assert run_main(root, sweep_file, "--resume", "--retry-failed") == 0
+    assert "2 trials, 2 finished" in capsys.readouterr().out
+    (again,) = launches(tr)
+    assert again["run_id"] == parent["run_id"] and again["status"] == "FINISHED"
+    after = {k["tags"]["variant"]: k for k in children(tr, parent["run_id"])}
+    assert after.keys() == before.keys()                  # no second run of either trial
+    sds, clip = after["sds"], after["clip"]
+    assert sds["run_id"] == before["sds"]["run_id"] and sds["status"] == "FINISHED"
+    assert sds["tags"]["attempts"] == "2" and sds["tags"]["failure"] == "" and "winoground/text" in sds["metrics"]
+    assert clip == before["clip"], "the finished trial ran again"
+    assert json.loads((launch / "ended.json").read_text()) == {"exit": 0}
+
+
 BAD_DRAWS = """
 name: bad-draws
 base:

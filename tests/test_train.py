@@ -120,10 +120,15 @@ def test_every_method_resumes_bit_for_bit(env, objective):
     folder = env["root"] / f"int-{objective.method}"
     with pytest.raises(Interrupt):
         fit(new_trial(env, cfg, objective), folder, on_log=interrupt_at(3), progress=False)
-    resumed = fit(new_trial(env, cfg, objective), folder, progress=False)
+    assert torch.load(folder / CHECKPOINT, weights_only=False)["step"] == 2
+    logged = []
+    resumed = fit(new_trial(env, cfg, objective), folder, on_log=lambda step, _v: logged.append(step), progress=False)
+    assert logged == [3, 4], "the resumed trial must run only the remaining steps (a restart would match too)"
     assert resumed.history == reference.history
     want, got = trained_state(reference), trained_state(resumed)
-    assert all(torch.equal(want[name], got[name]) for name in want)
+    assert want.keys() == got.keys()
+    for name in want:
+        assert torch.equal(want[name], got[name]), name
 
 
 def test_same_config_same_result(env, uninterrupted):
