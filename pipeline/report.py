@@ -26,7 +26,7 @@ import shutil
 import sys
 from collections import defaultdict
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -84,6 +84,16 @@ def move_into(paths: list[Path], folder: Path) -> list[Path]:
     for path in paths:
         os.replace(path, folder / path.name)
     return [folder / path.name for path in paths]
+
+
+@contextmanager
+def notes_held() -> Iterator[None]:
+    """What a report prints to stderr while it is made (the launch it read, what it left out and why),
+    shown once the block ends: a refusal met on the way is then the one line the user sees."""
+    held = io.StringIO()
+    with redirect_stderr(held):
+        yield
+    sys.stderr.write(held.getvalue())
 
 
 # ----------------------------------------------------------------------------- tables
@@ -729,10 +739,8 @@ does not list.
 SUMMARY = "summary.json"    # the results on a launch's parent run (`pipeline.sweep.driver.finish`)
 
 
-def launch_trials(cfg, root: Path, name: str) -> tuple[list[dict], list[str]]:
-    """The trials of sweep `name`'s newest launch with results in the tracking store, whatever its end, and
-    the lines naming that launch and the newer ones without results (shown once the report is made: a
-    refusal is its one line)."""
+def launch_trials(cfg, root: Path, name: str) -> list[dict]:
+    """The trials of sweep `name`'s newest launch with results in the tracking store, whatever its end."""
     from pipeline.tracking import Tracker, redact     # the library itself reads results files only
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")   # it would print over the notes
@@ -745,15 +753,14 @@ def launch_trials(cfg, root: Path, name: str) -> tuple[list[dict], list[str]]:
         known = [found[len(prefix):] for found in tracker.experiment_names(prefix)]
         raise MissingInput(f"sweep {name!r}: no launch in MLflow experiment {experiment!r} at {redact(tracker.uri)}; "
                            f"sweeps there: {', '.join(known) or 'none'}")
-    notes = []
     for launch in launches:
         folder = launch["tags"].get("ray_path", launch["name"])      # the run's name repeats the sweep's
         text = tracker.artifact_text(launch["run_id"], SUMMARY)
         if text is not None:
+            print(f"sweep {name}: launch {folder} ({launch['status']}, run {launch['run_id']})", file=sys.stderr)
             source = f"{experiment} run {launch['run_id']} {SUMMARY}"
-            return (payload_trials(parse_payload(text, source), source),
-                    notes + [f"sweep {name}: launch {folder} ({launch['status']}, run {launch['run_id']})"])
-        notes.append(f"note: launch {folder} ({launch['status']}) has no {SUMMARY} yet")
+            return payload_trials(parse_payload(text, source), source)
+        print(f"note: launch {folder} ({launch['status']}) has no {SUMMARY} yet", file=sys.stderr)
     raise MissingInput(f"sweep {name!r}: none of the {len(launches)} launches in MLflow experiment {experiment!r} "
                        f"has written its results ({SUMMARY}) yet; wait for one to end, or pass --results FILE")
 
@@ -769,21 +776,18 @@ def results_trials(path: Path, name: str) -> list[dict]:
 def command_body(args: argparse.Namespace, cfg, root: Path) -> None:
     out = args.out or root / "reports"
     check_writable(out, "--out", folder=True)
-    trials, notes = (results_trials(args.results, args.sweep), []) if args.results else \
-        launch_trials(cfg, root, args.sweep)
-    ran = sorted({str(t["params"]["profile"]) for t in trials if "profile" in t.get("params", {})} - {cfg.profile})
-    if ran:    # the rows are the trials' own; the profile chosen here only names and labels them
-        notes.append(f"note: the trials of sweep {args.sweep} ran on profile {', '.join(ran)}; the report labels "
-                     f"them with profile {cfg.profile}'s student and teacher names")
-    source = args.results or f"{cfg.tracking.experiment}/{args.sweep}'s newest {SUMMARY}"
-    with building_for(out) as building, results_of([source], f"sweep {args.sweep}"):
-        written = sweep_report(args.sweep, trials, compared_rows(args.sweep, trials, cfg, args.against), cfg,
-                               building)
-        placed = move_into(written, out)
-    for note in notes:
-        print(note, file=sys.stderr)
-    for path in placed:
-        print(path)
+    with notes_held():
+        trials = results_trials(args.results, args.sweep) if args.results else launch_trials(cfg, root, args.sweep)
+        ran = sorted({str(t["params"]["profile"]) for t in trials if "profile" in t.get("params", {})} - {cfg.profile})
+        if ran:    # the rows are the trials' own; the profile chosen here only names and labels them
+            print(f"note: the trials of sweep {args.sweep} ran on profile {', '.join(ran)}; the report labels them "
+                  f"with profile {cfg.profile}'s student and teacher names", file=sys.stderr)
+        source = args.results or f"{cfg.tracking.experiment}/{args.sweep}'s newest {SUMMARY}"
+        with building_for(out) as building, results_of([source], f"sweep {args.sweep}"):
+            written = sweep_report(args.sweep, trials, compared_rows(args.sweep, trials, cfg, args.against), cfg,
+                                   building)
+            for path in move_into(written, out):
+                print(path)
 
 
 def command_arguments(p: argparse.ArgumentParser) -> None:

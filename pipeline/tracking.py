@@ -195,10 +195,10 @@ def failure_text(err: BaseException) -> str:
 
 def check_not_moved(cfg: TrackingConfig, root: Path, experiment: str) -> None:
     """`Tracker.check_moved` where a local store exists already, creating nothing where none does (a
-    refusal before anything runs leaves no store behind), and for a server, whose refusal of the
-    credentials it says too."""
+    refusal before anything runs leaves no store behind), and for a tracking server, whose refusal of
+    the credentials it says too."""
     store = local_store(cfg.uri, root)
-    if store is None or store.is_file():
+    if (store is not None and store.is_file()) or cfg.uri.startswith(("http://", "https://")):
         Tracker(cfg, root).check_moved(experiment)
 
 
@@ -224,16 +224,13 @@ class Tracker:
         store = local_store(self.uri, self.root)
         return str(store.with_name(f"{store.stem}-artifacts")) if store else None
 
-    def check_moved(self, name: str):
-        """The experiment `name` (None if the store has none by that name), refused in one line where
-        this code made it in a local store that has since moved: the store records its runs' folder as an
-        absolute path, so they would write their files where the project was, and the UI read them from
-        there. (One made otherwise, by the UI say, keeps MLflow's own place, and is left alone.) The
-        first request of every use of the store: a server refusing the credentials is said here, in one line."""
+    def experiment_named(self, name: str):
+        """The experiment `name`, None if the store has none by that name: the first request of every use
+        of the store, so a server refusing the credentials is said here, in one line."""
         from mlflow.exceptions import MlflowException
 
         try:
-            found = self.client.get_experiment_by_name(name)
+            return self.client.get_experiment_by_name(name)
         except MlflowException as err:
             if err.error_code not in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
                 raise
@@ -242,6 +239,13 @@ class Tracker:
                               f"{err.get_http_status_code()}) with {'the' if given else 'no'} credentials of "
                               "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD; set them to a user of the server "
                               f"with access to experiment {name!r}") from None
+
+    def check_moved(self, name: str):
+        """The experiment `name` (None if the store has none by that name), refused in one line where
+        this code made it in a local store that has since moved: the store records its runs' folder as an
+        absolute path, so they would write their files where the project was, and the UI read them from
+        there. (One made otherwise, by the UI say, keeps MLflow's own place, and is left alone.)"""
+        found = self.experiment_named(name)
         artifacts = self.artifacts
         location = found.artifact_location.removeprefix("file://") if found else None
         if artifacts and location and location != artifacts and Path(location).name == Path(artifacts).name:
@@ -294,7 +298,7 @@ class Tracker:
     def find_runs(self, experiment: str | None = None, tags: dict | None = None,
                   parent: str | None = None) -> list[dict]:
         """Runs of an experiment whose tags have these values (and this parent run), newest first."""
-        found = self.check_moved(experiment or self.experiment)
+        found = self.experiment_named(experiment or self.experiment)
         if found is None:
             return []
         wanted = dict(tags or {})

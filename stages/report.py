@@ -65,7 +65,7 @@ from pipeline.data.errors import load_json
 from pipeline.io import write_json
 from pipeline.figures import inference_figure, write_figure, zeroshot_figure
 from pipeline.headline import FOLDER, headline_files, write_headline
-from pipeline.report import (VARIANT, building_for, check_outcomes, compared_key, compared_rows, move_into,
+from pipeline.report import (VARIANT, building_for, check_outcomes, compared_key, compared_rows, move_into, notes_held,
                              read_trials, resamples, results_of, sweep_report)
 
 TABLE1 = "table1"     # the sweep whose seeds make the Table-1 rows (sweeps/table1.yaml)
@@ -150,10 +150,10 @@ def body(args, cfg, root):
     sweeps = {name: read_trials(sweep_file(results, name), f"results of sweep {name} (listed in "
                                                              f"{results / 'sweeps.json'})")
               for name in ran_sweeps(results)}
-    rows = table_rows(cfg, results, sweeps.get(TABLE1))
     # The metrics files too are made before any output moves in: bad results met on the way leave
-    # reports/ and metrics/ as the last report left them.
-    with building_for(reports) as building:
+    # reports/ and metrics/ as the last report left them, and are the one line said.
+    with notes_held(), building_for(reports) as building:
+        rows = table_rows(cfg, results, sweeps.get(TABLE1))
         written, variants = write_outputs(cfg, results, sweeps, rows, building)
         names = [path.name for path in written]
         if len(set(names)) < len(names):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import pickle
 import tarfile
 import zipfile
@@ -439,3 +440,14 @@ def open_clip_hub_folder(folder: Path, student, model_name: str, pretrained: str
     save_file({k: v.contiguous() for k, v in student.model.state_dict().items()},
               str(folder / "open_clip_model.safetensors"))
     return folder
+
+
+# Where the hub libraries look for a cached copy before HF_HOME: unset, so none is found.
+HUB_CACHES = ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE", "DIFFUSERS_CACHE")
+
+
+def offline_hub_env(home: Path) -> dict[str, str]:
+    """A process environment with the hub offline and an empty cache at `home`: the hub libraries' own
+    failure to find a repo, without a network (they read HF_HUB_OFFLINE when imported)."""
+    env = {k: v for k, v in os.environ.items() if k not in HUB_CACHES}
+    return {**env, "HF_HUB_OFFLINE": "1", "HF_HOME": str(home)}

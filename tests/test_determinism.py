@@ -59,7 +59,8 @@ def test_neither_the_core_count_nor_the_process_thread_count_changes_the_weights
     differ: the test below shows they would not be equal otherwise)."""
     cfg, root = data
     methods, get_context = [], build.multiprocessing.get_context
-    monkeypatch.setattr(build.multiprocessing, "get_context", lambda method: methods.append(method) or get_context(method))
+    monkeypatch.setattr(build.multiprocessing, "get_context",
+                        lambda method: methods.append(method) or get_context(method))
     threads = torch.get_num_threads()
     try:
         monkeypatch.setattr(build.os, "cpu_count", lambda: 2)

@@ -28,7 +28,8 @@ from pipeline.data.datasets import benchmarks, read_index, train_pairs
 from pipeline.data.errors import DataFormatError, MissingDataError
 from pipeline.data.records import load_image
 from published import (COLOURS, WINOGROUND_ROWS, clevr_release, coco_2017, dump, image_bytes, mmvp_release,
-                       paper_datasets, put, sugarcrepe_release, tar_shard, winoground_parquet, winoground_repo)
+                       offline_hub_env, paper_datasets, put, sugarcrepe_release, tar_shard, winoground_parquet,
+                       winoground_repo)
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = REPO / ".venv" / "bin" / "python"
@@ -129,7 +130,7 @@ def test_spacy_tagger_missing_is_named(tmp_path, monkeypatch):
     assert "pip install spacy" in problem.message and "en_core_web_sm" in problem.message
 
 
-def test_a_dataset_inside_data_root_is_refused(tmp_path):
+def test_a_dataset_inside_data_is_refused(tmp_path):
     (tmp_path / "data" / "coco" / "train2017").mkdir(parents=True)
     cfg = DataConfig(source="paper", coco_images="data/coco/train2017", aro_sets=[], zeroshot_sets=[])
     [problem] = [p for p in paper.problems(cfg, tmp_path) if p.key == "data.coco_images"]
@@ -296,7 +297,7 @@ def test_winoground_hub_failure_is_one_line(tmp_path):
               "except paper.PaperDataMissing as err:\n"
               "    print(err)")
     proc = subprocess.run([str(PYTHON), "-c", script, str(tmp_path)], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}, timeout=300)
+                          env=offline_hub_env(tmp_path / "hf"), timeout=300)
     assert proc.returncode == 0, proc.stderr
     [message] = proc.stdout.splitlines()
     assert message.startswith("data.winoground: cannot fetch 'facebook/winoground'")

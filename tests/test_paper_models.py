@@ -14,7 +14,6 @@ import dataclasses
 import gc
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -38,7 +37,7 @@ from pipeline.objectives import LatentProjection, sds_loss
 
 import tiny
 from cache_tables import cache_table
-from published import sd_hub_folder
+from published import offline_hub_env, sd_hub_folder
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -394,12 +393,12 @@ def test_hub_failure_of_the_teacher_is_one_line(tmp_path):
     script = ("import sys; from pathlib import Path; from pipeline.config import TeacherConfig; "
               "from pipeline.models import paper\n"
               "try:\n"
-              "    paper.import_teacher(TeacherConfig(source='pretrained', pretrained=paper.SD_V1_4, dtype='bfloat16'), "
-              "Path(sys.argv[1]) / 't', Path(sys.argv[1]))\n"
+              "    paper.import_teacher(TeacherConfig(source='pretrained', pretrained=paper.SD_V1_4, "
+              "dtype='bfloat16'), Path(sys.argv[1]) / 't', Path(sys.argv[1]))\n"
               "except paper.PaperModelMissing as err:\n"
               "    print(err)")
     proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}, timeout=300)
+                          env=offline_hub_env(tmp_path / "hf"), timeout=300)
     assert proc.returncode == 0, proc.stderr
     [message] = proc.stdout.splitlines()
     assert message.startswith("teacher.pretrained: cannot load 'CompVis/stable-diffusion-v1-4' (OSError: ")

@@ -602,8 +602,9 @@ def test_runs_scored_on_other_cases_are_a_one_line_error_and_nothing_of_the_repo
     finally:
         listed.unlink()
         (root / "results" / "sweeps" / "methods.json").unlink()
-    [err] = capsys.readouterr().err.strip().splitlines()
-    assert err == (f"error: {root / 'results' / 'sweeps' / 'methods.json'}: sweep methods: a (trials t000, t001): "
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0] == (f"error: {root / 'results' / 'sweeps' / 'methods.json'}: sweep methods: a (trials t000, t001): "
                    "winoground/text: the runs were scored on different cases (their case identities differ)")
     assert {folder: snapshot(root / folder) for folder in ("reports", "metrics")} == before
     assert [p.name for p in root.iterdir() if p.name.startswith(".reports.")] == []     # nothing left beside

@@ -112,7 +112,7 @@ def test_a_hand_run_sweep_prints_the_command_that_writes_its_report_from_the_new
 def test_the_command_draws_what_moved_with_intervals_and_names_what_did_not(in_project, capsys):
     """The figure the command writes, from the launch's results in the store (as read back by it)."""
     end_launch(in_project, lambda_rows(), capsys)
-    trials = report.table_trials(report.launch_trials(load(in_project / "params.yaml"), in_project, "lambda")[0])
+    trials = report.table_trials(report.launch_trials(load(in_project / "params.yaml"), in_project, "lambda"))
     keys = report.swept_keys(trials)
     figure = report.sweep_figure("lambda", report.sorted_trials(trials, keys), keys, n_resamples=100)
     titles = [ax.get_title() for ax in figure.axes if ax.get_visible()]

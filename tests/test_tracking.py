@@ -135,7 +135,8 @@ def test_a_server_asking_for_a_password_records_the_runs_of_its_user_and_refuses
          f"sqlite:///{tmp_path / 'mlflow.db'}", "--artifacts-destination", str(tmp_path / "artifacts"),
          "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], cwd=tmp_path, stdout=log,
         stderr=subprocess.STDOUT, start_new_session=True,
-        env={**os.environ, "MLFLOW_AUTH_ADMIN_PASSWORD": password, "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16)})
+        env={**os.environ, "MLFLOW_AUTH_ADMIN_PASSWORD": password,
+             "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16)})
     try:
         deadline = time.monotonic() + 120
         while True:

@@ -140,7 +140,8 @@ def build_toy(cfg: DataConfig, out: Path) -> None:
 
 def check_replaceable(out: Path) -> None:
     """The data stage replaces `out` whole: refused unless it is absent, empty or an earlier build (it holds
-    the index), so files of the user's own under that name (datasets unpacked into data/) are not lost."""
+    the index), so files of the user's own under that name (datasets unpacked into data/) are not lost
+    when the stage runs by hand. (`dvc repro` deletes the stage's outputs before it runs it.)"""
     if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / INDEX_NAME).is_file())):
         raise ConfigError(f"{out}: not a folder the data stage built (no {INDEX_NAME}), and the stage would replace "
                           "it whole; move it away (keep datasets elsewhere, e.g. datasets/), or empty it")
