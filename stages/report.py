@@ -151,7 +151,7 @@ def body(args, cfg, root):
                                                              f"{results / 'sweeps.json'})")
               for name in ran_sweeps(results)}
     # The metrics files too are made before any output moves in: bad results met on the way leave
-    # reports/ and metrics/ as the last report left them, and are the one line said.
+    # reports/ and metrics/ as the last report left them, and their error is the one line shown.
     with notes_held(), building_for(reports) as building:
         rows = table_rows(cfg, results, sweeps.get(TABLE1))
         written, variants = write_outputs(cfg, results, sweeps, rows, building)
