@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,8 @@ import pytest
 
 from pipeline.config import ConfigError, TrackingConfig
 from pipeline.tracking import CONFIG, Tracker, check_not_moved, check_store, check_uri, redact, resolve_uri
+
+from test_sweep import free_port
 
 SECRET = "s3cr3t-pa55"
 
@@ -125,9 +126,7 @@ def test_a_server_asking_for_a_password_records_the_runs_of_its_user_and_refuses
     127.0.0.1: a run through it with MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD keeps its
     params, metrics and files; without them, or with a wrong password, the first request is refused in
     one line (before a stage's work or a sweep's Ray), not as MLflow's traceback."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     password = secrets.token_hex(8)                      # the server asks for 12 characters or more
     log = (tmp_path / "server.log").open("w")
     server = subprocess.Popen(
