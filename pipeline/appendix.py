@@ -31,14 +31,12 @@ from pipeline.config import CLEVR_SUBTASKS
 from pipeline.paper_tables import (TEXT_VS_FT_CLIP, Comparison, Row, ft_clip_references, own_numbers, paper_numbers,
                                    trial_rows, write_table)
 from pipeline.report import COLUMNS
+from pipeline.report_names import STUDY_SETTINGS
 
 NAMES = dict((key, name) for name, key in COLUMNS)
 UNET_FEATURE = "unet_feature"
 # Which of a sweep's rows A.2 shows, by objective.method: the reference first.
 UNET_FEATURE_RUNS = ("ft_clip", "ft_sds", f"ft_{UNET_FEATURE}")
-# The appendices whose setting is a whole study's (its stages before the sweeps): their file stems by table id.
-STUDY_SETTINGS = {"appendix_sd21": "appendix-sd21", "appendix_cc3m": "appendix-cc3m"}
-STEMS = ("appendix-unet-feature", "appendix-diffusion-score", "appendix-clevr", *STUDY_SETTINGS.values())
 
 
 def _columns(*keys: str) -> list[tuple[str, str]]:

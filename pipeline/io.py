@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import json
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -48,6 +50,17 @@ def temp_dir(parent: Path, prefix: str, suffix: str = "") -> Path:
     tmp = Path(tempfile.mkdtemp(dir=parent, prefix=prefix, suffix=suffix))
     tmp.chmod(0o777 & ~UMASK)
     return tmp
+
+
+def _running(pid: int) -> bool:
+    """Whether a process `pid` runs on this machine (one of another user's too)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _fsync(path: Path) -> None:
@@ -108,10 +121,17 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 @contextlib.contextmanager
 def atomic_dir(folder: Path) -> Iterator[Path]:
-    """Yield a temp folder beside `folder`; on success it replaces `folder` in one rename."""
+    """Yield a temp folder beside `folder`; on success it replaces `folder` in one rename. The temp
+    folders of killed builds of `folder` on this machine (a SIGKILL runs no clean-up) go first: a data
+    folder on the paper profile holds CC-3M's images again, a cache its tables."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_dir(folder.parent, f".{folder.name}.", ".tmp")
+    owner = f".{folder.name}.{socket.gethostname()}-"       # + the builder's pid: whose build a temp folder is
+    for left in folder.parent.glob(glob.escape(owner) + "*.tmp"):
+        pid = left.name[len(owner):].split(".", 1)[0]
+        if pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(left, ignore_errors=True)
+    tmp = temp_dir(folder.parent, f"{owner}{os.getpid()}.", ".tmp")
     try:
         yield tmp
         _fsync_tree(tmp)

@@ -31,13 +31,11 @@ from pipeline.comparison import outcome_parts, paired_difference, same_seeds, se
 from pipeline.metrics import TIME_PER_PAIR
 from pipeline.report import (COLUMNS, SEED, VariantRow, about, difference_cell, finished_with_outcomes, note_dropped,
                              objective_label, sd_cell, seed_sd, variant_row, write_tables, write_variant_report)
+from pipeline.report_names import INTERVALS, TABLES
 from pipeline.sweep.spec import fmt
 
 STUDENT = "train.student"
 TEXT = "winoground/text"
-# The published tables of students, by the file stem the report writes each to; the first holds
-# every student the paper reports nowhere.
-TABLES = {"table1": "table1", "table2": "table2", "table3": "table3", "appendix_coca": "table-coca"}
 
 
 @dataclass
@@ -287,7 +285,7 @@ def write(cfg, table_rows: list[Row], out: Path, n_resamples: int = 1000, seed: 
         against = f"its student's {TEXT_VS_FT_CLIP.against}"
         if any(r.student is None and reference(r) is not None for r in chosen):      # Table 1's diffusion score
             against += f" (the diffusion score: {cfg.train.student}'s)"
-        written += write_variant_report(f"{stem}-intervals", interval_rows(chosen, reference, n_resamples, seed),
+        written += write_variant_report(stem + INTERVALS, interval_rows(chosen, reference, n_resamples, seed),
                                         {}, out, n_resamples, caption=f"{stem}: every headline metric",
                                         against=against, row_header="run")
     return written

@@ -15,12 +15,14 @@ import os
 import re
 import socket
 import subprocess
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
 from pipeline.config import ConfigError, TrackingConfig, flatten
 from pipeline.io import check_writable
+from pipeline.net import check_listening
 
 MAX_PARAM_LENGTH = 500
 # The artifact holding a run's per-case correctness (`evaluate.Evaluation.outcomes`).
@@ -66,6 +68,24 @@ def local_store(uri: str, root: Path) -> Path | None:
     return None
 
 
+def check_reachable(uri: str) -> None:
+    """A tracking server's URI whose host accepts a connection, refused in one line otherwise: MLflow's
+    client retries an unreachable server 7 times over about four minutes, then ends in a traceback. A
+    server reached through a proxy (HTTP_PROXY / HTTPS_PROXY, not NO_PROXY) is left to MLflow: only the
+    proxy reaches it."""
+    import requests.utils     # mlflow's HTTP library, so its proxy rules
+
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme not in ("http", "https") or requests.utils.get_environ_proxies(uri):
+        return
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError as err:                          # urlsplit's check: not a number, or out of range
+        raise ConfigError(f"tracking.uri: {redact(uri)!r} has no valid port ({err})") from None
+    check_listening(parts.hostname, port, "tracking.uri", redact(uri),
+                    "start the tracking server (README, \"MLflow\") or set tracking.uri to one that runs")
+
+
 def check_store(uri: str, root: Path) -> None:
     """`check_uri`, and that a local store can be created and written where it goes (MLflow's error
     is a traceback at the first run, after the work it was to record). Creates nothing."""
@@ -99,12 +119,22 @@ def redact(text: str) -> str:
     return _CREDENTIALS.sub("***@", text)
 
 
-def git_commit(root: Path) -> str:
+# The code a run executes, in its checkout. Other tracked files change with every `dvc repro` (dvc.lock,
+# metrics/, reports/), and a run records its params itself.
+CODE_FOLDERS = ("pipeline", "stages")
+
+
+def git_tags(root: Path) -> dict[str, str]:
+    """A run's `git_commit`, the HEAD of the checkout at `root` ("unknown" outside one), and `git_dirty`:
+    "true" where its code (CODE_FOLDERS) is not that commit's (a change not committed, a file not tracked)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
-        return out.stdout.strip()
+        return {"git_commit": git("rev-parse", "HEAD"),
+                "git_dirty": "true" if git("status", "--porcelain", "--", *CODE_FOLDERS) else "false"}
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return {"git_commit": "unknown"}
 
 
 def _client(uri: str):
@@ -214,6 +244,7 @@ class Tracker:
     @property
     def client(self):
         if self._client is None:
+            check_reachable(self.uri)
             self._client = _client(self.uri)
         return self._client
 
@@ -272,8 +303,7 @@ class Tracker:
               parent: str | None = None, experiment: str | None = None, compared: Iterable[str] = COMPARED) -> Run:
         """A new run. `params` is the run's whole config (nested): its `compared` keys become the
         run's params, all of it the CONFIG artifact (`Run.log_config`)."""
-        all_tags = {"git_commit": git_commit(self.root), "project": self.project, "mlflow.runName": name,
-                    **(tags or {})}
+        all_tags = {**git_tags(self.root), "project": self.project, "mlflow.runName": name, **(tags or {})}
         if parent:
             all_tags["mlflow.parentRunId"] = parent
         created = self.client.create_run(self.experiment_id(experiment), run_name=name,

@@ -63,12 +63,12 @@ from pipeline import appendix, cli, paper_tables
 from pipeline.config import ConfigError
 from pipeline.data.errors import load_json
 from pipeline.io import write_json
+from pipeline.report_names import FIGURES, SWEEP_PREFIX, TABLE1_SWEEP, fixed_stems
 from pipeline.figures import inference_figure, write_figure, zeroshot_figure
 from pipeline.headline import FOLDER, headline_files, write_headline
 from pipeline.report import (VARIANT, building_for, check_outcomes, compared_key, compared_rows, move_into, notes_held,
                              read_trials, resamples, results_of, sweep_report)
 
-TABLE1 = "table1"     # the sweep whose seeds make the Table-1 rows (sweeps/table1.yaml)
 
 
 def table_files(results: Path, table1_ran: bool) -> dict[str, Path]:
@@ -76,7 +76,7 @@ def table_files(results: Path, table1_ran: bool) -> dict[str, Path]:
     stages' unless sweeps/table1.yaml ran (`sweep_file`), by what they hold."""
     files = {"baselines": results / "baselines.json"}
     if table1_ran:
-        return {**files, TABLE1: sweep_file(results, TABLE1)}
+        return {**files, TABLE1_SWEEP: sweep_file(results, TABLE1_SWEEP)}
     return {**files, **{variant: results / f"train-{variant}.json" for variant in ("clip", "sds")}}
 
 
@@ -105,11 +105,11 @@ OUTPUTS = ".outputs.json"   # what the last report wrote, so what it no longer w
 
 def stale_outputs(reports: Path, written: list[Path]) -> list[Path]:
     """The report's own outputs present in `reports` that this report did not write: those the
-    last report listed, every sweep-* file and the zero-shot figure; other files stay."""
+    last report listed, every sweep-* file and every fixed one (`report_names`); other files stay."""
     listed = reports / OUTPUTS
     previous = [reports / name for name in json.loads(listed.read_text())] if listed.is_file() else []
-    candidates = [*previous, *reports.glob("sweep-*"), reports / "zeroshot.png", reports / "inference.png",
-                  *(reports / f"{stem}.{suffix}" for stem in (*paper_tables.TABLES.values(), *appendix.STEMS)
+    candidates = [*previous, *reports.glob(f"{SWEEP_PREFIX}*"), *(reports / f"{stem}.png" for stem in FIGURES),
+                  *(reports / f"{stem}.{suffix}" for stem in fixed_stems() if stem not in FIGURES
                     for suffix in ("md", "tex", "csv"))]
     return [path for path in dict.fromkeys(candidates) if path.is_file() and path not in written]
 
@@ -124,16 +124,17 @@ def write_outputs(cfg, results: Path, sweeps: dict[str, list[dict]], rows: list[
     """Every output of the report under `out`, and the variant rows of each sweep of named variants
     (`pipeline.headline`'s metrics files)."""
     n_resamples = resamples(cfg)
-    tables = list(table_files(results, TABLE1 in sweeps).values())
+    tables = list(table_files(results, TABLE1_SWEEP in sweeps).values())
     with results_of(tables, "the paper's tables"):
         written = paper_tables.write(cfg, rows, out, n_resamples, cfg.eval.seed)
         main_student = [(r.label, r.runs) for r in rows if r.student == cfg.train.student]
         points = paper_tables.inference_points(rows)
-        for path, figure in ((out / "zeroshot.png", zeroshot_figure(main_student, n_resamples, cfg.eval.seed)),
-                             (out / "inference.png", inference_figure(points) if points else None)):
+        zeroshot, inference = (out / f"{stem}.png" for stem in FIGURES)
+        for path, figure in ((zeroshot, zeroshot_figure(main_student, n_resamples, cfg.eval.seed)),
+                             (inference, inference_figure(points) if points else None)):
             if figure is not None:
                 written.append(write_figure(path, figure))
-    with results_of(tables + [sweep_file(results, name) for name in sweeps if name != TABLE1], "the appendix tables"):
+    with results_of(tables + [sweep_file(results, name) for name in sweeps if name != TABLE1_SWEEP], "the appendix tables"):
         written += appendix.write(cfg, rows, sweeps, out, n_resamples, cfg.eval.seed)
     variants = {}
     for name, trials in sweeps.items():
@@ -153,7 +154,7 @@ def body(args, cfg, root):
     # The metrics files too are made before any output moves in: bad results met on the way leave
     # reports/ and metrics/ as the last report left them, and their error is the one line shown.
     with notes_held(), building_for(reports) as building:
-        rows = table_rows(cfg, results, sweeps.get(TABLE1))
+        rows = table_rows(cfg, results, sweeps.get(TABLE1_SWEEP))
         written, variants = write_outputs(cfg, results, sweeps, rows, building)
         names = [path.name for path in written]
         if len(set(names)) < len(names):

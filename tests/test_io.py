@@ -60,3 +60,46 @@ def test_what_is_renamed_into_place_is_on_disk_first_and_the_rename_after(tmp_pa
     with io.atomic_dir(tmp_path / "linked") as tmp:
         (tmp / "dangling").symlink_to(tmp_path / "nowhere")
     assert (tmp_path / "linked" / "dangling").is_symlink()
+
+
+BUILD = """
+import os, signal, sys, time
+from pathlib import Path
+from pipeline.io import atomic_dir
+with atomic_dir(Path(sys.argv[1])) as tmp:
+    (tmp / "half.bin").write_bytes(b"x" * 1000)
+    print(tmp, flush=True)
+    if sys.argv[2] == "killed":
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(60)
+"""
+
+
+def test_a_build_killed_leaves_its_temp_folder_to_the_next_build_which_removes_it(tmp_path):
+    """SIGKILL runs no clean-up: each killed build of a folder (a data folder holds CC-3M's images again)
+    left its temp folder beside it for good. The next build removes those of dead processes of this
+    machine, and leaves a build that still runs, and another machine's, alone."""
+    from pipeline import io
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "data"
+
+    def build(how):
+        return subprocess.Popen([sys.executable, "-c", BUILD, str(out), how], cwd=root, stdout=subprocess.PIPE,
+                                text=True)
+
+    killed = build("killed")
+    left = Path(killed.stdout.readline().strip())
+    assert killed.wait(timeout=60) == -9 and (left / "half.bin").is_file()
+    running = build("running")
+    try:
+        kept = Path(running.stdout.readline().strip())
+        elsewhere = tmp_path / ".data.another-host-1.abc.tmp"
+        elsewhere.mkdir()
+        with io.atomic_dir(out) as tmp:
+            (tmp / "index.json").write_text("{}")
+        assert not left.exists() and kept.is_dir() and elsewhere.is_dir()
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".data.another-host-1.abc.tmp", kept.name, "data"])
+    finally:
+        running.kill()
+        running.wait()

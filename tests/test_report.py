@@ -459,6 +459,7 @@ def test_stage_writes_tables_figures_and_removes_stale_sweep_outputs(store):
     (reports / "sweep-old.md").write_text("an earlier sweep\n")
     (reports / "notes.txt").write_text("not the report's\n")
     (reports / "appendix-unet-feature.md").write_text("from a study whose sweeps ran the UNet-feature loss\n")
+    (reports / "table2-intervals.md").write_text("from a study on the paper profile\n")
     assert stage.main(["--params", str(store["params"])]) == 0
     names = sorted(p.name for p in reports.iterdir())
     assert names == sorted([".outputs.json", "notes.txt", "inference.png", "table1.csv", "table1.md", "table1.tex",

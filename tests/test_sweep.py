@@ -196,6 +196,7 @@ def test_grid_sweep_logs_one_parent_and_a_child_per_trial(project, local_ray, mo
     for kid in kids:
         assert kid["params"]["profile"] == "smoke" and kid["params"]["train.steps"] == "4"
         assert kid["tags"]["profile"] == "smoke" and kid["tags"]["git_commit"] and kid["tags"]["attempts"] == "1"
+        assert kid["tags"]["git_dirty"] in ("true", "false")
         for metric in ("winoground/text", "winoground/text/object", "aro/vg_relation", "aro/overall",
                        "zeroshot/mean", "loss/clip", "loss/total", "time/trial_seconds"):
             assert metric in kid["metrics"], metric

@@ -6,7 +6,6 @@ import os
 import pickle
 import re
 import shutil
-import socket
 import subprocess
 from pathlib import Path
 
@@ -15,6 +14,8 @@ import yaml
 
 from pipeline.sweep import spec as sc
 from pipeline.config import ARO_SETS, CLEVR_SUBTASKS, SUGARCREPE_SUBSETS, ConfigError, load, parse_yaml, read_yaml
+
+from test_sweep import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = REPO / "params.yaml"
@@ -210,6 +211,11 @@ BAD = {
     "unknown top-level key": ("name: x\nspace: {train.lr: [1]}\nserach: grid\n", ["serach", "unknown key", "search"]),
     "missing name": ("space: {train.lr: [0.1]}\n", ["name", "missing"]),
     "bad name": ("name: 'my sweep!'\nspace: {train.lr: [0.1]}\n", ["name", "'my sweep!'", "letters"]),
+    # A sweep of one key writes reports/<name>.*: the report would refuse it only after the sweep ran.
+    "named like a figure of the report": ("name: zeroshot\nspace: {train.lr: [0.1]}\n",
+                                          ["name", "'zeroshot'", "reports/zeroshot.*", "inference", "table1-intervals"]),
+    "named like a sweep table of the report": ("name: sweep-lr\nspace: {train.lr: [0.1]}\n",
+                                               ["name", "'sweep-lr'", "reports/sweep-lr.*", "sweep-*"]),
     "name not a string": ("name: 3\nspace: {train.lr: [0.1]}\n", ["name", "3", "a string"]),
     "missing space": ("name: x\n", ["space", "missing"]),
     "empty space": ("name: x\nspace: {}\n", ["space", "{}", "non-empty mapping"]),
@@ -556,13 +562,6 @@ def test_the_sweep_stage_gives_a_gpu_to_trials_that_ask_for_none_where_the_stage
     assert gpus_per_trial(0, unasked, 2, cluster=True) == 2
 
 
-def _closed_port() -> int:
-    """A local port nothing listens on."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _built_project(tmp_path: Path) -> Path:
     """A project folder whose stage outputs exist (empty): what the driver checks before Ray starts. Its
     sweep trains with L_CLIP alone, whose trials read no cache table (the stand-in cache has none)."""
@@ -585,6 +584,19 @@ def test_a_sweep_whose_trials_read_a_table_the_cache_lacks_is_refused_before_ray
     assert proc.returncode == 2 and proc.stderr.strip() == \
         f"error: cache table 'train_text': {manifest}: not found or not finished: run the cache stage", proc.stderr
     assert not (tmp_path / "ray_results").exists() and not (tmp_path / "mlruns").exists()
+
+
+def test_a_tracking_server_where_nothing_answers_stops_the_sweep_before_ray_starts(tmp_path):
+    """MLflow would retry it for minutes after Ray started, then print a traceback."""
+    sweep_file = _built_project(tmp_path)
+    port = free_port()
+    params = tmp_path / "params.yaml"
+    params.write_text(params.read_text().replace("uri: sqlite:///mlruns/mlflow.db", f"uri: http://127.0.0.1:{port}"))
+    proc = _cli(sweep_file, "--params", params, cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.splitlines() == [
+        f"error: tracking.uri: nothing answers at http://127.0.0.1:{port} (Connection refused); start the tracking "
+        "server (README, \"MLflow\") or set tracking.uri to one that runs"], proc.stderr[-2000:]
+    assert not (tmp_path / "ray_results").exists()
 
 
 def test_resume_continues_only_a_launch_of_the_same_definition(tmp_path):
@@ -661,7 +673,7 @@ def test_a_whole_state_file_of_a_class_this_ray_tune_lacks_is_unreadable_too(tmp
 def test_an_address_where_no_cluster_answers_is_refused_in_one_line(tmp_path):
     """Ray's own attempt retries for minutes and ignores SIGTERM meanwhile."""
     sweep_file = _built_project(tmp_path)
-    port = _closed_port()
+    port = free_port()
     proc = _cli(sweep_file, "--params", tmp_path / "params.yaml", "--address", f"127.0.0.1:{port}", cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip() == (f"error: --address: nothing answers at 127.0.0.1:{port} (Connection refused); "
@@ -774,7 +786,7 @@ def test_the_sweep_stage_finds_its_killed_launch_by_the_definition_it_ran_with_i
     sweep.resources.gpu = 1.0
     killed = _launch(tmp_path / "ray_results", "20261205-093000", sweep.spec_hash(),
                      "experiment_state-2026-12-05_10-00-00.json")
-    args = [str(sweep_file), "--params", str(tmp_path / "params.yaml"), "--address", f"127.0.0.1:{_closed_port()}"]
+    args = [str(sweep_file), "--params", str(tmp_path / "params.yaml"), "--address", f"127.0.0.1:{free_port()}"]
     assert stage.main([*args, "--gpus-per-trial", "1"]) == 2
     out, err = capsys.readouterr()
     assert f"sweep s: resuming launch {killed}" in out and "nothing answers at" in err, (out, err)

@@ -13,7 +13,7 @@ from ray.tune.experiment import Trial
 
 from pipeline.config import read_yaml
 from pipeline.sweep import spec
-from pipeline.sweep.recorder import RunRecorder, code_commit, label, recorded_params
+from pipeline.sweep.recorder import RunRecorder, code_git, label, recorded_params
 from pipeline.sweep.search import optuna_search
 from pipeline.tracking import resolve_uri
 
@@ -72,11 +72,20 @@ def test_a_launch_interrupted_before_its_trials_ran_exits_130_and_is_not_ended(t
 
 
 def test_a_resumed_launch_records_the_commit_of_the_code_resuming_it(tmp_path):
+    """And whether that code was the commit's (`git_dirty`), also where the launch was recorded by a recorder
+    that kept only its commit."""
     rec = recorder(tmp_path)
-    rec.commit = "the commit that started the launch"
+    now = code_git(tmp_path)
+    assert set(now) == {"git_commit", "git_dirty"} and rec.tags() | now == rec.tags()
+    rec.git = {"git_commit": "the commit that started the launch", "git_dirty": "true"}
     restored = pickle.loads(pickle.dumps(rec))        # as Tuner.restore brings the callback back
     restored.setup()
-    assert restored.commit == code_commit(tmp_path) != "the commit that started the launch"
+    assert restored.git == now and now["git_commit"] != "the commit that started the launch"
+    del rec.git
+    rec.commit = "the commit that started the launch"
+    restored = pickle.loads(pickle.dumps(rec))
+    restored.setup()
+    assert restored.tags() | now == restored.tags()
 
 
 def optuna_trials(tmp_path: Path, seeds: str, completions: list[tuple[dict | None, bool]]) -> list:

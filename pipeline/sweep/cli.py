@@ -38,7 +38,7 @@ where things go:
   MLflow   experiment <tracking.experiment>/<name>: a parent run per launch, a child run per trial
            (params: the compared and swept keys, the whole config as config.json; metrics: per-step
            losses, final scores; tags: trial, trial_id, variant, status, failure, attempts, git_commit,
-           profile)
+           git_dirty, profile)
   Ray      <storage_path or project/ray_results>/<name>-<launch time>-<pid>-<spec hash>/
 
 resume: after the driver dies (even SIGKILL), `--resume` continues the newest launch of the sweep

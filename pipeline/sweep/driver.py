@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import ConfigError
+from pipeline.net import check_listening
 from pipeline.sweep.spec import ResourcesSpec, Sweep, TrialSpec, trial_index
 
 CODE_ROOT = Path(__file__).resolve().parents[2]
@@ -270,18 +271,14 @@ def host_port(address: str, source: str) -> tuple[str, str]:
     return host, port
 
 
-def check_reachable(address: str, source: str, timeout: float = 10.0) -> None:
+def check_reachable(address: str, source: str) -> None:
     """Ray's own connection attempt to an address where nothing listens retries for minutes and
     ignores SIGTERM meanwhile: refuse such an address first, in one line naming where it came from
     (`auto`, the cluster this machine joined, is Ray's to find)."""
     if address == "auto":
         return
     host, port = host_port(address, source)
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout).close()
-    except OSError as err:
-        raise ConfigError(f"{source}: nothing answers at {address} ({err.strerror or type(err).__name__}); "
-                          "start the cluster's head there first (`ray start --head`)") from None
+    check_listening(host, int(port), source, address, "start the cluster's head there first (`ray start --head`)")
 
 
 def check_storage(storage: str, key: str) -> None:

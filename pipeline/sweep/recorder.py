@@ -21,7 +21,7 @@ from pipeline.config import ConfigError, TrackingConfig, flatten, to_dict
 from pipeline.sweep.spec import Sweep, describe, expand, trial_label
 from pipeline.sweep.trial import trial_values
 from pipeline.sweep.driver import CODE_ROOT
-from pipeline.tracking import COMPARED, OUTCOMES, Tracker, failure_text, git_commit, redact
+from pipeline.tracking import COMPARED, OUTCOMES, Tracker, failure_text, git_tags, redact
 
 # A run's `status` tag: running, finished, early_stopped (by ASHA), failed, interrupted (by the
 # user; --resume continues it). The MLflow status says the same in MLflow's words.
@@ -58,10 +58,10 @@ def recorded_params(config: dict) -> dict:
     return {key: redact(value) if isinstance(value, str) else value for key, value in flatten(config).items()}
 
 
-def code_commit(root: Path) -> str:
-    """The commit of the code that runs (this checkout's), else that of the project's folder."""
-    commit = git_commit(CODE_ROOT)
-    return commit if commit != "unknown" else git_commit(root)
+def code_git(root: Path) -> dict[str, str]:
+    """The git tags (`git_tags`) of the code that runs (this checkout's), else of the project's folder."""
+    tags = git_tags(CODE_ROOT)
+    return tags if tags["git_commit"] != "unknown" else git_tags(root)
 
 
 def dirname(trial) -> str:
@@ -80,7 +80,7 @@ class RunRecorder(Callback):
 
     def __init__(self, sweep: Sweep, root: Path, uri: str, experiment: str):
         self.sweep, self.root, self.uri, self.experiment = sweep, str(root), uri, experiment
-        self.commit = code_commit(Path(root))
+        self.git = code_git(Path(root))
         self.parent = ""
         self.trials: dict[str, dict] = {}
         self.restored = False                                 # by Tuner.restore (set_state)
@@ -97,7 +97,7 @@ class RunRecorder(Callback):
 
     def tags(self, **extra) -> dict:
         return {"sweep": self.sweep.name, "profile": self.sweep.profile, "stage": "sweep",
-                "git_commit": self.commit, **extra}
+                **self.git, **extra}
 
     # ----------------------------------------------------------------- the launch (parent run)
 
@@ -134,7 +134,7 @@ class RunRecorder(Callback):
 
     def setup(self, **info) -> None:
         RunRecorder.active = self
-        self.commit = code_commit(Path(self.root))    # a resumed launch's new runs: the code resuming it
+        self.git = code_git(Path(self.root))          # a resumed launch's new runs: the code resuming it
         self.tracker.resume(self.parent).set_tags({"status": "running"})
 
     def configured(self, values: dict) -> tuple[dict, dict]:

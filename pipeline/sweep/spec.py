@@ -65,6 +65,7 @@ from pydantic import StrictInt, StrictStr
 from pipeline.config import (ARO_SETS, CLEVR_SUBTASKS, DEFAULT_PROFILE, PROFILES, SUGARCREPE_SUBSETS, TEACHER_LOSSES, Config,
                              ConfigError, NonNegFloat, NonNegInt, PosFloat, PosInt, Seed, deep_merge, flatten,
                              from_dict, read_yaml, resolve, type_name, validate, validated)
+from pipeline.report_names import SWEEP_PREFIX, TABLE1_SWEEP, fixed_stems
 
 SWEEPABLE_SECTIONS = ("objective", "train", "eval")
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint")
@@ -395,6 +396,11 @@ def parse(raw: Any, params: dict, profile: str | None = None, source: str = "",
     if not _NAME.fullmatch(opts.name):
         raise ConfigError(f"name: {opts.name!r} is not allowed; expected 1-64 letters, digits, '_', '-' or '.', "
                           "starting with a letter or digit")
+    reserved = [stem for stem in fixed_stems() if stem != TABLE1_SWEEP]          # table1: Table 1's own sweep
+    if opts.name in reserved or opts.name.startswith(SWEEP_PREFIX):
+        # Refused now, not by the report stage once the sweep has run: a sweep of one key writes reports/<name>.*.
+        raise ConfigError(f"name: {opts.name!r} is not allowed; the report writes reports/{opts.name}.* itself; "
+                          f"not allowed: {SWEEP_PREFIX}*, {', '.join(reserved)}")
     base = _base(base_raw, profile)
     overrides, base_config = _base_config(base, params, params_source)
 
