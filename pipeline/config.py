@@ -323,8 +323,8 @@ class ObjectiveConfig:
                       batch is twice train.batch_size images (NegCLIP's 256 + 256 against 1,024
                       captions). 0: hard-negative captions only.
     feedback_tokens   diffusion_feedback and contrastive_feedback: patch tokens given to the
-                      teacher beside the CLS embedding, drawn at random each step (DIVA: 76; DCR:
-                      0, the CLS alone).
+                      teacher beside the CLS embedding, drawn at random for each timestep (DIVA:
+                      76; DCR: 0, the CLS alone).
     feedback_timesteps  diffusion_feedback: timesteps per image and step, each with its own noise;
                       L_teacher is the mean of their errors (DIVA: 2). Each costs a UNet pass.
     contrastive_negatives  contrastive_feedback: other images of the batch whose conditionings give

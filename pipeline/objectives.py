@@ -58,7 +58,8 @@ class LatentProjection(nn.Module):
 def feedback_tokens(pooled: torch.Tensor, patches: torch.Tensor | None, count: int,
                     generator: torch.Generator | None) -> torch.Tensor:
     """[B, 1 + count, D] float: the student's CLS embedding, then `count` of its patch tokens drawn at
-    random (with repeats) for every image, as DIVA draws them (none without `patches`)."""
+    random (with repeats) for every image, as DIVA draws them for OpenAI's ViT-L/14 (76 there, to fill
+    the 77 positions; none without `patches`)."""
     tokens = pooled.float()[:, None]
     if patches is None or not count:
         return tokens

@@ -483,9 +483,15 @@ def teacher_loss(trial: Trial, image_features: torch.Tensor, pooled: torch.Tenso
         # Each image's latent and conditioning repeated for its timesteps, image by image (DIVA's layout).
         x0 = trial.latents.rows(image_rows).repeat_interleave(draws, 0)
         noise = torch.randn(x0.shape, generator=trial.generator)
-        # The CLS embedding before its normalisation, and the patch tokens drawn anew every step.
-        tokens = objectives.feedback_tokens(pooled, patches, obj.feedback_tokens, trial.generator)
-        cond = trial.projector(tokens, trial.empty).repeat_interleave(draws, 0)
+        # The CLS embedding before its normalisation, and patch tokens drawn anew for every timestep, as
+        # each of DIVA's draws its own; the CLS alone is the same at every timestep, so projected once.
+        if patches is None or not obj.feedback_tokens:
+            cond = trial.projector(objectives.feedback_tokens(pooled, None, 0, None), trial.empty)
+            cond = cond.repeat_interleave(draws, 0)
+        else:
+            tokens = objectives.feedback_tokens(pooled.repeat_interleave(draws, 0), patches.repeat_interleave(draws, 0),
+                                                obj.feedback_tokens, trial.generator)
+            cond = trial.projector(tokens, trial.empty)
         return objectives.feedback_loss(x0.to(device), cond, unet, teacher.scheduler, t.to(device), noise.to(device),
                                         obj.reduction)
     if obj.method == "contrastive_feedback":

@@ -837,6 +837,27 @@ def test_feedback_timesteps_give_each_image_its_own_draws_and_the_loss_is_their_
     assert halves[0] != pytest.approx(halves[1], rel=1e-3)          # two draws, not one counted twice
 
 
+def test_each_timestep_draws_its_own_patch_tokens_as_each_of_divas_steps_does(teacher, world):
+    """With patch tokens and two timesteps, image i's rows 2i and 2i + 1 are conditioned on two draws of its
+    patches, not on one draw repeated: DIVA draws them anew at each of its two steps."""
+    from pipeline.models.student import image_tokens
+
+    trial, losses, g, rows = feedback_step(teacher, world, method="diffusion_feedback", feedback_timesteps=2,
+                                           feedback_tokens=3)
+    t = torch.randint(100, 901, (2 * N,), generator=g)
+    x0 = world["latents"].get([image_key(world["pairs"][i].image) for i in rows.tolist()]).repeat_interleave(2, 0)
+    eps = torch.randn(x0.shape, generator=g)
+    with torch.no_grad():
+        pooled, patches = image_tokens(trial.student.model, world["images"])
+        picks = torch.randint(0, patches.shape[1], (2 * N, 3), generator=g)
+        image = torch.arange(2 * N) // 2                  # rows 2i and 2i + 1: image i
+        tokens = torch.cat([pooled[image][:, None], patches[image[:, None], picks]], dim=1)
+        cond = trial.projector(tokens, encode_text(teacher, [""])[0])
+        pred = teacher.unet(hand_noised(x0, eps, t), t, encoder_hidden_states=cond).sample
+    assert losses["feedback"].item() == pytest.approx(F.mse_loss(pred, eps).item(), rel=1e-4)
+    assert not torch.equal(picks[0::2], picks[1::2])
+
+
 @pytest.mark.parametrize("method", ["sds", "diffusion_feedback", "contrastive_feedback"])
 def test_stage_one_trains_the_projector_alone_and_stage_two_the_student_too(teacher, world, method):
     """The first objective.projector_steps steps leave every student parameter as it was (no
