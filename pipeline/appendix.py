@@ -31,8 +31,10 @@ from pipeline.config import CLEVR_SUBTASKS
 from pipeline.paper_tables import (TEXT_VS_FT_CLIP, Comparison, Row, ft_clip_references, own_numbers, paper_numbers,
                                    trial_rows, write_table)
 from pipeline.report import COLUMNS
-from pipeline.report_names import STUDY_SETTINGS
+from pipeline.report_names import APPENDIX, STUDY_SETTINGS
 
+# Table ids (published.yaml's) of the tables built here rather than from a setting.
+A2, DIFFUSION_SCORE, CLEVR = "appendix_unet_feature", "appendix_diffusion_score", "appendix_clevr"
 NAMES = dict((key, name) for name, key in COLUMNS)
 UNET_FEATURE = "unet_feature"
 # Which of a sweep's rows A.2 shows, by objective.method: the reference first.
@@ -64,7 +66,7 @@ def write(cfg, table1: list[Row], sweeps: dict[str, list[dict]], out: Path, n_re
     a2 = unet_feature_rows(cfg, table1, sweeps)
     if a2:
         reference = ft_clip_references(cfg, a2).get(cfg.train.student)
-        written += write_table(out, "appendix-unet-feature", a2, [paper_numbers("appendix_unet_feature", r) for r in a2],
+        written += write_table(out, APPENDIX[A2], a2, [paper_numbers(A2, r) for r in a2],
                                _columns("winoground/text", "winoground/text/object", "winoground/text/relation",
                                         "winoground/text/both", "winoground/image", "winoground/group",
                                         "aro/overall", "zeroshot/mean"),
@@ -75,7 +77,7 @@ def write(cfg, table1: list[Row], sweeps: dict[str, list[dict]], out: Path, n_re
 
     score = next(r for r in table1 if r.run == published.DIFFUSION_SCORE)
     aro = [score, *(r for r in table1 if r.run == "pretrained")]
-    written += write_table(out, "appendix-diffusion-score", aro, [own_numbers(r, cfg.profile) for r in aro],
+    written += write_table(out, APPENDIX[DIFFUSION_SCORE], aro, [own_numbers(r, cfg.profile) for r in aro],
                            _columns("winoground/text", "aro/overall", "aro/vg_relation", "aro/vg_attribution",
                                     "aro/coco_order", "aro/flickr_order"),
                            Comparison("ARO", "aro/overall", "diffusion score", "diffusion_score"),
@@ -83,7 +85,7 @@ def write(cfg, table1: list[Row], sweeps: dict[str, list[dict]], out: Path, n_re
 
     clevr = [r for r in [score, *(r for r in table1 if r is not score)] if "clevr/mean" in r.metrics]
     if clevr:
-        written += write_table(out, "appendix-clevr", clevr, [paper_numbers("appendix_clevr", r) for r in clevr],
+        written += write_table(out, APPENDIX[CLEVR], clevr, [paper_numbers(CLEVR, r) for r in clevr],
                                _columns("clevr/mean", *(f"clevr/{task}" for task in CLEVR_SUBTASKS)),
                                Comparison("CLEVR", "clevr/mean", "FT with L_CLIP", "ft_clip"),
                                lambda r: references.get(r.student), n_resamples, seed)

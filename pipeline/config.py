@@ -29,6 +29,8 @@ DEFAULT_PROFILE = "toy"          # the profile of a params file that names none
 # The stages' output folders under the project (the params file's folder). Fixed, not keys: dvc.yaml
 # names them as the data, models and cache stages' outs.
 DATA_DIR, MODELS_DIR, CACHE_DIR = "data", "models", "cache"
+# The checkout this code runs from (the project may be another folder: `--params`).
+CODE_ROOT = Path(__file__).resolve().parents[1]
 
 
 class ConfigError(ValueError):

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import glob
 import json
 import os
 import shutil
-import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -52,15 +52,20 @@ def temp_dir(parent: Path, prefix: str, suffix: str = "") -> Path:
     return tmp
 
 
-def _running(pid: int) -> bool:
-    """Whether a process `pid` runs on this machine (one of another user's too)."""
+def _take_lock(folder: Path) -> int | None:
+    """An open descriptor of `folder` holding its exclusive flock (released when closed, or when its
+    process dies, however); None where another process holds it, or where its file system has no
+    such locks (some network ones): the folder is then somebody's."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
 
 
 def _fsync(path: Path) -> None:
@@ -122,16 +127,17 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 @contextlib.contextmanager
 def atomic_dir(folder: Path) -> Iterator[Path]:
     """Yield a temp folder beside `folder`; on success it replaces `folder` in one rename. The temp
-    folders of killed builds of `folder` on this machine (a SIGKILL runs no clean-up) go first: a data
-    folder on the paper profile holds CC-3M's images again, a cache its tables."""
+    folder is flock'd while it is built, so a build killed with SIGKILL (which runs no clean-up) is
+    told from one that runs: the next build removes the former's (on the paper profile a data folder
+    holds CC-3M's images again)."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    owner = f".{folder.name}.{socket.gethostname()}-"       # + the builder's pid: whose build a temp folder is
-    for left in folder.parent.glob(glob.escape(owner) + "*.tmp"):
-        pid = left.name[len(owner):].split(".", 1)[0]
-        if pid.isdigit() and not _running(int(pid)):
+    for left in folder.parent.glob(glob.escape(f".{folder.name}.") + "*.tmp"):
+        if left.is_dir() and not left.is_symlink() and (fd := _take_lock(left)) is not None:
             shutil.rmtree(left, ignore_errors=True)
-    tmp = temp_dir(folder.parent, f"{owner}{os.getpid()}.", ".tmp")
+            os.close(fd)
+    tmp = temp_dir(folder.parent, f".{folder.name}.", ".tmp")
+    held = _take_lock(tmp)
     try:
         yield tmp
         _fsync_tree(tmp)
@@ -147,3 +153,6 @@ def atomic_dir(folder: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if held is not None:
+            os.close(held)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from pipeline.config import ConfigError, TrackingConfig, flatten
+from pipeline.config import CODE_ROOT, ConfigError, TrackingConfig, flatten
 from pipeline.io import check_writable
 from pipeline.net import check_listening
 
@@ -71,18 +71,22 @@ def local_store(uri: str, root: Path) -> Path | None:
 def check_reachable(uri: str) -> None:
     """A tracking server's URI whose host accepts a connection, refused in one line otherwise: MLflow's
     client retries an unreachable server 7 times over about four minutes, then ends in a traceback. A
-    server reached through a proxy (HTTP_PROXY / HTTPS_PROXY, not NO_PROXY) is left to MLflow: only the
-    proxy reaches it."""
+    server that MLflow's requests reach through a proxy (HTTP_PROXY / HTTPS_PROXY / ALL_PROXY for its
+    scheme, NO_PROXY not naming it) is left to MLflow: only the proxy reaches it."""
     import requests.utils     # mlflow's HTTP library, so its proxy rules
 
     parts = urllib.parse.urlsplit(uri)
-    if parts.scheme not in ("http", "https") or requests.utils.get_environ_proxies(uri):
+    proxied = requests.utils.select_proxy(uri, requests.utils.get_environ_proxies(uri))
+    if parts.scheme not in ("http", "https") or proxied:
         return
     try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
+        port = parts.port
     except ValueError as err:                          # urlsplit's check: not a number, or out of range
         raise ConfigError(f"tracking.uri: {redact(uri)!r} has no valid port ({err})") from None
-    check_listening(parts.hostname, port, "tracking.uri", redact(uri),
+    if not parts.hostname:
+        raise ConfigError(f"tracking.uri: {redact(uri)!r} names no host; expected http(s)://HOST[:PORT]")
+    check_listening(parts.hostname, (443 if parts.scheme == "https" else 80) if port is None else port,
+                    "tracking.uri", redact(uri),
                     "start the tracking server (README, \"MLflow\") or set tracking.uri to one that runs")
 
 
@@ -124,17 +128,20 @@ def redact(text: str) -> str:
 CODE_FOLDERS = ("pipeline", "stages")
 
 
-def git_tags(root: Path) -> dict[str, str]:
-    """A run's `git_commit`, the HEAD of the checkout at `root` ("unknown" outside one), and `git_dirty`:
-    "true" where its code (CODE_FOLDERS) is not that commit's (a change not committed, a file not tracked)."""
+def git_tags(root: Path = CODE_ROOT) -> dict[str, str]:
+    """A run's `git_commit`, the HEAD of the checkout at `root` (by default the one this code runs from),
+    and `git_dirty`: "true" where its code (CODE_FOLDERS) is not that commit's (a change not committed, a
+    file not tracked); both "unknown" outside a checkout."""
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        # No optional locks: a run's status read must not hold the index lock against the user's git.
+        return subprocess.run(["git", "--no-optional-locks", *args], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
 
     try:
-        return {"git_commit": git("rev-parse", "HEAD"),
-                "git_dirty": "true" if git("status", "--porcelain", "--", *CODE_FOLDERS) else "false"}
+        changed = git("status", "--porcelain", "--untracked-files=normal", "--", *CODE_FOLDERS)
+        return {"git_commit": git("rev-parse", "HEAD"), "git_dirty": "true" if changed else "false"}
     except (OSError, subprocess.CalledProcessError):
-        return {"git_commit": "unknown"}
+        return {"git_commit": "unknown", "git_dirty": "unknown"}
 
 
 def _client(uri: str):
@@ -303,7 +310,7 @@ class Tracker:
               parent: str | None = None, experiment: str | None = None, compared: Iterable[str] = COMPARED) -> Run:
         """A new run. `params` is the run's whole config (nested): its `compared` keys become the
         run's params, all of it the CONFIG artifact (`Run.log_config`)."""
-        all_tags = {**git_tags(self.root), "project": self.project, "mlflow.runName": name, **(tags or {})}
+        all_tags = {**git_tags(), "project": self.project, "mlflow.runName": name, **(tags or {})}
         if parent:
             all_tags["mlflow.parentRunId"] = parent
         created = self.client.create_run(self.experiment_id(experiment), run_name=name,

@@ -634,8 +634,9 @@ RUN_ONLY_KEYS = ("threads", "workers", "log_every", "checkpoint_every")
 # settings train (2: epoch orders from a hash of (seed, epoch), open_clip's weight-decay groups;
 # 3: LoRA's frozen attention weights put back after every step, the temperature clamped at ln 100;
 # 4: diffusion feedback's CLS added at every position of the teacher's conditioning; 5: the teacher
-# losses' draws from a stream of their own, hashed from the seed).
-TRAINER_VERSION = 5
+# losses' draws from a stream of their own, hashed from the seed; 6: diffusion feedback's patch tokens drawn
+# anew for each timestep).
+TRAINER_VERSION = 6
 # Fast-path options that change what a step computes (another device, precision, kernels); gradient
 # checkpointing recomputes the same activations, and the batched score is the evaluation's.
 NUMERIC_OPTIONS = ("autocast", "autocast_student", "channels_last", "compile", "sdpa")

@@ -134,7 +134,8 @@ def write_outputs(cfg, results: Path, sweeps: dict[str, list[dict]], rows: list[
                              (inference, inference_figure(points) if points else None)):
             if figure is not None:
                 written.append(write_figure(path, figure))
-    with results_of(tables + [sweep_file(results, name) for name in sweeps if name != TABLE1_SWEEP], "the appendix tables"):
+    appendix_inputs = tables + [sweep_file(results, name) for name in sweeps if name != TABLE1_SWEEP]
+    with results_of(appendix_inputs, "the appendix tables"):
         written += appendix.write(cfg, rows, sweeps, out, n_resamples, cfg.eval.seed)
     variants = {}
     for name, trials in sweeps.items():

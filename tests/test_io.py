@@ -77,8 +77,9 @@ with atomic_dir(Path(sys.argv[1])) as tmp:
 
 def test_a_build_killed_leaves_its_temp_folder_to_the_next_build_which_removes_it(tmp_path):
     """SIGKILL runs no clean-up: each killed build of a folder (a data folder holds CC-3M's images again)
-    left its temp folder beside it for good. The next build removes those of dead processes of this
-    machine, and leaves a build that still runs, and another machine's, alone."""
+    left its temp folder beside it for good. The next build removes those no build holds (a killed one's,
+    one left by an older version), and leaves a build that still runs alone, by its flock: a pid says
+    nothing across containers that share a host name."""
     from pipeline import io
 
     root = Path(__file__).resolve().parents[1]
@@ -91,15 +92,16 @@ def test_a_build_killed_leaves_its_temp_folder_to_the_next_build_which_removes_i
     killed = build("killed")
     left = Path(killed.stdout.readline().strip())
     assert killed.wait(timeout=60) == -9 and (left / "half.bin").is_file()
+    older = tmp_path / ".data.k1ll3d.tmp"
+    (older / "images").mkdir(parents=True)
     running = build("running")
     try:
         kept = Path(running.stdout.readline().strip())
-        elsewhere = tmp_path / ".data.another-host-1.abc.tmp"
-        elsewhere.mkdir()
         with io.atomic_dir(out) as tmp:
             (tmp / "index.json").write_text("{}")
-        assert not left.exists() and kept.is_dir() and elsewhere.is_dir()
-        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".data.another-host-1.abc.tmp", kept.name, "data"])
+        assert not left.exists() and not older.exists() and (kept / "half.bin").is_file()
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([kept.name, "data"])
+        assert sorted(p.name for p in out.iterdir()) == ["index.json"]
     finally:
         running.kill()
         running.wait()

@@ -213,9 +213,13 @@ BAD = {
     "bad name": ("name: 'my sweep!'\nspace: {train.lr: [0.1]}\n", ["name", "'my sweep!'", "letters"]),
     # A sweep of one key writes reports/<name>.*: the report would refuse it only after the sweep ran.
     "named like a figure of the report": ("name: zeroshot\nspace: {train.lr: [0.1]}\n",
-                                          ["name", "'zeroshot'", "reports/zeroshot.*", "inference", "table1-intervals"]),
+                                          ["name", "'zeroshot'", "reports/zeroshot.*", "table1-intervals"]),
     "named like a sweep table of the report": ("name: sweep-lr\nspace: {train.lr: [0.1]}\n",
                                                ["name", "'sweep-lr'", "reports/sweep-lr.*", "sweep-*"]),
+    "named like a table in another case": ("name: Table2\nspace: {train.lr: [0.1]}\n",
+                                           ["name", "'Table2'", "reports/Table2.*", "in any case"]),
+    "Table 1's name for one key": ("name: table1\nspace: {train.lr: [0.1]}\n",
+                                   ["name", "'table1'", "one key", "reports/table1.*"]),
     "name not a string": ("name: 3\nspace: {train.lr: [0.1]}\n", ["name", "3", "a string"]),
     "missing space": ("name: x\n", ["space", "missing"]),
     "empty space": ("name: x\nspace: {}\n", ["space", "{}", "non-empty mapping"]),
@@ -586,8 +590,11 @@ def test_a_sweep_whose_trials_read_a_table_the_cache_lacks_is_refused_before_ray
     assert not (tmp_path / "ray_results").exists() and not (tmp_path / "mlruns").exists()
 
 
-def test_a_tracking_server_where_nothing_answers_stops_the_sweep_before_ray_starts(tmp_path):
+def test_a_tracking_server_where_nothing_answers_stops_the_sweep_before_ray_starts(tmp_path, monkeypatch):
     """MLflow would retry it for minutes after Ray started, then print a traceback."""
+    from test_tracking import no_proxies
+
+    no_proxies(monkeypatch)                              # the command's environment: a proxy would be MLflow's way
     sweep_file = _built_project(tmp_path)
     port = free_port()
     params = tmp_path / "params.yaml"

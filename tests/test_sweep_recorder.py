@@ -13,9 +13,9 @@ from ray.tune.experiment import Trial
 
 from pipeline.config import read_yaml
 from pipeline.sweep import spec
-from pipeline.sweep.recorder import RunRecorder, code_git, label, recorded_params
+from pipeline.sweep.recorder import RunRecorder, label, recorded_params
 from pipeline.sweep.search import optuna_search
-from pipeline.tracking import resolve_uri
+from pipeline.tracking import git_tags, resolve_uri
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -72,20 +72,19 @@ def test_a_launch_interrupted_before_its_trials_ran_exits_130_and_is_not_ended(t
 
 
 def test_a_resumed_launch_records_the_commit_of_the_code_resuming_it(tmp_path):
-    """And whether that code was the commit's (`git_dirty`), also where the launch was recorded by a recorder
-    that kept only its commit."""
+    """Every run is tagged with the git state of the code that opens it (`Tracker.start`): a resumed launch's
+    new runs with the code resuming it, also where an older recorder, which kept a commit of its own, is
+    restored."""
     rec = recorder(tmp_path)
-    now = code_git(tmp_path)
-    assert set(now) == {"git_commit", "git_dirty"} and rec.tags() | now == rec.tags()
-    rec.git = {"git_commit": "the commit that started the launch", "git_dirty": "true"}
-    restored = pickle.loads(pickle.dumps(rec))        # as Tuner.restore brings the callback back
+    now = git_tags()
+    (parent,) = rec.tracker.runs([rec.parent])
+    assert set(now) == {"git_commit", "git_dirty"} and {k: parent["tags"][k] for k in now} == now
+    rec.commit = "the commit that started the launch"        # what an older recorder pickled
+    restored = pickle.loads(pickle.dumps(rec))             # as Tuner.restore brings the callback back
     restored.setup()
-    assert restored.git == now and now["git_commit"] != "the commit that started the launch"
-    del rec.git
-    rec.commit = "the commit that started the launch"
-    restored = pickle.loads(pickle.dumps(rec))
-    restored.setup()
-    assert restored.tags() | now == restored.tags()
+    opened = restored.open(trial(config={"trial": {"index": 0, "values": {"train.lr": 0.1}}}))
+    (run,) = restored.tracker.runs([opened["run_id"]])
+    assert {k: run["tags"][k] for k in now} == now
 
 
 def optuna_trials(tmp_path: Path, seeds: str, completions: list[tuple[dict | None, bool]]) -> list:

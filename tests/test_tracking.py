@@ -122,35 +122,45 @@ def test_a_store_moved_with_its_project_is_refused_in_one_line_not_written_where
 
 def test_a_run_says_whether_its_code_was_its_commits(tmp_path):
     """`git_dirty` is true where pipeline/ or stages/ differ from the commit `git_commit` names (an edit, a file
-    git does not track), false where only what `dvc repro` rewrites (dvc.lock, reports/) changed."""
+    git does not track, whatever git's own setting for showing those), false where only what `dvc repro`
+    rewrites (dvc.lock, reports/) changed; every run carries the tags of the checkout its code runs from,
+    wherever its project folder is."""
     def git(*args):
         return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
                               capture_output=True, text=True).stdout.strip()
 
-    assert git_tags(tmp_path) == {"git_commit": "unknown"}
+    assert git_tags(tmp_path) == {"git_commit": "unknown", "git_dirty": "unknown"}
     for path in ("pipeline/metrics.py", "stages/train.py", "reports/table1.md", "dvc.lock"):
         (tmp_path / path).parent.mkdir(exist_ok=True)
         (tmp_path / path).write_text("a\n")
     git("init", "-q")
+    git("config", "status.showUntrackedFiles", "no")
     git("add", ".")
     git("commit", "-q", "-m", "study")
     head = git("rev-parse", "HEAD")
-    tracker = Tracker(TrackingConfig(uri="sqlite:///mlruns/mlflow.db", experiment="git"), tmp_path)
-
-    def tags(name):
-        tracker.start(name).finish()
-        [run] = [r for r in tracker.find_runs() if r["tags"]["mlflow.runName"] == name]
-        return run["tags"]["git_commit"], run["tags"]["git_dirty"]
-
-    assert tags("clean") == (head, "false")
+    assert git_tags(tmp_path) == {"git_commit": head, "git_dirty": "false"}
     (tmp_path / "reports" / "table1.md").write_text("b\n")
     (tmp_path / "dvc.lock").write_text("b\n")
-    assert tags("outputs rewritten") == (head, "false")
+    assert git_tags(tmp_path) == {"git_commit": head, "git_dirty": "false"}
     (tmp_path / "pipeline" / "metrics.py").write_text("b\n")
-    assert tags("metrics edited") == (head, "true")
+    assert git_tags(tmp_path) == {"git_commit": head, "git_dirty": "true"}
     git("checkout", "--", "pipeline")
     (tmp_path / "stages" / "new.py").write_text("c\n")
-    assert tags("a new stage") == (head, "true")
+    assert git_tags(tmp_path) == {"git_commit": head, "git_dirty": "true"}
+
+    project = tmp_path / "elsewhere"
+    tracker = Tracker(TrackingConfig(uri="sqlite:///mlruns/mlflow.db", experiment="git"), project)
+    tracker.start("a run").finish()
+    [run] = tracker.find_runs()
+    code = git_tags()                                   # this checkout's: the code that ran
+    assert code["git_dirty"] in ("true", "false")
+    assert {key: run["tags"][key] for key in code} == code
+
+
+def no_proxies(monkeypatch) -> None:
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
 
 
 def test_a_tracking_server_where_nothing_answers_is_refused_in_one_line_at_the_first_request(tmp_path, monkeypatch):
@@ -158,8 +168,7 @@ def test_a_tracking_server_where_nothing_answers_is_refused_in_one_line_at_the_f
     traceback: the first request of a sweep (before Ray) or a stage (ending a killed run's) says it in one
     line. MLflow's retries are cut to none here, so without the check its own error comes at once."""
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
-        monkeypatch.delenv(name, raising=False)
+    no_proxies(monkeypatch)
     port = free_port()
     cfg = TrackingConfig(uri=f"http://alice@127.0.0.1:{port}/mlflow", experiment="sds-clip")
     refusal = (f"tracking.uri: nothing answers at http://***@127.0.0.1:{port}/mlflow (Connection refused); start the "
@@ -170,22 +179,27 @@ def test_a_tracking_server_where_nothing_answers_is_refused_in_one_line_at_the_f
     with pytest.raises(ConfigError) as err:
         Tracker(cfg, tmp_path).end_abandoned({"stage": "train"}, "killed")
     assert str(err.value) == refusal
-    with pytest.raises(ConfigError) as err:
-        check_reachable("http://127.0.0.1:99999")
-    assert str(err.value) == "tracking.uri: 'http://127.0.0.1:99999' has no valid port (Port out of range 0-65535)"
+    for uri, message in (("http://127.0.0.1:99999", "has no valid port (Port out of range 0-65535)"),
+                         ("http://:5000", "names no host; expected http(s)://HOST[:PORT]")):
+        with pytest.raises(ConfigError) as err:
+            check_reachable(uri)
+        assert str(err.value) == f"tracking.uri: {uri!r} {message}"
     assert not (tmp_path / "mlruns").exists()
 
 
 def test_a_tracking_server_reached_through_a_proxy_is_left_to_mlflow(monkeypatch):
-    """Only the proxy reaches such a server: this machine's own connection says nothing of it."""
-    port = free_port()
-    for name in ("NO_PROXY", "no_proxy"):
-        monkeypatch.delenv(name, raising=False)
+    """Only the proxy reaches such a server: this machine's own connection says nothing of it. A proxy for
+    the other scheme is not MLflow's way there."""
+    no_proxies(monkeypatch)
+    uri = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(ConfigError, match="nothing answers"):
+        check_reachable(uri)
     monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{free_port()}")
-    check_reachable(f"http://127.0.0.1:{port}")
+    check_reachable(uri)
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")                  # not through the proxy: checked
     with pytest.raises(ConfigError, match="nothing answers"):
-        check_reachable(f"http://127.0.0.1:{port}")
+        check_reachable(uri)
 
 
 @pytest.mark.slow

@@ -22,11 +22,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import ConfigError
+from pipeline.config import CODE_ROOT, ConfigError
 from pipeline.net import check_listening
 from pipeline.sweep.spec import ResourcesSpec, Sweep, TrialSpec, trial_index
 
-CODE_ROOT = Path(__file__).resolve().parents[2]
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
 

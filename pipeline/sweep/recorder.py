@@ -20,8 +20,7 @@ from ray.tune import Callback
 from pipeline.config import ConfigError, TrackingConfig, flatten, to_dict
 from pipeline.sweep.spec import Sweep, describe, expand, trial_label
 from pipeline.sweep.trial import trial_values
-from pipeline.sweep.driver import CODE_ROOT
-from pipeline.tracking import COMPARED, OUTCOMES, Tracker, failure_text, git_tags, redact
+from pipeline.tracking import COMPARED, OUTCOMES, Tracker, failure_text, redact
 
 # A run's `status` tag: running, finished, early_stopped (by ASHA), failed, interrupted (by the
 # user; --resume continues it). The MLflow status says the same in MLflow's words.
@@ -58,12 +57,6 @@ def recorded_params(config: dict) -> dict:
     return {key: redact(value) if isinstance(value, str) else value for key, value in flatten(config).items()}
 
 
-def code_git(root: Path) -> dict[str, str]:
-    """The git tags (`git_tags`) of the code that runs (this checkout's), else of the project's folder."""
-    tags = git_tags(CODE_ROOT)
-    return tags if tags["git_commit"] != "unknown" else git_tags(root)
-
-
 def dirname(trial) -> str:
     return f"{label(trial)}-{trial.trial_id}"
 
@@ -80,7 +73,6 @@ class RunRecorder(Callback):
 
     def __init__(self, sweep: Sweep, root: Path, uri: str, experiment: str):
         self.sweep, self.root, self.uri, self.experiment = sweep, str(root), uri, experiment
-        self.git = code_git(Path(root))
         self.parent = ""
         self.trials: dict[str, dict] = {}
         self.restored = False                                 # by Tuner.restore (set_state)
@@ -96,8 +88,8 @@ class RunRecorder(Callback):
         return self._tracker
 
     def tags(self, **extra) -> dict:
-        return {"sweep": self.sweep.name, "profile": self.sweep.profile, "stage": "sweep",
-                **self.git, **extra}
+        # The git tags come from `Tracker.start`: a resumed launch's new runs get those of the code resuming it.
+        return {"sweep": self.sweep.name, "profile": self.sweep.profile, "stage": "sweep", **extra}
 
     # ----------------------------------------------------------------- the launch (parent run)
 
@@ -134,7 +126,6 @@ class RunRecorder(Callback):
 
     def setup(self, **info) -> None:
         RunRecorder.active = self
-        self.git = code_git(Path(self.root))          # a resumed launch's new runs: the code resuming it
         self.tracker.resume(self.parent).set_tags({"status": "running"})
 
     def configured(self, values: dict) -> tuple[dict, dict]:

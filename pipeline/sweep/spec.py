@@ -396,11 +396,14 @@ def parse(raw: Any, params: dict, profile: str | None = None, source: str = "",
     if not _NAME.fullmatch(opts.name):
         raise ConfigError(f"name: {opts.name!r} is not allowed; expected 1-64 letters, digits, '_', '-' or '.', "
                           "starting with a letter or digit")
+    # Refused now, not by the report stage once the sweep has run: a sweep of one key writes reports/<name>.*
+    # (named apart from the report's own files on a file system that ignores case, too).
     reserved = [stem for stem in fixed_stems() if stem != TABLE1_SWEEP]          # table1: Table 1's own sweep
-    if opts.name in reserved or opts.name.startswith(SWEEP_PREFIX):
-        # Refused now, not by the report stage once the sweep has run: a sweep of one key writes reports/<name>.*.
+    folded = opts.name.casefold()
+    if folded in {stem.casefold() for stem in reserved} or folded.startswith(SWEEP_PREFIX) or \
+            (folded == TABLE1_SWEEP and opts.name != TABLE1_SWEEP):
         raise ConfigError(f"name: {opts.name!r} is not allowed; the report writes reports/{opts.name}.* itself; "
-                          f"not allowed: {SWEEP_PREFIX}*, {', '.join(reserved)}")
+                          f"not allowed: {SWEEP_PREFIX}*, {', '.join(reserved)} (in any case)")
     base = _base(base_raw, profile)
     overrides, base_config = _base_config(base, params, params_source)
 
@@ -417,6 +420,10 @@ def parse(raw: Any, params: dict, profile: str | None = None, source: str = "",
         raise ConfigError("seeds: [] is not allowed; expected a non-empty list of integers (or leave seeds out)")
 
     space = _space(space_raw, opts.search.type, base_config)
+    if opts.name == TABLE1_SWEEP and len(space) == 1:
+        raise ConfigError(f"name: {TABLE1_SWEEP!r} is not allowed for a sweep of one key: the report would write its "
+                          f"configurations side by side to reports/{TABLE1_SWEEP}.*, Table 1's own file (Table 1's "
+                          "sweep sweeps train.student and variant)")
     if opts.seeds and "train.seed" in space:
         raise ConfigError("space.train.seed: cannot be swept together with `seeds`; use one or the other")
     for name, bundle in (space[VARIANT].values if opts.seeds and VARIANT in space else ()):
