@@ -15,8 +15,8 @@ import yaml
 from pipeline.sweep import spec as sc
 from pipeline.config import ARO_SETS, CLEVR_SUBTASKS, SUGARCREPE_SUBSETS, ConfigError, load, parse_yaml, read_yaml
 
-from test_sweep import free_port
-
+# The other test modules' helpers are imported where used: benchmarks/fault_probes.py imports this module
+# (its BAD) as tests.test_sweep_config, without tests/ on sys.path.
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = REPO / "params.yaml"
 PYTHON = REPO / ".venv" / "bin" / "python"
@@ -592,6 +592,7 @@ def test_a_sweep_whose_trials_read_a_table_the_cache_lacks_is_refused_before_ray
 
 def test_a_tracking_server_where_nothing_answers_stops_the_sweep_before_ray_starts(tmp_path, monkeypatch):
     """MLflow would retry it for minutes after Ray started, then print a traceback."""
+    from test_sweep import free_port
     from test_tracking import no_proxies
 
     no_proxies(monkeypatch)                              # the command's environment: a proxy would be MLflow's way
@@ -679,6 +680,8 @@ def test_a_whole_state_file_of_a_class_this_ray_tune_lacks_is_unreadable_too(tmp
 
 def test_an_address_where_no_cluster_answers_is_refused_in_one_line(tmp_path):
     """Ray's own attempt retries for minutes and ignores SIGTERM meanwhile."""
+    from test_sweep import free_port
+
     sweep_file = _built_project(tmp_path)
     port = free_port()
     proc = _cli(sweep_file, "--params", tmp_path / "params.yaml", "--address", f"127.0.0.1:{port}", cwd=tmp_path)
@@ -787,6 +790,7 @@ def test_the_sweep_stage_finds_its_killed_launch_by_the_definition_it_ran_with_i
     cluster's address, where nothing answers, lets the GPUs pass the up-front checks on this machine and
     stops the resumed launch before Ray starts.)"""
     from stages import sweep as stage
+    from test_sweep import free_port
 
     sweep_file = _built_project(tmp_path)
     sweep = sc.load(sweep_file, read_yaml(tmp_path / "params.yaml"))
